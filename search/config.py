@@ -1,0 +1,75 @@
+"""The effective configuration of one trial: what the objective trains and the estimate reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs, resolved from the study spec and the sampled params.
+
+    It is recorded on each trial as the user attribute ``config`` (``to_json``).
+
+    Args:
+        model: Short model name (a key of ``search.models.MODELS``).
+        model_path: What ``from_pretrained`` loads: a Hugging Face id, a local directory, or
+            the directory of a tiny replica.
+        batch_size: Queries per training batch (each with one positive, plus hard negatives).
+        max_len: Longest tokenised input; longer texts are truncated.
+        lr: Peak learning rate of AdamW.
+        temperature: Softmax temperature of the InfoNCE loss (scores are divided by it).
+        warmup_ratio: Share of the optimiser steps spent warming the learning rate up linearly.
+        weight_decay: AdamW weight decay.
+        epochs: Passes over the training data; evaluation runs after each.
+        amp: Mixed precision with ``torch.autocast`` (bf16 where supported, else fp16 on CUDA).
+        gradient_checkpointing: Recompute activations in the backward pass.
+        hard_negatives: Hard negatives per query taken from the data (0: in-batch only).
+        seed: Seed of this trial's training (data order, initialisation of replicas).
+        device: ``cuda``, ``cuda:N``, ``cpu`` or ``auto``.
+        train_path: Training JSONL (``query``, ``positive``, optional ``negatives``).
+        eval_dir: BEIR directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+        eval_split: Which qrels split to evaluate on.
+        pooling: ``cls`` or ``mean``.
+        normalize: L2-normalise the embeddings.
+        query_prefix: Prepended to each query.
+        passage_prefix: Prepended to each passage.
+        max_train_samples: Cap on training examples (None: all).
+        fail_fast: Run the worst-case shape (full batch at ``max_len``) as the first step.
+    """
+
+    model: str
+    model_path: str
+    batch_size: int
+    max_len: int
+    lr: float
+    temperature: float
+    warmup_ratio: float
+    weight_decay: float
+    epochs: int
+    amp: bool
+    gradient_checkpointing: bool
+    hard_negatives: int
+    seed: int
+    device: str
+    train_path: str
+    eval_dir: str
+    eval_split: str = "test"
+    pooling: str = "cls"
+    normalize: bool = False
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_train_samples: int | None = None
+    fail_fast: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialConfig:
+        """Rebuild a config from ``to_json`` output, ignoring unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
