@@ -1,0 +1,130 @@
+"""The conditional search space, sampled so that Optuna never sees a dynamic value space.
+
+Optuna fixes a parameter's distribution by its name: a categorical ``batch_size`` whose choices
+depend on the model raises "CategoricalDistribution does not support dynamic value space". So
+every branch gets its own name (``batch_size.bge-m3-ko`` with choices 32/64, ``batch_size.
+ko-simcse`` with 32..256), each name always with the same choices. A branch with a single
+choice is not sampled at all. The effective values are recorded on the trial as user
+attributes (``model``, ``batch_size``, ``max_len``, and the whole ``config``).
+
+Example:
+    >>> import optuna
+    >>> from search.spec import load_spec, shipped_spec_path
+    >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
+    >>> study = optuna.create_study(direction="maximize")
+    >>> trial = study.ask({"model": optuna.distributions.CategoricalDistribution(list(spec.models))})
+    >>> params = sample_params(trial, spec)
+    >>> params.max_len in spec.space.choices_for(params.model)["max_len"]
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from search.config import TrialConfig
+from search.models import MODELS
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.spec import FloatRange
+    from search.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class SampledParams:
+    """The effective hyperparameters of one trial, after the conditions."""
+
+    model: str
+    batch_size: int
+    max_len: int
+    lr: float
+    temperature: float
+    warmup_ratio: float
+    weight_decay: float
+
+
+def branch_name(field: str, model: str) -> str:
+    """Optuna parameter name of ``field`` in ``model``'s branch."""
+    return f"{field}.{model}"
+
+
+def _suggest_choice(trial: optuna.Trial, field: str, model: str, choices: list[int]) -> int:
+    if len(choices) == 1:
+        return choices[0]
+    return int(trial.suggest_categorical(branch_name(field, model), choices))
+
+
+def _suggest_float(trial: optuna.Trial, name: str, rng: FloatRange) -> float:
+    return trial.suggest_float(name, rng.low, rng.high, log=rng.log)
+
+
+def sample_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
+    """Sample one trial's parameters from the conditional space of ``spec``."""
+    model = str(trial.suggest_categorical("model", list(spec.models)))
+    choices = spec.space.choices_for(model)
+    space = spec.space
+    return SampledParams(
+        model=model,
+        batch_size=_suggest_choice(trial, "batch_size", model, choices["batch_size"]),
+        max_len=_suggest_choice(trial, "max_len", model, choices["max_len"]),
+        lr=_suggest_float(trial, "lr", space.lr),
+        temperature=_suggest_float(trial, "temperature", space.temperature),
+        warmup_ratio=_suggest_float(trial, "warmup_ratio", space.warmup_ratio),
+        weight_decay=_suggest_float(trial, "weight_decay", space.weight_decay),
+    )
+
+
+def build_config(
+    spec: StudySpec,
+    params: SampledParams,
+    *,
+    model_path: str | None = None,
+    device: str = "auto",
+    seed_offset: int = 0,
+) -> TrialConfig:
+    """The TrialConfig of sampled ``params``: spec training settings, model facts, data paths.
+
+    Args:
+        spec: The study spec.
+        params: What the trial sampled.
+        model_path: What to load (a tiny replica's directory); default the spec's local
+            ``path`` for the model, else its Hugging Face id.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        seed_offset: Added to the spec's seed (the trial number), so each trial has its seed.
+    """
+    info = MODELS[params.model]
+    entry = spec.models[params.model]
+    training = spec.training
+    if model_path is None:
+        model_path = str(spec.resolve_path(entry.path)) if entry.path else info.hf_id
+    return TrialConfig(
+        model=params.model,
+        model_path=model_path,
+        batch_size=params.batch_size,
+        max_len=params.max_len,
+        lr=params.lr,
+        temperature=params.temperature,
+        warmup_ratio=params.warmup_ratio,
+        weight_decay=params.weight_decay,
+        epochs=training.epochs,
+        amp=training.amp if entry.amp is None else entry.amp,
+        gradient_checkpointing=(
+            training.gradient_checkpointing
+            if entry.gradient_checkpointing is None
+            else entry.gradient_checkpointing
+        ),
+        hard_negatives=training.hard_negatives,
+        seed=training.seed + seed_offset,
+        device=device,
+        train_path=str(spec.resolve_path(spec.data.train)),
+        eval_dir=str(spec.resolve_path(spec.data.eval)),
+        eval_split=spec.data.split,
+        pooling=info.pooling,
+        normalize=info.normalize,
+        query_prefix=info.query_prefix,
+        passage_prefix=info.passage_prefix,
+        max_train_samples=training.max_train_samples,
+    )

@@ -1,0 +1,252 @@
+"""The study spec: a YAML file declaring the study, models, conditional space, training and data.
+
+Example:
+    >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
+    >>> spec.study.name, sorted(spec.space.choices_for("bge-m3-ko")["batch_size"])
+    ('ko-retrieval', [32, 64])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
+
+from search.models import MODELS
+
+STUDIES_DIR = Path(__file__).parent / "studies"
+METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10")
+
+
+class SpecError(ValueError):
+    """A bad study spec; the message is one line naming the file, the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Strict):
+    """Name, direction and objective metric of the Optuna study."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: Literal["ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"] = "ndcg@10"
+
+
+class ModelEntry(_Strict):
+    """Per-model settings: a local weights directory and memory-saver overrides."""
+
+    path: str | None = None
+    amp: bool | None = None
+    gradient_checkpointing: bool | None = None
+
+
+class FloatRange(_Strict):
+    """A continuous parameter: ``low`` to ``high``, optionally on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, but got low={self.low}")
+        return self
+
+
+class Condition(_Strict):
+    """Per-model restriction of the categorical choices."""
+
+    batch_size: list[int] | None = None
+    max_len: list[int] | None = None
+
+
+class SpaceSection(_Strict):
+    """The search space: categorical batch size and length, four continuous parameters."""
+
+    batch_size: list[int] = Field(min_length=1)
+    max_len: list[int] = Field(min_length=1)
+    lr: FloatRange
+    temperature: FloatRange
+    warmup_ratio: FloatRange
+    weight_decay: FloatRange
+    conditions: dict[str, Condition] = Field(default_factory=dict)
+
+    @field_validator("batch_size", "max_len")
+    @classmethod
+    def _positive_unique(cls, v: list[int]) -> list[int]:
+        if any(x <= 0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"choices must be distinct positive integers, but got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _conditions_are_subsets(self) -> SpaceSection:
+        for model, cond in self.conditions.items():
+            for field in ("batch_size", "max_len"):
+                sub = getattr(cond, field)
+                if sub is None:
+                    continue
+                outside = [x for x in sub if x not in getattr(self, field)]
+                if not sub or outside:
+                    raise ValueError(
+                        f"conditions.{model}.{field} must be a non-empty subset of "
+                        f"space.{field} {getattr(self, field)}, but got {sub}"
+                    )
+        return self
+
+    def choices_for(self, model: str) -> dict[str, list[int]]:
+        """The effective ``batch_size`` and ``max_len`` choices of one model, in spec order."""
+        cond = self.conditions.get(model, Condition())
+        return {
+            "batch_size": cond.batch_size or list(self.batch_size),
+            "max_len": cond.max_len or list(self.max_len),
+        }
+
+
+class TrainingSection(_Strict):
+    """Training settings shared by every trial (models may override the memory savers)."""
+
+    epochs: int = Field(default=2, ge=1, le=100)
+    amp: bool = True
+    gradient_checkpointing: bool = False
+    hard_negatives: int = Field(default=1, ge=0, le=16)
+    seed: int = 42
+    max_train_samples: int | None = Field(default=None, ge=1)
+
+
+class DataSection(_Strict):
+    """Training JSONL and BEIR evaluation directory (relative paths: to the spec file)."""
+
+    train: str
+    eval: str
+    split: str = "test"
+
+
+class SamplerSection(_Strict):
+    """Optuna sampler; TPE is multivariate and grouped so conditional branches are learned."""
+
+    type: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = Field(default=8, ge=0)
+    multivariate: bool = True
+    group: bool = True
+    seed: int | None = None
+
+
+class PrunerSection(_Strict):
+    """Optuna pruner acting on the per-epoch metric."""
+
+    type: Literal["median", "none"] = "median"
+    n_startup_trials: int = Field(default=4, ge=0)
+    n_warmup_steps: int = Field(default=0, ge=0)
+
+
+class StudySpec(_Strict):
+    """A whole study spec. ``source`` is the file it came from (for messages and paths)."""
+
+    study: StudySection
+    models: dict[str, ModelEntry] = Field(min_length=1)
+    space: SpaceSection
+    training: TrainingSection = TrainingSection()
+    data: DataSection
+    sampler: SamplerSection = SamplerSection()
+    pruner: PrunerSection = PrunerSection()
+    source: str = ""
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        unknown = [m for m in v if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _conditions_name_models(self) -> StudySpec:
+        for model in self.space.conditions:
+            if model not in self.models:
+                raise ValueError(
+                    f"space.conditions names model {model!r}, which is not in models"
+                )
+        return self
+
+    def resolve_path(self, value: str) -> Path:
+        """A data or model path, relative to the spec file's directory."""
+        path = Path(value).expanduser()
+        if path.is_absolute() or not self.source:
+            return path
+        return Path(self.source).parent / path
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as plain data, for the study's user attributes (holds no secrets)."""
+        return self.model_dump(mode="json")
+
+
+def shipped_spec_path(name: str) -> Path:
+    """The shipped spec called ``name`` (``search/studies/<name>.yaml``)."""
+    return STUDIES_DIR / f"{name}.yaml"
+
+
+def shipped_specs() -> list[str]:
+    """Names of the specs shipped with the package."""
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (value: {value!r})"
+    return f"{path}: field {loc}{shown}: {msg}"
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file; raise SpecError with a one-line message on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SpecError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping, but got {type(raw).__name__}")
+    if "source" in raw:
+        raise SpecError(f"{path}: field source: not a spec field")
+    try:
+        return StudySpec.model_validate({**raw, "source": str(path.resolve())})
+    except ValidationError as exc:
+        raise SpecError(_format_error(path, exc)) from None
+
+
+def resolve_spec(study: str | None, spec_file: str | None) -> StudySpec:
+    """The spec named by ``--study`` (shipped) or ``--spec FILE``; SpecError when neither fits."""
+    if spec_file:
+        return load_spec(spec_file)
+    if not study:
+        raise SpecError("no study given: pass --study NAME (shipped) or --spec FILE")
+    path = shipped_spec_path(study)
+    if not path.is_file():
+        known = ", ".join(shipped_specs()) or "none"
+        raise SpecError(
+            f"--study {study!r}: no shipped spec of that name (shipped: {known}); "
+            "use --spec FILE for your own"
+        )
+    return load_spec(path)
