@@ -12,7 +12,8 @@ Example:
     >>> from search.spec import load_spec, shipped_spec_path
     >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
     >>> study = optuna.create_study(direction="maximize")
-    >>> trial = study.ask({"model": optuna.distributions.CategoricalDistribution(list(spec.models))})
+    >>> models = optuna.distributions.CategoricalDistribution(list(spec.models))
+    >>> trial = study.ask({"model": models})
     >>> params = sample_params(trial, spec)
     >>> params.max_len in spec.space.choices_for(params.model)["max_len"]
     True

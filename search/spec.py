@@ -176,9 +176,7 @@ class StudySpec(_Strict):
     def _conditions_name_models(self) -> StudySpec:
         for model in self.space.conditions:
             if model not in self.models:
-                raise ValueError(
-                    f"space.conditions names model {model!r}, which is not in models"
-                )
+                raise ValueError(f"space.conditions names model {model!r}, which is not in models")
         return self
 
     def resolve_path(self, value: str) -> Path:

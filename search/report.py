@@ -1,0 +1,148 @@
+"""Per-model report of a study: outcomes, OOM rate and cost, best score, memory vs quality.
+
+Used for the table at the end of ``search run`` and by ``search report [--json]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+from rich.table import Table
+
+from search import attrs
+
+
+@dataclass
+class ModelRow:
+    """One model's line of the report."""
+
+    model: str
+    trials: int = 0
+    complete: int = 0
+    pruned_early: int = 0
+    oom_real: int = 0
+    oom_host: int = 0
+    oom_predicted: int = 0
+    oom_frontier: int = 0
+    failed: int = 0
+    running: int = 0
+    oom_rate: float = 0.0
+    oom_seconds: float = 0.0
+    seconds: float = 0.0
+    best_value: float | None = None
+    best_trial: int | None = None
+    best_config: dict[str, Any] | None = None
+    median_peak_memory_mb: float | None = None
+
+    @property
+    def pruned_oom(self) -> int:
+        """Trials pruned for memory, by any route."""
+        return self.oom_real + self.oom_host + self.oom_predicted + self.oom_frontier
+
+
+def _model_of(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get(attrs.MODEL) or trial.params.get("model") or "?")
+
+
+def _is_better(value: float, best: float | None, maximize: bool) -> bool:
+    return best is None or (value > best if maximize else value < best)
+
+
+def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") -> list[ModelRow]:
+    """Aggregate trials into one row per model, in order of first appearance."""
+    rows: dict[str, ModelRow] = {}
+    peaks: dict[str, list[float]] = {}
+    maximize = direction == "maximize"
+    for t in trials:
+        if t.state == TrialState.WAITING:
+            continue
+        name = _model_of(t)
+        row = rows.setdefault(name, ModelRow(model=name))
+        row.trials += 1
+        ua = t.user_attrs
+        seconds = float(ua.get(attrs.SECONDS) or 0.0)
+        row.seconds += seconds
+        if ua.get(attrs.OOM):
+            kind = str(ua.get(attrs.OOM_KIND) or "real")
+            setattr(row, f"oom_{kind}", getattr(row, f"oom_{kind}", 0) + 1)
+            row.oom_seconds += seconds
+        elif t.state == TrialState.COMPLETE:
+            row.complete += 1
+            if t.value is not None and _is_better(t.value, row.best_value, maximize):
+                row.best_value, row.best_trial = t.value, t.number
+                row.best_config = ua.get(attrs.CONFIG)
+        elif t.state == TrialState.PRUNED:
+            row.pruned_early += 1
+        elif t.state == TrialState.FAIL:
+            row.failed += 1
+        elif t.state == TrialState.RUNNING:
+            row.running += 1
+        peak = ua.get(attrs.PEAK_MEMORY_MB)
+        if peak is not None and not ua.get(attrs.OOM):
+            peaks.setdefault(name, []).append(float(peak))
+    for name, row in rows.items():
+        row.oom_rate = row.pruned_oom / row.trials if row.trials else 0.0
+        if peaks.get(name):
+            row.median_peak_memory_mb = statistics.median(peaks[name])
+    return list(rows.values())
+
+
+def study_report(study: optuna.Study) -> dict[str, Any]:
+    """The report of ``study`` as plain data (what ``search report --json`` prints)."""
+    direction = study.direction.name.lower()
+    trials = study.get_trials(deepcopy=False)
+    rows = model_rows(trials, direction=direction)
+    total_seconds = sum(r.seconds for r in rows)
+    return {
+        "study": study.study_name,
+        "direction": direction,
+        "n_trials_budget": study.user_attrs.get(attrs.STUDY_N_TRIALS),
+        "trials": sum(r.trials for r in rows),
+        "worker_seconds": total_seconds,
+        "oom_seconds": sum(r.oom_seconds for r in rows),
+        "models": [{**asdict(r), "pruned_oom": r.pruned_oom} for r in rows],
+    }
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _short_config(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "-"
+    return (
+        f"b={config.get('batch_size')} len={config.get('max_len')} "
+        f"lr={config.get('lr', 0):.1e} T={config.get('temperature', 0):.3f}"
+    )
+
+
+def report_table(report: dict[str, Any], *, metric: str = "nDCG@10") -> Table:
+    """A rich table of the report's model rows."""
+    table = Table(title=f"study {report['study']}: per model", title_justify="left")
+    for col in ("model", "trials", "complete", "pruned", "OOM real/host/pred/front", "failed"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("OOM rate", "OOM s", f"best {metric}", "peak MB (median)", "best config"):
+        table.add_column(col, justify="left" if col == "best config" else "right")
+    for r in report["models"]:
+        table.add_row(
+            r["model"],
+            str(r["trials"]),
+            str(r["complete"]),
+            str(r["pruned_early"]),
+            f"{r['oom_real']}/{r['oom_host']}/{r['oom_predicted']}/{r['oom_frontier']}",
+            str(r["failed"]),
+            f"{r['oom_rate']:.0%}",
+            f"{r['oom_seconds']:.1f}",
+            _fmt(r["best_value"]),
+            _fmt(r["median_peak_memory_mb"], ".0f"),
+            _short_config(r["best_config"]),
+        )
+    return table

@@ -1,0 +1,304 @@
+"""The study runner: claim a trial, sample it, check memory, train it isolated, record it.
+
+``search run`` and ``search worker`` both call :func:`run_study`; a run is one worker that
+happens to be alone. The loop, top to bottom:
+
+1. claim a trial under the study's global budget (``search.budget.claim_trial``);
+2. sample the conditional space into an effective ``TrialConfig``;
+3. preflight: skip a config whose memory estimate does not fit, or that an earlier real OOM
+   dominates (``oom: predicted`` / ``oom: frontier``), without loading the model;
+4. train in a child process (``search.isolation.run_isolated``), reporting each epoch's metric
+   to the pruner, under heartbeats so that a dead worker's trial is re-queued;
+5. tell Optuna the outcome: COMPLETE, PRUNED (early stop or any OOM) or FAIL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import attrs
+from search.budget import claim_trial
+from search.budget import ensure_budget
+from search.budget import hand_back
+from search.config import TrialConfig
+from search.device import DeviceInfo
+from search.device import device_info
+from search.isolation import TrialOutcome
+from search.isolation import run_isolated
+from search.models import MODELS
+from search.preflight import preflight
+from search.sampling import make_pruner
+from search.sampling import make_sampler
+from search.space import build_config
+from search.space import sample_params
+from search.spec import StudySpec
+from search.study_store import open_study
+from search.train.data import load_train
+from search.train.data import validate_data
+from search.train.tiny import build_tiny_replica
+from search.train.tiny import tiny_info
+from storage import create_storage
+from storage import heartbeat
+from storage import redact_url
+
+DEFAULT_CACHE = Path(os.environ.get("SEARCH_CACHE", Path.home() / ".cache" / "search"))
+DEFAULT_OBJECTIVE = "search.train.loop:train"
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (e.g. a model's weights cannot be loaded); one-line message."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: hand the running trial back and stop."""
+
+
+@dataclass
+class RunOptions:
+    """How one worker runs a study (everything that is not in the spec)."""
+
+    storage_url: str
+    n_trials: int | None = None
+    set_n_trials: bool = False
+    timeout: float | None = None
+    seed: int | None = None
+    tiny: bool = False
+    device: str = "auto"
+    gpu: str | None = None
+    memory_limit: int | None = None
+    use_estimate: bool = True
+    use_frontier: bool = True
+    objective: str = DEFAULT_OBJECTIVE
+    cache_dir: Path = DEFAULT_CACHE
+    study_name: str | None = None
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+@dataclass
+class RunSummary:
+    """What one call of :func:`run_study` did."""
+
+    study_name: str
+    storage_url: str
+    trials_run: int
+    stopped_by: str  # "budget" | "timeout" | "sigterm"
+    study: optuna.Study
+
+
+TrialCallback = Callable[[optuna.trial.FrozenTrial], None]
+
+
+def study_name_for(spec: StudySpec, opts: RunOptions) -> str:
+    """The Optuna study name: ``--study-name``, else the spec's (``-tiny`` for tiny replicas).
+
+    Tiny-replica trials live in their own study so they never mix with real-weights results.
+    """
+    if opts.study_name:
+        return opts.study_name
+    return f"{spec.study.name}-tiny" if opts.tiny else spec.study.name
+
+
+def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
+    """Model name -> what ``from_pretrained`` loads; builds tiny replicas with ``--tiny``."""
+    if not opts.tiny:
+        return {}
+    train = load_train(spec.resolve_path(spec.data.train))
+    texts = [t for ex in train for t in (ex.query, ex.positive, *ex.negatives)]
+    return {
+        name: str(build_tiny_replica(MODELS[name], opts.cache_dir / "tiny", texts))
+        for name in spec.models
+    }
+
+
+def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], None]:
+    def init(study: optuna.Study) -> None:
+        study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
+        ensure_budget(study, opts.n_trials)
+        # One baseline trial per model, so no model is left out of the first trials by chance.
+        for model in spec.models:
+            study.enqueue_trial({"model": model})
+
+    return init
+
+
+@contextmanager
+def _sigterm_hands_back() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_study(
+    spec: StudySpec, opts: RunOptions, *, on_trial: TrialCallback | None = None
+) -> RunSummary:
+    """Run trials of ``spec``'s study until its budget is spent, the timeout passes or SIGTERM.
+
+    Data and spec are validated before anything is written to the study.
+    """
+    validate_data(
+        spec.resolve_path(spec.data.train), spec.resolve_path(spec.data.eval), spec.data.split
+    )
+    if opts.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu
+    model_paths = prepare_models(spec, opts)
+    name = study_name_for(spec, opts)
+    storage = create_storage(opts.storage_url)
+    study, created = open_study(
+        storage,
+        name,
+        direction=spec.study.direction,
+        sampler=make_sampler(spec, seed=opts.seed),
+        pruner=make_pruner(spec),
+        on_create=_init_study(spec, opts),
+    )
+    budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
+    device = device_info(opts.device, memory_limit=opts.memory_limit)
+    deadline = time.monotonic() + opts.timeout if opts.timeout else None
+    trials_run = 0
+    stopped_by = "budget"
+    with _sigterm_hands_back():
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped_by = "timeout"
+                break
+            trial = claim_trial(study, budget)
+            if trial is None:
+                break
+            try:
+                frozen = _run_trial(study, trial, spec, opts, model_paths, device)
+            except Terminated:
+                hand_back(study, trial)
+                stopped_by = "sigterm"
+                break
+            trials_run += 1
+            if on_trial is not None:
+                on_trial(frozen)
+            _stop_on_load_error(frozen, spec)
+    return RunSummary(name, redact_url(opts.storage_url), trials_run, stopped_by, study)
+
+
+def _stop_on_load_error(frozen: optuna.trial.FrozenTrial, spec: StudySpec) -> None:
+    error = str(frozen.user_attrs.get(attrs.ERROR, ""))
+    if frozen.state != TrialState.FAIL or not error.startswith("ModelLoadError"):
+        return
+    model = frozen.user_attrs.get(attrs.MODEL, "?")
+    raise RunError(
+        f"trial {frozen.number} could not load model {model!r}: "
+        f"{error.removeprefix('ModelLoadError: ')} (stopped here rather than fail every "
+        f"{model} trial; fix it, or drop {model} from {spec.source or 'the spec'})"
+    )
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: StudySpec,
+    opts: RunOptions,
+    model_paths: dict[str, str],
+    device: DeviceInfo,
+) -> optuna.trial.FrozenTrial:
+    """Sample, preflight, train and tell one claimed trial."""
+    started = time.monotonic()
+    params = sample_params(trial, spec)
+    cfg = build_config(
+        spec,
+        params,
+        model_path=model_paths.get(params.model),
+        device=opts.device,
+        seed_offset=trial.number,
+    )
+    arch = tiny_info(MODELS[cfg.model]) if opts.tiny else MODELS[cfg.model]
+    for key, value in _trial_attrs(cfg, opts, device).items():
+        trial.set_user_attr(key, value)
+
+    with heartbeat(study, trial):
+        decision = preflight(
+            cfg,
+            arch,
+            device,
+            study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)),
+            use_estimate=opts.use_estimate,
+            use_frontier=opts.use_frontier,
+        )
+        trial.set_user_attr(attrs.MEMORY_ESTIMATE_MB, decision.estimate.total_bytes / 2**20)
+        if decision.skip:
+            trial.set_user_attr(attrs.OOM, True)
+            trial.set_user_attr(attrs.OOM_KIND, decision.kind)
+            trial.set_user_attr(attrs.ERROR, decision.reason)
+            if decision.frontier_trial is not None:
+                trial.set_user_attr(attrs.OOM_FRONTIER_TRIAL, decision.frontier_trial)
+            trial.set_user_attr(attrs.SECONDS, time.monotonic() - started)
+            return study.tell(trial, state=TrialState.PRUNED)
+
+        metric = spec.study.metric
+
+        def report(epoch: int, metrics: dict[str, float]) -> bool:
+            trial.report(metrics[metric], epoch)
+            return trial.should_prune()
+
+        outcome = run_isolated(
+            cfg,
+            report=report,
+            memory_limit_bytes=opts.memory_limit,
+            objective=opts.objective,
+        )
+    trial.set_user_attr(attrs.SECONDS, time.monotonic() - started)
+    return _tell(study, trial, outcome, metric)
+
+
+def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> dict[str, Any]:
+    return {
+        attrs.CONFIG: cfg.to_json(),
+        attrs.MODEL: cfg.model,
+        attrs.BATCH_SIZE: cfg.batch_size,
+        attrs.MAX_LEN: cfg.max_len,
+        attrs.DEVICE: device.label,
+        attrs.DEVICE_MEMORY_MB: device.total_bytes / 2**20,
+        attrs.HOST: socket.gethostname(),
+        attrs.GPU: opts.gpu if opts.gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
+        attrs.WORKER: opts.worker,
+    }
+
+
+def _tell(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, metric: str
+) -> optuna.trial.FrozenTrial:
+    """Record an isolated run's outcome on the trial and finish it."""
+    if outcome.peak_memory_mb is not None:
+        trial.set_user_attr(attrs.PEAK_MEMORY_MB, outcome.peak_memory_mb)
+    if outcome.metrics:
+        trial.set_user_attr(attrs.METRICS, outcome.metrics)
+    if outcome.error:
+        trial.set_user_attr(attrs.ERROR, outcome.error)
+    if outcome.status == "complete":
+        return study.tell(trial, outcome.metrics[metric])
+    if outcome.status == "pruned":
+        return study.tell(trial, state=TrialState.PRUNED)
+    if outcome.status == "oom" or (outcome.status == "killed" and outcome.oom_kind == "host"):
+        # An OOM is an answer about memory, not a broken trial: PRUNED keeps it in what TPE
+        # learns from (FAIL would be ignored), and the frontier reads it back.
+        trial.set_user_attr(attrs.OOM, True)
+        trial.set_user_attr(attrs.OOM_KIND, outcome.oom_kind or "real")
+        if outcome.phase:
+            trial.set_user_attr(attrs.OOM_PHASE, outcome.phase)
+        return study.tell(trial, state=TrialState.PRUNED)
+    return study.tell(trial, state=TrialState.FAIL)
