@@ -1,0 +1,158 @@
+"""Retrieval metrics (nDCG, MRR, recall at k) and the evaluation of an encoder on an eval set.
+
+Definitions are those of BEIR and sentence-transformers' ``InformationRetrievalEvaluator`` with
+binary relevance; documents with equal scores rank by ascending column index, as that
+evaluator breaks ties by ascending corpus id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from search.train.data import EvalSet
+    from search.train.encoder import BiEncoder
+
+_QUERY_CHUNK = 256  # queries ranked at once: bounds the (chunk, n_rel, n_docs) comparison
+
+
+def _ranks_of_relevant(scores: Tensor, relevant: Sequence[set[int]]) -> Tensor:
+    """0-based rank of each relevant document, ``(n_queries, max_relevant)``; padding is inf.
+
+    The rank of document ``d`` is the number of documents scored higher, plus those scored the
+    same with a lower index: the position a stable descending sort would give it, without
+    sorting the whole row.
+    """
+    n_queries, n_docs = scores.shape
+    width = max(len(r) for r in relevant)
+    index = torch.zeros(n_queries, width, dtype=torch.long)
+    valid = torch.zeros(n_queries, width, dtype=torch.bool)
+    for q, docs in enumerate(relevant):
+        ordered = sorted(docs)
+        index[q, : len(ordered)] = torch.tensor(ordered, dtype=torch.long)
+        valid[q, : len(ordered)] = True
+    columns = torch.arange(n_docs)
+    ranks = torch.empty(n_queries, width, dtype=torch.float64)
+    for start in range(0, n_queries, _QUERY_CHUNK):
+        rows = scores[start : start + _QUERY_CHUNK]  # (chunk, n_docs)
+        idx = index[start : start + _QUERY_CHUNK]  # (chunk, width)
+        rel_scores = rows.gather(1, idx).unsqueeze(-1)  # (chunk, width, 1)
+        rows = rows.unsqueeze(1)  # (chunk, 1, n_docs)
+        higher = (rows > rel_scores).sum(-1)
+        tied_before = ((rows == rel_scores) & (columns < idx.unsqueeze(-1))).sum(-1)
+        ranks[start : start + _QUERY_CHUNK] = (higher + tied_before).double()
+    return ranks.masked_fill(~valid, math.inf)
+
+
+def retrieval_metrics(
+    scores: Tensor, relevant: Sequence[set[int]], *, k_values: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Mean nDCG@k, MRR@k and recall@k over queries, with binary relevance.
+
+    Example:
+        >>> import torch
+        >>> scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])  # the relevant doc 2 ranks third
+        >>> m = retrieval_metrics(scores, [{2}], k_values=(1, 10))
+        >>> m["mrr@10"], m["recall@1"], round(m["ndcg@10"], 4)  # 1/3, 0, 1/log2(4)
+        (0.3333333333333333, 0.0, 0.5)
+
+    Args:
+        scores: Similarity of each query to each document, ``(n_queries, n_docs)``.
+        relevant: For each query, the column indices of its relevant documents (non-empty).
+        k_values: Cut-offs; each gives ``ndcg@k``, ``mrr@k`` and ``recall@k``.
+
+    Returns:
+        The metrics by name, e.g. ``{"ndcg@10": ..., "mrr@10": ..., "recall@1": ...}``.
+    """
+    if scores.dim() != 2 or scores.shape[0] != len(relevant):
+        raise ValueError(
+            f"scores must be (n_queries, n_docs) with one row per relevant set, but got "
+            f"{tuple(scores.shape)} and {len(relevant)} sets."
+        )
+    if not k_values or any(k < 1 for k in k_values):
+        raise ValueError(f"k_values must be positive cut-offs, but got {k_values=}.")
+    n_docs = scores.shape[1]
+    for q, docs in enumerate(relevant):
+        if not docs:
+            raise ValueError(f"query {q} has no relevant document; leave it out of the scores.")
+        if min(docs) < 0 or max(docs) >= n_docs:
+            raise ValueError(f"query {q} names a document outside 0..{n_docs - 1}: {docs}.")
+    ranks = _ranks_of_relevant(scores.detach().float().cpu(), relevant)  # (n_q, width)
+    n_relevant = torch.tensor([len(r) for r in relevant], dtype=torch.float64)
+    first = ranks.min(dim=1).values  # best rank of a relevant document per query
+    gains = 1.0 / torch.log2(ranks + 2.0)  # inf ranks (padding) give 0
+    metrics: dict[str, float] = {}
+    for k in sorted(set(k_values)):
+        in_top = ranks < k
+        ideal = torch.tensor(
+            [sum(1.0 / math.log2(i + 2) for i in range(min(k, len(r)))) for r in relevant],
+            dtype=torch.float64,
+        )
+        dcg = (gains * in_top).sum(dim=1)
+        metrics[f"ndcg@{k}"] = (dcg / ideal).mean().item()
+        mrr = torch.where(first < k, 1.0 / (first + 1.0), torch.zeros_like(first))
+        metrics[f"mrr@{k}"] = mrr.mean().item()
+        metrics[f"recall@{k}"] = (in_top.sum(dim=1) / n_relevant).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    encoder: BiEncoder,
+    eval_set: EvalSet,
+    *,
+    max_len: int,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Encode the eval set's queries and corpus, rank the corpus by cosine, return the metrics.
+
+    Queries without a relevant document in the corpus are left out, as BEIR and
+    sentence-transformers do. The encoder's own device is used (``device`` only moves the
+    scores); its train/eval mode is restored afterwards.
+
+    Args:
+        encoder: The bi-encoder (its ``encode`` handles prefixes, pooling, normalisation).
+        eval_set: Corpus, queries and qrels (relevance > 0 counts as relevant).
+        max_len: Longest tokenised input.
+        batch_size: Texts encoded at once.
+        device: Where the score matrix is computed (default: where the embeddings are).
+
+    Returns:
+        The metrics by name (``ndcg@10``, ``mrr@10``, ``recall@1``, ``recall@5``, ...).
+    """
+    doc_ids = list(eval_set.corpus)
+    column = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    query_ids: list[str] = []
+    relevant: list[set[int]] = []
+    for qid in eval_set.queries:
+        docs = {
+            column[d] for d, rel in eval_set.qrels.get(qid, {}).items() if rel > 0 and d in column
+        }
+        if docs:
+            query_ids.append(qid)
+            relevant.append(docs)
+    if not relevant:
+        raise ValueError("the eval set has no query with a relevant document in its corpus.")
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        queries = [eval_set.queries[qid] for qid in query_ids]
+        corpus = [eval_set.corpus[d] for d in doc_ids]
+        q_emb = encoder.encode(queries, kind="query", max_len=max_len, batch_size=batch_size)
+        d_emb = encoder.encode(corpus, kind="passage", max_len=max_len, batch_size=batch_size)
+    finally:
+        encoder.train(was_training)
+    if device is not None:
+        q_emb, d_emb = q_emb.to(device), d_emb.to(device)
+    # Cosine, as the loss and sentence-transformers' evaluator score (dot if already unit norm).
+    q_emb = F.normalize(q_emb.float(), dim=-1)  # (n_queries, dim)
+    d_emb = F.normalize(d_emb.float(), dim=-1)  # (n_docs, dim)
+    scores = q_emb @ d_emb.T  # (n_queries, n_docs)
+    return retrieval_metrics(scores, relevant)
