@@ -1,0 +1,87 @@
+"""The per-model report: counts, OOM kinds, OOM rate and seconds, best config, peak memory."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from search import attrs
+from search.report import model_rows
+from search.report import report_table
+from search.report import study_report
+
+
+def _add(
+    study: optuna.Study,
+    model: str,
+    state: TrialState,
+    value: float | None = None,
+    **user_attrs: object,
+) -> None:
+    trial = study.ask()
+    trial.set_user_attr(attrs.MODEL, model)
+    trial.set_user_attr(
+        attrs.CONFIG,
+        {"model": model, "batch_size": 32, "max_len": 128, "lr": 1e-4, "temperature": 0.05},
+    )
+    for key, val in user_attrs.items():
+        trial.set_user_attr(key, val)
+    if state == TrialState.COMPLETE:
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=state)
+
+
+def _study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name="r")
+    _add(study, "bge-m3-ko", TrialState.COMPLETE, 0.7, seconds=10.0, peak_memory_mb=900.0)
+    _add(study, "bge-m3-ko", TrialState.COMPLETE, 0.8, seconds=12.0, peak_memory_mb=1100.0)
+    _add(
+        study,
+        "bge-m3-ko",
+        TrialState.PRUNED,
+        oom=True,
+        oom_kind="real",
+        seconds=3.0,
+        peak_memory_mb=5000.0,
+    )
+    _add(study, "bge-m3-ko", TrialState.PRUNED, oom=True, oom_kind="frontier", seconds=0.5)
+    _add(study, "bge-m3-ko", TrialState.PRUNED, oom=True, oom_kind="predicted", seconds=0.5)
+    _add(study, "ko-simcse", TrialState.PRUNED, seconds=4.0)
+    _add(study, "ko-simcse", TrialState.FAIL, seconds=1.0, error="ValueError: x")
+    _add(study, "ko-simcse", TrialState.PRUNED, oom=True, oom_kind="host", seconds=2.0)
+    return study
+
+
+def test_rows_count_each_outcome_once() -> None:
+    rows = {r.model: r for r in model_rows(_study().get_trials())}
+    bge, simcse = rows["bge-m3-ko"], rows["ko-simcse"]
+    assert (bge.trials, bge.complete, bge.pruned_early, bge.failed) == (5, 2, 0, 0)
+    assert (bge.oom_real, bge.oom_frontier, bge.oom_predicted, bge.oom_host) == (1, 1, 1, 0)
+    assert bge.oom_rate == 3 / 5
+    assert bge.oom_seconds == 4.0
+    assert bge.best_value == 0.8 and bge.best_trial == 1
+    assert bge.median_peak_memory_mb == 1000.0  # OOM peaks are not a run's memory
+    assert (simcse.trials, simcse.pruned_early, simcse.failed, simcse.oom_host) == (3, 1, 1, 1)
+    assert simcse.best_value is None
+    assert abs(simcse.oom_rate - 1 / 3) < 1e-9
+
+
+def test_minimize_direction_picks_lowest() -> None:
+    study = optuna.create_study(direction="minimize")
+    _add(study, "m", TrialState.COMPLETE, 0.7)
+    _add(study, "m", TrialState.COMPLETE, 0.2)
+    (row,) = model_rows(study.get_trials(), direction="minimize")
+    assert row.best_value == 0.2
+
+
+def test_study_report_is_plain_json_data() -> None:
+    import json
+
+    report = study_report(_study())
+    text = json.dumps(report)
+    assert json.loads(text)["models"][0]["model"] == "bge-m3-ko"
+    assert report["trials"] == 8
+    assert report["oom_seconds"] == 6.0
+    assert report_table(report).row_count == 2
