@@ -1,0 +1,111 @@
+"""The OOM frontier: configs that an earlier real out-of-memory proves will not fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from search import attrs
+from search.config import TrialConfig
+
+__all__ = ["dominates", "find_frontier_oom"]
+
+MIB = 1024**2
+# OOM kinds that are measurements, not guesses: a frontier is only learnt from these.
+REAL_OOM_KINDS = frozenset({"real", "host"})
+_SAVERS = ("amp", "gradient_checkpointing")
+
+
+def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
+    """Whether ``cfg`` needs at least as much memory as the config that ran out of memory.
+
+    The dominance rule: the same ``model`` and ``model_path`` (the same architecture and
+    weights), ``batch_size``, ``max_len`` and ``hard_negatives`` each no smaller, and no memory
+    saver (``amp``, ``gradient_checkpointing``) on in ``cfg`` that was off in the OOM config.
+    Everything else (learning rate, temperature, epochs...) does not change the peak.
+
+    Example:
+        >>> base = dict(model="m", model_path="p", batch_size=64, max_len=256, lr=1e-5,
+        ...     temperature=0.05, warmup_ratio=0.1, weight_decay=0.0, epochs=1, amp=True,
+        ...     gradient_checkpointing=False, hard_negatives=0, seed=0, device="cuda",
+        ...     train_path="t", eval_dir="e")
+        >>> dominates(TrialConfig(**{**base, "max_len": 384}), base)
+        True
+        >>> dominates(TrialConfig(**{**base, "gradient_checkpointing": True}), base)
+        False
+
+    Args:
+        cfg: The config about to run.
+        oom_config: The ``config`` user attribute of a trial that ran out of memory.
+
+    Returns:
+        True when ``cfg`` is at least as large in every memory dimension.
+    """
+    try:
+        if cfg.model != oom_config["model"] or cfg.model_path != oom_config["model_path"]:
+            return False
+        if cfg.batch_size < int(oom_config["batch_size"]):
+            return False
+        if cfg.max_len < int(oom_config["max_len"]):
+            return False
+        if cfg.hard_negatives < int(oom_config.get("hard_negatives", 0)):
+            return False
+        return all(not getattr(cfg, s) or bool(oom_config.get(s, False)) for s in _SAVERS)
+    except (KeyError, TypeError, ValueError):
+        return False  # a malformed record proves nothing
+
+
+def _device_kind(label: object) -> str | None:
+    if not isinstance(label, str) or not label:
+        return None
+    return label.split()[0].split(":")[0]
+
+
+def find_frontier_oom(
+    trials: Sequence[FrozenTrial],
+    cfg: TrialConfig,
+    device_total_bytes: int,
+    *,
+    device_kind: str | None = None,
+) -> FrozenTrial | None:
+    """The earliest trial whose real OOM proves that ``cfg`` will run out of memory too.
+
+    A trial counts when it is finished, recorded ``oom=True`` with ``oom_kind`` ``real`` or
+    ``host`` (not a predicted or frontier skip, so a wrong guess never spreads), ran on a device
+    with the same or more memory (``device_memory_mb`` at least this device's total), and
+    ``cfg`` :func:`dominates` its ``config``. Only user attributes are read: no model is loaded.
+
+    Args:
+        trials: Earlier trials of the study (any states; unfinished ones are ignored).
+        cfg: The config about to run.
+        device_total_bytes: Memory this trial may use (device total or the memory limit).
+        device_kind: ``cuda`` / ``cpu``...; when given, OOMs on another kind of device (read
+            from the ``device`` attribute) are ignored.
+
+    Returns:
+        The justifying trial, or None.
+    """
+    device_mb = device_total_bytes / MIB
+    best: FrozenTrial | None = None
+    for t in trials:
+        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+            continue
+        ua = t.user_attrs
+        if ua.get(attrs.OOM) is not True or ua.get(attrs.OOM_KIND) not in REAL_OOM_KINDS:
+            continue
+        memory = ua.get(attrs.DEVICE_MEMORY_MB)
+        if not isinstance(memory, (int, float)) or memory < device_mb * (1 - 1e-9):
+            continue
+        if device_kind is not None:
+            kind = _device_kind(ua.get(attrs.DEVICE))
+            if kind is not None and kind != device_kind:
+                continue
+        config = ua.get(attrs.CONFIG)
+        if not isinstance(config, dict) or not dominates(cfg, config):
+            continue
+        if best is None or t.number < best.number:
+            best = t
+    return best
