@@ -1,0 +1,38 @@
+"""Persistence: a storage URL -> an Optuna storage, heartbeats, named locks, health checks.
+
+PostgreSQL for teams (many workers, one study), an SQLite file as the embedded default.
+"""
+
+from storage._check import StorageStatus
+from storage._check import check_storage
+from storage._create import create_storage
+from storage._error import StorageError
+from storage._heartbeat import HeartbeatThread
+from storage._heartbeat import adopt_orphans
+from storage._heartbeat import heartbeat
+from storage._lock import named_lock
+from storage._lock import rdb_backend
+from storage._rdb import ResilientRDBStorage
+from storage._retry import is_transient
+from storage._url import ENV_STORAGE
+from storage._url import default_storage_url
+from storage._url import redact_url
+from storage._url import resolve_storage_url
+
+__all__ = [
+    "ENV_STORAGE",
+    "HeartbeatThread",
+    "ResilientRDBStorage",
+    "StorageError",
+    "StorageStatus",
+    "adopt_orphans",
+    "check_storage",
+    "create_storage",
+    "default_storage_url",
+    "heartbeat",
+    "is_transient",
+    "named_lock",
+    "rdb_backend",
+    "redact_url",
+    "resolve_storage_url",
+]

@@ -1,0 +1,215 @@
+"""Turn a storage URL into an Optuna storage tuned for one laptop or many GPU workers."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import warnings
+from contextlib import AbstractContextManager
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from filelock import FileLock
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import BaseStorage
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from sqlalchemy.pool import NullPool
+
+from storage._error import StorageError
+from storage._lock import lock_key
+from storage._rdb import ResilientRDBStorage
+from storage._retry import call_with_retry
+from storage._url import normalize_url
+from storage._url import parse_url
+from storage._url import redact_url
+
+_logger = logging.getLogger(__name__)
+
+# PostgreSQL, per worker process: the main thread, the heartbeat thread and the budget lock
+# each hold a connection at times; 4 + 4 overflow leaves room and keeps 25 workers under the
+# server's default max_connections=100 even in the worst case.
+PG_POOL_SIZE = 4
+PG_MAX_OVERFLOW = 4
+PG_POOL_RECYCLE_S = 1800  # drop connections older than this (proxies and NATs cut idle ones)
+PG_CONNECT_TIMEOUT_S = 10
+SQLITE_BUSY_TIMEOUT_S = 60  # wait this long for another process's write lock
+SCHEMA_LOCK = "schema"  # advisory lock name serialising table creation on a fresh database
+
+
+def engine_kwargs_for(backend: str) -> dict[str, Any]:
+    """``sqlalchemy.create_engine`` keyword arguments for one backend.
+
+    Args:
+        backend: ``postgresql``, ``sqlite`` or another SQLAlchemy backend name.
+
+    Returns:
+        PostgreSQL: ``pool_pre_ping`` (Optuna sets it only for MySQL), pool sizes for many
+        workers, a connect timeout and TCP keepalives. SQLite: a busy timeout. Others: ``{}``.
+    """
+    if backend == "postgresql":
+        return {
+            "pool_pre_ping": True,
+            "pool_size": PG_POOL_SIZE,
+            "max_overflow": PG_MAX_OVERFLOW,
+            "pool_recycle": PG_POOL_RECYCLE_S,
+            "connect_args": {
+                "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                "application_name": "search",
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+            },
+        }
+    if backend == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {}
+
+
+def create_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = 30,
+    grace_period: int | None = None,
+    max_retry: int = 3,
+    max_wait: float = 120.0,
+) -> BaseStorage:
+    """An Optuna storage for ``url``: PostgreSQL for teams, an SQLite file by default.
+
+    Both are a :class:`ResilientRDBStorage` with heartbeats: a trial whose worker stops
+    beating for ``grace_period`` seconds is failed by the next worker that claims a trial, and
+    ``RetryHeartbeatStaleTrialCallback`` re-queues its parameters up to ``max_retry`` times.
+    PostgreSQL gets ``pool_pre_ping`` and pool sizes for many workers; SQLite gets a busy
+    timeout and WAL journaling (readers do not block the writer). Creating the tables of a
+    fresh database is serialised across processes, so ten workers can start at once.
+
+    Example:
+        >>> s = create_storage("sqlite:///:memory:", heartbeat_interval=None)
+        >>> type(s).__name__
+        'ResilientRDBStorage'
+
+    Args:
+        url: SQLAlchemy URL (``postgresql+psycopg2://user:pass@host/db``, ``sqlite:///f.db``).
+        heartbeat_interval: Seconds between heartbeats of a running trial; ``None`` disables
+            heartbeats (reports, read-only use).
+        grace_period: Seconds without a heartbeat after which a trial is stale; default
+            ``2 * heartbeat_interval``.
+        max_retry: How many times a stale trial's parameters are re-queued.
+        max_wait: Seconds to wait for a database that is briefly away, at start and per call.
+
+    Returns:
+        The storage (pass it to ``optuna.create_study`` / ``load_study``).
+
+    Raises:
+        StorageError: Bad URL, missing driver, unreachable database or an old schema; the
+            message is one line with the password redacted.
+    """
+    url = normalize_url(url)
+    shown = redact_url(url)
+    if heartbeat_interval is not None and heartbeat_interval <= 0:
+        raise ValueError(f"heartbeat_interval must be > 0, but got {heartbeat_interval=}.")
+    if grace_period is not None and grace_period <= 0:
+        raise ValueError(f"grace_period must be > 0, but got {grace_period=}.")
+    if max_retry < 0:
+        raise ValueError(f"max_retry must be >= 0, but got {max_retry=}.")
+    backend, path = parse_url(url)
+    kwargs = engine_kwargs_for(backend)
+    if path is not None and not Path(path).parent.is_dir():
+        raise StorageError(f"cannot open {shown}: directory {Path(path).parent} does not exist")
+    with _schema_lock(url, backend, path, kwargs, max_wait, shown):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                callback = (
+                    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+                    if heartbeat_interval is not None
+                    else None
+                )
+                storage = ResilientRDBStorage(
+                    url,
+                    kwargs,
+                    max_wait=max_wait,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=callback,
+                )
+        except RuntimeError as exc:  # Optuna: the schema is older than this Optuna
+            if "compatible with the table schema" not in str(exc):
+                raise
+            raise StorageError(
+                f"the schema of {shown} is older than this Optuna's: run "
+                f"`search storage check --storage URL --upgrade` (back up the database first)"
+            ) from None
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            raise StorageError(f"cannot use {shown}: {_one_line(exc)}") from exc
+    _logger.info("storage %s (heartbeat %s s)", shown, heartbeat_interval)
+    return storage
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error, without SQLAlchemy's background link."""
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
+        error = error.orig
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _schema_lock(
+    url: str, backend: str, path: str | None, kwargs: dict[str, Any], max_wait: float, shown: str
+) -> AbstractContextManager[Any]:
+    """Wait for the database (up to ``max_wait`` s), then hold a lock for table creation."""
+    if backend == "sqlite":
+        if path is None:
+            return nullcontext()
+        _prepare_sqlite(path, shown)
+        return FileLock(f"{path}.lock")
+    if backend == "postgresql":
+        return _PgSchemaLock(url, kwargs, max_wait, shown)
+    return nullcontext()
+
+
+def _prepare_sqlite(path: str, shown: str) -> None:
+    """Switch the file to WAL journaling (persistent in the file), creating it if needed."""
+    try:
+        with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open {shown}: {exc}") from None
+
+
+class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
+    """Connect (retrying while the server is away) and hold a session advisory lock."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any], max_wait: float, shown: str) -> None:
+        self._engine = sqlalchemy.create_engine(
+            url, poolclass=NullPool, connect_args=kwargs.get("connect_args", {})
+        )
+        self._max_wait = max_wait
+        self._shown = shown
+        self._conn: sqlalchemy.engine.Connection | None = None
+
+    def __enter__(self) -> _PgSchemaLock:
+        key = lock_key(SCHEMA_LOCK)
+
+        def connect() -> sqlalchemy.engine.Connection:
+            conn = self._engine.connect()
+            conn.execute(sqlalchemy.select(sqlalchemy.func.pg_advisory_lock(key)))
+            conn.commit()
+            return conn
+
+        try:
+            self._conn = call_with_retry(connect, max_wait=self._max_wait, what="connect")
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            self._engine.dispose()
+            raise StorageError(f"cannot reach {self._shown}: {_one_line(exc)}") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._conn is not None:
+                self._conn.close()  # closing the session releases the advisory lock
+        finally:
+            self._engine.dispose()

@@ -1,0 +1,156 @@
+"""Heartbeats for a trial run with ask/tell (Optuna's own thread only runs in ``optimize``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from datetime import timedelta
+
+import optuna
+import sqlalchemy
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
+from storage._lock import rdb_backend
+
+_logger = logging.getLogger(__name__)
+
+# While the database is away, try again this often (seconds), not just once per interval.
+_OUTAGE_RETRY = 1.0
+
+
+class HeartbeatThread(threading.Thread):
+    """Record a trial's heartbeat every ``interval`` seconds until stopped.
+
+    Unlike Optuna's thread, an error (the database restarting) does not end the thread: it is
+    logged once and retried every second until a heartbeat gets through again.
+
+    Args:
+        storage: A storage with heartbeats enabled.
+        trial_id: The running trial's id.
+        interval: Seconds between heartbeats.
+    """
+
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{trial_id}", daemon=True)
+        if not isinstance(storage, BaseHeartbeat):
+            raise ValueError(f"storage has no heartbeat, but got {type(storage).__name__}.")
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, but got {interval=}.")
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.beats = 0
+
+    def run(self) -> None:
+        """Beat until :meth:`stop`."""
+        failing = False
+        try:
+            while True:
+                try:
+                    self._storage.record_heartbeat(self._trial_id)
+                    self.beats += 1
+                    if failing:
+                        _logger.warning("heartbeat of trial %d recorded again", self._trial_id)
+                    failing = False
+                except Exception as error:  # the database is away: keep trying
+                    if not failing:
+                        _logger.warning(
+                            "heartbeat of trial %d failed (%s); retrying",
+                            self._trial_id,
+                            type(error).__name__,
+                        )
+                    failing = True
+                wait = min(_OUTAGE_RETRY, self._interval) if failing else self._interval
+                if self._stop_event.wait(wait):
+                    return
+        finally:
+            backend = rdb_backend(self._storage)
+            if backend is not None:
+                backend.remove_session()  # this thread's connection goes back to the pool
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop beating and wait (up to ``timeout`` s) for the thread to end."""
+        self._stop_event.set()
+        self.join(timeout)
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.trial.Trial) -> Iterator[None]:
+    """Record heartbeats for ``trial`` in a background thread while the block runs.
+
+    If this process dies, the heartbeats stop, and after the storage's grace period another
+    worker fails the trial and re-queues its parameters (``RetryHeartbeatStaleTrialCallback``).
+    A no-op when the storage has no heartbeat.
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study()
+        >>> trial = study.ask()
+        >>> with heartbeat(study, trial):
+        ...     pass
+
+    Args:
+        study: The trial's study.
+        trial: A running trial, from ``study.ask()`` or ``search.budget.claim_trial``.
+    """
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    assert isinstance(storage, BaseHeartbeat)
+    interval = storage.get_heartbeat_interval()
+    assert interval is not None
+    thread = HeartbeatThread(storage, trial._trial_id, interval)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.stop()
+
+
+def adopt_orphans(study: optuna.Study) -> list[int]:
+    """Give a first heartbeat to RUNNING trials that never had one and are older than the grace.
+
+    Optuna only fails RUNNING trials whose heartbeat went stale; a trial whose worker died
+    between taking it and its first heartbeat would stay RUNNING forever. Once adopted, such a
+    trial goes stale after the grace period and is failed and re-queued like any other.
+
+    Args:
+        study: A study on an ``RDBStorage`` with heartbeats (anything else: nothing happens).
+
+    Returns:
+        The ids of the adopted trials.
+    """
+    rdb = rdb_backend(study._storage)
+    if rdb is None or not is_heartbeat_enabled(rdb):
+        return []
+    interval = rdb.get_heartbeat_interval()
+    assert interval is not None
+    grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
+    trials, beats = models.TrialModel, models.TrialHeartbeatModel
+    query = sqlalchemy.select(trials.trial_id).where(
+        trials.study_id == study._study_id,
+        trials.state == TrialState.RUNNING,
+        trials.trial_id.not_in(sqlalchemy.select(beats.trial_id)),
+    )
+    with rdb.engine.connect() as conn:
+        orphans = list(conn.execute(query).scalars())
+    # datetime_start comes from the clock of the client that started the trial.
+    cutoff = datetime.now() - timedelta(seconds=grace)
+    adopted = []
+    for trial_id in orphans:
+        started = rdb.get_trial(trial_id).datetime_start
+        if started is None or started < cutoff:
+            adopted.append(trial_id)
+    for trial_id in adopted:
+        _logger.warning("trial id %d is RUNNING without a heartbeat; adopting it", trial_id)
+        rdb.record_heartbeat(trial_id)
+    return adopted

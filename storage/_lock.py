@@ -1,0 +1,113 @@
+"""Named locks shared by every process that uses one storage.
+
+PostgreSQL: a transaction-level advisory lock (``pg_advisory_xact_lock``) taken on a connection
+of its own, so it is released by the server if the process dies. SQLite: an exclusive file lock
+next to the database file (``<file>.lock``). Anything else (in-memory storages): a lock within
+this process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy
+from filelock import FileLock
+from optuna.storages import BaseStorage
+from optuna.storages import RDBStorage
+from optuna.storages import _CachedStorage
+
+from storage._retry import call_with_retry
+
+_logger = logging.getLogger(__name__)
+
+_process_locks: dict[str, threading.RLock] = {}
+_file_locks: dict[str, FileLock] = {}
+_guard = threading.Lock()
+
+
+def rdb_backend(storage: BaseStorage) -> RDBStorage | None:
+    """The ``RDBStorage`` behind ``storage`` (unwrapping Optuna's cache), if there is one."""
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock`` from a lock name."""
+    digest = hashlib.blake2b(f"search:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def sqlite_lock_path(engine: sqlalchemy.engine.Engine) -> str | None:
+    """``<database file>.lock`` for an SQLite file engine; ``None`` for in-memory SQLite."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        return None
+    return f"{database}.lock"
+
+
+@contextmanager
+def named_lock(storage: BaseStorage, name: str, *, max_wait: float = 120.0) -> Iterator[None]:
+    """Hold the lock ``name`` across all processes and machines that share ``storage``.
+
+    Re-entrant within one thread for SQLite and process locks; on PostgreSQL the same name
+    must not be taken twice by one thread (different names are independent).
+
+    Example:
+        >>> import optuna
+        >>> with named_lock(optuna.storages.InMemoryStorage(), "budget:0"):
+        ...     pass
+
+    Args:
+        storage: The study's storage (an ``RDBStorage``, possibly wrapped by Optuna's cache).
+        name: What is locked, e.g. ``budget:<study id>``.
+        max_wait: Seconds to retry taking the lock while the database is briefly away.
+    """
+    rdb = rdb_backend(storage)
+    if rdb is not None and rdb.engine.dialect.name == "postgresql":
+        with _pg_lock(rdb.engine, name, max_wait):
+            yield
+        return
+    path = sqlite_lock_path(rdb.engine) if rdb is not None else None
+    if path is not None:
+        with _guard:
+            file_lock = _file_locks.setdefault(path, FileLock(path))
+        with file_lock:
+            yield
+        return
+    with _guard:
+        lock = _process_locks.setdefault(name, threading.RLock())
+    with lock:
+        yield
+
+
+@contextmanager
+def _pg_lock(engine: sqlalchemy.engine.Engine, name: str, max_wait: float) -> Iterator[None]:
+    key = lock_key(name)
+
+    def acquire() -> sqlalchemy.engine.Connection:
+        conn = engine.connect()
+        try:
+            conn.begin()
+            conn.execute(sqlalchemy.select(sqlalchemy.func.pg_advisory_xact_lock(key)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = call_with_retry(acquire, max_wait=max_wait, what=f"lock {name}")
+    try:
+        yield
+    finally:
+        # Ending the transaction releases the lock; if the connection died, the server has
+        # released it already.
+        try:
+            conn.rollback()
+        except Exception as error:
+            _logger.debug("lock %s: connection lost before release (%s)", name, error)
+        finally:
+            conn.close()

@@ -1,0 +1,85 @@
+"""An Optuna ``RDBStorage`` whose every database call survives a brief outage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.storages import RDBStorage
+
+from storage._retry import retrying
+
+# The RDBStorage methods Optuna (and its _CachedStorage wrapper) call; each opens its own
+# session, so running one again after a dropped connection is safe. record_heartbeat is left
+# out on purpose: the heartbeat thread retries it on its own schedule.
+_RETRIED_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "_create_new_trial",
+    "set_trial_param",
+    "_set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial",
+    "get_trial_params",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_trials",
+    "_get_trials",
+    "get_best_trial",
+    "_get_best_trial_id",
+    "get_n_trials",
+    "_get_stale_trial_ids",
+)
+
+
+class ResilientRDBStorage(RDBStorage):
+    """``RDBStorage`` that waits and retries when the database is briefly unreachable.
+
+    A PostgreSQL restart drops every pooled connection; ``pool_pre_ping`` replaces dead ones at
+    checkout, and a statement caught mid-flight (or a connect refused while the server starts)
+    is retried with exponential backoff for up to ``max_wait`` seconds before the error is
+    raised. Errors that are not about the connection (bad data, integrity) are raised at once.
+
+    Example:
+        >>> s = ResilientRDBStorage("sqlite:///:memory:", max_wait=5)
+        >>> s.get_all_studies()
+        []
+
+    Args:
+        url: SQLAlchemy URL.
+        engine_kwargs: Passed to ``sqlalchemy.create_engine``.
+        max_wait: Seconds to keep retrying one call while the database is away.
+        **kwargs: Keyword arguments of ``RDBStorage`` (heartbeats, callbacks, ...).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        engine_kwargs: dict[str, Any] | None = None,
+        *,
+        max_wait: float = 120.0,
+        **kwargs: Any,
+    ) -> None:
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0, but got {max_wait=}.")
+        self.max_wait = max_wait
+        super().__init__(url, engine_kwargs, **kwargs)
+
+
+for _name in _RETRIED_METHODS:
+    if hasattr(RDBStorage, _name):
+        setattr(ResilientRDBStorage, _name, retrying("max_wait")(getattr(RDBStorage, _name)))
