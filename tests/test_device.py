@@ -1,0 +1,67 @@
+"""Sizes and the device description."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from search.device import device_info
+from search.device import format_bytes
+from search.device import parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("6GiB", 6 * 1024**3),
+        ("512MB", 512 * 1000**2),
+        ("2G", 2 * 1024**3),
+        ("1.5GiB", 3 * 1024**3 // 2),
+        ("1048576", 1048576),
+        ("256 mib", 256 * 1024**2),
+        ("1TB", 1000**4),
+        ("64k", 64 * 1024),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "6 GiBs", "-1G", "0", "1..5G", "G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert "\n" not in str(info.value)
+
+
+def test_cpu_device_without_limit() -> None:
+    info = device_info("cpu")
+    assert info.name == "cpu" and info.kind == "cpu"
+    assert info.total_bytes == psutil.virtual_memory().total
+    assert 0 < info.free_bytes <= info.total_bytes
+    assert info.label.startswith("cpu (") and "GiB" in info.label
+
+
+def test_memory_limit_caps_total_and_free() -> None:
+    info = device_info("cpu", memory_limit=parse_size("1GiB"))
+    assert info.total_bytes == 1024**3
+    assert info.free_bytes <= 1024**3
+    assert info.label == "cpu (limit 1.0 GiB)"
+    assert info.total_mb == 1024.0
+
+
+def test_limit_above_the_device_keeps_the_device_total() -> None:
+    huge = 10 * psutil.virtual_memory().total
+    assert device_info("cpu", memory_limit=huge).total_bytes == psutil.virtual_memory().total
+
+
+def test_bad_device_and_limit() -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        device_info("tpu")
+    with pytest.raises(ValueError, match="memory_limit"):
+        device_info("cpu", memory_limit=0)
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(79.1 * 1024**3) == "79.1 GiB"
+    assert format_bytes(300 * 1024**2) == "300 MiB"

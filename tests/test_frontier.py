@@ -1,0 +1,136 @@
+"""The OOM frontier: a real OOM prunes every config that needs at least as much memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from search import attrs
+from search.config import TrialConfig
+from search.frontier import dominates
+from search.frontier import find_frontier_oom
+
+GIB = 1024**3
+
+
+def _cfg(**over: Any) -> TrialConfig:
+    base: dict[str, Any] = dict(
+        model="bge-m3-ko",
+        model_path="/nonexistent/bge-m3-ko",  # never loaded: the frontier reads attributes only
+        batch_size=32,
+        max_len=256,
+        lr=2e-5,
+        temperature=0.05,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        epochs=1,
+        amp=True,
+        gradient_checkpointing=False,
+        hard_negatives=0,
+        seed=0,
+        device="cuda",
+        train_path="t.jsonl",
+        eval_dir="eval",
+    )
+    base.update(over)
+    return TrialConfig(**base)
+
+
+def _trials(*records: tuple[TrialConfig, dict[str, Any], TrialState]) -> list[FrozenTrial]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for cfg, extra, state in records:
+        user_attrs = {
+            attrs.CONFIG: cfg.to_json(),
+            attrs.DEVICE: "cuda:0 (NVIDIA H100 80GB HBM3, 79.1 GiB)",
+            attrs.DEVICE_MEMORY_MB: 80 * 1024.0,
+            **extra,
+        }
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, user_attrs=user_attrs))
+    return study.get_trials(deepcopy=False)
+
+
+REAL_OOM = {attrs.OOM: True, attrs.OOM_KIND: "real"}
+
+
+def test_dominated_config_is_found_naming_the_trial() -> None:
+    trials = _trials(
+        (_cfg(batch_size=16), {}, TrialState.COMPLETE),
+        (_cfg(batch_size=64, max_len=256), REAL_OOM, TrialState.PRUNED),
+    )
+    hit = find_frontier_oom(trials, _cfg(batch_size=64, max_len=384), 80 * GIB)
+    assert hit is not None and hit.number == 1
+
+
+def test_smaller_config_is_not_dominated() -> None:
+    trials = _trials((_cfg(batch_size=64, max_len=256), REAL_OOM, TrialState.PRUNED))
+    assert find_frontier_oom(trials, _cfg(batch_size=32, max_len=384), 80 * GIB) is None
+    assert find_frontier_oom(trials, _cfg(batch_size=64, max_len=128), 80 * GIB) is None
+
+
+def test_more_savers_or_another_model_is_not_dominated() -> None:
+    trials = _trials((_cfg(batch_size=64), REAL_OOM, TrialState.PRUNED))
+    assert (
+        find_frontier_oom(trials, _cfg(batch_size=64, gradient_checkpointing=True), 80 * GIB)
+        is None
+    )
+    assert find_frontier_oom(trials, _cfg(batch_size=64, model_path="/other"), 80 * GIB) is None
+    assert find_frontier_oom(trials, _cfg(batch_size=64, model="ko-simcse"), 80 * GIB) is None
+    # Fewer savers needs more memory: still dominated.
+    assert find_frontier_oom(trials, _cfg(batch_size=64, amp=False), 80 * GIB) is not None
+    assert find_frontier_oom(trials, _cfg(batch_size=64, hard_negatives=1), 80 * GIB) is not None
+
+
+def test_device_size_rule() -> None:
+    trials = _trials((_cfg(batch_size=64), REAL_OOM, TrialState.PRUNED))  # OOM on 80 GiB
+    # A device with the same or less memory learns from it...
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB) is not None
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 40 * GIB) is not None
+    # ...a bigger one does not.
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 141 * GIB) is None
+
+
+def test_only_real_and_host_ooms_make_a_frontier() -> None:
+    trials = _trials(
+        (_cfg(batch_size=64), {attrs.OOM: True, attrs.OOM_KIND: "predicted"}, TrialState.PRUNED),
+        (_cfg(batch_size=64), {attrs.OOM: True, attrs.OOM_KIND: "frontier"}, TrialState.PRUNED),
+        (_cfg(batch_size=64), {}, TrialState.PRUNED),  # an early stop, not an OOM
+    )
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB) is None
+    host = _trials(
+        (_cfg(batch_size=64), {attrs.OOM: True, attrs.OOM_KIND: "host"}, TrialState.FAIL)
+    )
+    assert find_frontier_oom(host, _cfg(batch_size=64), 80 * GIB) is not None
+
+
+def test_earliest_justifying_trial_wins_and_device_kind_filters() -> None:
+    trials = _trials(
+        (_cfg(batch_size=64, max_len=256), REAL_OOM, TrialState.PRUNED),
+        (_cfg(batch_size=32, max_len=256), REAL_OOM, TrialState.PRUNED),
+    )
+    hit = find_frontier_oom(trials, _cfg(batch_size=64, max_len=384), 80 * GIB)
+    assert hit is not None and hit.number == 0
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cpu") is None
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cuda") is not None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"model": "bge-m3-ko"},
+        {
+            "model": "bge-m3-ko",
+            "model_path": "/nonexistent/bge-m3-ko",
+            "batch_size": "x",
+            "max_len": 1,
+        },
+    ],
+)
+def test_malformed_config_proves_nothing(bad: dict[str, Any]) -> None:
+    assert not dominates(_cfg(), bad)

@@ -1,0 +1,113 @@
+"""Preflight: predicted and frontier skips before any model is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import attrs
+from search.config import TrialConfig
+from search.device import DeviceInfo
+from search.models import MODELS
+from search.preflight import preflight
+
+GIB = 1024**3
+BGE = MODELS["bge-m3-ko"]
+
+
+def _cfg(**over: Any) -> TrialConfig:
+    base: dict[str, Any] = dict(
+        model="bge-m3-ko",
+        model_path="/nonexistent/bge-m3-ko",  # loading it would fail: preflight must not
+        batch_size=32,
+        max_len=256,
+        lr=2e-5,
+        temperature=0.05,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        epochs=1,
+        amp=True,
+        gradient_checkpointing=False,
+        hard_negatives=0,
+        seed=0,
+        device="cuda",
+        train_path="t.jsonl",
+        eval_dir="eval",
+    )
+    base.update(over)
+    return TrialConfig(**base)
+
+
+def _gpu(gib: float) -> DeviceInfo:
+    size = int(gib * GIB)
+    return DeviceInfo(
+        name="cuda:0", label=f"cuda:0 (test, {gib} GiB)", total_bytes=size, free_bytes=size
+    )
+
+
+def test_big_config_on_a_small_gpu_is_predicted_oom() -> None:
+    decision = preflight(_cfg(batch_size=64, max_len=384), BGE, _gpu(16), [])
+    assert decision.skip and decision.kind == "predicted"
+    assert decision.frontier_trial is None
+    assert decision.reason.startswith("estimate ") and "0.90 x 16.0 GiB free" in decision.reason
+    assert decision.estimate.total_bytes > 0.9 * 16 * GIB
+
+
+def test_checkpointed_config_on_a_big_gpu_runs() -> None:
+    decision = preflight(
+        _cfg(batch_size=32, max_len=256, gradient_checkpointing=True), BGE, _gpu(80), []
+    )
+    assert not decision.skip and decision.kind is None
+    assert decision.estimate.total_bytes < 0.9 * 80 * GIB
+
+
+def test_estimate_can_be_turned_off() -> None:
+    decision = preflight(_cfg(batch_size=64, max_len=384), BGE, _gpu(16), [], use_estimate=False)
+    assert not decision.skip
+    assert decision.estimate.total_bytes > 16 * GIB  # still computed, for the record
+
+
+def _oom_study(cfg: TrialConfig, memory_mb: float) -> list[optuna.trial.FrozenTrial]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5))
+    user_attrs = {
+        attrs.CONFIG: cfg.to_json(),
+        attrs.OOM: True,
+        attrs.OOM_KIND: "real",
+        attrs.DEVICE: "cuda:0 (test)",
+        attrs.DEVICE_MEMORY_MB: memory_mb,
+    }
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=user_attrs))
+    return study.get_trials(deepcopy=False)
+
+
+def test_frontier_skip_names_the_trial_and_beats_the_estimate() -> None:
+    trials = _oom_study(_cfg(batch_size=32, max_len=256), 80 * 1024)
+    decision = preflight(
+        _cfg(batch_size=32, max_len=384, gradient_checkpointing=False), BGE, _gpu(80), trials
+    )
+    assert decision.skip and decision.kind == "frontier"
+    assert decision.frontier_trial == 1
+    assert decision.reason.startswith("trial 1 ran out of memory at batch 32 x max_len 256")
+
+
+def test_frontier_can_be_turned_off_and_does_not_cover_savers() -> None:
+    trials = _oom_study(_cfg(batch_size=32, max_len=256), 80 * 1024)
+    off = preflight(
+        _cfg(batch_size=32, max_len=256, gradient_checkpointing=True), BGE, _gpu(80), trials
+    )
+    assert not off.skip
+    no_frontier = preflight(
+        _cfg(batch_size=32, max_len=256), BGE, _gpu(80), trials, use_frontier=False
+    )
+    assert no_frontier.kind != "frontier"
+
+
+def test_margin_is_checked() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="margin"):
+        preflight(_cfg(), BGE, _gpu(80), [], margin=1.5)
