@@ -1,0 +1,160 @@
+"""The memory estimate against the DESIGN.md formulas, worked out by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from search.config import TrialConfig
+from search.memory_estimate import CUDA_CONTEXT_BYTES
+from search.memory_estimate import estimate_peak_memory
+from search.memory_estimate import layer_activation_bytes
+from search.models import MODELS
+from search.models import ModelInfo
+
+GIB = 1024**3
+# A small architecture whose numbers are easy to follow by hand: 2 layers, h=64, a=4, f=4h.
+SMALL = ModelInfo(
+    name="small",
+    hf_id="none",
+    architecture="roberta",
+    tokenizer="wordpiece",
+    num_layers=2,
+    hidden=64,
+    heads=4,
+    ffn=256,
+    vocab=1000,
+    max_positions=514,
+    pooling="cls",
+    normalize=False,
+)
+
+
+def _cfg(**over: Any) -> TrialConfig:
+    base: dict[str, Any] = dict(
+        model="small",
+        model_path="none",
+        batch_size=4,
+        max_len=32,
+        lr=1e-4,
+        temperature=0.05,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        epochs=1,
+        amp=True,
+        gradient_checkpointing=False,
+        hard_negatives=1,
+        seed=0,
+        device="cuda",
+        train_path="t",
+        eval_dir="e",
+    )
+    base.update(over)
+    return TrialConfig(**base)
+
+
+def test_layer_formula_is_korthikanti_at_16_bits() -> None:
+    # s=512, b=8, h=1024, a=16: 34*s*b*h = 142,606,336 and 5*a*s^2*b = 167,772,160.
+    got = layer_activation_bytes(
+        512, 8, 1024, 16, 4096, elem_bytes=2, mask_bytes=1, attention_matrix=True
+    )
+    assert got == 142_606_336 + 167_772_160
+    # Fused attention drops the 5*a*s^2*b term and keeps a fp32 logsumexp (a*s*b*4 bytes).
+    fused = layer_activation_bytes(
+        512, 8, 1024, 16, 4096, elem_bytes=2, mask_bytes=1, attention_matrix=False
+    )
+    assert fused == 142_606_336 + 16 * 512 * 8 * 4
+
+
+def test_model_states_are_16_bytes_per_parameter_and_18_with_amp() -> None:
+    bge = MODELS["bge-m3-ko"]
+    assert bge.n_params == 567_754_752  # DESIGN.md
+    fp32 = estimate_peak_memory(bge, _cfg(model="bge-m3-ko", amp=False))
+    assert (fp32.params_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (
+        4 * 567_754_752,
+        4 * 567_754_752,
+        8 * 567_754_752,
+    )
+    amp = estimate_peak_memory(bge, _cfg(model="bge-m3-ko", amp=True))
+    states = amp.params_bytes + amp.grads_bytes + amp.optimizer_bytes
+    assert states == 18 * 567_754_752
+
+
+def test_components_by_hand_on_cuda_with_amp() -> None:
+    est = estimate_peak_memory(SMALL, _cfg())
+    p = SMALL.n_params
+    assert (est.params_bytes, est.grads_bytes, est.optimizer_bytes) == (6 * p, 4 * p, 8 * p)
+    # Per token of one layer: (8h + 2f)*2 + 2h*1 + a*4 (logsumexp) = 2048 + 128 + 16 = 2192.
+    # Embeddings per token: h*(4 + 1) + 8 = 328. Encoder per token: 328 + 2*2192 = 4712.
+    # 4 queries x 32 tokens and 4*(1+1) passages x 32 tokens: (128 + 256) * 4712.
+    assert est.activations_bytes == (128 + 256) * 4712 == 1_809_408
+    # The 4 x 8 score matrix: scores, softmax and gradient in fp32.
+    assert est.scores_bytes == 3 * 4 * 4 * 8
+    # Overhead: CUDA context, one layer (the passages') as working set, 5% fragmentation.
+    assert est.overhead_bytes == int(CUDA_CONTEXT_BYTES + 256 * 2192 + 0.05 * (1_809_408 + 384))
+    parts = est.as_dict()
+    assert parts.pop("total_bytes") == sum(parts.values())
+
+
+def test_checkpointing_keeps_layer_inputs_plus_one_layer() -> None:
+    est = estimate_peak_memory(SMALL, _cfg(gradient_checkpointing=True))
+    # Per token: embeddings 328 + 2 layers x h*2 bytes kept + one layer 2192 recomputed.
+    assert est.activations_bytes == (128 + 256) * (328 + 2 * 64 * 2 + 2192)
+
+
+def test_query_and_passage_lengths_are_separate() -> None:
+    short_queries = estimate_peak_memory(SMALL, _cfg(), query_len=8)
+    assert short_queries.activations_bytes == (4 * 8 + 256) * 4712
+
+
+def test_bigger_or_fewer_savers_never_needs_less() -> None:
+    bge = MODELS["bge-m3-ko"]
+    base = _cfg(model="bge-m3-ko", batch_size=32, max_len=256, gradient_checkpointing=True)
+    small = estimate_peak_memory(bge, base).total_bytes
+    for change in (
+        {"batch_size": 64},
+        {"max_len": 384},
+        {"hard_negatives": 3},
+        {"gradient_checkpointing": False},
+    ):
+        bigger = estimate_peak_memory(bge, dataclasses.replace(base, **change)).total_bytes
+        assert bigger > small, change
+    no_amp = dataclasses.replace(base, amp=False, gradient_checkpointing=False)
+    with_amp = dataclasses.replace(base, gradient_checkpointing=False)
+    assert (
+        estimate_peak_memory(bge, no_amp).activations_bytes
+        > estimate_peak_memory(bge, with_amp).activations_bytes
+    )
+
+
+def test_old_sweep_claims_are_in_the_estimates_range() -> None:
+    # The old notes: bge-m3-ko at 256 x 512 needed ~100 GB, ~88 GB with AMP, ~78 GB with AMP
+    # and checkpointing. Only the checkpointed figure is of the same order in our model;
+    # without checkpointing the formulas give several hundred GiB (DESIGN.md: measure it).
+    bge = MODELS["bge-m3-ko"]
+    cfg = _cfg(model="bge-m3-ko", batch_size=256, max_len=512, hard_negatives=0)
+    ckpt = estimate_peak_memory(bge, dataclasses.replace(cfg, gradient_checkpointing=True))
+    assert 20 * GIB < ckpt.total_bytes < 100 * GIB
+    full = estimate_peak_memory(bge, cfg)
+    assert full.total_bytes > 100 * GIB
+
+
+def test_max_len_is_capped_by_the_positions() -> None:
+    long = estimate_peak_memory(SMALL, _cfg(max_len=4096))
+    capped = estimate_peak_memory(SMALL, _cfg(max_len=512))
+    assert long == capped
+
+
+def test_cpu_counts_fp32_and_the_attention_matrix() -> None:
+    cpu = estimate_peak_memory(SMALL, _cfg(device="cpu"), device_type="cpu")
+    p = SMALL.n_params
+    assert cpu.params_bytes == 4 * p  # no AMP weight copies on CPU
+    cuda_fp32 = estimate_peak_memory(SMALL, _cfg(amp=False))
+    assert cpu.activations_bytes > cuda_fp32.activations_bytes
+
+
+def test_unknown_device_type() -> None:
+    with pytest.raises(ValueError, match="device_type"):
+        estimate_peak_memory(SMALL, _cfg(), device_type="tpu")
