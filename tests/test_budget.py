@@ -1,0 +1,232 @@
+"""Tests of search/budget.py: the global budget, claims, stale trials and hand-backs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy.pool import NullPool
+
+from search import attrs
+from search.budget import HANDED_BACK
+from search.budget import BudgetError
+from search.budget import claim_trial
+from search.budget import ensure_budget
+from search.budget import finished_count
+from search.budget import hand_back
+from search.budget import spent_count
+from storage import create_storage
+from storage import heartbeat
+from storage import redact_url
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
+PG_URL = os.environ.get(
+    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    """The test PostgreSQL URL, or skip with the reason."""
+    engine = sqlalchemy.create_engine(
+        PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 3}
+    )
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        pytest.skip(f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {exc}")
+    finally:
+        engine.dispose()
+    return PG_URL
+
+
+def _study(tmp_path: Path, **kwargs: int | None) -> optuna.Study:
+    store = create_storage(f"sqlite:///{tmp_path}/b.db", **kwargs)  # type: ignore[arg-type]
+    return optuna.create_study(storage=store, study_name="b", direction="maximize")
+
+
+def _run(study: optuna.Study, trial: optuna.Trial) -> None:
+    with heartbeat(study, trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, x)
+
+
+def test_ensure_budget_stores_reads_conflicts_and_changes(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    with pytest.raises(BudgetError, match="no trial budget"):
+        ensure_budget(study, None)
+    assert ensure_budget(study, 12) == 12
+    assert study.user_attrs[attrs.STUDY_N_TRIALS] == 12
+    assert ensure_budget(study, None) == 12
+    assert ensure_budget(study, 12) == 12
+    with pytest.raises(BudgetError, match="budget of 12 .*--set-n-trials") as info:
+        ensure_budget(study, 20)
+    assert "\n" not in str(info.value)
+    assert ensure_budget(study, 20, change=True) == 20
+    assert ensure_budget(study, None) == 20
+    with pytest.raises(BudgetError, match="at least 1"):
+        ensure_budget(study, 0)
+
+
+def test_claims_stop_exactly_at_the_budget(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1)
+    study.enqueue_trial({"x": 0.25})
+    claimed = []
+    while (trial := claim_trial(study, 3)) is not None:
+        claimed.append(trial.number)
+        _run(study, trial)
+    assert claimed == [0, 1, 2]
+    assert study.trials[0].params == {"x": 0.25}  # the enqueued trial is taken first
+    assert finished_count(study) == 3
+
+
+def test_failed_trials_count_but_waiting_ones_do_not(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    trial = claim_trial(study, 2)
+    assert trial is not None
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial({"x": 0.5})
+    study.enqueue_trial({"x": 0.6})
+    assert spent_count(study.get_trials()) == 1
+    second = claim_trial(study, 2)
+    assert second is not None
+    _run(study, second)
+    assert claim_trial(study, 2) is None
+    assert finished_count(study) == 2
+    assert [t.state for t in study.trials].count(TrialState.WAITING) == 1
+
+
+def test_hand_back_requeues_once_and_counts_once(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1)
+    trial = claim_trial(study, 2)
+    assert trial is not None
+    x = trial.suggest_float("x", 0.0, 1.0)
+    hand_back(study, trial)
+    hand_back(study, trial)  # a second SIGTERM: nothing more
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[0].user_attrs[HANDED_BACK] is True
+    assert HANDED_BACK not in study.trials[1].user_attrs
+    assert finished_count(study) == 0
+    again = claim_trial(study, 2)
+    assert again is not None and again.number == 1
+    assert again.params == {"x": x}
+    _run(study, again)
+    last = claim_trial(study, 2)
+    assert last is not None
+    _run(study, last)
+    assert claim_trial(study, 2) is None
+    assert finished_count(study) == 2
+    assert len(study.trials) == 3
+
+
+def test_hand_back_leaves_a_finished_trial_alone(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    trial = claim_trial(study, 1)
+    assert trial is not None
+    _run(study, trial)
+    hand_back(study, trial)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_stale_trial_is_failed_and_its_params_rerun(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1, grace_period=1)
+    dead = claim_trial(study, 2)  # its worker "dies": no heartbeat after the first
+    assert dead is not None
+    x = dead.suggest_float("x", 0.0, 1.0)
+    time.sleep(2.2)
+    rerun = claim_trial(study, 2)
+    assert rerun is not None
+    assert study.trials[0].state == TrialState.FAIL
+    assert rerun.params == {"x": x}
+    _run(study, rerun)
+    other = claim_trial(study, 2)
+    assert other is not None
+    _run(study, other)
+    assert claim_trial(study, 2) is None
+    assert finished_count(study) == 2
+
+
+def test_a_trial_running_without_heartbeat_is_adopted_then_rerun(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1, grace_period=1)
+    orphan = study.ask()  # as if its worker died before its first heartbeat
+    orphan.suggest_float("x", 0.0, 1.0)
+    time.sleep(1.2)
+    first = claim_trial(study, 2)  # adopts the orphan (gives it a heartbeat)
+    assert first is not None
+    _run(study, first)
+    assert study.trials[0].state == TrialState.RUNNING
+    time.sleep(2.2)
+    rerun = claim_trial(study, 2)
+    assert rerun is not None
+    assert study.trials[0].state == TrialState.FAIL
+    assert rerun.params == study.trials[0].params
+
+
+def test_a_worker_waits_for_running_trials_before_it_exits(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1)
+    busy = claim_trial(study, 1)
+    assert busy is not None
+    result: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(claim_trial(study, 1, poll_interval=0.1))
+    )
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # the budget is spent, but the running trial might still go stale
+    study.tell(busy, 1.0)
+    waiter.join(5)
+    assert result == [None]
+    assert claim_trial(study, 1, wait=False) is None
+
+
+@pytest.mark.postgres
+def test_three_processes_share_a_budget_of_twelve_exactly(pg_url: str) -> None:
+    name = f"budget-{uuid.uuid4().hex[:8]}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                pg_url,
+                name,
+                "--n-trials",
+                "12",
+                "--seconds",
+                "0.2",
+                "--worker",
+                f"w{i}",
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    numbers = sorted(n for s in summaries for n in s["trials"])
+    assert numbers == list(range(12))
+    assert sum(s["created"] for s in summaries) == 1
+    study = optuna.load_study(study_name=name, storage=create_storage(pg_url))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 12
+    assert finished_count(study) == 12
+    assert {t.user_attrs[attrs.WORKER] for t in study.trials} <= {"w0", "w1", "w2"}
+    assert all(t.user_attrs[attrs.HOST] for t in study.trials)

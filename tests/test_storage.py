@@ -1,0 +1,274 @@
+"""Tests of storage/: URLs, redaction, storage settings, heartbeats, retries, check."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from alembic import command
+from alembic.config import Config
+from optuna.exceptions import StorageInternalError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from sqlalchemy.pool import NullPool
+
+import storage._heartbeat as heartbeat_module
+from storage import ENV_STORAGE
+from storage import HeartbeatThread
+from storage import ResilientRDBStorage
+from storage import StorageError
+from storage import check_storage
+from storage import create_storage
+from storage import default_storage_url
+from storage import heartbeat
+from storage import is_transient
+from storage import redact_url
+from storage import resolve_storage_url
+from storage._retry import backoff_delays
+from storage._retry import call_with_retry
+
+PG_URL = os.environ.get(
+    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+)
+CLOSED_PG = "postgresql+psycopg2://search:s3cret@127.0.0.1:1/search"
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    """The test PostgreSQL URL, or skip with the reason."""
+    engine = sqlalchemy.create_engine(
+        PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 3}
+    )
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        pytest.skip(f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {exc}")
+    finally:
+        engine.dispose()
+    return PG_URL
+
+
+def _old_schema(url: str, revision: str = "v3.0.0.d") -> None:
+    """Create Optuna's tables as an older Optuna left them (Alembic up to ``revision``)."""
+    here = Path(optuna.__file__).parent / "storages" / "_rdb"
+    config = Config(str(here / "alembic.ini"))
+    config.set_main_option("script_location", str(here / "alembic"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, revision)
+
+
+def test_default_url_is_search_db_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert default_storage_url() == f"sqlite:///{tmp_path.resolve() / 'search.db'}"
+    assert default_storage_url(tmp_path / "sub") == f"sqlite:///{tmp_path / 'sub' / 'search.db'}"
+
+
+def test_resolve_order_is_value_then_env_then_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_STORAGE, raising=False)
+    assert resolve_storage_url(None) == default_storage_url()
+    monkeypatch.setenv(ENV_STORAGE, "sqlite:///env.db")
+    assert resolve_storage_url(None) == "sqlite:///env.db"
+    assert resolve_storage_url("  ") == "sqlite:///env.db"
+    assert resolve_storage_url("sqlite:///given.db") == "sqlite:///given.db"
+    assert resolve_storage_url("postgres://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://search:s3cret@db:5432/search", "postgresql://search:***@db:5432/search"),
+        ("postgresql+psycopg2://u:p@ss@h/db", "postgresql+psycopg2://u:***@h/db"),
+        (
+            "postgresql://u@h/db?sslmode=require&password=x",
+            "postgresql://u@h/db?sslmode=require&password=***",
+        ),  # noqa: E501
+        ("postgresql://h/db", "postgresql://h/db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("sqlite:////data/a@b.db", "sqlite:////data/a@b.db"),
+        ("not a url password=x", "not a url password=***"),
+    ],
+)
+def test_redact_url_hides_passwords_only(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["nonsense", "nosuchdb://u:s3cret@h/db", "postgresql+psycopg2://u:s3cret@h", CLOSED_PG],
+)
+def test_bad_urls_raise_one_line_storage_error_without_the_password(url: str) -> None:
+    with pytest.raises(StorageError) as info:
+        create_storage(url, max_wait=0.2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "s3cret" not in message
+    if "://" in url:
+        assert redact_url(url) in message
+
+
+def test_missing_sqlite_directory_is_a_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="does not exist"):
+        create_storage(f"sqlite:///{tmp_path}/no/such/dir/x.db")
+
+
+def test_sqlite_storage_has_heartbeats_retry_callback_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = create_storage(f"sqlite:///{path}", heartbeat_interval=7, grace_period=20, max_retry=2)
+    assert isinstance(store, ResilientRDBStorage)
+    assert store.get_heartbeat_interval() == 7
+    assert store.grace_period == 20
+    callback = store.get_heartbeat_stale_trial_callback()
+    assert isinstance(callback, RetryHeartbeatStaleTrialCallback)
+    assert callback._max_retry == 2
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert create_storage(f"sqlite:///{path}", heartbeat_interval=None).heartbeat_interval is None
+
+
+def test_invalid_settings_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        create_storage("sqlite:///:memory:", heartbeat_interval=0)
+    with pytest.raises(ValueError, match="max_retry"):
+        create_storage("sqlite:///:memory:", max_retry=-1)
+
+
+def test_transient_errors_are_retried_and_others_raised_at_once() -> None:
+    calls: list[int] = []
+    refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise StorageInternalError("commit failed") from refused
+        return "ok"
+
+    assert call_with_retry(flaky, max_wait=5, what="test") == "ok"
+    assert len(calls) == 3
+
+    def broken() -> None:
+        calls.append(1)
+        raise sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    calls.clear()
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        call_with_retry(broken, max_wait=5, what="test")
+    assert len(calls) == 1
+    assert is_transient(StorageInternalError("x").with_traceback(None)) is False
+    assert sum(backoff_delays(3.0)) == pytest.approx(3.0)
+
+
+def test_heartbeat_context_records_beats(tmp_path: Path) -> None:
+    store = create_storage(f"sqlite:///{tmp_path}/h.db", heartbeat_interval=1)
+    study = optuna.create_study(storage=store)
+    trial = study.ask()
+    with heartbeat(study, trial):
+        time.sleep(0.3)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/h.db")
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")).all()
+    assert [r.trial_id for r in rows] == [trial._trial_id]
+
+
+def test_heartbeat_is_a_noop_without_heartbeats() -> None:
+    study = optuna.create_study()  # in-memory storage: no heartbeat
+    trial = study.ask()
+    with heartbeat(study, trial):
+        pass
+    assert study.trials[0].state.name == "RUNNING"
+
+
+class _FlakyHeartbeatStorage(optuna.storages.RDBStorage):
+    """Fails the first ``failures`` heartbeats like a restarting database."""
+
+    failures = 2
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageInternalError("server closed the connection unexpectedly")
+        super().record_heartbeat(trial_id)
+
+
+def test_heartbeat_thread_survives_a_database_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(heartbeat_module, "_OUTAGE_RETRY", 0.05)
+    store = _FlakyHeartbeatStorage(f"sqlite:///{tmp_path}/f.db", heartbeat_interval=60)
+    study = optuna.create_study(storage=store)
+    trial = study.ask()
+    thread = HeartbeatThread(store, trial._trial_id, 60)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while thread.beats == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    thread.stop()
+    assert store.failures == 0
+    assert thread.beats == 1
+    assert not thread.is_alive()
+
+
+def test_check_storage_fresh_current_and_old_schema_with_upgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    fresh = check_storage(url)
+    assert fresh.reachable and fresh.schema_current and fresh.current_version is None
+    _old_schema(url)
+    old = check_storage(url)
+    assert old.reachable and not old.schema_current
+    assert old.current_version == "v3.0.0.d" and "--upgrade" in old.message
+    with pytest.raises(StorageError, match="older"):
+        create_storage(url)
+    upgraded = check_storage(url, upgrade=True)
+    assert upgraded.upgraded and upgraded.schema_current
+    assert upgraded.current_version == upgraded.head_version
+    assert check_storage(url).ok
+    create_storage(url)  # usable now
+
+
+def test_check_storage_unreachable_says_so_without_the_password() -> None:
+    status = check_storage(CLOSED_PG)
+    assert not status.reachable and not status.ok
+    assert "unreachable" in status.message and "s3cret" not in status.message
+
+
+@pytest.mark.postgres
+def test_postgres_engine_has_pre_ping_and_pool_sizes(pg_url: str) -> None:
+    store = create_storage(pg_url, heartbeat_interval=5)
+    assert isinstance(store, ResilientRDBStorage)
+    assert store.engine.pool._pre_ping is True
+    assert store.engine.pool.size() >= 4
+    assert store.engine_kwargs["pool_pre_ping"] is True
+    assert store.get_heartbeat_interval() == 5
+    status = check_storage(pg_url)
+    assert status.reachable and status.schema_current and status.current_version is not None
+
+
+@pytest.mark.postgres
+def test_postgres_old_schema_is_reported_and_upgraded(pg_url: str) -> None:
+    name = f"search_test_old_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(
+        sqlalchemy.engine.make_url(pg_url).set(database="postgres"),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+    )
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(pg_url).set(database=name).render_as_string(False)
+    try:
+        _old_schema(url)
+        assert not check_storage(url).schema_current
+        assert check_storage(url, upgrade=True).schema_current
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
