@@ -61,7 +61,14 @@ CUDA_FRAGMENTATION = 0.05
 CPU_CALIBRATION: dict[str, float] = {
     "base_bytes": 160 * MIB,  # fixed cost of a training run on CPU (measured, see docstring)
     "scale": 1.0,  # multiplier on states + activations (measured, see docstring)
-    "hidden_elements": 9,  # h-sized fp32 tensors stored per layer (8 + SDPA math's scaled q)
+    # h-sized tensors stored per token and layer, counted with saved_tensors_hooks on tiny
+    # BERT/XLM-R layers: fp32 stores 9 (the paper's 8 + the scaled query of SDPA's math path);
+    # under CPU bf16 autocast the bf16 casts of each linear's input add copies (15 at 2 bytes).
+    "hidden_elements_fp32": 9,
+    "hidden_elements_bf16": 15,
+    # Bytes per attention-matrix element: softmax output, dropout mask and dropout output, all
+    # fp32 on CPU (softmax runs in fp32 under autocast too).
+    "attention_bytes": 12,
 }
 
 
@@ -109,6 +116,7 @@ def layer_activation_bytes(
     mask_bytes: int,
     attention_matrix: bool,
     hidden_elements: float = 8,
+    attention_bytes: int | None = None,
 ) -> int:
     """Bytes one transformer layer keeps for its backward pass (Korthikanti et al. 2022).
 
@@ -130,6 +138,8 @@ def layer_activation_bytes(
             math attention) or not (fused SDPA kernels, which keep a logsumexp instead).
         hidden_elements: ``h``-sized tensors stored per token: 8 in the paper (attention input,
             Q, K, V, projection input, feed-forward input, two LayerNorm inputs).
+        attention_bytes: Bytes per stored attention-matrix element (default ``2*e + m``:
+            softmax output, dropout output, dropout mask).
 
     Returns:
         The layer's stored activations in bytes.
@@ -138,10 +148,20 @@ def layer_activation_bytes(
     per_token = (hidden_elements * hidden + 2 * ffn) * elem_bytes + 2 * hidden * mask_bytes
     stored = sb * per_token
     if attention_matrix:
-        stored += heads * seq * seq * batch * (2 * elem_bytes + mask_bytes)
+        per_element = 2 * elem_bytes + mask_bytes if attention_bytes is None else attention_bytes
+        stored += heads * seq * seq * batch * per_element
     else:
         stored += heads * sb * 4  # logsumexp of the fused kernels, fp32
     return int(stored)
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 hardware (the rule of ``search.train.loop.autocast_dtype``)."""
+    import torch
+
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def _encoder_activation_bytes(
@@ -154,6 +174,7 @@ def _encoder_activation_bytes(
     attention_matrix: bool,
     checkpointing: bool,
     hidden_elements: float,
+    attention_bytes: int | None,
 ) -> tuple[int, int]:
     """(stored bytes of one encoder pass, bytes of one layer) for ``batch`` x ``seq`` tokens."""
     layer = layer_activation_bytes(
@@ -166,6 +187,7 @@ def _encoder_activation_bytes(
         mask_bytes=mask_bytes,
         attention_matrix=attention_matrix,
         hidden_elements=hidden_elements,
+        attention_bytes=attention_bytes,
     )
     tokens = seq * batch
     embeddings = tokens * arch.hidden * (4 + mask_bytes) + tokens * 8  # LN input, mask, ids
@@ -224,7 +246,9 @@ def estimate_peak_memory(
     if device_type not in ("cuda", "cpu", "xpu", "mps", "hip"):
         raise ValueError(f"unknown device_type {device_type!r}")
     cpu = device_type == "cpu"
-    amp = cfg.amp and not cpu
+    # Autocast as search.train.loop runs it: always on accelerators, on CPU only with bf16
+    # hardware (AMX / AVX512-BF16), else the CPU run is fp32.
+    amp = cfg.amp and (not cpu or _cpu_has_native_bf16())
     s_q = min(query_len or cfg.max_len, arch.max_tokens)
     s_p = min(passage_len or cfg.max_len, arch.max_tokens)
     b = cfg.batch_size
@@ -237,6 +261,13 @@ def estimate_peak_memory(
 
     elem = 2 if amp else 4
 
+    if not cpu:
+        hidden_elements = 8.0
+    elif amp:
+        hidden_elements = CPU_CALIBRATION["hidden_elements_bf16"]
+    else:
+        hidden_elements = CPU_CALIBRATION["hidden_elements_fp32"]
+
     def encoder(seq: int, batch: int) -> tuple[int, int]:
         return _encoder_activation_bytes(
             arch,
@@ -246,7 +277,8 @@ def estimate_peak_memory(
             mask_bytes=elem if cpu else 1,
             attention_matrix=cpu,
             checkpointing=cfg.gradient_checkpointing,
-            hidden_elements=CPU_CALIBRATION["hidden_elements"] if cpu else 8,
+            hidden_elements=hidden_elements,
+            attention_bytes=int(CPU_CALIBRATION["attention_bytes"]) if cpu else None,
         )
 
     q_act, q_layer = encoder(s_q, b)
