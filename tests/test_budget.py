@@ -213,7 +213,7 @@ def test_three_processes_share_a_budget_of_twelve_exactly(pg_url: str) -> None:
                 "0.2",
                 "--worker",
                 f"w{i}",
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
