@@ -130,10 +130,6 @@ def test_ten_processes_at_the_same_second_create_the_study_once(
     assert errors == []
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert sum(s["created"] for s in summaries) == 1
-    print(
-        "spread of start times (s):",
-        max(s["started"] for s in summaries) - min(s["started"] for s in summaries),
-    )
     store = create_storage(fresh_pg_url)
     assert [s.study_name for s in optuna.get_all_study_summaries(store)] == ["crowd"]
     study = optuna.load_study(study_name="crowd", storage=store)
