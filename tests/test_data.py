@@ -126,6 +126,11 @@ def test_load_train_missing_file(tmp_path: Path) -> None:
         load_train(tmp_path / "nope.jsonl")
 
 
+def test_load_train_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r": is a directory$"):
+        load_train(tmp_path)
+
+
 def test_load_train_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "\xff"}\n')

@@ -154,7 +154,7 @@ def validate_data(train_path: str | Path, eval_dir: str | Path, split: str = "te
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a JSONL file."""
     if not path.is_file():
-        raise DataError(path, None, "file not found")
+        raise DataError(path, None, "is a directory" if path.is_dir() else "file not found")
     with path.open("rb") as f:
         for line, raw in enumerate(f, start=1):
             try:
