@@ -1,0 +1,179 @@
+"""Many worker processes on one PostgreSQL study: killed workers, hand-backs, a DB restart.
+
+The workers are ``tests/fixtures/fake_worker.py``: the service's study/budget/heartbeat path
+with ``time.sleep`` for training, so each trial takes a second, not minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy.pool import NullPool
+
+from search import attrs
+from search.budget import HANDED_BACK
+from search.budget import finished_count
+from storage import create_storage
+from storage import redact_url
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
+PG_URL = os.environ.get(
+    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+)
+# How the restart test restarts the server (Debian's cluster tools by default).
+PG_RESTART = os.environ.get(
+    "SEARCH_TEST_PG_RESTART", "pg_ctlcluster --skip-systemctl-redirect 15 main restart"
+)
+
+
+def _reachable(url: str, timeout: int = 3) -> str | None:
+    engine = sqlalchemy.create_engine(
+        url, poolclass=NullPool, connect_args={"connect_timeout": timeout}
+    )
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        return str(exc).splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    """The test PostgreSQL URL, or skip with the reason."""
+    error = _reachable(PG_URL)
+    if error is not None:
+        pytest.skip(
+            f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {error}"
+        )
+    return PG_URL
+
+
+def _worker(
+    url: str, study: str, n: int, seconds: float, name: str, grace: int = 3
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(WORKER),
+            url,
+            study,
+            "--n-trials",
+            str(n),
+            "--seconds",
+            str(seconds),
+            "--worker",
+            name,
+            "--heartbeat",
+            "1",
+            "--grace",
+            str(grace),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_running(proc: subprocess.Popen[str]) -> int:
+    """Read the worker's output until it says it is inside a trial; return the trial number."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("running "):
+            return int(line.split()[1])
+    raise AssertionError("the worker ended without running a trial")
+
+
+def _summary(proc: subprocess.Popen[str]) -> dict[str, object]:
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=create_storage(url))
+
+
+def test_a_killed_workers_trial_is_rerun_by_a_survivor(pg_url: str) -> None:
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    victim = _worker(pg_url, name, 8, 1.0, "victim")
+    number = _wait_running(victim)
+    survivors = [_worker(pg_url, name, 8, 1.0, f"s{i}") for i in range(2)]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    for proc in survivors:
+        _summary(proc)
+    study = _load(pg_url, name)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 8
+    assert states.count(TrialState.FAIL) == 1
+    assert finished_count(study) == 8
+    dead = study.trials[number]
+    assert dead.state == TrialState.FAIL
+    reruns = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
+    assert len(reruns) == 1
+    assert reruns[0].state == TrialState.COMPLETE
+    assert reruns[0].params == dead.params
+    assert reruns[0].user_attrs[attrs.WORKER] in {"s0", "s1"}
+
+
+def test_sigterm_hands_the_trial_back_and_it_counts_once(pg_url: str) -> None:
+    name = f"term-{uuid.uuid4().hex[:8]}"
+    leaver = _worker(pg_url, name, 4, 1.5, "leaver")
+    number = _wait_running(leaver)
+    stayer = _worker(pg_url, name, 4, 0.5, "stayer")
+    leaver.send_signal(signal.SIGTERM)
+    assert _summary(leaver)["handed_back"] == number
+    _summary(stayer)
+    study = _load(pg_url, name)
+    handed = study.trials[number]
+    assert handed.state == TrialState.FAIL and handed.user_attrs[HANDED_BACK] is True
+    rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
+    assert len(rerun) == 1 and rerun[0].params == handed.params
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
+    assert finished_count(study) == 4
+
+
+def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
+    tool = shlex.split(PG_RESTART)[0]
+    if shutil.which(tool) is None:
+        pytest.skip(f"cannot restart PostgreSQL here: {tool} not found (SEARCH_TEST_PG_RESTART)")
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    workers = [_worker(pg_url, name, 10, 0.5, f"w{i}", grace=20) for i in range(2)]
+    _wait_running(workers[0])
+    study = _load(pg_url, name)
+    deadline = time.monotonic() + 60
+    while finished_count(study) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    restart = subprocess.run(shlex.split(PG_RESTART), capture_output=True, text=True)
+    try:
+        assert restart.returncode == 0, restart.stderr
+        for proc in workers:
+            _summary(proc)
+    finally:
+        deadline = time.monotonic() + 60
+        while _reachable(pg_url) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)  # leave the server running for whoever comes next
+    study = _load(pg_url, name)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * 10  # nothing lost, nothing failed or doubled
+    assert finished_count(study) == 10
