@@ -37,12 +37,12 @@ from tokenizers import pre_tokenizers
 from tokenizers import trainers
 from transformers import BertConfig
 from transformers import BertModel
-from transformers import BertTokenizerFast
+from transformers import BertTokenizer
 from transformers import RobertaConfig
 from transformers import RobertaModel
 from transformers import XLMRobertaConfig
 from transformers import XLMRobertaModel
-from transformers import XLMRobertaTokenizerFast
+from transformers import XLMRobertaTokenizer
 
 from search.models import ModelInfo
 
@@ -260,10 +260,11 @@ def _train_tokenizer(
     # Prefixes such as e5's "query: " must be tokenizable as pieces rather than <unk>.
     corpus = corpus + [p for p in (info.query_prefix, info.passage_prefix) if p]
     if info.tokenizer == "wordpiece":
-        vocab = _wordpiece_vocab(corpus, vocab_size)
-        _check_vocab_size(info, len(vocab), vocab_size)
-        return BertTokenizerFast(
-            vocab=vocab, do_lower_case=False, model_max_length=info.max_tokens
+        wordpieces = _wordpiece_vocab(corpus, vocab_size)
+        _check_vocab_size(info, len(wordpieces), vocab_size)
+        # transformers 5: the tokenizers-backed class (BertTokenizerFast is an alias of it).
+        return BertTokenizer(
+            vocab=wordpieces, do_lower_case=False, model_max_length=info.max_tokens
         )
     pieces = _unigram_pieces(
         corpus,
@@ -273,7 +274,8 @@ def _train_tokenizer(
     )
     vocab = [(token, 0.0) for token in _SENTENCEPIECE_SPECIALS] + pieces + [("<mask>", 0.0)]
     _check_vocab_size(info, len(vocab), vocab_size)
-    return XLMRobertaTokenizerFast(vocab=vocab, model_max_length=info.max_tokens)
+    # transformers 5: the tokenizers-backed class (XLMRobertaTokenizerFast is an alias of it).
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=info.max_tokens)
 
 
 def _unigram_pieces(
@@ -385,21 +387,21 @@ def _init_model(
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         if info.architecture == "roberta":
-            config = RobertaConfig(
+            roberta = RobertaConfig(
                 **common,
                 type_vocab_size=1,
                 layer_norm_eps=1e-5,
                 bos_token_id=tokenizer.cls_token_id,
                 eos_token_id=tokenizer.sep_token_id,
             )
-            return RobertaModel(config)
+            return RobertaModel(roberta)
         if info.architecture == "xlm-roberta":
-            config = XLMRobertaConfig(
+            xlmr = XLMRobertaConfig(
                 **common,
                 type_vocab_size=1,
                 layer_norm_eps=1e-5,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            return XLMRobertaModel(config)
+            return XLMRobertaModel(xlmr)
         return BertModel(BertConfig(**common, type_vocab_size=2, layer_norm_eps=1e-12))
