@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import warnings
 from contextlib import AbstractContextManager
@@ -35,6 +36,10 @@ PG_MAX_OVERFLOW = 4
 PG_POOL_RECYCLE_S = 1800  # drop connections older than this (proxies and NATs cut idle ones)
 PG_CONNECT_TIMEOUT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 60  # wait this long for another process's write lock
+# Operators tune heartbeats without code: these replace a (non-None) heartbeat_interval and
+# the grace period given to create_storage, e.g. in docker-compose's environment.
+ENV_HEARTBEAT_INTERVAL = "SEARCH_HEARTBEAT_INTERVAL"
+ENV_GRACE_PERIOD = "SEARCH_GRACE_PERIOD"
 SCHEMA_LOCK = "schema"  # advisory lock name serialising table creation on a fresh database
 
 
@@ -93,9 +98,11 @@ def create_storage(
     Args:
         url: SQLAlchemy URL (``postgresql+psycopg2://user:pass@host/db``, ``sqlite:///f.db``).
         heartbeat_interval: Seconds between heartbeats of a running trial; ``None`` disables
-            heartbeats (reports, read-only use).
+            heartbeats (reports, read-only use). ``$SEARCH_HEARTBEAT_INTERVAL`` replaces a
+            value that is not ``None``.
         grace_period: Seconds without a heartbeat after which a trial is stale; default
-            ``2 * heartbeat_interval``.
+            ``2 * heartbeat_interval``. ``$SEARCH_GRACE_PERIOD`` replaces it when heartbeats
+            are on.
         max_retry: How many times a stale trial's parameters are re-queued.
         max_wait: Seconds to wait for a database that is briefly away, at start and per call.
 
@@ -108,6 +115,9 @@ def create_storage(
     """
     url = normalize_url(url)
     shown = redact_url(url)
+    if heartbeat_interval is not None:
+        heartbeat_interval = _env_int(ENV_HEARTBEAT_INTERVAL, heartbeat_interval)
+        grace_period = _env_int(ENV_GRACE_PERIOD, grace_period)
     if heartbeat_interval is not None and heartbeat_interval <= 0:
         raise ValueError(f"heartbeat_interval must be > 0, but got {heartbeat_interval=}.")
     if grace_period is not None and grace_period <= 0:
@@ -146,6 +156,17 @@ def create_storage(
             raise StorageError(f"cannot use {shown}: {_one_line(exc)}") from exc
     _logger.info("storage %s (heartbeat %s s)", shown, heartbeat_interval)
     return storage
+
+
+def _env_int(name: str, value: int | None) -> int | None:
+    """``$name`` as an int if set (a bad value is a StorageError), else ``value``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return value
+    try:
+        return int(text)
+    except ValueError:
+        raise StorageError(f"${name} must be a whole number of seconds, not {text!r}") from None
 
 
 def _one_line(error: BaseException) -> str:

@@ -39,9 +39,11 @@ WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
 PG_URL = os.environ.get(
     "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
 )
-# How the restart test restarts the server (Debian's cluster tools by default).
+# How the restart test restarts the server (Debian's cluster tools by default, as .ci/run).
+_PG_VERSIONS = sorted(p.name for p in Path("/etc/postgresql").glob("*")) or ["15"]
 PG_RESTART = os.environ.get(
-    "SEARCH_TEST_PG_RESTART", "pg_ctlcluster --skip-systemctl-redirect 15 main restart"
+    "SEARCH_TEST_PG_RESTART",
+    f"pg_ctlcluster --skip-systemctl-redirect {_PG_VERSIONS[0]} main restart",
 )
 
 
@@ -177,3 +179,70 @@ def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE] * 10  # nothing lost, nothing failed or doubled
     assert finished_count(study) == 10
+
+
+TINY_SPEC = ROOT / "tests" / "fixtures" / "tiny_workers.yaml"
+
+
+def _search_worker(url: str, study: str, n: int, gpu: int, cache: Path) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SEARCH_CACHE": str(cache),
+        "SEARCH_HEARTBEAT_INTERVAL": "1",
+        "SEARCH_GRACE_PERIOD": "4",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "search.cli", "worker", "--spec", str(TINY_SPEC), "--tiny"]
+    command += ["--device", "cpu", "--storage", url, "--n-trials", str(n)]
+    command += ["--study-name", study, "--gpu", str(gpu)]
+    # Own session: killing the worker's process group also kills its training child, as
+    # stopping a container would.
+    return subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.train
+def test_search_workers_end_to_end_with_one_killed(pg_url: str, tmp_path: Path) -> None:
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    workers = [_search_worker(pg_url, name, 4, gpu, tmp_path) for gpu in range(3)]
+    victim = workers[0]
+    store = create_storage(pg_url, heartbeat_interval=None)
+    deadline = time.monotonic() + 240
+    running: optuna.trial.FrozenTrial | None = None
+    while running is None and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name=name, storage=store)
+        except KeyError:
+            continue
+        mine = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if str(t.user_attrs.get(attrs.WORKER, "")).endswith(f":{victim.pid}")
+        ]
+        running = mine[0] if mine else None
+    assert running is not None, "the first worker never ran a trial"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    outputs = [proc.communicate(timeout=300)[0] for proc in workers[1:]]
+    assert [proc.returncode for proc in workers[1:]] == [0, 0], outputs
+    study = optuna.load_study(study_name=name, storage=store)
+    finished = [t for t in study.trials if t.state != TrialState.FAIL]
+    assert len(finished) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in finished)
+    assert finished_count(study) == 4
+    dead = study.trials[running.number]
+    assert dead.state == TrialState.FAIL
+    rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == running.number]
+    assert len(rerun) == 1 and rerun[0].params == dead.params
+    for trial in finished:
+        assert trial.user_attrs[attrs.HOST]
+        assert trial.user_attrs[attrs.GPU] in {"1", "2"}
+        assert str(trial.user_attrs[attrs.WORKER]).split(":")[-1] in {
+            str(p.pid) for p in workers[1:]
+        }
