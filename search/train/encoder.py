@@ -1,0 +1,309 @@
+"""The bi-encoder: one transformer encoding queries and passages into pooled embeddings.
+
+Example:
+    >>> import tempfile
+    >>> from search.models import MODELS
+    >>> from search.train.tiny import build_tiny_replica
+    >>> from transformers import AutoModel, AutoTokenizer
+    >>> texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
+    >>> info = MODELS["multilingual-e5-small"]
+    >>> with tempfile.TemporaryDirectory() as cache:
+    ...     path = build_tiny_replica(info, cache, texts, vocab_size=300)
+    ...     model = AutoModel.from_pretrained(path)
+    ...     tokenizer = AutoTokenizer.from_pretrained(path)
+    >>> encoder = BiEncoder(model, tokenizer, pooling="mean", normalize=True)
+    >>> encoder.encode(["검색 모델", "한국어"], kind="query", max_len=32).shape
+    torch.Size([2, 64])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import MODEL_MAPPING
+from transformers import AutoConfig
+from transformers import AutoModel
+from transformers import AutoTokenizer
+
+from search.models import MODELS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase
+
+    from search.config import TrialConfig
+
+POOLINGS = ("cls", "mean")
+# Model types whose positions start after the padding id (RoBERTa's quirk).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that ``from_pretrained`` could not load, with how to fix it.
+
+    The message is one line: which model and path, why, and the three ways out (download the
+    weights, point the spec's ``models.<name>.path`` at a local directory, or use ``--tiny``).
+    """
+
+
+class BiEncoder(torch.nn.Module):
+    """A shared encoder for queries and passages: last hidden state, pooled, optionally normed.
+
+    Queries and passages go through the same weights; each kind gets its prefix (e5 needs
+    ``"query: "`` and ``"passage: "``). The embedding is the first token's hidden state
+    (``cls``) or the attention-masked mean of all tokens (``mean``), then optionally
+    L2-normalised. Pooling runs in float32, so embeddings are float32 under autocast too.
+
+    Args:
+        model: A transformers encoder (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``...).
+        tokenizer: Its tokenizer (padding on the right).
+        pooling: ``cls`` or ``mean``.
+        normalize: L2-normalise the embeddings.
+        query_prefix: Put before every query.
+        passage_prefix: Put before every passage.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        pooling: str = "cls",
+        normalize: bool = False,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, but got {pooling=}.")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"The tokenizer needs a padding token, but got {tokenizer=}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._pooling = pooling
+        self._normalize = normalize
+        self._prefixes = {"query": query_prefix, "passage": passage_prefix}
+
+    @classmethod
+    def from_config(cls, cfg: TrialConfig) -> BiEncoder:
+        """Load ``cfg.model_path`` with ``from_pretrained`` and set up the trial's encoder.
+
+        The weights load in float32 (AMP casts per operation), with SDPA attention where the
+        architecture has it and non-reentrant gradient checkpointing when ``cfg`` asks. The
+        model comes back in eval mode, as ``from_pretrained`` leaves it, and on the CPU.
+
+        Args:
+            cfg: The trial's config (``model``, ``model_path``, ``pooling``, ``normalize``,
+                prefixes, ``gradient_checkpointing``).
+
+        Returns:
+            The encoder.
+
+        Raises:
+            ModelLoadError: The path or hub id cannot be loaded (missing, not downloaded while
+                offline, incomplete).
+        """
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+            config = AutoConfig.from_pretrained(cfg.model_path)
+            kwargs: dict[str, object] = {"config": config, "dtype": torch.float32}
+            if getattr(MODEL_MAPPING.get(type(config), None), "_supports_sdpa", False):
+                kwargs["attn_implementation"] = "sdpa"
+            model = AutoModel.from_pretrained(cfg.model_path, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise ModelLoadError(_load_error_message(cfg.model, cfg.model_path, exc)) from exc
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model)
+        return cls(
+            model,
+            tokenizer,
+            pooling=cfg.pooling,
+            normalize=cfg.normalize,
+            query_prefix=cfg.query_prefix,
+            passage_prefix=cfg.passage_prefix,
+        )
+
+    @property
+    def pooling(self) -> str:
+        """``cls`` or ``mean``."""
+        return self._pooling
+
+    @property
+    def normalize(self) -> bool:
+        """Whether embeddings are L2-normalised."""
+        return self._normalize
+
+    @property
+    def query_prefix(self) -> str:
+        """Text put before every query."""
+        return self._prefixes["query"]
+
+    @property
+    def passage_prefix(self) -> str:
+        """Text put before every passage."""
+        return self._prefixes["passage"]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of one embedding (the encoder's hidden size)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input the position embeddings allow, special tokens included."""
+        config = self.model.config
+        positions = int(config.max_position_embeddings)
+        if config.model_type in _OFFSET_POSITIONS:
+            return positions - int(config.pad_token_id) - 1
+        return positions
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are."""
+        return next(self.model.parameters()).device
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Literal["query", "passage"],
+        max_len: int,
+        pad_to_max_length: bool = False,
+    ) -> dict[str, Tensor]:
+        """Prefix, truncate and pad texts (on the CPU).
+
+        Args:
+            texts: Queries or passages.
+            kind: ``query`` or ``passage`` (which prefix).
+            max_len: Longest output in tokens, special tokens and prefix included.
+            pad_to_max_length: Pad every row to ``max_len`` instead of to the longest text.
+
+        Returns:
+            ``input_ids`` and ``attention_mask``, each ``(len(texts), width)``.
+        """
+        if kind not in self._prefixes:
+            raise ValueError(f"kind must be 'query' or 'passage', but got {kind=}.")
+        if not 1 <= max_len <= self.max_tokens:
+            raise ValueError(f"max_len must be in [1, {self.max_tokens}], but got {max_len=}.")
+        prefix = self._prefixes[kind]
+        batch = self.tokenizer(
+            [prefix + text for text in texts],
+            max_length=max_len,
+            truncation=True,
+            padding="max_length" if pad_to_max_length else "longest",
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Embed a tokenised batch.
+
+        Args:
+            input_ids: ``(batch, seq)`` token ids.
+            attention_mask: ``(batch, seq)``, 1 for tokens and 0 for padding.
+
+        Returns:
+            ``(batch, hidden)`` float32 embeddings.
+        """
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (batch, seq, hidden)
+        if self._pooling == "cls":
+            pooled = hidden[:, 0].float()  # (batch, hidden)
+        else:
+            mask = attention_mask.unsqueeze(-1).float()  # (batch, seq, 1)
+            pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self._normalize:
+            pooled = F.normalize(pooled, p=2.0, dim=-1)
+        return pooled
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Literal["query", "passage"],
+        max_len: int,
+        batch_size: int = 64,
+    ) -> Tensor:
+        """Embed many texts in eval mode, longest first, and return them in input order.
+
+        Sorting by length keeps padding (wasted compute) low and runs the largest batch first.
+        The module's train/eval mode is restored afterwards.
+
+        Args:
+            texts: Queries or passages.
+            kind: ``query`` or ``passage``.
+            max_len: Truncation length in tokens.
+            batch_size: Texts per forward pass.
+
+        Returns:
+            ``(len(texts), hidden)`` embeddings on the encoder's device.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, but got {batch_size=}.")
+        device = self.device
+        if not texts:
+            return torch.empty((0, self.embedding_dim), device=device)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = []
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self.tokenize([texts[i] for i in rows], kind=kind, max_len=max_len)
+                chunks.append(
+                    self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                )
+        finally:
+            self.train(was_training)
+        sorted_embeddings = torch.cat(chunks)  # (n, hidden), longest text first
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return sorted_embeddings[inverse.to(device)]
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints).
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` (deprecated, a FutureWarning)
+    to ``activation_checkpointing_enable``; older versions only have the former.
+    """
+    kwargs = {"use_reentrant": False}  # PyTorch's recommended variant; reentrant is legacy
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _load_error_message(name: str, path: str, exc: BaseException) -> str:
+    """One line: what failed to load, why, and the ways to fix it."""
+    info = MODELS.get(name)
+    local = Path(path).expanduser()
+    first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    detail = f"{type(exc).__name__}: {first_line}"[:300]
+    hub_id = info.hf_id if info is not None else path
+    if local.is_dir():
+        why = f"the directory holds no complete model and tokenizer ({detail})"
+    elif local.exists():
+        why = "the path is a file, not a model directory"
+    elif path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        why = "no such directory"
+    else:
+        hub_id = path
+        why = f"the hub id is not in the local Hugging Face cache and cannot be fetched ({detail})"
+    return (
+        f"Cannot load model {name!r} from {path!r}: {why}. Fix: download the weights with "
+        f"`huggingface-cli download {hub_id}`, or point the spec's `models.{name}.path` at a "
+        "local directory holding them, or use --tiny for offline replicas."
+    )

@@ -1,0 +1,231 @@
+"""The bi-encoder on tiny replicas: pooling, normalisation, prefixes, order, checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search.config import TrialConfig
+from search.models import MODELS
+from search.train.encoder import BiEncoder
+from search.train.encoder import ModelLoadError
+from search.train.tiny import build_tiny_replica
+
+KLUE = Path(__file__).parents[1].parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json"
+SENTENCES = [
+    "흡연자분들은 발코니가 있는 방이면 발코니에서 흡연이 가능합니다.",
+    "어떤 방에서도 흡연은 금지됩니다.",
+    "오늘 서울의 날씨는 맑고 따뜻합니다.",
+    "내일은 전국에 비가 올 예정입니다.",
+    "검색 모델은 질문과 문서를 같은 공간에 임베딩합니다.",
+    "한국어 문장을 토큰으로 나누는 방법은 여러 가지가 있습니다.",
+    "이 식당은 주말에 사람이 많아서 예약이 필요합니다.",
+    "지하철역에서 숙소까지 걸어서 5분 정도 걸립니다.",
+    "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
+    "도서관은 월요일마다 휴관합니다.",
+]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """ko-simcse (RoBERTa, CLS) and multilingual-e5-small (BERT, mean, normalised, prefixes)."""
+    texts = SENTENCES * 5
+    if KLUE.is_file():
+        records = json.loads(KLUE.read_text(encoding="utf-8"))[:1000]
+        texts = [r["premise"] for r in records] + [r["hypothesis"] for r in records]
+    cache = tmp_path_factory.mktemp("tiny")
+    names = ("ko-simcse", "multilingual-e5-small")
+    return {name: build_tiny_replica(MODELS[name], cache, texts) for name in names}
+
+
+def make_config(name: str, path: Path | str, **overrides: object) -> TrialConfig:
+    """The trial config of ``name`` with its pooling and prefixes, loading ``path``."""
+    info = MODELS[name]
+    cfg = TrialConfig(
+        model=name,
+        model_path=str(path),
+        batch_size=4,
+        max_len=32,
+        lr=1e-4,
+        temperature=0.05,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        epochs=1,
+        amp=False,
+        gradient_checkpointing=False,
+        hard_negatives=0,
+        seed=0,
+        device="cpu",
+        train_path="train.jsonl",
+        eval_dir="eval",
+        pooling=info.pooling,
+        normalize=info.normalize,
+        query_prefix=info.query_prefix,
+        passage_prefix=info.passage_prefix,
+    )
+    return dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def simcse(replicas: dict[str, Path]) -> BiEncoder:
+    return BiEncoder.from_config(make_config("ko-simcse", replicas["ko-simcse"]))
+
+
+@pytest.fixture(scope="module")
+def e5(replicas: dict[str, Path]) -> BiEncoder:
+    name = "multilingual-e5-small"
+    return BiEncoder.from_config(make_config(name, replicas[name]))
+
+
+def test_cls_pooling_is_the_first_hidden_state(simcse: BiEncoder) -> None:
+    assert simcse.pooling == "cls" and not simcse.normalize
+    batch = simcse.tokenize(SENTENCES[:3], kind="passage", max_len=64)
+    with torch.no_grad():
+        hidden = simcse.model(**batch).last_hidden_state
+        pooled = simcse(batch["input_ids"], batch["attention_mask"])
+    assert pooled.shape == (3, 64)
+    torch.testing.assert_close(pooled, hidden[:, 0])
+
+
+def test_mean_pooling_averages_the_real_tokens_only(replicas: dict[str, Path]) -> None:
+    path = replicas["multilingual-e5-small"]
+    cfg = make_config("multilingual-e5-small", path, normalize=False)
+    encoder = BiEncoder.from_config(cfg)
+    batch = encoder.tokenize([SENTENCES[1], SENTENCES[5]], kind="passage", max_len=64)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert lengths[0] < lengths[1]  # the first row is padded
+    with torch.no_grad():
+        hidden = encoder.model(**batch).last_hidden_state
+        pooled = encoder(batch["input_ids"], batch["attention_mask"])
+        alone = encoder.encode([SENTENCES[1]], kind="passage", max_len=64)
+    by_hand = torch.stack([hidden[i, :n].sum(dim=0) / n for i, n in enumerate(lengths)])
+    torch.testing.assert_close(pooled, by_hand)
+    torch.testing.assert_close(pooled[0], alone[0], atol=1e-5, rtol=1e-4)  # padding ignored
+    assert not torch.allclose(pooled[0], hidden[0].mean(dim=0))  # not the unmasked mean
+
+
+def test_normalize_gives_unit_norms(e5: BiEncoder, simcse: BiEncoder) -> None:
+    assert e5.normalize
+    norms = e5.encode(SENTENCES, kind="query", max_len=32).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(len(SENTENCES)))
+    raw = simcse.encode(SENTENCES, kind="query", max_len=32).norm(dim=-1)
+    assert (raw - 1).abs().max() > 0.1
+
+
+def test_e5_prefixes_are_applied(e5: BiEncoder) -> None:
+    assert (e5.query_prefix, e5.passage_prefix) == ("query: ", "passage: ")
+    text = SENTENCES[2]
+    query = e5.tokenize([text], kind="query", max_len=64)["input_ids"][0].tolist()
+    passage = e5.tokenize([text], kind="passage", max_len=64)["input_ids"][0].tolist()
+    assert query == e5.tokenizer("query: " + text)["input_ids"]
+    assert passage == e5.tokenizer("passage: " + text)["input_ids"]
+    bare = e5.tokenizer(text)["input_ids"]
+    assert len(query) > len(bare) and query[-len(bare) + 1 :] == bare[1:]
+    embeddings = e5.encode([text, text], kind="query", max_len=64)
+    assert not torch.allclose(embeddings[0], e5.encode([text], kind="passage", max_len=64)[0])
+
+
+def test_tokenize_truncates_and_pads(simcse: BiEncoder) -> None:
+    batch = simcse.tokenize(SENTENCES[:2], kind="query", max_len=8)
+    assert batch["input_ids"].shape == (2, 8)  # both longer than 8 tokens
+    assert set(batch) == {"input_ids", "attention_mask"}
+    short = simcse.tokenize(["흡연", "도서관은 월요일마다 휴관합니다."], kind="query", max_len=64)
+    mask = short["attention_mask"]
+    assert short["input_ids"].shape[1] == int(mask.sum(dim=1).max()) < 64  # to the longest
+    assert mask[0, 0] == 1 and mask[0, -1] == 0  # padded on the right
+    padded = simcse.tokenize(["흡연"], kind="query", max_len=64, pad_to_max_length=True)
+    assert padded["input_ids"].shape == (1, 64)
+    assert padded["input_ids"][0, -1] == simcse.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="max_len"):
+        simcse.tokenize(["흡연"], kind="query", max_len=513)  # 514 positions: 512 tokens
+    assert simcse.max_tokens == 512
+
+
+def test_encode_returns_the_input_order_and_restores_the_mode(e5: BiEncoder) -> None:
+    texts = [SENTENCES[i] for i in (3, 0, 9, 5, 1, 7, 2)]  # lengths out of order
+    e5.train()
+    embeddings = e5.encode(texts, kind="passage", max_len=64, batch_size=3)
+    assert e5.training and e5.model.training
+    one_by_one = torch.cat([e5.encode([t], kind="passage", max_len=64) for t in texts])
+    torch.testing.assert_close(embeddings, one_by_one, atol=1e-5, rtol=1e-4)
+    e5.eval()
+    assert e5.encode([], kind="query", max_len=16).shape == (0, 64)
+    assert not e5.training
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
+    replicas: dict[str, Path],
+) -> None:
+    path = replicas["ko-simcse"]
+    queries, passages = SENTENCES[:4], SENTENCES[4:8]
+
+    def loss_and_grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = make_config("ko-simcse", path, gradient_checkpointing=checkpointing)
+        encoder = BiEncoder.from_config(cfg)
+        model = encoder.model
+        flag = getattr(model, "is_activation_checkpointing", None)
+        if flag is None:  # transformers < 5.24
+            flag = model.is_gradient_checkpointing
+        assert flag == checkpointing
+        encoder.train()  # dropout on: the recomputation must replay the same masks
+        calls: list[int] = []
+        model.encoder.layer[0].attention.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(0)
+        q = encoder(**encoder.tokenize(queries, kind="query", max_len=32))  # (4, hidden)
+        p = encoder(**encoder.tokenize(passages, kind="passage", max_len=32))  # (4, hidden)
+        loss = F.cross_entropy(q @ p.T / 0.05, torch.arange(4))
+        loss.backward()
+        assert len(calls) == (4 if checkpointing else 2)  # recomputed in the backward pass
+        grads = {n: w.grad for n, w in encoder.named_parameters() if w.grad is not None}
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_missing_path_raises_a_one_line_fix(tmp_path: Path) -> None:
+    cfg = make_config("ko-simcse", tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError) as caught:
+        BiEncoder.from_config(cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no such directory" in message and str(tmp_path / "no-such-model") in message
+    assert "huggingface-cli download BM-K/KoSimCSE-roberta" in message
+    assert "models.ko-simcse.path" in message and "--tiny" in message
+
+
+def test_empty_directory_raises_a_one_line_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no complete model") as caught:
+        BiEncoder.from_config(make_config("multilingual-e5-small", tmp_path))
+    assert "\n" not in str(caught.value)
+    assert "huggingface-cli download intfloat/multilingual-e5-small" in str(caught.value)
+
+
+def test_undownloaded_hub_id_offline_raises_a_one_line_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_id = "search-tests/never-downloaded-encoder"
+    with pytest.raises(ModelLoadError) as caught:
+        BiEncoder.from_config(make_config("bge-m3-ko", hub_id))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "not in the local Hugging Face cache" in message
+    assert f"huggingface-cli download {hub_id}" in message
+    assert "models.bge-m3-ko.path" in message and "--tiny" in message
+
+
+def test_rejects_unknown_pooling(simcse: BiEncoder) -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        BiEncoder(simcse.model, simcse.tokenizer, pooling="max")
