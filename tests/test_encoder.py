@@ -175,7 +175,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
         assert flag == checkpointing
         encoder.train()  # dropout on: the recomputation must replay the same masks
         calls: list[int] = []
-        model.encoder.layer[0].attention.register_forward_pre_hook(lambda *_: calls.append(1))
+        attention = model.get_submodule("encoder.layer.0.attention")  # inside the checkpoint
+        attention.register_forward_pre_hook(lambda *_: calls.append(1))
         torch.manual_seed(0)
         q = encoder(**encoder.tokenize(queries, kind="query", max_len=32))  # (4, hidden)
         p = encoder(**encoder.tokenize(passages, kind="passage", max_len=32))  # (4, hidden)

@@ -13,10 +13,12 @@ import torch
 from transformers import AutoModel
 from transformers import AutoTokenizer
 from transformers import BertModel
-from transformers import BertTokenizerFast
+from transformers import BertTokenizer
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase
 from transformers import RobertaModel
 from transformers import XLMRobertaModel
-from transformers import XLMRobertaTokenizerFast
+from transformers import XLMRobertaTokenizer
 
 from search.models import MODELS
 from search.train.tiny import MARKER
@@ -38,11 +40,12 @@ SENTENCES = [
     "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
     "도서관은 월요일마다 휴관합니다.",
 ]
-ARCHITECTURES = {
-    "ko-simcse": (RobertaModel, BertTokenizerFast),
-    "bge-m3-ko": (XLMRobertaModel, XLMRobertaTokenizerFast),
-    "multilingual-minilm": (BertModel, XLMRobertaTokenizerFast),
-    "multilingual-e5-small": (BertModel, XLMRobertaTokenizerFast),
+# transformers 5: BertTokenizerFast and XLMRobertaTokenizerFast are aliases of these classes.
+ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], type[PreTrainedTokenizerBase]]] = {
+    "ko-simcse": (RobertaModel, BertTokenizer),
+    "bge-m3-ko": (XLMRobertaModel, XLMRobertaTokenizer),
+    "multilingual-minilm": (BertModel, XLMRobertaTokenizer),
+    "multilingual-e5-small": (BertModel, XLMRobertaTokenizer),
 }
 
 
