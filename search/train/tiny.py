@@ -62,6 +62,10 @@ TINY_DIMS: dict[str, int] = {
 # Written last into a replica's directory: its presence means the replica is complete.
 MARKER = "tiny_replica.json"
 
+# Tokenizers train on at most this many texts (the first ones): plenty for a 4000-piece vocabulary,
+# and it keeps a build to about a second whatever the size of the training data.
+MAX_TOKENIZER_TEXTS = 10_000
+
 # Special tokens in the order of the real tokenizers' first ids.
 _WORDPIECE_SPECIALS = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]  # klue/roberta-base order
 _SENTENCEPIECE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # XLM-R; <mask> is the last id
@@ -170,7 +174,8 @@ def build_tiny_replica(
     Args:
         info: The real model to mimic.
         cache_dir: Folder holding the replicas (created if missing).
-        texts: Korean texts to train the tokenizer on (a few thousand sentences is plenty).
+        texts: Korean texts to train the tokenizer on (the first ``MAX_TOKENIZER_TEXTS``
+            non-blank ones are used).
         num_layers: Replica layers.
         hidden: Replica hidden size.
         heads: Replica attention heads.
@@ -197,7 +202,7 @@ def build_tiny_replica(
     )
     if (final / MARKER).is_file():
         return final
-    corpus = [t for t in texts if t.strip()]
+    corpus = [t for t in texts if t.strip()][:MAX_TOKENIZER_TEXTS]
     if not corpus:
         raise ValueError(f"build_tiny_replica needs non-empty texts, but got {len(texts)=}.")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +213,7 @@ def build_tiny_replica(
         model = _init_model(info, tokenizer, num_layers, hidden, heads, ffn, vocab_size, seed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             marker = {
