@@ -272,3 +272,77 @@ def test_postgres_old_schema_is_reported_and_upgraded(pg_url: str) -> None:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _fill_varied(store: optuna.storages.BaseStorage) -> optuna.Study:
+    """Trials in every state with every kind of value, param and attribute."""
+    study = optuna.create_study(storage=store, study_name=f"v-{uuid.uuid4().hex[:6]}")
+    for i in range(12):
+        trial = study.ask()
+        trial.suggest_categorical("model", ["a", "b", None])
+        trial.suggest_int("batch", 8, 64, log=True)
+        trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+        trial.suggest_float("step", 0.0, 1.0, step=0.25)
+        trial.set_user_attr("config", {"nested": [1, 2, {"x": i}], "s": "한국어"})
+        trial.set_user_attr("oom", i % 3 == 0)
+        trial.report(float("nan") if i == 4 else float(i), 0)
+        trial.report(float("inf"), 1)
+        if i % 4 == 0:
+            study.tell(trial, float("-inf") if i == 8 else i / 10)
+        elif i % 4 == 1:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif i % 4 == 2:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({"model": "a"})
+    return study
+
+
+def _normal(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    def norm(t: optuna.trial.FrozenTrial) -> str:
+        return repr(
+            (
+                t._trial_id, t.number, t.state, t.values, t.datetime_start, t.datetime_complete,
+                sorted(t.params.items(), key=str), sorted(t.distributions.items(), key=str),
+                sorted(t.user_attrs.items(), key=str), sorted(t.system_attrs.items(), key=str),
+                sorted(t.intermediate_values.items()),
+            )
+        )  # fmt: skip
+
+    return [norm(t) for t in trials]
+
+
+def _same_reads(store: ResilientRDBStorage) -> None:
+    study = _fill_varied(store)
+    sid = study._study_id
+    ids = [t._trial_id for t in study.get_trials()]
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+    for args in [(None, set(), -1), (done, set(), -1), (None, {ids[1], ids[3]}, ids[5])]:
+        fast = store._get_trials(sid, *args)  # type: ignore[arg-type]
+        slow = optuna.storages.RDBStorage._get_trials(store, sid, *args)  # type: ignore[arg-type]
+        assert len(fast) > 0
+        assert _normal(fast) == _normal(slow)
+    with pytest.raises(KeyError):
+        store._get_trials(10**6, None, set(), -1)
+
+
+def test_fast_trial_read_equals_optunas_on_sqlite(tmp_path: Path) -> None:
+    _same_reads(ResilientRDBStorage(f"sqlite:///{tmp_path}/r.db"))
+
+
+@pytest.mark.postgres
+def test_fast_trial_read_equals_optunas_on_postgres(pg_url: str) -> None:
+    store = create_storage(pg_url, heartbeat_interval=None)
+    assert isinstance(store, ResilientRDBStorage)
+    _same_reads(store)
+
+
+def test_heartbeat_timing_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEARCH_HEARTBEAT_INTERVAL", "2")
+    monkeypatch.setenv("SEARCH_GRACE_PERIOD", "9")
+    store = create_storage("sqlite:///:memory:")
+    assert isinstance(store, ResilientRDBStorage)
+    assert (store.heartbeat_interval, store.grace_period) == (2, 9)
+    assert create_storage("sqlite:///:memory:", heartbeat_interval=None).heartbeat_interval is None
+    monkeypatch.setenv("SEARCH_GRACE_PERIOD", "soon")
+    with pytest.raises(StorageError, match="SEARCH_GRACE_PERIOD"):
+        create_storage("sqlite:///:memory:")
