@@ -42,8 +42,11 @@ __all__ = ["TrialOutcome", "run_isolated", "warm_up"]
 
 DEFAULT_OBJECTIVE = "search.train.loop:train"
 MIB = 1024**2
-# Imported once by the forkserver; a module that fails to import is skipped there.
-PRELOAD = ("torch", "transformers", "optuna", "search.oom", "search.isolation")
+# Imported once by the forkserver; a module that fails to import is skipped there. "__main__"
+# is the worker's main module: every child imports it (multiprocessing's spawn rules), so
+# preloading it makes that import free. Like any spawn/forkserver program, a main script must
+# guard its entry point with ``if __name__ == "__main__":``.
+PRELOAD = ("__main__", "torch", "transformers", "optuna", "search.oom", "search.isolation")
 # Kill a child that has not exited this long after sending its final message.
 _EXIT_GRACE_S = 30.0
 # Host memory below this share of the total while a child was alive hints at the OOM killer.

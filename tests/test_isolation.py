@@ -214,3 +214,72 @@ def test_children_start_from_the_forkserver_not_the_worker() -> None:
 
 def parent_pid(cfg: TrialConfig, *, report: Any = None, on_phase: Any = None) -> Any:
     return {"metrics": {"ppid": float(os.getppid())}}
+
+
+# ----------------------------------------------------- the real objective on a tiny replica
+
+
+def _write_tiny_data(root: Path) -> tuple[Path, Path]:
+    """A small Korean-syllable retrieval set: 64 training examples and a 40-doc BEIR split."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    syllables = [chr(0xAC00 + i * 37) for i in range(300)]
+
+    def sentence(words: int) -> str:
+        return " ".join(
+            "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(words)
+        )
+
+    (root / "eval" / "qrels").mkdir(parents=True)
+    with open(root / "train.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(64):
+            row = {"query": sentence(8), "positive": sentence(40), "negatives": [sentence(40)]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(root / "eval" / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"_id": f"d{i}", "text": sentence(30)}, ensure_ascii=False) + "\n")
+    with open(root / "eval" / "queries.jsonl", "w", encoding="utf-8") as f:
+        for i in range(10):
+            f.write(json.dumps({"_id": f"q{i}", "text": sentence(6)}, ensure_ascii=False) + "\n")
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(10))
+    (root / "eval" / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
+    return root / "train.jsonl", root / "eval"
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import json
+
+    from search.models import MODELS
+    from search.train.tiny import build_tiny_replica
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    root = tmp_path_factory.mktemp("tiny")
+    train_path, eval_dir = _write_tiny_data(root)
+    rows = [json.loads(line) for line in train_path.read_text(encoding="utf-8").splitlines()]
+    texts = [t for r in rows for t in (r["query"], r["positive"], *r["negatives"])]
+    path = build_tiny_replica(MODELS["ko-simcse"], root / "cache", texts)
+    return {"model_path": str(path), "train_path": str(train_path), "eval_dir": str(eval_dir)}
+
+
+@pytest.mark.train
+def test_real_training_runs_out_of_memory_under_the_limit(tiny_setup: dict[str, Any]) -> None:
+    # 64 queries + 128 passages at 256 tokens need about 2 GiB here; the limit allows 200 MiB.
+    cfg = _cfg(batch_size=64, max_len=256, hard_negatives=1, epochs=1, **tiny_setup)
+    out = run_isolated(cfg, memory_limit_bytes=200 * MIB)
+    assert out.status == "oom", out.error
+    assert out.oom_kind == "real"
+    assert out.phase in ("forward", "backward")  # the worst-case first step, not later
+    # And the worker goes on: the same trial without the limit completes.
+    ok = run_isolated(dataclasses_replace(cfg, batch_size=8, max_len=32), memory_limit_bytes=None)
+    assert ok.status == "complete", ok.error
+    assert ok.value is not None and 0.0 <= ok.value <= 1.0
+
+
+def dataclasses_replace(cfg: TrialConfig, **changes: Any) -> TrialConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
