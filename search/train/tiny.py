@@ -231,6 +231,8 @@ def build_tiny_replica(
                 "texts_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
             }
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+            for file in tmp.iterdir():
+                file.chmod(0o644)  # safetensors writes 0600
             if final.exists():  # a leftover without its marker: never complete, replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
