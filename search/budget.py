@@ -23,8 +23,8 @@ and a trial leaves the count only when its re-run is queued, so the count never 
 and the study ends with exactly ``N`` finished trials (WAITING trials left over, e.g. baselines
 beyond a small budget, do not count). When the count has reached ``N`` but other workers'
 trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
-(its worker died) and be re-queued, and a live worker must run it. It polls, every heartbeat
-interval, until no trial is RUNNING (then exits) or a re-queued trial appears (then runs it).
+(its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
+interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial appears (then runs it).
 A worker handing back its trial on SIGTERM (:func:`hand_back`) fails it with the user attribute
 ``handed_back`` and re-queues its parameters under the same lock, so it is counted once.
 """
@@ -55,6 +55,7 @@ HANDED_BACK = "handed_back"  # trial user attr: given back on SIGTERM, re-queued
 RETRY_HISTORY = "retry_history"  # Optuna's system attr (RetryHeartbeatStaleTrialCallback)
 FAILED_TRIAL = "failed_trial"  # Optuna's system attr: the number of the original trial
 
+MAX_POLL_S = 2.0  # default poll of a worker waiting for others' RUNNING trials
 _SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
@@ -139,7 +140,8 @@ def claim_trial(
         budget: The budget from :func:`ensure_budget`.
         wait: While the budget is spent but other trials are still RUNNING (and heartbeats
             are on), poll until they finish (return ``None``) or one is re-queued (take it).
-        poll_interval: Seconds between polls; default the heartbeat interval.
+        poll_interval: Seconds between polls; default the heartbeat interval, at most 2 s
+            (a worker notices the study's end within 2 s).
 
     Returns:
         A RUNNING trial (its first heartbeat recorded), or ``None`` once nothing is left.
@@ -149,7 +151,7 @@ def claim_trial(
     if poll_interval is None:
         poll_interval = 1.0
         if isinstance(storage, BaseHeartbeat):
-            poll_interval = float(storage.get_heartbeat_interval() or 1)
+            poll_interval = min(float(storage.get_heartbeat_interval() or 1), MAX_POLL_S)
     while True:
         with named_lock(storage, _lock_name(study)), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
