@@ -24,8 +24,8 @@ and the study ends with exactly ``N`` finished trials (WAITING trials left over,
 beyond a small budget, do not count). When the count has reached ``N`` but other workers'
 trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
 (its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
-interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial appears (then runs it).
-A worker handing back its trial on SIGTERM (:func:`hand_back`) fails it with the user attribute
+interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial
+appears (then runs it). A worker handing back its trial on SIGTERM (:func:`hand_back`) fails it with the user attribute
 ``handed_back`` and re-queues its parameters under the same lock, so it is counted once.
 """
 
