@@ -25,8 +25,9 @@ beyond a small budget, do not count). When the count has reached ``N`` but other
 trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
 (its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
 interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial
-appears (then runs it). A worker handing back its trial on SIGTERM (:func:`hand_back`) fails it with the user attribute
-``handed_back`` and re-queues its parameters under the same lock, so it is counted once.
+appears (then runs it). A worker handing back its trial on SIGTERM (:func:`hand_back`) fails
+it with the user attribute ``handed_back`` and re-queues its parameters under the same lock,
+so it is counted once.
 """
 
 from __future__ import annotations
