@@ -207,3 +207,14 @@ def test_rejects_impossible_replicas(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="raise vocab_size"):
             build_tiny_replica(small, tmp_path, SENTENCES, vocab_size=40)
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("name", ["ko-simcse", "bge-m3-ko"])
+def test_too_many_characters_leave_out_the_rarest(name: str, tmp_path: Path) -> None:
+    common = "오늘 서울의 날씨는 맑고 따뜻합니다."
+    rare = ["".join(chr(0xAC00 + 3 * (10 * i + j)) for j in range(10)) for i in range(300)]
+    path = build_tiny_replica(MODELS[name], tmp_path, [common] * 30 + rare, vocab_size=1000)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) <= 1000  # 3000 distinct characters would not fit
+    assert tokenizer.unk_token_id not in tokenizer(common)["input_ids"]
+    assert tokenizer.unk_token_id in tokenizer(rare[-1])["input_ids"]

@@ -24,6 +24,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,7 +229,9 @@ def build_tiny_replica(
                 "tokenizer_vocab": len(tokenizer),
                 "seed": seed,
                 "n_texts": len(corpus),
-                "texts_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+                "texts_sha256": hashlib.sha256(
+                    "\n".join(corpus).encode(errors="replace")
+                ).hexdigest(),
             }
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             for file in tmp.iterdir():
@@ -265,6 +268,13 @@ def _train_tokenizer(
     The transformers class rebuilds the real tokenizer's pipeline (normaliser, pre-tokeniser,
     post-processor, special ids) from the vocabulary, exactly as when loading real weights.
     """
+    # Rare characters give way when there are too many for the vocabulary (SentencePiece's
+    # character coverage, BERT's limit_alphabet): a quarter of it stays for longer pieces.
+    room = vocab_size * 3 // 4 - len(_ASCII_ALPHABET)
+    if info.tokenizer == "wordpiece":  # each character twice: "c" and "##c"
+        corpus = _keep_frequent_chars(corpus, (room - len(_ASCII_ALPHABET)) // 2)
+    else:
+        corpus = _keep_frequent_chars(corpus, room)
     # Prefixes such as e5's "query: " must be tokenizable as pieces rather than <unk>.
     corpus = corpus + [p for p in (info.query_prefix, info.passage_prefix) if p]
     if info.tokenizer == "wordpiece":
@@ -284,6 +294,21 @@ def _train_tokenizer(
     _check_vocab_size(info, len(vocab), vocab_size)
     # transformers 5: the tokenizers-backed class (XLMRobertaTokenizerFast is an alias of it).
     return XLMRobertaTokenizer(vocab=vocab, model_max_length=info.max_tokens)
+
+
+def _keep_frequent_chars(corpus: list[str], max_chars: int) -> list[str]:
+    """Blank out all but the ``max_chars`` most frequent non-ASCII characters of ``corpus``.
+
+    Printable ASCII always stays. Ties go to the lower code point, so the result is
+    deterministic. The blanked characters become unknown to the trained tokenizer.
+    """
+    counts = Counter(c for text in corpus for c in text if not c.isspace() and c > "~")
+    if len(counts) <= max_chars:
+        return corpus
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    dropped = "".join(ranked[max(max_chars, 0) :])
+    blank = str.maketrans(dropped, " " * len(dropped))
+    return [text.translate(blank) for text in corpus]
 
 
 def _unigram_pieces(
