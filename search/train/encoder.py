@@ -62,7 +62,7 @@ class BiEncoder(torch.nn.Module):
 
     Args:
         model: A transformers encoder (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``...).
-        tokenizer: Its tokenizer (padding on the right).
+        tokenizer: Its tokenizer; set here to pad and truncate on the right (CLS stays first).
         pooling: ``cls`` or ``mean``.
         normalize: L2-normalise the embeddings.
         query_prefix: Put before every query.
@@ -84,6 +84,8 @@ class BiEncoder(torch.nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, but got {pooling=}.")
         if tokenizer.pad_token_id is None:
             raise ValueError(f"The tokenizer needs a padding token, but got {tokenizer=}.")
+        tokenizer.padding_side = "right"
+        tokenizer.truncation_side = "right"
         self.model = model
         self.tokenizer = tokenizer
         self._pooling = pooling
