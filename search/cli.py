@@ -28,7 +28,8 @@ app = typer.Typer(
 storage_app = typer.Typer(help="Inspect and upgrade the study storage.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 
-console = Console()
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True)
 
 StudyOpt = Annotated[
