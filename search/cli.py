@@ -156,7 +156,10 @@ def _run_with_progress(spec: object, opts: object) -> object:
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("", total=getattr(opts, "n_trials", None))
+        task = progress.add_task("", total=None)
+
+        def on_start(budget: int, finished: int) -> None:
+            progress.update(task, total=budget, completed=finished)
 
         def on_trial(frozen: optuna.trial.FrozenTrial) -> None:
             state = frozen.state.name.lower()
@@ -172,7 +175,7 @@ def _run_with_progress(spec: object, opts: object) -> object:
                 + (f" | best {max(best):.4f}" if best else ""),
             )
 
-        return run_study(spec, opts, on_trial=on_trial)  # type: ignore[arg-type]
+        return run_study(spec, opts, on_trial=on_trial, on_start=on_start)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from search import attrs
 from search.budget import claim_trial
 from search.budget import ensure_budget
+from search.budget import finished_count
 from search.budget import hand_back
 from search.config import TrialConfig
 from search.device import DeviceInfo
@@ -127,7 +128,7 @@ def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
 def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], None]:
     def init(study: optuna.Study) -> None:
         study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
-        ensure_budget(study, opts.n_trials)
+        ensure_budget(study, opts.n_trials or spec.study.n_trials)
         # One baseline trial per model, so no model is left out of the first trials by chance.
         for model in spec.models:
             study.enqueue_trial({"model": model})
@@ -148,11 +149,16 @@ def _sigterm_hands_back() -> Iterator[None]:
 
 
 def run_study(
-    spec: StudySpec, opts: RunOptions, *, on_trial: TrialCallback | None = None
+    spec: StudySpec,
+    opts: RunOptions,
+    *,
+    on_trial: TrialCallback | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> RunSummary:
     """Run trials of ``spec``'s study until its budget is spent, the timeout passes or SIGTERM.
 
-    Data and spec are validated before anything is written to the study.
+    Data and spec are validated before anything is written to the study. ``on_start`` gets
+    the study's budget and its finished trials; ``on_trial`` each trial this worker finished.
     """
     validate_data(
         spec.resolve_path(spec.data.train), spec.resolve_path(spec.data.eval), spec.data.split
@@ -162,7 +168,7 @@ def run_study(
     model_paths = prepare_models(spec, opts)
     name = study_name_for(spec, opts)
     storage = create_storage(opts.storage_url)
-    study, created = open_study(
+    study, _ = open_study(
         storage,
         name,
         direction=spec.study.direction,
@@ -171,6 +177,8 @@ def run_study(
         on_create=_init_study(spec, opts),
     )
     budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
+    if on_start is not None:
+        on_start(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     trials_run = 0

@@ -40,6 +40,7 @@ class StudySection(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: Literal["ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"] = "ndcg@10"
+    n_trials: int = Field(default=32, ge=1)  # budget of a new study when --n-trials is not given
 
 
 class ModelEntry(_Strict):
