@@ -230,8 +230,9 @@ def estimate_peak_memory(
     max_len 64-256, one hard negative, fp32 and bf16, with and without checkpointing; peak
     ``ru_maxrss`` minus the resident memory after imports, 107 MiB to 1.9 GiB) gave
     estimate / measured between 0.92 and 1.15 with ``scale`` 1.0 and a 50 MiB base; repeated
-    runs of one config differ by up to 15%. ``scale`` 1.05 moves that to about 0.97-1.21, so
-    that the preflight margin (0.9) covers the rest.
+    runs of one config differ by up to 15%. With ``scale`` 1.05, a check on 21 more trials
+    (``python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko,multilingual-minilm``,
+    BENCHMARKS.md) gave 0.94-1.18: the worst under-estimate fits in the preflight margin (0.9).
 
     Example:
         >>> from search.models import MODELS

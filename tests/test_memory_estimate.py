@@ -168,7 +168,7 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # Tolerance: estimate / measured in [0.85, 1.35]. Measured here over 21 configs the ratio
-    # was 0.97-1.21 (see estimate_peak_memory), and a config's peak varies by up to 15%.
+    # was 0.94-1.18 (BENCHMARKS.md), and a config's peak varies by up to 15% between runs.
     import json
     import os
 
