@@ -111,3 +111,40 @@ def test_margin_is_checked() -> None:
 
     with pytest.raises(ValueError, match="margin"):
         preflight(_cfg(), BGE, _gpu(80), [], margin=1.5)
+
+
+def test_a_real_oom_becomes_a_frontier_for_dominated_configs() -> None:
+    # A real allocator OOM under a memory limit (fake objective in tests/test_isolation.py),
+    # recorded the way search.runner records it; then preflight prunes a dominated config
+    # from attributes alone (model_path does not exist: nothing is loaded).
+    import os
+
+    from search.device import device_info
+    from search.isolation import run_isolated
+    from search.train.tiny import tiny_info
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    device = device_info("cpu", memory_limit=128 * 2**20)
+    cfg = _cfg(model="ko-simcse", batch_size=64, max_len=128, device="cpu")
+    out = run_isolated(
+        cfg, memory_limit_bytes=device.total_bytes, objective="test_isolation:allocate_until_oom"
+    )
+    assert out.status == "oom" and out.oom_kind == "real"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    user_attrs = {
+        attrs.CONFIG: cfg.to_json(),
+        attrs.OOM: True,
+        attrs.OOM_KIND: out.oom_kind,
+        attrs.OOM_PHASE: out.phase,
+        attrs.DEVICE: device.label,
+        attrs.DEVICE_MEMORY_MB: device.total_mb,
+    }
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=user_attrs))
+    trials = study.get_trials(deepcopy=False)
+    arch = tiny_info(MODELS["ko-simcse"])
+    bigger = _cfg(model="ko-simcse", batch_size=128, max_len=128, device="cpu")
+    decision = preflight(bigger, arch, device, trials, use_estimate=False)
+    assert decision.skip and decision.kind == "frontier" and decision.frontier_trial == 0
+    smaller = _cfg(model="ko-simcse", batch_size=32, max_len=128, device="cpu")
+    assert not preflight(smaller, arch, device, trials, use_estimate=False).skip
