@@ -168,7 +168,7 @@ def _apply_env(env: Mapping[str, str]) -> None:
         torch.set_num_threads(int(threads))
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def _one_line(exc: BaseException, limit: int = 1000) -> str:
     text = " ".join(str(exc).split())
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -185,6 +185,14 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return out
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' loading bars and advice out of the worker's output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _child_main(
     conn: Connection,
     cfg_json: dict[str, Any],
@@ -197,6 +205,7 @@ def _child_main(
     # collection would touch (and so copy) every page of the inherited heap, 1-2 s per trial.
     gc.freeze()
     _apply_env(env)
+    _quiet_libraries()
     import optuna
 
     from search.oom import is_oom_error

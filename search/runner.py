@@ -40,6 +40,7 @@ from search.device import DeviceInfo
 from search.device import device_info
 from search.isolation import TrialOutcome
 from search.isolation import run_isolated
+from search.isolation import warm_up
 from search.models import MODELS
 from search.preflight import preflight
 from search.sampling import make_pruner
@@ -180,6 +181,7 @@ def run_study(
     if on_start is not None:
         on_start(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
+    warm_up(opts.objective)  # start the trial process server (imports torch once) up front
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     trials_run = 0
     stopped_by = "budget"
