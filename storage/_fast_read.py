@@ -75,13 +75,6 @@ def read_trials(
         )
 
     with engine.connect() as conn:
-        exists = conn.execute(
-            sqlalchemy.select(models.StudyModel.__table__.c.study_id).where(
-                models.StudyModel.__table__.c.study_id == study_id
-            )
-        ).first()
-        if exists is None:
-            return None
         rows = conn.execute(
             sqlalchemy.select(
                 t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete
@@ -89,8 +82,12 @@ def read_trials(
             .where(*where)
             .order_by(t.c.trial_id)
         ).all()
-        if not rows:
-            return []
+        if not rows:  # nothing new, or no such study: only then ask which (one query less)
+            studies = models.StudyModel.__table__
+            exists = conn.execute(
+                sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)
+            ).first()
+            return [] if exists is not None else None
         params = conn.execute(
             children(
                 models.TrialParamModel,
