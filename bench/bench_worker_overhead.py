@@ -17,9 +17,11 @@ imports torch once per worker), then all start together at a barrier.
 Throughput is trials / (last trial's completion - start); the ratio is service / plain, and
 the added seconds per trial are (service wall - plain wall) * W / N. The same figures from
 the first trial's start ("per trial") leave out the service's once-per-worker start (spec and
-data validation, storage, opening the study), which the start-up column shows. Three settings: a short
-trial (0.5 s) with 1 and 4 workers shows the overhead itself; a realistic-length trial (10 s
-here; real fine-tuning trials take minutes) with 4 workers shows what it costs in throughput.
+data validation, storage, opening the study), which the start-up column shows.
+
+Three settings: a short trial (0.5 s) with 1 and 4 workers shows the overhead itself; a
+longer trial (``--long``, 10 s by default; real fine-tuning trials take minutes) with 4
+workers shows what it costs in throughput.
 
 Run::
 
