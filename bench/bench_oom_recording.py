@@ -249,6 +249,8 @@ def simulate(
         if value > best:
             best, best_true = value, quality(p)
         tell(study, trial, margin, value)
+    if best == -math.inf:  # nothing fitted: score the study at nDCG's floor
+        best = best_true = 0.0
     return StudyResult(ooms_after, ooms, best, best_true, tuple(trajectory))
 
 
@@ -346,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                 wins[r].append(f"{budget:g}")
             if (more and not higher) or (lower and not fewer):
                 losses[r].append(f"{budget:g}")
-        r_after = statistics.fmean(float(x.ooms_after_startup) for x in results.get("random", []))
-        if "random" in results and r_after > 0:
+        randoms = results.get("random", [])
+        r_after = statistics.fmean(x.ooms_after_startup for x in randoms) if randoms else 0.0
+        if r_after > 0:
             print(
                 f"{'':>6} ratio OOM after startup, {ANCHOR} / random: "
                 f"{statistics.fmean(a_after) / r_after:.2f}"
