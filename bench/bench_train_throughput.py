@@ -9,7 +9,9 @@ side runs in a fresh subprocess so that its peak RSS is its own; the sides alter
 Anchor: sentence-transformers' ``SentenceTransformerTrainer`` with
 ``MultipleNegativesRankingLoss`` (needs ``sentence-transformers[train]``: datasets, accelerate).
 Throughput counts the training steps only (ours: ``TrainResult.samples_per_s``; theirs: from
-``on_train_begin`` to ``on_train_end``); ``wall`` is each subprocess' whole run.
+``on_train_begin`` to ``on_train_end``), in CPU seconds of the process by default
+(``--clock cpu``: with one thread this is the work done, unlike wall time on a machine shared
+with other jobs) or wall seconds (``--clock wall``); ``wall`` is each subprocess' whole run.
 
 Run::
 
@@ -49,6 +51,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _CpuClock:
+    """Stands in for the ``time`` module in the loop: ``perf_counter`` reads CPU time."""
+
+    perf_counter = staticmethod(time.process_time)
+
+
 def prepare(work: Path, model: str, dims: dict[str, int]) -> dict[str, str]:
     """KLUE retrieval files and the replica (built once, reused)."""
     from search.models import MODELS
@@ -81,9 +89,15 @@ def run_ours(args: argparse.Namespace) -> dict[str, float]:
     from search.train.data import EvalSet
     from search.train.data import load_eval
 
+    if args.clock == "cpu":  # the loop's timer counts this process' CPU seconds instead
+        loop.time = _CpuClock()  # type: ignore[assignment]
     if args.force_precision:  # bypass the CPU rule, to measure both precisions
         forced = torch.bfloat16 if args.force_precision == "bf16" else None
-        loop.autocast_dtype = lambda device, amp, hidden: forced  # type: ignore[assignment]
+
+        def forced_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dtype | None:
+            return forced
+
+        loop.autocast_dtype = forced_dtype
     start = time.perf_counter()
     info = MODELS[args.model]
     full = load_eval(args.eval_dir, "test")
@@ -114,6 +128,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, float]:
         normalize=info.normalize,
         query_prefix=info.query_prefix,
         passage_prefix=info.passage_prefix,
+        fail_fast=args.fail_fast,
     )
     result = loop.train(cfg, train_examples=_examples(args), eval_set=eval_set)
     return {
@@ -159,12 +174,14 @@ def run_st(args: argparse.Namespace) -> dict[str, float]:
     loss = MultipleNegativesRankingLoss(model, scale=1 / 0.05)
     times: dict[str, float] = {}
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, *a: Any, **k: Any) -> None:
-            times["begin"] = time.perf_counter()
+            times["begin"] = clock()
 
         def on_train_end(self, *a: Any, **k: Any) -> None:
-            times["end"] = time.perf_counter()
+            times["end"] = clock()
 
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(args.work) / "st-out"),
@@ -205,7 +222,8 @@ def _child(args: argparse.Namespace, side: str, **overrides: Any) -> dict[str, f
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
     for key in ("batch_size", "max_len", "samples", "epochs", "threads", "lr"):
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
-    cmd += ["--amp" if opts["amp"] else "--no-amp"]
+    cmd += ["--clock", opts["clock"], "--amp" if opts["amp"] else "--no-amp"]
+    cmd += ["--fail-fast" if opts["fail_fast"] else "--no-fail-fast"]
     if opts.get("force_precision"):
         cmd += ["--force-precision", opts["force_precision"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -247,11 +265,19 @@ def compare_st(args: argparse.Namespace) -> None:
 
 
 def compare_precision(args: argparse.Namespace) -> None:
-    """Our objective with fp32 vs bf16 autocast on CPU, for the tiny and the mid-size replica."""
+    """Our objective with fp32 vs bf16 autocast on CPU, over hidden sizes (the CPU rule)."""
+    from search.train.loop import CPU_BF16_MIN_HIDDEN
     from search.train.loop import cpu_has_native_bf16
 
     print(f"CPU native bf16 (AMX / AVX512-BF16): {cpu_has_native_bf16()}")
-    for label, dims in (("tiny", TINY_DIMS), ("mid", MID_DIMS)):
+    print(f"rule: bf16 autocast on CPU when native and hidden >= {CPU_BF16_MIN_HIDDEN}")
+    sweep = [
+        ("tiny L2 H64", TINY_DIMS),
+        ("L2 H128", TINY_DIMS | {"hidden": 128, "ffn": 512}),
+        ("L2 H256", TINY_DIMS | {"hidden": 256, "ffn": 1024}),
+        ("mid L4 H384", MID_DIMS),
+    ]
+    for label, dims in sweep:
         vars(args).update(prepare(Path(args.work), args.model, dims))
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for _ in range(args.repeats):
@@ -261,9 +287,8 @@ def compare_precision(args: argparse.Namespace) -> None:
         fp32, bf16 = _best(runs[False]), _best(runs[True])
         print(_line(f"{label} fp32", fp32))
         print(_line(f"{label} bf16 autocast", bf16))
-        print(
-            f"{label}: bf16/fp32 throughput {bf16['samples_per_s'] / fp32['samples_per_s']:.2f}x"
-        )
+        ratio = bf16["samples_per_s"] / fp32["samples_per_s"]
+        print(f"{label}: bf16/fp32 throughput {ratio:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -280,21 +305,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument(
+        "--fail-fast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: first step at the worst-case shape (batch padded to --max-len)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="time the training steps in process CPU seconds (robust on a shared machine, "
+        "with one thread) or wall seconds",
+    )
     parser.add_argument("--force-precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--work", default="/tmp/bench_train_throughput")
     parser.add_argument("--model-path", default="")
     parser.add_argument("--train-path", default="")
     parser.add_argument("--eval-dir", default="")
     args = parser.parse_args()
+    import torch
+
     if args.side:
         result = run_ours(args) if args.side == "ours" else run_st(args)
         print(json.dumps(result))
         return
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"threads {args.threads}; model {args.model} {'tiny' if args.tiny else 'mid'} replica; "
+        f"threads {args.threads}; model {args.model} "
+        f"{'sweep of' if args.precision else 'tiny' if args.tiny else 'mid'} replica(s); "
         f"batch {args.batch_size}, max_len {args.max_len}, {args.samples} examples, "
-        f"{args.epochs} epoch(s), amp {args.amp}",
+        f"{args.epochs} epoch(s), amp {args.amp}, fail_fast {args.fail_fast}, "
+        f"clock {args.clock}; "
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
         flush=True,
     )
     if args.precision:

@@ -136,7 +136,7 @@ def test_report_false_runs_every_epoch(klue: tuple[list[TrainExample], EvalSet, 
         _cfg(replica, epochs=2),
         train_examples=examples[:32],
         eval_set=_small_eval(eval_set),
-        report=lambda epoch, _: epochs.append(epoch) is not None,
+        report=lambda epoch, _: bool(epochs.append(epoch)),  # type: ignore[func-returns-value]
     )
     assert epochs == [1, 2]
     assert len(result.history) == 2
