@@ -107,14 +107,14 @@ def ensure_budget(study: optuna.Study, n_trials: int | None, *, change: bool = F
         return n_trials
 
 
-def _requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+def requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of trials whose re-run was queued (they appear in some trial's retry history)."""
     return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, ())}
 
 
 def spent_count(trials: Sequence[FrozenTrial]) -> int:
     """Trials that spend the budget: COMPLETE, PRUNED, RUNNING, and FAIL not re-queued."""
-    requeued = _requeued_numbers(trials)
+    requeued = requeued_numbers(trials)
     return sum(
         t.state in _SPENT_STATES or (t.state == TrialState.FAIL and t.number not in requeued)
         for t in trials

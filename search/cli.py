@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def _user_errors() -> Iterator[None]:
     """Turn the user's mistakes into one-line errors with exit code 2 (never a traceback)."""
     from search.budget import BudgetError
-    from search.runner import RunError
+    from search.errors import RunError
     from search.spec import SpecError
     from search.train.data import DataError
     from storage import StorageError

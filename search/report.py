@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from rich.table import Table
 
 from search import attrs
+from search.budget import requeued_numbers
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ModelRow:
     oom_predicted: int = 0
     oom_frontier: int = 0
     failed: int = 0
+    requeued: int = 0  # FAIL trials re-run elsewhere (stale heartbeat, handed back on SIGTERM)
     running: int = 0
     oom_rate: float = 0.0
     oom_seconds: float = 0.0
@@ -60,6 +62,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
     rows: dict[str, ModelRow] = {}
     peaks: dict[str, list[float]] = {}
     maximize = direction == "maximize"
+    requeued = requeued_numbers(trials)
     for t in trials:
         if t.state == TrialState.WAITING:
             continue
@@ -80,6 +83,8 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
                 row.best_config = ua.get(attrs.CONFIG)
         elif t.state == TrialState.PRUNED:
             row.pruned_early += 1
+        elif t.state == TrialState.FAIL and t.number in requeued:
+            row.requeued += 1
         elif t.state == TrialState.FAIL:
             row.failed += 1
         elif t.state == TrialState.RUNNING:

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search import attrs
@@ -38,6 +39,7 @@ from search.budget import hand_back
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import device_info
+from search.errors import RunError
 from search.isolation import TrialOutcome
 from search.isolation import run_isolated
 from search.isolation import warm_up
@@ -59,10 +61,6 @@ from storage import redact_url
 
 DEFAULT_CACHE = Path(os.environ.get("SEARCH_CACHE", Path.home() / ".cache" / "search"))
 DEFAULT_OBJECTIVE = "search.train.loop:train"
-
-
-class RunError(RuntimeError):
-    """The run cannot go on (e.g. a model's weights cannot be loaded); one-line message."""
 
 
 class Terminated(BaseException):
@@ -272,7 +270,12 @@ def _run_trial(
             objective=opts.objective,
         )
     trial.set_user_attr(attrs.SECONDS, time.monotonic() - started)
-    return _tell(study, trial, outcome, metric)
+    try:
+        return _tell(study, trial, outcome, metric)
+    except UpdateFinishedTrialError:
+        # The trial was failed as stale while this worker was cut off from the database
+        # (longer than the grace period) and re-queued: its re-run owns the result.
+        return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
 def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> dict[str, Any]:

@@ -85,3 +85,15 @@ def test_study_report_is_plain_json_data() -> None:
     assert report["trials"] == 8
     assert report["oom_seconds"] == 6.0
     assert report_table(report).row_count == 2
+
+
+def test_requeued_failures_are_not_counted_as_failed() -> None:
+    study = optuna.create_study(direction="maximize")
+    _add(study, "m", TrialState.FAIL)  # trial 0: its worker died; re-run as trial 1
+    trial = study.ask()
+    study._storage.set_trial_system_attr(trial._trial_id, "retry_history", [0])
+    trial.set_user_attr(attrs.MODEL, "m")
+    study.tell(trial, 0.5)
+    _add(study, "m", TrialState.FAIL)  # trial 2: a real failure
+    (row,) = model_rows(study.get_trials())
+    assert (row.trials, row.requeued, row.failed, row.complete) == (3, 1, 1, 1)
