@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from _factories import trial_config
 from optuna.trial import TrialState
 
 from search import attrs
@@ -18,26 +19,24 @@ BGE = MODELS["bge-m3-ko"]
 
 
 def _cfg(**over: Any) -> TrialConfig:
-    base: dict[str, Any] = dict(
-        model="bge-m3-ko",
-        model_path="/nonexistent/bge-m3-ko",  # loading it would fail: preflight must not
-        batch_size=32,
-        max_len=256,
-        lr=2e-5,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=1,
-        amp=True,
-        gradient_checkpointing=False,
-        hard_negatives=0,
-        seed=0,
-        device="cuda",
-        train_path="t.jsonl",
-        eval_dir="eval",
+    return trial_config(
+        **{
+            **dict(
+                model="bge-m3-ko",
+                model_path="/nonexistent/bge-m3-ko",
+                batch_size=32,
+                max_len=256,
+                lr=2e-5,
+                warmup_ratio=0.1,
+                weight_decay=0.01,
+                amp=True,
+                device="cuda",
+                train_path="t.jsonl",
+                eval_dir="eval",
+            ),
+            **over,
+        }
     )
-    base.update(over)
-    return TrialConfig(**base)
 
 
 def _gpu(gib: float) -> DeviceInfo:
