@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
+from typing import Any
 from typing import NoReturn
 
 import typer
@@ -178,67 +179,65 @@ def _run_with_progress(spec: object, opts: object) -> object:
         return run_study(spec, opts, on_trial=on_trial, on_start=on_start)  # type: ignore[arg-type]
 
 
+NTrialsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n-trials",
+        min=1,
+        help="The study's total budget of finished trials, stored with a new study "
+        "(default: the spec's study.n_trials).",
+    ),
+]
+SetNTrialsOpt = Annotated[
+    bool, typer.Option("--set-n-trials", help="Change the stored budget of an existing study.")
+]
+TimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", min=1, help="Stop starting trials after S seconds.")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampler seed.")]
+TinyOpt = Annotated[
+    bool, typer.Option("--tiny", help="Tiny offline replicas of each model (no downloads).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+MemoryLimitOpt = Annotated[
+    str | None, typer.Option("--memory-limit", help="Cap each trial's memory, e.g. 6GiB.")
+]
+NoPreflightOpt = Annotated[
+    bool, typer.Option("--no-preflight", help="Do not skip configs by memory estimate.")
+]
+NoFrontierOpt = Annotated[
+    bool, typer.Option("--no-frontier", help="Do not skip configs dominated by an OOM.")
+]
+StudyNameOpt = Annotated[
+    str | None, typer.Option("--study-name", help="Optuna study name (default: the spec's).")
+]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option("--gpu", help="GPU index for this worker (else CUDA_VISIBLE_DEVICES)."),
+]
+ObjectiveOpt = Annotated[str, typer.Option("--objective", hidden=True)]
+DEFAULT_OBJECTIVE = "search.train.loop:train"
+
+
 @app.command()
 def run(
     study: StudyOpt = None,
     spec: SpecOpt = None,
     storage: StorageOpt = None,
-    n_trials: Annotated[
-        int | None,
-        typer.Option(
-            "--n-trials",
-            min=1,
-            help="The study's total budget of finished trials (stored with a new study).",
-        ),
-    ] = None,
-    set_n_trials: Annotated[
-        bool, typer.Option("--set-n-trials", help="Change the stored budget of an existing study.")
-    ] = False,
-    timeout: Annotated[
-        float | None,
-        typer.Option("--timeout", min=1, help="Stop starting trials after S seconds."),
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
-    tiny: Annotated[
-        bool,
-        typer.Option("--tiny", help="Tiny offline replicas of each model (no downloads)."),
-    ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    memory_limit: Annotated[
-        str | None,
-        typer.Option("--memory-limit", help="Cap each trial's memory, e.g. 6GiB."),
-    ] = None,
-    no_preflight: Annotated[
-        bool, typer.Option("--no-preflight", help="Do not skip configs by memory estimate.")
-    ] = False,
-    no_frontier: Annotated[
-        bool, typer.Option("--no-frontier", help="Do not skip configs dominated by an OOM.")
-    ] = False,
-    study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Optuna study name (default: the spec's).")
-    ] = None,
-    objective: Annotated[str, typer.Option("--objective", hidden=True)] = (
-        "search.train.loop:train"
-    ),
+    n_trials: NTrialsOpt = None,
+    set_n_trials: SetNTrialsOpt = False,
+    timeout: TimeoutOpt = None,
+    seed: SeedOpt = None,
+    tiny: TinyOpt = False,
+    device: DeviceOpt = "auto",
+    memory_limit: MemoryLimitOpt = None,
+    no_preflight: NoPreflightOpt = False,
+    no_frontier: NoFrontierOpt = False,
+    study_name: StudyNameOpt = None,
+    objective: ObjectiveOpt = DEFAULT_OBJECTIVE,
 ) -> None:
     """Run the whole search in this process (one worker), on the embedded default storage."""
-    _run(
-        study=study,
-        spec_file=spec,
-        storage=storage,
-        n_trials=n_trials,
-        set_n_trials=set_n_trials,
-        timeout=timeout,
-        seed=seed,
-        tiny=tiny,
-        device=device,
-        gpu=None,
-        memory_limit=memory_limit,
-        no_preflight=no_preflight,
-        no_frontier=no_frontier,
-        study_name=study_name,
-        objective=objective,
-    )
+    _run(spec_file=spec, gpu=None, **_without(locals(), "spec"))
 
 
 @app.command()
@@ -246,47 +245,25 @@ def worker(
     study: StudyOpt = None,
     spec: SpecOpt = None,
     storage: StorageOpt = None,
-    n_trials: Annotated[
-        int | None,
-        typer.Option("--n-trials", min=1, help="The study's total budget (for a new study)."),
-    ] = None,
-    set_n_trials: Annotated[
-        bool, typer.Option("--set-n-trials", help="Change the stored budget of an existing study.")
-    ] = False,
-    gpu: Annotated[
-        str | None,
-        typer.Option("--gpu", help="GPU index for this worker (else CUDA_VISIBLE_DEVICES)."),
-    ] = None,
-    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny offline replicas.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    memory_limit: Annotated[
-        str | None, typer.Option("--memory-limit", help="Cap each trial's memory, e.g. 6GiB.")
-    ] = None,
-    study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Optuna study name (default: the spec's).")
-    ] = None,
-    objective: Annotated[str, typer.Option("--objective", hidden=True)] = (
-        "search.train.loop:train"
-    ),
+    n_trials: NTrialsOpt = None,
+    set_n_trials: SetNTrialsOpt = False,
+    gpu: GpuOpt = None,
+    timeout: TimeoutOpt = None,
+    seed: SeedOpt = None,
+    tiny: TinyOpt = False,
+    device: DeviceOpt = "auto",
+    memory_limit: MemoryLimitOpt = None,
+    no_preflight: NoPreflightOpt = False,
+    no_frontier: NoFrontierOpt = False,
+    study_name: StudyNameOpt = None,
+    objective: ObjectiveOpt = DEFAULT_OBJECTIVE,
 ) -> None:
     """Pull trials from a shared study until its global budget is spent, then exit 0."""
-    _run(
-        study=study,
-        spec_file=spec,
-        storage=storage,
-        n_trials=n_trials,
-        set_n_trials=set_n_trials,
-        timeout=None,
-        seed=None,
-        tiny=tiny,
-        device=device,
-        gpu=gpu,
-        memory_limit=memory_limit,
-        no_preflight=False,
-        no_frontier=False,
-        study_name=study_name,
-        objective=objective,
-    )
+    _run(spec_file=spec, **_without(locals(), "spec"))
+
+
+def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in names}
 
 
 @app.command()
