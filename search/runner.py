@@ -116,6 +116,9 @@ def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
     """Model name -> what ``from_pretrained`` loads; builds tiny replicas with ``--tiny``."""
     if not opts.tiny:
         return {}
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" per replica
     train = load_train(spec.resolve_path(spec.data.train))
     texts = [t for ex in train for t in (ex.query, ex.positive, *ex.negatives)]
     return {
