@@ -188,7 +188,8 @@ def measure(url: str, name: str, samples: int) -> dict[str, float]:
     """In this (fresh) process: warm-up, then median service and plain round trips (ms)."""
     spec = resolve_spec("ko-retrieval", None)
     started = time.perf_counter()  # what `search report` does after its imports
-    study_report(optuna.load_study(study_name=name, storage=create_storage(url)))
+    store = create_storage(url)
+    study_report(optuna.load_study(study_name=name, storage=store), storage=store)
     report_s = time.perf_counter() - started
     storage = create_storage(url, heartbeat_interval=30)
     sampler = optuna.samplers.RandomSampler()

@@ -293,7 +293,7 @@ def report(
                 f"--study {study!r}: no such study in {redact_url(url)} "
                 f"(studies: {', '.join(names) or 'none'})"
             )
-    data = study_report(loaded)
+    data = study_report(loaded, storage=store)
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from search import attrs
 from search.budget import requeued_numbers
+from storage import read_summary_trials
+from storage import read_user_attr
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ModelRow:
     seconds: float = 0.0
     best_value: float | None = None
     best_trial: int | None = None
+    best_trial_id: int | None = None
     best_config: dict[str, Any] | None = None
     median_peak_memory_mb: float | None = None
 
@@ -80,6 +83,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
             row.complete += 1
             if t.value is not None and _is_better(t.value, row.best_value, maximize):
                 row.best_value, row.best_trial = t.value, t.number
+                row.best_trial_id = t._trial_id
                 row.best_config = ua.get(attrs.CONFIG)
         elif t.state == TrialState.PRUNED:
             row.pruned_early += 1
@@ -99,11 +103,36 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
     return list(rows.values())
 
 
-def study_report(study: optuna.Study) -> dict[str, Any]:
-    """The report of ``study`` as plain data (what ``search report --json`` prints)."""
+# The user attributes a report reads (the config only of each model's best trial).
+SUMMARY_KEYS = (
+    attrs.MODEL,
+    attrs.SECONDS,
+    attrs.OOM,
+    attrs.OOM_KIND,
+    attrs.PEAK_MEMORY_MB,
+)
+
+
+def study_report(
+    study: optuna.Study, *, storage: optuna.storages.BaseStorage | None = None
+) -> dict[str, Any]:
+    """The report of ``study`` as plain data (what ``search report --json`` prints).
+
+    With the study's RDB ``storage`` given, only what the report shows is read (several times
+    faster at 10,000 trials); otherwise every trial is loaded through Optuna.
+    """
     direction = study.direction.name.lower()
-    trials = study.get_trials(deepcopy=False)
-    rows = model_rows(trials, direction=direction)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        study_id = storage.get_study_id_from_name(study.study_name)
+        trials = read_summary_trials(storage.engine, study_id, SUMMARY_KEYS)
+        rows = model_rows(trials, direction=direction)
+        best_ids = [r.best_trial_id for r in rows if r.best_trial_id is not None]
+        configs = read_user_attr(storage.engine, best_ids, attrs.CONFIG) if best_ids else {}
+        for row in rows:
+            if row.best_trial_id is not None:
+                row.best_config = configs.get(row.best_trial_id)
+    else:
+        rows = model_rows(study.get_trials(deepcopy=False), direction=direction)
     total_seconds = sum(r.seconds for r in rows)
     return {
         "study": study.study_name,
@@ -112,8 +141,14 @@ def study_report(study: optuna.Study) -> dict[str, Any]:
         "trials": sum(r.trials for r in rows),
         "worker_seconds": total_seconds,
         "oom_seconds": sum(r.oom_seconds for r in rows),
-        "models": [{**asdict(r), "pruned_oom": r.pruned_oom} for r in rows],
+        "models": [
+            {**_without(asdict(r), "best_trial_id"), "pruned_oom": r.pruned_oom} for r in rows
+        ],
     }
+
+
+def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != key}
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

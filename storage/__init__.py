@@ -7,6 +7,8 @@ from storage._check import StorageStatus
 from storage._check import check_storage
 from storage._create import create_storage
 from storage._error import StorageError
+from storage._fast_read import read_summary_trials
+from storage._fast_read import read_user_attr
 from storage._heartbeat import HeartbeatThread
 from storage._heartbeat import adopt_orphans
 from storage._heartbeat import heartbeat
@@ -33,6 +35,8 @@ __all__ = [
     "is_transient",
     "named_lock",
     "rdb_backend",
+    "read_summary_trials",
+    "read_user_attr",
     "redact_url",
     "resolve_storage_url",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy
-from alembic.runtime.migration import MigrationContext
 from optuna.storages._rdb.storage import RDBStorage
 from sqlalchemy.pool import NullPool
 
@@ -89,6 +88,7 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
     head = head_version()
     try:
         with engine.connect() as conn:
+            from alembic.runtime.migration import MigrationContext  # slow import: only here
             current = MigrationContext.configure(conn).get_current_revision()
     except sqlalchemy.exc.SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

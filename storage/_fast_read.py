@@ -161,3 +161,95 @@ def read_trials(
             )
         )
     return trials
+
+
+def read_summary_trials(
+    engine: sqlalchemy.engine.Engine, study_id: int, user_keys: Iterable[str]
+) -> list[FrozenTrial]:
+    """Trials for a summary: number, state, values, and only the named user attributes.
+
+    Reports over tens of thousands of trials need neither parameters nor intermediate values,
+    and only a few small attributes: leaving the rest in the database makes ``search report``
+    several times faster. System attributes are limited to ``retry_history`` (re-queued trials).
+
+    Args:
+        engine: The storage's engine.
+        study_id: Study id.
+        user_keys: User attribute keys to read.
+
+    Returns:
+        Frozen trials ordered by trial id (``params`` and ``intermediate_values`` empty).
+    """
+    t = models.TrialModel.__table__
+    ua = models.TrialUserAttributeModel.__table__
+    sa = models.TrialSystemAttributeModel.__table__
+    tv = models.TrialValueModel.__table__
+    selected = sqlalchemy.select(t.c.trial_id).where(t.c.study_id == study_id)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.select(
+                t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete
+            )
+            .where(t.c.study_id == study_id)
+            .order_by(t.c.trial_id)
+        ).all()
+        values = conn.execute(
+            sqlalchemy.select(tv.c.trial_id, tv.c.objective, tv.c.value, tv.c.value_type).where(
+                tv.c.trial_id.in_(selected)
+            )
+        ).all()
+        user = conn.execute(
+            sqlalchemy.select(ua.c.trial_id, ua.c.key, ua.c.value_json).where(
+                ua.c.trial_id.in_(selected), ua.c.key.in_(list(user_keys))
+            )
+        ).all()
+        system = conn.execute(
+            sqlalchemy.select(sa.c.trial_id, sa.c.key, sa.c.value_json).where(
+                sa.c.trial_id.in_(selected), sa.c.key == "retry_history"
+            )
+        ).all()
+    trial_values: dict[int, dict[int, float]] = defaultdict(dict)
+    for trial_id, objective, value, value_type in values:
+        trial_values[trial_id][objective] = models.TrialValueModel.stored_repr_to_value(
+            value, value_type
+        )
+    user_attrs: dict[int, dict[str, Any]] = defaultdict(dict)
+    for trial_id, key, value_json in user:
+        user_attrs[trial_id][key] = json.loads(value_json)
+    system_attrs: dict[int, dict[str, Any]] = defaultdict(dict)
+    for trial_id, key, value_json in system:
+        system_attrs[trial_id][key] = json.loads(value_json)
+    trials = []
+    for trial_id, number, state, started, completed in rows:
+        objectives = trial_values.get(trial_id)
+        trials.append(
+            FrozenTrial(
+                number=number,
+                state=state,
+                value=None,
+                values=[objectives[i] for i in range(len(objectives))] if objectives else None,
+                datetime_start=_local(started),
+                datetime_complete=_local(completed),
+                params={},
+                distributions={},
+                user_attrs=user_attrs.get(trial_id, {}),
+                system_attrs=system_attrs.get(trial_id, {}),
+                intermediate_values={},
+                trial_id=trial_id,
+            )
+        )
+    return trials
+
+
+def read_user_attr(
+    engine: sqlalchemy.engine.Engine, trial_ids: Iterable[int], key: str
+) -> dict[int, Any]:
+    """One user attribute of the given trials: trial id -> value."""
+    ua = models.TrialUserAttributeModel.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.select(ua.c.trial_id, ua.c.value_json).where(
+                ua.c.trial_id.in_(list(trial_ids)), ua.c.key == key
+            )
+        ).all()
+    return {trial_id: json.loads(value_json) for trial_id, value_json in rows}

@@ -97,3 +97,21 @@ def test_requeued_failures_are_not_counted_as_failed() -> None:
     _add(study, "m", TrialState.FAIL)  # trial 2: a real failure
     (row,) = model_rows(study.get_trials())
     assert (row.trials, row.requeued, row.failed, row.complete) == (3, 1, 1, 1)
+
+
+def test_lean_rdb_read_gives_the_same_report(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from storage import create_storage
+
+    store = create_storage(f"sqlite:///{tmp_path / 'r.db'}", heartbeat_interval=None)
+    study = optuna.create_study(direction="maximize", study_name="r", storage=store)
+    for model, state, value, extra in [
+        ("bge-m3-ko", TrialState.COMPLETE, 0.7, {"seconds": 10.0, "peak_memory_mb": 900.0}),
+        ("bge-m3-ko", TrialState.COMPLETE, 0.8, {"seconds": 12.0, "peak_memory_mb": 1100.0}),
+        ("bge-m3-ko", TrialState.PRUNED, None, {"oom": True, "oom_kind": "real"}),
+        ("ko-simcse", TrialState.FAIL, None, {"seconds": 1.0}),
+    ]:
+        _add(study, model, state, value, **extra)
+    full = study_report(study)
+    lean = study_report(study, storage=store)
+    assert lean == full
+    assert lean["models"][0]["best_config"]["model"] == "bge-m3-ko"
