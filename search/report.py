@@ -124,7 +124,7 @@ def study_report(
     direction = study.direction.name.lower()
     if isinstance(storage, optuna.storages.RDBStorage):
         study_id = storage.get_study_id_from_name(study.study_name)
-        trials = read_summary_trials(storage.engine, study_id, SUMMARY_KEYS)
+        trials = read_summary_trials(storage.engine, study_id, SUMMARY_KEYS, ("model",))
         rows = model_rows(trials, direction=direction)
         best_ids = [r.best_trial_id for r in rows if r.best_trial_id is not None]
         configs = read_user_attr(storage.engine, best_ids, attrs.CONFIG) if best_ids else {}

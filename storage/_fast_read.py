@@ -164,9 +164,12 @@ def read_trials(
 
 
 def read_summary_trials(
-    engine: sqlalchemy.engine.Engine, study_id: int, user_keys: Iterable[str]
+    engine: sqlalchemy.engine.Engine,
+    study_id: int,
+    user_keys: Iterable[str],
+    param_names: Iterable[str] = (),
 ) -> list[FrozenTrial]:
-    """Trials for a summary: number, state, values, and only the named user attributes.
+    """Trials for a summary: number, state, values, only the named user attributes and params.
 
     Reports over tens of thousands of trials need neither parameters nor intermediate values,
     and only a few small attributes: leaving the rest in the database makes ``search report``
@@ -176,14 +179,16 @@ def read_summary_trials(
         engine: The storage's engine.
         study_id: Study id.
         user_keys: User attribute keys to read.
+        param_names: Parameters to read.
 
     Returns:
-        Frozen trials ordered by trial id (``params`` and ``intermediate_values`` empty).
+        Frozen trials ordered by trial id (no intermediate values).
     """
     t = models.TrialModel.__table__
     ua = models.TrialUserAttributeModel.__table__
     sa = models.TrialSystemAttributeModel.__table__
     tv = models.TrialValueModel.__table__
+    tp = models.TrialParamModel.__table__
     selected = sqlalchemy.select(t.c.trial_id).where(t.c.study_id == study_id)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -208,6 +213,20 @@ def read_summary_trials(
                 sa.c.trial_id.in_(selected), sa.c.key == "retry_history"
             )
         ).all()
+        params = conn.execute(
+            sqlalchemy.select(
+                tp.c.trial_id, tp.c.param_name, tp.c.param_value, tp.c.distribution_json
+            ).where(tp.c.trial_id.in_(selected), tp.c.param_name.in_(list(param_names)))
+        ).all()
+    dist_cache: dict[str, distributions.BaseDistribution] = {}
+    trial_params: dict[int, dict[str, Any]] = defaultdict(dict)
+    trial_dists: dict[int, dict[str, distributions.BaseDistribution]] = defaultdict(dict)
+    for trial_id, name, value, dist_json in params:
+        dist = dist_cache.get(dist_json)
+        if dist is None:
+            dist = dist_cache[dist_json] = distributions.json_to_distribution(dist_json)
+        trial_params[trial_id][name] = dist.to_external_repr(value)
+        trial_dists[trial_id][name] = dist
     trial_values: dict[int, dict[int, float]] = defaultdict(dict)
     for trial_id, objective, value, value_type in values:
         trial_values[trial_id][objective] = models.TrialValueModel.stored_repr_to_value(
@@ -230,8 +249,8 @@ def read_summary_trials(
                 values=[objectives[i] for i in range(len(objectives))] if objectives else None,
                 datetime_start=_local(started),
                 datetime_complete=_local(completed),
-                params={},
-                distributions={},
+                params=trial_params.get(trial_id, {}),
+                distributions=trial_dists.get(trial_id, {}),
                 user_attrs=user_attrs.get(trial_id, {}),
                 system_attrs=system_attrs.get(trial_id, {}),
                 intermediate_values={},
