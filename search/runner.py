@@ -195,7 +195,7 @@ def run_study(
             if trial is None:
                 break
             try:
-                frozen = _run_trial(study, trial, spec, opts, model_paths, device)
+                frozen = _run_trial(study, trial, spec, opts, model_paths, device, storage)
             except Terminated:
                 hand_back(study, trial)
                 stopped_by = "sigterm"
@@ -226,6 +226,7 @@ def _run_trial(
     opts: RunOptions,
     model_paths: dict[str, str],
     device: DeviceInfo,
+    storage: optuna.storages.BaseStorage,
 ) -> optuna.trial.FrozenTrial:
     """Sample, preflight, train and tell one claimed trial."""
     started = time.monotonic()
@@ -238,8 +239,6 @@ def _run_trial(
         seed_offset=trial.number,
     )
     arch = tiny_info(MODELS[cfg.model]) if opts.tiny else MODELS[cfg.model]
-    for key, value in _trial_attrs(cfg, opts, device).items():
-        trial.set_user_attr(key, value)
 
     with heartbeat(study, trial):
         decision = preflight(
@@ -250,15 +249,17 @@ def _run_trial(
             use_estimate=opts.use_estimate,
             use_frontier=opts.use_frontier,
         )
-        trial.set_user_attr(attrs.MEMORY_ESTIMATE_MB, decision.estimate.total_bytes / 2**20)
+        first = _trial_attrs(cfg, opts, device)
+        first[attrs.MEMORY_ESTIMATE_MB] = decision.estimate.total_bytes / 2**20
         if decision.skip:
-            trial.set_user_attr(attrs.OOM, True)
-            trial.set_user_attr(attrs.OOM_KIND, decision.kind)
-            trial.set_user_attr(attrs.ERROR, decision.reason)
+            first.update({attrs.OOM: True, attrs.OOM_KIND: decision.kind})
+            first[attrs.ERROR] = decision.reason
             if decision.frontier_trial is not None:
-                trial.set_user_attr(attrs.OOM_FRONTIER_TRIAL, decision.frontier_trial)
-            trial.set_user_attr(attrs.SECONDS, time.monotonic() - started)
+                first[attrs.OOM_FRONTIER_TRIAL] = decision.frontier_trial
+            first[attrs.SECONDS] = time.monotonic() - started
+            _set_attrs(storage, trial, first)
             return study.tell(trial, state=TrialState.PRUNED)
+        _set_attrs(storage, trial, first)  # before training: the dashboard shows it running
 
         metric = spec.study.metric
 
@@ -272,9 +273,8 @@ def _run_trial(
             memory_limit_bytes=opts.memory_limit,
             objective=opts.objective,
         )
-    trial.set_user_attr(attrs.SECONDS, time.monotonic() - started)
     try:
-        return _tell(study, trial, outcome, metric)
+        return _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
     except UpdateFinishedTrialError:
         # The trial was failed as stale while this worker was cut off from the database
         # (longer than the grace period) and re-queued: its re-run owns the result.
@@ -295,26 +295,44 @@ def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> dict
     }
 
 
+def _set_attrs(
+    storage: optuna.storages.BaseStorage, trial: optuna.Trial, values: dict[str, Any]
+) -> None:
+    """Set user attributes in one transaction where the storage can (one per key otherwise)."""
+    set_many = getattr(storage, "set_trial_user_attrs", None)
+    if set_many is not None:
+        set_many(trial._trial_id, values)
+        return
+    for key, value in values.items():
+        trial.set_user_attr(key, value)
+
+
 def _tell(
-    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, metric: str
+    study: optuna.Study,
+    trial: optuna.Trial,
+    outcome: TrialOutcome,
+    metric: str,
+    storage: optuna.storages.BaseStorage,
+    seconds: float,
 ) -> optuna.trial.FrozenTrial:
     """Record an isolated run's outcome on the trial and finish it."""
+    values: dict[str, Any] = {attrs.SECONDS: seconds}
     if outcome.peak_memory_mb is not None:
-        trial.set_user_attr(attrs.PEAK_MEMORY_MB, outcome.peak_memory_mb)
+        values[attrs.PEAK_MEMORY_MB] = outcome.peak_memory_mb
     if outcome.metrics:
-        trial.set_user_attr(attrs.METRICS, outcome.metrics)
+        values[attrs.METRICS] = outcome.metrics
     if outcome.error:
-        trial.set_user_attr(attrs.ERROR, outcome.error)
+        values[attrs.ERROR] = outcome.error
+    oom = outcome.status == "oom" or (outcome.status == "killed" and outcome.oom_kind == "host")
+    if oom:
+        values.update({attrs.OOM: True, attrs.OOM_KIND: outcome.oom_kind or "real"})
+        if outcome.phase:
+            values[attrs.OOM_PHASE] = outcome.phase
+    _set_attrs(storage, trial, values)
     if outcome.status == "complete":
         return study.tell(trial, outcome.metrics[metric])
-    if outcome.status == "pruned":
-        return study.tell(trial, state=TrialState.PRUNED)
-    if outcome.status == "oom" or (outcome.status == "killed" and outcome.oom_kind == "host"):
+    if outcome.status == "pruned" or oom:
         # An OOM is an answer about memory, not a broken trial: PRUNED keeps it in what TPE
-        # learns from (FAIL would be ignored), and the frontier reads it back.
-        trial.set_user_attr(attrs.OOM, True)
-        trial.set_user_attr(attrs.OOM_KIND, outcome.oom_kind or "real")
-        if outcome.phase:
-            trial.set_user_attr(attrs.OOM_PHASE, outcome.phase)
+        # learns from (FAIL would hide it), and the frontier reads it back (README).
         return study.tell(trial, state=TrialState.PRUNED)
     return study.tell(trial, state=TrialState.FAIL)

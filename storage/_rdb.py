@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Container
+from collections.abc import Mapping
 from typing import Any
 
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -38,6 +40,7 @@ _RETRIED_METHODS = (
     "set_trial_state_values",
     "set_trial_intermediate_value",
     "set_trial_user_attr",
+    "set_trial_user_attrs",
     "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number",
     "get_trial_number_from_id",
@@ -104,6 +107,14 @@ class ResilientRDBStorage(RDBStorage):
         if trials is None:
             raise KeyError(models.NOT_FOUND_MSG)
         return trials
+
+    def set_trial_user_attrs(self, trial_id: int, values: Mapping[str, Any]) -> None:
+        """Set many user attributes of a trial in one transaction (one per key in Optuna)."""
+        with _create_scoped_session(self.scoped_session, True) as session:
+            for key, value in values.items():
+                self._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
 
 
 for _name in _RETRIED_METHODS:

@@ -346,3 +346,12 @@ def test_heartbeat_timing_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SEARCH_GRACE_PERIOD", "soon")
     with pytest.raises(StorageError, match="SEARCH_GRACE_PERIOD"):
         create_storage("sqlite:///:memory:")
+
+
+def test_many_user_attrs_in_one_call(tmp_path: Path) -> None:
+    store = create_storage(f"sqlite:///{tmp_path / 'a.db'}", heartbeat_interval=None)
+    study = optuna.create_study(storage=store, study_name="attrs")
+    trial = study.ask()
+    store.set_trial_user_attrs(trial._trial_id, {"a": 1, "b": {"c": [1, 2]}})
+    store.set_trial_user_attrs(trial._trial_id, {"a": 2})
+    assert study.trials[0].user_attrs == {"a": 2, "b": {"c": [1, 2]}}
