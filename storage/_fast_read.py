@@ -14,6 +14,7 @@ import json
 from collections import defaultdict
 from collections.abc import Container
 from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy
@@ -116,6 +117,18 @@ def read_trials(
             )
         ).all()
 
+    return _assemble(rows, params, values, user, system, inter)
+
+
+def _assemble(
+    rows: Sequence[Any],
+    params: Sequence[Any],
+    values: Sequence[Any],
+    user: Sequence[Any],
+    system: Sequence[Any],
+    inter: Sequence[Any],
+) -> list[FrozenTrial]:
+    """FrozenTrials from the rows of the trial table and of its child tables."""
     dist_cache: dict[str, distributions.BaseDistribution] = {}
     trial_params: dict[int, dict[str, Any]] = defaultdict(dict)
     trial_dists: dict[int, dict[str, distributions.BaseDistribution]] = defaultdict(dict)
@@ -218,46 +231,7 @@ def read_summary_trials(
                 tp.c.trial_id, tp.c.param_name, tp.c.param_value, tp.c.distribution_json
             ).where(tp.c.trial_id.in_(selected), tp.c.param_name.in_(list(param_names)))
         ).all()
-    dist_cache: dict[str, distributions.BaseDistribution] = {}
-    trial_params: dict[int, dict[str, Any]] = defaultdict(dict)
-    trial_dists: dict[int, dict[str, distributions.BaseDistribution]] = defaultdict(dict)
-    for trial_id, name, value, dist_json in params:
-        dist = dist_cache.get(dist_json)
-        if dist is None:
-            dist = dist_cache[dist_json] = distributions.json_to_distribution(dist_json)
-        trial_params[trial_id][name] = dist.to_external_repr(value)
-        trial_dists[trial_id][name] = dist
-    trial_values: dict[int, dict[int, float]] = defaultdict(dict)
-    for trial_id, objective, value, value_type in values:
-        trial_values[trial_id][objective] = models.TrialValueModel.stored_repr_to_value(
-            value, value_type
-        )
-    user_attrs: dict[int, dict[str, Any]] = defaultdict(dict)
-    for trial_id, key, value_json in user:
-        user_attrs[trial_id][key] = json.loads(value_json)
-    system_attrs: dict[int, dict[str, Any]] = defaultdict(dict)
-    for trial_id, key, value_json in system:
-        system_attrs[trial_id][key] = json.loads(value_json)
-    trials = []
-    for trial_id, number, state, started, completed in rows:
-        objectives = trial_values.get(trial_id)
-        trials.append(
-            FrozenTrial(
-                number=number,
-                state=state,
-                value=None,
-                values=[objectives[i] for i in range(len(objectives))] if objectives else None,
-                datetime_start=_local(started),
-                datetime_complete=_local(completed),
-                params=trial_params.get(trial_id, {}),
-                distributions=trial_dists.get(trial_id, {}),
-                user_attrs=user_attrs.get(trial_id, {}),
-                system_attrs=system_attrs.get(trial_id, {}),
-                intermediate_values={},
-                trial_id=trial_id,
-            )
-        )
-    return trials
+    return _assemble(rows, params, values, user, system, ())
 
 
 def read_user_attr(
