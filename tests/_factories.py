@@ -42,3 +42,21 @@ def trial_config(**over: Any) -> TrialConfig:
         )
     base.update(over)
     return TrialConfig(**base)
+
+
+def bge_cuda_config(**over: Any) -> TrialConfig:
+    """A bge-m3-ko CUDA config (32 x 256, AMP) whose weights path is never loaded."""
+    base: dict[str, Any] = dict(
+        model="bge-m3-ko",
+        model_path="/nonexistent/bge-m3-ko",
+        batch_size=32,
+        max_len=256,
+        lr=2e-5,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        amp=True,
+        device="cuda",
+        train_path="t.jsonl",
+        eval_dir="eval",
+    )
+    return trial_config(**(base | over))

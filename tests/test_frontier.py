@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 import pytest
-from _factories import trial_config
+from _factories import bge_cuda_config
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -19,24 +19,7 @@ GIB = 1024**3
 
 
 def _cfg(**over: Any) -> TrialConfig:
-    return trial_config(
-        **{
-            **dict(
-                model="bge-m3-ko",
-                model_path="/nonexistent/bge-m3-ko",
-                batch_size=32,
-                max_len=256,
-                lr=2e-5,
-                warmup_ratio=0.1,
-                weight_decay=0.01,
-                amp=True,
-                device="cuda",
-                train_path="t.jsonl",
-                eval_dir="eval",
-            ),
-            **over,
-        }
-    )
+    return bge_cuda_config(**over)
 
 
 def _trials(*records: tuple[TrialConfig, dict[str, Any], TrialState]) -> list[FrozenTrial]:
