@@ -11,9 +11,9 @@ in its own SQLite study, through ``search.runner.run_study``:
 * **service** - the shipped spec and the default run: per-model conditions, the preflight
   estimate, the OOM frontier and the worst-case first step.
 
-Data: KLUE-NLI turned into retrieval pairs (``search.train.klue``), with each passage lengthened
-by a random number of other premises (a long-tailed count), so that passage lengths spread up
-to and beyond 512 tokens as in a real corpus and the longest batch can come at any step.
+Data: KLUE-NLI turned into retrieval pairs (``search.train.nli_retrieval``), with each passage
+lengthened by a random number of other premises (a long-tailed count), so that passage lengths
+spread up to and beyond 512 tokens as in a real corpus and the longest batch can come at any step.
 
 Worker-seconds are the trials' ``seconds`` attribute (claim to tell); the seconds of a trial
 that ended in OOM (real, host, predicted or frontier) are lost to OOM. The anchor is the naive
@@ -72,7 +72,7 @@ def prepare_data(
     work: Path, *, seed: int, eval_queries: int = 50, eval_docs: int = 200
 ) -> tuple[Path, Path]:
     """KLUE-NLI retrieval files with lengthened passages (train and eval corpus)."""
-    from search.train.klue import klue_nli_to_retrieval
+    from search.train.nli_retrieval import klue_nli_to_retrieval
 
     train_path, eval_dir = klue_nli_to_retrieval(KLUE_JSON, work / "klue")
     rng = random.Random(seed)

@@ -1,8 +1,8 @@
 """Training throughput and peak memory: our objective vs sentence-transformers' trainer, on CPU.
 
-Both train the same replica (built by ``search.train.tiny``) on the same KLUE-NLI pairs (built
-by ``search.train.klue``: premise -> entailment, contradiction as hard negative) with the same
-batch size, max length, optimizer (fused AdamW), schedule, precision and thread count. Each
+Both train the same replica (built by ``search.train.tiny``) on the same KLUE-NLI pairs (built by
+``search.train.nli_retrieval``: premise -> entailment, contradiction as hard negative) with the
+same batch size, max length, optimizer (fused AdamW), schedule, precision and thread count. Each
 side runs in a fresh subprocess so that its peak RSS is its own; the sides alternate over
 ``--repeats`` rounds and the best round of each is compared (the machine is shared).
 
@@ -80,7 +80,7 @@ def prepare(work: Path, model: str, dims: dict[str, int]) -> dict[str, str]:
     """KLUE retrieval files and the replica (built once, reused)."""
     from search.models import MODELS
     from search.train.data import load_train
-    from search.train.klue import klue_nli_to_retrieval
+    from search.train.nli_retrieval import klue_nli_to_retrieval
     from search.train.tiny import build_tiny_replica
 
     train_path, eval_dir = klue_nli_to_retrieval(KLUE_JSON, work / "klue")

@@ -89,6 +89,7 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
     try:
         with engine.connect() as conn:
             from alembic.runtime.migration import MigrationContext  # slow import: only here
+
             current = MigrationContext.configure(conn).get_current_revision()
     except sqlalchemy.exc.SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

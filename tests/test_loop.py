@@ -18,12 +18,12 @@ from search.train.data import TrainExample
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.encoder import BiEncoder
-from search.train.klue import klue_nli_to_retrieval
 from search.train.loop import autocast_dtype
 from search.train.loop import cpu_has_native_bf16
 from search.train.loop import resolve_device
 from search.train.loop import train
 from search.train.metrics import evaluate
+from search.train.nli_retrieval import klue_nli_to_retrieval
 from search.train.tiny import build_tiny_replica
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from search.train.data import validate_data
     from search.train.encoder import BiEncoder
     from search.train.encoder import ModelLoadError
-    from search.train.klue import klue_nli_to_retrieval
     from search.train.loop import TrainResult
     from search.train.loop import autocast_dtype
     from search.train.loop import cpu_has_native_bf16
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from search.train.losses import InfoNCELoss
     from search.train.metrics import evaluate
     from search.train.metrics import retrieval_metrics
+    from search.train.nli_retrieval import klue_nli_to_retrieval
     from search.train.tiny import build_tiny_replica
     from search.train.tiny import tiny_info
     from search.train.tiny import tiny_replica_dir
@@ -43,7 +43,7 @@ _EXPORTS = {
     "validate_data": "search.train.data",
     "BiEncoder": "search.train.encoder",
     "ModelLoadError": "search.train.encoder",
-    "klue_nli_to_retrieval": "search.train.klue",
+    "klue_nli_to_retrieval": "search.train.nli_retrieval",
     "TrainResult": "search.train.loop",
     "autocast_dtype": "search.train.loop",
     "cpu_has_native_bf16": "search.train.loop",

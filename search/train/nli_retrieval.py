@@ -26,7 +26,7 @@ LABELS = ("entailment", "neutral", "contradiction")
 LICENSE_NOTE = """\
 # KLUE-NLI as a retrieval task
 
-Converted by `search.train.klue.klue_nli_to_retrieval` from {source}
+Converted by `search.train.nli_retrieval.klue_nli_to_retrieval` from {source}
 (seed {seed}, eval fraction {eval_fraction}): premise = query, entailment hypothesis =
 positive, contradiction hypothesis = hard negative; the eval corpus is every hypothesis of
 the eval premises.
