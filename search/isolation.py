@@ -47,7 +47,18 @@ MIB = 1024**2
 # is the worker's main module: every child imports it (multiprocessing's spawn rules), so
 # preloading it makes that import free. Like any spawn/forkserver program, a main script must
 # guard its entry point with ``if __name__ == "__main__":``.
-PRELOAD = ("__main__", "torch", "transformers", "optuna", "search.oom", "search.isolation")
+# search.train.tiny imports the four model classes (RobertaModel, XLMRobertaModel, BertModel):
+# imported once here instead of in every trial (~120 MiB of resident memory and its time per
+# trial, which the CPU memory estimate does not count; BENCHMARKS.md, estimate vs measured).
+PRELOAD = (
+    "__main__",
+    "torch",
+    "transformers",
+    "optuna",
+    "search.oom",
+    "search.isolation",
+    "search.train.tiny",
+)
 # Kill a child that has not exited this long after sending its final message.
 _EXIT_GRACE_S = 30.0
 # Host memory below this share of the total while a child was alive hints at the OOM killer.

@@ -159,13 +159,12 @@ def layer_activation_bytes(
     return int(stored)
 
 
-def _cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 hardware (the rule of ``search.train.loop.autocast_dtype``)."""
-    import torch
+def _cpu_uses_bf16(hidden: int) -> bool:
+    """Whether ``search.train.loop.autocast_dtype`` runs a CPU trial of this width in bf16."""
+    from search.train.loop import CPU_BF16_MIN_HIDDEN
+    from search.train.loop import cpu_has_native_bf16
 
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return hidden >= CPU_BF16_MIN_HIDDEN and cpu_has_native_bf16()
 
 
 def _encoder_activation_bytes(
@@ -257,8 +256,8 @@ def estimate_peak_memory(
         raise ValueError(f"unknown device_type {device_type!r}")
     cpu = device_type == "cpu"
     # Autocast as search.train.loop runs it: always on accelerators, on CPU only with bf16
-    # hardware (AMX / AVX512-BF16), else the CPU run is fp32.
-    amp = cfg.amp and (not cpu or _cpu_has_native_bf16())
+    # hardware (AMX / AVX512-BF16) and hidden >= CPU_BF16_MIN_HIDDEN, else the CPU run is fp32.
+    amp = cfg.amp and (not cpu or _cpu_uses_bf16(arch.hidden))
     s_q = min(query_len or cfg.max_len, arch.max_tokens)
     s_p = min(passage_len or cfg.max_len, arch.max_tokens)
     b = cfg.batch_size
