@@ -9,6 +9,7 @@ search storage check --storage postgresql://... [--upgrade]
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,20 @@ StorageOpt = Annotated[
         "else search.db in the working directory.",
     ),
 ]
+
+
+def _check_device(device: str) -> None:
+    """Reject a --device this machine cannot run, before anything is written."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        _fail(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"--device {device!r}: CUDA is not available here (use --device cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            _fail(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -101,6 +116,7 @@ def _run(
 
     with _user_errors():
         spec = resolve_spec(study, str(spec_file) if spec_file else None)
+        _check_device(device)
         try:
             limit = parse_size(memory_limit) if memory_limit else None
         except ValueError as exc:

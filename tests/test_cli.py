@@ -96,6 +96,16 @@ def test_unknown_shipped_study_and_bad_memory_limit(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--memory-limit" in result.output
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_bad_device_is_exit_2_nothing_written(tmp_path: Path, device: str) -> None:
+    db = tmp_path / "s.db"
+    result = runner.invoke(
+        app, ["run", "--study", "ko-retrieval", "--device", device, "--storage", f"sqlite:///{db}"]
+    )
+    assert result.exit_code == 2 and "--device" in result.output, result.output
+    assert _no_study_written(db)
+
+
 def test_report_of_a_missing_study_is_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["report", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]
