@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from search.config import TrialConfig
 from search.models import MODELS
+
+# The PostgreSQL the marked tests use (.ci/run creates the database).
+PG_URL = os.environ.get(
+    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+)
+KLUE_JSON = Path(__file__).parents[1].parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json"
+# Korean sentences for tokenizers and encoders when the KLUE file is absent.
+SENTENCES = [
+    "흡연자분들은 발코니가 있는 방이면 발코니에서 흡연이 가능합니다.",
+    "어떤 방에서도 흡연은 금지됩니다.",
+    "오늘 서울의 날씨는 맑고 따뜻합니다.",
+    "내일은 전국에 비가 올 예정입니다.",
+    "검색 모델은 질문과 문서를 같은 공간에 임베딩합니다.",
+    "한국어 문장을 토큰으로 나누는 방법은 여러 가지가 있습니다.",
+    "이 식당은 주말에 사람이 많아서 예약이 필요합니다.",
+    "지하철역에서 숙소까지 걸어서 5분 정도 걸립니다.",
+    "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
+    "도서관은 월요일마다 휴관합니다.",
+]
 
 
 def trial_config(**over: Any) -> TrialConfig:

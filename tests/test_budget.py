@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -13,9 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 from optuna.trial import TrialState
-from sqlalchemy.pool import NullPool
 
 from search import attrs
 from search.budget import HANDED_BACK
@@ -27,7 +24,6 @@ from search.budget import hand_back
 from search.budget import spent_count
 from storage import create_storage
 from storage import heartbeat
-from storage import redact_url
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -36,25 +32,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
-)
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    """The test PostgreSQL URL, or skip with the reason."""
-    engine = sqlalchemy.create_engine(
-        PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 3}
-    )
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        pytest.skip(f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {exc}")
-    finally:
-        engine.dispose()
-    return PG_URL
 
 
 def _study(tmp_path: Path, **kwargs: int | None) -> optuna.Study:

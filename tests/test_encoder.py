@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
 import torch
 import torch.nn.functional as F
+from _factories import KLUE_JSON
+from _factories import SENTENCES
+from _factories import trial_config
 
 from search.config import TrialConfig
 from search.models import MODELS
@@ -17,59 +20,23 @@ from search.train.encoder import BiEncoder
 from search.train.encoder import ModelLoadError
 from search.train.tiny import build_tiny_replica
 
-KLUE = Path(__file__).parents[1].parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json"
-SENTENCES = [
-    "흡연자분들은 발코니가 있는 방이면 발코니에서 흡연이 가능합니다.",
-    "어떤 방에서도 흡연은 금지됩니다.",
-    "오늘 서울의 날씨는 맑고 따뜻합니다.",
-    "내일은 전국에 비가 올 예정입니다.",
-    "검색 모델은 질문과 문서를 같은 공간에 임베딩합니다.",
-    "한국어 문장을 토큰으로 나누는 방법은 여러 가지가 있습니다.",
-    "이 식당은 주말에 사람이 많아서 예약이 필요합니다.",
-    "지하철역에서 숙소까지 걸어서 5분 정도 걸립니다.",
-    "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
-    "도서관은 월요일마다 휴관합니다.",
-]
-
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """ko-simcse (RoBERTa, CLS) and multilingual-e5-small (BERT, mean, normalised, prefixes)."""
     texts = SENTENCES * 5
-    if KLUE.is_file():
-        records = json.loads(KLUE.read_text(encoding="utf-8"))[:1000]
+    if KLUE_JSON.is_file():
+        records = json.loads(KLUE_JSON.read_text(encoding="utf-8"))[:1000]
         texts = [r["premise"] for r in records] + [r["hypothesis"] for r in records]
     cache = tmp_path_factory.mktemp("tiny")
     names = ("ko-simcse", "multilingual-e5-small")
     return {name: build_tiny_replica(MODELS[name], cache, texts) for name in names}
 
 
-def make_config(name: str, path: Path | str, **overrides: object) -> TrialConfig:
+def make_config(name: str, path: Path | str, **overrides: Any) -> TrialConfig:
     """The trial config of ``name`` with its pooling and prefixes, loading ``path``."""
-    info = MODELS[name]
-    cfg = TrialConfig(
-        model=name,
-        model_path=str(path),
-        batch_size=4,
-        max_len=32,
-        lr=1e-4,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=1,
-        amp=False,
-        gradient_checkpointing=False,
-        hard_negatives=0,
-        seed=0,
-        device="cpu",
-        train_path="train.jsonl",
-        eval_dir="eval",
-        pooling=info.pooling,
-        normalize=info.normalize,
-        query_prefix=info.query_prefix,
-        passage_prefix=info.passage_prefix,
-    )
-    return dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+    base = dict(batch_size=4, warmup_ratio=0.1, weight_decay=0.01)
+    return trial_config(model=name, model_path=str(path), **(base | overrides))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 
@@ -23,9 +22,6 @@ from search.space import build_config
 from search.space import sample_params
 from search.spec import resolve_spec
 
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
-)
 N_TRIALS = 300
 
 
@@ -94,13 +90,8 @@ def test_space_over_300_trials_on_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_space_over_300_trials_on_postgresql() -> None:
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    try:
-        sqlalchemy.create_engine(PG_URL).connect().close()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-    _check(_run(PG_URL))
+def test_space_over_300_trials_on_postgresql(pg_url: str) -> None:
+    _check(_run(pg_url))
 
 
 def test_dynamic_value_space_would_fail_with_a_shared_name() -> None:

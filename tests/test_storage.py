@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 import uuid
@@ -32,26 +31,7 @@ from storage import resolve_storage_url
 from storage._retry import backoff_delays
 from storage._retry import call_with_retry
 
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
-)
 CLOSED_PG = "postgresql+psycopg2://search:s3cret@127.0.0.1:1/search"
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    """The test PostgreSQL URL, or skip with the reason."""
-    engine = sqlalchemy.create_engine(
-        PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 3}
-    )
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        pytest.skip(f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {exc}")
-    finally:
-        engine.dispose()
-    return PG_URL
 
 
 def _old_schema(url: str, revision: str = "v3.0.0.d") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from _factories import PG_URL
 from sqlalchemy.pool import NullPool
 
 from search.study_store import StudyConflictError
@@ -25,9 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
-)
 
 
 @pytest.fixture

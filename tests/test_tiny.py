@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _factories import KLUE_JSON
+from _factories import SENTENCES
 from transformers import AutoModel
 from transformers import AutoTokenizer
 from transformers import BertModel
@@ -27,19 +29,6 @@ from search.train.tiny import build_tiny_replica
 from search.train.tiny import tiny_info
 from search.train.tiny import tiny_replica_dir
 
-KLUE = Path(__file__).parents[1].parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json"
-SENTENCES = [
-    "흡연자분들은 발코니가 있는 방이면 발코니에서 흡연이 가능합니다.",
-    "어떤 방에서도 흡연은 금지됩니다.",
-    "오늘 서울의 날씨는 맑고 따뜻합니다.",
-    "내일은 전국에 비가 올 예정입니다.",
-    "검색 모델은 질문과 문서를 같은 공간에 임베딩합니다.",
-    "한국어 문장을 토큰으로 나누는 방법은 여러 가지가 있습니다.",
-    "이 식당은 주말에 사람이 많아서 예약이 필요합니다.",
-    "지하철역에서 숙소까지 걸어서 5분 정도 걸립니다.",
-    "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
-    "도서관은 월요일마다 휴관합니다.",
-]
 # transformers 5: BertTokenizerFast and XLMRobertaTokenizerFast are aliases of these classes.
 ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], type[PreTrainedTokenizerBase]]] = {
     "ko-simcse": (RobertaModel, BertTokenizer),
@@ -51,9 +40,9 @@ ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], type[PreTrainedTokenizerBa
 
 def korean_texts() -> list[str]:
     """KLUE-NLI premises and hypotheses when the shared data is there, else a few sentences."""
-    if not KLUE.is_file():
+    if not KLUE_JSON.is_file():
         return SENTENCES * 5
-    records = json.loads(KLUE.read_text(encoding="utf-8"))
+    records = json.loads(KLUE_JSON.read_text(encoding="utf-8"))
     return [r["premise"] for r in records] + [r["hypothesis"] for r in records]
 
 

@@ -27,7 +27,6 @@ from search import attrs
 from search.budget import HANDED_BACK
 from search.budget import finished_count
 from storage import create_storage
-from storage import redact_url
 
 pytestmark = [
     pytest.mark.postgres,
@@ -36,9 +35,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
-)
 # How the restart test restarts the server (Debian's cluster tools by default, as .ci/run).
 _PG_VERSIONS = sorted(p.name for p in Path("/etc/postgresql").glob("*")) or ["15"]
 PG_RESTART = os.environ.get(
@@ -58,17 +54,6 @@ def _reachable(url: str, timeout: int = 3) -> str | None:
         return str(exc).splitlines()[0]
     finally:
         engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    """The test PostgreSQL URL, or skip with the reason."""
-    error = _reachable(PG_URL)
-    if error is not None:
-        pytest.skip(
-            f"PostgreSQL unreachable at {redact_url(PG_URL)} (SEARCH_TEST_PG_URL): {error}"
-        )
-    return PG_URL
 
 
 def _worker(
