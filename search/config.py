@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+DEFAULT_OBJECTIVE = "search.train.loop:train"
+"""The training objective a trial runs (``module:function``; ``--objective`` overrides it)."""
+
 
 @dataclass(frozen=True)
 class TrialConfig:

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 import psutil
-import torch
 
 __all__ = ["DeviceInfo", "device_info", "format_bytes", "parse_size"]
 
@@ -112,6 +111,8 @@ def _cuda_memory(index: int) -> tuple[str, int, int]:
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - NVML missing or CUDA_VISIBLE_DEVICES remapped: use torch
+        import torch
+
         free, total = torch.cuda.mem_get_info(index)
         return torch.cuda.get_device_name(index), int(free), int(total)
 
@@ -138,6 +139,8 @@ def device_info(device: str, *, memory_limit: int | None = None) -> DeviceInfo:
     if memory_limit is not None and memory_limit <= 0:
         raise ValueError(f"memory_limit must be positive, but got {memory_limit=}.")
     if device == "auto":
+        import torch  # here, not at the top: the CLI parses --memory-limit before torch loads
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind, _, idx = device.partition(":")
     if kind == "cuda":

@@ -37,11 +37,11 @@ from typing import Any
 
 import psutil
 
+from search.config import DEFAULT_OBJECTIVE
 from search.config import TrialConfig
 
 __all__ = ["TrialOutcome", "run_isolated", "warm_up"]
 
-DEFAULT_OBJECTIVE = "search.train.loop:train"
 MIB = 1024**2
 # Imported once by the forkserver; a module that fails to import is skipped there. "__main__"
 # is the worker's main module: every child imports it (multiprocessing's spawn rules), so

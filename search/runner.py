@@ -22,8 +22,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from dataclasses import field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -44,6 +42,8 @@ from search.isolation import TrialOutcome
 from search.isolation import run_isolated
 from search.isolation import warm_up
 from search.models import MODELS
+from search.options import RunOptions
+from search.options import study_name_for
 from search.preflight import preflight
 from search.sampling import make_pruner
 from search.sampling import make_sampler
@@ -59,33 +59,9 @@ from storage import create_storage
 from storage import heartbeat
 from storage import redact_url
 
-DEFAULT_CACHE = Path(os.environ.get("SEARCH_CACHE", Path.home() / ".cache" / "search"))
-DEFAULT_OBJECTIVE = "search.train.loop:train"
-
 
 class Terminated(BaseException):
     """SIGTERM arrived: hand the running trial back and stop."""
-
-
-@dataclass
-class RunOptions:
-    """How one worker runs a study (everything that is not in the spec)."""
-
-    storage_url: str
-    n_trials: int | None = None
-    set_n_trials: bool = False
-    timeout: float | None = None
-    seed: int | None = None
-    tiny: bool = False
-    device: str = "auto"
-    gpu: str | None = None
-    memory_limit: int | None = None
-    use_estimate: bool = True
-    use_frontier: bool = True
-    objective: str = DEFAULT_OBJECTIVE
-    cache_dir: Path = DEFAULT_CACHE
-    study_name: str | None = None
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
 @dataclass
@@ -100,16 +76,6 @@ class RunSummary:
 
 
 TrialCallback = Callable[[optuna.trial.FrozenTrial], None]
-
-
-def study_name_for(spec: StudySpec, opts: RunOptions) -> str:
-    """The Optuna study name: ``--study-name``, else the spec's (``-tiny`` for tiny replicas).
-
-    Tiny-replica trials live in their own study so they never mix with real-weights results.
-    """
-    if opts.study_name:
-        return opts.study_name
-    return f"{spec.study.name}-tiny" if opts.tiny else spec.study.name
 
 
 def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
