@@ -9,14 +9,18 @@ one lock per study, shared by every process on every machine (PostgreSQL: an adv
 ``pg_advisory_xact_lock`` on a connection of its own, released by the server if the worker
 dies; SQLite: a file lock next to the database file). Under that lock it:
 
-1. fails the RUNNING trials whose heartbeat is older than the grace period; Optuna's
-   ``RetryHeartbeatStaleTrialCallback`` re-queues each as a WAITING trial with the same
-   parameters (up to ``max_retry`` times);
+1. fails the RUNNING trials whose heartbeat is older than the grace period and re-queues each
+   as a WAITING trial with the same parameters (up to the storage's ``max_retry`` times), the
+   failure and its re-queue in one database transaction (:func:`fail_stale`); a running
+   worker also does this every heartbeat interval on a thread of its own
+   (:func:`watch_stale`), so a dead worker's trial is re-queued within the grace period plus
+   one heartbeat interval even while every survivor is busy with a long trial;
 2. counts the trials that spend the budget: COMPLETE, PRUNED and RUNNING trials, and FAIL
    trials that were not re-queued (a FAIL trial whose number is in another trial's
    ``retry_history``, i.e. one that was retried or handed back, does not count: its re-run does);
-3. takes a trial (``study.ask()``, which pops a WAITING re-queued or enqueued trial first) only
-   if that count is below ``N``, and records its first heartbeat before releasing the lock.
+3. takes a trial only if that count is below ``N`` -- a re-queued trial first (oldest first),
+   then an enqueued one (``study.ask()`` pops WAITING trials in the order they were added),
+   then a freshly sampled one -- and records its first heartbeat before releasing the lock.
 
 Every trial that spends the budget was taken under the lock while the count was below ``N``,
 and a trial leaves the count only when its re-run is queued, so the count never exceeds ``N``
@@ -25,30 +29,40 @@ beyond a small budget, do not count). When the count has reached ``N`` but other
 trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
 (its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
 interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial
-appears (then runs it). A worker handing back its trial on SIGTERM (:func:`hand_back`) fails
-it with the user attribute ``handed_back`` and re-queues its parameters under the same lock,
-so it is counted once.
+appears (then runs it). A worker handing back its trial on SIGTERM or SIGINT
+(:func:`hand_back`) fails it with the user attribute ``handed_back`` and re-queues its
+parameters under the same lock and in the same transaction, so it is counted once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
 from storage import adopt_orphans
 from storage import named_lock
+from storage import rdb_backend
+from storage._retry import call_with_retry
 
 _logger = logging.getLogger(__name__)
 
@@ -133,6 +147,7 @@ def claim_trial(
     *,
     wait: bool = True,
     poll_interval: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> optuna.trial.Trial | None:
     """Take the next trial if the study's budget allows it (see the module docstring).
 
@@ -143,6 +158,8 @@ def claim_trial(
             are on), poll until they finish (return ``None``) or one is re-queued (take it).
         poll_interval: Seconds between polls; default the heartbeat interval, at most 2 s
             (a worker notices the study's end within 2 s).
+        stop: Checked before each claim and during the polls; True returns ``None`` (a
+            SIGTERM while the worker waits ends it within a tenth of a second).
 
     Returns:
         A RUNNING trial (its first heartbeat recorded), or ``None`` once nothing is left.
@@ -153,59 +170,230 @@ def claim_trial(
         poll_interval = 1.0
         if isinstance(storage, BaseHeartbeat):
             poll_interval = min(float(storage.get_heartbeat_interval() or 1), MAX_POLL_S)
-    while True:
+    stopped = stop or (lambda: False)
+    while not stopped():
         with named_lock(storage, _lock_name(study)), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             if beating:
                 adopt_orphans(study)
-                fail_stale_trials(study)
+                fail_stale(study)
             trials = study.get_trials(deepcopy=False)
             if spent_count(trials) < budget:
-                trial = study.ask()
+                trial = _pop_requeued(study, trials) or study.ask()
                 if isinstance(storage, BaseHeartbeat) and beating:
                     storage.record_heartbeat(trial._trial_id)
                 return trial
             running = any(t.state == TrialState.RUNNING for t in trials)
         if not (wait and beating and running):
             return None
-        time.sleep(poll_interval)
+        until = time.monotonic() + poll_interval
+        while not stopped() and time.monotonic() < until:
+            time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+    return None
 
 
-def hand_back(study: optuna.Study, trial: optuna.trial.Trial) -> None:
-    """Give a running trial back (SIGTERM): fail it as ``handed_back`` and re-queue its params.
+def _pop_requeued(
+    study: optuna.Study, trials: Sequence[FrozenTrial]
+) -> optuna.trial.Trial | None:
+    """Take the oldest WAITING re-queued trial (a retry or hand-back), ahead of enqueued ones."""
+    storage = study._storage
+    for frozen in trials:
+        if frozen.state != TrialState.WAITING or not frozen.system_attrs.get(RETRY_HISTORY):
+            continue
+        try:
+            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        study._thread_local.cached_all_trials = None
+        return optuna.trial.Trial(study, frozen._trial_id)
+    return None
 
-    The FAIL trial stops counting once its copy is queued, under the budget lock, so the trial
-    is counted once. A trial that is no longer RUNNING (already told, or failed as stale and
-    re-queued by someone else) is left alone.
+
+def fail_and_requeue(
+    study: optuna.Study,
+    trial_id: int,
+    *,
+    user_attrs: Mapping[str, Any] | None = None,
+    max_retry: int | None = None,
+) -> FrozenTrial | None:
+    """Fail a RUNNING trial and queue a WAITING copy of it, in one database transaction.
+
+    The failure and the re-queue commit together or not at all, so there is no moment at
+    which the trial is FAIL without its copy (a FAIL trial without a copy would spend the
+    budget for nothing). Two processes racing for the same trial cannot both win: the trial's
+    row is locked and its state checked inside the transaction. Without an RDB backend
+    (in-memory studies) the two steps run one after the other.
+
+    Args:
+        study: The trial's study.
+        trial_id: The trial's database id.
+        user_attrs: User attributes to set on the failed trial (e.g. ``handed_back``).
+        max_retry: Do not queue a copy once the trial's retry history is this long (the trial
+            is still failed); ``None`` always queues one.
+
+    Returns:
+        The failed trial as it was before failing, or ``None`` if it was not RUNNING.
+    """
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return None
+    history = [*frozen.system_attrs.get(RETRY_HISTORY, ()), frozen.number]
+    copy = None
+    if max_retry is None or len(history) <= max_retry:
+        copy = optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            user_attrs=frozen.user_attrs,
+            system_attrs={
+                **frozen.system_attrs,
+                FAILED_TRIAL: frozen.system_attrs.get(FAILED_TRIAL, frozen.number),
+                RETRY_HISTORY: history,
+            },
+        )
+    rdb = rdb_backend(storage)
+    if rdb is None:
+        for key, value in (user_attrs or {}).items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        try:
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return None
+        if copy is not None:
+            study.add_trial(copy)
+        return frozen
+
+    def transaction() -> bool:
+        with _create_scoped_session(rdb.scoped_session) as session:
+            models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+            row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if row.state != TrialState.RUNNING:
+                return False
+            for key, value in (user_attrs or {}).items():
+                rdb._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+            row.state = TrialState.FAIL
+            row.datetime_complete = datetime.now()
+            if copy is not None:
+                rdb._get_prepared_new_trial(study._study_id, copy, session)
+            return True
+
+    # A transaction cut off by a dropped connection was rolled back: running it again is safe
+    # (it checks the state first).
+    done = call_with_retry(transaction, max_wait=getattr(rdb, "max_wait", 120.0), what="re-queue")
+    study._thread_local.cached_all_trials = None
+    return frozen if done else None
+
+
+def _max_retry(storage: optuna.storages.BaseStorage) -> int | None:
+    if not isinstance(storage, BaseHeartbeat):
+        return None
+    callback = storage.get_heartbeat_stale_trial_callback()
+    return getattr(callback, "_max_retry", None)
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail the study's RUNNING trials whose heartbeat is stale, and re-queue each.
+
+    Call under the budget lock. Each failure and its re-queue are one transaction
+    (:func:`fail_and_requeue`); the copy is queued up to the storage's ``max_retry`` times
+    (``RetryHeartbeatStaleTrialCallback``'s setting), as Optuna's ``fail_stale_trials`` would.
+
+    Returns:
+        The numbers of the trials failed here.
+    """
+    storage = study._storage
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        return []
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        frozen = fail_and_requeue(study, trial_id, max_retry=_max_retry(storage))
+        if frozen is not None:
+            failed.append(frozen.number)
+            _logger.warning(
+                "trial %d had no heartbeat for the grace period: failed and re-queued",
+                frozen.number,
+            )
+    return failed
+
+
+class _StaleWatcher(threading.Thread):
+    """Fail and re-queue stale trials every ``interval`` seconds, under the budget lock."""
+
+    def __init__(self, study: optuna.Study, interval: float) -> None:
+        super().__init__(name="stale-watcher", daemon=True)
+        self._study = study
+        self._interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        storage = self._study._storage
+        try:
+            while not self._stop_event.wait(self._interval):
+                try:
+                    with named_lock(storage, _lock_name(self._study)):
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", ExperimentalWarning)
+                            adopt_orphans(self._study)
+                            fail_stale(self._study)
+                except Exception as error:  # the database is away: the next round retries
+                    _logger.debug("stale check failed (%s)", type(error).__name__)
+        finally:
+            backend = rdb_backend(storage)
+            if backend is not None:
+                backend.remove_session()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop_event.set()
+        self.join(timeout)
+
+
+@contextmanager
+def watch_stale(study: optuna.Study) -> Iterator[None]:
+    """While the block runs, fail and re-queue stale trials every heartbeat interval.
+
+    A worker busy with a long trial does not claim, so without this a dead worker's trial
+    would wait for some survivor's trial to end. The check runs on a thread of its own, next
+    to the heartbeat thread rather than on it: waiting for the budget lock must never delay
+    this worker's own heartbeat. A no-op without heartbeats.
+    """
+    storage = study._storage
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        yield
+        return
+    interval = float(storage.get_heartbeat_interval() or 1)
+    watcher = _StaleWatcher(study, interval)
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.stop()
+
+
+def hand_back(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
+    """Give a running trial back (SIGTERM, SIGINT): fail it as ``handed_back``, re-queue it.
+
+    The failure and the re-queue are one transaction under the budget lock
+    (:func:`fail_and_requeue`): a worker that dies in the middle leaves either a RUNNING trial
+    (failed and re-queued later as stale) or a failed trial with its copy, never a FAIL
+    without its copy, and the trial is counted once. A trial that is no longer RUNNING
+    (already told, or failed as stale and re-queued by someone else) is left alone. The caller
+    keeps signals from interrupting this (``search.runner`` sets a flag in its handlers).
 
     Args:
         study: The trial's study.
         trial: The trial this worker was running.
+
+    Returns:
+        Whether the trial was handed back.
     """
-    storage = study._storage
-    with named_lock(storage, _lock_name(study)):
-        frozen = storage.get_trial(trial._trial_id)
-        if frozen.state != TrialState.RUNNING:
-            return
-        storage.set_trial_user_attr(trial._trial_id, HANDED_BACK, True)
-        try:
-            study.tell(trial, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return
-        history = [*frozen.system_attrs.get(RETRY_HISTORY, ()), frozen.number]
-        system_attrs = {
-            **frozen.system_attrs,
-            FAILED_TRIAL: frozen.system_attrs.get(FAILED_TRIAL, frozen.number),
-            RETRY_HISTORY: history,
-        }
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING,
-                params=frozen.params,
-                distributions=frozen.distributions,
-                user_attrs=frozen.user_attrs,
-                system_attrs=system_attrs,
-            )
-        )
+    with named_lock(study._storage, _lock_name(study)):
+        frozen = fail_and_requeue(study, trial._trial_id, user_attrs={HANDED_BACK: True})
+    if frozen is None:
+        return False
     _logger.warning("trial %d handed back and re-queued", frozen.number)
+    return True

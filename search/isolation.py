@@ -72,7 +72,7 @@ class TrialOutcome:
     """What became of one isolated trial.
 
     Args:
-        status: ``complete``, ``pruned``, ``oom``, ``failed`` or ``killed``.
+        status: ``complete``, ``pruned``, ``oom``, ``failed``, ``killed`` or ``stopped``.
         value: ``metrics["ndcg@10"]`` when complete.
         metrics: The last metrics (the result's, else the last report's).
         history: Metrics reported per epoch.
@@ -212,6 +212,9 @@ def _child_main(
     env: dict[str, str],
 ) -> None:
     """Entry point of the child: run the objective and send what became of it."""
+    # Ctrl-C reaches the whole process group: the worker decides what becomes of the trial
+    # (it hands it back), so the child does not die of KeyboardInterrupt on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Leave the objects inherited from the forkserver out of every garbage collection: a
     # collection would touch (and so copy) every page of the inherited heap, 1-2 s per trial.
     gc.freeze()
@@ -332,6 +335,7 @@ def run_isolated(
     memory_limit_bytes: int | None = None,
     objective: str = DEFAULT_OBJECTIVE,
     timeout: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrialOutcome:
     """Run ``objective(cfg, report=..., on_phase=...)`` in a child process and say how it ended.
 
@@ -350,6 +354,10 @@ def run_isolated(
             post-import baseline (see ``_set_memory_limit``).
         objective: ``"module:function"`` with ``search.train.loop.train``'s signature.
         timeout: Seconds after which the child is killed (``killed``, ``timeout``).
+        stop: Polled at least every half second; when it returns True the child is killed
+            and the outcome is ``stopped`` (the worker got SIGTERM or SIGINT). An exception
+            raised by ``report`` (e.g. the trial was failed meanwhile) also kills and reaps
+            the child, then propagates.
 
     Returns:
         The outcome; ``seconds`` is the wall time including the child's start.
@@ -377,8 +385,12 @@ def run_isolated(
     outcome = TrialOutcome(status="failed")
     final: tuple[str, dict[str, Any]] | None = None
     timed_out = False
+    stopped = False
     try:
         while final is None:
+            if stop is not None and stop():
+                stopped = True
+                break
             remaining = None if timeout is None else timeout - (time.monotonic() - start)
             if remaining is not None and remaining <= 0:
                 timed_out = True
@@ -417,6 +429,10 @@ def run_isolated(
     outcome.exitcode = proc.exitcode
     proc.close()
 
+    if stopped:
+        outcome.status = "stopped"
+        outcome.error = "Stopped: the worker was told to stop"
+        return outcome
     if timed_out:
         outcome.status = "killed"
         outcome.error = f"timeout: killed after {timeout:g} s"

@@ -14,9 +14,11 @@ happens to be alone. The loop, top to bottom:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from search.budget import claim_trial
 from search.budget import ensure_budget
 from search.budget import finished_count
 from search.budget import hand_back
+from search.budget import watch_stale
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import device_info
@@ -59,9 +62,34 @@ from storage import create_storage
 from storage import heartbeat
 from storage import redact_url
 
+_logger = logging.getLogger(__name__)
+_STOP_SIGNALS = {signal.SIGTERM: "sigterm", signal.SIGINT: "sigint"}
 
-class Terminated(BaseException):
-    """SIGTERM arrived: hand the running trial back and stop."""
+
+class _Interrupted(Exception):
+    """SIGTERM or SIGINT arrived while this worker ran a trial: hand it back and stop."""
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop reads it at safe points.
+
+    The handlers only set this flag and never raise, so a signal cannot cut into a database
+    call, the budget lock or a hand-back (six SIGTERMs in a row hand the trial back once).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def reason(self) -> str:
+        return _STOP_SIGNALS.get(self.signum or 0, "signal")
 
 
 @dataclass
@@ -71,8 +99,9 @@ class RunSummary:
     study_name: str
     storage_url: str
     trials_run: int
-    stopped_by: str  # "budget" | "timeout" | "sigterm"
+    stopped_by: str  # "budget" | "timeout" | "sigterm" | "sigint"
     study: optuna.Study
+    handed_back: int | None = None  # the trial number handed back on SIGTERM / SIGINT
 
 
 TrialCallback = Callable[[optuna.trial.FrozenTrial], None]
@@ -105,15 +134,18 @@ def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], N
 
 
 @contextmanager
-def _sigterm_hands_back() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    """SIGTERM and SIGINT set the returned flag while the block runs (main thread only)."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {signum: signal.signal(signum, flag.handler) for signum in _STOP_SIGNALS}
     try:
-        yield
+        yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_study(
@@ -121,12 +153,15 @@ def run_study(
     opts: RunOptions,
     *,
     on_trial: TrialCallback | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> RunSummary:
-    """Run trials of ``spec``'s study until its budget is spent, the timeout passes or SIGTERM.
+    """Run trials of ``spec``'s study until its budget is spent, the timeout passes or a signal.
 
-    Data and spec are validated before anything is written to the study. ``on_start`` gets
-    the study's budget and its finished trials; ``on_trial`` each trial this worker finished.
+    Data and spec are validated before anything is written to the study. ``on_progress`` gets
+    the study's budget and its finished trials (all workers'), at the start and after each
+    trial of this worker; ``on_trial`` each trial this worker finished. SIGTERM or SIGINT hands
+    the running trial back (``handed_back``) and stops; a trial that was failed as stale and
+    re-queued elsewhere while this worker was cut off is dropped, and the worker goes on.
     """
     validate_data(
         spec.resolve_path(spec.data.train), spec.resolve_path(spec.data.eval), spec.data.split
@@ -145,32 +180,52 @@ def run_study(
         on_create=_init_study(spec, opts),
     )
     budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
-    if on_start is not None:
-        on_start(budget, finished_count(study))
+    if on_progress is not None:
+        on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
     warm_up(opts.objective)  # start the trial process server (imports torch once) up front
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     trials_run = 0
     stopped_by = "budget"
-    with _sigterm_hands_back():
+    handed_back = None
+    with _stop_on_signals() as stop, watch_stale(study):
         while True:
+            if stop():
+                stopped_by = stop.reason
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "timeout"
                 break
-            trial = claim_trial(study, budget)
+            trial = claim_trial(study, budget, stop=stop)
             if trial is None:
+                stopped_by = stop.reason if stop() else stopped_by
                 break
             try:
-                frozen = _run_trial(study, trial, spec, opts, model_paths, device, storage)
-            except Terminated:
-                hand_back(study, trial)
-                stopped_by = "sigterm"
+                frozen = _run_trial(study, trial, spec, opts, model_paths, device, storage, stop)
+            except UpdateFinishedTrialError:
+                # Failed as stale (this worker was paused or cut off longer than the grace
+                # period) and re-queued by a survivor: its re-run owns the result.
+                _logger.warning(
+                    "trial %d was failed as stale and re-queued elsewhere; dropping its result",
+                    trial.number,
+                )
+                frozen = None
+            except _Interrupted:
+                if hand_back(study, trial):
+                    handed_back = trial.number
+                stopped_by = stop.reason
                 break
-            trials_run += 1
-            if on_trial is not None:
-                on_trial(frozen)
-            _stop_on_load_error(frozen, spec)
-    return RunSummary(name, redact_url(opts.storage_url), trials_run, stopped_by, study)
+            if frozen is not None:
+                trials_run += 1
+                if on_trial is not None:
+                    on_trial(frozen)
+            if on_progress is not None:
+                on_progress(budget, finished_count(study))
+            if frozen is not None:
+                _stop_on_load_error(frozen, spec)
+    return RunSummary(
+        name, redact_url(opts.storage_url), trials_run, stopped_by, study, handed_back
+    )
 
 
 def _stop_on_load_error(frozen: optuna.trial.FrozenTrial, spec: StudySpec) -> None:
@@ -193,8 +248,14 @@ def _run_trial(
     model_paths: dict[str, str],
     device: DeviceInfo,
     storage: optuna.storages.BaseStorage,
+    stop: Callable[[], bool] = lambda: False,
 ) -> optuna.trial.FrozenTrial:
-    """Sample, preflight, train and tell one claimed trial."""
+    """Sample, preflight, train and tell one claimed trial.
+
+    Raises:
+        _Interrupted: ``stop()`` became true before the trial finished (its child is gone).
+        UpdateFinishedTrialError: The trial was failed as stale meanwhile (child stopped).
+    """
     started = time.monotonic()
     params = sample_params(trial, spec)
     cfg = build_config(
@@ -226,6 +287,8 @@ def _run_trial(
             _set_attrs(storage, trial, first)
             return study.tell(trial, state=TrialState.PRUNED)
         _set_attrs(storage, trial, first)  # before training: the dashboard shows it running
+        if stop():
+            raise _Interrupted()
 
         metric = spec.study.metric
 
@@ -238,13 +301,13 @@ def _run_trial(
             report=report,
             memory_limit_bytes=opts.memory_limit,
             objective=opts.objective,
+            stop=stop,
         )
-    try:
-        return _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
-    except UpdateFinishedTrialError:
-        # The trial was failed as stale while this worker was cut off from the database
-        # (longer than the grace period) and re-queued: its re-run owns the result.
-        return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    # A child killed or failed by the same signal (Ctrl-C reaches the whole process group)
+    # is an interruption too, not the trial's failure.
+    if outcome.status == "stopped" or (stop() and outcome.status in ("killed", "failed")):
+        raise _Interrupted()
+    return _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
 
 
 def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> dict[str, Any]:

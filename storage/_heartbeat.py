@@ -35,9 +35,12 @@ class HeartbeatThread(threading.Thread):
         storage: A storage with heartbeats enabled.
         trial_id: The running trial's id.
         interval: Seconds between heartbeats.
+        number: The trial's number, for log lines (looked up when not given).
     """
 
-    def __init__(self, storage: BaseStorage, trial_id: int, interval: float) -> None:
+    def __init__(
+        self, storage: BaseStorage, trial_id: int, interval: float, number: int | None = None
+    ) -> None:
         super().__init__(name=f"heartbeat-{trial_id}", daemon=True)
         if not isinstance(storage, BaseHeartbeat):
             raise ValueError(f"storage has no heartbeat, but got {type(storage).__name__}.")
@@ -45,9 +48,19 @@ class HeartbeatThread(threading.Thread):
             raise ValueError(f"interval must be > 0, but got {interval=}.")
         self._storage = storage
         self._trial_id = trial_id
+        self._number = number
         self._interval = interval
         self._stop_event = threading.Event()
         self.beats = 0
+
+    def _label(self) -> str:
+        """``trial N`` by the trial's number (what the dashboard and the report show)."""
+        if self._number is None:
+            try:
+                self._number = self._storage.get_trial_number_from_id(self._trial_id)
+            except Exception:  # the database is away: name the id for now
+                return f"trial id {self._trial_id}"
+        return f"trial {self._number}"
 
     def run(self) -> None:
         """Beat until :meth:`stop`."""
@@ -58,13 +71,13 @@ class HeartbeatThread(threading.Thread):
                     self._storage.record_heartbeat(self._trial_id)
                     self.beats += 1
                     if failing:
-                        _logger.warning("heartbeat of trial %d recorded again", self._trial_id)
+                        _logger.warning("heartbeat of %s recorded again", self._label())
                     failing = False
                 except Exception as error:  # the database is away: keep trying
                     if not failing:
                         _logger.warning(
-                            "heartbeat of trial %d failed (%s); retrying",
-                            self._trial_id,
+                            "heartbeat of %s failed (%s); retrying",
+                            self._label(),
                             type(error).__name__,
                         )
                     failing = True
@@ -108,7 +121,7 @@ def heartbeat(study: optuna.Study, trial: optuna.trial.Trial) -> Iterator[None]:
     assert isinstance(storage, BaseHeartbeat)
     interval = storage.get_heartbeat_interval()
     assert interval is not None
-    thread = HeartbeatThread(storage, trial._trial_id, interval)
+    thread = HeartbeatThread(storage, trial._trial_id, interval, number=trial.number)
     thread.start()
     try:
         yield
@@ -151,6 +164,7 @@ def adopt_orphans(study: optuna.Study) -> list[int]:
         if started is None or started < cutoff:
             adopted.append(trial_id)
     for trial_id in adopted:
-        _logger.warning("trial id %d is RUNNING without a heartbeat; adopting it", trial_id)
+        number = rdb.get_trial_number_from_id(trial_id)
+        _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", number)
         rdb.record_heartbeat(trial_id)
     return adopted
