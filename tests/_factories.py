@@ -6,14 +6,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
+from sqlalchemy.pool import NullPool
+
 from search.config import TrialConfig
 from search.models import MODELS
+from storage import redact_url
 
 # The PostgreSQL the marked tests use (.ci/run creates the database).
 PG_URL = os.environ.get(
     "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
 )
-KLUE_JSON = Path(__file__).parents[1].parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json"
+# The shared data directory (KLUE-NLI is read in place from it); overridable to test its absence.
+SHARED_DATA = Path(
+    os.environ.get("SEARCH_TEST_SHARED_DATA", Path(__file__).parents[1].parent / "shared/data")
+)
+KLUE_JSON = SHARED_DATA / "klue-nli/klue-nli-v1.1_dev.json"
 # Korean sentences for tokenizers and encoders when the KLUE file is absent.
 SENTENCES = [
     "흡연자분들은 발코니가 있는 방이면 발코니에서 흡연이 가능합니다.",
@@ -27,6 +35,94 @@ SENTENCES = [
     "회의는 오후 세 시에 시작해서 한 시간 동안 진행됩니다.",
     "도서관은 월요일마다 휴관합니다.",
 ]
+
+
+# Driver messages that mean no server answered (vs one that answered and refused).
+_UNREACHABLE = (
+    "connection refused",
+    "timeout expired",
+    "could not translate host name",
+    "name or service not known",
+    "no route to host",
+    "network is unreachable",
+    "no such file or directory",  # a Unix socket that is not there
+)
+
+
+def ci() -> bool:
+    """True under CI (``CI`` set to anything but empty, 0, false or no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def ensure_pg_database(url: str, timeout: int = 3) -> str | None:
+    """Connect to ``url``, creating its database when the server is reachable but lacks it.
+
+    Returns None when the database is usable, else the real cause in one line: the server is
+    unreachable, or the database is missing and could not be created (and why), or it exists
+    and refused the connection.
+    """
+    shown = redact_url(url)
+    target = sqlalchemy.engine.make_url(url)
+    first = _connect_error(url, timeout)
+    if first is None:
+        return None
+    missing = f'database "{target.database}" does not exist' in first
+    admin = sqlalchemy.create_engine(
+        target.set(database="postgres"),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": timeout},
+    )
+    try:
+        conn = admin.connect()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        admin.dispose()
+        if missing:
+            return (
+                f"database {target.database!r} missing at {shown} and could not be created "
+                f"(no connection to the 'postgres' database: {_first(exc)})"
+            )
+        if any(sign in first.lower() for sign in _UNREACHABLE):
+            return f"PostgreSQL server unreachable at {shown}: {first}"
+        return f"PostgreSQL at {shown} refused the connection: {first}"
+    try:
+        with conn:
+            exists = conn.execute(
+                sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                {"name": target.database},
+            ).scalar()
+            if exists:
+                return f"database {target.database!r} exists at {shown} but refused: {first}"
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{target.database}"'))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        if _connect_error(url, timeout) is None:  # created meanwhile by another process
+            return None
+        return (
+            f"database {target.database!r} missing at {shown} and could not be created: "
+            f"{_first(exc)}"
+        )
+    finally:
+        admin.dispose()
+    return _connect_error(url, timeout)
+
+
+def _connect_error(url: str, timeout: int) -> str | None:
+    engine = sqlalchemy.create_engine(
+        url, poolclass=NullPool, connect_args={"connect_timeout": timeout}
+    )
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        return _first(exc)
+    finally:
+        engine.dispose()
+
+
+def _first(exc: BaseException) -> str:
+    """The first non-empty line of an error (psycopg's detail follows on later lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def trial_config(**over: Any) -> TrialConfig:

@@ -29,8 +29,6 @@ from search.train.tiny import build_tiny_replica
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-KLUE_JSON = Path(__file__).resolve().parents[2] / "shared" / "data" / "klue-nli"
-KLUE_JSON = KLUE_JSON / "klue-nli-v1.1_dev.json"
 MODEL = "multilingual-minilm"  # mean pooling: a random tiny CLS-pooled replica collapses
 
 pytestmark = pytest.mark.train
@@ -45,12 +43,12 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def klue(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[TrainExample], EvalSet, Path]:
+def klue(
+    tmp_path_factory: pytest.TempPathFactory, klue_json: Path
+) -> tuple[list[TrainExample], EvalSet, Path]:
     """KLUE-NLI as retrieval (premise -> entailment, contradiction = hard negative)."""
-    if not KLUE_JSON.is_file():
-        pytest.skip(f"KLUE-NLI not found at {KLUE_JSON}")
     work = tmp_path_factory.mktemp("klue")
-    train_path, eval_dir = klue_nli_to_retrieval(KLUE_JSON, work / "data", eval_fraction=0.2)
+    train_path, eval_dir = klue_nli_to_retrieval(klue_json, work / "data", eval_fraction=0.2)
     examples = load_train(train_path)
     texts = [t for e in examples for t in (e.query, e.positive, *e.negatives)]
     replica = build_tiny_replica(MODELS[MODEL], work / "replicas", texts, vocab_size=2000)

@@ -1,4 +1,4 @@
-"""search.train.nli_retrieval on the real KLUE-NLI dev file (skipped where it is absent)."""
+"""search.train.nli_retrieval on the real KLUE-NLI dev file (skipped where absent, not in CI)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+from _factories import KLUE_JSON
 
 from search.train.data import DataError
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.nli_retrieval import klue_nli_to_retrieval
 
-KLUE_DIR = Path(__file__).parents[1].parent / "shared/data/klue-nli"
-KLUE_JSON = KLUE_DIR / "klue-nli-v1.1_dev.json"
-needs_klue = pytest.mark.skipif(
-    not KLUE_JSON.is_file(), reason=f"KLUE-NLI data not found at {KLUE_JSON}"
-)
+# The klue_json fixture skips where the data is absent, and fails under CI (conftest).
+needs_klue = pytest.mark.usefixtures("klue_json")
 
 
 @pytest.fixture(scope="module")
-def records() -> list[dict[str, str]]:
-    return json.loads(KLUE_JSON.read_text(encoding="utf-8"))
+def records(klue_json: Path) -> list[dict[str, str]]:
+    return json.loads(klue_json.read_text(encoding="utf-8"))
 
 
 @needs_klue
