@@ -140,6 +140,7 @@ def test_sigterm_hands_the_trial_back_and_it_counts_once(pg_url: str) -> None:
     assert finished_count(study) == 4
 
 
+@pytest.mark.pg_restart  # cuts off everyone on the server: only when asked (conftest)
 def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
     tool = shlex.split(PG_RESTART)[0]
     if shutil.which(tool) is None:
