@@ -471,13 +471,30 @@ def _died(
     outcome.status = "killed"
     outcome.error = f"Killed: the trial process was killed by {_signal_name(number)}"
     if number == signal.SIGKILL:
-        kills_after = _oom_kill_count()
-        evidence = None
-        if kills_before is not None and kills_after is not None and kills_after > kills_before:
-            evidence = f"cgroup oom_kill {kills_before} -> {kills_after}"
-        elif lowest_available < _HOST_LOW_MEMORY:
-            evidence = f"host memory available fell to {lowest_available:.1%}"
+        evidence = host_oom_evidence(kills_before, _oom_kill_count(), lowest_available)
         if evidence is not None:
             outcome.oom_kind = "host"
             outcome.error += f" (host out of memory: {evidence})"
     return outcome
+
+
+def host_oom_evidence(
+    kills_before: int | None, kills_after: int | None, lowest_available: float
+) -> str | None:
+    """Why a SIGKILLed child counts as killed by the kernel's OOM killer, or None.
+
+    The cgroup's ``oom_kill`` counter grew while it ran (both readings known), else the host's
+    available memory fell under 5% of the total while it ran.
+
+    >>> host_oom_evidence(2, 3, 0.5)
+    'cgroup oom_kill 2 -> 3'
+    >>> host_oom_evidence(None, None, 0.01)
+    'host memory available fell to 1.0%'
+    >>> host_oom_evidence(3, 3, 0.5) is None
+    True
+    """
+    if kills_before is not None and kills_after is not None and kills_after > kills_before:
+        return f"cgroup oom_kill {kills_before} -> {kills_after}"
+    if lowest_available < _HOST_LOW_MEMORY:
+        return f"host memory available fell to {lowest_available:.1%}"
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from search.isolation import host_oom_evidence
 from search.oom import OOM_PATTERNS
 from search.oom import is_oom_error
 from search.oom import release_device_memory
@@ -109,3 +110,30 @@ def test_real_cpu_allocation_failure_is_oom() -> None:
 def test_release_device_memory_runs_without_cuda() -> None:
     release_device_memory()
     assert not torch.cuda.is_initialized()
+
+
+# host_oom_evidence: every input combination has exactly one answer. Counter readings are
+# (before, after), None where unreadable; the low-memory threshold is 5% of the host's total.
+@pytest.mark.parametrize(
+    ("kills_before", "kills_after", "lowest_available", "expected"),
+    [
+        (0, 1, 0.50, "cgroup oom_kill 0 -> 1"),  # the counter grew: host OOM
+        (4, 7, 0.01, "cgroup oom_kill 4 -> 7"),  # the counter wins over low memory
+        (0, 0, 0.50, None),  # no kill, memory fine: not an OOM (e.g. a user's kill -9)
+        (3, 3, 0.049, "host memory available fell to 4.9%"),  # no kill counted, memory low
+        (3, 3, 0.05, None),  # at the threshold is not under it
+        (5, 2, 0.50, None),  # a counter that went down (cgroup recreated) proves nothing
+        (None, 1, 0.50, None),  # one reading missing: no counter evidence
+        (1, None, 0.50, None),
+        (None, None, 0.50, None),
+        (None, None, 0.001, "host memory available fell to 0.1%"),
+        (None, 9, 0.0, "host memory available fell to 0.0%"),
+    ],
+)
+def test_host_oom_evidence_has_one_answer_per_input(
+    kills_before: int | None,
+    kills_after: int | None,
+    lowest_available: float,
+    expected: str | None,
+) -> None:
+    assert host_oom_evidence(kills_before, kills_after, lowest_available) == expected
