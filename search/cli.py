@@ -9,17 +9,20 @@ search storage check --storage postgresql://... [--upgrade]
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
-from typing import Any
 from typing import NoReturn
 
 import typer
 from rich.console import Console
+
+from search.cli_options import WORKER_ONLY
+from search.cli_options import RunArgs
+from search.cli_options import StorageOpt
+from search.cli_options import with_run_args
 
 app = typer.Typer(
     help="Hyperparameter search for Korean bi-encoder retrieval models, on Optuna.",
@@ -29,40 +32,12 @@ app = typer.Typer(
 )
 storage_app = typer.Typer(help="Inspect and upgrade the study storage.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
+spec_app = typer.Typer(help="Write and check study specs.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True)
-
-StudyOpt = Annotated[
-    str | None,
-    typer.Option("--study", help="Shipped study spec to run (e.g. ko-retrieval)."),
-]
-SpecOpt = Annotated[
-    Path | None, typer.Option("--spec", help="Your own study spec (YAML) instead of --study.")
-]
-StorageOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        help="Storage URL (postgresql://..., sqlite:///file.db). Default: $SEARCH_STORAGE, "
-        "else search.db in the working directory.",
-    ),
-]
-
-
-def _check_device(device: str) -> None:
-    """Reject a --device this machine cannot run, before anything is written."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        _fail(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail(f"--device {device!r}: CUDA is not available here (use --device cpu or auto)")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            _fail(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -70,77 +45,62 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The user's mistakes, as (module, class): shown as one line with exit code 2.
+USER_ERRORS = (
+    ("search.cli_options", "OptionError"),
+    ("search.spec", "SpecError"),
+    ("search.train.data", "DataError"),
+    ("search.budget", "BudgetError"),
+    ("storage", "StorageError"),
+)
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    """The classes among ``names`` whose module is loaded (one not loaded cannot have raised).
+
+    So a bad spec is reported without importing optuna (storage) or torch first.
+    """
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the user's mistakes into one-line errors with exit code 2 (never a traceback)."""
-    from search.budget import BudgetError
     from search.errors import RunError
-    from search.spec import SpecError
-    from search.train.data import DataError
-    from storage import StorageError
 
     try:
         yield
-    except (SpecError, DataError, BudgetError, StorageError) as exc:
-        _fail(str(exc))
     except RunError as exc:
         _fail(str(exc), code=1)
+    except Exception as exc:
+        if isinstance(exc, _loaded(USER_ERRORS)):
+            _fail(str(exc))
+        raise
 
 
-def _run(
-    *,
-    study: str | None,
-    spec_file: Path | None,
-    storage: str | None,
-    n_trials: int | None,
-    set_n_trials: bool,
-    timeout: float | None,
-    seed: int | None,
-    tiny: bool,
-    device: str,
-    gpu: str | None,
-    memory_limit: str | None,
-    no_preflight: bool,
-    no_frontier: bool,
-    study_name: str | None,
-    objective: str,
-) -> None:
-    from search.device import parse_size
-    from search.report import report_table
-    from search.report import study_report
-    from search.runner import RunOptions
-    from search.runner import study_name_for
+def _run(args: RunArgs) -> None:
+    """Check options, spec, data and the stored study (no torch yet), then run the trials."""
+    from search.cli_options import check_device_available
+    from search.cli_options import run_options
+    from search.options import study_name_for
+    from search.space_check import check_stored_space
+    from search.spec import check_spec_data
     from search.spec import resolve_spec
-    from storage import redact_url
-    from storage import resolve_storage_url
 
     with _user_errors():
-        spec = resolve_spec(study, str(spec_file) if spec_file else None)
-        _check_device(device)
-        try:
-            limit = parse_size(memory_limit) if memory_limit else None
-        except ValueError as exc:
-            _fail(f"--memory-limit {memory_limit!r}: {exc}")
-        opts = RunOptions(
-            storage_url=resolve_storage_url(storage),
-            n_trials=n_trials,
-            set_n_trials=set_n_trials,
-            timeout=timeout,
-            seed=seed,
-            tiny=tiny,
-            device=device,
-            gpu=gpu,
-            memory_limit=limit,
-            use_estimate=not no_preflight,
-            use_frontier=not no_frontier,
-            study_name=study_name,
-            objective=objective,
-        )
-        console.print(
-            f"study [bold]{study_name_for(spec, opts)}[/] in {redact_url(opts.storage_url)}",
-            highlight=False,
-        )
+        spec = resolve_spec(args.study, str(args.spec) if args.spec else None)
+        check_spec_data(spec, model_paths=not args.tiny)
+        opts = run_options(args)  # imports the storage layer (optuna) for the URL
+        name = study_name_for(spec, opts)
+        check_stored_space(opts.storage_url, name, spec, force=args.force_space)
+        check_device_available(opts.device)  # imports torch for a cuda device: last
+        from storage import redact_url
+
+        console.print(f"study [bold]{name}[/] in {redact_url(opts.storage_url)}", highlight=False)
         summary = _run_with_progress(spec, opts)
+    from search.report import report_table
+    from search.report import study_report
+
     report = study_report(summary.study)
     console.print(report_table(report))
     console.print(
@@ -173,9 +133,14 @@ def _run_with_progress(spec: object, opts: object) -> object:
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("", total=None)
+        task = None  # no bar until the study is open and its first trial about to start
+        mine: list[int] = []
 
-        def on_start(budget: int, finished: int) -> None:
+        def on_progress(budget: int, finished: int) -> None:
+            # The study's count (all workers'), re-read after each trial of this worker.
+            nonlocal task
+            if task is None:
+                task = progress.add_task("", total=budget, completed=finished)
             progress.update(task, total=budget, completed=finished)
 
         def on_trial(frozen: optuna.trial.FrozenTrial) -> None:
@@ -184,102 +149,40 @@ def _run_with_progress(spec: object, opts: object) -> object:
                 state = f"oom ({frozen.user_attrs.get('oom_kind')})"
             if frozen.state.name == "COMPLETE" and frozen.value is not None:
                 best.append(frozen.value)
+            mine.append(frozen.number)
             model = frozen.user_attrs.get("model", "?")
             progress.update(
                 task,
-                advance=1,
                 description=f"#{frozen.number} {model}: {state}"
-                + (f" | best {max(best):.4f}" if best else ""),
+                + (f" | best {max(best):.4f}" if best else "")
+                + f" | {len(mine)} by this worker",
             )
 
-        return run_study(spec, opts, on_trial=on_trial, on_start=on_start)  # type: ignore[arg-type]
-
-
-NTrialsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--n-trials",
-        min=1,
-        help="The study's total budget of finished trials, stored with a new study "
-        "(default: the spec's study.n_trials).",
-    ),
-]
-SetNTrialsOpt = Annotated[
-    bool, typer.Option("--set-n-trials", help="Change the stored budget of an existing study.")
-]
-TimeoutOpt = Annotated[
-    float | None, typer.Option("--timeout", min=1, help="Stop starting trials after S seconds.")
-]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampler seed.")]
-TinyOpt = Annotated[
-    bool, typer.Option("--tiny", help="Tiny offline replicas of each model (no downloads).")
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-MemoryLimitOpt = Annotated[
-    str | None, typer.Option("--memory-limit", help="Cap each trial's memory, e.g. 6GiB.")
-]
-NoPreflightOpt = Annotated[
-    bool, typer.Option("--no-preflight", help="Do not skip configs by memory estimate.")
-]
-NoFrontierOpt = Annotated[
-    bool, typer.Option("--no-frontier", help="Do not skip configs dominated by an OOM.")
-]
-StudyNameOpt = Annotated[
-    str | None, typer.Option("--study-name", help="Optuna study name (default: the spec's).")
-]
-GpuOpt = Annotated[
-    str | None,
-    typer.Option("--gpu", help="GPU index for this worker (else CUDA_VISIBLE_DEVICES)."),
-]
-ObjectiveOpt = Annotated[str, typer.Option("--objective", hidden=True)]
-DEFAULT_OBJECTIVE = "search.train.loop:train"
+        summary = run_study(spec, opts, on_trial=on_trial, on_progress=on_progress)  # type: ignore[arg-type]
+    if summary.stopped_by in ("sigterm", "sigint"):
+        what = "interrupted" if summary.stopped_by == "sigint" else "terminated"
+        if summary.handed_back is not None:
+            done = f"trial {summary.handed_back} handed back and re-queued"
+        else:
+            done = "no trial was running"
+        console.print(f"{what}: {done}", highlight=False)
+        if summary.stopped_by == "sigint":
+            raise typer.Exit(130)  # the shell's code for Ctrl-C
+    return summary
 
 
 @app.command()
-def run(
-    study: StudyOpt = None,
-    spec: SpecOpt = None,
-    storage: StorageOpt = None,
-    n_trials: NTrialsOpt = None,
-    set_n_trials: SetNTrialsOpt = False,
-    timeout: TimeoutOpt = None,
-    seed: SeedOpt = None,
-    tiny: TinyOpt = False,
-    device: DeviceOpt = "auto",
-    memory_limit: MemoryLimitOpt = None,
-    no_preflight: NoPreflightOpt = False,
-    no_frontier: NoFrontierOpt = False,
-    study_name: StudyNameOpt = None,
-    objective: ObjectiveOpt = DEFAULT_OBJECTIVE,
-) -> None:
+@with_run_args(exclude=WORKER_ONLY)
+def run(args: RunArgs) -> None:
     """Run the whole search in this process (one worker), on the embedded default storage."""
-    _run(spec_file=spec, gpu=None, **_without(locals(), "spec"))
+    _run(args)
 
 
 @app.command()
-def worker(
-    study: StudyOpt = None,
-    spec: SpecOpt = None,
-    storage: StorageOpt = None,
-    n_trials: NTrialsOpt = None,
-    set_n_trials: SetNTrialsOpt = False,
-    gpu: GpuOpt = None,
-    timeout: TimeoutOpt = None,
-    seed: SeedOpt = None,
-    tiny: TinyOpt = False,
-    device: DeviceOpt = "auto",
-    memory_limit: MemoryLimitOpt = None,
-    no_preflight: NoPreflightOpt = False,
-    no_frontier: NoFrontierOpt = False,
-    study_name: StudyNameOpt = None,
-    objective: ObjectiveOpt = DEFAULT_OBJECTIVE,
-) -> None:
+@with_run_args()
+def worker(args: RunArgs) -> None:
     """Pull trials from a shared study until its global budget is spent, then exit 0."""
-    _run(spec_file=spec, **_without(locals(), "spec"))
-
-
-def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in names}
+    _run(args)
 
 
 @app.command()
@@ -332,6 +235,40 @@ def storage_check(
     console.print(status.message, highlight=False)
     if not status.reachable or not status.schema_current:
         raise typer.Exit(1)
+
+
+@spec_app.command("init")
+def spec_init(
+    file: Annotated[Path, typer.Argument(help="The spec file to write.", show_default=False)],
+    from_: Annotated[
+        str, typer.Option("--from", help="The shipped spec to start from.")
+    ] = "ko-retrieval",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing FILE.")] = False,
+) -> None:
+    """Write a spec of your own (a copy of a shipped one that still finds the demo data)."""
+    from search.spec_init import init_spec
+
+    with _user_errors():
+        written = init_spec(file, from_, force=force)
+    console.print(
+        f"wrote {written} (from the shipped {from_} spec; its data paths point at the shipped "
+        f"demo data). Run it: search run --spec {written} --tiny",
+        highlight=False,
+    )
+
+
+@spec_app.command("check")
+def spec_check(
+    file: Annotated[Path, typer.Argument(help="The spec file to check.", show_default=False)],
+) -> None:
+    """Check a spec and its data as `search run` would, without touching any study."""
+    from search.spec import check_spec_data
+    from search.spec import load_spec
+
+    with _user_errors():
+        spec = load_spec(file)
+        check_spec_data(spec)
+    console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -22,7 +23,9 @@ from pydantic import model_validator
 
 from search.models import MODELS
 
-STUDIES_DIR = Path(__file__).parent / "studies"
+PACKAGE_DIR = Path(__file__).resolve().parent
+STUDIES_DIR = PACKAGE_DIR / "studies"
+PACKAGE_PREFIX = "package:"  # a path inside the installed package: package:studies/data/ko-demo
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10")
 
 
@@ -60,6 +63,8 @@ class FloatRange(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> FloatRange:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"must be finite, but got low={self.low}, high={self.high}")
         if not self.low < self.high:
             raise ValueError(f"low must be below high, but got low={self.low}, high={self.high}")
         if self.log and self.low <= 0:
@@ -84,6 +89,30 @@ class SpaceSection(_Strict):
     warmup_ratio: FloatRange
     weight_decay: FloatRange
     conditions: dict[str, Condition] = Field(default_factory=dict)
+
+    @field_validator("lr", "temperature")
+    @classmethod
+    def _positive_range(cls, v: FloatRange) -> FloatRange:
+        # AdamW needs lr > 0 to learn; InfoNCE divides the scores by the temperature.
+        if v.low <= 0:
+            raise ValueError(f"must stay above 0, but got low={v.low}")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _share_range(cls, v: FloatRange) -> FloatRange:
+        # The share of the optimiser steps spent warming up (search/train/loop.py).
+        if v.low < 0 or v.high > 1:
+            raise ValueError(f"must lie within [0, 1], but got low={v.low}, high={v.high}")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _non_negative_range(cls, v: FloatRange) -> FloatRange:
+        # AdamW rejects a negative weight decay.
+        if v.low < 0:
+            raise ValueError(f"must be >= 0, but got low={v.low}")
+        return v
 
     @field_validator("batch_size", "max_len")
     @classmethod
@@ -181,7 +210,13 @@ class StudySpec(_Strict):
         return self
 
     def resolve_path(self, value: str) -> Path:
-        """A data or model path, relative to the spec file's directory."""
+        """A data or model path: relative to the spec file's directory, or ``package:REL``.
+
+        ``package:studies/data/ko-demo`` is a path inside the installed ``search`` package
+        (the shipped demo data), so a copied spec still finds it.
+        """
+        if value.startswith(PACKAGE_PREFIX):
+            return PACKAGE_DIR / value.removeprefix(PACKAGE_PREFIX)
         path = Path(value).expanduser()
         if path.is_absolute() or not self.source:
             return path
@@ -211,6 +246,55 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: field {loc}{shown}: {msg}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _reject_duplicate_keys(node, ())
+        return super().construct_document(node)
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, field: str, line: int, first: int) -> None:
+        super().__init__(
+            f"line {line}: field {field} is given twice (first on line {first}); YAML would keep "
+            "only the last one: remove or rename one"
+        )
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: tuple[str, ...]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key in seen and key != "<<":
+                raise _DuplicateKeyError(".".join((*path, key)), line, seen[key])
+            seen[key] = line
+            _reject_duplicate_keys(value_node, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, (*path, str(i)))
+
+
+def _check_positions(spec: StudySpec, path: Path) -> None:
+    """Every model's effective ``max_len`` choices fit its position embeddings."""
+    for model in spec.models:
+        limit = MODELS[model].max_tokens
+        cond = spec.space.conditions.get(model)
+        if cond is not None and cond.max_len:
+            field, choices, fix = f"space.conditions.{model}.max_len", cond.max_len, "drop it"
+        else:
+            field, choices = "space.max_len", spec.space.max_len
+            fix = f"drop it, or give {model} its own space.conditions.{model}.max_len"
+        over = [x for x in choices if x > limit]
+        if over:
+            raise SpecError(
+                f"{path}: field {field} (value: {over[0]}): {model} takes at most {limit} tokens "
+                f"(its position embeddings); {fix}"
+            )
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file; raise SpecError with a one-line message on any problem."""
     path = Path(path)
@@ -219,7 +303,9 @@ def load_spec(path: str | Path) -> StudySpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -230,9 +316,44 @@ def load_spec(path: str | Path) -> StudySpec:
     if "source" in raw:
         raise SpecError(f"{path}: field source: not a spec field")
     try:
-        return StudySpec.model_validate({**raw, "source": str(path.resolve())})
+        spec = StudySpec.model_validate({**raw, "source": str(path.resolve())})
     except ValidationError as exc:
         raise SpecError(_format_error(path, exc)) from None
+    _check_positions(spec, path)
+    return spec
+
+
+def check_spec_data(spec: StudySpec, *, model_paths: bool = True) -> None:
+    """Check the spec's data (and, with ``model_paths``, local model directories) up front.
+
+    A missing path is a SpecError naming the spec field to change; a malformed file is a
+    DataError naming the file and line (``search.train.data``).
+    """
+    where = spec.source or "the spec"
+    demo = "search spec init FILE writes a spec that uses the shipped demo data"
+    train = spec.resolve_path(spec.data.train)
+    if not train.is_file():
+        state = "is a directory, not a file" if train.is_dir() else "file not found"
+        raise SpecError(
+            f"{where}: field data.train (value: {spec.data.train!r}): {state} at {train}; "
+            f"point data.train at your training JSONL ({demo})"
+        )
+    eval_dir = spec.resolve_path(spec.data.eval)
+    if not eval_dir.is_dir():
+        raise SpecError(
+            f"{where}: field data.eval (value: {spec.data.eval!r}): directory not found at "
+            f"{eval_dir}; point data.eval at your BEIR directory (corpus.jsonl, queries.jsonl, "
+            f"qrels/{spec.data.split}.tsv; {demo})"
+        )
+    for name, entry in spec.models.items():
+        if model_paths and entry.path and not spec.resolve_path(entry.path).exists():
+            raise SpecError(
+                f"{where}: field models.{name}.path (value: {entry.path!r}): not found at "
+                f"{spec.resolve_path(entry.path)}; point it at the model's local directory"
+            )
+    from search.train.data import validate_data
+
+    validate_data(train, eval_dir, spec.data.split)
 
 
 def resolve_spec(study: str | None, spec_file: str | None) -> StudySpec:

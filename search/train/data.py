@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from typing import BinaryIO
 
 KO_DEMO_DIR = Path(__file__).resolve().parents[1] / "studies" / "data" / "ko-demo"
 """The shipped Korean demo dataset: ``train.jsonl`` and a BEIR ``test`` split beside it."""
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
+MAX_LINE_BYTES = 2**20
+"""Longest line a data file may have (1 MiB, line break excluded): one record, not a corpus."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(path, None, "is a directory" if path.is_dir() else "file not found")
     with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -170,6 +173,20 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise DataError(path, line, f"expected a JSON object, got {_json_type(obj)}")
             yield line, obj
+
+
+def _lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line, never reading more than MAX_LINE_BYTES of one."""
+    line = 0
+    while raw := f.readline(MAX_LINE_BYTES + 2):  # + room for "\r\n"
+        line += 1
+        if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+            raise DataError(
+                path,
+                line,
+                f"line longer than {MAX_LINE_BYTES} bytes (1 MiB, the limit for one record)",
+            )
+        yield line, raw
 
 
 def _text_field(
@@ -265,7 +282,7 @@ def _load_qrels(
     seen: dict[tuple[str, str], int] = {}
     header_seen = False
     with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as exc:

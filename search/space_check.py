@@ -1,0 +1,183 @@
+"""Refuse to add trials from one search space to a study that was created from another.
+
+A study stores the spec it was created from (study user attribute ``spec``). Only the parts
+that define the search are compared: the study's direction and metric, the models (names and
+order: they are the ``model`` parameter's choices) and the whole ``space`` (choices, ranges,
+log scales, per-model conditions). Training settings, data paths, model paths and memory
+savers, sampler, pruner and budget may change between runs (the budget has its own check,
+``--set-n-trials``).
+
+Example:
+    >>> from search.spec import load_spec, shipped_spec_path
+    >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
+    >>> stored = spec.public_dict()
+    >>> stored["space"]["batch_size"] = [32, 64]
+    >>> space_differences(stored, spec)
+    ['space.batch_size [32, 64], the spec has [32, 64, 128, 256]']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.spec import SpecError
+from search.spec import StudySpec
+
+_ABSENT = object()
+
+
+def _search_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """The flattened fields of a spec dict that define the search."""
+    study = spec.get("study", {})
+    space = spec.get("space", {})
+    part: dict[str, Any] = {
+        "study.direction": study.get("direction"),
+        "study.metric": study.get("metric"),
+        "models": list(spec.get("models", {})),
+    }
+    for key, value in space.items():
+        if key != "conditions":
+            part[f"space.{key}"] = value
+    for model, cond in (space.get("conditions") or {}).items():
+        for key, value in cond.items():
+            if value is not None:
+                part[f"space.conditions.{model}.{key}"] = value
+    return part
+
+
+def _show(value: object) -> str:
+    if value is _ABSENT:
+        return "nothing"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def space_differences(stored: dict[str, Any], spec: StudySpec) -> list[str]:
+    """``field OLD, the spec has NEW`` for each search-defining field that differs."""
+    old, new = _search_part(stored), _search_part(spec.public_dict())
+    keys = [*new, *(k for k in old if k not in new)]
+    return [
+        f"{key} {_show(old.get(key, _ABSENT))}, the spec has {_show(new.get(key, _ABSENT))}"
+        for key in keys
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+    ]
+
+
+def _distributions(spec: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bool]]:
+    """The categorical parameters' choices and the float parameters' log flags of a spec dict.
+
+    The names follow ``search.space.sample_params``: ``model``, ``batch_size.<model>`` and
+    ``max_len.<model>`` (a branch with one choice is not sampled).
+    """
+    space = spec.get("space", {})
+    models = list(spec.get("models", {}))
+    choices: dict[str, list[Any]] = {"model": models}
+    for model in models:
+        cond = (space.get("conditions") or {}).get(model) or {}
+        for field in ("batch_size", "max_len"):
+            values = cond.get(field) or space.get(field) or []
+            if len(values) > 1:
+                choices[f"{field}.{model}"] = list(values)
+    logs = {
+        name: bool(rng.get("log", False))
+        for name, rng in space.items()
+        if isinstance(rng, dict) and name != "conditions"
+    }
+    return choices, logs
+
+
+def optuna_conflicts(stored: dict[str, Any], spec: StudySpec) -> list[str]:
+    """Parameters Optuna refuses to sample differently in one study (changed choices or log).
+
+    Optuna raises "CategoricalDistribution does not support dynamic value space" for a
+    categorical parameter whose choices (or their order) changed, and refuses a float
+    parameter whose log scale changed.
+    """
+    old_choices, old_logs = _distributions(stored)
+    new_choices, new_logs = _distributions(spec.public_dict())
+    conflicts = [
+        name
+        for name in new_choices
+        if name in old_choices and old_choices[name] != new_choices[name]
+    ]
+    conflicts += [
+        f"{name} (log scale)"
+        for name in new_logs
+        if name in old_logs and old_logs[name] != new_logs[name]
+    ]
+    return conflicts
+
+
+def compare_stored_space(
+    study_name: str, stored: dict[str, Any] | None, spec: StudySpec, *, force: bool
+) -> bool:
+    """Raise SpecError when the stored spec's search differs from ``spec``'s.
+
+    Returns:
+        True when the spaces differ and ``force`` allows it (the caller stores the new spec).
+
+    Raises:
+        SpecError: The spaces differ and ``force`` is off, or they differ in a way Optuna cannot
+            mix in one study (even with ``force``).
+    """
+    if stored is None:
+        return False
+    diffs = space_differences(stored, spec)
+    if not diffs:
+        return False
+    where = spec.source or "the spec"
+    head = f"{where}: study {study_name!r} was created with " + "; ".join(diffs)
+    conflicts = optuna_conflicts(stored, spec)
+    if conflicts:
+        raise SpecError(
+            f"{head}. Optuna cannot change the choices or scale of {', '.join(conflicts)} in an "
+            "existing study (not even with --force-space): use another --study-name"
+        )
+    if not force:
+        raise SpecError(
+            f"{head}. Use another --study-name, restore the spec, or pass --force-space to add "
+            "trials from the new space to this study"
+        )
+    return True
+
+
+def check_stored_space(storage_url: str, study_name: str, spec: StudySpec, *, force: bool) -> None:
+    """Compare an existing study's stored spec with ``spec`` (see ``compare_stored_space``).
+
+    Opens the storage only when it can hold the study (a missing SQLite file cannot, and is
+    not created here). With ``force`` and a differing space, the study stores the new spec.
+    """
+    from search.attrs import STUDY_SPEC
+
+    if _missing_sqlite(storage_url):
+        return
+    from storage import create_storage
+
+    storage = create_storage(storage_url, heartbeat_interval=None)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
+    if compare_stored_space(study_name, stored, spec, force=force):
+        storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
+
+
+def _missing_sqlite(url: str) -> bool:
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - the storage layer reports a bad URL itself
+        return False
+    if not parsed.get_backend_name().startswith("sqlite"):
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or not Path(database).exists()
