@@ -5,8 +5,13 @@ PostgreSQL for teams (many workers, one study), an SQLite file as the embedded d
 
 from storage._check import StorageStatus
 from storage._check import check_storage
+from storage._check import ensure_reachable
+from storage._classify import classify
 from storage._create import create_storage
+from storage._engine import ENV_CONNECT_TIMEOUT
+from storage._engine import connect_timeout
 from storage._error import StorageError
+from storage._error import StorageUnreachable
 from storage._fast_read import read_summary_trials
 from storage._fast_read import read_user_attr
 from storage._heartbeat import HeartbeatThread
@@ -16,21 +21,31 @@ from storage._lock import named_lock
 from storage._lock import rdb_backend
 from storage._rdb import ResilientRDBStorage
 from storage._retry import is_transient
+from storage._secrets import check_password
 from storage._url import ENV_STORAGE
+from storage._url import ENV_STORAGE_FILE
 from storage._url import default_storage_url
 from storage._url import redact_url
 from storage._url import resolve_storage_url
+from storage._url import scrub
 
 __all__ = [
+    "ENV_CONNECT_TIMEOUT",
     "ENV_STORAGE",
+    "ENV_STORAGE_FILE",
     "HeartbeatThread",
     "ResilientRDBStorage",
     "StorageError",
     "StorageStatus",
+    "StorageUnreachable",
     "adopt_orphans",
+    "check_password",
     "check_storage",
+    "classify",
+    "connect_timeout",
     "create_storage",
     "default_storage_url",
+    "ensure_reachable",
     "heartbeat",
     "is_transient",
     "named_lock",
@@ -39,4 +54,5 @@ __all__ = [
     "read_user_attr",
     "redact_url",
     "resolve_storage_url",
+    "scrub",
 ]

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy
 from optuna.storages._rdb.storage import RDBStorage
-from sqlalchemy.pool import NullPool
 
+from storage._create import check_sqlite_path
 from storage._create import engine_kwargs_for
+from storage._engine import check_driver
+from storage._engine import first_connection
+from storage._engine import unreachable
 from storage._error import StorageError
+from storage._error import StorageUnreachable
 from storage._url import normalize_url
 from storage._url import parse_url
 from storage._url import redact_url
-
-CHECK_CONNECT_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,9 @@ def head_version() -> str:
 def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
     """Say whether the storage is reachable and its schema current; upgrade it when asked.
 
-    The upgrade is Optuna's own (Alembic, as ``optuna storage upgrade`` runs it). Back up the
-    database first; stop the workers while it runs.
+    Read-only unless ``upgrade``: a missing SQLite file is an error, never created. The upgrade
+    is Optuna's own (Alembic, as ``optuna storage upgrade`` runs it). Back up the database
+    first; stop the workers while it runs.
 
     Example:
         >>> check_storage("sqlite:///:memory:").reachable
@@ -70,34 +74,20 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
         upgrade: Upgrade an old schema to this Optuna's head revision.
 
     Returns:
-        The status; nothing is raised for an unreachable database.
+        The status; a server that does not answer within ``$SEARCH_CONNECT_TIMEOUT`` is
+        ``reachable=False``.
 
     Raises:
-        StorageError: The URL itself is bad (cannot be parsed, unknown driver).
+        StorageError: A mistake: the URL is bad, its driver missing, the SQLite file missing,
+            the database, role or host unknown, authentication failed.
     """
     url = normalize_url(url)
     shown = redact_url(url)
-    backend, _ = parse_url(url)
-    connect_args = dict(engine_kwargs_for(backend).get("connect_args", {}))
-    if backend == "postgresql":
-        connect_args["connect_timeout"] = CHECK_CONNECT_TIMEOUT_S
-    try:
-        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
-    except (sqlalchemy.exc.ArgumentError, ImportError) as exc:
-        raise StorageError(f"bad storage URL {shown!r}: {exc}") from None
     head = head_version()
     try:
-        with engine.connect() as conn:
-            from alembic.runtime.migration import MigrationContext  # slow import: only here
-
-            current = MigrationContext.configure(conn).get_current_revision()
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return StorageStatus(
-            shown, False, False, None, head, False, f"{shown}: unreachable: {reason}"
-        )
-    finally:
-        engine.dispose()
+        current = _current_revision(url)
+    except StorageUnreachable as exc:
+        return StorageStatus(shown, False, False, None, head, False, str(exc))
     if current is None:
         message = f"{shown}: reachable; no Optuna schema yet (created on first use, {head})"
         return StorageStatus(shown, True, True, None, head, False, message)
@@ -118,3 +108,54 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
         storage.engine.dispose()
     message = f"{shown}: reachable; schema upgraded from {current} to {after}"
     return StorageStatus(shown, True, after == head, after, head, True, message)
+
+
+def ensure_reachable(url: str, *, must_exist: bool = False) -> None:
+    """Connect once and check the schema, before anything slow starts (no torch, no writes).
+
+    For commands to fail in seconds on a wrong URL, and within ``$SEARCH_CONNECT_TIMEOUT``
+    on a server that is away, instead of after building models.
+
+    Example:
+        >>> ensure_reachable("sqlite:///:memory:")
+
+    Args:
+        url: Storage URL.
+        must_exist: A missing SQLite file is an error (read-only commands).
+
+    Raises:
+        StorageError: One line: the URL is bad, the driver or file missing, the server
+            unreachable or refusing, or the schema older than this Optuna's.
+    """
+    url = normalize_url(url)
+    shown = redact_url(url)
+    backend, path = parse_url(url)
+    if path is not None and not must_exist and not Path(path).exists():
+        check_sqlite_path(path, shown, must_exist=False)  # created on first use
+        return
+    current = _current_revision(url)
+    if current is not None and current != head_version():
+        raise StorageError(
+            f"the schema of {shown} is older than this Optuna's: run "
+            f"`search storage check --storage URL --upgrade` (back up the database first)"
+        )
+
+
+def _current_revision(url: str) -> str | None:
+    """Connect (creating nothing) and read the Alembic revision of the Optuna schema."""
+    shown = redact_url(url)
+    backend, path = parse_url(url)
+    check_driver(url)
+    if path is not None:
+        check_sqlite_path(path, shown, must_exist=True)
+    connect_args = engine_kwargs_for(backend).get("connect_args", {})
+    engine = first_connection(url, connect_args)
+    try:
+        with engine.connect() as conn:
+            from alembic.runtime.migration import MigrationContext  # slow import: only here
+
+            return MigrationContext.configure(conn).get_current_revision()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise unreachable(url, exc, None) from None
+    finally:
+        engine.dispose()

@@ -16,8 +16,11 @@ from filelock import FileLock
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from sqlalchemy.pool import NullPool
 
+from storage._engine import PG_CONNECT_TIMEOUT_S
+from storage._engine import check_driver
+from storage._engine import first_connection
+from storage._engine import unreachable
 from storage._error import StorageError
 from storage._lock import lock_key
 from storage._rdb import ResilientRDBStorage
@@ -34,7 +37,6 @@ _logger = logging.getLogger(__name__)
 PG_POOL_SIZE = 4
 PG_MAX_OVERFLOW = 4
 PG_POOL_RECYCLE_S = 1800  # drop connections older than this (proxies and NATs cut idle ones)
-PG_CONNECT_TIMEOUT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 60  # wait this long for another process's write lock
 # Operators tune heartbeats without code: these replace a (non-None) heartbeat_interval and
 # the grace period given to create_storage, e.g. in docker-compose's environment.
@@ -80,6 +82,7 @@ def create_storage(
     grace_period: int | None = None,
     max_retry: int = 3,
     max_wait: float = 120.0,
+    must_exist: bool = False,
 ) -> BaseStorage:
     """An Optuna storage for ``url``: PostgreSQL for teams, an SQLite file by default.
 
@@ -90,13 +93,17 @@ def create_storage(
     timeout and WAL journaling (readers do not block the writer). Creating the tables of a
     fresh database is serialised across processes, so ten workers can start at once.
 
+    The first connection waits at most ``$SEARCH_CONNECT_TIMEOUT`` seconds (30) for a server
+    that is away; a mistake (no such database, host or role, authentication failed, SSL
+    required, a missing driver) is raised at once.
+
     Example:
         >>> s = create_storage("sqlite:///:memory:", heartbeat_interval=None)
         >>> type(s).__name__
         'ResilientRDBStorage'
 
     Args:
-        url: SQLAlchemy URL (``postgresql+psycopg2://user:pass@host/db``, ``sqlite:///f.db``).
+        url: SQLAlchemy URL (``postgresql://user:pass@host/db``, ``sqlite:///f.db``).
         heartbeat_interval: Seconds between heartbeats of a running trial; ``None`` disables
             heartbeats (reports, read-only use). ``$SEARCH_HEARTBEAT_INTERVAL`` replaces a
             value that is not ``None``.
@@ -104,7 +111,10 @@ def create_storage(
             ``2 * heartbeat_interval``. ``$SEARCH_GRACE_PERIOD`` replaces it when heartbeats
             are on.
         max_retry: How many times a stale trial's parameters are re-queued.
-        max_wait: Seconds to wait for a database that is briefly away, at start and per call.
+        max_wait: Seconds to wait for a database that is briefly away, per call once
+            connected.
+        must_exist: For read-only commands: a missing SQLite file is a ``StorageError``, and
+            nothing (neither the file nor its lock) is created.
 
     Returns:
         The storage (pass it to ``optuna.create_study`` / ``load_study``).
@@ -125,9 +135,10 @@ def create_storage(
     if max_retry < 0:
         raise ValueError(f"max_retry must be >= 0, but got {max_retry=}.")
     backend, path = parse_url(url)
+    check_driver(url)
     kwargs = engine_kwargs_for(backend)
-    if path is not None and not Path(path).parent.is_dir():
-        raise StorageError(f"cannot open {shown}: directory {Path(path).parent} does not exist")
+    if path is not None:
+        check_sqlite_path(path, shown, must_exist=must_exist)
     with _schema_lock(url, backend, path, kwargs, max_wait, shown):
         try:
             with warnings.catch_warnings():
@@ -152,8 +163,8 @@ def create_storage(
                 f"the schema of {shown} is older than this Optuna's: run "
                 f"`search storage check --storage URL --upgrade` (back up the database first)"
             ) from None
-        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-            raise StorageError(f"cannot use {shown}: {_one_line(exc)}") from exc
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise unreachable(url, exc, None) from None
     _logger.info("storage %s (heartbeat %s s)", shown, heartbeat_interval)
     return storage
 
@@ -169,18 +180,22 @@ def _env_int(name: str, value: int | None) -> int | None:
         raise StorageError(f"${name} must be a whole number of seconds, not {text!r}") from None
 
 
-def _one_line(error: BaseException) -> str:
-    """The first line of an error, without SQLAlchemy's background link."""
-    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
-        error = error.orig
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def check_sqlite_path(path: str, shown: str, *, must_exist: bool) -> None:
+    """An SQLite file's directory must exist, and with ``must_exist`` the file itself."""
+    file = Path(path)
+    if not file.parent.is_dir():
+        raise StorageError(f"cannot open {shown}: directory {file.parent} does not exist")
+    if must_exist and not file.is_file():
+        raise StorageError(
+            f"no database file {file} (storage {shown}): this command creates nothing; "
+            f"check --storage or $SEARCH_STORAGE"
+        )
 
 
 def _schema_lock(
     url: str, backend: str, path: str | None, kwargs: dict[str, Any], max_wait: float, shown: str
 ) -> AbstractContextManager[Any]:
-    """Wait for the database (up to ``max_wait`` s), then hold a lock for table creation."""
+    """Wait for the database (``$SEARCH_CONNECT_TIMEOUT``), then lock out other table creators."""
     if backend == "sqlite":
         if path is None:
             return nullcontext()
@@ -202,21 +217,23 @@ def _prepare_sqlite(path: str, shown: str) -> None:
 
 
 class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
-    """Connect (retrying while the server is away) and hold a session advisory lock."""
+    """Connect (waiting ``$SEARCH_CONNECT_TIMEOUT`` for a server that is away) and hold a
+    session advisory lock."""
 
     def __init__(self, url: str, kwargs: dict[str, Any], max_wait: float, shown: str) -> None:
-        self._engine = sqlalchemy.create_engine(
-            url, poolclass=NullPool, connect_args=kwargs.get("connect_args", {})
-        )
+        self._url = url
+        self._connect_args = kwargs.get("connect_args", {})
         self._max_wait = max_wait
         self._shown = shown
+        self._engine: sqlalchemy.engine.Engine | None = None
         self._conn: sqlalchemy.engine.Connection | None = None
 
     def __enter__(self) -> _PgSchemaLock:
         key = lock_key(SCHEMA_LOCK)
+        engine = self._engine = first_connection(self._url, self._connect_args)
 
         def connect() -> sqlalchemy.engine.Connection:
-            conn = self._engine.connect()
+            conn = engine.connect()
             conn.execute(sqlalchemy.select(sqlalchemy.func.pg_advisory_lock(key)))
             conn.commit()
             return conn
@@ -224,8 +241,8 @@ class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
         try:
             self._conn = call_with_retry(connect, max_wait=self._max_wait, what="connect")
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            self._engine.dispose()
-            raise StorageError(f"cannot reach {self._shown}: {_one_line(exc)}") from None
+            engine.dispose()
+            raise unreachable(self._url, exc, None) from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -233,4 +250,5 @@ class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
             if self._conn is not None:
                 self._conn.close()  # closing the session releases the advisory lock
         finally:
-            self._engine.dispose()
+            if self._engine is not None:
+                self._engine.dispose()

@@ -1,4 +1,4 @@
-"""The one error type of the storage package."""
+"""The error types of the storage package."""
 
 from __future__ import annotations
 
@@ -8,3 +8,7 @@ class StorageError(RuntimeError):
 
     The message is one line and names the URL with its password redacted.
     """
+
+
+class StorageUnreachable(StorageError):
+    """The server did not answer within ``$SEARCH_CONNECT_TIMEOUT`` (an outage, not a typo)."""

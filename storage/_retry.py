@@ -10,19 +10,12 @@ from collections.abc import Callable
 from typing import ParamSpec
 from typing import TypeVar
 
-from sqlalchemy import exc as sa_exc
+from storage._classify import classify
 
 _logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# Errors that say "the server or the connection is away for now", not "your statement is bad":
-# - OperationalError: connection refused/reset, server shutting down or starting up, deadlock,
-#   serialization failure, SQLite "database is locked";
-# - InterfaceError: the connection was closed under us (psycopg2 after a restart);
-# - DisconnectionError: the pool found a dead connection.
-_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
 
 _state = threading.local()
 
@@ -30,18 +23,12 @@ _state = threading.local()
 def is_transient(error: BaseException) -> bool:
     """Whether ``error`` (or an exception it was raised from) is a transient database error.
 
-    Optuna wraps SQLAlchemy errors in ``StorageInternalError``; the chain is followed.
+    Outages (connection refused or closed, too many clients, a restart, SQLite's lock) are;
+    mistakes (authentication failed, no such database or host, SSL required) and statement
+    errors are not (``storage._classify``). Optuna wraps SQLAlchemy errors in
+    ``StorageInternalError``; the chain is followed.
     """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _TRANSIENT):
-            return True
-        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return classify(error) == "transient"
 
 
 def backoff_delays(max_wait: float, *, first: float = 0.25, cap: float = 5.0) -> list[float]:
@@ -56,7 +43,7 @@ def backoff_delays(max_wait: float, *, first: float = 0.25, cap: float = 5.0) ->
     return delays
 
 
-def call_with_retry(fn: Callable[[], R], *, max_wait: float, what: str) -> R:
+def call_with_retry(fn: Callable[[], R], *, max_wait: float, what: str, log: bool = True) -> R:
     """Call ``fn``; on a transient database error wait and call again, up to ``max_wait`` s.
 
     Only the outermost call in a thread retries, so nested storage calls do not multiply waits.
@@ -66,6 +53,8 @@ def call_with_retry(fn: Callable[[], R], *, max_wait: float, what: str) -> R:
             method opens and commits its own session).
         max_wait: Total seconds of waiting before the last error is raised.
         what: Name of the operation, for the log.
+        log: Log a warning when the first attempt fails (off where the caller reports the
+            outcome itself in one line).
 
     Returns:
         What ``fn`` returns.
@@ -73,22 +62,25 @@ def call_with_retry(fn: Callable[[], R], *, max_wait: float, what: str) -> R:
     if getattr(_state, "active", False):
         return fn()
     _state.active = True
+    deadline = time.monotonic() + max_wait
     try:
         delays = backoff_delays(max_wait)
         for attempt, delay in enumerate([*delays, None]):
             try:
                 return fn()
             except Exception as error:
-                if delay is None or not is_transient(error):
+                # Attempts take time too (a connect timeout): stop at the deadline.
+                remaining = deadline - time.monotonic()
+                if delay is None or remaining <= 0 or not is_transient(error):
                     raise
-                if attempt == 0:
+                if attempt == 0 and log:
                     _logger.warning(
                         "database unavailable during %s (%s); retrying for up to %.0f s",
                         what,
                         type(error).__name__,
                         max_wait,
                     )
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))
         raise AssertionError("unreachable")
     finally:
         _state.active = False

@@ -1,22 +1,27 @@
-"""Storage URLs: the default, the resolution order and redaction of secrets."""
+"""Storage URLs: the default, where a URL comes from, and redaction of secrets."""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from urllib.parse import quote
+from urllib.parse import quote_plus
 
+from sqlalchemy.engine import URL
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from storage._error import StorageError
 
 ENV_STORAGE = "SEARCH_STORAGE"
+ENV_STORAGE_FILE = "SEARCH_STORAGE_FILE"
 DEFAULT_FILENAME = "search.db"
+REDACTED = "***"
 
 # Query parameters that carry secrets in libpq / SQLAlchemy URLs.
 _SECRET_QUERY_KEYS = ("password", "sslpassword", "passfile")
-_QUERY_SECRET = re.compile(r"(?P<key>\b(?:" + "|".join(_SECRET_QUERY_KEYS) + r")=)[^&;#\s]*", re.I)
+_QUERY_SECRET = re.compile(r"(?P<key>\b(?:" + "|".join(_SECRET_QUERY_KEYS) + r")=)[^&;\s]*", re.I)
 
 
 def default_storage_url(directory: Path | None = None) -> str:
@@ -37,7 +42,13 @@ def default_storage_url(directory: Path | None = None) -> str:
 
 
 def resolve_storage_url(value: str | None) -> str:
-    """The storage URL to use: ``value``, else ``$SEARCH_STORAGE``, else the SQLite default.
+    """The storage URL to use, from the first of these that is set.
+
+    1. ``value`` (the ``--storage`` option);
+    2. ``$SEARCH_STORAGE``;
+    3. ``$SEARCH_STORAGE_FILE``: a file holding the URL (a Docker/Kubernetes secret, like the
+       postgres image's ``POSTGRES_PASSWORD_FILE``), so the password is on no command line;
+    4. the SQLite default, ``search.db`` in the working directory.
 
     Blank strings count as unset. ``postgres://`` (as some hosts write it) becomes
     ``postgresql://``, which SQLAlchemy requires.
@@ -47,29 +58,61 @@ def resolve_storage_url(value: str | None) -> str:
 
     Returns:
         The URL, not yet checked for reachability.
+
+    Raises:
+        StorageError: ``$SEARCH_STORAGE_FILE`` names a missing, unreadable or empty file.
     """
     for candidate in (value, os.environ.get(ENV_STORAGE)):
         if candidate is not None and candidate.strip():
             return normalize_url(candidate.strip())
+    secret_file = os.environ.get(ENV_STORAGE_FILE, "").strip()
+    if secret_file:
+        return normalize_url(read_url_file(secret_file))
     return default_storage_url()
 
 
+def read_url_file(path: str) -> str:
+    """The URL held in ``path`` (surrounding whitespace and a trailing newline dropped)."""
+    where = f"${ENV_STORAGE_FILE}={path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise StorageError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise StorageError(f"{where}: cannot read it ({reason})") from None
+    if not text:
+        raise StorageError(f"{where}: the file is empty (it must hold the storage URL)")
+    if "\n" in text:
+        raise StorageError(f"{where}: the file must hold one line, the storage URL")
+    return text
+
+
 def normalize_url(url: str) -> str:
-    """Spell the scheme the way SQLAlchemy wants it (``postgres://`` -> ``postgresql://``)."""
-    if url.startswith("postgres://"):
-        return "postgresql://" + url.removeprefix("postgres://")
+    """Spell the scheme the way SQLAlchemy wants it (``postgres://`` -> ``postgresql://``).
+
+    Example:
+        >>> normalize_url("postgres+psycopg://u@h/db")
+        'postgresql+psycopg://u@h/db'
+    """
+    if url.startswith(("postgres://", "postgres+")):
+        return "postgresql" + url.removeprefix("postgres")
     return url
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, for logs, messages and study attributes.
 
-    Only the secret is touched (the rest keeps its spelling), and URLs SQLAlchemy cannot parse
-    are redacted too.
+    Parsed with SQLAlchemy's own URL parser (so a password with ``/``, ``?`` or ``#`` is
+    hidden whole); URLs without a password keep their spelling. Text SQLAlchemy cannot parse,
+    or whose host would contain ``@`` (a raw ``@`` in the password), is redacted up to the
+    last ``@``. Secret query parameters (``password=``, ``sslpassword=``) are hidden too.
 
     Example:
         >>> redact_url("postgresql://search:s3cret@db:5432/search")
         'postgresql://search:***@db:5432/search'
+        >>> redact_url("postgresql://u:a%2Fb%3F%23%40%3A%25@h/db")
+        'postgresql://u:***@h/db'
 
     Args:
         url: Any storage URL.
@@ -77,15 +120,69 @@ def redact_url(url: str) -> str:
     Returns:
         The same URL without secrets.
     """
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        netloc, slash, path = rest.partition("/")
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-        url = f"{scheme}{sep}{netloc}{slash}{path}"
-    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", url)
+    parsed = _parse(url)
+    if parsed is None or (parsed.host is not None and "@" in parsed.host):
+        text = _redact_userinfo(url)
+    elif parsed.password is None:
+        text = url
+    else:
+        text = parsed.render_as_string(hide_password=True)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+def _parse(url: str) -> URL | None:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        return None
+
+
+def _redact_userinfo(text: str) -> str:
+    """The fallback: hide what follows ``user:`` up to the last ``@`` after ``://``."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or "@" not in rest:
+        return text
+    userinfo, at, host = rest.rpartition("@")
+    if ":" in userinfo:
+        userinfo = f"{userinfo.split(':', 1)[0]}:{REDACTED}"
+    elif "/" in userinfo:  # no user: the text before '@' is not a user name, hide it all
+        userinfo = REDACTED
+    return f"{scheme}{sep}{userinfo}{at}{host}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets in ``url`` as they may appear in text: raw and percent-encoded.
+
+    Example:
+        >>> url_secrets("postgresql://u:a%2Fb@h/db")
+        ['a/b', 'a%2Fb']
+    """
+    found: list[str] = []
+    parsed = _parse(url)
+    values: list[str] = []
+    if parsed is not None:
+        if parsed.password:
+            values.append(str(parsed.password))
+        for key in _SECRET_QUERY_KEYS:
+            value = parsed.query.get(key)
+            values.extend([value] if isinstance(value, str) else list(value or ()))
+    else:
+        _, sep, rest = url.partition("://")
+        userinfo = rest.rpartition("@")[0] if sep else ""
+        if ":" in userinfo:
+            values.append(userinfo.split(":", 1)[1])
+    for value in values:
+        for form in (value, quote(value, safe=""), quote_plus(value)):
+            if len(form) >= 3 and form not in found:  # too short to scrub without mangling
+                found.append(form)
+    return found
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message) with every form of ``url``'s secrets hidden."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def parse_url(url: str) -> tuple[str, str | None]:
@@ -103,14 +200,23 @@ def parse_url(url: str) -> tuple[str, str | None]:
     """
     try:
         parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise StorageError(f"bad storage URL {redact_url(url)!r}: {exc}") from None
+    except (ArgumentError, ValueError):  # the parser's message may quote part of a password
+        raise StorageError(
+            f"bad storage URL {redact_url(url)!r}: cannot parse it (expected "
+            f"dialect[+driver]://user:password@host:port/database; percent-encode "
+            f"/ ? # @ : % in the password)"
+        ) from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database
         if not database or database == ":memory:" or database.startswith("file::memory:"):
             return backend, None
         return backend, str(Path(database).expanduser().resolve())
+    if parsed.host is not None and "@" in parsed.host:
+        raise StorageError(
+            f"bad storage URL {redact_url(url)!r}: '@' in the password must be written %40 "
+            f"(percent-encode / ? # @ : % in passwords)"
+        )
     if not parsed.database:
         raise StorageError(f"bad storage URL {redact_url(url)!r}: no database name")
     return backend, None
