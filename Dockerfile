@@ -1,9 +1,17 @@
-# The worker image: `search` on a CUDA build of torch. One container per GPU (docker-compose.yml).
+# The worker image: `search` on the CUDA build of the torch version the tests ran (CI checks
+# that TORCH_VERSION here equals the tested torch: tests/test_dockerfile.py), on the tested
+# Python. The CUDA wheels bring their own CUDA and cuDNN libraries; the host needs only the
+# NVIDIA driver and container toolkit. One container per GPU (docker-compose.yml).
 #   docker build -t ko-retrieval-search .
-#   docker run --gpus '"device=0"' -e SEARCH_STORAGE=postgresql+psycopg2://... \
+#   docker run --gpus '"device=0"' -e SEARCH_STORAGE_FILE=/run/secrets/search_storage ... \
 #     ko-retrieval-search worker --study ko-retrieval --gpu 0
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
-FROM ${BASE_IMAGE}
+# The same image serves the dashboard (`search dashboard`, the `dashboard` extra).
+FROM python:3.11-slim-bookworm
+
+# torch's version is the tested one; TORCH_CUDA picks the wheel index (cu126, cu128, ...) that
+# matches the hosts' drivers.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,11 +22,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SEARCH_CACHE=/home/search/.cache/search
 
 WORKDIR /app
-# The base image's CUDA torch already satisfies the project's torch range, so pip keeps it.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 COPY pyproject.toml README.md ./
 COPY search ./search
 COPY storage ./storage
-RUN pip install . && python -c "import torch, search, storage; print(torch.__version__)"
+# The constraint keeps the CUDA torch above: pip must not swap it for another version.
+RUN echo "torch==${TORCH_VERSION}" > /tmp/torch.txt \
+    && pip install -c /tmp/torch.txt ".[dashboard]" \
+    && python -c "import torch, search, storage, optuna_dashboard; v = torch.__version__.split('+')[0]; assert v == '${TORCH_VERSION}', v; print('torch', torch.__version__)"
 
 RUN useradd --create-home --uid 1000 search && mkdir -p /home/search/.cache \
     && chown -R search:search /home/search
