@@ -9,6 +9,7 @@ search storage check --storage postgresql://... [--upgrade]
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,7 +79,7 @@ def _user_errors() -> Iterator[None]:
         raise
 
 
-def _run(args: RunArgs) -> None:
+def _run(args: RunArgs, *, service: bool = False) -> None:
     """Check options, spec, data and the stored study (no torch yet), then run the trials."""
     from search.cli_options import check_device_available
     from search.cli_options import run_options
@@ -91,6 +92,10 @@ def _run(args: RunArgs) -> None:
         spec = resolve_spec(args.study, str(args.spec) if args.spec else None)
         check_spec_data(spec, model_paths=not args.tiny)
         opts = run_options(args)  # imports the storage layer (optuna) for the URL
+        if service:  # a long-running worker: refuse a placeholder or missing password
+            from storage import check_password
+
+            check_password(opts.storage_url)
         name = study_name_for(spec, opts)
         check_stored_space(opts.storage_url, name, spec, force=args.force_space)
         check_device_available(opts.device)  # imports torch for a cuda device: last
@@ -106,8 +111,8 @@ def _run(args: RunArgs) -> None:
     console.print(
         f"{summary.trials_run} trials run by this worker (stopped by {summary.stopped_by}); "
         f"study {summary.study_name} in {summary.storage_url}. "
-        f"Report again: search report --study {summary.study_name} --storage "
-        f"{summary.storage_url}",
+        f"Report again: search report --study {shlex.quote(summary.study_name)} --storage "
+        f"{shlex.quote(summary.storage_url)}",
         highlight=False,
     )
 
@@ -182,7 +187,7 @@ def run(args: RunArgs) -> None:
 @with_run_args()
 def worker(args: RunArgs) -> None:
     """Pull trials from a shared study until its global budget is spent, then exit 0."""
-    _run(args)
+    _run(args, service=True)
 
 
 @app.command()
@@ -203,7 +208,7 @@ def report(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _user_errors():
         url = resolve_storage_url(storage)
-        store = create_storage(url, heartbeat_interval=None)
+        store = create_storage(url, heartbeat_interval=None, must_exist=True)  # creates nothing
         try:
             loaded = optuna.load_study(study_name=study, storage=store)
         except KeyError:
@@ -235,6 +240,26 @@ def storage_check(
     console.print(status.message, highlight=False)
     if not status.reachable or not status.schema_current:
         raise typer.Exit(1)
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8080,
+) -> None:
+    """optuna-dashboard on the study storage (URL as for every command: no password in argv)."""
+    from search.dashboard import DashboardError
+    from search.dashboard import serve
+    from storage import resolve_storage_url
+
+    with _user_errors():
+        try:
+            serve(resolve_storage_url(storage), host=host, port=port)
+        except DashboardError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 @spec_app.command("init")
