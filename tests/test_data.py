@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from search.train.data import KO_DEMO_DIR
+from search.train.data import MAX_LINE_BYTES
 from search.train.data import DataError
 from search.train.data import EvalSet
 from search.train.data import TrainExample
@@ -266,3 +268,48 @@ def test_demo_dataset_matches_its_generator(
     for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
         shipped = KO_DEMO_DIR / path.relative_to(tmp_path)
         assert shipped.read_bytes() == path.read_bytes(), f"{shipped} is stale: rerun {script}"
+
+
+def _record(size: int) -> bytes:
+    """A valid training line of exactly ``size`` bytes (line break excluded)."""
+    head = b'{"query": "q", "positive": "'
+    tail = b'"}'
+    return head + b"p" * (size - len(head) - len(tail)) + tail
+
+
+def test_a_line_at_the_limit_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(_record(MAX_LINE_BYTES) + b"\r\n" + _record(100) + b"\n")
+    examples = load_train(path)
+    assert len(examples) == 2 and len(examples[0].positive) > MAX_LINE_BYTES - 100
+
+
+@pytest.mark.parametrize("size", [MAX_LINE_BYTES + 1, 20 * MAX_LINE_BYTES])
+def test_a_line_over_the_limit_is_rejected_without_reading_it_whole(
+    tmp_path: Path, size: int
+) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(_record(100) + b"\n" + _record(size) + b"\n" + _record(100) + b"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            load_train(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (
+        str(info.value)
+        == f"{path}:2: line longer than {MAX_LINE_BYTES} bytes (1 MiB, the limit for one record)"
+    )
+    assert peak < 4 * MAX_LINE_BYTES  # a 20 MiB line is never held whole
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv"])
+def test_eval_files_have_the_line_limit_too(tmp_path: Path, name: str) -> None:
+    write_beir(tmp_path)
+    target = tmp_path / name
+    lines = target.read_bytes().splitlines(keepends=True)
+    lines.insert(1, b"x" * (MAX_LINE_BYTES + 1) + b"\n")
+    target.write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=r":2: line longer than 1048576 bytes"):
+        load_eval(tmp_path)
