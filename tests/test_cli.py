@@ -107,10 +107,10 @@ def test_bad_device_is_exit_2_nothing_written(tmp_path: Path, device: str) -> No
 
 
 def test_report_of_a_missing_study_is_exit_2(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app, ["report", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]
-    )
-    assert result.exit_code == 2 and "no such study" in result.output
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    optuna.create_study(storage=url, study_name="other")  # report opens existing files only
+    result = runner.invoke(app, ["report", "--study", "nope", "--storage", url])
+    assert result.exit_code == 2 and "no such study" in result.output and "other" in result.output
 
 
 def _search(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
