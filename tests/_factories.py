@@ -15,7 +15,7 @@ from storage import redact_url
 
 # The PostgreSQL the marked tests use (.ci/run creates the database).
 PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+    "SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"
 )
 # The shared data directory (KLUE-NLI is read in place from it); overridable to test its absence.
 SHARED_DATA = Path(

@@ -6,6 +6,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import optuna
 import pytest
@@ -14,14 +15,18 @@ from alembic import command
 from alembic.config import Config
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import storage._heartbeat as heartbeat_module
 from storage import ENV_STORAGE
+from storage import ENV_STORAGE_FILE
 from storage import HeartbeatThread
 from storage import ResilientRDBStorage
 from storage import StorageError
 from storage import check_storage
+from storage import classify
+from storage import connect_timeout
 from storage import create_storage
 from storage import default_storage_url
 from storage import heartbeat
@@ -31,7 +36,15 @@ from storage import resolve_storage_url
 from storage._retry import backoff_delays
 from storage._retry import call_with_retry
 
-CLOSED_PG = "postgresql+psycopg2://search:s3cret@127.0.0.1:1/search"
+CLOSED_PG = "postgresql://search:s3cret@127.0.0.1:1/search"
+# Passwords with every character a URL gives a meaning to, percent-encoded as a user must.
+ODD_PASSWORDS = ["a/b?c#d@e:f%g", "s3/cret", "p@ss:w#rd?x", "100%/x"]
+
+
+@pytest.fixture(autouse=True)
+def _short_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unreachable servers answer in 2 s here, not the default 30."""
+    monkeypatch.setenv("SEARCH_CONNECT_TIMEOUT", "2")
 
 
 def _old_schema(url: str, revision: str = "v3.0.0.d") -> None:
@@ -64,6 +77,36 @@ def test_resolve_order_is_value_then_env_then_default(
     assert resolve_storage_url("postgres://u@h/db") == "postgresql://u@h/db"
 
 
+def test_storage_file_comes_after_the_option_and_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_STORAGE, raising=False)
+    secret = tmp_path / "storage_url"
+    secret.write_text("postgres://search:pw@db:5432/search\n")
+    monkeypatch.setenv(ENV_STORAGE_FILE, str(secret))
+    assert resolve_storage_url(None) == "postgresql://search:pw@db:5432/search"
+    monkeypatch.setenv(ENV_STORAGE, "sqlite:///env.db")
+    assert resolve_storage_url(None) == "sqlite:///env.db"
+    assert resolve_storage_url("sqlite:///given.db") == "sqlite:///given.db"
+
+
+@pytest.mark.parametrize(("content", "reason"), [(None, "no such file"), (" \n", "empty")])
+def test_missing_or_empty_storage_file_is_one_line_naming_variable_and_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, reason: str
+) -> None:
+    monkeypatch.delenv(ENV_STORAGE, raising=False)
+    secret = tmp_path / "storage_url"
+    if content is not None:
+        secret.write_text(content)
+    monkeypatch.setenv(ENV_STORAGE_FILE, str(secret))
+    with pytest.raises(StorageError) as info:
+        resolve_storage_url(None)
+    message = str(info.value)
+    assert message.startswith(f"$SEARCH_STORAGE_FILE={secret}: ") and reason in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
@@ -77,10 +120,25 @@ def test_resolve_order_is_value_then_env_then_default(
         ("sqlite:///:memory:", "sqlite:///:memory:"),
         ("sqlite:////data/a@b.db", "sqlite:////data/a@b.db"),
         ("not a url password=x", "not a url password=***"),
+        ("postgresql://u:a/b@h/db", "postgresql://u:***@h/db"),  # '/' unencoded
+        ("postgresql://u:a/b?c#d@e:f%25g@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:pw@h/db?sslpassword=zz", "postgresql://u:***@h/db?sslpassword=***"),
     ],
 )
 def test_redact_url_hides_passwords_only(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize("password", ODD_PASSWORDS)
+def test_redact_url_hides_passwords_with_url_characters(password: str) -> None:
+    encoded = quote(password, safe="")
+    url = f"postgresql://search:{encoded}@db.example:5432/search?sslmode=require"
+    shown = redact_url(url)
+    assert shown == "postgresql://search:***@db.example:5432/search?sslmode=require"
+    assert make_url(url).password == password  # what the driver gets
+    for form in (password, encoded, *password.split("/"), *encoded.split("%")):
+        if len(form) >= 3:
+            assert form not in shown
 
 
 @pytest.mark.parametrize(
@@ -200,6 +258,10 @@ def test_heartbeat_thread_survives_a_database_outage(
 
 def test_check_storage_fresh_current_and_old_schema_with_upgrade(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
+    with pytest.raises(StorageError, match="no database file"):
+        check_storage(url)  # read-only: a missing file is an error, and is not created
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "c.db").touch()
     fresh = check_storage(url)
     assert fresh.reachable and fresh.schema_current and fresh.current_version is None
     _old_schema(url)
@@ -216,9 +278,87 @@ def test_check_storage_fresh_current_and_old_schema_with_upgrade(tmp_path: Path)
 
 
 def test_check_storage_unreachable_says_so_without_the_password() -> None:
+    started = time.monotonic()
     status = check_storage(CLOSED_PG)
+    assert time.monotonic() - started < 6  # $SEARCH_CONNECT_TIMEOUT=2 (and one 2 s attempt)
     assert not status.reachable and not status.ok
-    assert "unreachable" in status.message and "s3cret" not in status.message
+    assert "cannot reach" in status.message and "Connection refused" in status.message
+    assert "s3cret" not in status.message and redact_url(CLOSED_PG) in status.message
+
+
+def test_read_only_open_of_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/search.db"
+    with pytest.raises(StorageError, match=f"no database file {tmp_path}/search.db"):
+        create_storage(url, heartbeat_interval=None, must_exist=True)
+    assert list(tmp_path.iterdir()) == []
+    create_storage(url, heartbeat_interval=None)  # a writer creates it
+    create_storage(url, heartbeat_interval=None, must_exist=True)
+
+
+def test_connect_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEARCH_CONNECT_TIMEOUT")
+    assert connect_timeout() == 30
+    monkeypatch.setenv("SEARCH_CONNECT_TIMEOUT", "4.5")
+    assert connect_timeout() == 4.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv("SEARCH_CONNECT_TIMEOUT", bad)
+        with pytest.raises(StorageError, match="SEARCH_CONNECT_TIMEOUT"):
+            connect_timeout()
+
+
+def _operational(message: str, sqlstate: str | None = None) -> sqlalchemy.exc.OperationalError:
+    """An OperationalError as SQLAlchemy wraps a driver's (``sqlstate`` as psycopg 3 has it)."""
+    orig = Exception(message)
+    orig.sqlstate = sqlstate  # type: ignore[attr-defined]
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, orig)
+
+
+@pytest.mark.parametrize(
+    ("message", "sqlstate", "kind"),
+    [
+        ("terminating connection due to administrator command", "57P01", "transient"),
+        ("the database system is starting up", "57P03", "transient"),
+        ("sorry, too many clients already", "53300", "transient"),
+        ("could not serialize access", "40001", "transient"),
+        ('database "x" does not exist', "3D000", "permanent"),
+        ('password authentication failed for user "u"', "28P01", "permanent"),
+        ("permission denied for table studies", "42501", "permanent"),
+        ("division by zero", "22012", None),  # a statement error: not about the connection
+        # Connect-time failures carry no SQLSTATE: the message decides.
+        ('connection to server at "h", port 1 failed: Connection refused', None, "transient"),
+        ("server closed the connection unexpectedly", None, "transient"),
+        ("FATAL:  sorry, too many clients already", None, "transient"),
+        ("database is locked", None, "transient"),  # SQLite
+        ('FATAL:  database "nosuch" does not exist', None, "permanent"),
+        ('FATAL:  role "nobody" does not exist', None, "permanent"),
+        ('FATAL:  password authentication failed for user "u"', None, "permanent"),
+        ("failed to resolve host 'db.invalid': Name or service not known", None, "permanent"),
+        ('could not translate host name "db" to address', None, "permanent"),
+        ("server does not support SSL, but SSL was required", None, "permanent"),
+    ],
+)
+def test_errors_are_classified_by_sqlstate_else_by_connect_message(
+    message: str, sqlstate: str | None, kind: str | None
+) -> None:
+    error = _operational(message, sqlstate)
+    assert classify(error) == kind
+    wrapped = StorageInternalError("commit failed")
+    wrapped.__cause__ = error
+    assert classify(wrapped) == kind  # Optuna's wrapper is seen through
+    assert is_transient(wrapped) is (kind == "transient")
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    calls: list[int] = []
+
+    def no_such_database() -> None:
+        calls.append(1)
+        raise _operational('FATAL:  database "nosuch" does not exist')
+
+    started = time.monotonic()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        call_with_retry(no_such_database, max_wait=60, what="test")
+    assert calls == [1] and time.monotonic() - started < 1
 
 
 @pytest.mark.postgres
