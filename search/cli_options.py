@@ -165,13 +165,14 @@ def run_options(args: RunArgs) -> RunOptions:
         StorageError: A bad ``--storage`` URL.
     """
     from search.device import parse_size  # light: torch loads inside device_info only
-    from storage import resolve_storage_url
 
     check_device_name(args.device)
     try:
         limit = parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         raise OptionError(f"--memory-limit {args.memory_limit!r}: {exc}") from None
+    from storage import resolve_storage_url  # after the checks above: it imports optuna
+
     names = {f.name for f in dataclasses.fields(RunOptions)}
     same = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in names}
     return RunOptions(
