@@ -171,6 +171,7 @@ def claim_trial(
         if isinstance(storage, BaseHeartbeat):
             poll_interval = min(float(storage.get_heartbeat_interval() or 1), MAX_POLL_S)
     stopped = stop or (lambda: False)
+    said_waiting = False
     while not stopped():
         with named_lock(storage, _lock_name(study)), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -187,6 +188,14 @@ def claim_trial(
             running = any(t.state == TrialState.RUNNING for t in trials)
         if not (wait and beating and running):
             return None
+        if not said_waiting:
+            _logger.warning(
+                "study %s: budget of %d spent; waiting for the running trials of other workers "
+                "(one that is re-queued runs here)",
+                study.study_name,
+                budget,
+            )
+            said_waiting = True
         until = time.monotonic() + poll_interval
         while not stopped() and time.monotonic() < until:
             time.sleep(min(0.1, max(0.0, until - time.monotonic())))

@@ -285,11 +285,24 @@ def _get_context(objective_module: str) -> Any:
 
 
 def warm_up(objective: str = DEFAULT_OBJECTIVE) -> None:
-    """Start the forkserver now (imports torch and transformers once, a few seconds)."""
+    """Start the forkserver now (imports torch and transformers once, a few seconds).
+
+    It starts with SIGINT ignored (inherited across its exec), so a Ctrl-C, which reaches
+    the whole process group, cannot kill it while it imports; the worker decides what a
+    Ctrl-C means (it hands the running trial back).
+    """
+    import threading
     from multiprocessing import forkserver
 
     _get_context(objective.split(":")[0])
-    forkserver.ensure_running()
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _oom_kill_count() -> int | None:
