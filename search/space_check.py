@@ -160,12 +160,17 @@ def check_stored_space(storage_url: str, study_name: str, spec: StudySpec, *, fo
 
     storage = create_storage(storage_url, heartbeat_interval=None)
     try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return
-    stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
-    if compare_stored_space(study_name, stored, spec, force=force):
-        storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return
+        stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
+        if compare_stored_space(study_name, stored, spec, force=force):
+            storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
+    finally:
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()  # the run opens its own storage
 
 
 def _missing_sqlite(url: str) -> bool:

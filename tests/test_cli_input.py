@@ -10,6 +10,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import optuna
@@ -398,3 +399,23 @@ def test_a_spec_from_spec_init_runs(tmp_path: Path) -> None:
         study_name="ko-retrieval-tiny", storage=f"sqlite:///{tmp_path}/search.db"
     )
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.postgres
+def test_stored_space_is_checked_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    name = f"space-{uuid.uuid4().hex[:8]}"
+    old = _spec(tmp_path, "old.yaml")
+    study = optuna.create_study(storage=pg_url, study_name=name, direction="maximize")
+    try:
+        study.set_user_attr(attrs.STUDY_SPEC, load_spec(old).public_dict())
+        new = _spec(
+            tmp_path, "new.yaml", space__temperature={"low": 0.02, "high": 0.2, "log": True}
+        )
+        args = ["run", "--spec", str(new), "--storage", pg_url, "--study-name", name]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        line = _one_error_line(" ".join(result.output.split()))
+        assert f"study '{name}' was created with space.temperature {{low: 0.01, high: 0.1" in line
+        assert optuna.load_study(study_name=name, storage=pg_url).trials == []
+    finally:
+        optuna.delete_study(study_name=name, storage=pg_url)
