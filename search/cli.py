@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from search.cli_options import WORKER_ONLY
 from search.cli_options import RunArgs
@@ -42,7 +43,8 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message may hold brackets (an IPv6 host, `pip install 'pkg[extra]'`)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -237,7 +239,7 @@ def storage_check(
 
     with _user_errors():
         status = check_storage(resolve_storage_url(storage), upgrade=upgrade)
-    console.print(status.message, highlight=False)
+    console.print(status.message, highlight=False, markup=False)
     if not status.reachable or not status.schema_current:
         raise typer.Exit(1)
 
