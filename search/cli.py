@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Annotated
 from typing import NoReturn
 
@@ -25,6 +26,13 @@ from search.cli_options import WORKER_ONLY
 from search.cli_options import RunArgs
 from search.cli_options import StorageOpt
 from search.cli_options import with_run_args
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from search.options import RunOptions
+    from search.runner import RunSummary
+    from search.spec import StudySpec
 
 app = typer.Typer(
     help="Hyperparameter search for Korean bi-encoder retrieval models, on Optuna.",
@@ -119,7 +127,7 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
     )
 
 
-def _run_with_progress(spec: object, opts: object) -> object:
+def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
     import optuna
     from rich.progress import BarColumn
     from rich.progress import MofNCompleteColumn
@@ -140,7 +148,7 @@ def _run_with_progress(spec: object, opts: object) -> object:
         console=console,
         transient=False,
     ) as progress:
-        task = None  # no bar until the study is open and its first trial about to start
+        task: TaskID | None = None  # no bar until the study is open and trials start
         mine: list[int] = []
 
         def on_progress(budget: int, finished: int) -> None:
@@ -158,6 +166,8 @@ def _run_with_progress(spec: object, opts: object) -> object:
                 best.append(frozen.value)
             mine.append(frozen.number)
             model = frozen.user_attrs.get("model", "?")
+            if task is None:  # on_progress runs first; a trial never comes before it
+                return
             progress.update(
                 task,
                 description=f"#{frozen.number} {model}: {state}"
@@ -165,7 +175,7 @@ def _run_with_progress(spec: object, opts: object) -> object:
                 + f" | {len(mine)} by this worker",
             )
 
-        summary = run_study(spec, opts, on_trial=on_trial, on_progress=on_progress)  # type: ignore[arg-type]
+        summary = run_study(spec, opts, on_trial=on_trial, on_progress=on_progress)
     if summary.stopped_by in ("sigterm", "sigint"):
         what = "interrupted" if summary.stopped_by == "sigint" else "terminated"
         if summary.handed_back is not None:
