@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import pytest
@@ -14,6 +15,10 @@ from search.memory_estimate import estimate_peak_memory
 from search.memory_estimate import layer_activation_bytes
 from search.models import MODELS
 from search.models import ModelInfo
+from search.preflight import preflight
+
+# The share of the free memory the preflight lets a config's estimate use.
+PREFLIGHT_MARGIN: float = inspect.signature(preflight).parameters["margin"].default
 
 GIB = 1024**3
 # A small architecture whose numbers are easy to follow by hand: 2 layers, h=64, a=4, f=4h.
@@ -165,9 +170,11 @@ def test_unknown_device_type() -> None:
 def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    # Tolerance: estimate / measured in [0.7, 1.35]. Measured alone over 21 configs the ratio
-    # was 0.94-1.18 (BENCHMARKS.md); inside the whole test suite the child's peak also carries
-    # what earlier tests left in the trial server (seen: 0.76), so the lower bound is wider.
+    # Bounds: the preflight runs a config whose estimate is at most 0.9 x the free memory
+    # (PREFLIGHT_MARGIN), so it relies on the measured peak staying under estimate / 0.9:
+    # estimate / measured >= 0.9, an under-estimate of at most the margin. Over-estimating
+    # only skips configs that would have fitted; it is bounded at 1.25 (issue 3's 15% target
+    # plus the ~10% run-to-run spread of one config's CPU peak, BENCHMARKS.md).
     import json
     import os
 
@@ -202,4 +209,6 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     assert out.peak_memory_mb is not None and out.baseline_memory_mb is not None
     measured = (out.peak_memory_mb - out.baseline_memory_mb) * 2**20
     estimate = estimate_peak_memory(tiny_info(info), cfg, device_type="cpu").total_bytes
-    assert 0.7 <= estimate / measured <= 1.35, (estimate / 2**20, measured / 2**20)
+    ratio = estimate / measured
+    print(f"estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB: {ratio:.3f}")
+    assert PREFLIGHT_MARGIN <= ratio <= 1.25, (estimate / 2**20, measured / 2**20, ratio)
