@@ -19,9 +19,12 @@ from search.budget import HANDED_BACK
 from search.budget import BudgetError
 from search.budget import claim_trial
 from search.budget import ensure_budget
+from search.budget import fail_and_requeue
+from search.budget import fail_stale
 from search.budget import finished_count
 from search.budget import hand_back
 from search.budget import spent_count
+from search.budget import watch_stale
 from storage import create_storage
 from storage import heartbeat
 
@@ -172,6 +175,110 @@ def test_a_worker_waits_for_running_trials_before_it_exits(tmp_path: Path) -> No
     waiter.join(5)
     assert result == [None]
     assert claim_trial(study, 1, wait=False) is None
+
+
+def test_a_requeued_trial_runs_before_enqueued_and_fresh_ones(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1, grace_period=1)
+    dead = claim_trial(study, 5)
+    assert dead is not None
+    x = dead.suggest_float("x", 0.0, 1.0)
+    study.enqueue_trial({"x": 0.125})  # e.g. a baseline still waiting
+    time.sleep(2.2)  # the first trial goes stale
+    first = claim_trial(study, 5)
+    assert first is not None
+    assert study.trials[0].state == TrialState.FAIL
+    assert first.number == 2 and first.params == {"x": x}  # the copy, not the baseline (1)
+    _run(study, first)
+    second = claim_trial(study, 5)
+    assert second is not None and second.number == 1
+    assert second.suggest_float("x", 0.0, 1.0) == 0.125  # then the enqueued baseline
+
+
+def test_fail_and_requeue_is_one_step_and_happens_once(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1)
+    trial = claim_trial(study, 2)
+    assert trial is not None
+    trial.suggest_float("x", 0.0, 1.0)
+    frozen = fail_and_requeue(study, trial._trial_id, user_attrs={HANDED_BACK: True})
+    assert frozen is not None and frozen.number == 0
+    assert fail_and_requeue(study, trial._trial_id) is None  # no longer RUNNING: nothing
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs[HANDED_BACK] is True
+    assert trials[1].system_attrs["retry_history"] == [0]
+    assert trials[1].system_attrs["failed_trial"] == 0
+    assert trials[1].params == trials[0].params
+    assert spent_count(trials) == 0
+
+
+def test_fail_stale_stops_requeueing_after_max_retry(tmp_path: Path) -> None:
+    store = create_storage(
+        f"sqlite:///{tmp_path}/r.db", heartbeat_interval=1, grace_period=1, max_retry=1
+    )
+    study = optuna.create_study(storage=store, study_name="r", direction="maximize")
+    first = claim_trial(study, 3)
+    assert first is not None
+    first.suggest_float("x", 0.0, 1.0)
+    time.sleep(2.2)
+    assert fail_stale(study) == [0]  # re-queued once (as trial 1)
+    retry = claim_trial(study, 3)
+    assert retry is not None and retry.number == 1
+    time.sleep(2.2)
+    assert fail_stale(study) == [1]  # failed, but max_retry=1: no third copy
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert spent_count(trials) == 1  # the last failure spends the budget
+
+
+def test_watch_stale_requeues_while_nobody_claims(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1, grace_period=1)
+    dead = claim_trial(study, 3)
+    assert dead is not None
+    dead.suggest_float("x", 0.0, 1.0)
+    started = time.monotonic()
+    with watch_stale(study):  # a survivor busy with its own trial
+        while time.monotonic() - started < 15:
+            if any(t.state == TrialState.WAITING for t in study.get_trials()):
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - started
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    assert took < 1 + 1 + 3  # grace + interval + margin
+
+
+def test_claim_returns_none_when_told_to_stop(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat_interval=1)
+    busy = claim_trial(study, 1)
+    assert busy is not None
+    flag: list[bool] = []
+    threading.Timer(0.3, lambda: flag.append(True)).start()
+    started = time.monotonic()
+    assert claim_trial(study, 1, poll_interval=2.0, stop=lambda: bool(flag)) is None
+    assert time.monotonic() - started < 1.5  # not a whole poll interval after the stop
+
+
+def test_log_lines_name_the_trial_number_not_its_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = create_storage(f"sqlite:///{tmp_path}/n.db", heartbeat_interval=1, grace_period=1)
+    other = optuna.create_study(storage=store, study_name="other")
+    for _ in range(5):  # trial ids 0-4 belong to another study
+        other.add_trial(optuna.trial.create_trial(value=0.0))
+    study = optuna.create_study(storage=store, study_name="n", direction="maximize")
+    orphan = study.ask()
+    assert orphan.number == 0 and orphan._trial_id != 0
+    time.sleep(1.2)
+    with caplog.at_level("WARNING"):
+        first = claim_trial(study, 3)  # adopts the orphan
+        assert first is not None
+        _run(study, first)
+        time.sleep(2.2)
+        claim_trial(study, 3)  # fails and re-queues it
+    text = caplog.text
+    assert "trial 0 is RUNNING without a heartbeat" in text
+    assert "trial 0 had no heartbeat for the grace period: failed and re-queued" in text
+    assert f"trial {orphan._trial_id} " not in text and "trial id" not in text
 
 
 @pytest.mark.postgres
