@@ -1,7 +1,9 @@
-"""Many worker processes on one PostgreSQL study: killed workers, hand-backs, a DB restart.
+"""Many worker processes on one PostgreSQL study: killed workers, a DB restart.
 
-The workers are ``tests/fixtures/fake_worker.py``: the service's study/budget/heartbeat path
-with ``time.sleep`` for training, so each trial takes a second, not minutes.
+Most workers here are ``tests/fixtures/fake_worker.py``: the service's study/budget/heartbeat
+path with ``time.sleep`` for training, so each trial takes a second, not minutes. Signals
+(SIGTERM, SIGINT) and the other faults are tested on the real ``search worker`` and ``search
+run`` with a live training child in ``tests/test_worker_faults.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from optuna.trial import TrialState
 from sqlalchemy.pool import NullPool
 
 from search import attrs
-from search.budget import HANDED_BACK
 from search.budget import finished_count
 from storage import create_storage
 
@@ -123,24 +124,6 @@ def test_a_killed_workers_trial_is_rerun_by_a_survivor(pg_url: str) -> None:
     assert reruns[0].user_attrs[attrs.WORKER] in {"s0", "s1"}
 
 
-def test_sigterm_hands_the_trial_back_and_it_counts_once(pg_url: str) -> None:
-    name = f"term-{uuid.uuid4().hex[:8]}"
-    leaver = _worker(pg_url, name, 4, 1.5, "leaver")
-    number = _wait_running(leaver)
-    stayer = _worker(pg_url, name, 4, 0.5, "stayer")
-    leaver.send_signal(signal.SIGTERM)
-    assert _summary(leaver)["handed_back"] == number
-    _summary(stayer)
-    study = _load(pg_url, name)
-    handed = study.trials[number]
-    assert handed.state == TrialState.FAIL and handed.user_attrs[HANDED_BACK] is True
-    rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
-    assert len(rerun) == 1 and rerun[0].params == handed.params
-    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
-    assert finished_count(study) == 4
-
-
-@pytest.mark.pg_restart  # cuts off everyone on the server: only when asked (conftest)
 def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
     tool = shlex.split(PG_RESTART)[0]
     if shutil.which(tool) is None:
