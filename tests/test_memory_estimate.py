@@ -167,8 +167,24 @@ def test_unknown_device_type() -> None:
 
 
 @pytest.mark.train
+@pytest.mark.parametrize(
+    "checkpointing",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap: the CPU estimate under-counts checkpointed tiny replicas "
+                "(estimate/measured 0.68-0.84 at 8-32 x 128, under the preflight's 0.9; "
+                "BENCHMARKS.md, bench_memory_estimate.py --device cpu --quick)",
+            ),
+        ),
+    ],
+    ids=["no-ckpt", "ckpt"],
+)
 def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, checkpointing: bool
 ) -> None:
     # Bounds: the preflight runs a config whose estimate is at most 0.9 x the free memory
     # (PREFLIGHT_MARGIN), so it relies on the measured peak staying under estimate / 0.9:
@@ -199,6 +215,7 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
         batch_size=32,
         max_len=128,
         amp=False,
+        gradient_checkpointing=checkpointing,
         device="cpu",
         train_path=str(train_path),
         eval_dir=str(eval_dir),
