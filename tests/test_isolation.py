@@ -61,6 +61,17 @@ def report_epochs(cfg: TrialConfig, *, report: Any = None, on_phase: Any = None)
     return {"metrics": history[-1], "history": history, "peak_memory_mb": 12.5}
 
 
+def slow_epochs(cfg: TrialConfig, *, report: Any = None, on_phase: Any = None) -> Any:
+    """Report each epoch after a short sleep; write the pid to ``$ISOLATION_PID_FILE``."""
+    import time
+
+    Path(os.environ["ISOLATION_PID_FILE"]).write_text(str(os.getpid()))
+    for epoch in range(cfg.epochs):
+        time.sleep(0.2)
+        report(epoch, {"ndcg@10": 0.1})
+    return {"metrics": {"ndcg@10": 0.1}}
+
+
 def oom_in_cause(cfg: TrialConfig, *, report: Any = None, on_phase: Any = None) -> Any:
     on_phase("optimizer")
     try:
@@ -144,6 +155,44 @@ def test_report_true_prunes_the_trial() -> None:
     assert out.status == "pruned"
     assert calls == [0, 1]
     assert out.metrics["ndcg@10"] == pytest.approx(0.2)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_stop_kills_the_child_and_says_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISOLATION_PID_FILE", str(tmp_path / "pid"))
+    seen: list[int] = []
+    out = run_isolated(
+        _cfg(epochs=500),
+        report=lambda epoch, metrics: bool(seen.append(epoch)),
+        objective=f"{HERE}:slow_epochs",
+        stop=lambda: len(seen) >= 2,
+    )
+    assert out.status == "stopped" and len(seen) == 2
+    assert not psutil.pid_exists(int((tmp_path / "pid").read_text()))  # killed and reaped
+
+
+def test_an_error_in_report_stops_the_child_and_propagates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    monkeypatch.setenv("ISOLATION_PID_FILE", str(tmp_path / "pid"))
+
+    def report(epoch: int, metrics: dict[str, float]) -> bool:
+        raise optuna.exceptions.UpdateFinishedTrialError("failed as stale meanwhile")
+
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        run_isolated(_cfg(epochs=500), report=report, objective=f"{HERE}:slow_epochs")
+    assert not psutil.pid_exists(int((tmp_path / "pid").read_text()))
 
 
 def test_timeout_kills_the_child() -> None:
