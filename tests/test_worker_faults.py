@@ -350,9 +350,22 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     own_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     study = f"term-{uuid.uuid4().hex[:8]}"
-    busy = _cli(procs, tmp_path, "busy", "worker", own_db, study, 1, epochs=120, epoch_s=0.5)
-    trial = _wait_running(own_db, study, busy)
-    idle = _cli(procs, tmp_path, "idle", "worker", own_db, study, 1, epochs=1, epoch_s=0.1)
+    pair = [
+        _cli(procs, tmp_path, f"w{i}", "worker", own_db, study, 1, epochs=120, epoch_s=0.5)
+        for i in range(2)
+    ]
+
+    def one_running() -> tuple[Proc, FrozenTrial] | None:
+        for proc in pair:
+            trial = _running_of(own_db, study, proc)
+            if trial is not None:
+                return proc, trial
+        return None
+
+    found = _wait_for("a running trial", one_running, 150)
+    assert isinstance(found, tuple)
+    busy, trial = found
+    idle = pair[1] if busy is pair[0] else pair[0]
     _wait_for("the idle worker to poll", lambda: "waiting for the running" in idle.stderr(), 150)
     os.kill(idle.pid, signal.SIGTERM)
     assert _finish(idle, 15) == 0, idle.stderr()
