@@ -63,7 +63,7 @@ from storage import heartbeat
 from storage import redact_url
 
 _logger = logging.getLogger(__name__)
-_STOP_SIGNALS = {signal.SIGTERM: "sigterm", signal.SIGINT: "sigint"}
+_STOP_SIGNALS: dict[int, str] = {signal.SIGTERM: "sigterm", signal.SIGINT: "sigint"}
 
 
 class _Interrupted(Exception):
