@@ -19,6 +19,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from storage._engine import PG_CONNECT_TIMEOUT_S
 from storage._engine import check_driver
+from storage._engine import connect_timeout
 from storage._engine import first_connection
 from storage._engine import unreachable
 from storage._error import StorageError
@@ -148,13 +149,18 @@ def create_storage(
                     if heartbeat_interval is not None
                     else None
                 )
-                storage = ResilientRDBStorage(
-                    url,
-                    kwargs,
-                    max_wait=max_wait,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=callback,
+                storage = call_with_retry(  # another client may take the last slot now
+                    lambda: ResilientRDBStorage(
+                        url,
+                        kwargs,
+                        max_wait=max_wait,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=callback,
+                    ),
+                    max_wait=connect_timeout(),
+                    what="open",
+                    log=False,
                 )
         except RuntimeError as exc:  # Optuna: the schema is older than this Optuna
             if "compatible with the table schema" not in str(exc):

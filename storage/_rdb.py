@@ -90,7 +90,13 @@ class ResilientRDBStorage(RDBStorage):
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, but got {max_wait=}.")
         self.max_wait = max_wait
-        super().__init__(url, engine_kwargs, **kwargs)
+        try:
+            super().__init__(url, engine_kwargs, **kwargs)
+        except BaseException:
+            engine = getattr(self, "engine", None)
+            if engine is not None:  # close what the failed start opened (it may be retried)
+                engine.dispose()
+            raise
 
     def _get_trials(
         self,

@@ -1,0 +1,322 @@
+"""The storage as a user meets it through the real ``search`` command and a real PostgreSQL.
+
+Every URL form works for run, worker, report and storage check; mistakes in the URL are one
+line and exit 2 within seconds; an unreachable server is reported within
+``$SEARCH_CONNECT_TIMEOUT``; read-only commands create nothing; placeholder passwords are
+refused; the dashboard serves. Trials use a fake objective (``tests/fixtures``), so the
+commands, studies and storage are real and only training is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from storage import create_storage
+from storage._url import normalize_url
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SPEC = FIXTURES / "tiny_workers.yaml"
+OBJECTIVE = "storage_objective:train"
+
+
+def search(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``search ARGS`` as a user would; return the process and its wall time."""
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)]),
+        "SEARCH_CACHE": str(cwd / "cache"),
+        **(env or {}),
+    }
+    for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
+        if env is None or name not in env:
+            full_env.pop(name, None)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc, time.monotonic() - started
+
+
+def one_line_exit_2(proc: subprocess.CompletedProcess[str]) -> str:
+    """Assert the command failed with exit 2 and one line (no traceback); return the line."""
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def trial_args(study: str, n_trials: int) -> list[str]:
+    return [
+        "--spec",
+        str(SPEC),
+        "--objective",
+        OBJECTIVE,
+        "--n-trials",
+        str(n_trials),
+        "--study-name",
+        study,
+        "--device",
+        "cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def db_url(pg_url: str) -> Iterator[str]:
+    """A fresh database of its own, as a plain ``postgresql://`` URL; dropped afterwards."""
+    name = f"search_test_urls_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(
+        make_url(pg_url).set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(pg_url).set(drivername="postgresql", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _form(url: str, scheme: str) -> str:
+    return scheme + "://" + url.partition("://")[2]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "scheme", ["postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"]
+)
+def test_every_url_form_works_for_run_worker_report_and_check(
+    db_url: str, scheme: str, tmp_path: Path
+) -> None:
+    url = _form(db_url, scheme)
+    study = f"urls-{scheme.replace('+', '-')}"
+    # run makes the study and one trial, the worker one more (the legacy psycopg2 form: the
+    # worker alone, to keep the suite short; its engine path is the same).
+    commands = [("run", 1), ("worker", 2)] if scheme != "postgresql+psycopg2" else [("worker", 1)]
+    for command, budget in commands:
+        proc, _ = search(
+            command, *trial_args(study, budget), "--set-n-trials", "--storage", url, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "1 trials run by this worker" in proc.stdout
+        assert f"study {study} in {normalize_url(url)}" in proc.stdout
+    report, _ = search("report", "--study", study, "--json", "--storage", url, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert study in report.stdout and json.loads(report.stdout)
+    check, _ = search("storage", "check", "--storage", url, cwd=tmp_path)
+    assert check.returncode == 0 and "schema current" in check.stdout, check.stdout
+    trials = optuna.load_study(study_name=study, storage=create_storage(db_url)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * len(commands)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", ["report", "check", "run", "worker"])
+def test_a_wrong_database_name_is_one_line_exit_2_in_under_5_s(
+    db_url: str, command: str, tmp_path: Path
+) -> None:
+    url = str(make_url(db_url).set(database="no_such_database_here").render_as_string(False))
+    args = {
+        "report": ["report", "--study", "s"],
+        "check": ["storage", "check"],
+        "run": ["run", *trial_args("s", 1)],
+        "worker": ["worker", *trial_args("s", 1)],
+    }[command]
+    proc, seconds = search(*args, "--storage", url, cwd=tmp_path)
+    line = one_line_exit_2(proc)
+    assert seconds < 5, f"{seconds:.1f} s: {line}"
+    assert 'database "no_such_database_here" does not exist' in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when the block ends
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", ["report", "run"])
+def test_an_unreachable_server_is_one_line_exit_2_within_the_connect_timeout(
+    command: str, tmp_path: Path
+) -> None:
+    url = f"postgresql://search:s3cret@127.0.0.1:{_closed_port()}/search"
+    args = ["report", "--study", "s"] if command == "report" else ["run", *trial_args("s", 1)]
+    proc, seconds = search(
+        *args, "--storage", url, cwd=tmp_path, env={"SEARCH_CONNECT_TIMEOUT": "3"}
+    )
+    line = one_line_exit_2(proc)
+    assert 3 <= seconds < 12, f"{seconds:.1f} s: {line}"  # waited for it, then gave up
+    assert "cannot reach postgresql://search:***@127.0.0.1" in line
+    assert "Connection refused" in line and "SEARCH_CONNECT_TIMEOUT" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.postgres
+def test_too_many_connections_is_an_outage_waited_out(db_url: str) -> None:
+    """A role at its connection limit is refused (53300) until its connections close."""
+    role = f"search_limited_{uuid.uuid4().hex[:6]}"
+    admin = sqlalchemy.create_engine(db_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 4"))
+        conn.execute(sqlalchemy.text(f"GRANT ALL ON SCHEMA public TO {role}"))
+    url = make_url(db_url).set(username=role).render_as_string(False)
+    holder = sqlalchemy.create_engine(url, poolclass=NullPool)
+    held = [holder.connect() for _ in range(4)]  # the storage needs some: lock and pool
+
+    def close_all() -> None:
+        for conn in held:
+            conn.close()
+
+    release = threading.Timer(2.0, close_all)
+    try:
+        started = time.monotonic()
+        release.start()
+        store = create_storage(url, heartbeat_interval=None)
+        waited = time.monotonic() - started
+        assert waited >= 1.5, "the first connection should have been refused and retried"
+        assert store.get_all_studies() == []
+        store.engine.dispose()
+    finally:
+        release.cancel()
+        close_all()
+        holder.dispose()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP OWNED BY {role}"))
+            conn.execute(sqlalchemy.text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
+def _without_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``search ARGS`` in a Python where ``module`` cannot be imported (as if not installed)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; sys.argv[0] = 'search'; "
+        "from search.cli import app; app()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.postgres
+def test_a_psycopg2_url_without_psycopg2_names_the_package(db_url: str, tmp_path: Path) -> None:
+    url = _form(db_url, "postgresql+psycopg2")
+    proc = _without_module("psycopg2", "storage", "check", "--storage", url, cwd=tmp_path)
+    line = one_line_exit_2(proc)
+    assert "needs the psycopg2 driver" in line and "pip install psycopg2-binary" in line
+
+
+@pytest.mark.parametrize("args", [["report", "--study", "x"], ["storage", "check"]])
+def test_read_only_commands_never_create_a_database(tmp_path: Path, args: list[str]) -> None:
+    proc, _ = search(*args, cwd=tmp_path)  # the default: search.db in the working directory
+    line = one_line_exit_2(proc)
+    assert f"no database file {tmp_path.resolve() / 'search.db'}" in line
+    assert list(tmp_path.iterdir()) == []  # neither search.db nor search.db.lock
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://search:change-me@db.example:5432/search",
+        "postgresql://search:postgres@10.0.0.5/search",
+        "postgresql://search@db.example:5432/search",  # no password for a remote host
+    ],
+)
+@pytest.mark.parametrize("command", ["worker", "dashboard"])
+def test_worker_and_dashboard_refuse_placeholder_or_missing_passwords(
+    tmp_path: Path, url: str, command: str
+) -> None:
+    args = ["worker", *trial_args("s", 1)] if command == "worker" else ["dashboard"]
+    secret = tmp_path / "storage_url"
+    secret.write_text(url + "\n")
+    proc, seconds = search(
+        *args,
+        cwd=tmp_path,
+        env={"SEARCH_STORAGE_FILE": str(secret), "PGPASSWORD": "", "HOME": str(tmp_path)},
+    )
+    line = one_line_exit_2(proc)
+    assert "openssl rand -hex 24" in line and seconds < 10
+    assert "change-me@" not in line and ":postgres@" not in line
+
+
+def test_a_missing_storage_file_is_one_line_naming_variable_and_path(tmp_path: Path) -> None:
+    missing = tmp_path / "secrets" / "storage_url"
+    proc, _ = search(
+        "report", "--study", "x", cwd=tmp_path, env={"SEARCH_STORAGE_FILE": str(missing)}
+    )
+    assert one_line_exit_2(proc).endswith(f"$SEARCH_STORAGE_FILE={missing}: no such file")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_dashboard_serves_the_study_from_the_storage_file(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="dash-study-한국어")
+    secret = tmp_path / "storage_url"
+    secret.write_text(f"sqlite:///{db}\n")
+    port = _free_port()
+    env = {**os.environ, "SEARCH_STORAGE_FILE": str(secret)}
+    env.pop("SEARCH_STORAGE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        body, deadline = None, time.monotonic() + 60
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/studies", timeout=5
+                ) as resp:
+                    assert resp.status == 200
+                    body = resp.read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert "dash-study-한국어" in json.dumps(json.loads(body), ensure_ascii=False)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out  # SIGTERM ends it cleanly (as docker stop does)
+    assert "Traceback" not in out
+
+
+def test_dashboard_without_optuna_dashboard_says_what_to_install(tmp_path: Path) -> None:
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'd.db'}")
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    proc = _without_module("optuna_dashboard", "dashboard", "--storage", url, cwd=tmp_path)
+    assert "pip install 'ko-retrieval-search[dashboard]'" in one_line_exit_2(proc)
