@@ -14,9 +14,7 @@ from search.models import MODELS
 from storage import redact_url
 
 # The PostgreSQL the marked tests use (.ci/run creates the database).
-PG_URL = os.environ.get(
-    "SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"
-)
+PG_URL = os.environ.get("SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test")
 # The shared data directory (KLUE-NLI is read in place from it); overridable to test its absence.
 SHARED_DATA = Path(
     os.environ.get("SEARCH_TEST_SHARED_DATA", Path(__file__).parents[1].parent / "shared/data")
