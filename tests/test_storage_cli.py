@@ -27,7 +27,9 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from storage import classify
 from storage import create_storage
+from storage._classify import sqlstate
 from storage._url import normalize_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +213,38 @@ def test_too_many_connections_is_an_outage_waited_out(db_url: str) -> None:
             conn.execute(sqlalchemy.text(f"DROP OWNED BY {role}"))
             conn.execute(sqlalchemy.text(f"DROP ROLE {role}"))
         admin.dispose()
+
+
+@pytest.mark.postgres
+def test_real_server_errors_are_classified_by_their_sqlstate(db_url: str) -> None:
+    """An administrator's disconnect is an outage (57P01); a missing privilege is not (42501)."""
+    engine = sqlalchemy.create_engine(db_url, poolclass=NullPool)
+    role = f"search_noread_{uuid.uuid4().hex[:6]}"
+    with engine.connect() as admin:
+        admin.execute(sqlalchemy.text("CREATE TABLE IF NOT EXISTS private_t (x int)"))
+        admin.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN"))
+        admin.commit()
+    try:
+        victim = engine.connect()
+        pid = victim.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+        with engine.connect() as admin:  # a connection of this test's own database
+            admin.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as cut:
+            victim.execute(sqlalchemy.text("SELECT 1"))
+        victim.close()
+        assert classify(cut.value) == "transient", cut.value
+        assert sqlstate(cut.value) == "57P01"  # psycopg 3 gives it (psycopg2: none, by text)
+        reader = sqlalchemy.create_engine(make_url(db_url).set(username=role), poolclass=NullPool)
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as denied, reader.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT * FROM private_t"))
+        reader.dispose()
+        assert sqlstate(denied.value) == "42501" and classify(denied.value) == "permanent"
+    finally:
+        with engine.connect() as admin:
+            admin.execute(sqlalchemy.text("DROP TABLE private_t"))
+            admin.execute(sqlalchemy.text(f"DROP ROLE {role}"))
+            admin.commit()
+        engine.dispose()
 
 
 def _without_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
