@@ -5,7 +5,6 @@ PostgreSQL for teams (many workers, one study), an SQLite file as the embedded d
 
 from storage._check import StorageStatus
 from storage._check import check_storage
-from storage._check import ensure_reachable
 from storage._classify import classify
 from storage._create import create_storage
 from storage._engine import ENV_CONNECT_TIMEOUT
@@ -45,7 +44,6 @@ __all__ = [
     "connect_timeout",
     "create_storage",
     "default_storage_url",
-    "ensure_reachable",
     "heartbeat",
     "is_transient",
     "named_lock",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import sqlalchemy
 from optuna.storages._rdb.storage import RDBStorage
@@ -13,7 +12,6 @@ from storage._create import engine_kwargs_for
 from storage._engine import check_driver
 from storage._engine import first_connection
 from storage._engine import unreachable
-from storage._error import StorageError
 from storage._error import StorageUnreachable
 from storage._url import normalize_url
 from storage._url import parse_url
@@ -108,37 +106,6 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
         storage.engine.dispose()
     message = f"{shown}: reachable; schema upgraded from {current} to {after}"
     return StorageStatus(shown, True, after == head, after, head, True, message)
-
-
-def ensure_reachable(url: str, *, must_exist: bool = False) -> None:
-    """Connect once and check the schema, before anything slow starts (no torch, no writes).
-
-    For commands to fail in seconds on a wrong URL, and within ``$SEARCH_CONNECT_TIMEOUT``
-    on a server that is away, instead of after building models.
-
-    Example:
-        >>> ensure_reachable("sqlite:///:memory:")
-
-    Args:
-        url: Storage URL.
-        must_exist: A missing SQLite file is an error (read-only commands).
-
-    Raises:
-        StorageError: One line: the URL is bad, the driver or file missing, the server
-            unreachable or refusing, or the schema older than this Optuna's.
-    """
-    url = normalize_url(url)
-    shown = redact_url(url)
-    backend, path = parse_url(url)
-    if path is not None and not must_exist and not Path(path).exists():
-        check_sqlite_path(path, shown, must_exist=False)  # created on first use
-        return
-    current = _current_revision(url)
-    if current is not None and current != head_version():
-        raise StorageError(
-            f"the schema of {shown} is older than this Optuna's: run "
-            f"`search storage check --storage URL --upgrade` (back up the database first)"
-        )
 
 
 def _current_revision(url: str) -> str | None:

@@ -369,6 +369,13 @@ def test_postgres_engine_has_pre_ping_and_pool_sizes(pg_url: str) -> None:
     assert store.engine.pool.size() >= 4
     assert store.engine_kwargs["pool_pre_ping"] is True
     assert store.get_heartbeat_interval() == 5
+    # The plain URL runs on psycopg 3, and libpq got our settings.
+    if "+psycopg2" not in pg_url:
+        assert store.engine.dialect.driver == "psycopg"
+        with store.engine.connect() as conn:
+            params = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert params["application_name"] == "search" and params["connect_timeout"] == "10"
+        assert (params["keepalives"], params["keepalives_idle"]) == ("1", "30")
     status = check_storage(pg_url)
     assert status.reachable and status.schema_current and status.current_version is not None
 
