@@ -36,6 +36,7 @@ parameters under the same lock and in the same transaction, so it is counted onc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -177,13 +178,14 @@ def claim_trial(
             warnings.simplefilter("ignore", ExperimentalWarning)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             if beating:
-                adopt_orphans(study)
+                _retried(storage, lambda: adopt_orphans(study), "adopt orphans")
                 fail_stale(study)
             trials = study.get_trials(deepcopy=False)
             if spent_count(trials) < budget:
                 trial = _pop_requeued(study, trials) or study.ask()
                 if isinstance(storage, BaseHeartbeat) and beating:
-                    storage.record_heartbeat(trial._trial_id)
+                    first_beat = functools.partial(storage.record_heartbeat, trial._trial_id)
+                    _retried(storage, first_beat, "first heartbeat")
                 return trial
             running = any(t.state == TrialState.RUNNING for t in trials)
         if not (wait and beating and running):
@@ -200,6 +202,12 @@ def claim_trial(
         while not stopped() and time.monotonic() < until:
             time.sleep(min(0.1, max(0.0, until - time.monotonic())))
     return None
+
+
+def _retried(storage: optuna.storages.BaseStorage, fn: Callable[[], Any], what: str) -> Any:
+    """``fn()``, again while the database is briefly away (a dropped or killed connection)."""
+    max_wait = float(getattr(rdb_backend(storage), "max_wait", 120.0))
+    return call_with_retry(fn, max_wait=max_wait, what=what)
 
 
 def _pop_requeued(
@@ -293,7 +301,7 @@ def fail_and_requeue(
 
     # A transaction cut off by a dropped connection was rolled back: running it again is safe
     # (it checks the state first).
-    done = call_with_retry(transaction, max_wait=getattr(rdb, "max_wait", 120.0), what="re-queue")
+    done = _retried(storage, transaction, "fail and re-queue")
     study._thread_local.cached_all_trials = None
     return frozen if done else None
 
