@@ -243,14 +243,19 @@ def storage_check(
         bool, typer.Option("--upgrade", help="Upgrade the schema if it is behind.")
     ] = False,
 ) -> None:
-    """Say whether the storage is reachable and its schema current; upgrade on request."""
+    """Say whether the storage is reachable and its schema current; upgrade on request.
+
+    Exit 0: usable; 1: the schema is behind (--upgrade); 2: unreachable, or a wrong URL.
+    """
     from storage import check_storage
     from storage import resolve_storage_url
 
     with _user_errors():
         status = check_storage(resolve_storage_url(storage), upgrade=upgrade)
-    console.print(status.message, highlight=False, markup=False)
-    if not status.reachable or not status.schema_current:
+    if not status.reachable:  # like every command: one line, exit 2
+        _fail(status.message)
+    console.print(status.message, highlight=False, markup=False, soft_wrap=True)
+    if not status.schema_current:
         raise typer.Exit(1)
 
 

@@ -94,7 +94,7 @@ def create_storage(
     timeout and WAL journaling (readers do not block the writer). Creating the tables of a
     fresh database is serialised across processes, so ten workers can start at once.
 
-    The first connection waits at most ``$SEARCH_CONNECT_TIMEOUT`` seconds (30) for a server
+    The first connection waits at most ``$SEARCH_CONNECT_TIMEOUT`` seconds (20) for a server
     that is away; a mistake (no such database, host or role, authentication failed, SSL
     required, a missing driver) is raised at once.
 

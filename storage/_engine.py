@@ -25,7 +25,7 @@ from storage._url import scrub
 
 # How long a command waits for an unreachable server before it says so (seconds, in all).
 ENV_CONNECT_TIMEOUT = "SEARCH_CONNECT_TIMEOUT"
-DEFAULT_CONNECT_TIMEOUT_S = 30.0
+DEFAULT_CONNECT_TIMEOUT_S = 20.0  # with start-up and a last attempt: reported within 30 s
 PG_CONNECT_TIMEOUT_S = 10  # one connection attempt (libpq connect_timeout; at least 2)
 
 # Driver module -> what to pip install.
@@ -40,7 +40,7 @@ _DRIVER_PACKAGES = {
 
 
 def connect_timeout() -> float:
-    """Seconds a command waits for an unreachable server (``$SEARCH_CONNECT_TIMEOUT``, 30).
+    """Seconds a command waits for an unreachable server (``$SEARCH_CONNECT_TIMEOUT``, 20).
 
     Example:
         >>> connect_timeout() > 0

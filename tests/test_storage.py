@@ -297,7 +297,7 @@ def test_read_only_open_of_a_missing_sqlite_file_creates_nothing(tmp_path: Path)
 
 def test_connect_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEARCH_CONNECT_TIMEOUT")
-    assert connect_timeout() == 30
+    assert connect_timeout() == 20
     monkeypatch.setenv("SEARCH_CONNECT_TIMEOUT", "4.5")
     assert connect_timeout() == 4.5
     for bad in ("soon", "0", "-1"):

@@ -164,12 +164,16 @@ def _closed_port() -> int:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("command", ["report", "run"])
+@pytest.mark.parametrize("command", ["report", "check", "run"])
 def test_an_unreachable_server_is_one_line_exit_2_within_the_connect_timeout(
     command: str, tmp_path: Path
 ) -> None:
     url = f"postgresql://search:s3cret@127.0.0.1:{_closed_port()}/search"
-    args = ["report", "--study", "s"] if command == "report" else ["run", *trial_args("s", 1)]
+    args = {
+        "report": ["report", "--study", "s"],
+        "check": ["storage", "check"],
+        "run": ["run", *trial_args("s", 1)],
+    }[command]
     proc, seconds = search(
         *args, "--storage", url, cwd=tmp_path, env={"SEARCH_CONNECT_TIMEOUT": "3"}
     )
