@@ -35,11 +35,11 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:
         DashboardError: optuna-dashboard is not installed, or the port cannot be bound.
         StorageError: The storage is unusable, or its password a placeholder.
     """
+    check_password(url)
     try:
         import optuna_dashboard
     except ImportError:
         raise DashboardError(f"optuna-dashboard is not installed: {INSTALL}") from None
-    check_password(url)
     storage = create_storage(url, heartbeat_interval=None, must_exist=True)
     signal.signal(signal.SIGTERM, _exit_quietly)  # as PID 1 in a container, too
     print(f"optuna-dashboard for {redact_url(url)} on http://{host}:{port}", flush=True)
