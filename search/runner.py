@@ -223,6 +223,8 @@ def run_study(
                 on_progress(budget, finished_count(study))
             if frozen is not None:
                 _stop_on_load_error(frozen, spec)
+    if on_progress is not None:  # the other workers' last trials may have ended since
+        on_progress(budget, finished_count(study))
     return RunSummary(
         name, redact_url(opts.storage_url), trials_run, stopped_by, study, handed_back
     )

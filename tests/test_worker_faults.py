@@ -321,6 +321,7 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     _wait_for(f"trial {number} to be re-queued", requeued, 60, every=0.1)
     took = time.monotonic() - killed
     bound = GRACE_S + HEARTBEAT_S + 6  # generous: a loaded 2-core machine
+    print(f"trial {number} re-queued {took:.1f} s after its worker was killed")
     assert took < bound, f"re-queued {took:.1f} s after the kill (bound {bound} s)"
     assert any(
         f"trial {number} had no heartbeat for the grace period: failed and re-queued"
@@ -463,3 +464,11 @@ def test_workers_on_one_sqlite_file_create_the_study_once_and_finish_exactly_n(
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     # One baseline per model was enqueued, once (the spec has one model).
     assert sum("fixed_params" in t.system_attrs for t in trials) == 1
+    # Each worker's bar shows the study's count; its text, this worker's own.
+    mine = [
+        sum(str(t.user_attrs[attrs.WORKER]).endswith(f":{p.pid}") for t in trials) for p in workers
+    ]
+    for proc, count in zip(workers, mine, strict=True):
+        assert "5/5" in proc.stdout(), proc.stdout()
+        if count:
+            assert f"{count} by this worker" in proc.stdout(), proc.stdout()
