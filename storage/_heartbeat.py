@@ -100,7 +100,8 @@ def heartbeat(study: optuna.Study, trial: optuna.trial.Trial) -> Iterator[None]:
     """Record heartbeats for ``trial`` in a background thread while the block runs.
 
     If this process dies, the heartbeats stop, and after the storage's grace period another
-    worker fails the trial and re-queues its parameters (``RetryHeartbeatStaleTrialCallback``).
+    worker fails the trial and re-queues its parameters (``search.budget.fail_stale``, up to the
+    storage's ``RetryHeartbeatStaleTrialCallback`` ``max_retry``).
     A no-op when the storage has no heartbeat.
 
     Example:
