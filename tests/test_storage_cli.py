@@ -191,7 +191,9 @@ def test_too_many_connections_is_an_outage_waited_out(db_url: str) -> None:
     admin = sqlalchemy.create_engine(db_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 4"))
-        conn.execute(sqlalchemy.text(f"GRANT ALL ON SCHEMA public TO {role}"))
+        for what in ("SCHEMA public", "ALL TABLES IN SCHEMA public"):
+            conn.execute(sqlalchemy.text(f"GRANT ALL ON {what} TO {role}"))
+        conn.execute(sqlalchemy.text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
     url = make_url(db_url).set(username=role).render_as_string(False)
     holder = sqlalchemy.create_engine(url, poolclass=NullPool)
     held = [holder.connect() for _ in range(4)]  # the storage needs some: lock and pool
