@@ -209,7 +209,9 @@ def test_too_many_connections_is_an_outage_waited_out(db_url: str) -> None:
         store = create_storage(url, heartbeat_interval=None)
         waited = time.monotonic() - started
         assert waited >= 1.5, "the first connection should have been refused and retried"
-        assert store.get_all_studies() == []
+        with admin.connect() as conn:
+            studies = conn.execute(sqlalchemy.text("SELECT count(*) FROM studies")).scalar()
+        assert len(store.get_all_studies()) == studies  # it works as that role now
         store.engine.dispose()
     finally:
         release.cancel()
