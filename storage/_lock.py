@@ -1,15 +1,21 @@
 """Named locks shared by every process that uses one storage.
 
 PostgreSQL: a transaction-level advisory lock (``pg_advisory_xact_lock``) taken on a connection
-of its own, so it is released by the server if the process dies. SQLite: an exclusive file lock
-next to the database file (``<file>.lock``). Anything else (in-memory storages): a lock within
-this process only.
+of its own, so it is released by the server if the process dies. The lock's transaction sits
+idle while its holder works on other connections; ``idle_in_transaction_session_timeout``
+(``$SEARCH_LOCK_TIMEOUT``, default 60 s) makes the server end it, and so release the lock, when
+the holder is paused (SIGSTOP, a VM pause) or cut off by a network partition the server cannot
+see: without it every other worker would wait until the holder came back. A holder that is only
+slow must finish within that time (the budget's critical section takes well under a second).
+SQLite: an exclusive file lock next to the database file (``<file>.lock``). Anything else
+(in-memory storages): a lock within this process only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +26,33 @@ from optuna.storages import BaseStorage
 from optuna.storages import RDBStorage
 from optuna.storages import _CachedStorage
 
+from storage._error import StorageError
 from storage._retry import call_with_retry
 
 _logger = logging.getLogger(__name__)
 
+ENV_LOCK_TIMEOUT = "SEARCH_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+
 _process_locks: dict[str, threading.RLock] = {}
 _file_locks: dict[str, FileLock] = {}
 _guard = threading.Lock()
+
+
+def lock_timeout() -> float:
+    """Seconds a PostgreSQL lock may sit idle before the server releases it."""
+    text = os.environ.get(ENV_LOCK_TIMEOUT, "").strip()
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise StorageError(
+            f"${ENV_LOCK_TIMEOUT} must be a positive number of seconds, not {text!r}"
+        )
+    return value
 
 
 def rdb_backend(storage: BaseStorage) -> RDBStorage | None:
@@ -88,11 +114,16 @@ def named_lock(storage: BaseStorage, name: str, *, max_wait: float = 120.0) -> I
 @contextmanager
 def _pg_lock(engine: sqlalchemy.engine.Engine, name: str, max_wait: float) -> Iterator[None]:
     key = lock_key(name)
+    idle_ms = int(lock_timeout() * 1000)
 
     def acquire() -> sqlalchemy.engine.Connection:
         conn = engine.connect()
         try:
             conn.begin()
+            # Waiting for the lock is "active", not idle: only a holder's silence counts.
+            conn.execute(
+                sqlalchemy.text(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
+            )
             conn.execute(sqlalchemy.select(sqlalchemy.func.pg_advisory_xact_lock(key)))
         except BaseException:
             conn.close()
@@ -108,6 +139,13 @@ def _pg_lock(engine: sqlalchemy.engine.Engine, name: str, max_wait: float) -> It
         try:
             conn.rollback()
         except Exception as error:
-            _logger.debug("lock %s: connection lost before release (%s)", name, error)
+            _logger.warning(
+                "lock %s: its connection was lost while held (%s); the server had released it "
+                "(held past $%s=%g s, or the database restarted)",
+                name,
+                type(error).__name__,
+                ENV_LOCK_TIMEOUT,
+                lock_timeout(),
+            )
         finally:
             conn.close()
