@@ -168,9 +168,11 @@ def run_study(
     )
     if opts.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu
+    # Connect (and check the schema) before anything slow: an unreachable server or a wrong
+    # database name is answered before tiny replicas are built or weights resolved.
+    storage = create_storage(opts.storage_url)
     model_paths = prepare_models(spec, opts)
     name = study_name_for(spec, opts)
-    storage = create_storage(opts.storage_url)
     study, _ = open_study(
         storage,
         name,
