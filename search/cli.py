@@ -118,13 +118,26 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
 
     report = study_report(summary.study)
     console.print(report_table(report))
+    again = f"search report --study {shlex.quote(summary.study_name)}"
+    if not _storage_from_env(args.storage):  # else the same environment names it again
+        again += f" --storage {shlex.quote(summary.storage_url)}"
     console.print(
         f"{summary.trials_run} trials run by this worker (stopped by {summary.stopped_by}); "
-        f"study {summary.study_name} in {summary.storage_url}. "
-        f"Report again: search report --study {shlex.quote(summary.study_name)} --storage "
-        f"{shlex.quote(summary.storage_url)}",
+        f"study {summary.study_name} in {summary.storage_url}. Report again: {again}",
         highlight=False,
     )
+
+
+def _storage_from_env(option: str | None) -> bool:
+    """Whether the storage URL came from ``$SEARCH_STORAGE`` / ``$SEARCH_STORAGE_FILE``."""
+    import os
+
+    from storage import ENV_STORAGE
+    from storage import ENV_STORAGE_FILE
+
+    if option is not None and option.strip():
+        return False
+    return any(os.environ.get(name, "").strip() for name in (ENV_STORAGE, ENV_STORAGE_FILE))
 
 
 def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:

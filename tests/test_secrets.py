@@ -107,7 +107,9 @@ def test_the_password_appears_nowhere(
     outputs["run"] = run.stdout + run.stderr
     shown = redact_url(url)
     assert f"study {study} in {shown}" in run.stdout
-    assert f"--storage '{shown}'" in run.stdout.replace("\n", "")  # shell-quoted hint
+    # The URL came from the secret file: the hint leaves --storage to the same environment.
+    hint = run.stdout.replace("\n", "").split("Report again: ")[1]
+    assert hint.startswith(f"search report --study {study}") and "--storage" not in hint
     env = {**_clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     outputs["report"] = _loud("report", "--study", study, "--storage", url, cwd=tmp_path, env=env)
     assert "multilingual-minilm" in outputs["report"]

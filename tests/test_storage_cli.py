@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -362,3 +363,19 @@ def test_dashboard_without_optuna_dashboard_says_what_to_install(tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'd.db'}"
     proc = _without_module("optuna_dashboard", "dashboard", "--storage", url, cwd=tmp_path)
     assert "pip install 'ko-retrieval-search[dashboard]'" in one_line_exit_2(proc)
+
+
+def test_report_again_hint_is_shell_quoted_and_runs(tmp_path: Path) -> None:
+    """The hint's study name and URL survive the shell: pasted as printed, it reports."""
+    where = tmp_path / "my studies"
+    where.mkdir()
+    url = f"sqlite:///{where / 'a b.db'}"
+    run, _ = search("run", *trial_args("quoted", 1), "--storage", url, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    hint = run.stdout.replace("\n", "").split("Report again: ")[1].strip()
+    assert f"--storage {shlex.quote(url)}" in hint
+    args = shlex.split(hint)
+    assert args[:2] == ["search", "report"]
+    again, _ = search(*args[1:], cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "multilingual-minilm" in again.stdout or "quoted" in again.stdout
