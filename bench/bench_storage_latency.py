@@ -16,7 +16,7 @@ interpreter start, imports, loading every trial, the per-model table).
 Run::
 
     python bench/bench_storage_latency.py
-    SEARCH_BENCH_PG_URL=postgresql+psycopg2://postgres@127.0.0.1:5432/search_test \\
+    SEARCH_BENCH_PG_URL=postgresql://postgres@127.0.0.1:5432/search_test \\
         python bench/bench_storage_latency.py --large 10000 --samples 30
 
 Prints the median latencies at each size, their ratio (target: at most 2 at 10,000 vs 100),
@@ -61,7 +61,7 @@ from storage import redact_url  # noqa: E402
 DEFAULT_URL = os.environ.get(
     "SEARCH_BENCH_PG_URL",
     os.environ.get(
-        "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+        "SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"
     ),
 )
 BUDGET = 10**9  # the budget never binds here

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_URL = os.environ.get(
     "SEARCH_BENCH_PG_URL",
     os.environ.get(
-        "SEARCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/search_test"
+        "SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"
     ),
 )
 OBJECTIVE = "bench_worker_overhead:fake_train"
