@@ -135,7 +135,14 @@ def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], N
 
 @contextmanager
 def _stop_on_signals() -> Iterator[_StopFlag]:
-    """SIGTERM and SIGINT set the returned flag while the block runs (main thread only)."""
+    """SIGTERM and SIGINT set the returned flag while the block runs (main thread only).
+
+    Once a signal has stopped the run, SIGTERM stays ignored after the block (SIGINT keeps the
+    flag's handler): the caller is on its way out, and a repeated SIGTERM (``docker stop`` and
+    supervisors send several) must not kill it with the default action between the hand-back
+    and the exit. ``SIG_IGN``, not a Python handler, because the interpreter puts the default
+    action back for Python handlers when it shuts down.
+    """
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -144,8 +151,11 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
     try:
         yield flag
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not flag():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_study(
