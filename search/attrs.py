@@ -1,30 +1,70 @@
-"""Names of the user attributes every trial and study carries (the contract with reports)."""
+"""Every key of the trial record and of the study record: the contract between workers,
+preflight, frontier, report, dashboard and W&B.
+
+User attributes are short and flat (the dashboard's trial table shows one column per key and
+one line per trial); JSON objects (the effective config, the metrics) are system attributes,
+which the dashboard leaves out of the table and scripts read as ``trial.system_attrs``.
+``search.trial_record`` writes the record and reads it back (old studies included).
+"""
 
 from __future__ import annotations
 
-# Trial user attributes.
-CONFIG = "config"  # the effective TrialConfig as a JSON object
+# Trial user attributes (short, flat: one table cell each).
+OUTCOME = "outcome"  # one of OUTCOMES: what became of the trial, at a glance
 MODEL = "model"
 BATCH_SIZE = "batch_size"
 MAX_LEN = "max_len"
-METRICS = "metrics"  # last epoch's retrieval metrics: {"ndcg@10": ..., "mrr@10": ..., ...}
+# The study metric's final value is stored flat under the metric's own name (e.g. "ndcg@10").
+DEFAULT_METRIC = "ndcg@10"
 PEAK_MEMORY_MB = "peak_memory_mb"  # measured peak (CUDA allocator, else process RSS)
 MEMORY_ESTIMATE_MB = "memory_estimate_mb"  # preflight estimate of the peak
 SECONDS = "seconds"  # wall seconds the trial's worker spent on it
-OOM = "oom"  # True when the trial ended in (or was skipped for) out of memory
+OOM = "oom"  # True when the trial ended in (or was skipped for) OOM; same as outcome "oom"
 OOM_KIND = "oom_kind"  # "real" | "host" | "predicted" | "frontier"
 OOM_PHASE = "oom_phase"  # "load" | "forward" | "backward" | "optimizer" | "eval"
 OOM_FRONTIER_TRIAL = "oom_frontier_trial"  # number of the trial whose OOM justified a skip
-ERROR = "error"  # one-line reason of a failure
-DEVICE = "device"  # e.g. "cuda:0 (NVIDIA H100, 80 GiB)" or "cpu"
+ERROR = "error"  # one-line reason of a failure or a skip
+DEVICE = "device"  # e.g. "cuda:0 (NVIDIA H100, 80 GiB)" or "cpu (62.8 GiB)"
+DEVICE_KIND = "device_kind"  # "cuda" | "cpu" | "mps" ...: the device type without index
+GPU_NAME = "gpu_name"  # e.g. "NVIDIA H100 80GB HBM3" (CUDA devices only)
 DEVICE_MEMORY_MB = "device_memory_mb"  # memory the trial was allowed (limit or device total)
 HOST = "host"
-GPU = "gpu"
+GPU = "gpu"  # the worker's GPU index(es): --gpu, else $CUDA_VISIBLE_DEVICES
 WORKER = "worker"
+HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
+
+# Legacy trial user attributes: written before issue 8, still read as a fallback.
+CONFIG = "config"  # the effective TrialConfig as a JSON object (now SYSTEM_CONFIG)
+METRICS = "metrics"  # the last epoch's metrics as a JSON object (now SYSTEM_METRICS)
+
+# Trial system attributes (JSON, for scripts: ``trial.system_attrs[...]``).
+SYSTEM_CONFIG = "search:config"  # the effective TrialConfig: {"model": ..., "lr": ...}
+SYSTEM_METRICS = "search:metrics"  # last epoch's metrics: {"ndcg@10": ..., "mrr@10": ...}
+SYSTEM_HISTORY = "search:history"  # every epoch's metrics: [{"ndcg@10": ...}, ...]
+RETRY_HISTORY = "retry_history"  # Optuna's (RetryHeartbeatStaleTrialCallback): failed numbers
+FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a re-queued one
 
 # Study user attributes.
 STUDY_N_TRIALS = "n_trials"  # the study's global budget of finished trials
 STUDY_SPEC = "spec"  # the resolved study spec, secrets excluded
 
+# Study system attributes.
+STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.study_store)
+
+# Vocabularies.
+OUTCOME_RUNNING = "running"  # claimed, training (or waiting to be re-run after a hand-back)
+OUTCOME_COMPLETE = "complete"  # finished with a value
+OUTCOME_PRUNED = "pruned"  # stopped early by the pruner
+OUTCOME_OOM = "oom"  # ran out of memory or was skipped for memory (oom_kind says how)
+OUTCOME_FAILED = "failed"  # an error (error says which)
+OUTCOME_HANDED_BACK = "handed_back"  # its worker was stopped; re-queued with the same params
+OUTCOMES = (
+    OUTCOME_RUNNING,
+    OUTCOME_COMPLETE,
+    OUTCOME_PRUNED,
+    OUTCOME_OOM,
+    OUTCOME_FAILED,
+    OUTCOME_HANDED_BACK,
+)
 OOM_KINDS = ("real", "host", "predicted", "frontier")
 PHASES = ("load", "forward", "backward", "optimizer", "eval")
