@@ -32,6 +32,8 @@ HOST = "host"
 GPU = "gpu"  # the worker's GPU index(es): --gpu, else $CUDA_VISIBLE_DEVICES
 WORKER = "worker"
 HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
+WANDB_RUN_ID = "wandb_run_id"  # the trial's W&B run (search.tracking)
+WANDB_RUN_PATH = "wandb_run_path"  # its W&B path: [entity/]project/run_id
 
 # Legacy trial user attributes: written before issue 8, still read as a fallback.
 CONFIG = "config"  # the effective TrialConfig as a JSON object (now SYSTEM_CONFIG)

@@ -60,6 +60,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
+from search.trial_record import handed_back_attrs
 from storage import adopt_orphans
 from storage import named_lock
 from storage import rdb_backend
@@ -67,9 +68,10 @@ from storage._retry import call_with_retry
 
 _logger = logging.getLogger(__name__)
 
-HANDED_BACK = "handed_back"  # trial user attr: given back on SIGTERM, re-queued
-RETRY_HISTORY = "retry_history"  # Optuna's system attr (RetryHeartbeatStaleTrialCallback)
-FAILED_TRIAL = "failed_trial"  # Optuna's system attr: the number of the original trial
+# Keys of the trial record (search.attrs), kept importable from here.
+HANDED_BACK = attrs.HANDED_BACK
+RETRY_HISTORY = attrs.RETRY_HISTORY
+FAILED_TRIAL = attrs.FAILED_TRIAL
 
 MAX_POLL_S = 2.0  # default poll of a worker waiting for others' RUNNING trials
 _SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -409,7 +411,7 @@ def hand_back(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
         Whether the trial was handed back.
     """
     with named_lock(study._storage, _lock_name(study)):
-        frozen = fail_and_requeue(study, trial._trial_id, user_attrs={HANDED_BACK: True})
+        frozen = fail_and_requeue(study, trial._trial_id, user_attrs=handed_back_attrs())
     if frozen is None:
         return False
     _logger.warning("trial %d handed back and re-queued", frozen.number)

@@ -148,7 +148,9 @@ def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
     from rich.progress import TextColumn
     from rich.progress import TimeElapsedColumn
 
+    from search import attrs
     from search.runner import run_study
+    from search.trial_record import is_oom
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     best: list[float] = []
@@ -173,12 +175,12 @@ def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
 
         def on_trial(frozen: optuna.trial.FrozenTrial) -> None:
             state = frozen.state.name.lower()
-            if frozen.user_attrs.get("oom"):
-                state = f"oom ({frozen.user_attrs.get('oom_kind')})"
+            if is_oom(frozen.user_attrs):
+                state = f"oom ({frozen.user_attrs.get(attrs.OOM_KIND)})"
             if frozen.state.name == "COMPLETE" and frozen.value is not None:
                 best.append(frozen.value)
             mine.append(frozen.number)
-            model = frozen.user_attrs.get("model", "?")
+            model = frozen.user_attrs.get(attrs.MODEL, "?")
             if task is None:  # on_progress runs first; a trial never comes before it
                 return
             progress.update(

@@ -10,6 +10,9 @@ from optuna.trial import TrialState
 
 from search import attrs
 from search.config import TrialConfig
+from search.trial_record import config_of
+from search.trial_record import device_kind_of
+from search.trial_record import is_oom
 
 __all__ = ["dominates", "find_frontier_oom"]
 
@@ -39,7 +42,8 @@ def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
 
     Args:
         cfg: The config about to run.
-        oom_config: The ``config`` user attribute of a trial that ran out of memory.
+        oom_config: The effective config of a trial that ran out of memory
+            (``search.trial_record.config_of``).
 
     Returns:
         True when ``cfg`` is at least as large in every memory dimension.
@@ -58,12 +62,6 @@ def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
         return False  # a malformed record proves nothing
 
 
-def _device_kind(label: object) -> str | None:
-    if not isinstance(label, str) or not label:
-        return None
-    return label.split()[0].split(":")[0]
-
-
 def find_frontier_oom(
     trials: Sequence[FrozenTrial],
     cfg: TrialConfig,
@@ -76,14 +74,15 @@ def find_frontier_oom(
     A trial counts when it is finished, recorded ``oom=True`` with ``oom_kind`` ``real`` or
     ``host`` (not a predicted or frontier skip, so a wrong guess never spreads), ran on a device
     with the same or more memory (``device_memory_mb`` at least this device's total), and
-    ``cfg`` :func:`dominates` its ``config``. Only user attributes are read: no model is loaded.
+    ``cfg`` :func:`dominates` its config (``search:config``, or the user attribute ``config``
+    of older trials). Only the trial record is read: no model is loaded.
 
     Args:
         trials: Earlier trials of the study (any states; unfinished ones are ignored).
         cfg: The config about to run.
         device_total_bytes: Memory this trial may use (device total or the memory limit).
         device_kind: ``cuda`` / ``cpu``...; when given, OOMs on another kind of device (read
-            from the ``device`` attribute) are ignored.
+            from ``device_kind``, or parsed from ``device`` for older trials) are ignored.
 
     Returns:
         The justifying trial, or None.
@@ -94,17 +93,17 @@ def find_frontier_oom(
         if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
             continue
         ua = t.user_attrs
-        if ua.get(attrs.OOM) is not True or ua.get(attrs.OOM_KIND) not in REAL_OOM_KINDS:
+        if not is_oom(ua) or ua.get(attrs.OOM_KIND) not in REAL_OOM_KINDS:
             continue
         memory = ua.get(attrs.DEVICE_MEMORY_MB)
         if not isinstance(memory, (int, float)) or memory < device_mb * (1 - 1e-9):
             continue
         if device_kind is not None:
-            kind = _device_kind(ua.get(attrs.DEVICE))
+            kind = device_kind_of(ua)
             if kind is not None and kind != device_kind:
                 continue
-        config = ua.get(attrs.CONFIG)
-        if not isinstance(config, dict) or not dominates(cfg, config):
+        config = config_of(t)
+        if config is None or not dominates(cfg, config):
             continue
         if best is None or t.number < best.number:
             best = t

@@ -15,6 +15,7 @@ from search.frontier import find_frontier_oom
 from search.memory_estimate import MemoryEstimate
 from search.memory_estimate import estimate_peak_memory
 from search.models import ModelInfo
+from search.trial_record import config_of
 
 __all__ = ["PreflightDecision", "preflight"]
 
@@ -52,7 +53,7 @@ def preflight(
     """Check a config against the OOM frontier, then against the memory estimate.
 
     The frontier comes first: a measured OOM is stronger evidence than an estimate. Both
-    checks read only facts and user attributes, so a skip costs milliseconds.
+    checks read only facts and the trial record, so a skip costs milliseconds.
 
     Args:
         cfg: The trial's effective config.
@@ -72,7 +73,7 @@ def preflight(
     if use_frontier:
         oom = find_frontier_oom(trials, cfg, device.total_bytes, device_kind=device.kind)
         if oom is not None:
-            old = oom.user_attrs.get(attrs.CONFIG, {})
+            old = config_of(oom) or {}
             return PreflightDecision(
                 skip=True,
                 kind="frontier",

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from search import attrs
 from search.budget import requeued_numbers
+from search.trial_record import config_of
+from search.trial_record import is_oom
 from storage import read_summary_trials
 from storage import read_user_attr
 
@@ -75,7 +77,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
         ua = t.user_attrs
         seconds = float(ua.get(attrs.SECONDS) or 0.0)
         row.seconds += seconds
-        if ua.get(attrs.OOM):
+        if is_oom(ua):
             kind = str(ua.get(attrs.OOM_KIND) or "real")
             setattr(row, f"oom_{kind}", getattr(row, f"oom_{kind}", 0) + 1)
             row.oom_seconds += seconds
@@ -84,7 +86,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
             if t.value is not None and _is_better(t.value, row.best_value, maximize):
                 row.best_value, row.best_trial = t.value, t.number
                 row.best_trial_id = t._trial_id
-                row.best_config = ua.get(attrs.CONFIG)
+                row.best_config = config_of(t)
         elif t.state == TrialState.PRUNED:
             row.pruned_early += 1
         elif t.state == TrialState.FAIL and t.number in requeued:
@@ -94,7 +96,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
         elif t.state == TrialState.RUNNING:
             row.running += 1
         peak = ua.get(attrs.PEAK_MEMORY_MB)
-        if peak is not None and not ua.get(attrs.OOM):
+        if peak is not None and not is_oom(ua):
             peaks.setdefault(name, []).append(float(peak))
     for name, row in rows.items():
         row.oom_rate = row.pruned_oom / row.trials if row.trials else 0.0
@@ -106,11 +108,23 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
 # The user attributes a report reads (the config only of each model's best trial).
 SUMMARY_KEYS = (
     attrs.MODEL,
+    attrs.OUTCOME,
     attrs.SECONDS,
     attrs.OOM,
     attrs.OOM_KIND,
     attrs.PEAK_MEMORY_MB,
 )
+
+
+def _best_configs(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, Any]:
+    """Trial id -> effective config (``search:config``; user ``config`` of older studies)."""
+    if not trial_ids:
+        return {}
+    configs = read_user_attr(storage.engine, trial_ids, attrs.SYSTEM_CONFIG, system=True)
+    older = [i for i in trial_ids if i not in configs]
+    if older:
+        configs.update(read_user_attr(storage.engine, older, attrs.CONFIG))
+    return configs
 
 
 def study_report(
@@ -124,10 +138,12 @@ def study_report(
     direction = study.direction.name.lower()
     if isinstance(storage, optuna.storages.RDBStorage):
         study_id = storage.get_study_id_from_name(study.study_name)
-        trials = read_summary_trials(storage.engine, study_id, SUMMARY_KEYS, ("model",))
+        trials = read_summary_trials(
+            storage.engine, study_id, SUMMARY_KEYS, ("model",), (attrs.RETRY_HISTORY,)
+        )
         rows = model_rows(trials, direction=direction)
         best_ids = [r.best_trial_id for r in rows if r.best_trial_id is not None]
-        configs = read_user_attr(storage.engine, best_ids, attrs.CONFIG) if best_ids else {}
+        configs = _best_configs(storage, best_ids)
         for row in rows:
             if row.best_trial_id is not None:
                 row.best_config = configs.get(row.best_trial_id)

@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search import attrs
+from search import publish
 from search.budget import claim_trial
 from search.budget import ensure_budget
 from search.budget import finished_count
@@ -58,6 +58,12 @@ from search.train.data import load_train
 from search.train.data import validate_data
 from search.train.tiny import build_tiny_replica
 from search.train.tiny import tiny_info
+from search.trial_record import TrialRecord
+from search.trial_record import claimed_record
+from search.trial_record import name_metric
+from search.trial_record import outcome_record
+from search.trial_record import skip_record
+from search.trial_record import write_record
 from storage import create_storage
 from storage import heartbeat
 from storage import redact_url
@@ -125,6 +131,7 @@ def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
 def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], None]:
     def init(study: optuna.Study) -> None:
         study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
+        name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10"
         ensure_budget(study, opts.n_trials or spec.study.n_trials)
         # One baseline trial per model, so no model is left out of the first trials by chance.
         for model in spec.models:
@@ -192,6 +199,7 @@ def run_study(
         on_create=_init_study(spec, opts),
     )
     budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
+    name_metric(study, spec.study.metric)  # a study created before metrics were named
     if on_progress is not None:
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
@@ -229,12 +237,14 @@ def run_study(
                 break
             if frozen is not None:
                 trials_run += 1
+                publish.after_trial(study, frozen)  # dashboard notes; never raises
                 if on_trial is not None:
                     on_trial(frozen)
             if on_progress is not None:
                 on_progress(budget, finished_count(study))
             if frozen is not None:
                 _stop_on_load_error(frozen, spec)
+    publish.finish(study)  # the study note as this worker leaves it; never raises
     if on_progress is not None:  # the other workers' last trials may have ended since
         on_progress(budget, finished_count(study))
     return RunSummary(
@@ -291,16 +301,13 @@ def _run_trial(
             use_frontier=opts.use_frontier,
         )
         first = _trial_attrs(cfg, opts, device)
-        first[attrs.MEMORY_ESTIMATE_MB] = decision.estimate.total_bytes / 2**20
+        first.user[attrs.MEMORY_ESTIMATE_MB] = decision.estimate.total_bytes / 2**20
         if decision.skip:
-            first.update({attrs.OOM: True, attrs.OOM_KIND: decision.kind})
-            first[attrs.ERROR] = decision.reason
-            if decision.frontier_trial is not None:
-                first[attrs.OOM_FRONTIER_TRIAL] = decision.frontier_trial
-            first[attrs.SECONDS] = time.monotonic() - started
-            _set_attrs(storage, trial, first)
+            first.update(skip_record(decision, time.monotonic() - started))
+            write_record(storage, trial._trial_id, first)
             return study.tell(trial, state=TrialState.PRUNED)
-        _set_attrs(storage, trial, first)  # before training: the dashboard shows it running
+        # Before training: the dashboard shows it running, with its config.
+        write_record(storage, trial._trial_id, first)
         if stop():
             raise _Interrupted()
 
@@ -324,30 +331,14 @@ def _run_trial(
     return _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
 
 
-def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> dict[str, Any]:
-    return {
-        attrs.CONFIG: cfg.to_json(),
-        attrs.MODEL: cfg.model,
-        attrs.BATCH_SIZE: cfg.batch_size,
-        attrs.MAX_LEN: cfg.max_len,
-        attrs.DEVICE: device.label,
-        attrs.DEVICE_MEMORY_MB: device.total_bytes / 2**20,
-        attrs.HOST: socket.gethostname(),
-        attrs.GPU: opts.gpu if opts.gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
-        attrs.WORKER: opts.worker,
-    }
-
-
-def _set_attrs(
-    storage: optuna.storages.BaseStorage, trial: optuna.Trial, values: dict[str, Any]
-) -> None:
-    """Set user attributes in one transaction where the storage can (one per key otherwise)."""
-    set_many = getattr(storage, "set_trial_user_attrs", None)
-    if set_many is not None:
-        set_many(trial._trial_id, values)
-        return
-    for key, value in values.items():
-        trial.set_user_attr(key, value)
+def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> TrialRecord:
+    return claimed_record(
+        cfg,
+        device,
+        host=socket.gethostname(),
+        gpu=opts.gpu if opts.gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
+        worker=opts.worker,
+    )
 
 
 def _tell(
@@ -359,22 +350,12 @@ def _tell(
     seconds: float,
 ) -> optuna.trial.FrozenTrial:
     """Record an isolated run's outcome on the trial and finish it."""
-    values: dict[str, Any] = {attrs.SECONDS: seconds}
-    if outcome.peak_memory_mb is not None:
-        values[attrs.PEAK_MEMORY_MB] = outcome.peak_memory_mb
-    if outcome.metrics:
-        values[attrs.METRICS] = outcome.metrics
-    if outcome.error:
-        values[attrs.ERROR] = outcome.error
-    oom = outcome.status == "oom" or (outcome.status == "killed" and outcome.oom_kind == "host")
-    if oom:
-        values.update({attrs.OOM: True, attrs.OOM_KIND: outcome.oom_kind or "real"})
-        if outcome.phase:
-            values[attrs.OOM_PHASE] = outcome.phase
-    _set_attrs(storage, trial, values)
-    if outcome.status == "complete":
+    record = outcome_record(outcome, metric, seconds)
+    write_record(storage, trial._trial_id, record)
+    told = record.user[attrs.OUTCOME]
+    if told == attrs.OUTCOME_COMPLETE:
         return study.tell(trial, outcome.metrics[metric])
-    if outcome.status == "pruned" or oom:
+    if told in (attrs.OUTCOME_PRUNED, attrs.OUTCOME_OOM):
         # An OOM is an answer about memory, not a broken trial: PRUNED keeps it in what TPE
         # learns from (FAIL would hide it), and the frontier reads it back (README).
         return study.tell(trial, state=TrialState.PRUNED)

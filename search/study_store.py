@@ -9,10 +9,11 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage
 
+from search import attrs
 from storage import StorageError
 from storage import named_lock
 
-INITIALIZED = "search:initialized"  # study system attr: on_create finished
+INITIALIZED = attrs.STUDY_INITIALIZED  # study system attr: on_create finished
 
 
 class StudyConflictError(StorageError):

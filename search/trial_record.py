@@ -10,20 +10,20 @@ attributes of studies written before (``config``, ``metrics``, the device label)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
 
+import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
 
-if TYPE_CHECKING:  # keep this module light: the runner imports it, so do reports
-    import optuna
-
+if TYPE_CHECKING:
     from search.config import TrialConfig
     from search.device import DeviceInfo
     from search.isolation import TrialOutcome
@@ -38,6 +38,7 @@ __all__ = [
     "is_oom",
     "metric_value",
     "metrics_of",
+    "name_metric",
     "outcome_of",
     "outcome_record",
     "skip_record",
@@ -177,6 +178,15 @@ def write_record(storage: optuna.storages.BaseStorage, trial_id: int, record: Tr
                 storage.set_trial_user_attr(trial_id, key, value)
     for key, value in record.system.items():
         storage.set_trial_system_attr(trial_id, key, value)
+
+
+def name_metric(study: optuna.Study, metric: str) -> None:
+    """Name the study's objective ``metric`` (dashboard plots say it), unless it is named."""
+    if study.metric_names is not None:
+        return
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
 
 
 # Readers: new records first, the attributes of older studies as a fallback.

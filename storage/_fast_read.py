@@ -181,18 +181,20 @@ def read_summary_trials(
     study_id: int,
     user_keys: Iterable[str],
     param_names: Iterable[str] = (),
+    system_keys: Iterable[str] = (),
 ) -> list[FrozenTrial]:
     """Trials for a summary: number, state, values, only the named user attributes and params.
 
     Reports over tens of thousands of trials need neither parameters nor intermediate values,
     and only a few small attributes: leaving the rest in the database makes ``search report``
-    several times faster. System attributes are limited to ``retry_history`` (re-queued trials).
+    several times faster.
 
     Args:
         engine: The storage's engine.
         study_id: Study id.
         user_keys: User attribute keys to read.
         param_names: Parameters to read.
+        system_keys: System attribute keys to read (e.g. ``retry_history``).
 
     Returns:
         Frozen trials ordered by trial id (no intermediate values).
@@ -223,7 +225,7 @@ def read_summary_trials(
         ).all()
         system = conn.execute(
             sqlalchemy.select(sa.c.trial_id, sa.c.key, sa.c.value_json).where(
-                sa.c.trial_id.in_(selected), sa.c.key == "retry_history"
+                sa.c.trial_id.in_(selected), sa.c.key.in_(list(system_keys))
             )
         ).all()
         params = conn.execute(
@@ -235,10 +237,11 @@ def read_summary_trials(
 
 
 def read_user_attr(
-    engine: sqlalchemy.engine.Engine, trial_ids: Iterable[int], key: str
+    engine: sqlalchemy.engine.Engine, trial_ids: Iterable[int], key: str, *, system: bool = False
 ) -> dict[int, Any]:
-    """One user attribute of the given trials: trial id -> value."""
-    ua = models.TrialUserAttributeModel.__table__
+    """One user (or, with ``system``, system) attribute of the given trials: id -> value."""
+    model = models.TrialSystemAttributeModel if system else models.TrialUserAttributeModel
+    ua = model.__table__
     with engine.connect() as conn:
         rows = conn.execute(
             sqlalchemy.select(ua.c.trial_id, ua.c.value_json).where(

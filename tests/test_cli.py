@@ -147,7 +147,7 @@ def test_tiny_run_tries_every_model_and_reports(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="ko-retrieval-tiny", storage=f"sqlite:///{db}")
     trials = study.get_trials()
     assert len(trials) == 5
-    assert {t.user_attrs[attrs.CONFIG]["model"] for t in trials[:4]} == {
+    assert {t.system_attrs[attrs.SYSTEM_CONFIG]["model"] for t in trials[:4]} == {
         "ko-simcse",
         "bge-m3-ko",
         "multilingual-minilm",

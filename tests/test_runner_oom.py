@@ -127,5 +127,6 @@ def test_a_config_that_cannot_fit_is_skipped_before_loading(tmp_path: Path) -> N
 def optuna_config(trial: optuna.trial.FrozenTrial):  # type: ignore[no-untyped-def]
     """The effective TrialConfig the runner recorded on ``trial``."""
     from search.config import TrialConfig
+    from search.trial_record import config_of
 
-    return TrialConfig.from_json(trial.user_attrs[attrs.CONFIG])
+    return TrialConfig.from_json(config_of(trial))
