@@ -96,6 +96,20 @@ class RunArgs:
         str | None, typer.Option("--study-name", help="Optuna study name (default: the spec's).")
     ] = None
     force_space: Annotated[bool, typer.Option("--force-space", help=FORCE_SPACE_HELP)] = False
+    wandb: Annotated[
+        bool | None,
+        typer.Option(
+            "--wandb/--no-wandb",
+            help="One Weights & Biases run per trial (offline under the study's directory "
+            "unless WANDB_API_KEY is set). Default: the spec's tracking.wandb (off).",
+        ),
+    ] = None
+    wandb_project: Annotated[
+        str | None,
+        typer.Option(
+            "--wandb-project", help="W&B project (default: tracking.project, else the study)."
+        ),
+    ] = None
     objective: Annotated[str, typer.Option("--objective", hidden=True)] = DEFAULT_OBJECTIVE
 
 

@@ -14,8 +14,9 @@ start it before the first trial.
 
 Protocol on the pipe (child -> parent): ``("phase", name)`` on every phase the objective enters
 (so the phase survives a hard kill), ``("report", epoch, metrics)`` answered by the parent with
-a bool (prune?), then one final ``("result", dict)``, ``("pruned", dict)`` or ``("error",
-dict)``.
+a bool (prune?), ``("step", step, values)`` after each training step when the worker tracks
+the trial (``on_step``; not answered), then one final ``("result", dict)``, ``("pruned",
+dict)`` or ``("error", dict)``.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def _child_main(
     objective: str,
     memory_limit: int | None,
     env: dict[str, str],
+    stream_steps: bool = False,
 ) -> None:
     """Entry point of the child: run the objective and send what became of it."""
     # Ctrl-C reaches the whole process group: the worker decides what becomes of the trial
@@ -240,14 +242,18 @@ def _child_main(
         conn.send(("report", int(epoch), {k: float(v) for k, v in metrics.items()}))
         return bool(conn.recv())
 
+    def on_step(step: int, values: dict[str, float]) -> None:
+        conn.send(("step", int(step), {k: float(v) for k, v in values.items()}))
+
     try:
         module, _, name = objective.partition(":")
         fn = getattr(importlib.import_module(module), name)
+        extra = {"on_step": on_step} if stream_steps and _accepts(fn, "on_step") else {}
         kind = _device_type(cfg.device)
         baseline = _rss_mb()
         if memory_limit is not None:
             lift = _set_memory_limit(memory_limit, cfg.device)
-        result = fn(cfg, report=report, on_phase=on_phase)
+        result = fn(cfg, report=report, on_phase=on_phase, **extra)
         lift()
         final = ("result", _result_dict(result))
     except optuna.TrialPruned:
@@ -264,6 +270,17 @@ def _child_main(
     final[1]["phase"] = phase[0]
     conn.send(final)
     conn.close()
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (fake objectives may not take ``on_step``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 # -------------------------------------------------------------------------- the parent side
@@ -349,6 +366,7 @@ def run_isolated(
     objective: str = DEFAULT_OBJECTIVE,
     timeout: float | None = None,
     stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrialOutcome:
     """Run ``objective(cfg, report=..., on_phase=...)`` in a child process and say how it ended.
 
@@ -371,6 +389,8 @@ def run_isolated(
             and the outcome is ``stopped`` (the worker got SIGTERM or SIGINT). An exception
             raised by ``report`` (e.g. the trial was failed meanwhile) also kills and reaps
             the child, then propagates.
+        on_step: Called with ``(step, {"loss", "lr", "memory_mb"})`` for each training step
+            the objective streams (only objectives taking ``on_step``); None: not streamed.
 
     Returns:
         The outcome; ``seconds`` is the wall time including the child's start.
@@ -388,7 +408,14 @@ def run_isolated(
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     proc = ctx.Process(
         target=_child_main,
-        args=(child_conn, cfg.to_json(), objective, memory_limit_bytes, dict(os.environ)),
+        args=(
+            child_conn,
+            cfg.to_json(),
+            objective,
+            memory_limit_bytes,
+            dict(os.environ),
+            on_step is not None,
+        ),
         name=f"trial-{cfg.model}",
         daemon=True,
     )
@@ -427,6 +454,9 @@ def run_isolated(
                     outcome.metrics = dict(metrics)
                     prune = bool(report(epoch, metrics)) if report is not None else False
                     parent_conn.send(prune)
+                elif kind == "step":
+                    if on_step is not None:
+                        on_step(message[1], message[2])
                 else:
                     final = (kind, message[1])
             elif proc.sentinel in ready and not parent_conn.poll():

@@ -39,6 +39,8 @@ class RunOptions:
     objective: str = DEFAULT_OBJECTIVE
     cache_dir: Path = DEFAULT_CACHE
     study_name: str | None = None
+    wandb: bool | None = None  # one W&B run per trial; None: the spec's tracking.wandb
+    wandb_project: str | None = None  # None: the spec's tracking.project, else the study's name
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 

@@ -182,6 +182,13 @@ class PrunerSection(_Strict):
     n_warmup_steps: int = Field(default=0, ge=0)
 
 
+class TrackingSection(_Strict):
+    """Experiment tracking: one Weights & Biases run per trial (``search.tracking``)."""
+
+    wandb: bool = False  # --wandb / --no-wandb override it
+    project: str | None = Field(default=None, min_length=1)  # default: the study's name
+
+
 class StudySpec(_Strict):
     """A whole study spec. ``source`` is the file it came from (for messages and paths)."""
 
@@ -192,6 +199,7 @@ class StudySpec(_Strict):
     data: DataSection
     sampler: SamplerSection = SamplerSection()
     pruner: PrunerSection = PrunerSection()
+    tracking: TrackingSection = TrackingSection()
     source: str = ""
 
     @field_validator("models")

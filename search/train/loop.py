@@ -284,6 +284,7 @@ def train(
     eval_set: EvalSet | None = None,
     report: Callable[[int, dict[str, float]], bool] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train the bi-encoder of ``cfg`` and evaluate it after each epoch.
 
@@ -295,6 +296,9 @@ def train(
             returning True stops the run with ``optuna.TrialPruned``.
         on_phase: Called with ``load``, ``forward``, ``backward``, ``optimizer`` or ``eval``
             each time the run enters another phase (for attributing an out-of-memory error).
+        on_step: Called as ``on_step(step, {"loss", "lr", "memory_mb"})`` after each optimizer
+            step (``step`` 1-based over the run; ``memory_mb`` the peak so far). It reads the
+            loss, which waits for the device: leave it None when nothing tracks the run.
 
     Returns:
         The last epoch's metrics, the per-epoch history, peak memory, time and throughput.
@@ -395,10 +399,14 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             scaler.step(optimizer)
             scaler.update()
+            lr = float(optimizer.param_groups[0]["lr"])  # this step's, before the schedule moves
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             trained += n
+            if on_step is not None:  # experiment tracking (W&B): one row per step
+                row = {"loss": loss.item(), "lr": lr, "memory_mb": peak_memory_mb(device)}
+                on_step((epoch - 1) * steps_per_epoch + step + 1, row)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the queued kernels in this epoch's time
         train_seconds += time.perf_counter() - epoch_start

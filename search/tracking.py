@@ -1,0 +1,279 @@
+"""One Weights & Biases run per trial: a thin layer on ``wandb`` that never fails a trial.
+
+The worker owns the run (not the trial's process): it starts the run when a trial has passed
+sampling and preflight, logs what the trial process streams over its pipe (per-step loss,
+learning rate and memory, per-epoch metrics), and finishes it from the trial's record once
+Optuna has been told. So a preflight skip (``oom: predicted`` / ``frontier``, no process) and
+a process killed by the kernel still get a run with their outcome, and ``wandb``'s service
+starts once per worker instead of once per trial (BENCHMARKS.md, "W&B overhead").
+
+Mode: ``$WANDB_MODE`` when set, else online with ``$WANDB_API_KEY``, else offline under the
+study's directory (beside the SQLite file, else ``$SEARCH_CACHE``), to ``wandb sync`` later.
+The key stays in the environment: it is never passed, logged or written here.
+
+Failures (no ``wandb``, an unwritable directory, a bad key, no network) are logged in one
+line; W&B is then off for the rest of this worker, so each costs at most one bounded
+``wandb.init`` (``$SEARCH_WANDB_INIT_TIMEOUT`` seconds, default 10) and never the trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from search import attrs
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from search.config import TrialConfig
+    from search.options import RunOptions
+    from search.spec import StudySpec
+
+__all__ = ["NO_RUN", "TrackingSettings", "Tracker", "TrialRun", "tracking_settings"]
+
+_logger = logging.getLogger(__name__)
+ENV_INIT_TIMEOUT = "SEARCH_WANDB_INIT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT = 10.0
+_FINISH_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Whether and where this worker's trials become W&B runs.
+
+    Args:
+        enabled: ``--wandb/--no-wandb``, else the spec's ``tracking.wandb`` (default off).
+        project: ``--wandb-project``, else ``tracking.project``, else the spec's study name.
+        directory: Where ``wandb/`` (the offline runs) is written.
+        mode: ``online``, ``offline`` or ``disabled``.
+        storage: The study's storage URL, redacted (goes into each run's summary).
+    """
+
+    enabled: bool
+    project: str
+    directory: Path
+    mode: str
+    storage: str
+
+
+def _run_directory(storage_url: str, cache_dir: Path) -> Path:
+    """The directory of a SQLite study's file, else the cache directory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(storage_url)
+    except Exception:  # noqa: BLE001 - a bad URL is reported by the storage layer
+        return cache_dir
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or "memory" in database:
+        return cache_dir
+    return Path(database).expanduser().resolve().parent
+
+
+def _mode() -> str:
+    chosen = os.environ.get("WANDB_MODE", "").strip().lower()
+    if chosen in ("online", "offline", "disabled"):
+        return chosen
+    if chosen == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def tracking_settings(spec: StudySpec, opts: RunOptions) -> TrackingSettings:
+    """This worker's W&B settings from its options and the spec's ``tracking`` section."""
+    from storage import redact_url
+
+    section = spec.tracking
+    enabled = opts.wandb if opts.wandb is not None else section.wandb
+    project = opts.wandb_project or section.project or spec.study.name
+    directory = _run_directory(opts.storage_url, opts.cache_dir)
+    return TrackingSettings(enabled, project, directory, _mode(), redact_url(opts.storage_url))
+
+
+def _init_timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get(ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT)))
+    except ValueError:
+        return DEFAULT_INIT_TIMEOUT
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+class TrialRun:
+    """One trial's W&B run, or nothing (``NO_RUN``): every method is safe to call."""
+
+    def __init__(self, tracker: Tracker | None = None, run: Any = None) -> None:
+        self._tracker = tracker
+        self._run = run
+        self._step = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether a run is open (logging goes somewhere)."""
+        return self._run is not None
+
+    def attrs(self) -> dict[str, str]:
+        """The trial's user attributes naming the run (empty without one)."""
+        if self._run is None:
+            return {}
+        return {attrs.WANDB_RUN_ID: str(self._run.id), attrs.WANDB_RUN_PATH: str(self._run.path)}
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self._run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
+            _logger.warning("W&B %s failed, W&B off for this worker: %s", what, _one_line(exc))
+            if self._tracker is not None:
+                self._tracker.disable()
+            run, self._run = self._run, None
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001, S110 - already reported once
+                pass
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """One training step: ``loss``, ``lr``, ``memory_mb`` under ``train/``."""
+        self._step = max(self._step, step)
+        row = {f"train/{k}": v for k, v in values.items()}
+        self._call("log", self._log, {"train/step": step, **row})
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One evaluation: the metrics under ``eval/``, with the epoch."""
+        row = {f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}
+        self._call("log", self._log, {"epoch": epoch, "train/step": self._step, **row})
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self._run.log(row)
+
+    def finish(self, trial: FrozenTrial | None, *, outcome: str | None = None) -> None:
+        """Write the summary from the trial's record and close the run.
+
+        Args:
+            trial: The trial as told to Optuna (``None``: it was handed back or dropped).
+            outcome: Overrides the outcome read from the record (e.g. ``handed_back``).
+        """
+        if self._run is None:
+            return
+        summary = _summary(trial, outcome, self._tracker)
+        failed = summary.get("outcome") == attrs.OUTCOME_FAILED
+        self._call("summary", self._run.summary.update, summary)
+        self._call("finish", self._finish, 1 if failed else 0)
+
+    def _finish(self, exit_code: int) -> None:
+        run, self._run = self._run, None
+        run.finish(exit_code=exit_code)
+
+
+NO_RUN = TrialRun()
+"""The run of a trial that has none (W&B off or broken)."""
+
+
+def _summary(trial: FrozenTrial | None, outcome: str | None, tracker: Tracker | None) -> dict:
+    from search.trial_record import metrics_of
+    from search.trial_record import outcome_of
+    from search.trial_record import trial_summary
+
+    out: dict[str, Any] = {}
+    if tracker is not None:
+        out.update({"study": tracker.study_name, "storage": tracker.settings.storage})
+    if trial is None:
+        out["outcome"] = outcome or attrs.OUTCOME_HANDED_BACK
+        return out
+    ua = trial.user_attrs
+    out.update({"trial": trial.number, "state": trial.state.name.lower()})
+    out["outcome"] = outcome or outcome_of(trial)
+    out["note"] = trial_summary(trial)
+    if trial.value is not None:
+        out["value"] = trial.value
+    for key in (
+        attrs.OOM_KIND,
+        attrs.OOM_PHASE,
+        attrs.OOM_FRONTIER_TRIAL,
+        attrs.ERROR,
+        attrs.PEAK_MEMORY_MB,
+        attrs.MEMORY_ESTIMATE_MB,
+        attrs.DEVICE,
+        attrs.DEVICE_MEMORY_MB,
+        attrs.SECONDS,
+        attrs.WORKER,
+    ):
+        if ua.get(key) is not None:
+            out[key] = ua[key]
+    for name, value in metrics_of(trial).items():
+        out[f"eval/{name}"] = value
+    return out
+
+
+class Tracker:
+    """Starts one W&B run per trial of one worker; turns itself off at the first failure."""
+
+    def __init__(self, settings: TrackingSettings, study_name: str) -> None:
+        self.settings = settings
+        self.study_name = study_name
+        self._on = settings.enabled and settings.mode != "disabled"
+        self._wandb: Any = None
+
+    @property
+    def on(self) -> bool:
+        """Whether trials still get runs."""
+        return self._on
+
+    def disable(self) -> None:
+        """No more runs in this worker (after a failure, already logged)."""
+        self._on = False
+
+    def _fail(self, what: str, exc: BaseException) -> TrialRun:
+        _logger.warning("W&B %s failed, W&B off for this worker: %s", what, _one_line(exc))
+        self._on = False
+        return NO_RUN
+
+    def start(self, trial_number: int, cfg: TrialConfig) -> TrialRun:
+        """The trial's run (``NO_RUN`` when W&B is off or fails to start)."""
+        if not self._on:
+            return NO_RUN
+        if self._wandb is None:
+            try:
+                import wandb
+            except Exception as exc:  # noqa: BLE001 - an import error is one more failure
+                return self._fail("import", exc)
+            self._wandb = wandb
+        wandb = self._wandb
+        try:
+            self.settings.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.settings.directory, os.W_OK):
+                raise PermissionError(f"{self.settings.directory} is not writable")
+            run = wandb.init(
+                project=self.settings.project,
+                group=self.study_name,
+                job_type=cfg.model,
+                name=f"{self.study_name}-trial-{trial_number}",
+                config=cfg.to_json(),
+                dir=str(self.settings.directory),
+                mode=self.settings.mode,
+                reinit="create_new",
+                settings=wandb.Settings(
+                    init_timeout=_init_timeout(),
+                    finish_timeout=_FINISH_TIMEOUT,
+                    silent=True,
+                    console="off",  # the worker's own output stays the worker's
+                    x_disable_stats=True,  # memory comes from the trial process itself
+                    x_disable_meta=True,  # no command line (it may hold --storage)
+                    save_code=False,
+                    disable_git=True,
+                    x_save_requirements=False,
+                ),
+            )
+        except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
+            return self._fail(f"init ({self.settings.mode}, {self.settings.directory})", exc)
+        return TrialRun(self, run)
