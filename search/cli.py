@@ -2,7 +2,7 @@
 
 search run --study ko-retrieval --tiny --n-trials 8
 search worker --study ko-retrieval --storage postgresql://... --gpu 0
-search report --study ko-retrieval-tiny [--json]
+search report --study ko-retrieval-tiny [--json] [--plots DIR]
 search storage check --storage postgresql://... [--upgrade]
 """
 
@@ -28,6 +28,7 @@ from search.cli_options import StorageOpt
 from search.cli_options import with_run_args
 
 if TYPE_CHECKING:
+    import optuna
     from rich.progress import TaskID
 
     from search.options import RunOptions
@@ -113,11 +114,11 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
 
         console.print(f"study [bold]{name}[/] in {redact_url(opts.storage_url)}", highlight=False)
         summary = _run_with_progress(spec, opts)
-    from search.report import report_table
     from search.report import study_report
+    from search.report_view import report_view
 
     report = study_report(summary.study)
-    console.print(report_table(report))
+    _report_console().print(report_view(report))
     again = f"search report --study {shlex.quote(summary.study_name)}"
     if not _storage_from_env(args.storage):  # else the same environment names it again
         again += f" --storage {shlex.quote(summary.storage_url)}"
@@ -222,17 +223,26 @@ def report(
     study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            "--plots",
+            help="Also write the plots (PNG, and one offline HTML page) into this directory.",
+        ),
+    ] = None,
 ) -> None:
-    """Per-model report: trials, outcomes, OOM rate and cost, best nDCG@10, peak memory."""
+    """Per-model report: best trial, outcomes, OOM rate and configs, best nDCG@10, plots."""
     import optuna
 
-    from search.report import report_table
     from search.report import study_report
+    from search.report_view import report_view
     from storage import create_storage
     from storage import redact_url
     from storage import resolve_storage_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if plots is not None:
+        _check_plots_dir(plots)
     with _user_errors():
         url = resolve_storage_url(storage)
         store = create_storage(url, heartbeat_interval=None, must_exist=True)  # creates nothing
@@ -248,7 +258,42 @@ def report(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:
-        console.print(report_table(data))
+        _report_console().print(report_view(data))
+    if plots is not None:
+        _write_plots(loaded, store, plots, quiet=as_json)
+
+
+def _report_console() -> Console:
+    """The terminal's width, else the 100 columns the report is laid out for."""
+    from search.report_view import WIDTH
+
+    return console if sys.stdout.isatty() else Console(width=WIDTH)
+
+
+def _check_plots_dir(path: Path) -> None:
+    """``--plots DIR``: the plot libraries are installed and DIR can be a directory."""
+    from search.plots import PlotsUnavailableError
+    from search.plots import require_plot_libs
+
+    try:
+        require_plot_libs()
+    except PlotsUnavailableError as exc:
+        _fail(str(exc))
+    if path.exists() and not path.is_dir():
+        _fail(f"--plots {path}: exists and is not a directory")
+
+
+def _write_plots(study: optuna.Study, store: object, path: Path, *, quiet: bool) -> None:
+    """Write the plots of ``study`` into ``path`` and say where (stderr under --json)."""
+    from search.plots import HTML
+    from search.plots import write_plots
+
+    try:
+        written = write_plots(study, path, storage=store)  # type: ignore[arg-type]
+    except OSError as exc:
+        _fail(f"--plots {path}: {exc.strerror or exc}")
+    out = err_console if quiet else console
+    out.print(f"{len(written)} plots in {path} (open {path / HTML})", highlight=False)
 
 
 @storage_app.command("check")

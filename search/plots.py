@@ -74,18 +74,15 @@ def load_plot_data(
 ) -> PlotData:
     """The plot data of ``study`` (a lean read of the RDB ``storage`` when given)."""
     from search.budget import requeued_numbers
+    from search.report import read_trials
+    from search.report import study_metric
 
-    del storage  # a lean read comes with the report's
-    trials = study.get_trials(deepcopy=False)
+    trials = read_trials(study, storage=storage)
     spec = study.user_attrs.get(attrs.STUDY_SPEC)
-    names = study.metric_names
-    metric = names[0] if names and names[0] else None
-    if metric is None and isinstance(spec, dict):
-        metric = (spec.get("study") or {}).get("metric")
     return plot_data(
         trials,
         study=study.study_name,
-        metric=metric or attrs.DEFAULT_METRIC,
+        metric=study_metric(study),
         maximize=study.direction.name == "MAXIMIZE",
         spec=spec if isinstance(spec, dict) else None,
         skip=frozenset(requeued_numbers(trials)),

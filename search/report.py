@@ -20,6 +20,7 @@ from search import attrs
 from search.budget import requeued_numbers
 from search.trial_record import config_of
 from search.trial_record import is_oom
+from search.trial_record import metrics_of
 from storage import read_summary_trials
 from storage import read_user_attr
 
@@ -112,7 +113,10 @@ SUMMARY_KEYS = (
     attrs.SECONDS,
     attrs.OOM,
     attrs.OOM_KIND,
+    attrs.OOM_PHASE,
     attrs.PEAK_MEMORY_MB,
+    attrs.BATCH_SIZE,
+    attrs.MAX_LEN,
 )
 
 
@@ -136,31 +140,111 @@ def study_report(
     faster at 10,000 trials); otherwise every trial is loaded through Optuna.
     """
     direction = study.direction.name.lower()
+    trials = read_trials(study, storage=storage)
+    rows = model_rows(trials, direction=direction)
     if isinstance(storage, optuna.storages.RDBStorage):
-        study_id = storage.get_study_id_from_name(study.study_name)
-        trials = read_summary_trials(
-            storage.engine, study_id, SUMMARY_KEYS, ("model",), (attrs.RETRY_HISTORY,)
-        )
-        rows = model_rows(trials, direction=direction)
         best_ids = [r.best_trial_id for r in rows if r.best_trial_id is not None]
         configs = _best_configs(storage, best_ids)
         for row in rows:
             if row.best_trial_id is not None:
                 row.best_config = configs.get(row.best_trial_id)
-    else:
-        rows = model_rows(study.get_trials(deepcopy=False), direction=direction)
     total_seconds = sum(r.seconds for r in rows)
     return {
         "study": study.study_name,
         "direction": direction,
+        "metric": study_metric(study),
         "n_trials_budget": study.user_attrs.get(attrs.STUDY_N_TRIALS),
         "trials": sum(r.trials for r in rows),
         "worker_seconds": total_seconds,
         "oom_seconds": sum(r.oom_seconds for r in rows),
+        "best": _overall_best(study, rows, trials, storage, maximize=direction == "maximize"),
         "models": [
             {**_without(asdict(r), "best_trial_id"), "pruned_oom": r.pruned_oom} for r in rows
         ],
+        "oom_configs": oom_configs(trials, [r.model for r in rows]),
     }
+
+
+def read_trials(
+    study: optuna.Study, *, storage: optuna.storages.BaseStorage | None = None
+) -> list[FrozenTrial]:
+    """The study's trials with what reports and plots read (only that, from an RDB storage)."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        study_id = storage.get_study_id_from_name(study.study_name)
+        return read_summary_trials(
+            storage.engine, study_id, SUMMARY_KEYS, ("model",), (attrs.RETRY_HISTORY,)
+        )
+    return study.get_trials(deepcopy=False)
+
+
+def study_metric(study: optuna.Study) -> str:
+    """The study's metric: its stored spec's (``ndcg@10``), else its metric name."""
+    spec = study.user_attrs.get(attrs.STUDY_SPEC)
+    metric = (spec.get("study") or {}).get("metric") if isinstance(spec, dict) else None
+    if not metric and study.metric_names:
+        metric = study.metric_names[0]
+    return str(metric or attrs.DEFAULT_METRIC)
+
+
+def _overall_best(
+    study: optuna.Study,
+    rows: Sequence[ModelRow],
+    trials: Sequence[FrozenTrial],
+    storage: optuna.storages.BaseStorage | None,
+    *,
+    maximize: bool,
+) -> dict[str, Any] | None:
+    """The best trial of all: number, model, value, config, and its MRR@10 / Recall@k."""
+    best: ModelRow | None = None
+    for row in rows:
+        if row.best_value is not None and (
+            best is None or _is_better(row.best_value, best.best_value, maximize)
+        ):
+            best = row
+    if best is None or best.best_trial is None:
+        return None
+    frozen = next((t for t in trials if t.number == best.best_trial), None)
+    if isinstance(storage, optuna.storages.RDBStorage) and best.best_trial_id is not None:
+        frozen = storage.get_trial(best.best_trial_id)  # the lean read left its metrics out
+    metrics = metrics_of(frozen) if frozen is not None else {}
+    extra = {k: v for k, v in metrics.items() if k.startswith(("mrr@", "recall@"))}
+    return {
+        "trial": best.best_trial,
+        "model": best.model,
+        "value": best.best_value,
+        "config": best.best_config,
+        **extra,
+    }
+
+
+def oom_configs(trials: Sequence[FrozenTrial], models: Sequence[str]) -> list[dict[str, Any]]:
+    """OOM trials grouped by model, batch size, max_len, kind and phase, with their numbers."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for t in trials:
+        ua = t.user_attrs
+        if not is_oom(ua):
+            continue
+        key = (
+            _model_of(t),
+            ua.get(attrs.BATCH_SIZE),
+            ua.get(attrs.MAX_LEN),
+            str(ua.get(attrs.OOM_KIND) or "real"),
+            ua.get(attrs.OOM_PHASE),
+        )
+        groups.setdefault(key, []).append(t.number)
+    order = {m: i for i, m in enumerate(models)}
+    kinds = {k: i for i, k in enumerate(attrs.OOM_KINDS)}
+
+    def sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        model, batch, length, kind, phase = key
+        return (order.get(model, len(order)), batch or 0, length or 0, kinds.get(kind, 9),
+                str(phase))  # fmt: skip
+
+    return [
+        {"model": k[0], "batch_size": k[1], "max_len": k[2], "kind": k[3], "phase": k[4],
+         "trials": sorted(groups[k])}  # fmt: skip
+        for k in sorted(groups, key=sort_key)
+    ]
 
 
 def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
