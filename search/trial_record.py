@@ -322,6 +322,8 @@ def trial_summary(
         where = f" in {phase}" if phase else ""
         peak = _gib(ua.get(attrs.PEAK_MEMORY_MB))
         at = f" at {peak} of {total} GiB" if peak and total else ""
+        if not at and total:  # no peak measured (a child killed by the kernel)
+            at = f" on {total} GiB"
         return f"OOM ({kind}){where}{at} — {what}"
     if outcome == attrs.OUTCOME_COMPLETE:
         value = trial.value if trial.value is not None else metric_value(trial, name)
