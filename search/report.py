@@ -110,6 +110,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
 SUMMARY_KEYS = (
     attrs.MODEL,
     attrs.OUTCOME,
+    attrs.HANDED_BACK,  # outcome_of: a hand-back recorded before the outcome key
     attrs.SECONDS,
     attrs.OOM,
     attrs.OOM_KIND,

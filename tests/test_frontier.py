@@ -22,18 +22,29 @@ def _cfg(**over: Any) -> TrialConfig:
     return bge_cuda_config(**over)
 
 
-def _trials(*records: tuple[TrialConfig, dict[str, Any], TrialState]) -> list[FrozenTrial]:
+def _trials(
+    *records: tuple[TrialConfig, dict[str, Any], TrialState], legacy: bool = False
+) -> list[FrozenTrial]:
+    """Trials recorded as the runner does (``legacy``: as before issue 8, config a user attr)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()
     for cfg, extra, state in records:
-        user_attrs = {
-            attrs.CONFIG: cfg.to_json(),
+        user_attrs: dict[str, Any] = {
             attrs.DEVICE: "cuda:0 (NVIDIA H100 80GB HBM3, 79.1 GiB)",
             attrs.DEVICE_MEMORY_MB: 80 * 1024.0,
             **extra,
         }
+        system_attrs: dict[str, Any] = {}
+        if legacy:
+            user_attrs[attrs.CONFIG] = cfg.to_json()
+        else:
+            user_attrs[attrs.DEVICE_KIND] = "cuda"
+            system_attrs[attrs.SYSTEM_CONFIG] = cfg.to_json()
         value = 0.5 if state == TrialState.COMPLETE else None
-        study.add_trial(optuna.trial.create_trial(state=state, value=value, user_attrs=user_attrs))
+        trial = optuna.trial.create_trial(
+            state=state, value=value, user_attrs=user_attrs, system_attrs=system_attrs
+        )
+        study.add_trial(trial)
     return study.get_trials(deepcopy=False)
 
 
@@ -47,6 +58,29 @@ def test_dominated_config_is_found_naming_the_trial() -> None:
     )
     hit = find_frontier_oom(trials, _cfg(batch_size=64, max_len=384), 80 * GIB)
     assert hit is not None and hit.number == 1
+
+
+def test_old_records_are_read_the_same_way() -> None:
+    """Studies from before issue 8: config as a user attribute, the kind from the label."""
+    records = (
+        (_cfg(batch_size=16), {}, TrialState.COMPLETE),
+        (_cfg(batch_size=64, max_len=256), REAL_OOM, TrialState.PRUNED),
+    )
+    trials = _trials(*records, legacy=True)
+    assert attrs.DEVICE_KIND not in trials[1].user_attrs
+    hit = find_frontier_oom(trials, _cfg(batch_size=64, max_len=384), 80 * GIB)
+    assert hit is not None and hit.number == 1
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cpu") is None
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cuda") == hit
+
+
+def test_outcome_oom_alone_counts_and_device_kind_beats_the_label() -> None:
+    oom = {attrs.OUTCOME: attrs.OUTCOME_OOM, attrs.OOM_KIND: "real"}
+    trials = _trials((_cfg(batch_size=64), oom, TrialState.PRUNED))
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cuda")
+    relabelled = {**REAL_OOM, attrs.DEVICE: "cpu (an odd label)"}
+    trials = _trials((_cfg(batch_size=64), relabelled, TrialState.PRUNED))
+    assert find_frontier_oom(trials, _cfg(batch_size=64), 80 * GIB, device_kind="cuda")
 
 
 def test_smaller_config_is_not_dominated() -> None:

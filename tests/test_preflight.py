@@ -11,8 +11,11 @@ from optuna.trial import TrialState
 from search import attrs
 from search.config import TrialConfig
 from search.device import DeviceInfo
+from search.isolation import TrialOutcome
 from search.models import MODELS
 from search.preflight import preflight
+from search.trial_record import claimed_record
+from search.trial_record import outcome_record
 
 GIB = 1024**3
 BGE = MODELS["bge-m3-ko"]
@@ -52,6 +55,7 @@ def test_estimate_can_be_turned_off() -> None:
 
 
 def _oom_study(cfg: TrialConfig, memory_mb: float) -> list[optuna.trial.FrozenTrial]:
+    """A study with a real OOM recorded as before issue 8 (config as a user attribute)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()
     study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5))
@@ -74,6 +78,25 @@ def test_frontier_skip_names_the_trial_and_beats_the_estimate() -> None:
     assert decision.skip and decision.kind == "frontier"
     assert decision.frontier_trial == 1
     assert decision.reason.startswith("trial 1 ran out of memory at batch 32 x max_len 256")
+
+
+def test_frontier_skip_from_the_current_record() -> None:
+    """The runner's record: config as the system attribute search:config, device_kind."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    oom = _cfg(batch_size=32, max_len=256)
+    record = claimed_record(oom, _gpu(80), host="h", gpu="0", worker="w")
+    record.update(outcome_record(TrialOutcome("oom", phase="backward"), "ndcg@10", 2.0))
+    assert attrs.CONFIG not in record.user
+    study = optuna.create_study()
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, user_attrs=record.user, system_attrs=record.system
+        )
+    )
+    trials = study.get_trials(deepcopy=False)
+    decision = preflight(_cfg(batch_size=64, max_len=256), BGE, _gpu(80), trials)
+    assert decision.skip and decision.kind == "frontier" and decision.frontier_trial == 0
+    assert decision.reason.startswith("trial 0 ran out of memory at batch 32 x max_len 256")
 
 
 def test_frontier_can_be_turned_off_and_does_not_cover_savers() -> None:
@@ -114,15 +137,13 @@ def test_a_real_oom_becomes_a_frontier_for_dominated_configs() -> None:
     assert out.status == "oom" and out.oom_kind == "real"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()
-    user_attrs = {
-        attrs.CONFIG: cfg.to_json(),
-        attrs.OOM: True,
-        attrs.OOM_KIND: out.oom_kind,
-        attrs.OOM_PHASE: out.phase,
-        attrs.DEVICE: device.label,
-        attrs.DEVICE_MEMORY_MB: device.total_mb,
-    }
-    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=user_attrs))
+    record = claimed_record(cfg, device, host="h", gpu=None, worker="w")
+    record.update(outcome_record(out, "ndcg@10", 1.0))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, user_attrs=record.user, system_attrs=record.system
+        )
+    )
     trials = study.get_trials(deepcopy=False)
     arch = tiny_info(MODELS["ko-simcse"])
     bigger = _cfg(model="ko-simcse", batch_size=128, max_len=128, device="cpu")

@@ -20,8 +20,10 @@ def _add(
 ) -> None:
     trial = study.ask()
     trial.set_user_attr(attrs.MODEL, model)
-    trial.set_user_attr(
-        attrs.CONFIG,
+    # Where the runner's record keeps the effective config (search.trial_record).
+    trial.storage.set_trial_system_attr(
+        trial._trial_id,
+        attrs.SYSTEM_CONFIG,
         {"model": model, "batch_size": 32, "max_len": 128, "lr": 1e-4, "temperature": 0.05},
     )
     for key, val in user_attrs.items():
