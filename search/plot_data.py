@@ -34,7 +34,7 @@ RUNNING = attrs.OUTCOME_RUNNING
 _LEFT_OUT = ("waiting", attrs.OUTCOME_HANDED_BACK)  # not tried yet, or re-run as another trial
 
 # Cell of the batch x max_len grid of a model.
-CELL_UNTRIED = "untried"
+CELL_UNTRIED = "untried (or failed)"  # failed for another reason: its memory is unknown
 CELL_FIT = "fit"
 CELL_OOM = "OOM"
 CELL_BOTH = "fit + OOM"  # some trials of this shape fit, others ran out (e.g. host vs device)
@@ -224,6 +224,7 @@ class GridCell:
     fit: int  # trials of this shape that trained (complete, or pruned by the pruner)
     oom: int
     kinds: tuple[str, ...]  # OOM kinds seen, in attrs.OOM_KINDS order
+    failed: int = 0  # trials of this shape that failed for another reason (memory unknown)
 
     @property
     def state(self) -> str:
@@ -242,6 +243,8 @@ class GridCell:
             parts.append(f"{self.fit} ok")
         if self.oom:
             parts.append(f"{self.oom} OOM ({'/'.join(self.kinds)})")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
         return ", ".join(parts) or "-"
 
 
@@ -266,6 +269,7 @@ def oom_grid(data: PlotData, model: str) -> list[list[GridCell]]:
                     fit=sum(p.outcome in (COMPLETE, PRUNED) for p in same),
                     oom=len(ooms),
                     kinds=tuple(k for k in attrs.OOM_KINDS if k in kinds),
+                    failed=sum(p.outcome == FAILED for p in same),
                 )
             )
         rows.append(row)

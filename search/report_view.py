@@ -26,8 +26,7 @@ from search.plot_data import metric_label
 
 WIDTH = 100  # the report fits a terminal this wide
 _PATH_KEYS = ("model", "model_path", "train_path", "eval_dir")  # said elsewhere, or long paths
-_SHORT = {"batch_size": "b", "max_len": "len", "lr": "lr", "temperature": "T",
-          "warmup_ratio": "warmup", "weight_decay": "wd"}  # fmt: skip
+_SHORT = {"lr": "lr", "temperature": "T", "warmup_ratio": "wu", "weight_decay": "wd"}
 _TRIALS_SHOWN = 6  # trial numbers listed per OOM config line
 
 
@@ -51,12 +50,12 @@ def config_line(config: dict[str, Any] | None) -> str:
 
 
 def short_config(config: dict[str, Any] | None) -> str:
-    """``b=64 len=384 lr=3.2e-05 T=0.031 warmup=0.1 wd=0.05`` (the searched values)."""
+    """``b64 len384 lr=3.2e-05 T=0.031 wu=0.1 wd=0.05`` (the searched values)."""
     if not config:
         return "-"
-    return " ".join(
-        f"{short}={_fmt_value(config[key])}" for key, short in _SHORT.items() if key in config
-    )
+    shape = f"b{config.get('batch_size')} len{config.get('max_len')}"
+    rest = [f"{short}={_fmt_value(config[k])}" for k, short in _SHORT.items() if k in config]
+    return " ".join([shape, *rest])
 
 
 def best_line(report: dict[str, Any]) -> Text:
@@ -81,7 +80,7 @@ def best_line(report: dict[str, Any]) -> Text:
 
 def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-                 pad_edge=False)  # fmt: skip
+                 show_edge=False, pad_edge=False)  # fmt: skip
 
 
 def outcomes_table(report: dict[str, Any]) -> Table:
@@ -107,20 +106,20 @@ def outcomes_table(report: dict[str, Any]) -> Table:
 
 
 def best_table(report: dict[str, Any]) -> Table:
-    """Each model's best trial: score, trial number, median peak memory, searched values."""
+    """Each model's best trial: score and number, median peak memory, searched values."""
     metric = metric_label(str(report.get("metric") or "ndcg@10"))
     table = _table(f"best {metric} per model")
+    table.caption = "#: trial number; peak GiB: median of the model's trials that did not run out"
+    table.caption_justify = "left"
     table.add_column("model")
     table.add_column(f"best {metric}", justify="right")
-    table.add_column("trial", justify="right")
-    table.add_column("median peak GiB", justify="right")
+    table.add_column("peak GiB", justify="right")
     table.add_column("best config", overflow="fold")
     for r in report["models"]:
         peak = r.get("median_peak_memory_mb")
         table.add_row(
             r["model"],
-            "-" if r["best_value"] is None else f"{r['best_value']:.4f}",
-            "-" if r["best_trial"] is None else str(r["best_trial"]),
+            "-" if r["best_value"] is None else f"{r['best_value']:.4f} #{r['best_trial']}",
             "-" if peak is None else f"{peak / 1024:.2f}",
             short_config(r.get("best_config")),
         )

@@ -60,6 +60,7 @@ from search.train.tiny import build_tiny_replica
 from search.train.tiny import tiny_info
 from search.trial_record import TrialRecord
 from search.trial_record import claimed_record
+from search.trial_record import error_of
 from search.trial_record import name_metric
 from search.trial_record import outcome_record
 from search.trial_record import skip_record
@@ -253,7 +254,7 @@ def run_study(
 
 
 def _stop_on_load_error(frozen: optuna.trial.FrozenTrial, spec: StudySpec) -> None:
-    error = str(frozen.user_attrs.get(attrs.ERROR, ""))
+    error = error_of(frozen)  # the whole line: the stored ``error`` is cut short
     if frozen.state != TrialState.FAIL or not error.startswith("ModelLoadError"):
         return
     model = frozen.user_attrs.get(attrs.MODEL, "?")
