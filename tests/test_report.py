@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+
 import optuna
 from optuna.trial import TrialState
 
@@ -117,3 +120,91 @@ def test_lean_rdb_read_gives_the_same_report(tmp_path) -> None:  # type: ignore[
     lean = study_report(study, storage=store)
     assert lean == full
     assert lean["models"][0]["best_config"]["model"] == "bge-m3-ko"
+
+
+def _finished(tmp_path):  # type: ignore[no-untyped-def]
+    from _finished_study import finished_study
+
+    return finished_study(_url(tmp_path), "f")
+
+
+def _url(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    return f"sqlite:///{tmp_path / 'f.db'}"
+
+
+def test_report_reads_at_100_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    from search.report_view import report_view
+
+    report = study_report(_finished(tmp_path))
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(report_view(report))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    # First: the overall best trial, its score, its other metrics and its whole config.
+    head = " ".join(lines[:4])
+    assert lines[0].startswith("best: trial 11, bge-m3-ko, nDCG@10 0.7900 (MRR@10 0.7400")
+    parts = ["Recall@10 0.9300", "batch_size=64", "max_len=256", "lr=3e-05", "epochs=2",
+             "temperature=0.05", "warmup_ratio=0.1", "weight_decay=0.01"]  # fmt: skip
+    for part in parts:
+        assert part in head, part
+    assert "model_path" not in text  # paths are not config a reader compares
+    # Every model's outcomes and best config, each on one line.
+    assert re.search(r"bge-m3-ko +6 +4 +0 +1/0/0/1 +0 +33% +10\.0", text)
+    assert re.search(r"bge-m3-ko +0\.7900 #11 +8\.00 +b64 len256 lr=3e-05 T=0\.05", text)
+    assert re.search(r"multilingual-e5-small +0\.6400 #12 .*b128 len256 .*wd=0\.01", text)
+    # The OOM configs, per model, with kind and phase.
+    assert re.search(r"bge-m3-ko +64 +384 +real +backward +1: #4", text)
+    assert re.search(r"bge-m3-ko +64 +384 +frontier +\(skipped\) +1: #5", text)
+    assert re.search(r"ko-simcse +256 +128 +host +forward +1: #8", text)
+
+
+def test_json_has_the_overall_best_and_oom_configs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from _finished_study import BEST_METRICS
+
+    from storage import create_storage
+
+    study = _finished(tmp_path)
+    report = study_report(study, storage=create_storage(_url(tmp_path)))
+    assert {"study", "direction", "trials", "models", "oom_seconds"} <= set(report)  # kept
+    best = report["best"]
+    assert (best["trial"], best["model"], best["value"]) == (11, "bge-m3-ko", 0.79)
+    assert best["config"]["batch_size"] == 64 and best["config"]["max_len"] == 256
+    assert best["mrr@10"] == BEST_METRICS["mrr@10"]
+    assert [best[f"recall@{k}"] for k in (1, 5, 10)] == [0.61, 0.88, 0.93]
+    assert report["metric"] == "ndcg@10"
+    assert report["oom_configs"][:2] == [
+        {"model": "ko-simcse", "batch_size": 256, "max_len": 128, "kind": "host",
+         "phase": "forward", "trials": [8]},
+        {"model": "bge-m3-ko", "batch_size": 64, "max_len": 384, "kind": "real",
+         "phase": "backward", "trials": [4]},
+    ]  # fmt: skip
+    assert report == study_report(study)  # the lean read agrees with Optuna's
+
+
+def test_report_without_completed_trials(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from _finished_study import finished_study
+
+    from search.report_view import report_text
+
+    study = finished_study(f"sqlite:///{tmp_path / 'n.db'}", "n", completed=False)
+    report = study_report(study)
+    assert report["best"] is None
+    text = report_text(report)
+    assert text.splitlines()[0] == "best: no completed trials yet"
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_many_oom_trials_fold_within_100_columns() -> None:
+    from search.report_view import report_text
+
+    report = study_report(_study())
+    report["oom_configs"] = [
+        {"model": "multilingual-e5-small", "batch_size": 256, "max_len": 512,
+         "kind": "predicted", "phase": None, "trials": list(range(1000, 1040))},
+    ]  # fmt: skip
+    text = report_text(report)
+    assert "40: #1000 #1001 #1002 #1003 #1004 #1005 +34 more" in " ".join(text.split())
+    assert max(len(line) for line in text.splitlines()) <= 100
