@@ -43,6 +43,7 @@ METRICS = "metrics"  # the last epoch's metrics as a JSON object (now SYSTEM_MET
 SYSTEM_CONFIG = "search:config"  # the effective TrialConfig: {"model": ..., "lr": ...}
 SYSTEM_METRICS = "search:metrics"  # last epoch's metrics: {"ndcg@10": ..., "mrr@10": ...}
 SYSTEM_HISTORY = "search:history"  # every epoch's metrics: [{"ndcg@10": ...}, ...]
+SYSTEM_ERROR = "search:error"  # the whole error line when the user attr ERROR was cut short
 RETRY_HISTORY = "retry_history"  # Optuna's (RetryHeartbeatStaleTrialCallback): failed numbers
 FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a re-queued one
 

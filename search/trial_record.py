@@ -34,6 +34,7 @@ __all__ = [
     "claimed_record",
     "config_of",
     "device_kind_of",
+    "error_of",
     "handed_back_attrs",
     "is_oom",
     "metric_value",
@@ -145,6 +146,8 @@ def outcome_record(outcome: TrialOutcome, metric: str, seconds: float) -> TrialR
         system[attrs.SYSTEM_HISTORY] = [dict(h) for h in outcome.history]
     if outcome.error:
         user[attrs.ERROR] = _short(outcome.error)
+        if user[attrs.ERROR] != outcome.error:
+            system[attrs.SYSTEM_ERROR] = outcome.error
     oom = outcome.status == "oom" or (outcome.status == "killed" and outcome.oom_kind == "host")
     if oom:
         user.update({attrs.OOM: True, attrs.OOM_KIND: outcome.oom_kind or "real"})
@@ -202,6 +205,11 @@ def metrics_of(trial: FrozenTrial) -> dict[str, float]:
     """The last epoch's metrics (system ``search:metrics``, else user ``metrics``)."""
     metrics = trial.system_attrs.get(attrs.SYSTEM_METRICS, trial.user_attrs.get(attrs.METRICS))
     return dict(metrics) if isinstance(metrics, dict) else {}
+
+
+def error_of(trial: FrozenTrial) -> str:
+    """The trial's whole error line (``error`` is cut to a table cell; ``search:error`` not)."""
+    return str(trial.system_attrs.get(attrs.SYSTEM_ERROR) or trial.user_attrs.get(attrs.ERROR, ""))
 
 
 def metric_value(trial: FrozenTrial, metric: str = attrs.DEFAULT_METRIC) -> float | None:

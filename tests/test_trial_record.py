@@ -27,6 +27,7 @@ from search.report import study_report
 from search.trial_record import claimed_record
 from search.trial_record import config_of
 from search.trial_record import device_kind_of
+from search.trial_record import error_of
 from search.trial_record import metric_value
 from search.trial_record import metrics_of
 from search.trial_record import name_metric
@@ -194,8 +195,13 @@ def test_outcome_record_vocabulary() -> None:
     missing = outcome_record(TrialOutcome("complete", metrics={"mrr@10": 0.5}), "ndcg@10", 1.0)
     assert missing.user[attrs.OUTCOME] == "failed" and "ndcg@10" in missing.user[attrs.ERROR]
     assert set(attrs.OUTCOMES) >= {"complete", "pruned", "oom", "failed", "handed_back"}
-    long = outcome_record(TrialOutcome("failed", error="E: " + "x" * 5000), "ndcg@10", 1.0)
-    assert len(long.user[attrs.ERROR]) <= 300
+    error = "ModelLoadError: " + "x" * 600 + " Fix: use --tiny"
+    long = outcome_record(TrialOutcome("failed", error=error), "ndcg@10", 1.0)
+    assert len(long.user[attrs.ERROR]) <= 300  # a table cell
+    t = _trial(TrialState.FAIL, user_attrs=long.user, system_attrs=long.system)
+    assert error_of(t) == error  # the whole line for the runner's stop message and scripts
+    short = outcome_record(TrialOutcome("failed", error="E: x"), "ndcg@10", 1.0)
+    assert attrs.SYSTEM_ERROR not in short.system
 
 
 def test_frontier_uses_device_kind_and_reads_old_records() -> None:
