@@ -54,6 +54,9 @@ from search.space import build_config
 from search.space import sample_params
 from search.spec import StudySpec
 from search.study_store import open_study
+from search.tracking import NO_RUN
+from search.tracking import Tracker
+from search.tracking import tracking_settings
 from search.train.data import load_train
 from search.train.data import validate_data
 from search.train.tiny import build_tiny_replica
@@ -205,6 +208,7 @@ def run_study(
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
     warm_up(opts.objective)  # start the trial process server (imports torch once) up front
+    tracker = Tracker(tracking_settings(spec, opts), name)  # W&B: one run per trial, or none
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     trials_run = 0
     stopped_by = "budget"
@@ -222,7 +226,9 @@ def run_study(
                 stopped_by = stop.reason if stop() else stopped_by
                 break
             try:
-                frozen = _run_trial(study, trial, spec, opts, model_paths, device, storage, stop)
+                frozen = _run_trial(
+                    study, trial, spec, opts, model_paths, device, storage, stop, tracker
+                )
             except UpdateFinishedTrialError:
                 # Failed as stale (this worker was paused or cut off longer than the grace
                 # period) and re-queued by a survivor: its re-run owns the result.
@@ -231,7 +237,9 @@ def run_study(
                     trial.number,
                 )
                 frozen = None
+                tracker.abandon(attrs.OUTCOME_FAILED, "failed as stale and re-queued elsewhere")
             except _Interrupted:
+                tracker.abandon(attrs.OUTCOME_HANDED_BACK)
                 if hand_back(study, trial):
                     handed_back = trial.number
                 stopped_by = stop.reason
@@ -274,8 +282,9 @@ def _run_trial(
     device: DeviceInfo,
     storage: optuna.storages.BaseStorage,
     stop: Callable[[], bool] = lambda: False,
+    tracker: Tracker | None = None,
 ) -> optuna.trial.FrozenTrial:
-    """Sample, preflight, train and tell one claimed trial.
+    """Sample, preflight, train and tell one claimed trial (and its W&B run, if tracked).
 
     Raises:
         _Interrupted: ``stop()`` became true before the trial finished (its child is gone).
@@ -303,10 +312,14 @@ def _run_trial(
         )
         first = _trial_attrs(cfg, opts, device)
         first.user[attrs.MEMORY_ESTIMATE_MB] = decision.estimate.total_bytes / 2**20
+        run = tracker.start(trial.number, cfg) if tracker is not None else NO_RUN
+        first.user.update(run.attrs())  # wandb_run_id, wandb_run_path
         if decision.skip:
             first.update(skip_record(decision, time.monotonic() - started))
             write_record(storage, trial._trial_id, first)
-            return study.tell(trial, state=TrialState.PRUNED)
+            skipped = study.tell(trial, state=TrialState.PRUNED)
+            run.finish(skipped)
+            return skipped
         # Before training: the dashboard shows it running, with its config.
         write_record(storage, trial._trial_id, first)
         if stop():
@@ -315,6 +328,7 @@ def _run_trial(
         metric = spec.study.metric
 
         def report(epoch: int, metrics: dict[str, float]) -> bool:
+            run.log_epoch(epoch, metrics)
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
 
@@ -324,12 +338,15 @@ def _run_trial(
             memory_limit_bytes=opts.memory_limit,
             objective=opts.objective,
             stop=stop,
+            on_step=run.log_step if run.active else None,
         )
     # A child killed or failed by the same signal (Ctrl-C reaches the whole process group)
     # is an interruption too, not the trial's failure.
     if outcome.status == "stopped" or (stop() and outcome.status in ("killed", "failed")):
         raise _Interrupted()
-    return _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
+    frozen = _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
+    run.finish(frozen)
+    return frozen
 
 
 def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> TrialRecord:

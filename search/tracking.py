@@ -115,6 +115,8 @@ class TrialRun:
         self._tracker = tracker
         self._run = run
         self._step = 0
+        if tracker is not None and run is not None:
+            tracker.current = self
 
     @property
     def active(self) -> bool:
@@ -156,22 +158,29 @@ class TrialRun:
     def _log(self, row: dict[str, Any]) -> None:
         self._run.log(row)
 
-    def finish(self, trial: FrozenTrial | None, *, outcome: str | None = None) -> None:
+    def finish(
+        self, trial: FrozenTrial | None, *, outcome: str | None = None, error: str | None = None
+    ) -> None:
         """Write the summary from the trial's record and close the run.
 
         Args:
             trial: The trial as told to Optuna (``None``: it was handed back or dropped).
             outcome: Overrides the outcome read from the record (e.g. ``handed_back``).
+            error: Why, when ``trial`` is None.
         """
         if self._run is None:
             return
         summary = _summary(trial, outcome, self._tracker)
+        if error:
+            summary[attrs.ERROR] = error
         failed = summary.get("outcome") == attrs.OUTCOME_FAILED
         self._call("summary", self._run.summary.update, summary)
         self._call("finish", self._finish, 1 if failed else 0)
 
     def _finish(self, exit_code: int) -> None:
         run, self._run = self._run, None
+        if self._tracker is not None and self._tracker.current is self:
+            self._tracker.current = None
         run.finish(exit_code=exit_code)
 
 
@@ -179,7 +188,9 @@ NO_RUN = TrialRun()
 """The run of a trial that has none (W&B off or broken)."""
 
 
-def _summary(trial: FrozenTrial | None, outcome: str | None, tracker: Tracker | None) -> dict:
+def _summary(
+    trial: FrozenTrial | None, outcome: str | None, tracker: Tracker | None
+) -> dict[str, Any]:
     from search.trial_record import metrics_of
     from search.trial_record import outcome_of
     from search.trial_record import trial_summary
@@ -223,6 +234,7 @@ class Tracker:
         self.study_name = study_name
         self._on = settings.enabled and settings.mode != "disabled"
         self._wandb: Any = None
+        self.current: TrialRun | None = None  # the run started and not yet finished
 
     @property
     def on(self) -> bool:
@@ -232,6 +244,11 @@ class Tracker:
     def disable(self) -> None:
         """No more runs in this worker (after a failure, already logged)."""
         self._on = False
+
+    def abandon(self, outcome: str, error: str | None = None) -> None:
+        """Finish the open run of a trial that was not told (handed back, or failed as stale)."""
+        if self.current is not None:
+            self.current.finish(None, outcome=outcome, error=error)
 
     def _fail(self, what: str, exc: BaseException) -> TrialRun:
         _logger.warning("W&B %s failed, W&B off for this worker: %s", what, _one_line(exc))
@@ -250,9 +267,11 @@ class Tracker:
             self._wandb = wandb
         wandb = self._wandb
         try:
-            self.settings.directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.settings.directory, os.W_OK):
-                raise PermissionError(f"{self.settings.directory} is not writable")
+            # wandb falls back to a temporary directory it cannot write: check here instead.
+            runs = self.settings.directory / "wandb"
+            runs.mkdir(parents=True, exist_ok=True)
+            if not os.access(runs, os.W_OK):
+                raise PermissionError(f"{runs} is not writable")
             run = wandb.init(
                 project=self.settings.project,
                 group=self.study_name,

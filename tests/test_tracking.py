@@ -1,0 +1,369 @@
+"""W&B runs, one per trial: the real ``wandb`` library offline, read back from what it wrote.
+
+The runs come from ``run_study`` itself (the worker owns them). ``fake_train`` below stands in
+for the objective in the real trial process: by trial number it completes, falls under the
+median rule, or runs out of memory in backward; the next trial is then skipped as ``frontier``
+(no process). ``wandb`` 0.2x/0.3x writes an offline run as one ``.wandb`` record log (the
+``files/`` directory stays empty until ``wandb sync``): ``_read_run`` parses it with wandb's
+own protobuf messages. A tiny replica trained for real shows the loop's per-step stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import attrs
+from search.options import DEFAULT_CACHE
+from search.options import RunOptions
+from search.runner import RunSummary
+from search.runner import run_study
+from search.spec import load_spec
+from search.trial_record import config_of
+from storage import redact_url
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
+]
+
+HERE = "test_tracking"  # the trial process imports fake_train by this module name
+DEMO = Path(__file__).resolve().parents[1] / "search" / "studies" / "data" / "ko-demo"
+FAKE_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # 40 characters, like a real key
+MIB = 2**20
+
+
+def fake_train(cfg: Any, *, report: Any = None, on_phase: Any = None, on_step: Any = None) -> Any:
+    """Trial 0 completes, 1 is pruned after epoch 1, 2 runs out of memory in backward."""
+    number = cfg.seed  # training.seed 0: the seed is the trial number
+    if on_phase is not None:
+        on_phase("forward")
+    if number == 2:
+        on_phase("backward")
+        raise MemoryError("fake: out of memory in backward")
+    metrics: dict[str, float] = {}
+    for epoch in (1, 2):
+        for step in (1, 2):
+            if on_step is not None:
+                on_step(2 * (epoch - 1) + step, {"loss": 2.0 / (step + epoch), "lr": cfg.lr})
+        value = 0.5 + 0.1 * epoch if number == 0 else 0.1
+        metrics = {"ndcg@10": value, "mrr@10": value / 2}
+        if report is not None and report(epoch, metrics):
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+    return {"metrics": metrics, "peak_memory_mb": 12.5}
+
+
+def _spec(tmp_path: Path, name: str, *, tracking: str = "", extra: str = "") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"""study: {{name: {name}, direction: maximize, metric: ndcg@10, n_trials: 4}}
+models:
+  ko-simcse: {{}}
+space:
+  batch_size: [16]
+  max_len: [32]
+  lr: {{low: 1.0e-5, high: 2.0e-4, log: true}}
+  temperature: {{low: 0.01, high: 0.1, log: true}}
+  warmup_ratio: {{low: 0.0, high: 0.2}}
+  weight_decay: {{low: 0.0, high: 0.1}}
+training: {{epochs: 2, amp: false, hard_negatives: 1, seed: 0, max_train_samples: 32}}
+data: {{train: {DEMO / "train.jsonl"}, eval: {DEMO}, split: test}}
+sampler: {{type: random}}
+pruner: {{type: median, n_startup_trials: 1, n_warmup_steps: 0}}
+{tracking}
+{extra}""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _opts(tmp_path: Path, db: str, **over: object) -> RunOptions:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    base: dict[str, object] = dict(
+        storage_url=f"sqlite:///{tmp_path / db}",
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        objective=f"{HERE}:fake_train",
+        seed=7,
+        worker="wandb-test",
+    )
+    return RunOptions(**(base | over))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ reading an offline run
+
+
+@dataclass
+class OfflineRun:
+    """What one offline ``.wandb`` file holds."""
+
+    run: Any  # wandb's RunRecord: project, run_group, job_type, display_name, config
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def _records(path: Path) -> Iterator[Any]:
+    """The records of a ``.wandb`` file (a LevelDB-style log of wandb protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def _key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _read_run(directory: Path, run_id: str) -> OfflineRun:
+    (path,) = directory.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    out: OfflineRun | None = None
+    for record in _records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out = OfflineRun(record.run)
+            for item in record.run.config.update:
+                out.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "history" and out is not None:
+            out.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary" and out is not None:
+            for item in record.summary.update:
+                out.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "exit" and out is not None:
+            out.exit_code = record.exit.exit_code
+    assert out is not None, f"no run record in {path}"
+    return out
+
+
+def _by_number(summary: RunSummary) -> dict[int, optuna.trial.FrozenTrial]:
+    return {t.number: t for t in summary.study.get_trials()}
+
+
+def _outcomes(summary: RunSummary) -> list[tuple[int, TrialState, float | None, dict]]:
+    return [(t.number, t.state, t.value, t.params) for t in summary.study.get_trials()]
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+def test_one_offline_run_per_trial_with_config_history_and_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # present, yet offline: never written
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = load_spec(_spec(tmp_path, "tracked", tracking="tracking: {wandb: true}"))
+    summary = run_study(spec, _opts(tmp_path, "study.db"))
+    trials = _by_number(summary)
+    assert [trials[n].user_attrs[attrs.OUTCOME] for n in range(4)] == [
+        "complete",
+        "pruned",
+        "oom",
+        "oom",
+    ]
+    assert trials[3].user_attrs[attrs.OOM_KIND] == "frontier"
+    runs = {}
+    for number, trial in trials.items():
+        run_id = trial.user_attrs[attrs.WANDB_RUN_ID]
+        assert trial.user_attrs[attrs.WANDB_RUN_PATH] == f"tracked/{run_id}"
+        runs[number] = _read_run(tmp_path, run_id)
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 4  # one run per trial, no more
+
+    for number, run in runs.items():
+        assert run.run.project == "tracked"  # the spec's study name by default
+        assert run.run.run_group == "tracked"
+        assert run.run.job_type == "ko-simcse"
+        assert run.run.display_name == f"tracked-trial-{number}"
+        config = {k: v for k, v in run.config.items() if k != "_wandb"}
+        assert config == config_of(trials[number])  # effective config, not branch names
+        assert run.summary["trial"] == number
+        assert run.summary["storage"] == redact_url(f"sqlite:///{tmp_path / 'study.db'}")
+        assert run.summary["study"] == "tracked"
+
+    complete = runs[0]
+    steps = [h for h in complete.history if "train/loss" in h]
+    assert [h["train/step"] for h in steps] == [1, 2, 3, 4]
+    assert steps[0]["train/loss"] == pytest.approx(1.0)
+    assert steps[0]["train/lr"] == pytest.approx(trials[0].params["lr"])
+    epochs = [h for h in complete.history if "eval/ndcg@10" in h]
+    assert [(h["epoch"], h["eval/ndcg@10"]) for h in epochs] == [
+        (1, pytest.approx(0.6)),
+        (2, pytest.approx(0.7)),
+    ]
+    assert complete.summary["outcome"] == "complete"
+    assert complete.summary["value"] == pytest.approx(0.7)
+    assert complete.summary["eval/ndcg@10"] == pytest.approx(0.7)
+    assert complete.summary[attrs.PEAK_MEMORY_MB] == pytest.approx(12.5)
+    assert complete.exit_code == 0
+
+    pruned = runs[1]
+    assert pruned.summary["outcome"] == "pruned"
+    assert [h["epoch"] for h in pruned.history if "eval/ndcg@10" in h] == [1]
+    assert "pruned" in pruned.summary["note"]
+
+    oom = runs[2]
+    assert oom.summary["outcome"] == "oom"
+    assert oom.summary[attrs.OOM_KIND] == "real"
+    assert oom.summary[attrs.OOM_PHASE] == "backward"
+    assert not [h for h in oom.history if "train/loss" in h]
+
+    frontier = runs[3]
+    assert frontier.summary["outcome"] == "oom"
+    assert frontier.summary[attrs.OOM_KIND] == "frontier"
+    assert frontier.summary[attrs.OOM_FRONTIER_TRIAL] == 2
+    assert frontier.history == []
+
+    # The API key is nowhere: not in any file written, nor in the study's attributes.
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+    study = summary.study
+    recorded = [study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
+    recorded += [[t.user_attrs, t.system_attrs] for t in trials.values()]
+    assert FAKE_KEY not in json.dumps(recorded, default=str)
+
+
+def test_a_predicted_oom_gets_a_run_without_a_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # no key: offline by default
+    spec = load_spec(_spec(tmp_path, "predicted"))
+    opts = _opts(
+        tmp_path, "p.db", n_trials=1, memory_limit=64 * MIB, wandb=True, wandb_project="team"
+    )
+    summary = run_study(spec, opts)
+    (trial,) = summary.study.get_trials()
+    assert trial.user_attrs[attrs.OOM_KIND] == "predicted"
+    run = _read_run(tmp_path, trial.user_attrs[attrs.WANDB_RUN_ID])
+    assert run.run.project == "team"  # --wandb-project wins over the default
+    assert run.summary["outcome"] == "oom"
+    assert run.summary[attrs.OOM_KIND] == "predicted"
+    assert run.summary[attrs.MEMORY_ESTIMATE_MB] > 0.9 * 64
+    assert "predicted" in run.summary["note"]
+
+
+def test_no_wandb_flag_beats_the_spec(tmp_path: Path) -> None:
+    spec = load_spec(_spec(tmp_path, "no-wandb", tracking="tracking: {wandb: true}"))
+    summary = run_study(spec, _opts(tmp_path, "no.db", n_trials=1, wandb=False))
+    (trial,) = summary.study.get_trials()
+    assert attrs.WANDB_RUN_ID not in trial.user_attrs
+    assert not (tmp_path / "wandb").exists()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "search.tracking"]
+
+
+def test_broken_wandb_never_changes_the_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unwritable run directory, then a key W&B refuses with no network: same trials."""
+    caplog.set_level(logging.WARNING, logger="search.tracking")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    spec_path = _spec(tmp_path, "broken")
+    started = time.monotonic()
+    reference = run_study(load_spec(spec_path), _opts(tmp_path, "ref.db", wandb=False))
+    plain_s = time.monotonic() - started
+
+    # Offline, but the run directory cannot be created (a file is in its way; chmod does not
+    # stop root).
+    unwritable = tmp_path / "unwritable"
+    unwritable.mkdir()
+    (unwritable / "wandb").write_text("in the way")
+    opts = _opts(unwritable, "study.db", wandb=True)
+    offline = run_study(load_spec(spec_path), opts)
+    assert _outcomes(offline) == _outcomes(reference)
+    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in offline.study.get_trials())
+    (line,) = _warnings(caplog)  # one line for the whole worker, naming what failed
+    assert "W&B init (offline" in line and "FileExistsError" in line
+
+    # Online with a key W&B cannot check (no network here: DNS fails, or the init times out).
+    caplog.clear()
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("SEARCH_WANDB_INIT_TIMEOUT", "3")
+    online_dir = tmp_path / "online"
+    online_dir.mkdir()
+    started = time.monotonic()
+    online = run_study(load_spec(spec_path), _opts(online_dir, "study.db", wandb=True))
+    online_s = time.monotonic() - started
+    assert _outcomes(online) == _outcomes(reference)
+    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in online.study.get_trials())
+    (line,) = _warnings(caplog)
+    assert "W&B init (online" in line
+    assert FAKE_KEY not in line
+    # Bounded: one init timeout (3 s) for the whole worker, not one per trial.
+    assert online_s < plain_s + 3 + 10, (online_s, plain_s)
+    for path in online_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.train
+def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    spec = load_spec(_spec(tmp_path, "tiny-tracked", tracking="tracking: {wandb: true}"))
+    cache = Path(os.environ.get("SEARCH_CACHE", DEFAULT_CACHE))  # reuse built replicas
+    opts = _opts(
+        tmp_path,
+        "tiny.db",
+        n_trials=1,
+        tiny=True,
+        cache_dir=cache,
+        objective="search.train.loop:train",
+    )
+    opts.storage_url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    summary = run_study(spec, opts)
+    (trial,) = summary.study.get_trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get(attrs.ERROR)
+    run = _read_run(tmp_path, trial.user_attrs[attrs.WANDB_RUN_ID])
+    steps = [h for h in run.history if "train/loss" in h]
+    per_epoch = 32 // 16
+    assert [h["train/step"] for h in steps] == list(range(1, 2 * per_epoch + 1))
+    for row in steps:
+        assert row["train/loss"] > 0
+        assert row["train/lr"] >= 0
+        assert row["train/memory_mb"] > 0
+    assert steps[0]["train/lr"] < steps[0]["train/lr"] + 1  # finite
+    epochs = [h for h in run.history if "eval/ndcg@10" in h]
+    assert [h["epoch"] for h in epochs] == [1, 2]
+    assert run.summary["outcome"] == "complete"
+    assert run.summary["value"] == pytest.approx(trial.value)
+    assert run.summary[attrs.PEAK_MEMORY_MB] == pytest.approx(
+        trial.user_attrs[attrs.PEAK_MEMORY_MB]
+    )
