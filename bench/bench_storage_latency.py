@@ -1,14 +1,15 @@
 """Storage latency as a study grows: ask+tell at 100 and at 10,000 finished trials, and report.
 
 One PostgreSQL study is filled with realistic finished trials (the ko-retrieval space's params,
-the user attributes the runner writes: config, metrics, memory, device, host, worker), then,
+the trial record the runner writes: search.trial_record's user and system attributes), then,
 at 100 and again at 10,000 finished trials, a fresh worker process measures one trial's
 storage round trip the way ``search worker`` does it: ``claim_trial`` (budget lock, stale
-check, count, ``ask``, first heartbeat) + sampling the conditional space + the runner's user
-attributes + ``tell``. The sampler is ``RandomSampler`` so the figure is the storage's, not
-TPE's (TPE's own cost grows with the trials it learns from, whatever the storage). Plain
-Optuna's ``ask`` + ``tell`` on the same storage is measured beside it. The first calls of a
-process, which load the study into Optuna's cache, are timed separately as the warm-up.
+check, count, ``ask``, first heartbeat) + sampling the conditional space + the runner's
+first record (``write_record``) + ``tell``. The sampler is ``RandomSampler`` so the figure is
+the storage's, not TPE's (TPE's own cost grows with the trials it learns from, whatever the
+storage). Plain Optuna's ``ask`` + ``tell`` on the same storage is measured beside it. The
+first calls of a process, which load the study into Optuna's cache, are timed separately as
+the warm-up.
 
 Then ``search report --study NAME --json`` runs as a command at 10,000 trials (whole process:
 interpreter start, imports, loading every trial, the per-model table).
@@ -48,12 +49,16 @@ from optuna.distributions import distribution_to_json  # noqa: E402
 from optuna.storages._rdb import models  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search import attrs  # noqa: E402
 from search.budget import claim_trial  # noqa: E402
+from search.device import DeviceInfo  # noqa: E402
+from search.isolation import TrialOutcome  # noqa: E402
 from search.report import study_report  # noqa: E402
 from search.space import build_config  # noqa: E402
 from search.space import sample_params  # noqa: E402
 from search.spec import resolve_spec  # noqa: E402
+from search.trial_record import claimed_record  # noqa: E402
+from search.trial_record import outcome_record  # noqa: E402
+from search.trial_record import write_record  # noqa: E402
 from storage import ResilientRDBStorage  # noqa: E402
 from storage import create_storage  # noqa: E402
 from storage import redact_url  # noqa: E402
@@ -67,40 +72,39 @@ DEFAULT_URL = os.environ.get(
 BUDGET = 10**9  # the budget never binds here
 
 
-def _runner_attrs(trial: optuna.Trial, spec: object, number: int) -> dict[str, object]:
-    params = sample_params(trial, spec)  # type: ignore[arg-type]
-    cfg = build_config(spec, params, device="cuda:0", seed_offset=number)  # type: ignore[arg-type]
-    return {
-        attrs.CONFIG: cfg.to_json(),
-        attrs.MODEL: cfg.model,
-        attrs.BATCH_SIZE: cfg.batch_size,
-        attrs.MAX_LEN: cfg.max_len,
-        attrs.DEVICE: "cuda:0 (NVIDIA H100, 80 GiB)",
-        attrs.DEVICE_MEMORY_MB: 81559.0,
-        attrs.HOST: "gpu-host-1",
-        attrs.GPU: "0",
-        attrs.WORKER: "gpu-host-1:4242",
-    }
+H100 = DeviceInfo("cuda:0", "cuda:0 (NVIDIA H100, 80 GiB)", 81559 * 2**20, 80000 * 2**20)
 
 
 def _templates(spec: object, n: int) -> list[optuna.trial.FrozenTrial]:
-    """``n`` finished trials shaped like the runner's, sampled in memory."""
+    """``n`` finished trials recorded as the runner records them, sampled in memory."""
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
     rng = random.Random(0)
     for i in range(n):
         trial = study.ask()
-        for key, value in _runner_attrs(trial, spec, i).items():
-            trial.set_user_attr(key, value)
+        params = sample_params(trial, spec)  # type: ignore[arg-type]
+        cfg = build_config(spec, params, device="cuda:0", seed_offset=i)  # type: ignore[arg-type]
+        record = claimed_record(
+            cfg,
+            H100,
+            host="gpu-host-1",
+            gpu="0",
+            worker="gpu-host-1:4242",
+            memory_estimate_mb=rng.uniform(2000, 70000),
+        )
         value = rng.uniform(0.2, 0.8)
         metrics = {"ndcg@10": value, "mrr@10": value * 0.9, "recall@10": value * 1.1}
-        trial.set_user_attr(attrs.METRICS, metrics)
-        trial.set_user_attr(attrs.PEAK_MEMORY_MB, rng.uniform(2000, 70000))
-        trial.set_user_attr(attrs.MEMORY_ESTIMATE_MB, rng.uniform(2000, 70000))
-        trial.set_user_attr(attrs.SECONDS, rng.uniform(60, 900))
+        oom = i % 7 == 0
+        outcome = TrialOutcome(
+            "oom" if oom else "complete",
+            metrics={} if oom else metrics,
+            history=[] if oom else [metrics],
+            phase="backward" if oom else None,
+            peak_memory_mb=rng.uniform(2000, 70000),
+        )
+        record.update(outcome_record(outcome, "ndcg@10", rng.uniform(60, 900)))
+        write_record(study._storage, trial._trial_id, record)
         trial.report(value, 1)
-        if i % 7 == 0:
-            trial.set_user_attr(attrs.OOM, True)
-            trial.set_user_attr(attrs.OOM_KIND, "real")
+        if oom:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, value)
@@ -200,8 +204,10 @@ def measure(url: str, name: str, samples: int) -> dict[str, float]:
         started = time.perf_counter()
         trial = claim_trial(study, BUDGET)
         assert trial is not None
-        for key, value in _runner_attrs(trial, spec, trial.number).items():
-            trial.set_user_attr(key, value)
+        params = sample_params(trial, spec)  # type: ignore[arg-type]
+        cfg = build_config(spec, params, device="cuda:0", seed_offset=trial.number)  # type: ignore[arg-type]
+        record = claimed_record(cfg, H100, host="gpu-host-1", gpu="0", worker="gpu-host-1:4242")
+        write_record(storage, trial._trial_id, record)  # as the runner writes it
         study.tell(trial, 0.5)
         return time.perf_counter() - started
 
