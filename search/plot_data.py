@@ -284,3 +284,28 @@ def oom_rate(data: PlotData, model: str) -> dict[str, float]:
     return {
         kind: sum(p.oom_kind == kind for p in done) / len(done) for kind in attrs.OOM_KINDS
     }
+
+
+def memory_xy(points: Sequence[TrialPoint]) -> tuple[list[float], list[float]]:
+    """Peak GiB and value of the points that have both."""
+    pairs = [(p.peak_gib, p.value) for p in points if p.peak_gib is not None]
+    kept = [(x, y) for x, y in pairs if y is not None]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def history_xy(points: Sequence[TrialPoint]) -> tuple[list[int], list[float]]:
+    """Trial number and value of the points that have a value."""
+    kept = [(p.number, p.value) for p in points if p.value is not None]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def best_so_far(data: PlotData) -> tuple[list[int], list[float]]:
+    """The best value after each completed trial, by trial number."""
+    xs: list[int] = []
+    ys: list[float] = []
+    for p in sorted(data.complete(), key=lambda p: p.number):
+        assert p.value is not None
+        better = not ys or (p.value > ys[-1] if data.maximize else p.value < ys[-1])
+        xs.append(p.number)
+        ys.append(p.value if better else ys[-1])
+    return xs, ys

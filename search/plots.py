@@ -20,6 +20,9 @@ from search.plot_data import CELL_UNTRIED
 from search.plot_data import OOM
 from search.plot_data import PRUNED
 from search.plot_data import PlotData
+from search.plot_data import best_so_far
+from search.plot_data import history_xy
+from search.plot_data import memory_xy
 from search.plot_data import oom_grid
 from search.plot_data import oom_rate
 from search.plot_data import pareto_front
@@ -123,13 +126,13 @@ def overview_figure(data: PlotData) -> Figure:
         fontsize=15,
         fontweight="bold",
     )
-    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[0.9, 1.25, 1.0])
-    left, right = top.subfigures(1, 2)
-    _best_by_model(left, data)
-    _oom_rate(right, data)
-    left, right = middle.subfigures(1, 2)
-    _memory_vs_metric(left, data)
-    _history(right, data)
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[0.9, 1.25, 1.0])  # type: ignore[misc]
+    upper = top.subfigures(1, 2)
+    _best_by_model(upper[0], data)
+    _oom_rate(upper[1], data)
+    lower = middle.subfigures(1, 2)
+    _memory_vs_metric(lower[0], data)
+    _history(lower[1], data)
     _oom_grids(bottom, data)
     return fig
 
@@ -229,17 +232,16 @@ def _memory_vs_metric(fig: Figure | SubFigure, data: PlotData) -> None:
     for model in data.models:
         pts = [p for p in done if p.model == model]
         if pts:
-            ax.scatter([p.peak_gib for p in pts], [p.value for p in pts], s=45, alpha=0.8,
-                       color=model_color(data, model), label=model)  # fmt: skip
+            ax.scatter(*memory_xy(pts), s=45, alpha=0.8, color=model_color(data, model),
+                       label=model)  # fmt: skip
     front = pareto_front(done, maximize=data.maximize)
-    xs = [p.peak_gib for p in front]
-    ys = [p.value for p in front]
+    xs, ys = memory_xy(front)
     ax.step(xs, ys, where="post", color="black", linewidth=1.2, alpha=0.7)
     ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.5,
                label="Pareto front")  # fmt: skip
-    for p in front:
-        ax.annotate(f"#{p.number}", (p.peak_gib, p.value), xytext=(7, -11),
-                    textcoords="offset points", fontsize=8)  # fmt: skip
+    for p, x, y in zip(front, xs, ys, strict=True):
+        ax.annotate(f"#{p.number}", (x, y), xytext=(7, -11), textcoords="offset points",
+                    fontsize=8)  # fmt: skip
     ax.set_xlabel("peak memory of the trial (GiB; lower is cheaper)")
     ax.set_ylabel(f"{data.metric} (final epoch)")
     ax.legend(fontsize=9, loc="best")
@@ -256,15 +258,8 @@ def _history(fig: Figure | SubFigure, data: PlotData) -> None:
     for model in data.models:
         pts = [p for p in done if p.model == model]
         if pts:
-            ax.scatter([p.number for p in pts], [p.value for p in pts], s=35,
-                       color=model_color(data, model), label=model)  # fmt: skip
-    xs, ys, best = [], [], None
-    for p in sorted(done, key=lambda p: p.number):
-        assert p.value is not None
-        if best is None or (p.value > best if data.maximize else p.value < best):
-            best = p.value
-        xs.append(p.number)
-        ys.append(best)
+            ax.scatter(*history_xy(pts), s=35, color=model_color(data, model), label=model)
+    xs, ys = best_so_far(data)
     last = max(p.number for p in data.points)
     ax.step([*xs, last], [*ys, ys[-1]], where="post", color="black", linewidth=1.2,
             label="best so far")  # fmt: skip

@@ -15,6 +15,7 @@ from search.plot_data import PRUNED
 from search.plot_data import RUNNING
 from search.plot_data import PlotData
 from search.plot_data import TrialPoint
+from search.plot_data import best_so_far
 from search.plot_data import oom_grid
 from search.plot_data import oom_rate
 from search.plot_data import pareto_front
@@ -167,13 +168,7 @@ def history_figure(data: PlotData) -> go.Figure:
                                      hovertext=[_hover(p, data.metric) for p in pts],
                                      hoverinfo="text"))  # fmt: skip
     if done:
-        xs, ys, best = [], [], None
-        for p in done:
-            assert p.value is not None
-            if best is None or (p.value > best if data.maximize else p.value < best):
-                best = p.value
-            xs.append(p.number)
-            ys.append(best)
+        xs, ys = best_so_far(data)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=BEST_SO_FAR_TRACE,
                                  line={"shape": "hv", "color": "black"}))  # fmt: skip
         low = min(p.value for p in done if p.value is not None)
