@@ -279,7 +279,7 @@ class Tracker:
                 name=f"{self.study_name}-trial-{trial_number}",
                 config=cfg.to_json(),
                 dir=str(self.settings.directory),
-                mode=self.settings.mode,
+                mode=self.settings.mode,  # type: ignore[arg-type]  # checked by _mode()
                 reinit="create_new",
                 settings=wandb.Settings(
                     init_timeout=_init_timeout(),

@@ -135,7 +135,7 @@ def _records(path: Path) -> Iterator[Any]:
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf
             record.ParseFromString(pending)
             pending = b""
             yield record
@@ -247,7 +247,10 @@ def test_one_offline_run_per_trial_with_config_history_and_outcome(
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
     study = summary.study
-    recorded = [study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
+    recorded: list[Any] = [
+        study.user_attrs,
+        study._storage.get_study_system_attrs(study._study_id),
+    ]
     recorded += [[t.user_attrs, t.system_attrs] for t in trials.values()]
     assert FAKE_KEY not in json.dumps(recorded, default=str)
 
@@ -347,7 +350,6 @@ def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
         cache_dir=cache,
         objective="search.train.loop:train",
     )
-    opts.storage_url = f"sqlite:///{tmp_path / 'tiny.db'}"
     summary = run_study(spec, opts)
     (trial,) = summary.study.get_trials()
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get(attrs.ERROR)
@@ -357,9 +359,8 @@ def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
     assert [h["train/step"] for h in steps] == list(range(1, 2 * per_epoch + 1))
     for row in steps:
         assert row["train/loss"] > 0
-        assert row["train/lr"] >= 0
+        assert 0 <= row["train/lr"] <= trial.params["lr"]  # warmup and decay stay below peak
         assert row["train/memory_mb"] > 0
-    assert steps[0]["train/lr"] < steps[0]["train/lr"] + 1  # finite
     epochs = [h for h in run.history if "eval/ndcg@10" in h]
     assert [h["epoch"] for h in epochs] == [1, 2]
     assert run.summary["outcome"] == "complete"
