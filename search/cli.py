@@ -230,6 +230,21 @@ def report(
             help="Also write the plots (PNG, and one offline HTML page) into this directory.",
         ),
     ] = None,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish",
+            help="Save the report as the study's dashboard note and its plots as artifacts.",
+        ),
+    ] = False,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts",
+            help="Artifact directory for --publish (default: $SEARCH_ARTIFACTS, else "
+            "<sqlite file>.artifacts; required for PostgreSQL).",
+        ),
+    ] = None,
 ) -> None:
     """Per-model report: best trial, outcomes, OOM rate and configs, best nDCG@10, plots."""
     import optuna
@@ -254,6 +269,7 @@ def report(
                 f"--study {study!r}: no such study in {redact_url(url)} "
                 f"(studies: {', '.join(names) or 'none'})"
             )
+    published = _publish(loaded, url, artifacts) if publish else None
     data = study_report(loaded, storage=store)
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
@@ -261,6 +277,23 @@ def report(
         _report_console().print(report_view(data))
     if plots is not None:
         _write_plots(loaded, store, plots, quiet=as_json)
+    if published:
+        err_console.print(published, highlight=False, soft_wrap=True)
+
+
+def _publish(study: optuna.Study, url: str, artifacts: Path | None) -> str:
+    """``report --publish``: the note and the plots; a mistake is one line, nothing written."""
+    from search.publish import PublishError
+    from search.publish import publish
+
+    try:
+        done = publish(study, url=url, artifacts=artifacts)
+    except PublishError as exc:
+        _fail(str(exc))
+    return (
+        f"published to the dashboard: the study note and {len(done['artifacts'])} plots "
+        f"(artifacts in {done['directory']}; serve them with search dashboard)"
+    )
 
 
 def _report_console() -> Console:
@@ -324,6 +357,17 @@ def dashboard(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8080,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts",
+            help="Artifact directory (default: $SEARCH_ARTIFACTS, else <sqlite file>.artifacts).",
+        ),
+    ] = None,
+    public: Annotated[
+        bool,
+        typer.Option("--public", help="Allow a non-loopback --host (the dashboard has no login)."),
+    ] = False,
 ) -> None:
     """optuna-dashboard on the study storage (URL as for every command: no password in argv)."""
     from search.dashboard import DashboardError
@@ -332,7 +376,13 @@ def dashboard(
 
     with _user_errors():
         try:
-            serve(resolve_storage_url(storage), host=host, port=port)
+            serve(
+                resolve_storage_url(storage),
+                host=host,
+                port=port,
+                artifacts=artifacts,
+                public=public,
+            )
         except DashboardError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:

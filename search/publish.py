@@ -1,0 +1,333 @@
+"""What the dashboard shows beyond Optuna's own views: trial notes, the study note, plots.
+
+- Each finished trial gets a one-line note (``search.trial_record.trial_summary``), so an OOM
+  reads "OOM (real) in backward at 23.1 of 24.0 GiB — ..." instead of a bare "Pruned".
+- The study gets the per-model report as its note (markdown), refreshed by the worker at most
+  every ``STUDY_NOTE_INTERVAL_S`` seconds and at the end, and by ``search report --publish``.
+- ``search report --publish`` uploads the report's plots to the study's artifact store
+  (a directory: ``--artifacts DIR``, ``$SEARCH_ARTIFACTS``, else ``<sqlite file>.artifacts``),
+  replacing the previous upload of each file, so re-publishing never grows the store.
+
+Notes are optuna-dashboard's (``save_note``: study system attributes); without the
+``dashboard`` extra they are skipped. Nothing here may fail a trial: the runner's hooks log a
+failure in one line and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.trial import FrozenTrial
+
+_logger = logging.getLogger(__name__)
+
+ENV_ARTIFACTS = "SEARCH_ARTIFACTS"
+STUDY_NOTE_INTERVAL_S = 30.0  # a worker refreshes the study note at most this often
+_ARTIFACTS_ATTR_PREFIX = "artifacts:"  # Optuna's key of an artifact's metadata
+_last_study_note: dict[tuple[int, str], float] = {}  # (storage id, study) -> monotonic time
+
+
+class PublishError(ValueError):
+    """A user mistake in what to publish (no artifact directory for a PostgreSQL study)."""
+
+
+# ------------------------------------------------------------------ the runner's hooks
+
+
+def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Save ``trial``'s summary as its note; refresh the study note when it is due.
+
+    Never raises: a failure is one warning line (the trial is already told).
+    """
+    try:
+        if not _dashboard_installed():
+            return
+        save_trial_note(study, trial)
+        key = (id(study._storage), study.study_name)
+        now = time.monotonic()
+        if now - _last_study_note.get(key, -STUDY_NOTE_INTERVAL_S) >= STUDY_NOTE_INTERVAL_S:
+            _last_study_note[key] = now
+            save_study_note(study)
+    except Exception as exc:  # noqa: BLE001 - a note must never fail a trial
+        _logger.warning("dashboard note of trial %d not written: %s", trial.number, _line(exc))
+
+
+def finish(study: optuna.Study) -> None:
+    """Refresh the study note once more at the end of a run (never raises)."""
+    try:
+        if _dashboard_installed():
+            save_study_note(study)
+    except Exception as exc:  # noqa: BLE001
+        _logger.warning("dashboard study note not written: %s", _line(exc))
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _dashboard_installed() -> bool:
+    try:
+        import optuna_dashboard  # noqa: F401
+    except ImportError:
+        _logger.debug("optuna-dashboard not installed: no dashboard notes")
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ notes
+
+
+class _TrialRef:
+    """What ``optuna_dashboard.save_note`` reads of a trial (storage, study, trial id).
+
+    A finished trial cannot be wrapped in an ``optuna.Trial`` without calling the sampler's
+    ``before_trial`` on it again, so the note gets these three fields instead.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.storage = study._storage
+        self.study = study
+        self._trial_id = trial_id
+
+
+def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
+    """Write the trial's one-line summary as its dashboard note; returns the text."""
+    from optuna_dashboard import save_note
+
+    from search.trial_record import trial_summary
+
+    text = trial_summary(trial, metric=study_metric(study), pruner=_pruner_name(study))
+    save_note(_TrialRef(study, trial._trial_id), text)  # type: ignore[arg-type]
+    return text
+
+
+def save_study_note(study: optuna.Study) -> str:
+    """Write the per-model report (markdown) as the study's dashboard note; returns it."""
+    from optuna_dashboard import save_note
+
+    from search.report import study_report
+
+    text = study_note(study_report(study, storage=_rdb(study)), metric=study_metric(study))
+    save_note(study, text)
+    return text
+
+
+def study_metric(study: optuna.Study) -> str:
+    """The study's metric: its metric name, else the stored spec's, else ``ndcg@10``."""
+    from search import attrs
+
+    names = study.metric_names
+    if names and names[0]:
+        return str(names[0])
+    spec = study.user_attrs.get(attrs.STUDY_SPEC)
+    if isinstance(spec, dict):
+        metric = (spec.get("study") or {}).get("metric")
+        if metric:
+            return str(metric)
+    return attrs.DEFAULT_METRIC
+
+
+def _pruner_name(study: optuna.Study) -> str | None:
+    name = type(study.pruner).__name__
+    return None if name == "NopPruner" else name.removesuffix("Pruner").lower()
+
+
+def _rdb(study: optuna.Study) -> optuna.storages.BaseStorage | None:
+    """The study's RDB storage under Optuna's cache wrapper (the report's fast path)."""
+    import optuna
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _config(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "-"
+    return (
+        f"b{config.get('batch_size')} len{config.get('max_len')} "
+        f"lr {config.get('lr', 0):.1e} T {config.get('temperature', 0):.3f}"
+    )
+
+
+def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
+    """The report as markdown: the overall best, then one table row per model.
+
+    Example:
+        >>> print(study_note({"study": "s", "trials": 1, "n_trials_budget": 4, "models": [
+        ...     {"model": "m", "trials": 1, "complete": 1, "pruned_early": 0, "oom_real": 0,
+        ...      "oom_host": 0, "oom_predicted": 0, "oom_frontier": 0, "failed": 0,
+        ...      "oom_rate": 0.0, "oom_seconds": 0.0, "best_value": 0.5, "best_trial": 0,
+        ...      "median_peak_memory_mb": 900.0, "best_config": {"batch_size": 32}}]}
+        ... ).splitlines()[2])
+        Best ndcg@10: **0.5000**, trial 0 (m b32 lenNone lr 0.0e+00 T 0.000).
+    """
+    models = report.get("models") or []
+    budget = report.get("n_trials_budget")
+    lines = [
+        f"## Per-model report of {report['study']}",
+        "",
+    ]
+    best = [m for m in models if m.get("best_value") is not None]
+    if best:
+        maximize = report.get("direction", "maximize") == "maximize"
+        top = (max if maximize else min)(best, key=lambda m: m["best_value"])
+        lines.append(
+            f"Best {metric}: **{top['best_value']:.4f}**, trial {top['best_trial']} "
+            f"({top['model']} {_config(top.get('best_config'))})."
+        )
+    else:
+        lines.append(f"No complete trial yet: no best {metric}.")
+    lines += [
+        "",
+        f"{report.get('trials', 0)} trials"
+        + (f" of a budget of {budget}" if budget else "")
+        + f", updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        + f" (`search report --study {report['study']} --publish`).",
+        "",
+        f"| model | trials | complete | pruned | OOM real/host/pred/front | failed | OOM rate "
+        f"| OOM s | best {metric} | trial | peak MB (median) | best config |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for m in models:
+        oom = "/".join(
+            str(m.get(f"oom_{k}", 0)) for k in ("real", "host", "predicted", "frontier")
+        )
+        lines.append(
+            f"| {m['model']} | {m['trials']} | {m['complete']} | {m['pruned_early']} | {oom} "
+            f"| {m['failed']} | {m['oom_rate']:.0%} | {m['oom_seconds']:.1f} "
+            f"| {_fmt(m.get('best_value'), '.4f')} | {_fmt(m.get('best_trial'), 'd')} "
+            f"| {_fmt(m.get('median_peak_memory_mb'), '.0f')} | {_config(m.get('best_config'))} |"
+        )
+    lines += ["", "Plots: the study's artifacts below (`search report --publish`)."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def artifact_dir(url: str, option: str | Path | None = None) -> Path | None:
+    """The study storage's artifact directory: ``option``, ``$SEARCH_ARTIFACTS``, else beside
+    a SQLite file (``search.db`` -> ``search.db.artifacts``); None for a server database.
+
+    Example:
+        >>> str(artifact_dir("sqlite:///runs/search.db", None))
+        'runs/search.db.artifacts'
+    """
+    chosen = str(option) if option else os.environ.get(ENV_ARTIFACTS, "").strip()
+    if chosen:
+        return Path(chosen.removeprefix("file://")).expanduser()
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL we can place files beside
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(f"{parsed.database}.artifacts")
+
+
+def artifact_store(directory: Path, *, create: bool = False) -> ArtifactStore:
+    """Optuna's file-system artifact store on ``directory``."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(directory))
+
+
+def study_artifacts(study: optuna.Study) -> dict[str, str]:
+    """The study's live artifacts: file name -> artifact id (removed ones left out)."""
+    found: dict[str, str] = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if not key.startswith(_ARTIFACTS_ATTR_PREFIX):
+            continue
+        meta = json.loads(value) if isinstance(value, str) else None
+        if isinstance(meta, dict) and meta.get("filename"):
+            found[str(meta["filename"])] = str(meta["artifact_id"])
+    return found
+
+
+def upload_files(
+    study: optuna.Study, files: Iterable[Path], store: ArtifactStore
+) -> list[tuple[str, str]]:
+    """Upload ``files`` as study artifacts; a file name already uploaded is overwritten in
+    place (same artifact id), so publishing again replaces instead of adding.
+
+    Returns:
+        ``(file name, artifact id)`` for each file, in order.
+    """
+    from optuna.artifacts import upload_artifact
+
+    existing = study_artifacts(study)
+    done: list[tuple[str, str]] = []
+    for path in files:
+        artifact_id = existing.get(path.name)
+        if artifact_id is None:
+            artifact_id = upload_artifact(
+                study_or_trial=study, file_path=str(path), artifact_store=store
+            )
+        else:
+            with path.open("rb") as fh:
+                store.write(artifact_id, fh)
+        done.append((path.name, artifact_id))
+    return done
+
+
+def publish(
+    study: optuna.Study, *, url: str, artifacts: str | Path | None = None
+) -> dict[str, Any]:
+    """``search report --publish``: the study note, and the plots as study artifacts.
+
+    Returns:
+        ``{"note": text, "artifacts": [(file name, artifact id), ...], "directory": str}``.
+
+    Raises:
+        PublishError: No artifact directory for a study in a database server (``--artifacts
+            DIR`` or ``$SEARCH_ARTIFACTS``), optuna-dashboard or the plot libraries missing;
+            raised before anything is written.
+    """
+    directory = artifact_dir(url, artifacts)
+    if directory is None:
+        raise PublishError(
+            "--publish: the plots of a study in a database server need a shared artifact "
+            f"directory: --artifacts DIR or ${ENV_ARTIFACTS}"
+        )
+    if not _dashboard_installed():
+        raise PublishError(
+            "--publish: optuna-dashboard is not installed: "
+            "pip install 'ko-retrieval-search[dashboard]'"
+        )
+    from search.plots import PlotsUnavailableError
+    from search.plots import require_plot_libs
+    from search.plots import write_plots
+
+    try:
+        require_plot_libs()
+    except PlotsUnavailableError as exc:
+        raise PublishError(f"--publish: {exc}") from None
+    import tempfile
+
+    note = save_study_note(study)
+    store = artifact_store(directory, create=True)
+    with tempfile.TemporaryDirectory(prefix="search-plots-") as tmp:
+        written = write_plots(study, Path(tmp), storage=_rdb(study))
+        uploaded = upload_files(study, [Path(p) for p in written], store)
+    return {"note": note, "artifacts": uploaded, "directory": str(directory)}
