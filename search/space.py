@@ -1,21 +1,27 @@
-"""The conditional search space, sampled so that Optuna never sees a dynamic value space.
+"""The conditional search space, sampled under the same parameter names in every trial.
 
-Optuna fixes a parameter's distribution by its name: a categorical ``batch_size`` whose choices
-depend on the model raises "CategoricalDistribution does not support dynamic value space". So
-every branch gets its own name (``batch_size.bge-m3-ko`` with choices 32/64, ``batch_size.
-ko-simcse`` with 32..256), each name always with the same choices. A branch with a single
-choice is not sampled at all. The effective values are recorded on the trial as user
-attributes (``model``, ``batch_size``, ``max_len``, and the whole ``config``).
+Every trial carries ``model``, ``batch_size``, ``max_len``, ``lr``, ``temperature``,
+``warmup_ratio`` and ``weight_decay`` with their effective values, so Optuna's importances and
+the dashboard's slice, contour and parallel-coordinate views see them all. Optuna fixes a
+categorical's choices by name ("CategoricalDistribution does not support dynamic value
+space"), so ``batch_size`` and ``max_len`` always offer the spec's full choices; the study's
+sampler (``search.sampling.make_sampler``) keeps each model to its own (bge-m3-ko: batch
+32/64, max_len 256/384; ko-simcse: max_len 128). With a sampler that does not know the
+conditions, a restricted model's parameter falls back to its branch name
+(``batch_size.bge-m3-ko``; a single choice is not sampled), so a value is never outside the
+model's choices. The effective values are also user attributes (``search.attrs``).
 
 Example:
     >>> import optuna
+    >>> from search.sampling import make_sampler
     >>> from search.spec import load_spec, shipped_spec_path
     >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
-    >>> study = optuna.create_study(direction="maximize")
-    >>> models = optuna.distributions.CategoricalDistribution(list(spec.models))
-    >>> trial = study.ask({"model": models})
+    >>> study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
+    >>> trial = study.ask()
     >>> params = sample_params(trial, spec)
     >>> params.max_len in spec.space.choices_for(params.model)["max_len"]
+    True
+    >>> trial.params["max_len"] == params.max_len
     True
 """
 
@@ -48,11 +54,28 @@ class SampledParams:
 
 
 def branch_name(field: str, model: str) -> str:
-    """Optuna parameter name of ``field`` in ``model``'s branch."""
+    """Optuna parameter name of ``field`` in ``model``'s branch (the fallback names)."""
     return f"{field}.{model}"
 
 
-def _suggest_choice(trial: optuna.Trial, field: str, model: str, choices: list[int]) -> int:
+def _keeps_conditions(trial: optuna.Trial) -> bool:
+    from search.sampling import ConditionalSampler
+
+    return isinstance(trial.study.sampler, ConditionalSampler)
+
+
+def _suggest_choice(
+    trial: optuna.Trial, field: str, model: str, choices: list[int], full: list[int]
+) -> int:
+    """``field`` under its shared name where the sampler keeps ``choices``, else its branch."""
+    if choices == full or _keeps_conditions(trial):
+        value = int(trial.suggest_categorical(field, full))
+        if value not in choices:  # only an enqueued value can get here
+            raise ValueError(
+                f"trial {trial.number}: {field} {value} is not one of {model}'s choices "
+                f"{choices} (space.conditions)"
+            )
+        return value
     if len(choices) == 1:
         return choices[0]
     return int(trial.suggest_categorical(branch_name(field, model), choices))
@@ -69,8 +92,10 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
     space = spec.space
     return SampledParams(
         model=model,
-        batch_size=_suggest_choice(trial, "batch_size", model, choices["batch_size"]),
-        max_len=_suggest_choice(trial, "max_len", model, choices["max_len"]),
+        batch_size=_suggest_choice(
+            trial, "batch_size", model, choices["batch_size"], list(space.batch_size)
+        ),
+        max_len=_suggest_choice(trial, "max_len", model, choices["max_len"], list(space.max_len)),
         lr=_suggest_float(trial, "lr", space.lr),
         temperature=_suggest_float(trial, "temperature", space.temperature),
         warmup_ratio=_suggest_float(trial, "warmup_ratio", space.warmup_ratio),

@@ -18,12 +18,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from search.spec import SpecError
 from search.spec import StudySpec
 
 _ABSENT = object()
+CONDITIONAL_PARAMS = ("batch_size", "max_len")  # as search.sampling, imported without optuna
 
 
 def _search_part(spec: dict[str, Any]) -> dict[str, Any]:
@@ -71,24 +73,56 @@ def space_differences(stored: dict[str, Any], spec: StudySpec) -> list[str]:
 def _distributions(spec: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bool]]:
     """The categorical parameters' choices and the float parameters' log flags of a spec dict.
 
-    The names follow ``search.space.sample_params``: ``model``, ``batch_size.<model>`` and
-    ``max_len.<model>`` (a branch with one choice is not sampled).
+    The names follow ``search.space.sample_params``: ``model``, ``batch_size`` and ``max_len``
+    always offer the space's full choices (the sampler keeps each model's conditions, so
+    conditions may change without confusing Optuna).
     """
     space = spec.get("space", {})
-    models = list(spec.get("models", {}))
-    choices: dict[str, list[Any]] = {"model": models}
-    for model in models:
-        cond = (space.get("conditions") or {}).get(model) or {}
-        for field in ("batch_size", "max_len"):
-            values = cond.get(field) or space.get(field) or []
-            if len(values) > 1:
-                choices[f"{field}.{model}"] = list(values)
+    choices: dict[str, list[Any]] = {"model": list(spec.get("models", {}))}
+    for field in CONDITIONAL_PARAMS:
+        choices[field] = list(space.get(field) or [])
     logs = {
         name: bool(rng.get("log", False))
         for name, rng in space.items()
         if isinstance(rng, dict) and name != "conditions"
     }
     return choices, logs
+
+
+def branch_named_params(param_names: Iterable[str]) -> list[str]:
+    """The per-model names (``batch_size.bge-m3-ko``) among ``param_names``, sorted.
+
+    >>> branch_named_params(["model", "batch_size.bge-m3-ko", "lr", "max_len.bge-m3-ko"])
+    ['batch_size.bge-m3-ko', 'max_len.bge-m3-ko']
+    """
+    prefixes = tuple(f"{field}." for field in CONDITIONAL_PARAMS)
+    return sorted({name for name in param_names if name.startswith(prefixes)})
+
+
+def check_param_names(
+    study_name: str, param_names: Iterable[str], spec: StudySpec, *, force: bool
+) -> None:
+    """Refuse to add shared-name trials to a study sampled with per-model names only.
+
+    Studies created before the shared names have ``batch_size.<model>`` / ``max_len.<model>``
+    parameters. New trials would sample ``batch_size`` and ``max_len``: Optuna accepts them,
+    but TPE and the dashboard would see two unrelated sets of parameters. ``force`` continues
+    such a study anyway; once it has a shared-name trial it is not refused again.
+
+    Raises:
+        SpecError: The study has per-model names, none of the shared ones, and no ``force``.
+    """
+    names = set(param_names)
+    branch = branch_named_params(names)
+    if not branch or force or names & set(CONDITIONAL_PARAMS):
+        return
+    shown = ", ".join(branch[:2]) + (", ..." if len(branch) > 2 else "")
+    raise SpecError(
+        f"{spec.source or 'the spec'}: study {study_name!r} was sampled with per-model "
+        f"parameter names ({shown}); this version samples shared batch_size and max_len, "
+        "which TPE would learn apart from its trials: use another --study-name, or "
+        "--force-space to continue it"
+    )
 
 
 def optuna_conflicts(stored: dict[str, Any], spec: StudySpec) -> list[str]:
@@ -151,6 +185,8 @@ def check_stored_space(storage_url: str, study_name: str, spec: StudySpec, *, fo
 
     Opens the storage only when it can hold the study (a missing SQLite file cannot, and is
     not created here). With ``force`` and a differing space, the study stores the new spec.
+    A study sampled with per-model parameter names is refused without ``force``
+    (``check_param_names``).
     """
     from search.attrs import STUDY_SPEC
 
@@ -165,7 +201,10 @@ def check_stored_space(storage_url: str, study_name: str, spec: StudySpec, *, fo
         except KeyError:
             return
         stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
-        if compare_stored_space(study_name, stored, spec, force=force):
+        changed = compare_stored_space(study_name, stored, spec, force=force)
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        check_param_names(study_name, (n for t in trials for n in t.params), spec, force=force)
+        if changed:
             storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
     finally:
         engine = getattr(storage, "engine", None)
