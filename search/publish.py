@@ -125,18 +125,10 @@ def save_study_note(study: optuna.Study) -> str:
 
 
 def study_metric(study: optuna.Study) -> str:
-    """The study's metric: its metric name, else the stored spec's, else ``ndcg@10``."""
-    from search import attrs
+    """The study's metric (``ndcg@10``): its stored spec's, else its metric name."""
+    from search.report import study_metric as metric_of
 
-    names = study.metric_names
-    if names and names[0]:
-        return str(names[0])
-    spec = study.user_attrs.get(attrs.STUDY_SPEC)
-    if isinstance(spec, dict):
-        metric = (spec.get("study") or {}).get("metric")
-        if metric:
-            return str(metric)
-    return attrs.DEFAULT_METRIC
+    return metric_of(study)
 
 
 def _pruner_name(study: optuna.Study) -> str | None:
@@ -166,56 +158,90 @@ def _config(config: dict[str, Any] | None) -> str:
     )
 
 
+def _oom_cell(row: dict[str, Any]) -> str:
+    """``5 (1 real, 4 frontier)``."""
+    kinds = [
+        (k, int(row.get(f"oom_{k}", 0) or 0)) for k in ("real", "host", "predicted", "frontier")
+    ]
+    total = sum(n for _, n in kinds)
+    parts = ", ".join(f"{n} {k}" for k, n in kinds if n)
+    return f"{total} ({parts})" if total else "0"
+
+
+def _numbers(trials: list[int], limit: int = 12) -> str:
+    shown = ", ".join(str(n) for n in trials[:limit])
+    return shown + (f", … ({len(trials)})" if len(trials) > limit else "")
+
+
 def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
-    """The report as markdown: the overall best, then one table row per model.
+    """The report as markdown: the overall best, one table row per model, the OOM configs.
 
     Example:
-        >>> print(study_note({"study": "s", "trials": 1, "n_trials_budget": 4, "models": [
+        >>> note = study_note({"study": "s", "trials": 1, "n_trials_budget": 4, "models": [
         ...     {"model": "m", "trials": 1, "complete": 1, "pruned_early": 0, "oom_real": 0,
         ...      "oom_host": 0, "oom_predicted": 0, "oom_frontier": 0, "failed": 0,
         ...      "oom_rate": 0.0, "oom_seconds": 0.0, "best_value": 0.5, "best_trial": 0,
-        ...      "median_peak_memory_mb": 900.0, "best_config": {"batch_size": 32}}]}
-        ... ).splitlines()[2])
-        Best ndcg@10: **0.5000**, trial 0 (m b32 lenNone lr 0.0e+00 T 0.000).
+        ...      "median_peak_memory_mb": 900.0, "best_config": {"batch_size": 32}}]})
+        >>> note.splitlines()[2]
+        'Best ndcg@10 **0.5000**: trial 0, m b32 lenNone lr 0.0e+00 T 0.000.'
     """
     models = report.get("models") or []
     budget = report.get("n_trials_budget")
-    lines = [
-        f"## Per-model report of {report['study']}",
-        "",
-    ]
-    best = [m for m in models if m.get("best_value") is not None]
+    study = report["study"]
+    lines = [f"## Per-model report of {study}", ""]
+    best = report.get("best")
+    if best is None:  # a report without the overall best: the best of the model rows
+        rows = [m for m in models if m.get("best_value") is not None]
+        if rows:
+            maximize = report.get("direction", "maximize") == "maximize"
+            top = (max if maximize else min)(rows, key=lambda m: m["best_value"])
+            best = {"trial": top["best_trial"], "model": top["model"],
+                    "value": top["best_value"], "config": top.get("best_config")}  # fmt: skip
     if best:
-        maximize = report.get("direction", "maximize") == "maximize"
-        top = (max if maximize else min)(best, key=lambda m: m["best_value"])
+        extra = ", ".join(
+            f"{k.upper().replace('RECALL', 'Recall')} {v:.4f}"
+            for k, v in best.items()
+            if k.startswith(("mrr@", "recall@")) and isinstance(v, (int, float))
+        )
         lines.append(
-            f"Best {metric}: **{top['best_value']:.4f}**, trial {top['best_trial']} "
-            f"({top['model']} {_config(top.get('best_config'))})."
+            f"Best {metric} **{best['value']:.4f}**: trial {best['trial']}, {best['model']} "
+            f"{_config(best.get('config'))}" + (f" ({extra})" if extra else "") + "."
         )
     else:
         lines.append(f"No complete trial yet: no best {metric}.")
+    of_budget = f" of a budget of {budget}" if budget else ""
     lines += [
         "",
-        f"{report.get('trials', 0)} trials"
-        + (f" of a budget of {budget}" if budget else "")
-        + f", updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-        + f" (`search report --study {report['study']} --publish`).",
+        f"{report.get('trials', 0)} trials{of_budget}, updated "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Plots: the study's artifacts on the History "
+        f"page (`search report --study {study} --publish`).",
         "",
-        f"| model | trials | complete | pruned | OOM real/host/pred/front | failed | OOM rate "
-        f"| OOM s | best {metric} | trial | peak MB (median) | best config |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| model | trials | complete | pruned | OOM | failed | OOM rate | s lost to OOM "
+        f"| best {metric} | best trial | median peak MB | best config |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     for m in models:
-        oom = "/".join(
-            str(m.get(f"oom_{k}", 0)) for k in ("real", "host", "predicted", "frontier")
-        )
         lines.append(
-            f"| {m['model']} | {m['trials']} | {m['complete']} | {m['pruned_early']} | {oom} "
-            f"| {m['failed']} | {m['oom_rate']:.0%} | {m['oom_seconds']:.1f} "
+            f"| {m['model']} | {m['trials']} | {m['complete']} | {m['pruned_early']} "
+            f"| {_oom_cell(m)} | {m['failed']} | {m['oom_rate']:.0%} | {m['oom_seconds']:.1f} "
             f"| {_fmt(m.get('best_value'), '.4f')} | {_fmt(m.get('best_trial'), 'd')} "
             f"| {_fmt(m.get('median_peak_memory_mb'), '.0f')} | {_config(m.get('best_config'))} |"
         )
-    lines += ["", "Plots: the study's artifacts below (`search report --publish`)."]
+    ooms = report.get("oom_configs") or []
+    if ooms:
+        lines += [
+            "",
+            "### Out of memory",
+            "",
+            "| model | batch_size | max_len | kind | phase | trials |",
+            "|---|--:|--:|---|---|---|",
+        ]
+        for o in ooms:
+            lines.append(
+                f"| {o['model']} | {_fmt(o.get('batch_size'), 'd')} "
+                f"| {_fmt(o.get('max_len'), 'd')} | {o['kind']} | {o.get('phase') or '-'} "
+                f"| {_numbers(list(o.get('trials') or []))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
