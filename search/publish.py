@@ -218,7 +218,7 @@ def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
         "",
         f"| model | trials | complete | pruned | OOM | failed | OOM rate | s lost to OOM "
         f"| best {metric} | best trial | median peak MB | best config |",
-        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|---|",
+        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|---|",  # centred: cells stay apart
     ]
     for m in models:
         lines.append(
@@ -234,7 +234,7 @@ def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
             "### Out of memory",
             "",
             "| model | batch_size | max_len | kind | phase | trials |",
-            "|---|--:|--:|---|---|---|",
+            "|---|:-:|:-:|:-:|:-:|---|",
         ]
         for o in ooms:
             lines.append(
