@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'ko-retrieval-search[plots]'"
 MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 KIND_COLORS = {"real": "#b2182b", "host": "#ef8a62", "predicted": "#7b3294", "frontier": "#999999"}
+KIND_LABELS = {
+    "real": "real (device memory)",
+    "host": "host (RAM)",
+    "predicted": "predicted (preflight, not run)",
+    "frontier": "frontier (a smaller config ran out; not run)",
+}
 CELL_COLORS = {
     CELL_UNTRIED: "#eeeeee",
     CELL_FIT: "#a6d96a",
@@ -207,7 +213,7 @@ def _oom_rate(fig: Figure | SubFigure, data: PlotData) -> None:
     for kind in attrs.OOM_KINDS:
         widths = [rates[m][kind] for m in models]
         if any(widths):
-            ax.barh(models, widths, left=left, color=KIND_COLORS[kind], label=f"OOM {kind}")
+            ax.barh(models, widths, left=left, color=KIND_COLORS[kind], label=KIND_LABELS[kind])
             left = [a + b for a, b in zip(left, widths, strict=True)]
     for y, model in enumerate(models):
         done = [p for p in data.of_model(model) if p.outcome != "running"]
@@ -218,7 +224,7 @@ def _oom_rate(fig: Figure | SubFigure, data: PlotData) -> None:
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("share of the model's trials that ran out of memory or were skipped for it")
     if any(left):
-        ax.legend(loc="lower right", fontsize=9, title="kind", title_fontsize=9)
+        ax.legend(loc="lower right", fontsize=9, title="out of memory", title_fontsize=9)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -295,8 +301,8 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
                   aspect="auto")  # fmt: skip
         for y, row in enumerate(rows):
             for x, cell in enumerate(row):
-                ax.text(x, y, cell.label.replace(", ", "\n"), ha="center", va="center",
-                        fontsize=8)  # fmt: skip
+                text = cell.label.replace(", ", "\n").replace(" (", "\n(")
+                ax.text(x, y, text, ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(batches)), [str(b) for b in batches])
         ax.set_xlabel("max_len (tokens)")

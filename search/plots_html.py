@@ -22,6 +22,7 @@ from search.plot_data import pareto_front
 from search.plots import CELL_COLORS
 from search.plots import CELL_ORDER
 from search.plots import KIND_COLORS
+from search.plots import KIND_LABELS
 from search.plots import NO_COMPLETE
 from search.plots import PNG_FILES
 from search.plots import model_color
@@ -103,7 +104,7 @@ def oom_rate_figure(data: PlotData) -> go.Figure:
     for kind in attrs.OOM_KINDS:
         xs = [rates[m][kind] for m in models]
         if any(xs):
-            fig.add_trace(go.Bar(x=xs, y=models, orientation="h", name=f"OOM {kind}",
+            fig.add_trace(go.Bar(x=xs, y=models, orientation="h", name=KIND_LABELS[kind],
                                  marker_color=KIND_COLORS[kind],
                                  hovertemplate="%{y}: %{x:.0%} OOM " + kind))  # fmt: skip
     counts = []

@@ -30,11 +30,11 @@ _SHORT = {"lr": "lr", "temperature": "T", "warmup_ratio": "wu", "weight_decay": 
 _TRIALS_SHOWN = 6  # trial numbers listed per OOM config line
 
 
-def _fmt_value(value: Any) -> str:
+def _fmt_value(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.{digits}g}"
     return str(value)
 
 
@@ -50,11 +50,11 @@ def config_line(config: dict[str, Any] | None) -> str:
 
 
 def short_config(config: dict[str, Any] | None) -> str:
-    """``b64 len384 lr=3.2e-05 T=0.031 wu=0.1 wd=0.05`` (the searched values)."""
+    """``b64 len384 lr=3.2e-05 T=0.031 wu=0.1 wd=0.05`` (the searched values, 2 digits)."""
     if not config:
         return "-"
     shape = f"b{config.get('batch_size')} len{config.get('max_len')}"
-    rest = [f"{short}={_fmt_value(config[k])}" for k, short in _SHORT.items() if k in config]
+    rest = [f"{short}={_fmt_value(config[k], 2)}" for k, short in _SHORT.items() if k in config]
     return " ".join([shape, *rest])
 
 

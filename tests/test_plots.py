@@ -14,6 +14,7 @@ from _finished_study import MODELS
 from _finished_study import finished_study
 from PIL import Image
 
+from search import attrs
 from search.plot_data import CELL_BOTH
 from search.plot_data import CELL_FIT
 from search.plot_data import CELL_OOM
@@ -23,6 +24,7 @@ from search.plot_data import oom_grid
 from search.plot_data import pareto_front
 from search.plots import HTML
 from search.plots import INSTALL_HINT
+from search.plots import KIND_LABELS
 from search.plots import OVERVIEW
 from search.plots import PNG_FILES
 from search.plots import load_plot_data
@@ -66,7 +68,7 @@ def test_report_plots_via_the_cli(tmp_path: Path) -> None:
     page = (out / HTML).read_text(encoding="utf-8")
     names = set(re.findall(r'"name":"([^"]+)"', page))
     assert set(MODELS) <= names  # one trace per model
-    assert {"Pareto front", "best so far", "OOM real", "OOM host", "OOM predicted"} <= names
+    assert {"Pareto front", "best so far", *(KIND_LABELS[k] for k in attrs.OOM_KINDS)} <= names
     assert "nDCG@10" in page and "peak memory of the trial (GiB)" in page
     assert f"best: trial {BEST}, bge-m3-ko, nDCG@10 0.7900" in page
     assert page.count("plotly.js v") == 1  # inlined once: it works offline
