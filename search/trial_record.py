@@ -104,6 +104,7 @@ def claimed_record(
     name = _gpu_name(device)
     if name:
         user[attrs.GPU_NAME] = name
+    user = {k: v for k, v in user.items() if v is not None}  # no "null" column on CPU
     if memory_estimate_mb is not None:
         user[attrs.MEMORY_ESTIMATE_MB] = memory_estimate_mb
     return TrialRecord(user=user, system={attrs.SYSTEM_CONFIG: cfg.to_json()})

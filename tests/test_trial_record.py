@@ -179,6 +179,7 @@ def test_claimed_record_is_flat_and_names_the_device() -> None:
     assert rec.system[attrs.SYSTEM_CONFIG] == _cfg().to_json()
     cpu = claimed_record(_cfg(), CPU, host="h", gpu=None, worker="w")
     assert cpu.user[attrs.DEVICE_KIND] == "cpu" and attrs.GPU_NAME not in cpu.user
+    assert attrs.GPU not in cpu.user  # None is left out, not shown as a "null" column
 
 
 def test_outcome_record_vocabulary() -> None:
