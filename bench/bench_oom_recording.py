@@ -33,9 +33,20 @@ minus the noise-free score of the trial with the best observed value (the one a 
 The anchor is the current recording (``pruned``) in the same run. Also: on how many seeds
 a recording sampled exactly the same trials as ``pruned``.
 
+Shared names against branch names (``--space both``): the same simulation, OOM told PRUNED,
+with today's space (``shared``: ``sample_params`` and ``make_sampler``, every trial samples
+``model``, ``batch_size``, ``max_len``, ... under one name each, the sampler keeping each
+model's choices) against the earlier one (``branch``: ``batch_size.<model>`` /
+``max_len.<model>`` per model, plain TPE), on the same seeds. Printed per budget: the median
+over seeds of the trials needed to reach a config within ``--near`` of the best feasible
+score (noise-free; a study that never does counts as trials + 1), of the best score after
+20, 40 and all trials, and of the OOM count; the paired difference shared - branch (median,
+mean +- 2 standard errors, and on how many seeds shared is better / worse).
+
 Run::
 
     python bench/bench_oom_recording.py                      # 24 and 40 GiB, 10 seeds x 80
+    python bench/bench_oom_recording.py --space both --seeds 20   # shared vs branch names
     python bench/bench_oom_recording.py --seeds 20 --trials 100 --budgets 24,40,80
     python bench/bench_oom_recording.py --checkpointing spec  # bge-m3-ko checkpointed, as shipped
     python bench/bench_oom_recording.py --startup 20           # more random trials first
@@ -65,8 +76,10 @@ from optuna.trial import TrialState  # noqa: E402
 
 from search.memory_estimate import estimate_peak_memory  # noqa: E402
 from search.models import MODELS  # noqa: E402
+from search.sampling import make_base_sampler  # noqa: E402
 from search.sampling import make_sampler  # noqa: E402
 from search.space import SampledParams  # noqa: E402
+from search.space import branch_name  # noqa: E402
 from search.space import build_config  # noqa: E402
 from search.space import sample_params  # noqa: E402
 from search.spec import StudySpec  # noqa: E402
@@ -210,6 +223,37 @@ RECORDINGS: dict[str, Tell] = {
 ANCHOR = "pruned"
 
 
+def _branch_choice(trial: optuna.Trial, field: str, model: str, choices: list[int]) -> int:
+    if len(choices) == 1:
+        return choices[0]
+    return int(trial.suggest_categorical(branch_name(field, model), choices))
+
+
+def sample_branch_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
+    """The space as sampled before the shared names: one name per model's branch."""
+    model = str(trial.suggest_categorical("model", list(spec.models)))
+    choices = spec.space.choices_for(model)
+    space = spec.space
+    return SampledParams(
+        model=model,
+        batch_size=_branch_choice(trial, "batch_size", model, choices["batch_size"]),
+        max_len=_branch_choice(trial, "max_len", model, choices["max_len"]),
+        lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+        temperature=trial.suggest_float(
+            "temperature", space.temperature.low, space.temperature.high, log=True
+        ),
+        warmup_ratio=trial.suggest_float(
+            "warmup_ratio", space.warmup_ratio.low, space.warmup_ratio.high
+        ),
+        weight_decay=trial.suggest_float(
+            "weight_decay", space.weight_decay.low, space.weight_decay.high
+        ),
+    )
+
+
+SPACES = ("shared", "branch")
+
+
 @dataclass(frozen=True)
 class StudyResult:
     """One simulated study: OOM counts, the best score and the sampled trials in order."""
@@ -219,39 +263,64 @@ class StudyResult:
     best: float
     best_true: float
     trajectory: tuple[tuple[object, ...], ...]
+    best_at: tuple[float, ...] = ()  # best observed score after each trial
+    true_by_trial: tuple[float, ...] = ()  # noise-free score of each trial (0.0 for an OOM)
 
 
 def simulate(
-    spec: StudySpec, judge: Judge, recording: str, *, seed: int, n_trials: int
+    spec: StudySpec,
+    judge: Judge,
+    recording: str,
+    *,
+    seed: int,
+    n_trials: int,
+    space: str = "shared",
 ) -> StudyResult:
-    """Run ``n_trials`` ask/tell trials of one recording on an in-memory study."""
+    """Run ``n_trials`` ask/tell trials of one recording on an in-memory study.
+
+    ``space``: ``shared`` samples with the service's ``sample_params`` and ``make_sampler``,
+    ``branch`` with per-model branch names and plain TPE (``make_base_sampler``).
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, but got {space=}.")
+    sample = sample_params if space == "shared" else sample_branch_params
     if recording == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
+    elif space == "shared":
         sampler = make_sampler(spec, seed=seed)
+    else:
+        sampler = make_base_sampler(spec, seed=seed)
     study = optuna.create_study(direction=spec.study.direction, sampler=sampler)
     tell = RECORDINGS[recording]
     n_startup = spec.sampler.n_startup_trials
     ooms = ooms_after = 0
     best = best_true = -math.inf
     trajectory = []
+    best_at: list[float] = []
+    true_by_trial: list[float] = []
     for _ in range(n_trials):
         trial = study.ask()
-        p = sample_params(trial, spec)
+        p = sample(trial, spec)
         trajectory.append(dataclasses.astuple(p))
         margin = judge.margin_gib(p)
         if margin > 0:
             ooms += 1
             ooms_after += trial.number >= n_startup
             tell(study, trial, margin, None)
+            best_at.append(max(best, 0.0))
+            true_by_trial.append(0.0)
             continue
         value = quality(p) + noise(seed, trial.number)
         if value > best:
             best, best_true = value, quality(p)
         tell(study, trial, margin, value)
+        best_at.append(best)
+        true_by_trial.append(quality(p))
     if best == -math.inf:  # nothing fitted: score the study at nDCG's floor
         best = best_true = 0.0
-    return StudyResult(ooms_after, ooms, best, best_true, tuple(trajectory))
+    return StudyResult(
+        ooms_after, ooms, best, best_true, tuple(trajectory), tuple(best_at), tuple(true_by_trial)
+    )
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -264,6 +333,85 @@ def _se_diff(a: list[float], b: list[float]) -> float:
     return statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
 
 
+def trials_to_near(result: StudyResult, optimum: float, near: float) -> int:
+    """Trials until one scores (noise-free) within ``near`` of ``optimum``; else trials + 1."""
+    for number, true in enumerate(result.true_by_trial):
+        if true >= optimum - near:
+            return number + 1
+    return len(result.true_by_trial) + 1
+
+
+def _paired(shared: list[float], branch: list[float], *, lower_is_better: bool) -> str:
+    """Median paired difference, mean +- 2 standard errors, and seeds better / worse."""
+    d = [a - b for a, b in zip(shared, branch, strict=True)]
+    better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
+    worse = sum((x > 0) if lower_is_better else (x < 0) for x in d)
+    two_se = 2 * _se_diff(shared, branch)
+    return (
+        f"{statistics.median(d):+8.3f}  {statistics.fmean(d):+8.4f} +- {two_se:.4f}  "
+        f"{better:>2} / {worse:<2}"
+    )
+
+
+def compare_spaces(
+    spec: StudySpec, budgets: list[float], seeds: list[int], args: argparse.Namespace
+) -> None:
+    """Shared names against branch names on the same seeds, OOM told PRUNED (the runner's)."""
+    checkpoints = [n for n in (20, 40) if n < args.trials] + [args.trials]
+    for budget in budgets:
+        judge = Judge(spec, budget, checkpointing=args.checkpointing)
+        optimum = judge.best_feasible()
+        print(
+            f"\n{budget:g} GiB: {judge.oom_share():.0%} of (model, batch, max_len) cells OOM; "
+            f"best feasible score {optimum:.4f}; near = within {args.near} of it"
+        )
+        results = {
+            space: [
+                simulate(spec, judge, ANCHOR, seed=s, n_trials=args.trials, space=space)
+                for s in seeds
+            ]
+            for space in SPACES
+        }
+        rows: list[tuple[str, dict[str, list[float]], bool, str]] = []
+        to_near = {
+            k: [float(trials_to_near(r, optimum, args.near)) for r in v]
+            for k, v in results.items()
+        }
+        rows.append(("trials to near-optimum", to_near, True, "{:8.1f}"))
+        for n in checkpoints:
+            best_n = {k: [r.best_at[n - 1] for r in v] for k, v in results.items()}
+            rows.append((f"best score after {n}", best_n, False, "{:8.4f}"))
+        gap = {k: [optimum - r.best_true for r in v] for k, v in results.items()}
+        rows.append(("gap of the picked trial", gap, True, "{:8.4f}"))
+        rows.append(
+            (
+                "OOM trials",
+                {k: [float(r.ooms) for r in v] for k, v in results.items()},
+                True,
+                "{:8.1f}",
+            )
+        )
+        rows.append(
+            (
+                "OOM after startup",
+                {k: [float(r.ooms_after_startup) for r in v] for k, v in results.items()},
+                True,
+                "{:8.1f}",
+            )
+        )
+        print(
+            f"{'median over seeds':<24} {'shared':>8} {'branch':>8}  shared - branch, paired: "
+            "median, mean +- 2 se, seeds better / worse"
+        )
+        for label, by_space, lower, fmt in rows:
+            sh, br = by_space["shared"], by_space["branch"]
+            print(
+                f"{label:<24} {fmt.format(statistics.median(sh))} "
+                f"{fmt.format(statistics.median(br))}  "
+                f"{_paired(sh, br, lower_is_better=lower)}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every recording over the seeds and budgets, print the table and the verdict."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -272,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="24,40", help="device budgets in GiB, comma-separated")
     ap.add_argument("--checkpointing", choices=("off", "spec"), default="off")
     ap.add_argument("--recordings", default=",".join(RECORDINGS))
+    ap.add_argument(
+        "--space",
+        choices=(*SPACES, "both"),
+        default="shared",
+        help="parameter names: shared (the service's), branch (before), both (compare them)",
+    )
+    ap.add_argument(
+        "--near", type=float, default=0.01, help="--space both: 'near-optimum' score margin"
+    )
     ap.add_argument(
         "--startup", type=int, default=None, help="override the spec's n_startup_trials"
     )
@@ -294,8 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(
         f"ko-retrieval space, {args.trials} trials x {len(seeds)} seeds per cell, "
-        f"n_startup_trials={spec.sampler.n_startup_trials}, checkpointing={args.checkpointing}"
+        f"n_startup_trials={spec.sampler.n_startup_trials}, checkpointing={args.checkpointing}, "
+        f"space={args.space}"
     )
+    if args.space == "both":
+        compare_spaces(spec, budgets, seeds, args)
+        print(f"\nwall time {time.perf_counter() - started:.0f} s")
+        return 0
     header = (
         f"{'budget':>6} {'recording':<20} {'OOM after startup':>18} {'OOM all':>8} "
         f"{'best score':>15} {'gap to optimum':>14} {'same as pruned':>14}"
@@ -312,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(header)
         results = {
-            r: [simulate(spec, judge, r, seed=s, n_trials=args.trials) for s in seeds]
+            r: [
+                simulate(spec, judge, r, seed=s, n_trials=args.trials, space=args.space)
+                for s in seeds
+            ]
             for r in recordings
         }
         anchor = results[ANCHOR]

@@ -1,11 +1,13 @@
 """Sampler and pruner of a study, built from the spec's ``sampler`` and ``pruner`` sections.
 
 Every trial samples the same parameter names (``model``, ``batch_size``, ``max_len``, ``lr``,
-...; see ``search.space``). ``batch_size`` and ``max_len`` are categoricals over the spec's
-full choices in every trial (Optuna requires identical choices for one name), and a model's
-restricted choices (bge-m3-ko: batch 32/64, max_len 256/384) are kept by the sampler itself:
-``ConditionalSampler`` wraps TPE (or random search) and never proposes a value outside the
-trial's model's choices. No trial is rejected or re-run for it.
+...; see ``search.space``). ``batch_size`` and ``max_len`` are integers with the same
+distribution in every trial, spanning the spec's full choices (stepped when the choices are
+evenly spaced, e.g. max_len 128..512 step 128, else on a log scale, e.g. batch 32..256), and
+``ConditionalSampler`` turns each proposal into one of the trial's model's choices
+(bge-m3-ko: batch 32/64, max_len 256/384): TPE's proposal is rounded to the nearest allowed
+choice, and without a proposal the value is drawn uniformly from the model's choices. No
+trial is rejected or re-run for it.
 
 Example:
     >>> import optuna
@@ -24,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -48,44 +51,51 @@ if TYPE_CHECKING:
 MODEL_PARAM = "model"
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attribute of an enqueued trial's values
 
-# {parameter: {model: the model's choices}}, only where a model restricts the full choices.
-Restrictions = Mapping[str, Mapping[str, Sequence[Any]]]
+# {parameter: {model: the model's choices}} for every model.
+Choices = Mapping[str, Mapping[str, Sequence[int]]]
 
 
-def restrictions(spec: StudySpec) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The per-model choices of ``spec`` that are narrower than the parameter's full choices.
+def conditional_choices(spec: StudySpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each model's ``batch_size`` and ``max_len`` choices under ``spec``'s conditions.
 
     >>> from search.spec import load_spec, shipped_spec_path
-    >>> shipped = restrictions(load_spec(shipped_spec_path("ko-retrieval")))
-    >>> shipped["batch_size"], shipped["max_len"]
-    ({'bge-m3-ko': (32, 64)}, {'ko-simcse': (128,), 'bge-m3-ko': (256, 384)})
+    >>> shipped = conditional_choices(load_spec(shipped_spec_path("ko-retrieval")))
+    >>> shipped["batch_size"]["bge-m3-ko"], shipped["max_len"]["ko-simcse"]
+    ((32, 64), (128,))
     """
-    full = {name: list(getattr(spec.space, name)) for name in CONDITIONAL_PARAMS}
-    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    out: dict[str, dict[str, tuple[int, ...]]] = {name: {} for name in CONDITIONAL_PARAMS}
     for model in spec.models:
         for name, choices in spec.space.choices_for(model).items():
-            if list(choices) != full[name]:
-                out.setdefault(name, {})[model] = tuple(choices)
+            out[name][model] = tuple(choices)
     return out
 
 
-class ConditionalSampler(BaseSampler):
-    """A sampler that keeps each model's restricted choices under shared parameter names.
+def nearest_choice(value: float, choices: Sequence[int]) -> int:
+    """The choice nearest to ``value`` on a log scale (ties go to the smaller, cheaper one).
 
-    Proposals come from ``base`` (TPE: joint over every parameter, ``model`` included). A
-    proposal of a restricted parameter that the trial's model does not allow is not used: the
-    value is then drawn uniformly from the model's choices (a random draw, as during TPE's
-    startup trials). So every sampled value is one of the model's declared choices.
+    >>> nearest_choice(100, [32, 64, 128, 256]), nearest_choice(512, [256, 384])
+    (128, 384)
+    """
+    return min(choices, key=lambda c: (abs(math.log(c) - math.log(max(value, 1e-9))), c))
+
+
+class ConditionalSampler(BaseSampler):
+    """A sampler that keeps ``batch_size`` and ``max_len`` to each trial's model's choices.
+
+    Proposals come from ``base`` (TPE: joint over every parameter, ``model`` included); a
+    proposal of ``batch_size`` or ``max_len`` becomes the model's nearest choice
+    (``nearest_choice``). Without a proposal (startup trials, random search, or a model not
+    known yet) the value is drawn uniformly from the model's choices.
 
     Args:
         base: The sampler that proposes values.
-        restricted: ``{parameter: {model: choices}}`` (``restrictions(spec)``).
+        choices: ``{parameter: {model: choices}}`` (``conditional_choices(spec)``).
         seed: Seed of the uniform draws.
     """
 
-    def __init__(self, base: BaseSampler, restricted: Restrictions, seed: int | None) -> None:
+    def __init__(self, base: BaseSampler, choices: Choices, seed: int | None) -> None:
         self._base = base
-        self._restricted = {name: dict(per) for name, per in restricted.items()}
+        self._choices = {name: dict(per) for name, per in choices.items()}
         self._random = RandomSampler(seed=seed)
 
     @property
@@ -93,21 +103,12 @@ class ConditionalSampler(BaseSampler):
         """The wrapped sampler."""
         return self._base
 
-    def allowed(self, name: str, model: object) -> tuple[Any, ...] | None:
-        """The choices of ``name`` for ``model``, or None when not restricted."""
-        per_model = self._restricted.get(name)
-        if per_model is None or not isinstance(model, str):
+    def allowed(self, name: str, model: object) -> tuple[int, ...] | None:
+        """The choices of ``name`` for ``model``, or None for an unconditional parameter."""
+        per_model = self._choices.get(name)
+        if per_model is None or not isinstance(model, str) or model not in per_model:
             return None
-        choices = per_model.get(model)
-        return None if choices is None else tuple(choices)
-
-    def _fits(self, name: str, value: Any, model: object) -> bool:
-        if name not in self._restricted:
-            return True
-        if model is None:  # the model is not known yet: let the parameter be sampled later
-            return False
-        allowed = self.allowed(name, model)
-        return allowed is None or value in allowed
+        return tuple(per_model[model])
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
@@ -120,7 +121,15 @@ class ConditionalSampler(BaseSampler):
         params = self._base.sample_relative(study, trial, search_space)
         fixed = trial.system_attrs.get(_FIXED_PARAMS) or {}
         model = fixed.get(MODEL_PARAM, params.get(MODEL_PARAM))
-        return {k: v for k, v in params.items() if self._fits(k, v, model)}
+        out: dict[str, Any] = {}
+        for name, value in params.items():
+            if name not in self._choices:
+                out[name] = value
+                continue
+            allowed = self.allowed(name, model)
+            if allowed is not None:  # else: sampled once the model is known
+                out[name] = nearest_choice(value, allowed)
+        return out
 
     def sample_independent(
         self,
@@ -129,10 +138,9 @@ class ConditionalSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        value = self._base.sample_independent(study, trial, param_name, param_distribution)
         allowed = self.allowed(param_name, trial.params.get(MODEL_PARAM))
-        if allowed is None or value in allowed:
-            return value
+        if allowed is None:
+            return self._base.sample_independent(study, trial, param_name, param_distribution)
         return self._random.sample_independent(
             study, trial, param_name, CategoricalDistribution(list(allowed))
         )
@@ -180,7 +188,9 @@ def make_base_sampler(spec: StudySpec, *, seed: int | None = None) -> BaseSample
 def make_sampler(spec: StudySpec, *, seed: int | None = None) -> ConditionalSampler:
     """The study's sampler: ``make_base_sampler`` kept to each model's choices."""
     cfg_seed = spec.sampler.seed if seed is None else seed
-    return ConditionalSampler(make_base_sampler(spec, seed=seed), restrictions(spec), cfg_seed)
+    return ConditionalSampler(
+        make_base_sampler(spec, seed=seed), conditional_choices(spec), cfg_seed
+    )
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -2,14 +2,14 @@
 
 Every trial carries ``model``, ``batch_size``, ``max_len``, ``lr``, ``temperature``,
 ``warmup_ratio`` and ``weight_decay`` with their effective values, so Optuna's importances and
-the dashboard's slice, contour and parallel-coordinate views see them all. Optuna fixes a
-categorical's choices by name ("CategoricalDistribution does not support dynamic value
-space"), so ``batch_size`` and ``max_len`` always offer the spec's full choices; the study's
-sampler (``search.sampling.make_sampler``) keeps each model to its own (bge-m3-ko: batch
-32/64, max_len 256/384; ko-simcse: max_len 128). With a sampler that does not know the
-conditions, a restricted model's parameter falls back to its branch name
-(``batch_size.bge-m3-ko``; a single choice is not sampled), so a value is never outside the
-model's choices. The effective values are also user attributes (``search.attrs``).
+the dashboard's slice, contour and parallel-coordinate views see them all. ``batch_size`` and
+``max_len`` have one integer distribution in every trial, spanning the spec's full choices
+(``space_check.int_range``: stepped when evenly spaced, else log); the study's sampler
+(``search.sampling.make_sampler``) turns each value into one of the trial's model's choices
+(bge-m3-ko: batch 32/64, max_len 256/384; ko-simcse: max_len 128). With a sampler that does
+not know the conditions, both fall back to per-model branch names (``batch_size.bge-m3-ko``,
+categorical; a single choice is not sampled), so a value is never outside the model's
+choices. The effective values are also user attributes (``search.attrs``).
 
 Example:
     >>> import optuna
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from search.config import TrialConfig
 from search.models import MODELS
+from search.space_check import int_range
 
 if TYPE_CHECKING:
     import optuna
@@ -64,18 +65,22 @@ def _keeps_conditions(trial: optuna.Trial) -> bool:
     return isinstance(trial.study.sampler, ConditionalSampler)
 
 
-def _suggest_choice(
+def _suggest_shared(
     trial: optuna.Trial, field: str, model: str, choices: list[int], full: list[int]
 ) -> int:
-    """``field`` under its shared name where the sampler keeps ``choices``, else its branch."""
-    if choices == full or _keeps_conditions(trial):
-        value = int(trial.suggest_categorical(field, full))
-        if value not in choices:  # only an enqueued value can get here
-            raise ValueError(
-                f"trial {trial.number}: {field} {value} is not one of {model}'s choices "
-                f"{choices} (space.conditions)"
-            )
-        return value
+    """``field`` under its shared name (the sampler turns it into one of ``choices``)."""
+    low, high, step, log = int_range(full)
+    value = trial.suggest_int(field, low, high, step=step, log=log)
+    if value not in choices:  # only an enqueued value can get here
+        raise ValueError(
+            f"trial {trial.number}: {field} {value} is not one of {model}'s choices "
+            f"{choices} (space.conditions)"
+        )
+    return value
+
+
+def _suggest_branch(trial: optuna.Trial, field: str, model: str, choices: list[int]) -> int:
+    """``field`` under ``model``'s branch name (the fallback of plain samplers)."""
     if len(choices) == 1:
         return choices[0]
     return int(trial.suggest_categorical(branch_name(field, model), choices))
@@ -90,12 +95,18 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
     model = str(trial.suggest_categorical("model", list(spec.models)))
     choices = spec.space.choices_for(model)
     space = spec.space
+    if _keeps_conditions(trial):
+        batch_size = _suggest_shared(
+            trial, "batch_size", model, choices["batch_size"], list(space.batch_size)
+        )
+        max_len = _suggest_shared(trial, "max_len", model, choices["max_len"], list(space.max_len))
+    else:
+        batch_size = _suggest_branch(trial, "batch_size", model, choices["batch_size"])
+        max_len = _suggest_branch(trial, "max_len", model, choices["max_len"])
     return SampledParams(
         model=model,
-        batch_size=_suggest_choice(
-            trial, "batch_size", model, choices["batch_size"], list(space.batch_size)
-        ),
-        max_len=_suggest_choice(trial, "max_len", model, choices["max_len"], list(space.max_len)),
+        batch_size=batch_size,
+        max_len=max_len,
         lr=_suggest_float(trial, "lr", space.lr),
         temperature=_suggest_float(trial, "temperature", space.temperature),
         warmup_ratio=_suggest_float(trial, "warmup_ratio", space.warmup_ratio),

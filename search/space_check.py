@@ -25,7 +25,23 @@ from search.spec import SpecError
 from search.spec import StudySpec
 
 _ABSENT = object()
-CONDITIONAL_PARAMS = ("batch_size", "max_len")  # as search.sampling, imported without optuna
+CONDITIONAL_PARAMS = ("batch_size", "max_len")  # choices that depend on the model
+
+
+def int_range(choices: list[int]) -> tuple[int, int, int, bool]:
+    """``(low, high, step, log)`` of the shared integer parameter over ``choices``.
+
+    Evenly spaced choices give a stepped range (one choice: low == high), others a log scale
+    (``search.sampling`` rounds each proposal to a model's choice).
+
+    >>> int_range([128, 256, 384, 512]), int_range([32, 64, 128, 256]), int_range([128])
+    ((128, 512, 128, False), (32, 256, 1, True), (128, 128, 1, False))
+    """
+    ordered = sorted(choices)
+    steps = {b - a for a, b in zip(ordered, ordered[1:], strict=False)}
+    if len(steps) <= 1:
+        return ordered[0], ordered[-1], steps.pop() if steps else 1, False
+    return ordered[0], ordered[-1], 1, True
 
 
 def _search_part(spec: dict[str, Any]) -> dict[str, Any]:
@@ -71,21 +87,23 @@ def space_differences(stored: dict[str, Any], spec: StudySpec) -> list[str]:
 
 
 def _distributions(spec: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bool]]:
-    """The categorical parameters' choices and the float parameters' log flags of a spec dict.
+    """The categorical parameters' choices and the numeric parameters' log flags of a spec dict.
 
-    The names follow ``search.space.sample_params``: ``model``, ``batch_size`` and ``max_len``
-    always offer the space's full choices (the sampler keeps each model's conditions, so
-    conditions may change without confusing Optuna).
+    The names follow ``search.space.sample_params``: ``model`` is categorical; ``batch_size``
+    and ``max_len`` are integers over the space's full choices (``int_range``: only their log
+    scale must stay, the sampler keeps each model's conditions).
     """
     space = spec.get("space", {})
     choices: dict[str, list[Any]] = {"model": list(spec.get("models", {}))}
-    for field in CONDITIONAL_PARAMS:
-        choices[field] = list(space.get(field) or [])
     logs = {
         name: bool(rng.get("log", False))
         for name, rng in space.items()
         if isinstance(rng, dict) and name != "conditions"
     }
+    for field in CONDITIONAL_PARAMS:
+        values = list(space.get(field) or [])
+        if values:
+            logs[field] = int_range(values)[3]
     return choices, logs
 
 

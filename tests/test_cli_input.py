@@ -249,7 +249,7 @@ def test_force_space_stores_the_new_space(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"space__batch_size": [32, 64, 128]}, "scale of batch_size in"),
+        ({"space__batch_size": [32, 64, 96, 128]}, "batch_size (log scale)"),
         (
             {"models": {"ko-simcse": {}, "multilingual-minilm": {}}, "space__conditions": {}},
             "model",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -106,7 +106,8 @@ def _check(study: optuna.Study) -> None:
         assert sorted(t.params) == sorted(SHARED_NAMES), t.number
         for key in ("model", "batch_size", "max_len", "lr", "temperature"):
             assert t.params[key] == config[key], (t.number, key)
-        assert t.distributions["batch_size"] == CategoricalDistribution([32, 64, 128, 256])
+        assert t.distributions["batch_size"] == IntDistribution(32, 256, log=True)
+        assert t.distributions["max_len"] == IntDistribution(128, 512, step=128)
     # the first four trials are the enqueued per-model baselines
     assert {t.user_attrs[attrs.CONFIG]["model"] for t in trials[:4]} == seen_models
     assert len(seen_models) == 4
@@ -151,7 +152,7 @@ def test_enqueued_value_outside_the_conditions_is_refused() -> None:
 
 
 def test_a_sampler_without_the_conditions_falls_back_to_branch_names() -> None:
-    """Plain Optuna samplers cannot keep per-model choices: restricted models use branches."""
+    """A plain Optuna sampler cannot keep per-model choices: every model uses branch names."""
     spec = resolve_spec("ko-retrieval", None)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -163,19 +164,19 @@ def test_a_sampler_without_the_conditions_falls_back_to_branch_names() -> None:
         p = sample_params(trial, spec)
         study.tell(trial, 0.0)
         params = study.trials[trial.number].params
-        if p.model == "bge-m3-ko":
-            assert {"batch_size.bge-m3-ko", "max_len.bge-m3-ko"} <= set(params)
-            assert p.batch_size in (32, 64) and p.max_len in (256, 384)
-            assert "batch_size" not in params
-        elif p.model == "ko-simcse":
-            assert p.max_len == 128 and "max_len" not in params
-            assert params["batch_size"] == p.batch_size
+        assert "batch_size" not in params and "max_len" not in params
+        assert params[f"batch_size.{p.model}"] == p.batch_size
+        assert p.batch_size in spec.space.choices_for(p.model)["batch_size"]
+        if p.model == "ko-simcse":  # one choice: not sampled
+            assert p.max_len == 128 and "max_len.ko-simcse" not in params
         else:
-            assert params["batch_size"] == p.batch_size and params["max_len"] == p.max_len
+            assert params[f"max_len.{p.model}"] == p.max_len
+        if p.model == "bge-m3-ko":
+            assert p.batch_size in (32, 64) and p.max_len in (256, 384)
 
 
 def test_dynamic_value_space_would_fail_with_a_shared_name() -> None:
-    """Why the shared names always offer the full choices: Optuna refuses changing ones."""
+    """Why the shared names are not categoricals: Optuna refuses changing choices."""
     study = optuna.create_study()
     t0 = study.ask()
     t0.suggest_categorical("batch_size", [32, 64, 128, 256])
@@ -242,5 +243,7 @@ def test_changed_conditions_are_no_longer_an_optuna_conflict(tmp_path: Path) -> 
     with pytest.raises(SpecError, match="pass --force-space"):
         compare_stored_space("s", stored, spec, force=False)
     assert compare_stored_space("s", stored, spec, force=True)
-    stored["space"]["batch_size"] = [32, 64, 128]
-    assert optuna_conflicts(stored, spec) == ["batch_size"]
+    stored["space"]["batch_size"] = [32, 64, 128]  # another range, still a log scale
+    assert optuna_conflicts(stored, spec) == []
+    stored["space"]["batch_size"] = [32, 64, 96, 128]  # evenly spaced: stepped, not log
+    assert optuna_conflicts(stored, spec) == ["batch_size (log scale)"]
