@@ -117,7 +117,7 @@ def skip_record(decision: PreflightDecision, seconds: float) -> TrialRecord:
         attrs.OOM: True,
         attrs.OOM_KIND: decision.kind,
         attrs.ERROR: _short(decision.reason),
-        attrs.SECONDS: seconds,
+        attrs.SECONDS: round(seconds, 3),
     }
     if decision.frontier_trial is not None:
         user[attrs.OOM_FRONTIER_TRIAL] = decision.frontier_trial
@@ -134,7 +134,7 @@ def outcome_record(outcome: TrialOutcome, metric: str, seconds: float) -> TrialR
     ``complete`` is told with the metric's value, ``pruned`` and ``oom`` as PRUNED (an OOM is
     an answer about memory: TPE learns from PRUNED trials, README), ``failed`` as FAIL.
     """
-    user: dict[str, Any] = {attrs.SECONDS: seconds}
+    user: dict[str, Any] = {attrs.SECONDS: round(seconds, 3)}  # ms: a short cell
     system: dict[str, Any] = {}
     if outcome.peak_memory_mb is not None:
         user[attrs.PEAK_MEMORY_MB] = outcome.peak_memory_mb
