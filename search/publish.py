@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from datetime import UTC
 from datetime import datetime
@@ -36,7 +37,8 @@ _logger = logging.getLogger(__name__)
 ENV_ARTIFACTS = "SEARCH_ARTIFACTS"
 STUDY_NOTE_INTERVAL_S = 30.0  # a worker refreshes the study note at most this often
 _ARTIFACTS_ATTR_PREFIX = "artifacts:"  # Optuna's key of an artifact's metadata
-_last_study_note: dict[tuple[int, str], float] = {}  # (storage id, study) -> monotonic time
+# When each open study last had its note written (monotonic seconds); gone with the study.
+_last_study_note: weakref.WeakKeyDictionary[optuna.Study, float] = weakref.WeakKeyDictionary()
 
 
 class PublishError(ValueError):
@@ -55,10 +57,10 @@ def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         if not _dashboard_installed():
             return
         save_trial_note(study, trial)
-        key = (id(study._storage), study.study_name)
         now = time.monotonic()
-        if now - _last_study_note.get(key, -STUDY_NOTE_INTERVAL_S) >= STUDY_NOTE_INTERVAL_S:
-            _last_study_note[key] = now
+        last = _last_study_note.get(study)
+        if last is None or now - last >= STUDY_NOTE_INTERVAL_S:
+            _last_study_note[study] = now
             save_study_note(study)
     except Exception as exc:  # noqa: BLE001 - a note must never fail a trial
         _logger.warning("dashboard note of trial %d not written: %s", trial.number, _line(exc))

@@ -424,3 +424,64 @@ def test_publish_on_postgresql_needs_an_artifact_directory(pg_url: str, tmp_path
         assert list(tmp_path.iterdir()) == []
     finally:
         optuna.delete_study(study_name=name, storage=pg_url)
+
+
+# ------------------------------------------------------------------ the runner's hook
+
+
+def _told(study: optuna.Study, **user_attrs: Any) -> optuna.trial.FrozenTrial:
+    trial = study.ask()
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    return study.tell(trial, 0.5)
+
+
+def test_the_study_note_is_refreshed_at_most_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optuna_dashboard import get_note
+
+    from search import publish
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/n.db", direction="maximize")
+    clock = [1000.0]
+    monkeypatch.setattr(publish.time, "monotonic", lambda: clock[0])
+    publish.after_trial(study, _told(study, model="m1", outcome="complete"))
+    assert "| m1 |" in get_note(study)  # the first trial writes it at once
+    clock[0] += publish.STUDY_NOTE_INTERVAL_S / 2
+    publish.after_trial(study, _told(study, model="m2", outcome="complete"))
+    assert "| m2 |" not in get_note(study)  # too soon: trial note only
+    clock[0] += publish.STUDY_NOTE_INTERVAL_S / 2
+    publish.after_trial(study, _told(study, model="m3", outcome="complete"))
+    assert "| m2 |" in get_note(study) and "| m3 |" in get_note(study)
+    publish.after_trial(study, _told(study, model="m4", outcome="complete"))
+    publish.finish(study)  # the end of a run writes it whatever the clock says
+    assert "| m4 |" in get_note(study)
+
+
+def test_notes_never_fail_a_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from search import publish
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/n.db")
+    frozen = _told(study, model="m")
+
+    def broken(*args: Any) -> str:
+        raise OSError("disk full\nsecond line")
+
+    monkeypatch.setattr(publish, "save_trial_note", broken)
+    with caplog.at_level("WARNING", logger="search.publish"):
+        publish.after_trial(study, frozen)  # logged, not raised
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["dashboard note of trial 0 not written: OSError: disk full second line"]
+
+    # Without optuna-dashboard (an extra) nothing is written and nothing is said above DEBUG.
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
+    with caplog.at_level("DEBUG", logger="search.publish"):
+        publish.after_trial(study, frozen)
+        publish.finish(study)
+    assert {r.levelname for r in caplog.records} <= {"DEBUG"}
+    system = study._storage.get_study_system_attrs(study._study_id)
+    assert not [k for k in system if k.startswith("dashboard:")]
