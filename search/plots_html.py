@@ -87,7 +87,9 @@ def best_figure(data: PlotData) -> go.Figure:
                              text=[f"{best.value:.4f} (trial {best.number}, {best.shape})"],
                              textposition="outside", hovertext=[_hover(best, data.metric)],
                              hoverinfo="text"))  # fmt: skip
-    fig.update_xaxes(title={"text": f"best {data.metric} of the model's completed trials"})
+    top = max((p.value or 0.0 for p in data.complete()), default=1.0) or 1.0
+    fig.update_xaxes(title={"text": f"best {data.metric} of the model's completed trials"},
+                     range=[0, top * 1.5])  # fmt: skip
     fig.update_yaxes(categoryorder="array", categoryarray=list(reversed(data.models)))
     return _layout(fig, PNG_FILES["best_by_model.png"].format(metric=data.metric), 380)
 
@@ -188,6 +190,10 @@ def history_figure(data: PlotData) -> go.Figure:
     return _layout(fig, PNG_FILES["history.png"], 480)
 
 
+def _cell_text(label: str) -> str:
+    return label.replace(", ", "<br>").replace(" (", "<br>(")
+
+
 def grid_figure(data: PlotData) -> go.Figure:
     """Per model, a batch size x max_len heatmap of OOM / fit / untried cells."""
     import plotly.graph_objects as go
@@ -207,7 +213,8 @@ def grid_figure(data: PlotData) -> go.Figure:
         batches, lengths = data.grid_axes[model]
         fig.add_trace(go.Heatmap(z=[[CELL_ORDER.index(c.state) for c in r] for r in rows],
                                  x=[str(x) for x in lengths], y=[str(b) for b in batches],
-                                 text=[[c.label for c in r] for r in rows],
+                                 text=[[_cell_text(c.label) for c in r] for r in rows],
+                                 textfont={"size": 12},
                                  customdata=[[c.state for c in r] for r in rows],
                                  texttemplate="%{text}", colorscale=scale, zmin=-0.5,
                                  zmax=top + 0.5, showscale=False, name=model, xgap=2, ygap=2,
@@ -220,7 +227,8 @@ def grid_figure(data: PlotData) -> go.Figure:
         f"<span style='color:{CELL_COLORS[s]}'>&#9632;</span> {s}" for s in CELL_ORDER
     )
     fig.add_annotation(text=legend, showarrow=False, xref="paper", yref="paper", x=0.5, y=-0.3)
-    return _layout(fig, PNG_FILES["oom_grid.png"], 420)
+    _layout(fig, PNG_FILES["oom_grid.png"], 460)
+    return fig.update_layout(margin={"b": 110})
 
 
 FIGURES = (best_figure, oom_rate_figure, memory_figure, history_figure, grid_figure)

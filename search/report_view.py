@@ -85,7 +85,8 @@ def _table(title: str) -> Table:
 
 def outcomes_table(report: dict[str, Any]) -> Table:
     """Trials per model by outcome, OOM by kind, OOM rate and the seconds OOMs cost."""
-    table = _table(f"study {report['study']}: {report.get('trials', 0)} trials")
+    n = report.get("trials", 0)
+    table = _table(f"study {report['study']}: {n} trial{'' if n == 1 else 's'}")
     table.caption = "OOM r/h/p/f: real (device), host (RAM), predicted (preflight), frontier"
     table.caption_justify = "left"
     table.add_column("model")
@@ -109,7 +110,7 @@ def best_table(report: dict[str, Any]) -> Table:
     """Each model's best trial: score and number, median peak memory, searched values."""
     metric = metric_label(str(report.get("metric") or "ndcg@10"))
     table = _table(f"best {metric} per model")
-    table.caption = "#: trial number; peak GiB: median of the model's trials that did not run out"
+    table.caption = "#: trial number. peak GiB: median over the trials that fit"
     table.caption_justify = "left"
     table.add_column("model")
     table.add_column(f"best {metric}", justify="right")
