@@ -207,8 +207,9 @@ def run_study(
     if on_progress is not None:
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
-    warm_up(opts.objective)  # start the trial process server (imports torch once) up front
     tracker = Tracker(tracking_settings(spec, opts), name)  # W&B: one run per trial, or none
+    tracker.prepare()  # imports wandb on a thread while the trial process server starts
+    warm_up(opts.objective)  # start the trial process server (imports torch once) up front
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     trials_run = 0
     stopped_by = "budget"

@@ -18,8 +18,10 @@ line; W&B is then off for the rest of this worker, so each costs at most one bou
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +42,7 @@ _logger = logging.getLogger(__name__)
 ENV_INIT_TIMEOUT = "SEARCH_WANDB_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT = 10.0
 _FINISH_TIMEOUT = 30.0
+_LOAD_TIMEOUT = 30.0  # importing wandb and starting its service (local work, once per worker)
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,29 @@ class Tracker:
         self.study_name = study_name
         self._on = settings.enabled and settings.mode != "disabled"
         self._wandb: Any = None
+        self._loading: threading.Thread | None = None
+        self._load_error: BaseException | None = None
         self.current: TrialRun | None = None  # the run started and not yet finished
+
+    def prepare(self) -> None:
+        """Import wandb and start its service in the background (call before slow start-up).
+
+        About 1-3 s once per worker (the import, ``wandb.setup()``, and ``wandb.sdk.launch``
+        that the first ``wandb.init`` imports), overlapped with the trial server's start
+        instead of added to the first trial.
+        """
+        if self._on and self._loading is None and self._wandb is None:
+            self._loading = threading.Thread(target=self._load, name="wandb-load", daemon=True)
+            self._loading.start()
+
+    def _load(self) -> None:
+        try:
+            wandb = importlib.import_module("wandb")
+            importlib.import_module("wandb.sdk.launch")  # imported by the first wandb.init
+            wandb.setup()
+            self._wandb = wandb
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._load_error = exc
 
     @property
     def on(self) -> bool:
@@ -259,12 +284,16 @@ class Tracker:
         """The trial's run (``NO_RUN`` when W&B is off or fails to start)."""
         if not self._on:
             return NO_RUN
-        if self._wandb is None:
-            try:
-                import wandb
-            except Exception as exc:  # noqa: BLE001 - an import error is one more failure
-                return self._fail("import", exc)
-            self._wandb = wandb
+        if self._loading is None and self._wandb is None:
+            self._load()  # prepare() was not called
+        elif self._loading is not None:
+            self._loading.join(_LOAD_TIMEOUT)
+            if self._loading.is_alive():
+                slow = TimeoutError(f"importing wandb took over {_LOAD_TIMEOUT:g} s")
+                return self._fail("import", slow)
+            self._loading = None
+        if self._load_error is not None or self._wandb is None:
+            return self._fail("import", self._load_error or ImportError("wandb"))
         wandb = self._wandb
         try:
             # wandb falls back to a temporary directory it cannot write: check here instead.

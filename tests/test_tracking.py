@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +27,14 @@ import pytest
 from optuna.trial import TrialState
 
 from search import attrs
+from search.config import TrialConfig
 from search.options import DEFAULT_CACHE
 from search.options import RunOptions
 from search.runner import RunSummary
 from search.runner import run_study
 from search.spec import load_spec
+from search.tracking import Tracker
+from search.tracking import TrackingSettings
 from search.trial_record import config_of
 from storage import redact_url
 
@@ -213,7 +217,7 @@ def test_one_offline_run_per_trial_with_config_history_and_outcome(
     steps = [h for h in complete.history if "train/loss" in h]
     assert [h["train/step"] for h in steps] == [1, 2, 3, 4]
     assert steps[0]["train/loss"] == pytest.approx(1.0)
-    assert steps[0]["train/lr"] == pytest.approx(trials[0].params["lr"])
+    assert steps[0]["train/lr"] == pytest.approx(config_of(trials[0])["lr"])
     epochs = [h for h in complete.history if "eval/ndcg@10" in h]
     assert [(h["epoch"], h["eval/ndcg@10"]) for h in epochs] == [
         (1, pytest.approx(0.6)),
@@ -332,6 +336,28 @@ def test_broken_wandb_never_changes_the_trials(
             assert FAKE_KEY.encode() not in path.read_bytes(), path
 
 
+def test_no_wandb_package_is_one_line_and_no_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="search.tracking")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    settings = TrackingSettings(True, "p", tmp_path, "offline", "sqlite:///x.db")
+    tracker = Tracker(settings, "s")
+    tracker.prepare()
+    cfg = TrialConfig(
+        model="ko-simcse", model_path="x", batch_size=8, max_len=16, lr=1e-4, temperature=0.05,
+        warmup_ratio=0.0, weight_decay=0.0, epochs=1, amp=False, gradient_checkpointing=False,
+        hard_negatives=0, seed=0, device="cpu", train_path="t", eval_dir="e",
+    )  # fmt: skip
+    first, second = tracker.start(0, cfg), tracker.start(1, cfg)
+    assert not first.active and not second.active and not tracker.on
+    first.log_step(1, {"loss": 1.0})  # a no-op, never an error
+    first.finish(None)
+    (line,) = _warnings(caplog)
+    assert "W&B import failed" in line and "wandb" in line
+    assert not (tmp_path / "wandb").exists()
+
+
 @pytest.mark.train
 def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -359,7 +385,7 @@ def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
     assert [h["train/step"] for h in steps] == list(range(1, 2 * per_epoch + 1))
     for row in steps:
         assert row["train/loss"] > 0
-        assert 0 <= row["train/lr"] <= trial.params["lr"]  # warmup and decay stay below peak
+        assert 0 <= row["train/lr"] <= config_of(trial)["lr"]  # warmup and decay stay below peak
         assert row["train/memory_mb"] > 0
     epochs = [h for h in run.history if "eval/ndcg@10" in h]
     assert [h["epoch"] for h in epochs] == [1, 2]
