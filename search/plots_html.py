@@ -187,7 +187,7 @@ def history_figure(data: PlotData) -> go.Figure:
                                          hoverinfo="text"))  # fmt: skip
     fig.update_xaxes(title={"text": "trial number"})
     fig.update_yaxes(title={"text": f"{data.metric} of completed trials"})
-    return _layout(fig, PNG_FILES["history.png"], 480)
+    return _layout(fig, PNG_FILES["history.png"].format(metric=data.metric), 480)
 
 
 def _cell_text(label: str) -> str:
