@@ -49,7 +49,7 @@ def _cli(*args: str, cwd: Path, pythonpath: str = str(ROOT)) -> subprocess.Compl
 def _check_pngs(out: Path) -> None:
     for name in [*PNG_FILES, OVERVIEW]:
         path = out / name
-        assert path.stat().st_size > 5_000, name
+        assert path.stat().st_size > 2_000, name  # 128-colour PNGs: 3 KB for a text-only one
         with Image.open(path) as image:
             image.load()  # decodes the whole file
             width, height = image.size
