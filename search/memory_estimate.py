@@ -15,15 +15,17 @@ The estimate is a sum of named parts, so a skipped trial can say what did not fi
   With ``e=2, m=1, f=4h`` this is the paper's ``s*b*h*(34 + 5*a*s/h)``. Fused attention (SDPA
   on CUDA: flash / memory-efficient kernels) does not store the attention matrices; it keeps a
   logsumexp of ``a*s*b`` fp32 values instead. Full gradient checkpointing keeps each layer's
-  input (``s*b*h*e``) plus one layer's activations while it is recomputed. The embedding block
-  keeps its LayerNorm input (fp32) and a dropout mask.
+  input (``s*b*h*e``) plus the activations of the layer being recomputed (on CPU one layer at
+  a time over both passes, measured; on CUDA one per pass). The embedding block keeps its
+  LayerNorm input (fp32) and a dropout mask.
 * **the bi-encoder**: the encoder runs over ``b`` queries and ``b*(1 + negatives)`` passages,
   each with its own length (both ``max_len`` by default: the worst-case first step that
   ``fail_fast`` runs), and both graphs live until the backward pass; plus the
   ``b x b*(1 + negatives)`` score matrix (fp32 scores, their softmax, their gradient).
 * **overhead**: the backward pass's working set (about one layer's activations, as gradients),
   and on CUDA the context and cuBLAS/cuDNN workspaces plus a share for the caching allocator's
-  fragmentation.
+  fragmentation; on CPU with checkpointing, the freed heap memory that glibc keeps resident
+  (the recomputed layers' activations and gradients, allocated and freed once per layer).
 
 CPU (fp32, the trial's resident memory above the worker process's baseline) is calibrated on
 measured peaks of tiny replicas on this machine (see :data:`CPU_CALIBRATION`); the CUDA
@@ -61,10 +63,27 @@ CUDA_FRAGMENTATION = 0.05
 CPU_CALIBRATION: dict[str, float] = {
     "base_bytes": 50 * MIB,  # fixed cost of a training run on CPU (measured, see docstring)
     "scale": 1.05,  # multiplier on states + activations: leans to over-estimating (docstring)
-    # Share of one layer's activations the backward pass adds on top of the stored ones: one
-    # layer in general, about half of one when the layers are recomputed (checkpointing).
+    # Share of the largest layer's activations the backward pass adds on top of the stored
+    # ones. Without checkpointing, one layer: at the peak few of the layer's tensors are live
+    # (the live heap, mallinfo2, is the stored activations within 3%); the layer stands for the
+    # heap that glibc keeps resident once freed (0.3-1.4 layers measured). With checkpointing
+    # the live peak is the layer inputs plus 1.04-1.16 x the largest layer (24 tiny configs,
+    # 8-64 x 64-256, mallinfo2 after every aten op): the recomputed layer plus 0.1.
     "working_set": 1.0,
-    "working_set_checkpointing": 0.5,
+    "working_set_checkpointing": 0.1,
+    # Heap memory glibc keeps resident after a checkpointed step frees it, per pass (queries,
+    # passages), as a share of that pass's layer: "retention" when the pass's attention tensors
+    # are under GLIBC_MMAP_THRESHOLD_MAX (they and everything smaller go to the heap),
+    # "retention_mmap" when they are above it (mmapped, unmapped when freed). Measured: the
+    # heap taken from the system (mallinfo2 arena + hblkhd) minus the live heap at the peak was
+    # 0.72-1.35 of the two passes' layers in the first case, 0.47-0.57 in the second (24
+    # instrumented configs; the instrumentation lowers it); 1.3 and 0.6 put 72 plain 2-step runs
+    # (ko-simcse replica, 8-64 x 64-256, the bench step and train()) at estimate / measured
+    # 0.85-1.18, median 1.06. With a fixed mmap threshold
+    # (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) the retention disappears and the
+    # checkpointed peak halves (32 x 128: 276 -> 150 MiB): it is the allocator's, not torch's.
+    "retention": 1.3,
+    "retention_mmap": 0.6,
     # h-sized tensors stored per token and layer, counted with saved_tensors_hooks on tiny
     # BERT/XLM-R layers: fp32 stores 9 (the paper's 8 + the scaled query of SDPA's math path);
     # under CPU bf16 autocast the bf16 casts of each linear's input add copies (15 at 2 bytes).
@@ -74,6 +93,12 @@ CPU_CALIBRATION: dict[str, float] = {
     # fp32 on CPU (softmax runs in fp32 under autocast too).
     "attention_bytes": 12,
 }
+
+
+# glibc malloc serves a request from mmap (returned to the system when freed) only above its
+# dynamic threshold, which each free of an mmapped chunk raises to that chunk's size, up to
+# this maximum (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit); below it, freed memory stays resident.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
 
 
 @dataclass(frozen=True)
@@ -88,7 +113,7 @@ class MemoryEstimate:
         activations_bytes: Everything the forward passes keep for the backward pass.
         scores_bytes: The query x passage score matrix, its softmax and gradient.
         overhead_bytes: Backward working set, CUDA context and fragmentation, or the CPU
-            calibration's fixed cost.
+            calibration's fixed cost (and, with checkpointing, the heap glibc keeps).
     """
 
     total_bytes: int
@@ -179,7 +204,11 @@ def _encoder_activation_bytes(
     hidden_elements: float,
     attention_bytes: int | None,
 ) -> tuple[int, int]:
-    """(stored bytes of one encoder pass, bytes of one layer) for ``batch`` x ``seq`` tokens."""
+    """(stored bytes of one encoder pass, bytes of one layer) for ``batch`` x ``seq`` tokens.
+
+    With checkpointing the stored bytes are the embeddings and each layer's input: the layer
+    being recomputed is added by the caller.
+    """
     layer = layer_activation_bytes(
         seq,
         batch,
@@ -195,10 +224,24 @@ def _encoder_activation_bytes(
     tokens = seq * batch
     embeddings = tokens * arch.hidden * (4 + mask_bytes) + tokens * 8  # LN input, mask, ids
     if checkpointing:
-        kept = arch.num_layers * tokens * arch.hidden * elem_bytes + layer
+        kept = arch.num_layers * tokens * arch.hidden * elem_bytes
     else:
         kept = arch.num_layers * layer
     return embeddings + kept, layer
+
+
+def _cpu_heap_retention(arch: ModelInfo, passes: tuple[tuple[int, int, int], ...]) -> int:
+    """Freed heap memory a checkpointed CPU step keeps resident, from (seq, batch, layer) per pass.
+
+    Each layer's recomputation allocates its activations (and their gradients) again; glibc
+    keeps the freed ones that were under its mmap threshold resident. The share of a pass's
+    layer depends on whether its attention tensors (``a*s*s*b`` fp32, the largest) are mmapped.
+    """
+    retained = 0.0
+    for seq, batch, layer in passes:
+        mmapped = arch.heads * seq * seq * batch * 4 >= GLIBC_MMAP_THRESHOLD_MAX
+        retained += CPU_CALIBRATION["retention_mmap" if mmapped else "retention"] * layer
+    return int(retained)
 
 
 def estimate_peak_memory(
@@ -231,7 +274,16 @@ def estimate_peak_memory(
     estimate / measured between 0.92 and 1.15 with ``scale`` 1.0 and a 50 MiB base; repeated
     runs of one config differ by up to 15%. With ``scale`` 1.05, a check on 21 more trials
     (``python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko,multilingual-minilm``,
-    BENCHMARKS.md) gave 0.94-1.18: the worst under-estimate fits in the preflight margin (0.9).
+    BENCHMARKS.md) gave 0.94-1.18. Checkpointed points at 128-256 tokens were then low (0.68-0.83
+    in ``bench/bench_memory_estimate.py --device cpu --quick``): the live heap (``mallinfo2``
+    after every aten op) showed the estimate over-counting live tensors (a recomputed layer per
+    pass plus half a layer, where the peak holds the layer inputs plus 1.04-1.16 of the largest
+    layer) and missing the freed heap glibc keeps resident, 0.5-1.35 of the passes' layers (32 x
+    128, e5-small: live 98 MiB, heap from the system 223 MiB, resident 276 MiB). Counting one
+    recomputed layer, a 0.1 working set and that retention put 72 plain checkpointed runs at
+    0.85-1.18. Caveat: the retained heap grows when the same worst-case step repeats (32 x 128:
+    250-292 MiB after step 1, 323-409 after 8 steps; without checkpointing 382-428 -> 435-454),
+    which 2-step measurements, and this estimate, do not see.
 
     Example:
         >>> from search.models import MODELS
@@ -293,6 +345,10 @@ def estimate_peak_memory(
     q_act, q_layer = encoder(s_q, b)
     p_act, p_layer = encoder(s_p, n_passages)
     activations = q_act + p_act
+    if cfg.gradient_checkpointing:
+        # The layer being recomputed: on CPU one at a time over both passes (measured), on
+        # CUDA each pass's (first-principles, not yet measured).
+        activations += max(q_layer, p_layer) if cpu else q_layer + p_layer
     scores = 3 * 4 * b * n_passages  # (b, b*(1+neg)) fp32: scores, softmax, gradient
 
     working_set = max(q_layer, p_layer)
@@ -302,6 +358,8 @@ def estimate_peak_memory(
         scale = CPU_CALIBRATION["scale"]
         dynamic = params + grads + optimizer + activations + scores + working_set
         overhead = int(CPU_CALIBRATION["base_bytes"] + (scale - 1.0) * dynamic) + working_set
+        if cfg.gradient_checkpointing:
+            overhead += _cpu_heap_retention(arch, ((s_q, b, q_layer), (s_p, n_passages, p_layer)))
     else:
         fragmentation = CUDA_FRAGMENTATION * (activations + scores)
         overhead = int(CUDA_CONTEXT_BYTES + working_set + fragmentation)

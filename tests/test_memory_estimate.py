@@ -167,23 +167,7 @@ def test_unknown_device_type() -> None:
 
 
 @pytest.mark.train
-@pytest.mark.parametrize(
-    "checkpointing",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: the CPU estimate under-counts checkpointed tiny replicas "
-                "(estimate/measured 0.74-0.79 for this config in 3 runs, 0.68-0.91 at 8-32 x "
-                "128 in bench_memory_estimate.py --device cpu --quick: under the preflight's "
-                "0.9; BENCHMARKS.md)",
-            ),
-        ),
-    ],
-    ids=["no-ckpt", "ckpt"],
-)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     tmp_path_factory: pytest.TempPathFactory, checkpointing: bool
 ) -> None:
