@@ -114,9 +114,10 @@ def _one_line(exc: BaseException) -> str:
 class TrialRun:
     """One trial's W&B run, or nothing (``NO_RUN``): every method is safe to call."""
 
-    def __init__(self, tracker: Tracker | None = None, run: Any = None) -> None:
+    def __init__(self, tracker: Tracker | None = None, run: Any = None, number: int = -1) -> None:
         self._tracker = tracker
         self._run = run
+        self._number = number
         self._step = 0
         if tracker is not None and run is not None:
             tracker.current = self
@@ -173,7 +174,7 @@ class TrialRun:
         """
         if self._run is None:
             return
-        summary = _summary(trial, outcome, self._tracker)
+        summary = {"trial": self._number, **_summary(trial, outcome, self._tracker)}
         if error:
             summary[attrs.ERROR] = error
         failed = summary.get("outcome") == attrs.OUTCOME_FAILED
@@ -324,4 +325,4 @@ class Tracker:
             )
         except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
             return self._fail(f"init ({self.settings.mode}, {self.settings.directory})", exc)
-        return TrialRun(self, run)
+        return TrialRun(self, run, trial_number)

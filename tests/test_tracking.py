@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import struct
 import sys
 import time
@@ -54,6 +55,10 @@ def fake_train(cfg: Any, *, report: Any = None, on_phase: Any = None, on_step: A
     number = cfg.seed  # training.seed 0: the seed is the trial number
     if on_phase is not None:
         on_phase("forward")
+    worker = os.environ.get("TEST_TRACKING_SIGTERM_PID")
+    if worker:  # stop the worker (as docker stop would) while this trial trains
+        os.kill(int(worker), signal.SIGTERM)
+        time.sleep(60)
     if number == 2:
         on_phase("backward")
         raise MemoryError("fake: out of memory in backward")
@@ -277,6 +282,26 @@ def test_a_predicted_oom_gets_a_run_without_a_process(
     assert run.summary[attrs.OOM_KIND] == "predicted"
     assert run.summary[attrs.MEMORY_ESTIMATE_MB] > 0.9 * 64
     assert "predicted" in run.summary["note"]
+
+
+def test_a_handed_back_trial_closes_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("TEST_TRACKING_SIGTERM_PID", str(os.getpid()))
+    spec = load_spec(_spec(tmp_path, "stopped", tracking="tracking: {wandb: true}"))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        summary = run_study(spec, _opts(tmp_path, "stopped.db"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # run_study leaves SIGTERM ignored once stopped
+    assert summary.stopped_by == "sigterm" and summary.handed_back == 0
+    trial = _by_number(summary)[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs[attrs.HANDED_BACK] is True
+    run = _read_run(tmp_path, trial.user_attrs[attrs.WANDB_RUN_ID])
+    assert run.summary["outcome"] == "handed_back" and run.summary["trial"] == 0
+    assert run.exit_code == 0  # finished, not left open
 
 
 def test_no_wandb_flag_beats_the_spec(tmp_path: Path) -> None:
