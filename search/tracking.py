@@ -111,6 +111,25 @@ def _one_line(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def _settings(wandb: Any) -> Any:
+    """Quiet, bounded run settings; names this wandb version lacks are left out."""
+    wanted: dict[str, Any] = {
+        "init_timeout": _init_timeout(),
+        "finish_timeout": _FINISH_TIMEOUT,
+        "silent": True,
+        "console": "off",  # the worker's own output stays the worker's
+        "x_disable_stats": True,  # memory comes from the trial process itself
+        "x_disable_meta": True,  # no command line (it may hold --storage)
+        "x_save_requirements": False,  # listing the packages costs ~0.8 s a run
+        "save_code": False,
+        "disable_git": True,
+    }
+    known = getattr(wandb.Settings, "model_fields", None)
+    if known is not None:
+        wanted = {k: v for k, v in wanted.items() if k in known}
+    return wandb.Settings(**wanted)
+
+
 class TrialRun:
     """One trial's W&B run, or nothing (``NO_RUN``): every method is safe to call."""
 
@@ -311,17 +330,7 @@ class Tracker:
                 dir=str(self.settings.directory),
                 mode=self.settings.mode,  # type: ignore[arg-type]  # checked by _mode()
                 reinit="create_new",
-                settings=wandb.Settings(
-                    init_timeout=_init_timeout(),
-                    finish_timeout=_FINISH_TIMEOUT,
-                    silent=True,
-                    console="off",  # the worker's own output stays the worker's
-                    x_disable_stats=True,  # memory comes from the trial process itself
-                    x_disable_meta=True,  # no command line (it may hold --storage)
-                    save_code=False,
-                    disable_git=True,
-                    x_save_requirements=False,
-                ),
+                settings=_settings(wandb),
             )
         except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
             return self._fail(f"init ({self.settings.mode}, {self.settings.directory})", exc)
