@@ -234,8 +234,8 @@ def _oom_rate(fig: Figure | SubFigure, data: PlotData) -> None:
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("share of the model's trials that ran out of memory or were skipped for it")
-    if any(left):
-        ax.legend(loc="lower right", fontsize=9, title="out of memory", title_fontsize=9)
+    if any(left):  # below the axes: bars of 100% would hide under a legend inside
+        fig.legend(loc="outside lower center", ncols=2, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
 
 
