@@ -274,16 +274,16 @@ def estimate_peak_memory(
     estimate / measured between 0.92 and 1.15 with ``scale`` 1.0 and a 50 MiB base; repeated
     runs of one config differ by up to 15%. With ``scale`` 1.05, a check on 21 more trials
     (``python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko,multilingual-minilm``,
-    BENCHMARKS.md) gave 0.94-1.18. Checkpointed points at 128-256 tokens were then low (0.68-0.83
-    in ``bench/bench_memory_estimate.py --device cpu --quick``): the live heap (``mallinfo2``
-    after every aten op) showed the estimate over-counting live tensors (a recomputed layer per
-    pass plus half a layer, where the peak holds the layer inputs plus 1.04-1.16 of the largest
-    layer) and missing the freed heap glibc keeps resident, 0.5-1.35 of the passes' layers (32 x
-    128, e5-small: live 98 MiB, heap from the system 223 MiB, resident 276 MiB). Counting one
-    recomputed layer, a 0.1 working set and that retention put 72 plain checkpointed runs at
-    0.85-1.18. Caveat: the retained heap grows when the same worst-case step repeats (32 x 128:
-    250-292 MiB after step 1, 323-409 after 8 steps; without checkpointing 382-428 -> 435-454),
-    which 2-step measurements, and this estimate, do not see.
+    BENCHMARKS.md) gave 0.94-1.18. Checkpointed points at 128-256 tokens were then low (0.68-0.97
+    in two runs of ``bench/bench_memory_estimate.py --device cpu --quick``): the live heap
+    (``mallinfo2`` after every aten op) showed the estimate over-counting live tensors (a
+    recomputed layer per pass plus half a layer, where the peak holds the layer inputs plus
+    1.04-1.16 of the largest layer) and missing the freed heap glibc keeps resident, 0.5-1.35 of
+    the passes' layers (32 x 128, e5-small: live 98 MiB, heap from the system 223 MiB, resident 276
+    MiB). Counting one recomputed layer, a 0.1 working set and that retention put 72 plain
+    checkpointed runs at 0.85-1.18. Caveat: the retained heap grows when the same worst-case step
+    repeats (32 x 128: 250-292 MiB after step 1, 323-409 after 8 steps; without checkpointing
+    382-428 -> 435-454), which 2-step measurements, and this estimate, do not see.
 
     Example:
         >>> from search.models import MODELS
