@@ -10,7 +10,9 @@ summary. The trial process server is warmed before the clock starts (the same on
 the clock covers ``run_study``. Per trial is the steady state, (last trial's end - first
 trial's end) / (N - 1); what a worker pays once (importing wandb, starting its service and
 the first run) shows as the first trial's extra time. The order alternates between rounds;
-the headline is the median over rounds of the paired per-trial difference and ratio.
+the headline is the median over rounds of the paired per-trial difference and ratio. On a
+loaded machine those differences are noisy, so the worker also adds up the time spent inside
+its W&B calls (start, per-step and per-epoch logging, finish) per trial.
 
 It also times the alternative, a run created inside each trial process: a fresh Python
 process with wandb already imported (as a forkserver preload would have it) opening one run,
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,6 +71,7 @@ def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
     from search.spec import load_spec
 
     warm_up()
+    spent = _time_wandb_calls() if wandb_on else {}
     opts = RunOptions(
         storage_url=f"sqlite:///{db}",
         n_trials=n,
@@ -85,7 +89,31 @@ def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
     trials = summary.study.get_trials()
     runs = sum(1 for t in trials if "wandb_run_id" in t.user_attrs)
     steady = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else wall
-    print(json.dumps({"wall": wall, "first": ends[0] - start, "steady": steady, "runs": runs}))
+    out = {"wall": wall, "first": ends[0] - start, "steady": steady, "runs": runs}
+    print(json.dumps(out | {"calls": {k: v / len(trials) for k, v in spent.items()}}))
+
+
+def _time_wandb_calls() -> dict[str, float]:
+    """Wrap the worker's W&B calls to add up the seconds spent in them (by kind)."""
+    from search import tracking
+
+    spent = {"start": 0.0, "log": 0.0, "finish": 0.0}
+
+    def timed(kind: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[kind] += time.perf_counter() - t
+
+        return wrapper
+
+    tracking.Tracker.start = timed("start", tracking.Tracker.start)  # type: ignore[method-assign]
+    for name in ("log_step", "log_epoch"):
+        setattr(tracking.TrialRun, name, timed("log", getattr(tracking.TrialRun, name)))
+    tracking.TrialRun.finish = timed("finish", tracking.TrialRun.finish)  # type: ignore[method-assign]
+    return spent
 
 
 def _child_side(steps: int) -> None:
@@ -172,7 +200,7 @@ def main() -> None:
     # Build the tiny replica once, outside the clock.
     _run(["--role", "worker", "--spec", str(spec), "--db", str(work / "warm.db"),
           "--trials", "1"], env)  # fmt: skip
-    diffs, ratios, offs, firsts = [], [], [], []
+    diffs, ratios, offs, firsts, calls = [], [], [], [], []
     print("round  off s/trial  on s/trial  added s/trial  on/off  first trial added s  runs")
     for r in range(args.rounds):
         sides = [False, True] if r % 2 == 0 else [True, False]
@@ -189,6 +217,7 @@ def main() -> None:
         diffs.append(on_ - off)
         ratios.append(on_ / off)
         firsts.append(first)
+        calls.append(result[True]["calls"])
         print(
             f"{r:5d}  {off:11.3f}  {on_:10.3f}  {on_ - off:+13.3f}  {on_ / off:6.3f}"
             f"  {first:+19.3f}  {result[True]['runs']}/{args.trials}"
@@ -206,6 +235,12 @@ def main() -> None:
     print(
         f"median once per worker (start to the first trial's end): "
         f"{statistics.median(firsts):+.3f} s"
+    )
+    inside = {k: statistics.median(c[k] for c in calls) for k in ("start", "log", "finish")}
+    print(
+        f"inside W&B calls on the worker, per trial (median): {sum(inside.values()):.3f} s "
+        f"(start {inside['start']:.3f}, logging {inside['log']:.3f}, "
+        f"finish {inside['finish']:.3f}; the first run's start included, spread over the trials)"
     )
     child = [_run(["--role", "child", "--log-steps", str(args.log_steps)], env) for _ in range(5)]
     init = statistics.median(c["init"] for c in child)
