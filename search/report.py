@@ -208,7 +208,8 @@ def _overall_best(
     if isinstance(storage, optuna.storages.RDBStorage) and best.best_trial_id is not None:
         frozen = storage.get_trial(best.best_trial_id)  # the lean read left its metrics out
     metrics = metrics_of(frozen) if frozen is not None else {}
-    extra = {k: v for k, v in metrics.items() if k.startswith(("mrr@", "recall@"))}
+    recalls = sorted((k for k in metrics if k.startswith("recall@")), key=_cutoff)
+    extra = {k: metrics[k] for k in ["mrr@10", *recalls] if k in metrics}
     return {
         "trial": best.best_trial,
         "model": best.model,
@@ -216,6 +217,12 @@ def _overall_best(
         "config": best.best_config,
         **extra,
     }
+
+
+def _cutoff(metric: str) -> int:
+    """10 for ``recall@10`` (0 when the name has no number)."""
+    tail = metric.rpartition("@")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def oom_configs(trials: Sequence[FrozenTrial], models: Sequence[str]) -> list[dict[str, Any]]:

@@ -174,6 +174,7 @@ def test_json_has_the_overall_best_and_oom_configs(tmp_path) -> None:  # type: i
     assert best["config"]["batch_size"] == 64 and best["config"]["max_len"] == 256
     assert best["mrr@10"] == BEST_METRICS["mrr@10"]
     assert [best[f"recall@{k}"] for k in (1, 5, 10)] == [0.61, 0.88, 0.93]
+    assert list(best)[4:] == ["mrr@10", "recall@1", "recall@5", "recall@10"]  # not MRR@1
     assert report["metric"] == "ndcg@10"
     assert report["oom_configs"][:2] == [
         {"model": "ko-simcse", "batch_size": 256, "max_len": 128, "kind": "host",
