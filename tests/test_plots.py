@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -77,6 +78,12 @@ def test_report_plots_via_the_cli(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()[:-1]  # the last one says where the plots are
     assert lines[0].startswith(f"best: trial {BEST}, bge-m3-ko, nDCG@10 0.7900")
     assert max(len(line) for line in lines) <= 100
+    # With --json, stdout stays one JSON object; where the plots are goes to stderr.
+    again = _cli("report", "--study", "s", "--storage", url, "--json", "--plots", str(out),
+                 cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["best"]["trial"] == BEST
+    assert f"7 plots in {out}" in again.stderr
 
 
 def test_plots_of_a_study_without_completed_trials(tmp_path: Path) -> None:
