@@ -36,6 +36,7 @@ from search.runner import run_study
 from search.spec import load_spec
 from search.tracking import Tracker
 from search.tracking import TrackingSettings
+from search.tracking import tracking_settings
 from search.trial_record import config_of
 from storage import redact_url
 
@@ -359,6 +360,27 @@ def test_broken_wandb_never_changes_the_trials(
     for path in online_dir.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_settings_directory_mode_project_and_redacted_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(_spec(tmp_path, "where", tracking="tracking: {wandb: true, project: team}"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    pg = RunOptions(storage_url="postgresql://search:s3cret@db:5432/search", cache_dir=tmp_path)
+    settings = tracking_settings(spec, pg)
+    assert settings.enabled and settings.project == "team" and settings.mode == "offline"
+    assert settings.directory == tmp_path  # a server's study: runs under $SEARCH_CACHE/wandb
+    assert settings.storage == "postgresql://search:***@db:5432/search"
+    sqlite = RunOptions(storage_url=f"sqlite:///{tmp_path}/a/b.db", wandb_project="cli")
+    assert tracking_settings(spec, sqlite).directory == tmp_path / "a"  # beside the file
+    assert tracking_settings(spec, sqlite).project == "cli"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert tracking_settings(spec, sqlite).mode == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert not Tracker(tracking_settings(spec, sqlite), "where").on
+    assert not tracking_settings(spec, RunOptions(storage_url="sqlite://", wandb=False)).enabled
 
 
 def test_no_wandb_package_is_one_line_and_no_runs(
