@@ -5,7 +5,8 @@
 #   docker build -t ko-retrieval-search .
 #   docker run --gpus '"device=0"' -e SEARCH_STORAGE_FILE=/run/secrets/search_storage ... \
 #     ko-retrieval-search worker --study ko-retrieval --gpu 0
-# The same image serves the dashboard (`search dashboard`, the `dashboard` extra).
+# The same image serves the dashboard (`search dashboard`, the `dashboard` extra), publishes
+# the report plots (`plots`) and logs trials to W&B (`wandb`).
 FROM python:3.11-slim-bookworm
 
 # torch's version is the tested one; TORCH_CUDA picks the wheel index (cu126, cu128, ...) that
@@ -28,7 +29,7 @@ COPY search ./search
 COPY storage ./storage
 # The constraint keeps the CUDA torch above: pip must not swap it for another version.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch.txt \
-    && pip install -c /tmp/torch.txt ".[dashboard]" \
+    && pip install -c /tmp/torch.txt ".[dashboard,plots,wandb]" \
     && python -c "import torch, search, storage, optuna_dashboard; v = torch.__version__.split('+')[0]; assert v == '${TORCH_VERSION}', v; print('torch', torch.__version__)"
 
 RUN useradd --create-home --uid 1000 search && mkdir -p /home/search/.cache \
