@@ -337,6 +337,9 @@ def fail_stale(study: optuna.Study) -> list[int]:
                 "trial %d had no heartbeat for the grace period: failed and re-queued",
                 frozen.number,
             )
+            from search import publish  # the dashboard note says why it failed
+
+            publish.note_trial(study, trial_id)
     return failed
 
 

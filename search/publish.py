@@ -67,6 +67,18 @@ def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         _logger.warning("dashboard note of trial %d not written: %s", trial.number, _line(exc))
 
 
+def note_trial(study: optuna.Study, trial_id: int) -> None:
+    """Save the summary of a trial this worker did not tell (handed back, failed as stale).
+
+    Only the trial's note (cheap: callers may hold the budget lock); never raises.
+    """
+    try:
+        if _dashboard_installed():
+            save_trial_note(study, study._storage.get_trial(trial_id))
+    except Exception as exc:  # noqa: BLE001 - a note must never fail a hand-back
+        _logger.warning("dashboard note of trial id %d not written: %s", trial_id, _line(exc))
+
+
 def finish(study: optuna.Study) -> None:
     """Refresh the study note once more at the end of a run (never raises)."""
     try:

@@ -243,6 +243,7 @@ def run_study(
                 tracker.abandon(attrs.OUTCOME_HANDED_BACK)
                 if hand_back(study, trial):
                     handed_back = trial.number
+                    publish.note_trial(study, trial._trial_id)  # "handed back ..., re-queued"
                 stopped_by = stop.reason
                 break
             if frozen is not None:

@@ -344,6 +344,15 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
         assert len(_copies_of(trials, trial.number)) == 1
     assert finished_count_of(trials) == 0  # nothing finished, nothing spent twice
     _children_gone(tmp_path)
+    # The dashboard tells why the dead worker's trial failed (the survivor that failed it wrote
+    # its note).
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    noted = optuna.load_study(study_name=study, storage=own_db)
+    system = noted._storage.get_study_system_attrs(noted._study_id)
+    dead = next(t for t in trials if t.number == number)
+    note = get_note_from_system_attrs(system, dead._trial_id)["body"]
+    assert note.startswith("failed: worker lost (heartbeat stale)"), note
 
 
 @pytest.mark.postgres
@@ -390,6 +399,13 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert [t.number for t in handed] == [trial.number]
     assert handed[0].state == TrialState.FAIL
+    # The dashboard tells why it failed: the worker wrote the handed-back trial's note.
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    noted = optuna.load_study(study_name=study, storage=own_db)
+    system = noted._storage.get_study_system_attrs(noted._study_id)
+    note = get_note_from_system_attrs(system, handed[0]._trial_id)["body"]
+    assert note.startswith("handed back"), note
     copies = _copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.WAITING
     # The budget is exact: a next worker runs the re-queued copy, and that is the one trial.
