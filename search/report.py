@@ -14,7 +14,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
-from rich.table import Table
 
 from search import attrs
 from search.budget import requeued_numbers
@@ -257,40 +256,3 @@ def oom_configs(trials: Sequence[FrozenTrial], models: Sequence[str]) -> list[di
 
 def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != key}
-
-
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _short_config(config: dict[str, Any] | None) -> str:
-    if not config:
-        return "-"
-    return (
-        f"b={config.get('batch_size')} len={config.get('max_len')} "
-        f"lr={config.get('lr', 0):.1e} T={config.get('temperature', 0):.3f}"
-    )
-
-
-def report_table(report: dict[str, Any], *, metric: str = "nDCG@10") -> Table:
-    """A rich table of the report's model rows."""
-    table = Table(title=f"study {report['study']}: per model", title_justify="left")
-    for col in ("model", "trials", "complete", "pruned", "OOM real/host/pred/front", "failed"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for col in ("OOM rate", "OOM s", f"best {metric}", "peak MB (median)", "best config"):
-        table.add_column(col, justify="left" if col == "best config" else "right")
-    for r in report["models"]:
-        table.add_row(
-            r["model"],
-            str(r["trials"]),
-            str(r["complete"]),
-            str(r["pruned_early"]),
-            f"{r['oom_real']}/{r['oom_host']}/{r['oom_predicted']}/{r['oom_frontier']}",
-            str(r["failed"]),
-            f"{r['oom_rate']:.0%}",
-            f"{r['oom_seconds']:.1f}",
-            _fmt(r["best_value"]),
-            _fmt(r["median_peak_memory_mb"], ".0f"),
-            _short_config(r["best_config"]),
-        )
-    return table
