@@ -131,14 +131,9 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
 
 def _storage_from_env(option: str | None) -> bool:
     """Whether the storage URL came from ``$SEARCH_STORAGE`` / ``$SEARCH_STORAGE_FILE``."""
-    import os
+    from storage import storage_url_source
 
-    from storage import ENV_STORAGE
-    from storage import ENV_STORAGE_FILE
-
-    if option is not None and option.strip():
-        return False
-    return any(os.environ.get(name, "").strip() for name in (ENV_STORAGE, ENV_STORAGE_FILE))
+    return storage_url_source(option) not in ("option", "default")
 
 
 def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:

@@ -36,7 +36,7 @@ StorageOpt = Annotated[
     typer.Option(
         "--storage",
         help="Storage URL (postgresql://..., sqlite:///file.db). Default: $SEARCH_STORAGE, "
-        "else search.db in the working directory.",
+        "else the URL in the file $SEARCH_STORAGE_FILE, else search.db in the working directory.",
     ),
 ]
 """``--storage``: shared by run, worker, report and storage check."""

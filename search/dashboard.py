@@ -8,7 +8,6 @@ while the database restarts.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from types import FrameType
 
 from storage import check_password
 from storage import create_storage
+from storage import is_loopback
 from storage import redact_url
 
 INSTALL = "pip install 'ko-retrieval-search[dashboard]'"
@@ -24,21 +24,6 @@ INSTALL = "pip install 'ko-retrieval-search[dashboard]'"
 
 class DashboardError(RuntimeError):
     """The dashboard cannot start: not installed, a public address not allowed, port taken."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only.
-
-    Example:
-        >>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.5")]
-        [True, True, True, False, False]
-    """
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_host(host: str, *, public: bool) -> str | None:

@@ -303,15 +303,10 @@ def artifact_dir(url: str, option: str | Path | None = None) -> Path | None:
     chosen = str(option) if option else os.environ.get(ENV_ARTIFACTS, "").strip()
     if chosen:
         return Path(chosen.removeprefix("file://")).expanduser()
-    from sqlalchemy.engine import make_url
+    from storage import sqlite_file
 
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - not a URL we can place files beside
-        return None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(f"{parsed.database}.artifacts")
+    database = sqlite_file(url)
+    return Path(f"{database}.artifacts") if database else None
 
 
 def artifact_store(directory: Path, *, create: bool = False) -> ArtifactStore:

@@ -66,16 +66,10 @@ class TrackingSettings:
 
 def _run_directory(storage_url: str, cache_dir: Path) -> Path:
     """The directory of a SQLite study's file, else the cache directory."""
-    from sqlalchemy.engine import make_url
+    from storage import sqlite_file
 
-    try:
-        url = make_url(storage_url)
-    except Exception:  # noqa: BLE001 - a bad URL is reported by the storage layer
-        return cache_dir
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or not database or "memory" in database:
-        return cache_dir
-    return Path(database).expanduser().resolve().parent
+    database = sqlite_file(storage_url)
+    return Path(database).expanduser().resolve().parent if database else cache_dir
 
 
 def _mode() -> str:

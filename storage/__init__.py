@@ -21,12 +21,15 @@ from storage._lock import rdb_backend
 from storage._rdb import ResilientRDBStorage
 from storage._retry import is_transient
 from storage._secrets import check_password
+from storage._secrets import is_loopback
 from storage._url import ENV_STORAGE
 from storage._url import ENV_STORAGE_FILE
 from storage._url import default_storage_url
 from storage._url import redact_url
 from storage._url import resolve_storage_url
 from storage._url import scrub
+from storage._url import sqlite_file
+from storage._url import storage_url_source
 
 __all__ = [
     "ENV_CONNECT_TIMEOUT",
@@ -45,6 +48,7 @@ __all__ = [
     "create_storage",
     "default_storage_url",
     "heartbeat",
+    "is_loopback",
     "is_transient",
     "named_lock",
     "rdb_backend",
@@ -52,5 +56,7 @@ __all__ = [
     "read_user_attr",
     "redact_url",
     "resolve_storage_url",
+    "sqlite_file",
+    "storage_url_source",
     "scrub",
 ]

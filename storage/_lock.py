@@ -28,6 +28,7 @@ from optuna.storages import _CachedStorage
 
 from storage._error import StorageError
 from storage._retry import call_with_retry
+from storage._url import sqlite_file
 
 _logger = logging.getLogger(__name__)
 
@@ -70,10 +71,8 @@ def lock_key(name: str) -> int:
 
 def sqlite_lock_path(engine: sqlalchemy.engine.Engine) -> str | None:
     """``<database file>.lock`` for an SQLite file engine; ``None`` for in-memory SQLite."""
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file::memory:"):
-        return None
-    return f"{database}.lock"
+    database = sqlite_file(engine.url)
+    return f"{database}.lock" if database is not None else None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ password.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -29,6 +30,21 @@ _CREDENTIAL_ENV = ("PGPASSWORD", "PGPASSFILE", "PGSSLCERT")
 _CREDENTIAL_FILES = (".pgpass", ".postgresql/postgresql.crt")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only.
+
+    Example:
+        >>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.5")]
+        [True, True, True, False, False]
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 def is_local_host(host: str | None) -> bool:
     """Whether a PostgreSQL host is this machine (a Unix socket, localhost, loopback).
 
@@ -36,10 +52,7 @@ def is_local_host(host: str | None) -> bool:
         >>> [is_local_host(h) for h in (None, "localhost", "127.0.0.1", "/run/pg", "db")]
         [True, True, True, True, False]
     """
-    if not host:
-        return True
-    host = host.strip("[]").lower()
-    return host in ("localhost", "::1") or host.startswith(("127.", "/"))
+    return not host or host.startswith("/") or is_loopback(host)
 
 
 def check_password(url: str) -> None:

@@ -62,13 +62,25 @@ def resolve_storage_url(value: str | None) -> str:
     Raises:
         StorageError: ``$SEARCH_STORAGE_FILE`` names a missing, unreadable or empty file.
     """
-    for candidate in (value, os.environ.get(ENV_STORAGE)):
-        if candidate is not None and candidate.strip():
-            return normalize_url(candidate.strip())
-    secret_file = os.environ.get(ENV_STORAGE_FILE, "").strip()
-    if secret_file:
-        return normalize_url(read_url_file(secret_file))
+    source = storage_url_source(value)
+    if source == "option":
+        return normalize_url(str(value).strip())
+    if source == ENV_STORAGE:
+        return normalize_url(os.environ[ENV_STORAGE].strip())
+    if source == ENV_STORAGE_FILE:
+        return normalize_url(read_url_file(os.environ[ENV_STORAGE_FILE].strip()))
     return default_storage_url()
+
+
+def storage_url_source(value: str | None) -> str:
+    """Where :func:`resolve_storage_url` takes the URL from: ``"option"``, ``"SEARCH_STORAGE"``,
+    ``"SEARCH_STORAGE_FILE"`` or ``"default"`` (blank values count as unset)."""
+    if value is not None and value.strip():
+        return "option"
+    for name in (ENV_STORAGE, ENV_STORAGE_FILE):
+        if os.environ.get(name, "").strip():
+            return name
+    return "default"
 
 
 def read_url_file(path: str) -> str:
@@ -183,6 +195,26 @@ def scrub(text: str, url: str) -> str:
     for secret in url_secrets(url):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def sqlite_file(url: str | URL) -> str | None:
+    """The database file of an SQLite URL as written (not resolved); None for in-memory SQLite,
+    any other backend, or text that is not a URL.
+
+    Example:
+        >>> sqlite_file("sqlite:///runs/search.db"), sqlite_file("sqlite:///:memory:")
+        ('runs/search.db', None)
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database:
+        return None
+    if database == ":memory:" or database.startswith("file::memory:"):
+        return None
+    return database
 
 
 def parse_url(url: str) -> tuple[str, str | None]:
