@@ -176,12 +176,9 @@ def claim_trial(
     stopped = stop or (lambda: False)
     said_waiting = False
     while not stopped():
-        with named_lock(storage, _lock_name(study)), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        with named_lock(storage, _lock_name(study)), _quiet_heartbeat_warnings():
             if beating:
-                _retried(storage, lambda: adopt_orphans(study), "adopt orphans")
-                fail_stale(study)
+                _sweep(study)
             trials = study.get_trials(deepcopy=False)
             if spent_count(trials) < budget:
                 trial = _pop_requeued(study, trials) or study.ask()
@@ -315,6 +312,21 @@ def _max_retry(storage: optuna.storages.BaseStorage) -> int | None:
     return getattr(callback, "_max_retry", None)
 
 
+@contextmanager
+def _quiet_heartbeat_warnings() -> Iterator[None]:
+    """Optuna's experimental-heartbeat warnings, expected here, not shown to the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        yield
+
+
+def _sweep(study: optuna.Study) -> None:
+    """Under the budget lock: adopt orphaned RUNNING trials, fail and re-queue stale ones."""
+    _retried(study._storage, lambda: adopt_orphans(study), "adopt orphans")
+    fail_stale(study)
+
+
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail the study's RUNNING trials whose heartbeat is stale, and re-queue each.
 
@@ -357,11 +369,8 @@ class _StaleWatcher(threading.Thread):
         try:
             while not self._stop_event.wait(self._interval):
                 try:
-                    with named_lock(storage, _lock_name(self._study)):
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore", ExperimentalWarning)
-                            adopt_orphans(self._study)
-                            fail_stale(self._study)
+                    with named_lock(storage, _lock_name(self._study)), _quiet_heartbeat_warnings():
+                        _sweep(self._study)
                 except Exception as error:  # the database is away: the next round retries
                     _logger.debug("stale check failed (%s)", type(error).__name__)
         finally:

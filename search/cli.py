@@ -186,7 +186,9 @@ def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
                 + f" | {len(mine)} by this worker",
             )
 
-        summary = run_study(spec, opts, on_trial=on_trial, on_progress=on_progress)
+        summary = run_study(
+            spec, opts, on_trial=on_trial, on_progress=on_progress, check_data=False
+        )
     if summary.stopped_by in ("sigterm", "sigint"):
         what = "interrupted" if summary.stopped_by == "sigint" else "terminated"
         if summary.handed_back is not None:

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
+from search.trial_record import model_of
 from search.trial_record import outcome_of
 
 MIB_PER_GIB = 1024.0
@@ -129,7 +130,7 @@ def trial_point(trial: FrozenTrial) -> TrialPoint | None:
     value = trial.value if trial.state == TrialState.COMPLETE else None
     return TrialPoint(
         number=trial.number,
-        model=str(ua.get(attrs.MODEL) or trial.params.get("model") or "?"),
+        model=model_of(trial),
         outcome=outcome,
         value=None if value is None else float(value),
         peak_memory_mb=None if peak is None or outcome == OOM else float(peak),

@@ -6,6 +6,7 @@ The page works offline: plotly.js is embedded once, no script is loaded from the
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,27 @@ def oom_rate_figure(data: PlotData) -> go.Figure:
     return _layout(fig, PNG_FILES["oom_rate.png"], 380)
 
 
+def _model_markers(
+    fig: go.Figure,
+    data: PlotData,
+    points: list[TrialPoint],
+    x: Callable[[TrialPoint], float | None],
+    *,
+    size: int,
+) -> None:
+    """One marker trace per model (its colour, hover text with the trial's config)."""
+    import plotly.graph_objects as go
+
+    for model in data.models:
+        pts = [p for p in points if p.model == model]
+        if pts:
+            fig.add_trace(go.Scatter(x=[x(p) for p in pts], y=[p.value for p in pts],
+                                     mode="markers", name=model,
+                                     marker={"color": model_color(data, model), "size": size},
+                                     hovertext=[_hover(p, data.metric) for p in pts],
+                                     hoverinfo="text"))  # fmt: skip
+
+
 def memory_figure(data: PlotData) -> go.Figure:
     """Score against peak memory, one trace per model, and the Pareto front."""
     import plotly.graph_objects as go
@@ -131,14 +153,7 @@ def memory_figure(data: PlotData) -> go.Figure:
     done = [p for p in data.complete() if p.peak_gib is not None]
     if not done:
         _no_data(fig, NO_COMPLETE)
-    for model in data.models:
-        pts = [p for p in done if p.model == model]
-        if pts:
-            fig.add_trace(go.Scatter(x=[p.peak_gib for p in pts], y=[p.value for p in pts],
-                                     mode="markers", name=model,
-                                     marker={"color": model_color(data, model), "size": 10},
-                                     hovertext=[_hover(p, data.metric) for p in pts],
-                                     hoverinfo="text"))  # fmt: skip
+    _model_markers(fig, data, done, lambda p: p.peak_gib, size=10)
     front = pareto_front(done, maximize=data.maximize)
     if front:
         fig.add_trace(go.Scatter(x=[p.peak_gib for p in front], y=[p.value for p in front],
@@ -162,14 +177,7 @@ def history_figure(data: PlotData) -> go.Figure:
     done = sorted(data.complete(), key=lambda p: p.number)
     if not done:
         _no_data(fig, NO_COMPLETE)
-    for model in data.models:
-        pts = [p for p in done if p.model == model]
-        if pts:
-            fig.add_trace(go.Scatter(x=[p.number for p in pts], y=[p.value for p in pts],
-                                     mode="markers", name=model,
-                                     marker={"color": model_color(data, model), "size": 9},
-                                     hovertext=[_hover(p, data.metric) for p in pts],
-                                     hoverinfo="text"))  # fmt: skip
+    _model_markers(fig, data, done, lambda p: p.number, size=9)
     if done:
         xs, ys = best_so_far(data)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=BEST_SO_FAR_TRACE,

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+from storage import rdb_backend
+
 if TYPE_CHECKING:
     import optuna
     from optuna.artifacts._protocol import ArtifactStore
@@ -129,6 +131,8 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
 
     metric = _metrics.get(study)
     if metric is None:  # read once per study: its metric names are among the study's notes
+        from search.report import study_metric
+
         metric = _metrics[study] = study_metric(study)
     text = trial_summary(trial, metric=metric, pruner=_pruner_name(study))
     keys = _note_keys(trial._trial_id)
@@ -163,30 +167,15 @@ def save_study_note(study: optuna.Study) -> str:
 
     from search.report import study_report
 
-    text = study_note(study_report(study, storage=_rdb(study)), metric=study_metric(study))
+    report = study_report(study, storage=rdb_backend(study._storage))
+    text = study_note(report, metric=report["metric"])
     save_note(study, text)
     return text
-
-
-def study_metric(study: optuna.Study) -> str:
-    """The study's metric (``ndcg@10``): its stored spec's, else its metric name."""
-    from search.report import study_metric as metric_of
-
-    return metric_of(study)
 
 
 def _pruner_name(study: optuna.Study) -> str | None:
     name = type(study.pruner).__name__
     return None if name == "NopPruner" else name.removesuffix("Pruner").lower()
-
-
-def _rdb(study: optuna.Study) -> optuna.storages.BaseStorage | None:
-    """The study's RDB storage under Optuna's cache wrapper (the report's fast path)."""
-    import optuna
-
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -393,6 +382,6 @@ def publish(
     note = save_study_note(study)
     store = artifact_store(directory, create=True)
     with tempfile.TemporaryDirectory(prefix="search-plots-") as tmp:
-        written = write_plots(study, Path(tmp), storage=_rdb(study))
+        written = write_plots(study, Path(tmp), storage=rdb_backend(study._storage))
         uploaded = upload_files(study, [Path(p) for p in written], store)
     return {"note": note, "artifacts": uploaded, "directory": str(directory)}

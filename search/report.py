@@ -20,6 +20,7 @@ from search.budget import requeued_numbers
 from search.trial_record import config_of
 from search.trial_record import is_oom
 from search.trial_record import metrics_of
+from search.trial_record import model_of
 from storage import read_summary_trials
 from storage import read_user_attr
 
@@ -54,10 +55,6 @@ class ModelRow:
         return self.oom_real + self.oom_host + self.oom_predicted + self.oom_frontier
 
 
-def _model_of(trial: FrozenTrial) -> str:
-    return str(trial.user_attrs.get(attrs.MODEL) or trial.params.get("model") or "?")
-
-
 def _is_better(value: float, best: float | None, maximize: bool) -> bool:
     return best is None or (value > best if maximize else value < best)
 
@@ -71,7 +68,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
     for t in trials:
         if t.state == TrialState.WAITING:
             continue
-        name = _model_of(t)
+        name = model_of(t)
         row = rows.setdefault(name, ModelRow(model=name))
         row.trials += 1
         ua = t.user_attrs
@@ -232,7 +229,7 @@ def oom_configs(trials: Sequence[FrozenTrial], models: Sequence[str]) -> list[di
         if not is_oom(ua):
             continue
         key = (
-            _model_of(t),
+            model_of(t),
             ua.get(attrs.BATCH_SIZE),
             ua.get(attrs.MAX_LEN),
             str(ua.get(attrs.OOM_KIND) or "real"),

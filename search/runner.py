@@ -135,7 +135,6 @@ def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
 def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], None]:
     def init(study: optuna.Study) -> None:
         study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
-        name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10"
         ensure_budget(study, opts.n_trials or spec.study.n_trials)
         # One baseline trial per model, so no model is left out of the first trials by chance.
         for model in spec.models:
@@ -175,18 +174,21 @@ def run_study(
     *,
     on_trial: TrialCallback | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    check_data: bool = True,
 ) -> RunSummary:
     """Run trials of ``spec``'s study until its budget is spent, the timeout passes or a signal.
 
-    Data and spec are validated before anything is written to the study. ``on_progress`` gets
-    the study's budget and its finished trials (all workers'), at the start and after each
-    trial of this worker; ``on_trial`` each trial this worker finished. SIGTERM or SIGINT hands
-    the running trial back (``handed_back``) and stops; a trial that was failed as stale and
-    re-queued elsewhere while this worker was cut off is dropped, and the worker goes on.
+    Data are validated before anything is written to the study (``check_data=False``: the
+    caller just did). ``on_progress`` gets the study's budget and its finished trials (all
+    workers'), at the start and after each trial of this worker; ``on_trial`` each trial this
+    worker finished. SIGTERM or SIGINT hands the running trial back (``handed_back``) and
+    stops; a trial that was failed as stale and re-queued elsewhere while this worker was cut
+    off is dropped, and the worker goes on.
     """
-    validate_data(
-        spec.resolve_path(spec.data.train), spec.resolve_path(spec.data.eval), spec.data.split
-    )
+    if check_data:  # False when the caller (the CLI) has just checked the same files
+        validate_data(
+            spec.resolve_path(spec.data.train), spec.resolve_path(spec.data.eval), spec.data.split
+        )
     if opts.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu
     # Connect (and check the schema) before anything slow: an unreachable server or a wrong
@@ -203,7 +205,7 @@ def run_study(
         on_create=_init_study(spec, opts),
     )
     budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
-    name_metric(study, spec.study.metric)  # a study created before metrics were named
+    name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10" (old studies too)
     if on_progress is not None:
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
@@ -312,8 +314,7 @@ def _run_trial(
             use_estimate=opts.use_estimate,
             use_frontier=opts.use_frontier,
         )
-        first = _trial_attrs(cfg, opts, device)
-        first.user[attrs.MEMORY_ESTIMATE_MB] = decision.estimate.total_bytes / 2**20
+        first = _trial_attrs(cfg, opts, device, decision.estimate.total_mb)
         run = tracker.start(trial.number, cfg) if tracker is not None else NO_RUN
         first.user.update(run.attrs())  # wandb_run_id, wandb_run_path
         if decision.skip:
@@ -351,13 +352,16 @@ def _run_trial(
     return frozen
 
 
-def _trial_attrs(cfg: TrialConfig, opts: RunOptions, device: DeviceInfo) -> TrialRecord:
+def _trial_attrs(
+    cfg: TrialConfig, opts: RunOptions, device: DeviceInfo, estimate_mb: float
+) -> TrialRecord:
     return claimed_record(
         cfg,
         device,
         host=socket.gethostname(),
         gpu=opts.gpu if opts.gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
         worker=opts.worker,
+        memory_estimate_mb=estimate_mb,
     )
 
 

@@ -98,11 +98,6 @@ class ConditionalSampler(BaseSampler):
         self._choices = {name: dict(per) for name, per in choices.items()}
         self._random = RandomSampler(seed=seed)
 
-    @property
-    def base(self) -> BaseSampler:
-        """The wrapped sampler."""
-        return self._base
-
     def allowed(self, name: str, model: object) -> tuple[int, ...] | None:
         """The choices of ``name`` for ``model``, or None for an unconditional parameter."""
         per_model = self._choices.get(name)

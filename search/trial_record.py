@@ -47,7 +47,6 @@ __all__ = [
     "write_record",
 ]
 
-MIB = 1024**2
 _ERROR_CHARS = 300  # the one-line error of a failure, cut to a table cell
 
 
@@ -96,7 +95,7 @@ def claimed_record(
         attrs.MAX_LEN: cfg.max_len,
         attrs.DEVICE: device.label,
         attrs.DEVICE_KIND: device.kind,
-        attrs.DEVICE_MEMORY_MB: device.total_bytes / MIB,
+        attrs.DEVICE_MEMORY_MB: device.total_mb,
         attrs.HOST: host,
         attrs.GPU: gpu,
         attrs.WORKER: worker,
@@ -233,6 +232,11 @@ def device_kind_of(user_attrs: Mapping[str, Any]) -> str | None:
 def is_oom(user_attrs: Mapping[str, Any]) -> bool:
     """Whether the trial ran out of memory or was skipped for memory."""
     return user_attrs.get(attrs.OOM) is True or user_attrs.get(attrs.OUTCOME) == attrs.OUTCOME_OOM
+
+
+def model_of(trial: FrozenTrial) -> str:
+    """The trial's model: its ``model`` attribute, else its ``model`` parameter, else ``?``."""
+    return str(trial.user_attrs.get(attrs.MODEL) or trial.params.get("model") or "?")
 
 
 def outcome_of(trial: FrozenTrial) -> str:

@@ -150,22 +150,19 @@ def adopt_orphans(study: optuna.Study) -> list[int]:
     assert interval is not None
     grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
     trials, beats = models.TrialModel, models.TrialHeartbeatModel
-    query = sqlalchemy.select(trials.trial_id).where(
+    query = sqlalchemy.select(trials.trial_id, trials.number, trials.datetime_start).where(
         trials.study_id == study._study_id,
         trials.state == TrialState.RUNNING,
         trials.trial_id.not_in(sqlalchemy.select(beats.trial_id)),
     )
     with rdb.engine.connect() as conn:
-        orphans = list(conn.execute(query).scalars())
+        orphans = list(conn.execute(query))
     # datetime_start comes from the clock of the client that started the trial.
     cutoff = datetime.now() - timedelta(seconds=grace)
     adopted = []
-    for trial_id in orphans:
-        started = rdb.get_trial(trial_id).datetime_start
+    for trial_id, number, started in orphans:
         if started is None or started < cutoff:
+            _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", number)
+            rdb.record_heartbeat(trial_id)
             adopted.append(trial_id)
-    for trial_id in adopted:
-        number = rdb.get_trial_number_from_id(trial_id)
-        _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", number)
-        rdb.record_heartbeat(trial_id)
     return adopted
