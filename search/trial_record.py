@@ -171,14 +171,13 @@ def handed_back_attrs() -> dict[str, Any]:
 
 
 def write_record(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
-    """Set a record's attributes: user ones in one transaction where the storage can."""
-    set_many = getattr(storage, "set_trial_user_attrs", None)
-    if record.user:
-        if set_many is not None:
-            set_many(trial_id, record.user)
-        else:
-            for key, value in record.user.items():
-                storage.set_trial_user_attr(trial_id, key, value)
+    """Set a record's attributes, in one transaction where the storage can."""
+    set_all = getattr(storage, "set_trial_attrs", None)
+    if set_all is not None:
+        set_all(trial_id, record.user, record.system)
+        return
+    for key, value in record.user.items():
+        storage.set_trial_user_attr(trial_id, key, value)
     for key, value in record.system.items():
         storage.set_trial_system_attr(trial_id, key, value)
 

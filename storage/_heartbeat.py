@@ -150,19 +150,20 @@ def adopt_orphans(study: optuna.Study) -> list[int]:
     assert interval is not None
     grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
     trials, beats = models.TrialModel, models.TrialHeartbeatModel
-    query = sqlalchemy.select(trials.trial_id, trials.number, trials.datetime_start).where(
+    query = sqlalchemy.select(trials.trial_id).where(
         trials.study_id == study._study_id,
         trials.state == TrialState.RUNNING,
         trials.trial_id.not_in(sqlalchemy.select(beats.trial_id)),
     )
     with rdb.engine.connect() as conn:
-        orphans = list(conn.execute(query))
+        orphans = list(conn.execute(query).scalars())
     # datetime_start comes from the clock of the client that started the trial.
     cutoff = datetime.now() - timedelta(seconds=grace)
     adopted = []
-    for trial_id, number, started in orphans:
-        if started is None or started < cutoff:
-            _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", number)
+    for trial_id in orphans:
+        frozen = rdb.get_trial(trial_id)
+        if frozen.datetime_start is None or frozen.datetime_start < cutoff:
+            _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", frozen.number)
             rdb.record_heartbeat(trial_id)
             adopted.append(trial_id)
     return adopted

@@ -41,6 +41,7 @@ _RETRIED_METHODS = (
     "set_trial_intermediate_value",
     "set_trial_user_attr",
     "set_trial_user_attrs",
+    "set_trial_attrs",
     "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number",
     "get_trial_number_from_id",
@@ -116,11 +117,19 @@ class ResilientRDBStorage(RDBStorage):
 
     def set_trial_user_attrs(self, trial_id: int, values: Mapping[str, Any]) -> None:
         """Set many user attributes of a trial in one transaction (one per key in Optuna)."""
+        self.set_trial_attrs(trial_id, values, {})
+
+    def set_trial_attrs(
+        self, trial_id: int, user: Mapping[str, Any], system: Mapping[str, Any]
+    ) -> None:
+        """Set a trial's user and system attributes in one transaction."""
         with _create_scoped_session(self.scoped_session, True) as session:
-            for key, value in values.items():
-                self._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial_id, key, value
-                )
+            for model, values in (
+                (models.TrialUserAttributeModel, user),
+                (models.TrialSystemAttributeModel, system),
+            ):
+                for key, value in values.items():
+                    self._set_trial_attr_without_commit(session, model, trial_id, key, value)
 
 
 for _name in _RETRIED_METHODS:
