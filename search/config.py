@@ -8,6 +8,8 @@ from typing import Any
 
 DEFAULT_OBJECTIVE = "search.train.loop:train"
 """The training objective a trial runs (``module:function``; ``--objective`` overrides it)."""
+GRADIENT_CACHE_AUTO = -1
+"""``TrialConfig.gradient_cache`` of ``auto``: resolved by the preflight before the trial runs."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,12 @@ class TrialConfig:
         passage_prefix: Prepended to each passage.
         max_train_samples: Cap on training examples (None: all).
         fail_fast: Run the worst-case shape (full batch at ``max_len``) as the first step.
+        gradient_cache: Mini-batch size of the gradient cache (``CachedInfoNCELoss``): the
+            batch is embedded this many rows at a time; 0 off, ``GRADIENT_CACHE_AUTO`` (-1)
+            until the preflight picks the largest mini-batch the memory estimate fits.
+        eval_every_steps: Every this many training examples seen, score the eval sample and
+            report it to the pruner (``training.eval_every_steps``); None: per epoch only.
+        eval_sample_queries: Queries in that fixed eval sample (the same for every trial).
     """
 
     model: str
@@ -66,6 +74,9 @@ class TrialConfig:
     passage_prefix: str = ""
     max_train_samples: int | None = None
     fail_fast: bool = True
+    gradient_cache: int = 0
+    eval_every_steps: int | None = None
+    eval_sample_queries: int = 200
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
