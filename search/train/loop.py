@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Literal
@@ -37,14 +36,23 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
+from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
+from search.precision import CPU_BF16_MIN_HIDDEN  # noqa: F401 - re-exported
+from search.precision import autocast as precision_autocast
+from search.precision import autocast_dtype
+from search.precision import cpu_has_native_bf16  # noqa: F401 - re-exported
+from search.precision import resolve_device
 from search.train.data import EvalSet
 from search.train.data import TrainExample
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.encoder import BiEncoder
+from search.train.losses import CachedInfoNCELoss
 from search.train.losses import InfoNCELoss
 from search.train.metrics import evaluate
+from search.train.partial_eval import ExamplesAxis
+from search.train.partial_eval import eval_sample
 
 # -----------------------------------------------------------------------------
 # Defaults that are not hyperparameters of the study.
@@ -53,7 +61,7 @@ ADAM_BETAS = (0.9, 0.999)  # AdamW moments, the transformers defaults
 ADAM_EPS = 1e-8
 LENGTH_GROUP = 50  # batches per length-sorted chunk: similar lengths share a batch, less padding
 EVAL_BATCH_SIZE = 64  # texts encoded at once when evaluating
-CPU_BF16_MIN_HIDDEN = 256  # measured on AMX: bf16/fp32 0.89x at H64, 1.09x H128, 1.53x H256
+GRADIENT_CACHE_FALLBACK = 32  # mini-batch of gradient_cache auto when no preflight resolved it
 # -----------------------------------------------------------------------------
 
 
@@ -104,50 +112,6 @@ class _Dataset:
 
     def __len__(self) -> int:
         return len(self.query)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available.")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AMX tiles or AVX512-BF16 instructions).
-
-    Without them torch emulates bf16 matmuls on CPU, slower than fp32; with them bf16 autocast
-    trains about 1.5x faster than fp32 from hidden size 256 up (BENCHMARKS.md, "CPU precision").
-    """
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def autocast_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dtype | None:
-    """The autocast dtype of a run, or None for full fp32.
-
-    The rule: ``amp=False`` is always fp32. With ``amp=True``, CUDA uses bf16 where the GPU
-    supports it, else fp16 (with a gradient scaler). CPU uses bf16 only when the hardware has
-    native bf16 (``cpu_has_native_bf16``) and the model's hidden size is at least
-    ``CPU_BF16_MIN_HIDDEN``; otherwise fp32: emulated bf16 is slower than fp32, and so is native
-    bf16 on matrices too small to pay for the casts (BENCHMARKS.md, "CPU precision").
-
-    Args:
-        device: Where the run trains.
-        amp: The trial's ``amp`` setting.
-        hidden: The encoder's hidden size.
-    """
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and hidden >= CPU_BF16_MIN_HIDDEN and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -266,6 +230,113 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.AdamW:
+    """The trial's AdamW: ``cfg.lr``, ``cfg.weight_decay`` on matrices only, fused kernel."""
+    return torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=ADAM_BETAS,
+        eps=ADAM_EPS,
+        fused=True,  # one kernel for all parameters, on CUDA and CPU alike
+    )
+
+
+def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (disabled)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One contrastive batch, tokenised and on the device.
+
+    Args:
+        queries: ``(input_ids, attention_mask)``, ``(batch, seq_q)`` each.
+        passages: The same for the ``batch`` positives followed by the hard negatives.
+    """
+
+    queries: tuple[Tensor, Tensor]
+    passages: tuple[Tensor, Tensor]
+
+    @property
+    def size(self) -> int:
+        """Queries in the batch."""
+        return int(self.queries[0].shape[0])
+
+
+def gradient_cache_rows(cfg: TrialConfig) -> int:
+    """Mini-batch of the gradient cache (0: off); ``auto`` unresolved falls back to 32 rows."""
+    if cfg.gradient_cache == GRADIENT_CACHE_AUTO:
+        return GRADIENT_CACHE_FALLBACK
+    return max(cfg.gradient_cache, 0)
+
+
+def train_step(
+    model: BiEncoder,
+    batch: StepBatch,
+    cfg: TrialConfig,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> Tensor:
+    """One optimizer step of the trial's objective: forward, loss, backward, clip, AdamW.
+
+    The loss is InfoNCE over the batch (``cfg.temperature``); with ``cfg.gradient_cache`` the
+    batch is embedded in mini-batches of that many rows (``CachedInfoNCELoss``), the same loss
+    and gradients in the memory of a mini-batch, for one more forward pass. The loop, the
+    gradient cache's tests and the benches all run this function, so what is measured is what
+    trains.
+
+    Args:
+        model: The bi-encoder, in train mode.
+        batch: The step's queries and passages, on the model's device.
+        cfg: The trial's configuration (``temperature``, ``gradient_cache``).
+        optimizer: From :func:`make_optimizer`.
+        scaler: From :func:`make_scaler` (enabled for fp16 only).
+        amp_dtype: Autocast dtype (``search.precision.autocast_dtype``), None for fp32.
+        scheduler: Stepped after the optimizer, when given.
+        on_phase: Called with ``forward``, ``backward`` and ``optimizer`` as the step enters
+            them (the second pass of the gradient cache runs in ``backward``).
+
+    Returns:
+        The batch's loss, detached (reading it waits for the device).
+    """
+    enter = on_phase or (lambda name: None)
+    device = batch.queries[0].device
+
+    def autocast() -> AbstractContextManager[object]:
+        return precision_autocast(device, amp_dtype)
+
+    rows = gradient_cache_rows(cfg)
+    enter("forward")
+    if rows:
+        cached = CachedInfoNCELoss(model, cfg.temperature, mini_batch_size=rows, autocast=autocast)
+        loss = cached(batch.queries, batch.passages)
+    else:
+        with precision_autocast(device, amp_dtype):
+            q_emb = model(*batch.queries)  # (batch, hidden)
+            p_emb = model(*batch.passages)  # (batch * (1 + k), hidden)
+            n = q_emb.shape[0]
+            loss = InfoNCELoss(cfg.temperature)(q_emb, p_emb[:n], p_emb[n:])
+
+    enter("backward")
+    scaler.scale(loss).backward()
+
+    # Optimizer: unscale, clip, step, schedule.
+    enter("optimizer")
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _check_config(cfg: TrialConfig) -> None:
     """Raise ``ValueError`` on settings no run can use."""
     for name in ("batch_size", "max_len", "epochs"):
@@ -285,6 +356,7 @@ def train(
     report: Callable[[int, dict[str, float]], bool] | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    report_partial: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> TrainResult:
     """Train the bi-encoder of ``cfg`` and evaluate it after each epoch.
 
@@ -299,6 +371,11 @@ def train(
         on_step: Called as ``on_step(step, {"loss", "lr", "memory_mb"})`` after each optimizer
             step (``step`` 1-based over the run; ``memory_mb`` the peak so far). It reads the
             loss, which waits for the device: leave it None when nothing tracks the run.
+        report_partial: With ``cfg.eval_every_steps``, called as ``report_partial(examples,
+            metrics)`` on a fixed sample of the eval set every that many training examples
+            (``search.train.partial_eval``); returning True stops the run with
+            ``optuna.TrialPruned``. Epoch reports carry ``metrics["examples_seen"]``, the
+            same axis (``epoch x`` training examples).
 
     Returns:
         The last epoch's metrics, the per-epoch history, peak memory, time and throughput.
@@ -336,39 +413,33 @@ def train(
     amp_dtype = autocast_dtype(device, cfg.amp, hidden=model.embedding_dim)
 
     def autocast() -> AbstractContextManager[object]:
-        if amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+        return precision_autocast(device, amp_dtype)
 
     data = _build_dataset(
         model, train_examples, max_len=cfg.max_len, hard_negatives=cfg.hard_negatives
     )
-    loss_fn = InfoNCELoss(cfg.temperature)
 
     # Optimizer and schedule: AdamW, linear warmup then linear decay to 0.
     generator = torch.Generator().manual_seed(cfg.seed)  # data order of every epoch
     steps_per_epoch = max(len(data) // cfg.batch_size, 1)  # as _epoch_batches cuts them
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=ADAM_BETAS,
-        eps=ADAM_EPS,
-        fused=True,  # one kernel for all parameters, on CUDA and CPU alike
-    )
+    optimizer = make_optimizer(model, cfg)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
     )
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = make_scaler(device, amp_dtype)
 
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     trained = 0
+    # Prune sooner: one step axis for every trial, training examples seen (partial_eval).
+    axis = ExamplesAxis(len(data), cfg.eval_every_steps if report_partial else None)
+    sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
     for epoch in range(1, cfg.epochs + 1):
         batches = _epoch_batches(data, cfg.batch_size, generator)
         loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
         epoch_start = time.perf_counter()
+        seen_in_epoch = 0
         for step, rows in enumerate(batches):
             # Batch: the very first step runs the worst-case shape (fail fast on memory).
             if epoch == 1 and step == 0 and cfg.fail_fast:
@@ -380,33 +451,37 @@ def train(
                 passages = torch.cat([data.positive[rows], neg[neg >= 0]])
                 q_ids, q_mask = data.queries.batch(data.query[rows], device)
                 p_ids, p_mask = data.passages.batch(passages, device)
+            batch = StepBatch((q_ids, q_mask), (p_ids, p_mask))
 
-            # Forward: queries, then positives and hard negatives in one pass.
-            enter("forward")
-            with autocast():
-                q_emb = model(q_ids, q_mask)  # (batch, hidden)
-                p_emb = model(p_ids, p_mask)  # (batch * (1 + k), hidden)
-                n = q_emb.shape[0]
-                loss = loss_fn(q_emb, p_emb[:n], p_emb[n:])
-
-            # Backward.
-            enter("backward")
-            scaler.scale(loss).backward()
-
-            # Optimizer: unscale, clip, step, schedule.
-            enter("optimizer")
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            scaler.step(optimizer)
-            scaler.update()
+            # Forward (queries, then positives and hard negatives), backward, AdamW, schedule.
             lr = float(optimizer.param_groups[0]["lr"])  # this step's, before the schedule moves
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss = train_step(
+                model,
+                batch,
+                cfg,
+                optimizer,
+                scaler,
+                amp_dtype=amp_dtype,
+                scheduler=scheduler,
+                on_phase=enter,
+            )
+            n = batch.size
+            loss_sum += loss
             trained += n
             if on_step is not None:  # experiment tracking (W&B): one row per step
                 row = {"loss": loss.item(), "lr": lr, "memory_mb": peak_memory_mb(device)}
                 on_step((epoch - 1) * steps_per_epoch + step + 1, row)
+            seen_in_epoch += n
+            point = axis.due(epoch, seen_in_epoch)
+            if point is not None and sample is not None and report_partial is not None:
+                enter("eval")  # score the fixed eval sample; the pruner may stop the run
+                with autocast():
+                    sooner = evaluate(
+                        model, sample, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE
+                    )
+                model.train()
+                if report_partial(point, sooner):
+                    raise optuna.TrialPruned(f"pruned at {point} training examples")
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the queued kernels in this epoch's time
         train_seconds += time.perf_counter() - epoch_start
@@ -417,6 +492,7 @@ def train(
             metrics = evaluate(model, eval_set, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE)
         model.train()
         metrics["loss"] = loss_sum.item() / len(batches)
+        metrics["examples_seen"] = float(axis.epoch_end(epoch))  # the pruner's step axis
         history.append({"epoch": float(epoch), **metrics})
         if report is not None and report(epoch, dict(metrics)):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
