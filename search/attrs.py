@@ -18,6 +18,7 @@ MAX_LEN = "max_len"
 DEFAULT_METRIC = "ndcg@10"
 PEAK_MEMORY_MB = "peak_memory_mb"  # measured peak (CUDA allocator, else process RSS)
 MEMORY_ESTIMATE_MB = "memory_estimate_mb"  # preflight estimate of the peak
+MODEL_FACTS = "model_facts"  # where the estimate's facts came from: config.json:DIR|hf-cache|table
 SECONDS = "seconds"  # wall seconds the trial's worker spent on it
 OOM = "oom"  # True when the trial ended in (or was skipped for) OOM; same as outcome "oom"
 OOM_KIND = "oom_kind"  # "real" | "host" | "predicted" | "frontier"
@@ -34,6 +35,7 @@ WORKER = "worker"
 HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
 WANDB_RUN_ID = "wandb_run_id"  # the trial's W&B run (search.tracking)
 WANDB_RUN_PATH = "wandb_run_path"  # its W&B path: [entity/]project/run_id
+STAGE = "stage"  # the spec stage the trial ran in (search.stages); absent: single stage
 
 # Legacy trial user attributes: written before issue 8, still read as a fallback.
 CONFIG = "config"  # the effective TrialConfig as a JSON object (now SYSTEM_CONFIG)
@@ -50,9 +52,11 @@ FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a
 # Study user attributes.
 STUDY_N_TRIALS = "n_trials"  # the study's global budget of finished trials
 STUDY_SPEC = "spec"  # the resolved study spec, secrets excluded
+STUDY_MODELS = "models"  # the models searched, when --skip-unavailable left some out
 
 # Study system attributes.
 STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.study_store)
+STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
 
 # Vocabularies.
 OUTCOME_RUNNING = "running"  # claimed, training (or waiting to be re-run after a hand-back)
@@ -70,4 +74,5 @@ OUTCOMES = (
     OUTCOME_HANDED_BACK,
 )
 OOM_KINDS = ("real", "host", "predicted", "frontier")
+SKIP_KINDS = ("predicted", "frontier")  # preflight skips: recorded, never trained, free
 PHASES = ("load", "forward", "backward", "optimizer", "eval")

@@ -63,6 +63,7 @@ USER_ERRORS = (
     ("search.spec", "SpecError"),
     ("search.train.data", "DataError"),
     ("search.budget", "BudgetError"),
+    ("search.model_resolve", "ModelsUnavailableError"),
     ("storage", "StorageError"),
 )
 
@@ -384,6 +385,24 @@ def dashboard(
             _fail(str(exc))
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+@app.command()
+def proxy(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 13000,
+    threads: Annotated[
+        int, typer.Option("--threads", min=4, help="Server threads (about 4 per worker).")
+    ] = 256,
+) -> None:
+    """Optuna's gRPC storage proxy in front of the study database (workers: grpc://HOST:PORT)."""
+    from search.proxy import serve
+    from storage import resolve_storage_url
+
+    with _user_errors():
+        stopped_by = serve(resolve_storage_url(storage), host=host, port=port, threads=threads)
+    err_console.print(f"search proxy stopped ({stopped_by})", highlight=False)
 
 
 @spec_app.command("init")

@@ -82,6 +82,14 @@ class RunArgs:
     tiny: Annotated[
         bool, typer.Option("--tiny", help="Tiny offline replicas of each model (no downloads).")
     ] = False
+    skip_unavailable: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unavailable",
+            help="Search only the models whose weights are here (local path or Hugging Face "
+            "cache); recorded on a new study. Default: a missing model stops the run (exit 2).",
+        ),
+    ] = False
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto"
     memory_limit: Annotated[
         str | None, typer.Option("--memory-limit", help="Cap each trial's memory, e.g. 6GiB.")

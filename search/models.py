@@ -1,12 +1,17 @@
-"""The four retrieval models of the ko-retrieval study and the facts the service builds on."""
+"""Architecture facts of an encoder (``ModelInfo``) and the shipped table of the four ko-retrieval
+models, the fallback when a model's own ``config.json`` is not reachable (``search.model_facts``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Architecture = Literal["roberta", "xlm-roberta", "bert"]
-Pooling = Literal["cls", "mean"]
+Architecture = str  # the config's ``model_type``: "bert", "roberta", "xlm-roberta", ...
+Pooling = Literal["cls", "mean", "last-token"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "last-token")
+# Model types whose positions start after the padding id (RoBERTa's quirk).
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
 @dataclass(frozen=True)
@@ -16,7 +21,7 @@ class ModelInfo:
     Args:
         name: Short name used in study specs and reports.
         hf_id: Hugging Face id of the real weights.
-        architecture: Transformers model family of the replica and the real model.
+        architecture: The config's ``model_type`` (``bert``, ``roberta``, ``xlm-roberta``...).
         tokenizer: ``wordpiece`` (BertTokenizer) or ``sentencepiece`` (XLM-R's unigram).
         num_layers: Transformer layers.
         hidden: Hidden size.
@@ -24,10 +29,13 @@ class ModelInfo:
         ffn: Feed-forward (intermediate) size.
         vocab: Vocabulary size.
         max_positions: ``max_position_embeddings`` of the config.
-        pooling: ``cls`` or ``mean`` pooling of the last hidden state.
+        pooling: ``cls``, ``mean`` or ``last-token`` pooling of the last hidden state.
         normalize: Whether embeddings are L2-normalised.
         query_prefix: Text put before every query (e5 needs ``"query: "``).
         passage_prefix: Text put before every passage (e5 needs ``"passage: "``).
+        attn_implementation: The attention the encoder runs: ``sdpa`` or ``eager``.
+        source: Where the facts came from: ``config.json:<path>`` (a local directory),
+            ``hf-cache`` (the config in the local Hugging Face cache) or ``table`` (this file).
     """
 
     name: str
@@ -44,11 +52,13 @@ class ModelInfo:
     normalize: bool
     query_prefix: str = ""
     passage_prefix: str = ""
+    attn_implementation: str = "sdpa"
+    source: str = "table"
 
     @property
     def max_tokens(self) -> int:
         """Longest input in tokens (RoBERTa-family positions start after the padding id)."""
-        if self.architecture in ("roberta", "xlm-roberta"):
+        if self.architecture in OFFSET_POSITIONS:
             return self.max_positions - 2
         return self.max_positions
 
@@ -63,7 +73,7 @@ class ModelInfo:
         return embeddings + self.num_layers * layer + pooler
 
 
-MODELS: dict[str, ModelInfo] = {
+KNOWN_MODELS: dict[str, ModelInfo] = {
     m.name: m
     for m in (
         ModelInfo(
@@ -126,3 +136,7 @@ MODELS: dict[str, ModelInfo] = {
         ),
     )
 }
+
+MODELS = KNOWN_MODELS  # the old name, kept for scripts and benches
+BY_HF_ID: dict[str, ModelInfo] = {m.hf_id: m for m in KNOWN_MODELS.values()}
+"""The shipped table keyed by Hugging Face id (a spec entry naming one of these ids)."""

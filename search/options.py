@@ -31,6 +31,7 @@ class RunOptions:
     timeout: float | None = None
     seed: int | None = None
     tiny: bool = False
+    skip_unavailable: bool = False  # search only the models whose weights are here
     device: str = "auto"
     gpu: str | None = None
     memory_limit: int | None = None

@@ -14,6 +14,7 @@ happens to be alone. The loop, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from optuna.trial import TrialState
 
 from search import attrs
 from search import publish
+from search.budget import SkipBoundError
 from search.budget import claim_trial
 from search.budget import ensure_budget
 from search.budget import finished_count
@@ -44,15 +46,22 @@ from search.errors import RunError
 from search.isolation import TrialOutcome
 from search.isolation import run_isolated
 from search.isolation import warm_up
-from search.models import MODELS
+from search.model_facts import facts_of_directory
+from search.model_facts import model_ref
+from search.model_facts import resolve_facts
+from search.model_resolve import available_models
+from search.models import ModelInfo
 from search.options import RunOptions
 from search.options import study_name_for
 from search.preflight import preflight
-from search.sampling import make_pruner
+from search.pruners import make_pruner
 from search.sampling import make_sampler
+from search.space import SampledParams
 from search.space import build_config
 from search.space import sample_params
 from search.spec import StudySpec
+from search.stages import StagePlan
+from search.stages import stage_models
 from search.study_store import open_study
 from search.tracking import NO_RUN
 from search.tracking import Tracker
@@ -117,28 +126,80 @@ class RunSummary:
 TrialCallback = Callable[[optuna.trial.FrozenTrial], None]
 
 
-def prepare_models(spec: StudySpec, opts: RunOptions) -> dict[str, str]:
+def prepare_models(
+    spec: StudySpec, opts: RunOptions, names: list[str] | None = None
+) -> dict[str, str]:
     """Model name -> what ``from_pretrained`` loads; builds tiny replicas with ``--tiny``."""
+    names = names or list(spec.models)
     if not opts.tiny:
-        return {}
+        return {name: model_ref(spec, name) for name in names}
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" per replica
     train = load_train(spec.resolve_path(spec.data.train))
     texts = [t for ex in train for t in (ex.query, ex.positive, *ex.negatives)]
     return {
-        name: str(build_tiny_replica(MODELS[name], opts.cache_dir / "tiny", texts))
-        for name in spec.models
+        name: str(
+            build_tiny_replica(
+                resolve_facts(spec, name, attention=False), opts.cache_dir / "tiny", texts
+            )
+        )
+        for name in names
     }
 
 
-def _init_study(spec: StudySpec, opts: RunOptions) -> Callable[[optuna.Study], None]:
+def model_facts(
+    spec: StudySpec, opts: RunOptions, model_paths: dict[str, str]
+) -> dict[str, ModelInfo]:
+    """Each searched model's facts (``search.model_facts``); a tiny replica's, from its config."""
+    facts = {}
+    for name in model_paths:
+        info = resolve_facts(spec, name)
+        facts[name] = facts_of_directory(info, model_paths[name]) if opts.tiny else info
+    return facts
+
+
+def searched_models(
+    spec: StudySpec, opts: RunOptions, storage: optuna.storages.BaseStorage, name: str
+) -> list[str]:
+    """The models this worker searches: the spec's (or those the study recorded), all present.
+
+    Checked before the study is opened: a missing model stops the run with one line per model
+    and its fix (``ModelsUnavailableError``, exit 2); ``--skip-unavailable`` drops it instead.
+    ``--tiny`` needs no weights.
+    """
+    recorded = _recorded_models(storage, name)
+    names = [m for m in spec.models if recorded is None or m in recorded]
+    if opts.tiny:
+        return names
+    return available_models(spec, skip_unavailable=opts.skip_unavailable, names=names)
+
+
+def _recorded_models(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
+    """The models an existing study was created to search (``--skip-unavailable``), or None."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    models = storage.get_study_user_attrs(study_id).get(attrs.STUDY_MODELS)
+    return [str(m) for m in models] if isinstance(models, list) else None
+
+
+def _init_study(
+    spec: StudySpec, opts: RunOptions, searched: list[str]
+) -> Callable[[optuna.Study], None]:
     def init(study: optuna.Study) -> None:
         study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
         ensure_budget(study, opts.n_trials or spec.study.n_trials)
+        if list(searched) != list(spec.models):  # --skip-unavailable left some out
+            study.set_user_attr(attrs.STUDY_MODELS, list(searched))
         # One baseline trial per model, so no model is left out of the first trials by chance.
-        for model in spec.models:
-            study.enqueue_trial({"model": model})
+        # In a staged search: the first stage's models, recorded in that stage.
+        first = spec.stages[0] if spec.stages else None
+        for model in [m for m in (stage_models(spec, first) if first else spec.models)
+                      if m in searched]:  # fmt: skip
+            stage = {attrs.STAGE: first.name} if first else None
+            study.enqueue_trial({"model": model}, user_attrs=stage)
 
     return init
 
@@ -194,21 +255,24 @@ def run_study(
     # Connect (and check the schema) before anything slow: an unreachable server or a wrong
     # database name is answered before tiny replicas are built or weights resolved.
     storage = create_storage(opts.storage_url)
-    model_paths = prepare_models(spec, opts)
     name = study_name_for(spec, opts)
+    searched = searched_models(spec, opts, storage, name)  # exit 2 on a missing model
+    model_paths = prepare_models(spec, opts, searched)
+    facts = model_facts(spec, opts, model_paths)
     study, _ = open_study(
         storage,
         name,
         direction=spec.study.direction,
-        sampler=make_sampler(spec, seed=opts.seed),
+        sampler=make_sampler(spec, seed=opts.seed, models=searched),
         pruner=make_pruner(spec),
-        on_create=_init_study(spec, opts),
+        on_create=_init_study(spec, opts, searched),
     )
     budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
     name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10" (old studies too)
     if on_progress is not None:
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
+    stage_plan = _stage_plan(study, spec, opts, budget, model_paths, device)
     tracker = Tracker(tracking_settings(spec, opts), name)  # W&B: one run per trial, or none
     tracker.prepare()  # imports wandb on a thread while the trial process server starts
     warm_up(opts.objective)  # start the trial process server (imports torch once) up front
@@ -224,13 +288,20 @@ def run_study(
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "timeout"
                 break
-            trial = claim_trial(study, budget, stop=stop)
+            # Skips (predicted / frontier OOM) do not spend the budget, up to a bound.
+            max_skips = spec.study.max_skips_per_trial * budget
+            try:
+                trial = claim_trial(
+                    study, budget, stop=stop, max_skips=max_skips, before_ask=stage_plan
+                )
+            except SkipBoundError as exc:  # one line, naming the device
+                raise SkipBoundError(f"{exc} (device: {device.label})") from None
             if trial is None:
                 stopped_by = stop.reason if stop() else stopped_by
                 break
             try:
                 frozen = _run_trial(
-                    study, trial, spec, opts, model_paths, device, storage, stop, tracker
+                    study, trial, spec, opts, model_paths, device, storage, stop, tracker, facts
                 )
             except UpdateFinishedTrialError:
                 # Failed as stale (this worker was paused or cut off longer than the grace
@@ -265,6 +336,39 @@ def run_study(
     )
 
 
+def _stage_plan(
+    study: optuna.Study,
+    spec: StudySpec,
+    opts: RunOptions,
+    budget: int,
+    model_paths: dict[str, str],
+    device: DeviceInfo,
+) -> StagePlan | None:
+    """The claim hook of a staged search (``search.stages``); None for a single stage."""
+    if not spec.stages:
+        return None
+    space = spec.space
+
+    def config_for(model: str, batch_size: int, max_len: int) -> TrialConfig:
+        mid = {
+            name: (rng.low * rng.high) ** 0.5 if rng.log else (rng.low + rng.high) / 2
+            for name, rng in (("lr", space.lr), ("temperature", space.temperature),
+                              ("warmup_ratio", space.warmup_ratio),
+                              ("weight_decay", space.weight_decay))
+        }  # fmt: skip
+        params = SampledParams(model=model, batch_size=batch_size, max_len=max_len, **mid)
+        return build_config(spec, params, model_path=model_paths.get(model), device=opts.device)
+
+    return StagePlan(
+        spec,
+        study.sampler,
+        budget,
+        config_for=config_for,
+        device_total_bytes=device.total_bytes,
+        seed=opts.seed,
+    )
+
+
 def _stop_on_load_error(frozen: optuna.trial.FrozenTrial, spec: StudySpec) -> None:
     error = error_of(frozen)  # the whole line: the stored ``error`` is cut short
     if frozen.state != TrialState.FAIL or not error.startswith("ModelLoadError"):
@@ -287,6 +391,7 @@ def _run_trial(
     storage: optuna.storages.BaseStorage,
     stop: Callable[[], bool] = lambda: False,
     tracker: Tracker | None = None,
+    facts: dict[str, ModelInfo] | None = None,
 ) -> optuna.trial.FrozenTrial:
     """Sample, preflight, train and tell one claimed trial (and its W&B run, if tracked).
 
@@ -303,7 +408,17 @@ def _run_trial(
         device=opts.device,
         seed_offset=trial.number,
     )
-    arch = tiny_info(MODELS[cfg.model]) if opts.tiny else MODELS[cfg.model]
+    if spec.training.eval_every_steps is not None:  # prune sooner (search.train.partial_eval)
+        cfg = dataclasses.replace(
+            cfg,
+            eval_every_steps=spec.training.eval_every_steps,
+            eval_sample_queries=spec.training.eval_sample_queries,
+        )
+    if facts is not None and cfg.model in facts:
+        arch = facts[cfg.model]
+    else:
+        arch = resolve_facts(spec, cfg.model)
+        arch = tiny_info(arch) if opts.tiny else arch
 
     with heartbeat(study, trial):
         decision = preflight(
@@ -314,7 +429,7 @@ def _run_trial(
             use_estimate=opts.use_estimate,
             use_frontier=opts.use_frontier,
         )
-        first = _trial_attrs(cfg, opts, device, decision.estimate.total_mb)
+        first = _trial_attrs(cfg, opts, device, decision.estimate.total_mb, arch.source)
         run = tracker.start(trial.number, cfg) if tracker is not None else NO_RUN
         first.user.update(run.attrs())  # wandb_run_id, wandb_run_path
         if decision.skip:
@@ -332,7 +447,13 @@ def _run_trial(
 
         def report(epoch: int, metrics: dict[str, float]) -> bool:
             run.log_epoch(epoch, metrics)
-            trial.report(metrics[metric], epoch)
+            # One step axis for all trials: training examples seen (search.train.partial_eval);
+            # an objective that does not say (a fake one) reports on its epochs.
+            trial.report(metrics[metric], int(metrics.get("examples_seen", epoch)))
+            return trial.should_prune()
+
+        def report_partial(examples_seen: int, metrics: dict[str, float]) -> bool:
+            trial.report(metrics[metric], examples_seen)  # the eval sample's score
             return trial.should_prune()
 
         outcome = run_isolated(
@@ -342,6 +463,7 @@ def _run_trial(
             objective=opts.objective,
             stop=stop,
             on_step=run.log_step if run.active else None,
+            report_partial=report_partial,
         )
     # A child killed or failed by the same signal (Ctrl-C reaches the whole process group)
     # is an interruption too, not the trial's failure.
@@ -353,7 +475,11 @@ def _run_trial(
 
 
 def _trial_attrs(
-    cfg: TrialConfig, opts: RunOptions, device: DeviceInfo, estimate_mb: float
+    cfg: TrialConfig,
+    opts: RunOptions,
+    device: DeviceInfo,
+    estimate_mb: float,
+    facts_source: str | None = None,
 ) -> TrialRecord:
     return claimed_record(
         cfg,
@@ -362,6 +488,7 @@ def _trial_attrs(
         gpu=opts.gpu if opts.gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
         worker=opts.worker,
         memory_estimate_mb=estimate_mb,
+        model_facts=facts_source,
     )
 
 

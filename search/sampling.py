@@ -39,6 +39,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.samplers import BaseSampler
 from optuna.samplers import RandomSampler
 
+from search import attrs
 from search.space_check import CONDITIONAL_PARAMS
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from search.spec import StudySpec
 
 MODEL_PARAM = "model"
+STAGE_ATTR = attrs.STAGE  # the trial's stage in a staged search (search.stages)
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attribute of an enqueued trial's values
 
 # {parameter: {model: the model's choices}} for every model.
@@ -87,19 +89,57 @@ class ConditionalSampler(BaseSampler):
     (``nearest_choice``). Without a proposal (startup trials, random search, or a model not
     known yet) the value is drawn uniformly from the model's choices.
 
+    In a staged search (``search.stages``) the trial's stage (its user attribute ``stage``,
+    else ``stage``, set by the worker under the budget lock before it asks) narrows the
+    choices further: ``model`` to the stage's models (a proposal outside them is dropped and
+    drawn uniformly among them) and ``batch_size`` / ``max_len`` to the stage's conditions.
+    The distributions stay the same in every stage.
+
     Args:
         base: The sampler that proposes values.
         choices: ``{parameter: {model: choices}}`` (``conditional_choices(spec)``).
         seed: Seed of the uniform draws.
+        stages: ``{stage: {"model": models, parameter: {model: choices}}}``
+            (``search.stages.stage_choices(spec)``); None: a single-stage study.
+        models: The only models this worker samples (``--skip-unavailable``: those whose
+            weights are here), in every stage; None: all.
     """
 
-    def __init__(self, base: BaseSampler, choices: Choices, seed: int | None) -> None:
+    def __init__(
+        self,
+        base: BaseSampler,
+        choices: Choices,
+        seed: int | None,
+        stages: Mapping[str, Mapping[str, Any]] | None = None,
+        models: Sequence[str] | None = None,
+    ) -> None:
         self._base = base
         self._choices = {name: dict(per) for name, per in choices.items()}
         self._random = RandomSampler(seed=seed)
+        self._stages = dict(stages or {})
+        self.stage: str | None = None  # the stage of the trial being claimed (search.stages)
+        self._models = tuple(models) if models is not None else None
 
-    def allowed(self, name: str, model: object) -> tuple[int, ...] | None:
+    def _stage_of(self, trial: FrozenTrial) -> Mapping[str, Any] | None:
+        name = trial.user_attrs.get(STAGE_ATTR) or self.stage
+        return self._stages.get(name) if isinstance(name, str) else None
+
+    def stage_models(self, trial: FrozenTrial) -> tuple[str, ...] | None:
+        """The models the trial's stage samples (of those allowed here), or None (any model)."""
+        stage = self._stage_of(trial)
+        models = tuple(stage[MODEL_PARAM]) if stage is not None else None
+        if self._models is not None:
+            models = tuple(m for m in (models or self._models) if m in self._models)
+            models = models or self._models
+        return models
+
+    def allowed(
+        self, name: str, model: object, trial: FrozenTrial | None = None
+    ) -> tuple[int, ...] | None:
         """The choices of ``name`` for ``model``, or None for an unconditional parameter."""
+        stage = self._stage_of(trial) if trial is not None else None
+        if stage is not None and isinstance(model, str) and model in stage.get(name, {}):
+            return tuple(stage[name][model])
         per_model = self._choices.get(name)
         if per_model is None or not isinstance(model, str) or model not in per_model:
             return None
@@ -116,12 +156,17 @@ class ConditionalSampler(BaseSampler):
         params = self._base.sample_relative(study, trial, search_space)
         fixed = trial.system_attrs.get(_FIXED_PARAMS) or {}
         model = fixed.get(MODEL_PARAM, params.get(MODEL_PARAM))
+        models = self.stage_models(trial)
         out: dict[str, Any] = {}
+        if models is not None and MODEL_PARAM not in fixed and model not in models:
+            model = None  # outside the stage: drawn among the stage's models instead
         for name, value in params.items():
+            if name == MODEL_PARAM and model is None:
+                continue
             if name not in self._choices:
                 out[name] = value
                 continue
-            allowed = self.allowed(name, model)
+            allowed = self.allowed(name, model, trial)
             if allowed is not None:  # else: sampled once the model is known
                 out[name] = nearest_choice(value, allowed)
         return out
@@ -133,7 +178,12 @@ class ConditionalSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        allowed = self.allowed(param_name, trial.params.get(MODEL_PARAM))
+        models = self.stage_models(trial)
+        if param_name == MODEL_PARAM and models is not None:
+            return self._random.sample_independent(
+                study, trial, param_name, CategoricalDistribution(list(models))
+            )
+        allowed = self.allowed(param_name, trial.params.get(MODEL_PARAM), trial)
         if allowed is None:
             return self._base.sample_independent(study, trial, param_name, param_distribution)
         return self._random.sample_independent(
@@ -180,11 +230,22 @@ def make_base_sampler(spec: StudySpec, *, seed: int | None = None) -> BaseSample
         )
 
 
-def make_sampler(spec: StudySpec, *, seed: int | None = None) -> ConditionalSampler:
-    """The study's sampler: ``make_base_sampler`` kept to each model's choices."""
+def make_sampler(
+    spec: StudySpec, *, seed: int | None = None, models: Sequence[str] | None = None
+) -> ConditionalSampler:
+    """The study's sampler: ``make_base_sampler`` kept to each model's choices (and to
+    ``models`` when only some of the spec's are searched: ``--skip-unavailable``)."""
+    from search.stages import stage_choices
+
+    if models is not None and list(models) == list(spec.models):
+        models = None
     cfg_seed = spec.sampler.seed if seed is None else seed
     return ConditionalSampler(
-        make_base_sampler(spec, seed=seed), conditional_choices(spec), cfg_seed
+        make_base_sampler(spec, seed=seed),
+        conditional_choices(spec),
+        cfg_seed,
+        stage_choices(spec) if spec.stages else None,
+        models,
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from search.config import TrialConfig
-from search.models import MODELS
+from search.model_facts import model_settings
 from search.space_check import int_range
 
 if TYPE_CHECKING:
@@ -132,11 +132,11 @@ def build_config(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         seed_offset: Added to the spec's seed (the trial number), so each trial has its seed.
     """
-    info = MODELS[params.model]
+    settings = model_settings(spec, params.model)
     entry = spec.models[params.model]
     training = spec.training
     if model_path is None:
-        model_path = str(spec.resolve_path(entry.path)) if entry.path else info.hf_id
+        model_path = settings.ref
     return TrialConfig(
         model=params.model,
         model_path=model_path,
@@ -159,9 +159,9 @@ def build_config(
         train_path=str(spec.resolve_path(spec.data.train)),
         eval_dir=str(spec.resolve_path(spec.data.eval)),
         eval_split=spec.data.split,
-        pooling=info.pooling,
-        normalize=info.normalize,
-        query_prefix=info.query_prefix,
-        passage_prefix=info.passage_prefix,
+        pooling=settings.pooling,
+        normalize=settings.normalize,
+        query_prefix=settings.query_prefix,
+        passage_prefix=settings.passage_prefix,
         max_train_samples=training.max_train_samples,
     )

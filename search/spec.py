@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -44,14 +45,50 @@ class StudySection(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: Literal["ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"] = "ndcg@10"
     n_trials: int = Field(default=32, ge=1)  # budget of a new study when --n-trials is not given
+    # Preflight skips (predicted / frontier OOM) do not spend the budget; past this many per
+    # budgeted trial the run stops: the space does not fit the device (search.budget).
+    max_skips_per_trial: int = Field(default=10, ge=1)
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 
 
 class ModelEntry(_Strict):
-    """Per-model settings: a local weights directory and memory-saver overrides."""
+    """One encoder of the study (``models.<name>``): where its weights are and how it embeds.
 
-    path: str | None = None
+    ``id`` (a Hugging Face id) or ``path`` (a local directory), at most one; an entry named
+    like a model of the shipped table (``search.models``) may give neither (its id is used).
+    ``pooling`` / ``normalize`` / prefixes default to the table's, else to the model's own
+    sentence-transformers files, else mean pooling without normalisation. ``amp`` and
+    ``gradient_checkpointing`` override ``training``. The architecture facts (``num_layers``
+    ... ``architecture``) come from the model's ``config.json`` (``search.model_facts``); set
+    one here only to override what was read.
+    """
+
+    id: str | None = Field(default=None, min_length=1)
+    path: str | None = Field(default=None, min_length=1)
+    pooling: Literal["cls", "mean", "last-token"] | None = None
+    normalize: bool | None = None
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
     amp: bool | None = None
     gradient_checkpointing: bool | None = None
+    num_layers: int | None = Field(default=None, ge=1)
+    hidden: int | None = Field(default=None, ge=1)
+    heads: int | None = Field(default=None, ge=1)
+    ffn: int | None = Field(default=None, ge=1)
+    vocab: int | None = Field(default=None, ge=1)
+    max_positions: int | None = Field(default=None, ge=1)
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    architecture: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if self.id is not None and self.path is not None:
+            raise ValueError(
+                f"give id or path, not both, but got id={self.id!r}, path={self.path!r}"
+            )
+        return self
 
 
 class FloatRange(_Strict):
@@ -154,6 +191,10 @@ class TrainingSection(_Strict):
     hard_negatives: int = Field(default=1, ge=0, le=16)
     seed: int = 42
     max_train_samples: int | None = Field(default=None, ge=1)
+    # Prune sooner: every this many training examples seen, score a fixed sample of the eval
+    # set and report it to the pruner (the full eval set still scores each epoch). None: off.
+    eval_every_steps: int | None = Field(default=None, ge=1)
+    eval_sample_queries: int = Field(default=200, ge=1)  # queries in that fixed sample
 
 
 class DataSection(_Strict):
@@ -175,11 +216,20 @@ class SamplerSection(_Strict):
 
 
 class PrunerSection(_Strict):
-    """Optuna pruner acting on the per-epoch metric."""
+    """Optuna pruner on the reported metric; steps are training examples seen (search.pruners).
 
-    type: Literal["median", "none"] = "median"
+    ``median``: ``n_startup_trials``, ``n_warmup_steps``. ``successive_halving``:
+    ``min_resource``, ``reduction_factor``, ``min_early_stopping_rate``. ``hyperband``:
+    ``min_resource``, ``max_resource``, ``reduction_factor``.
+    """
+
+    type: Literal["median", "successive_halving", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(default=4, ge=0)
     n_warmup_steps: int = Field(default=0, ge=0)
+    min_resource: int | None = Field(default=None, ge=1)  # examples seen; None: Optuna's "auto"
+    max_resource: int | None = Field(default=None, ge=1)  # examples seen; None: "auto"
+    reduction_factor: int = Field(default=3, ge=2)
+    min_early_stopping_rate: int = Field(default=0, ge=0)
 
 
 class TrackingSection(_Strict):
@@ -187,6 +237,25 @@ class TrackingSection(_Strict):
 
     wandb: bool = False  # --wandb / --no-wandb override it
     project: str | None = Field(default=None, min_length=1)  # default: the study's name
+
+
+class StageSection(_Strict):
+    """One stage of a staged search (``stages:``), run in order on one study (search.stages).
+
+    ``models``: the models it samples (default: all); ``conditions``: its own restriction of
+    ``batch_size`` / ``max_len`` per model (subsets of the space's conditions); ``n_trials``:
+    its share of the study's budget (the last stage may leave it out: it runs until the study's
+    budget is spent); ``seed``: what is enqueued when it starts: ``none``, ``frontier`` (per
+    model, its largest config that no real OOM of the study rules out), ``top_k`` (configs
+    around the study's ``top_k`` best trials so far, ``search.refine``).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    models: list[str] | None = Field(default=None, min_length=1)
+    conditions: dict[str, Condition] = Field(default_factory=dict)
+    n_trials: int | None = Field(default=None, ge=1)
+    seed: Literal["none", "frontier", "top_k"] = "none"
+    top_k: int = Field(default=3, ge=1)
 
 
 class StudySpec(_Strict):
@@ -200,14 +269,20 @@ class StudySpec(_Strict):
     sampler: SamplerSection = SamplerSection()
     pruner: PrunerSection = PrunerSection()
     tracking: TrackingSection = TrackingSection()
+    stages: list[StageSection] = Field(default_factory=list)  # none: one implicit stage
     source: str = ""
 
     @field_validator("models")
     @classmethod
     def _known_models(cls, v: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
-        unknown = [m for m in v if m not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+        for name, entry in v.items():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"model name {name!r} may only hold A-Z a-z 0-9 . _ -")
+            if entry.id is None and entry.path is None and name not in MODELS:
+                raise ValueError(
+                    f"model {name!r} needs `id: HF_ID` or `path: DIR` (only the shipped "
+                    f"models {', '.join(MODELS)} may give neither)"
+                )
         return v
 
     @model_validator(mode="after")
@@ -286,9 +361,26 @@ def _reject_duplicate_keys(node: yaml.Node, path: tuple[str, ...]) -> None:
 
 
 def _check_positions(spec: StudySpec, path: Path) -> None:
-    """Every model's effective ``max_len`` choices fit its position embeddings."""
+    """Every model's effective ``max_len`` choices fit its position embeddings.
+
+    The positions are the model's own (its ``config.json``, when the directory or the local
+    Hugging Face cache holds one), else the shipped table's; a model with neither is checked
+    when its weights are (``search.model_resolve``).
+    """
+    from search.model_facts import resolve_facts
+
     for model in spec.models:
-        limit = MODELS[model].max_tokens
+        try:
+            limit = resolve_facts(spec, model, attention=False).max_tokens
+        except LookupError:
+            continue
+        except (OSError, ValueError) as exc:
+            where = spec.models[model].path or spec.models[model].id or model
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise SpecError(
+                f"{path}: field models.{model} (value: {where!r}): cannot read its config.json: "
+                f"{first.strip()[:200]}"
+            ) from None
         cond = spec.space.conditions.get(model)
         if cond is not None and cond.max_len:
             field, choices, fix = f"space.conditions.{model}.max_len", cond.max_len, "drop it"
@@ -328,6 +420,13 @@ def load_spec(path: str | Path) -> StudySpec:
     except ValidationError as exc:
         raise SpecError(_format_error(path, exc)) from None
     _check_positions(spec, path)
+    from search.stages import StageError
+    from search.stages import check_stages
+
+    try:
+        check_stages(spec)
+    except StageError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     return spec
 
 

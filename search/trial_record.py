@@ -86,8 +86,12 @@ def claimed_record(
     gpu: str | None,
     worker: str | None,
     memory_estimate_mb: float | None = None,
+    model_facts: str | None = None,
 ) -> TrialRecord:
-    """The first attributes of a claimed trial, written before it trains (outcome running)."""
+    """The first attributes of a claimed trial, written before it trains (outcome running).
+
+    ``model_facts``: where the estimate's architecture facts came from (``search.model_facts``).
+    """
     user: dict[str, Any] = {
         attrs.OUTCOME: attrs.OUTCOME_RUNNING,
         attrs.MODEL: cfg.model,
@@ -106,6 +110,8 @@ def claimed_record(
     user = {k: v for k, v in user.items() if v is not None}  # no "null" column on CPU
     if memory_estimate_mb is not None:
         user[attrs.MEMORY_ESTIMATE_MB] = memory_estimate_mb
+    if model_facts is not None:
+        user[attrs.MODEL_FACTS] = model_facts
     return TrialRecord(user=user, system={attrs.SYSTEM_CONFIG: cfg.to_json()})
 
 

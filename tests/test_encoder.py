@@ -168,7 +168,7 @@ def test_missing_path_raises_a_one_line_fix(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "\n" not in message
     assert "no such directory" in message and str(tmp_path / "no-such-model") in message
-    assert "huggingface-cli download BM-K/KoSimCSE-roberta" in message
+    assert "hf download BM-K/KoSimCSE-roberta" in message
     assert "models.ko-simcse.path" in message and "--tiny" in message
 
 
@@ -176,7 +176,7 @@ def test_empty_directory_raises_a_one_line_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no complete model") as caught:
         BiEncoder.from_config(make_config("multilingual-e5-small", tmp_path))
     assert "\n" not in str(caught.value)
-    assert "huggingface-cli download intfloat/multilingual-e5-small" in str(caught.value)
+    assert "hf download intfloat/multilingual-e5-small" in str(caught.value)
 
 
 def test_undownloaded_hub_id_offline_raises_a_one_line_fix(
@@ -190,7 +190,7 @@ def test_undownloaded_hub_id_offline_raises_a_one_line_fix(
     message = str(caught.value)
     assert "\n" not in message
     assert "not in the local Hugging Face cache" in message
-    assert f"huggingface-cli download {hub_id}" in message
+    assert f"hf download {hub_id}" in message
     assert "models.bge-m3-ko.path" in message and "--tiny" in message
 
 

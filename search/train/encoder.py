@@ -31,7 +31,9 @@ from transformers import AutoConfig
 from transformers import AutoModel
 from transformers import AutoTokenizer
 
-from search.models import MODELS
+from search.models import KNOWN_MODELS
+from search.models import OFFSET_POSITIONS
+from search.models import POOLINGS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -39,9 +41,7 @@ if TYPE_CHECKING:
 
     from search.config import TrialConfig
 
-POOLINGS = ("cls", "mean")
-# Model types whose positions start after the padding id (RoBERTa's quirk).
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+_OFFSET_POSITIONS = OFFSET_POSITIONS  # model types whose positions start after the padding id
 
 
 class ModelLoadError(RuntimeError):
@@ -57,13 +57,15 @@ class BiEncoder(torch.nn.Module):
 
     Queries and passages go through the same weights; each kind gets its prefix (e5 needs
     ``"query: "`` and ``"passage: "``). The embedding is the first token's hidden state
-    (``cls``) or the attention-masked mean of all tokens (``mean``), then optionally
+    (``cls``), the attention-masked mean of all tokens (``mean``) or the last non-padding
+    token's hidden state (``last-token``, decoder-style embedders), then optionally
     L2-normalised. Pooling runs in float32, so embeddings are float32 under autocast too.
 
     Args:
         model: A transformers encoder (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``...).
         tokenizer: Its tokenizer; set here to pad and truncate on the right (CLS stays first).
-        pooling: ``cls`` or ``mean``.
+            One without a padding token pads with its end-of-sequence token.
+        pooling: ``cls``, ``mean`` or ``last-token``.
         normalize: L2-normalise the embeddings.
         query_prefix: Put before every query.
         passage_prefix: Put before every passage.
@@ -82,6 +84,8 @@ class BiEncoder(torch.nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, but got {pooling=}.")
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers (Qwen, Llama...)
         if tokenizer.pad_token_id is None:
             raise ValueError(f"The tokenizer needs a padding token, but got {tokenizer=}.")
         tokenizer.padding_side = "right"
@@ -133,7 +137,7 @@ class BiEncoder(torch.nn.Module):
 
     @property
     def pooling(self) -> str:
-        """``cls`` or ``mean``."""
+        """``cls``, ``mean`` or ``last-token``."""
         return self._pooling
 
     @property
@@ -220,6 +224,11 @@ class BiEncoder(torch.nn.Module):
         ).last_hidden_state  # (batch, seq, hidden)
         if self._pooling == "cls":
             pooled = hidden[:, 0].float()  # (batch, hidden)
+        elif self._pooling == "last-token":
+            # The last position whose mask is 1, whichever side the padding is on.
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.long() * positions).argmax(dim=1)  # (batch,)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
         else:
             mask = attention_mask.unsqueeze(-1).float()  # (batch, seq, 1)
             pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
@@ -290,7 +299,7 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
 
 def _load_error_message(name: str, path: str, exc: BaseException) -> str:
     """One line: what failed to load, why, and the ways to fix it."""
-    info = MODELS.get(name)
+    info = KNOWN_MODELS.get(name)
     local = Path(path).expanduser()
     first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     detail = f"{type(exc).__name__}: {first_line}"[:300]
@@ -306,6 +315,6 @@ def _load_error_message(name: str, path: str, exc: BaseException) -> str:
         why = f"the hub id is not in the local Hugging Face cache and cannot be fetched ({detail})"
     return (
         f"Cannot load model {name!r} from {path!r}: {why}. Fix: download the weights with "
-        f"`huggingface-cli download {hub_id}`, or point the spec's `models.{name}.path` at a "
+        f"`hf download {hub_id}`, or point the spec's `models.{name}.path` at a "
         "local directory holding them, or use --tiny for offline replicas."
     )
