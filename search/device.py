@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from search.precision import device_type
+
 __all__ = ["DeviceInfo", "device_info", "format_bytes", "parse_size"]
 
 GIB = 1024**3
@@ -139,9 +141,7 @@ def device_info(device: str, *, memory_limit: int | None = None) -> DeviceInfo:
     if memory_limit is not None and memory_limit <= 0:
         raise ValueError(f"memory_limit must be positive, but got {memory_limit=}.")
     if device == "auto":
-        import torch  # here, not at the top: the CLI parses --memory-limit before torch loads
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device_type(device)  # imports torch: the CLI parses --memory-limit before
     kind, _, idx = device.partition(":")
     if kind == "cuda":
         index = int(idx) if idx else 0

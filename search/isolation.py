@@ -14,8 +14,10 @@ start it before the first trial.
 
 Protocol on the pipe (child -> parent): ``("phase", name)`` on every phase the objective enters
 (so the phase survives a hard kill), ``("report", epoch, metrics)`` answered by the parent with
-a bool (prune?), ``("step", step, values)`` after each training step when the worker tracks
-the trial (``on_step``; not answered), then one final ``("result", dict)``, ``("pruned",
+a bool (prune?), ``("partial", examples_seen, metrics)`` for a sooner evaluation on a sample of
+the eval set (``report_partial``; answered like a report, not kept in the history), ``("step",
+step, values)`` after each training step when the worker tracks the trial (``on_step``; not
+answered), then one final ``("result", dict)``, ``("pruned",
 dict)`` or ``("error", dict)``.
 """
 
@@ -40,6 +42,7 @@ import psutil
 
 from search.config import DEFAULT_OBJECTIVE
 from search.config import TrialConfig
+from search.precision import device_type
 
 __all__ = ["TrialOutcome", "run_isolated", "warm_up"]
 
@@ -129,14 +132,6 @@ def _peak_mb(device_type: str) -> float:
     return hwm / 1024 if hwm is not None else _rss_mb()
 
 
-def _device_type(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
-
-
 def _set_memory_limit(limit: int, device: str) -> Callable[[], None]:
     """Cap what the trial may use from now on; return a function that lifts the cap.
 
@@ -147,7 +142,7 @@ def _set_memory_limit(limit: int, device: str) -> Callable[[], None]:
     states, activations and allocator slack. Address space counts reserved memory too, so the
     cap is a little stricter than resident memory.
     """
-    kind = _device_type(device)
+    kind = device_type(device)
     if kind == "cuda":
         import torch
 
@@ -242,14 +237,22 @@ def _child_main(
         conn.send(("report", int(epoch), {k: float(v) for k, v in metrics.items()}))
         return bool(conn.recv())
 
+    def report_partial(step: int, metrics: dict[str, float]) -> bool:
+        conn.send(("partial", int(step), {k: float(v) for k, v in metrics.items()}))
+        return bool(conn.recv())
+
     def on_step(step: int, values: dict[str, float]) -> None:
         conn.send(("step", int(step), {k: float(v) for k, v in values.items()}))
 
     try:
         module, _, name = objective.partition(":")
         fn = getattr(importlib.import_module(module), name)
-        extra = {"on_step": on_step} if stream_steps and _accepts(fn, "on_step") else {}
-        kind = _device_type(cfg.device)
+        extra: dict[str, Any] = {}
+        if stream_steps and _accepts(fn, "on_step"):
+            extra["on_step"] = on_step
+        if _accepts(fn, "report_partial"):  # the objective decides (cfg.eval_every_steps)
+            extra["report_partial"] = report_partial
+        kind = device_type(cfg.device)
         baseline = _rss_mb()
         if memory_limit is not None:
             lift = _set_memory_limit(memory_limit, cfg.device)
@@ -367,6 +370,7 @@ def run_isolated(
     timeout: float | None = None,
     stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    report_partial: Report | None = None,
 ) -> TrialOutcome:
     """Run ``objective(cfg, report=..., on_phase=...)`` in a child process and say how it ended.
 
@@ -391,6 +395,9 @@ def run_isolated(
             the child, then propagates.
         on_step: Called with ``(step, {"loss", "lr", "memory_mb"})`` for each training step
             the objective streams (only objectives taking ``on_step``); None: not streamed.
+        report_partial: Called with ``(examples_seen, metrics)`` for each sooner evaluation
+            on the eval sample (``training.eval_every_steps``); True prunes the trial. None:
+            such reports are answered "go on" and dropped.
 
     Returns:
         The outcome; ``seconds`` is the wall time including the child's start.
@@ -453,6 +460,10 @@ def run_isolated(
                     outcome.history.append(dict(metrics))
                     outcome.metrics = dict(metrics)
                     prune = bool(report(epoch, metrics)) if report is not None else False
+                    parent_conn.send(prune)
+                elif kind == "partial":
+                    _, seen, metrics = message
+                    prune = bool(report_partial(seen, metrics)) if report_partial else False
                     parent_conn.send(prune)
                 elif kind == "step":
                     if on_step is not None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from search.config import TrialConfig
 from search.models import ModelInfo
+from search.precision import uses_autocast
 
 __all__ = [
     "CPU_CALIBRATION",
@@ -184,14 +185,6 @@ def layer_activation_bytes(
     return int(stored)
 
 
-def _cpu_uses_bf16(hidden: int) -> bool:
-    """Whether ``search.train.loop.autocast_dtype`` runs a CPU trial of this width in bf16."""
-    from search.train.loop import CPU_BF16_MIN_HIDDEN
-    from search.train.loop import cpu_has_native_bf16
-
-    return hidden >= CPU_BF16_MIN_HIDDEN and cpu_has_native_bf16()
-
-
 def _encoder_activation_bytes(
     arch: ModelInfo,
     seq: int,
@@ -309,7 +302,7 @@ def estimate_peak_memory(
     cpu = device_type == "cpu"
     # Autocast as search.train.loop runs it: always on accelerators, on CPU only with bf16
     # hardware (AMX / AVX512-BF16) and hidden >= CPU_BF16_MIN_HIDDEN, else the CPU run is fp32.
-    amp = cfg.amp and (not cpu or _cpu_uses_bf16(arch.hidden))
+    amp = uses_autocast(device_type, cfg.amp, hidden=arch.hidden)
     s_q = min(query_len or cfg.max_len, arch.max_tokens)
     s_p = min(passage_len or cfg.max_len, arch.max_tokens)
     b = cfg.batch_size
