@@ -25,6 +25,7 @@ from storage._secrets import is_loopback
 from storage._url import ENV_STORAGE
 from storage._url import ENV_STORAGE_FILE
 from storage._url import default_storage_url
+from storage._url import is_proxy_url
 from storage._url import redact_url
 from storage._url import resolve_storage_url
 from storage._url import scrub
@@ -49,6 +50,7 @@ __all__ = [
     "default_storage_url",
     "heartbeat",
     "is_loopback",
+    "is_proxy_url",
     "is_transient",
     "named_lock",
     "rdb_backend",

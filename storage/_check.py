@@ -13,6 +13,7 @@ from storage._engine import check_driver
 from storage._engine import first_connection
 from storage._engine import unreachable
 from storage._error import StorageUnreachable
+from storage._url import is_proxy_url
 from storage._url import normalize_url
 from storage._url import parse_url
 from storage._url import redact_url
@@ -82,6 +83,8 @@ def check_storage(url: str, *, upgrade: bool = False) -> StorageStatus:
     url = normalize_url(url)
     shown = redact_url(url)
     head = head_version()
+    if is_proxy_url(url):
+        return _check_proxy(url, head, upgrade=upgrade)
     try:
         current = _current_revision(url)
     except StorageUnreachable as exc:
@@ -126,3 +129,19 @@ def _current_revision(url: str) -> str | None:
         raise unreachable(url, exc, None) from None
     finally:
         engine.dispose()
+
+
+def _check_proxy(url: str, head: str, *, upgrade: bool) -> StorageStatus:
+    """A ``search proxy``: it answers (its database opened with a current schema at start)."""
+    from storage._create import create_storage
+
+    try:
+        proxy = create_storage(url, heartbeat_interval=None)
+    except StorageUnreachable as exc:
+        return StorageStatus(url, False, False, None, head, False, str(exc))
+    behind = getattr(proxy, "server", {}).get("storage", "its database")
+    getattr(proxy, "close", lambda: None)()
+    message = f"{url}: reachable; search proxy in front of {behind} (schema checked by the proxy)"
+    if upgrade:
+        message += "; --upgrade: run it against the database's URL, not the proxy"
+    return StorageStatus(url, True, True, head, head, False, message)

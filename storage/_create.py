@@ -26,6 +26,7 @@ from storage._error import StorageError
 from storage._lock import lock_key
 from storage._rdb import ResilientRDBStorage
 from storage._retry import call_with_retry
+from storage._url import is_proxy_url
 from storage._url import normalize_url
 from storage._url import parse_url
 from storage._url import redact_url
@@ -84,8 +85,14 @@ def create_storage(
     max_retry: int = 3,
     max_wait: float = 120.0,
     must_exist: bool = False,
+    pool: tuple[int, int] | None = None,
 ) -> BaseStorage:
     """An Optuna storage for ``url``: PostgreSQL for teams, an SQLite file by default.
+
+    ``grpc://host:port`` is a ``search proxy`` in front of the database
+    (``storage._proxy_client.ProxyStorage``, heartbeats and the budget's operations run by
+    the proxy); an unreachable proxy is a ``StorageUnreachable`` after
+    ``$SEARCH_CONNECT_TIMEOUT`` seconds.
 
     Both are a :class:`ResilientRDBStorage` with heartbeats: a trial whose worker stops
     beating for ``grace_period`` seconds is failed by the next worker that claims a trial, and
@@ -116,6 +123,8 @@ def create_storage(
             connected.
         must_exist: For read-only commands: a missing SQLite file is a ``StorageError``, and
             nothing (neither the file nor its lock) is created.
+        pool: PostgreSQL's ``(pool_size, max_overflow)`` instead of the worker's (4, 4):
+            ``search proxy`` serves many workers from one pool.
 
     Returns:
         The storage (pass it to ``optuna.create_study`` / ``load_study``).
@@ -135,9 +144,13 @@ def create_storage(
         raise ValueError(f"grace_period must be > 0, but got {grace_period=}.")
     if max_retry < 0:
         raise ValueError(f"max_retry must be >= 0, but got {max_retry=}.")
+    if is_proxy_url(url):
+        return _proxy_client(url, heartbeat_interval, grace_period, max_retry)
     backend, path = parse_url(url)
     check_driver(url)
     kwargs = engine_kwargs_for(backend)
+    if pool is not None and backend == "postgresql":
+        kwargs["pool_size"], kwargs["max_overflow"] = pool
     if path is not None:
         check_sqlite_path(path, shown, must_exist=must_exist)
     with _schema_lock(url, backend, path, kwargs, max_wait, shown):
@@ -172,6 +185,24 @@ def create_storage(
         except sqlalchemy.exc.SQLAlchemyError as exc:
             raise unreachable(url, exc, None) from None
     _logger.info("storage %s (heartbeat %s s)", shown, heartbeat_interval)
+    return storage
+
+
+def _proxy_client(
+    url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int
+) -> BaseStorage:
+    """The client of a ``search proxy`` at ``url`` (it has answered)."""
+    from storage._proxy_client import ProxyStorage  # imports grpc: only for grpc:// URLs
+
+    storage = ProxyStorage(
+        url,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        max_retry=max_retry,
+        timeout=connect_timeout(),
+    )
+    _logger.info("storage %s via %s (heartbeat %s s)", storage.server.get("storage"), url,
+                 heartbeat_interval)  # fmt: skip
     return storage
 
 

@@ -6,18 +6,14 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
-from datetime import timedelta
 
 import optuna
-import sqlalchemy
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages._rdb import models
-from optuna.trial import TrialState
 
 from storage._lock import rdb_backend
+from storage._ops import adopt_orphans_in
 
 _logger = logging.getLogger(__name__)
 
@@ -143,27 +139,13 @@ def adopt_orphans(study: optuna.Study) -> list[int]:
     Returns:
         The ids of the adopted trials.
     """
+    remote = getattr(study._storage, "adopt_orphans", None)
+    if remote is not None and is_heartbeat_enabled(study._storage):  # a search proxy does it
+        return list(remote(study._study_id))
     rdb = rdb_backend(study._storage)
     if rdb is None or not is_heartbeat_enabled(rdb):
         return []
     interval = rdb.get_heartbeat_interval()
     assert interval is not None
     grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
-    trials, beats = models.TrialModel, models.TrialHeartbeatModel
-    query = sqlalchemy.select(trials.trial_id).where(
-        trials.study_id == study._study_id,
-        trials.state == TrialState.RUNNING,
-        trials.trial_id.not_in(sqlalchemy.select(beats.trial_id)),
-    )
-    with rdb.engine.connect() as conn:
-        orphans = list(conn.execute(query).scalars())
-    # datetime_start comes from the clock of the client that started the trial.
-    cutoff = datetime.now() - timedelta(seconds=grace)
-    adopted = []
-    for trial_id in orphans:
-        frozen = rdb.get_trial(trial_id)
-        if frozen.datetime_start is None or frozen.datetime_start < cutoff:
-            _logger.warning("trial %d is RUNNING without a heartbeat; adopting it", frozen.number)
-            rdb.record_heartbeat(trial_id)
-            adopted.append(trial_id)
-    return adopted
+    return adopt_orphans_in(rdb, study._study_id, grace)

@@ -7,7 +7,9 @@ idle while its holder works on other connections; ``idle_in_transaction_session_
 the holder is paused (SIGSTOP, a VM pause) or cut off by a network partition the server cannot
 see: without it every other worker would wait until the holder came back. A holder that is only
 slow must finish within that time (the budget's critical section takes well under a second).
-SQLite: an exclusive file lock next to the database file (``<file>.lock``). Anything else
+SQLite: an exclusive file lock next to the database file (``<file>.lock``). Through ``search
+proxy`` (``grpc://``): the proxy takes the lock on its database for the worker and holds it
+while the worker's lock call is open (``storage._proxy_client``). Anything else
 (in-memory storages): a lock within this process only.
 """
 
@@ -92,6 +94,11 @@ def named_lock(storage: BaseStorage, name: str, *, max_wait: float = 120.0) -> I
         name: What is locked, e.g. ``budget:<study id>``.
         max_wait: Seconds to retry taking the lock while the database is briefly away.
     """
+    hold_lock = getattr(storage, "hold_lock", None)
+    if hold_lock is not None:  # a search proxy takes the lock on its database for us
+        with hold_lock(name):
+            yield
+        return
     rdb = rdb_backend(storage)
     if rdb is not None and rdb.engine.dialect.name == "postgresql":
         with _pg_lock(rdb.engine, name, max_wait):

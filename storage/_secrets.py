@@ -72,7 +72,7 @@ def check_password(url: str) -> None:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - a bad URL is reported where it is opened
         return
-    if parsed.get_backend_name() == "sqlite":
+    if parsed.get_backend_name() in ("sqlite", "grpc"):  # a search proxy holds the password
         return
     shown = redact_url(url)
     query_password = parsed.query.get("password")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 from urllib.parse import quote_plus
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
 from sqlalchemy.engine import make_url
@@ -18,6 +19,8 @@ ENV_STORAGE = "SEARCH_STORAGE"
 ENV_STORAGE_FILE = "SEARCH_STORAGE_FILE"
 DEFAULT_FILENAME = "search.db"
 REDACTED = "***"
+PROXY_SCHEME = "grpc://"  # a `search proxy` in front of the database
+DEFAULT_PROXY_PORT = 13000
 
 # Query parameters that carry secrets in libpq / SQLAlchemy URLs.
 _SECRET_QUERY_KEYS = ("password", "sslpassword", "passfile")
@@ -252,3 +255,32 @@ def parse_url(url: str) -> tuple[str, str | None]:
     if not parsed.database:
         raise StorageError(f"bad storage URL {redact_url(url)!r}: no database name")
     return backend, None
+
+
+def is_proxy_url(url: str) -> bool:
+    """Whether ``url`` names a ``search proxy`` (``grpc://host:port``)."""
+    return url.strip().lower().startswith(PROXY_SCHEME)
+
+
+def proxy_address(url: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``grpc://host[:port]`` URL (port 13000 by default).
+
+    Example:
+        >>> proxy_address("grpc://proxy:13001"), proxy_address("grpc://[::1]")
+        (('proxy', 13001), ('::1', 13000))
+    """
+    parts = urlsplit(url.strip())
+    if "@" in parts.netloc:
+        raise StorageError(
+            f"bad storage URL {_redact_userinfo(url)!r}: a proxy URL holds no user or password "
+            f"(the proxy holds the database's)"
+        )
+    try:
+        port = parts.port or DEFAULT_PROXY_PORT
+    except ValueError:
+        port = -1
+    if not parts.hostname or port <= 0 or parts.path not in ("", "/") or parts.query:
+        raise StorageError(
+            f"bad storage URL {url!r}: expected grpc://host:port (the address of `search proxy`)"
+        )
+    return parts.hostname, port

@@ -1,0 +1,193 @@
+"""``grpc://host:port``: a worker's storage through ``search proxy`` (Optuna's gRPC proxy).
+
+Optuna's ``GrpcStorageProxy`` carries the storage API (studies, trials, attributes). What the
+budget rule needs besides -- heartbeats, the stale-trial query, the one-transaction fail and
+re-queue, the orphan adoption, one-transaction trial records and the study's named lock -- has
+no Optuna RPC: ``search proxy`` serves them as a second gRPC service (``search.Extras``, JSON
+messages) on the same port, and runs them on its own database connection
+(``storage._proxy_server``). The named lock is a server-streaming call held open while the
+lock is held: the proxy takes the lock (a PostgreSQL advisory lock, so workers on other
+proxies or straight on the database are excluded too) and releases it when the call ends --
+the worker leaves the block, dies (its connection closes), or holds it past the lease
+(``$SEARCH_LOCK_TIMEOUT``, as for a direct worker).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+import warnings
+from collections.abc import Iterator
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import GrpcStorageProxy
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._grpc import servicer as optuna_servicer
+from optuna.storages._grpc.auto_generated import api_pb2
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import FrozenTrial
+
+from storage._error import StorageError
+from storage._error import StorageUnreachable
+from storage._url import proxy_address
+
+SERVICE = "search.Extras"
+# A lock call refused because the proxy has too many waiters is tried again after this long.
+_BUSY_RETRY_S = (0.02, 0.2)
+
+
+def dump(message: Mapping[str, Any]) -> bytes:
+    """A JSON message of the ``search.Extras`` service."""
+    return json.dumps(message).encode()
+
+
+def load(data: bytes) -> dict[str, Any]:
+    """Read a JSON message of the ``search.Extras`` service."""
+    value = json.loads(data or b"{}")
+    return value if isinstance(value, dict) else {}
+
+
+def trial_to_text(trial: FrozenTrial) -> str:
+    """A trial as text, by Optuna's own gRPC message."""
+    proto = optuna_servicer._to_proto_trial(trial)
+    return base64.b64encode(proto.SerializeToString()).decode()
+
+
+def trial_from_text(text: str) -> FrozenTrial:
+    """The trial written by :func:`trial_to_text`."""
+    return optuna_servicer._from_proto_trial(api_pb2.Trial.FromString(base64.b64decode(text)))
+
+
+class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
+    """Optuna's gRPC proxy client with heartbeats and the budget's operations (module doc).
+
+    Args:
+        url: ``grpc://host:port``.
+        heartbeat_interval: Seconds between heartbeats; ``None`` disables them.
+        grace_period: Seconds without a heartbeat after which a trial is stale (default
+            twice the interval).
+        max_retry: How many times a stale trial is re-queued.
+        timeout: Seconds to wait for the proxy to answer at first.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat_interval: int | None,
+        grace_period: int | None,
+        max_retry: int,
+        timeout: float,
+    ) -> None:
+        host, port = proxy_address(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(host=host, port=port)
+            self._callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.url = url
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.max_wait = 120.0
+        try:
+            self.wait_server_ready(timeout=timeout)
+            self.server = self._call("Hello", {}, timeout=timeout)
+        except (ConnectionError, grpc.RpcError) as exc:
+            self.close()
+            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise StorageError(
+                    f"{url} is a plain Optuna proxy, not `search proxy`: the budget lock and "
+                    f"heartbeats need `search proxy --storage URL`"
+                ) from None
+            raise StorageUnreachable(
+                f"cannot reach the storage proxy {url} within {timeout:g} s "
+                f"($SEARCH_CONNECT_TIMEOUT): is `search proxy` running there?"
+            ) from None
+
+    def _call(self, method: str, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        call = self._channel.unary_unary(
+            f"/{SERVICE}/{method}", request_serializer=dump, response_deserializer=load
+        )
+        return call(request, **kwargs)  # type: ignore[no-any-return]
+
+    @property
+    def grace(self) -> float:
+        """The grace period in seconds (twice the interval when not set)."""
+        if self.grace_period is not None:
+            return float(self.grace_period)
+        return 2.0 * float(self.heartbeat_interval or 0)
+
+    # BaseHeartbeat
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._call("RecordHeartbeat", {"trial_id": trial_id})
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        reply = self._call("StaleTrialIds", {"study_id": study_id, "grace": self.grace})
+        return [int(i) for i in reply["ids"]]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> RetryHeartbeatStaleTrialCallback:
+        return self._callback
+
+    # The budget's operations
+    def adopt_orphans(self, study_id: int) -> list[int]:
+        """``storage.adopt_orphans`` run by the proxy (with this worker's grace period)."""
+        reply = self._call("AdoptOrphans", {"study_id": study_id, "grace": self.grace})
+        return [int(i) for i in reply["ids"]]
+
+    def fail_and_enqueue(
+        self,
+        study_id: int,
+        trial_id: int,
+        user_attrs: Mapping[str, Any],
+        copy: FrozenTrial | None,
+    ) -> bool:
+        """``storage._ops.fail_and_enqueue_in`` run by the proxy: one transaction."""
+        request = {
+            "study_id": study_id,
+            "trial_id": trial_id,
+            "user_attrs": dict(user_attrs),
+            "copy": trial_to_text(copy) if copy is not None else None,
+        }
+        return bool(self._call("FailAndEnqueue", request)["done"])
+
+    def set_trial_attrs(
+        self, trial_id: int, user: Mapping[str, Any], system: Mapping[str, Any]
+    ) -> None:
+        """Set a trial's user and system attributes in one transaction."""
+        self._call("SetTrialAttrs", {"trial_id": trial_id, "user": user, "system": system})
+
+    def set_trial_user_attrs(self, trial_id: int, values: Mapping[str, Any]) -> None:
+        """Set many user attributes of a trial in one transaction."""
+        self.set_trial_attrs(trial_id, values, {})
+
+    @contextmanager
+    def hold_lock(self, name: str) -> Iterator[None]:
+        """Hold the named lock (on the proxy's database) while the block runs."""
+        hold = self._channel.unary_stream(
+            f"/{SERVICE}/Hold", request_serializer=dump, response_deserializer=load
+        )
+        while True:
+            call = hold({"name": name})
+            try:
+                next(call)
+                break
+            except grpc.RpcError as exc:
+                call.cancel()
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+            except StopIteration:  # the proxy stopped before it gave the lock
+                call.cancel()
+                raise StorageError(f"the proxy {self.url} ended the lock call {name}") from None
+            time.sleep(random.uniform(*_BUSY_RETRY_S))
+        try:
+            yield
+        finally:
+            call.cancel()  # the proxy releases the lock

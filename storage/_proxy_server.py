@@ -1,0 +1,174 @@
+"""The server side of ``search proxy``: Optuna's gRPC storage service plus ``search.Extras``.
+
+``search.Extras`` (see ``storage._proxy_client``) runs the budget's operations on the proxy's
+own ``RDBStorage``. The named lock is held by the proxy for the worker: one waiter per lock
+name waits on the database (the others wait in the proxy, holding no connection and at most
+``max_waiters`` server threads, so workers waiting for the lock never starve the lock holder's
+own calls), and the lock is released when the worker's call ends or after the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import optuna
+from optuna.storages import RDBStorage
+from optuna.storages._grpc import servicer as optuna_servicer
+from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
+from storage._lock import lock_timeout
+from storage._lock import named_lock
+from storage._ops import adopt_orphans_in
+from storage._ops import fail_and_enqueue_in
+from storage._ops import stale_trial_ids
+from storage._proxy_client import SERVICE
+from storage._proxy_client import dump
+from storage._proxy_client import load
+from storage._proxy_client import trial_from_text
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 256
+_POLL_S = 0.2  # how often a waiter in the proxy checks that its worker is still there
+
+Handler = Callable[[dict[str, Any], grpc.ServicerContext], dict[str, Any]]
+
+
+class ExtrasService:
+    """``search.Extras``: heartbeats, the stale query, fail-and-re-queue, records, locks."""
+
+    def __init__(self, rdb: RDBStorage, *, max_waiters: int, url: str) -> None:
+        self._rdb = rdb
+        self._url = url
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._waiters = threading.BoundedSemaphore(max_waiters)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's gRPC handler (JSON messages)."""
+        unary: dict[str, Handler] = {
+            "Hello": self.hello,
+            "RecordHeartbeat": self.record_heartbeat,
+            "StaleTrialIds": self.stale_trial_ids,
+            "AdoptOrphans": self.adopt_orphans,
+            "FailAndEnqueue": self.fail_and_enqueue,
+            "SetTrialAttrs": self.set_trial_attrs,
+        }
+        handlers: dict[str, grpc.RpcMethodHandler] = {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=load, response_serializer=dump
+            )
+            for name, fn in unary.items()
+        }
+        handlers["Hold"] = grpc.unary_stream_rpc_method_handler(
+            self.hold, request_deserializer=load, response_serializer=dump
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def hello(self, request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        return {"storage": self._url, "optuna": optuna.__version__}
+
+    def record_heartbeat(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        self._rdb.record_heartbeat(int(request["trial_id"]))
+        return {}
+
+    def stale_trial_ids(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        ids = stale_trial_ids(self._rdb, int(request["study_id"]), float(request["grace"]))
+        return {"ids": ids}
+
+    def adopt_orphans(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        ids = adopt_orphans_in(self._rdb, int(request["study_id"]), float(request["grace"]))
+        return {"ids": ids}
+
+    def fail_and_enqueue(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        copy = trial_from_text(request["copy"]) if request.get("copy") else None
+        done = fail_and_enqueue_in(
+            self._rdb,
+            int(request["study_id"]),
+            int(request["trial_id"]),
+            request.get("user_attrs") or {},
+            copy,
+        )
+        return {"done": done}
+
+    def set_trial_attrs(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        set_all = getattr(self._rdb, "set_trial_attrs", None)
+        trial_id = int(request["trial_id"])
+        user, system = request.get("user") or {}, request.get("system") or {}
+        if set_all is not None:
+            set_all(trial_id, user, system)
+        else:
+            for key, value in user.items():
+                self._rdb.set_trial_user_attr(trial_id, key, value)
+            for key, value in system.items():
+                self._rdb.set_trial_system_attr(trial_id, key, value)
+        return {}
+
+    def hold(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> Iterator[dict[str, Any]]:
+        """Take the lock ``name``, say so, and hold it until the call ends or the lease."""
+        name = str(request["name"])
+        if not self._waiters.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many lock waiters; retry")
+        try:
+            with self._guard:
+                local = self._locks.setdefault(name, threading.Lock())
+            while not local.acquire(timeout=_POLL_S):
+                if not context.is_active():
+                    return
+        finally:
+            self._waiters.release()
+        try:
+            ended = threading.Event()
+            if not context.add_callback(ended.set):  # the worker has gone already
+                return
+            with named_lock(self._rdb, name):
+                yield {"held": True}
+                if not ended.wait(lock_timeout()):
+                    _logger.warning(
+                        "lock %s held past its lease ($SEARCH_LOCK_TIMEOUT=%g s): released",
+                        name,
+                        lock_timeout(),
+                    )
+        finally:
+            local.release()
+
+
+def make_proxy_server(
+    rdb: RDBStorage, host: str, port: int, *, threads: int = DEFAULT_THREADS, url: str = ""
+) -> grpc.Server:
+    """A gRPC server (not started) with Optuna's storage service and ``search.Extras``.
+
+    Optuna's service gets the storage wrapped in its cache (as ``optuna.storages.get_storage``
+    does); the extras run on ``rdb`` itself. Lock waiters take at most half the threads.
+
+    Raises:
+        RuntimeError: The address cannot be bound (in use, or not an address of this host).
+    """
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"))
+    api_pb2_grpc.add_StorageServiceServicer_to_server(
+        optuna_servicer.OptunaStorageProxyService(optuna.storages.get_storage(rdb)), server
+    )
+    extras = ExtrasService(rdb, max_waiters=max(1, threads // 2), url=url)
+    server.add_generic_rpc_handlers((extras.handler(),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    return server
