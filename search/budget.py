@@ -15,23 +15,40 @@ dies; SQLite: a file lock next to the database file). Under that lock it:
    worker also does this every heartbeat interval on a thread of its own
    (:func:`watch_stale`), so a dead worker's trial is re-queued within the grace period plus
    one heartbeat interval even while every survivor is busy with a long trial;
-2. counts the trials that spend the budget: COMPLETE, PRUNED and RUNNING trials, and FAIL
-   trials that were not re-queued (a FAIL trial whose number is in another trial's
-   ``retry_history``, i.e. one that was retried or handed back, does not count: its re-run does);
-3. takes a trial only if that count is below ``N`` -- a re-queued trial first (oldest first),
+2. counts the trials that spend the budget, the trials that trained: COMPLETE, PRUNED (by the
+   pruner, or a real or host OOM) and RUNNING trials, and FAIL trials that were not re-queued
+   (a FAIL trial whose number is in another trial's ``retry_history``, i.e. one that was
+   retried or handed back, does not count: its re-run does). A preflight skip (PRUNED with
+   ``oom_kind`` ``predicted`` or ``frontier``, :func:`is_skip`) is recorded like any trial, so
+   the sampler learns from it, but costs milliseconds and does not spend the budget;
+3. stops the run with :class:`SkipBoundError` (one line: the space does not fit the device)
+   once the study holds ``max_skips`` skips and the budget is not spent yet, so a space where
+   nothing fits cannot sample skips for ever (``study.max_skips_per_trial`` x ``N``);
+4. takes a trial only if that count is below ``N`` -- a re-queued trial first (oldest first),
    then an enqueued one (``study.ask()`` pops WAITING trials in the order they were added),
    then a freshly sampled one -- and records its first heartbeat before releasing the lock.
 
 Every trial that spends the budget was taken under the lock while the count was below ``N``,
 and a trial leaves the count only when its re-run is queued, so the count never exceeds ``N``
-and the study ends with exactly ``N`` finished trials (WAITING trials left over, e.g. baselines
-beyond a small budget, do not count). When the count has reached ``N`` but other workers'
+and the study ends with exactly ``N`` finished trials that trained (WAITING trials left over,
+e.g. baselines beyond a small budget, do not count; neither do skips). A claimed trial counts
+while RUNNING and leaves the count when it ends as a skip, so the count still never exceeds
+``N``. When the count has reached ``N`` but other workers'
 trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
 (its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
 interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial
 appears (then runs it). A worker handing back its trial on SIGTERM or SIGINT
 (:func:`hand_back`) fails it with the user attribute ``handed_back`` and re-queues its
 parameters under the same lock and in the same transaction, so it is counted once.
+
+Through ``search proxy`` (``--storage grpc://host:port``) every step above is the same, but
+the lock, the heartbeats, the stale query and the fail-and-re-queue transaction have no call in
+Optuna's gRPC API: the proxy serves them as a second gRPC service and runs them on its own
+database connection for the worker (``storage._proxy_client``). The proxy holds the advisory
+lock while the worker's lock call is open and releases it when the worker leaves the lock,
+dies (its connection closes) or holds it past ``$SEARCH_LOCK_TIMEOUT``; because it is the
+same PostgreSQL advisory lock, workers on several proxies and workers straight on the
+database can share one study.
 """
 
 from __future__ import annotations
@@ -46,7 +63,6 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 import optuna
@@ -54,16 +70,16 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
+from search.errors import RunError
 from search.trial_record import handed_back_attrs
 from storage import adopt_orphans
 from storage import named_lock
 from storage import rdb_backend
+from storage._ops import fail_and_enqueue
 from storage._retry import call_with_retry
 
 _logger = logging.getLogger(__name__)
@@ -79,6 +95,10 @@ _SPENT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 class BudgetError(ValueError):
     """The budget is missing, invalid or conflicts with the stored one; one-line message."""
+
+
+class SkipBoundError(RunError):
+    """The study skipped ``max_skips`` configs for memory before spending its budget (one line)."""
 
 
 def _lock_name(study: optuna.Study) -> str:
@@ -129,17 +149,33 @@ def requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, ())}
 
 
+def is_skip(trial: FrozenTrial) -> bool:
+    """A preflight skip: PRUNED without training, ``oom_kind`` ``predicted`` or ``frontier``."""
+    return (
+        trial.state == TrialState.PRUNED
+        and trial.user_attrs.get(attrs.OOM_KIND) in attrs.SKIP_KINDS
+    )
+
+
+def skip_count(trials: Sequence[FrozenTrial]) -> int:
+    """Preflight skips (:func:`is_skip`): recorded trials that do not spend the budget."""
+    return sum(is_skip(t) for t in trials)
+
+
 def spent_count(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that spend the budget: COMPLETE, PRUNED, RUNNING, and FAIL not re-queued."""
+    """Trials that spend the budget (trained): COMPLETE, PRUNED but not skipped, RUNNING, and
+    FAIL not re-queued."""
     requeued = requeued_numbers(trials)
     return sum(
-        t.state in _SPENT_STATES or (t.state == TrialState.FAIL and t.number not in requeued)
+        (t.state in _SPENT_STATES and not is_skip(t))
+        or (t.state == TrialState.FAIL and t.number not in requeued)
         for t in trials
     )
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Finished trials that count toward the budget: COMPLETE, PRUNED, FAIL not re-queued."""
+    """Finished trials that count toward the budget: COMPLETE, PRUNED (not skips), FAIL not
+    re-queued."""
     trials = study.get_trials(deepcopy=False)
     return spent_count(trials) - sum(t.state == TrialState.RUNNING for t in trials)
 
@@ -151,6 +187,8 @@ def claim_trial(
     wait: bool = True,
     poll_interval: float | None = None,
     stop: Callable[[], bool] | None = None,
+    max_skips: int | None = None,
+    before_ask: Callable[[optuna.Study, Sequence[FrozenTrial]], Mapping[str, Any]] | None = None,
 ) -> optuna.trial.Trial | None:
     """Take the next trial if the study's budget allows it (see the module docstring).
 
@@ -163,9 +201,18 @@ def claim_trial(
             (a worker notices the study's end within 2 s).
         stop: Checked before each claim and during the polls; True returns ``None`` (a
             SIGTERM while the worker waits ends it within a tenth of a second).
+        max_skips: Skips the study may hold while its budget is not spent; at that many,
+            raise :class:`SkipBoundError` instead of claiming. ``None``: no bound.
+        before_ask: Called under the lock with the study's trials before a trial that is not
+            re-queued is asked for (``search.stages.StagePlan``: picks the stage, may enqueue
+            its seeds); returns user attributes for the new trial, which an enqueued trial's
+            own attributes override.
 
     Returns:
         A RUNNING trial (its first heartbeat recorded), or ``None`` once nothing is left.
+
+    Raises:
+        SkipBoundError: The study holds ``max_skips`` skips and its budget is not spent.
     """
     storage = study._storage
     beating = is_heartbeat_enabled(storage)
@@ -180,8 +227,23 @@ def claim_trial(
             if beating:
                 _sweep(study)
             trials = study.get_trials(deepcopy=False)
-            if spent_count(trials) < budget:
-                trial = _pop_requeued(study, trials) or study.ask()
+            spent = spent_count(trials)
+            if spent < budget:
+                skips = skip_count(trials)
+                if max_skips is not None and skips >= max_skips:
+                    raise SkipBoundError(
+                        f"study {study.study_name!r}: {skips} configs skipped for memory "
+                        f"(predicted or frontier OOM) with only {spent} of {budget} trials "
+                        f"trained: the space does not fit the device; narrow space.batch_size / "
+                        f"space.max_len or add space.conditions, or use a bigger device"
+                    )
+                trial = _pop_requeued(study, trials)
+                if trial is None:
+                    new_attrs = before_ask(study, trials) if before_ask is not None else {}
+                    trial = study.ask()
+                    for key, value in new_attrs.items():
+                        if key not in trial.user_attrs:  # an enqueued trial keeps its own
+                            trial.set_user_attr(key, value)
                 if isinstance(storage, BaseHeartbeat) and beating:
                     first_beat = functools.partial(storage.record_heartbeat, trial._trial_id)
                     _retried(storage, first_beat, "first heartbeat")
@@ -209,9 +271,7 @@ def _retried(storage: optuna.storages.BaseStorage, fn: Callable[[], Any], what: 
     return call_with_retry(fn, max_wait=max_wait, what=what)
 
 
-def _pop_requeued(
-    study: optuna.Study, trials: Sequence[FrozenTrial]
-) -> optuna.trial.Trial | None:
+def _pop_requeued(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.trial.Trial | None:
     """Take the oldest WAITING re-queued trial (a retry or hand-back), ahead of enqueued ones."""
     storage = study._storage
     for frozen in trials:
@@ -270,8 +330,15 @@ def fail_and_requeue(
                 RETRY_HISTORY: history,
             },
         )
-    rdb = rdb_backend(storage)
-    if rdb is None:
+    # One transaction in the database (or by the search proxy in front of it). A transaction
+    # cut off by a dropped connection was rolled back: running it again is safe (it checks
+    # the state first).
+    done = _retried(
+        storage,
+        lambda: fail_and_enqueue(storage, study._study_id, trial_id, user_attrs or {}, copy),
+        "fail and re-queue",
+    )
+    if done is None:  # no database (in-memory studies): two steps
         for key, value in (user_attrs or {}).items():
             storage.set_trial_user_attr(trial_id, key, value)
         try:
@@ -281,26 +348,6 @@ def fail_and_requeue(
         if copy is not None:
             study.add_trial(copy)
         return frozen
-
-    def transaction() -> bool:
-        with _create_scoped_session(rdb.scoped_session) as session:
-            models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
-            row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-            if row.state != TrialState.RUNNING:
-                return False
-            for key, value in (user_attrs or {}).items():
-                rdb._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial_id, key, value
-                )
-            row.state = TrialState.FAIL
-            row.datetime_complete = datetime.now()
-            if copy is not None:
-                rdb._get_prepared_new_trial(study._study_id, copy, session)
-            return True
-
-    # A transaction cut off by a dropped connection was rolled back: running it again is safe
-    # (it checks the state first).
-    done = _retried(storage, transaction, "fail and re-queue")
     study._thread_local.cached_all_trials = None
     return frozen if done else None
 

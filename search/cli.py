@@ -439,5 +439,26 @@ def spec_check(
     console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
 
 
+@spec_app.command("from-wandb")
+def spec_from_wandb(
+    sweep: Annotated[Path, typer.Argument(help="The W&B sweep (YAML).", show_default=False)],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The spec file to write (else stdout).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+) -> None:
+    """Turn a W&B sweep configuration into a study spec (checked before it is written)."""
+    from search.wandb_sweep import convert_file
+
+    with _user_errors():
+        result = convert_file(sweep, output, force=force)
+    if output is None:
+        sys.stdout.write(result.to_yaml())
+        return
+    for note in result.notes:
+        console.print(f"  {note}", highlight=False, markup=False)
+    console.print(f"wrote {output}. Run it: search run --spec {output} --tiny", highlight=False)
+
+
 if __name__ == "__main__":
     app()

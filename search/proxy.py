@@ -13,6 +13,8 @@ import signal
 import threading
 from types import FrameType
 
+import optuna
+
 from storage import StorageError
 from storage import create_storage
 from storage import is_proxy_url
@@ -42,6 +44,7 @@ def serve(url: str, *, host: str, port: int, threads: int) -> str:
     if is_proxy_url(url):
         raise ProxyError(f"--storage {url}: the proxy needs the database's URL, not a proxy's")
     shown = redact_url(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     storage = create_storage(url, heartbeat_interval=None, pool=POOL)
     try:
         server = make_proxy_server(storage, host, port, threads=threads, url=shown)  # type: ignore[arg-type]
