@@ -49,6 +49,9 @@ class TrialConfig:
         eval_every_steps: Every this many training examples seen, score the eval sample and
             report it to the pruner (``training.eval_every_steps``); None: per epoch only.
         eval_sample_queries: Queries in that fixed eval sample (the same for every trial).
+        save_dir: Save the trained encoder there as a sentence-transformers model (with
+            ``search.json``) after the last evaluation (``search.export``); None: not saved.
+            Set by the worker for one run only, never recorded in the trial's config.
     """
 
     model: str
@@ -77,6 +80,7 @@ class TrialConfig:
     gradient_cache: int = 0
     eval_every_steps: int | None = None
     eval_sample_queries: int = 200
+    save_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

@@ -497,6 +497,10 @@ def train(
         if report is not None and report(epoch, dict(metrics)):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
+    if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time
+        from search.export import save_sentence_transformer
+
+        save_sentence_transformer(model, cfg, cfg.save_dir, history=history)
     return TrainResult(
         metrics=metrics,
         history=history,
