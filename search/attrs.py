@@ -35,6 +35,8 @@ WORKER = "worker"
 HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
 WANDB_RUN_ID = "wandb_run_id"  # the trial's W&B run (search.tracking)
 WANDB_RUN_PATH = "wandb_run_path"  # its W&B path: [entity/]project/run_id
+MODEL_ARTIFACT = "model_artifact"  # artifact id of the trial's saved model (top K; search.keep)
+MODEL_ARTIFACT_STORE = "model_artifact_store"  # the store holding it: a directory or a URL
 STAGE = "stage"  # the spec stage the trial ran in (search.stages); absent: single stage
 
 # Legacy trial user attributes: written before issue 8, still read as a fallback.
@@ -56,6 +58,8 @@ STUDY_MODELS = "models"  # the models searched, when --skip-unavailable left som
 
 # Study system attributes.
 STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.study_store)
+# One key per kept model later removed (pushed out of the top K): prefix + artifact id -> trial.
+MODEL_REMOVED_PREFIX = "search:model_removed:"
 STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
 
 # Vocabularies.

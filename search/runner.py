@@ -46,6 +46,7 @@ from search.errors import RunError
 from search.isolation import TrialOutcome
 from search.isolation import run_isolated
 from search.isolation import warm_up
+from search.keep import keeper_for
 from search.model_facts import facts_of_directory
 from search.model_facts import model_ref
 from search.model_facts import resolve_facts
@@ -456,8 +457,9 @@ def _run_trial(
             trial.report(metrics[metric], examples_seen)  # the eval sample's score
             return trial.should_prune()
 
+        keeper = keeper_for(study, spec, opts)  # top-K models (search.keep)
         outcome = run_isolated(
-            cfg,
+            keeper.prepare(cfg, trial.number),  # with save_dir when models are kept
             report=report,
             memory_limit_bytes=opts.memory_limit,
             objective=opts.objective,
@@ -469,7 +471,9 @@ def _run_trial(
     # is an interruption too, not the trial's failure.
     if outcome.status == "stopped" or (stop() and outcome.status in ("killed", "failed")):
         raise _Interrupted()
+    keeper.keep(trial, outcome, metric)  # upload if it enters the top K; never raises
     frozen = _tell(study, trial, outcome, metric, storage, time.monotonic() - started)
+    keeper.prune()  # remove the models pushed out of the top K
     run.finish(frozen)
     return frozen
 

@@ -239,6 +239,14 @@ class TrackingSection(_Strict):
     project: str | None = Field(default=None, min_length=1)  # default: the study's name
 
 
+class ArtifactsSection(_Strict):
+    """Trained models kept as Optuna artifacts (``search.keep``): the top K trials' encoders."""
+
+    top_k: int = Field(default=3, ge=0)  # 0: keep no model (``search best --export`` retrains)
+    store: str | None = Field(default=None, min_length=1)  # a directory or file:// URL; default
+    # --artifacts / $SEARCH_ARTIFACTS, else beside the SQLite file
+
+
 class StageSection(_Strict):
     """One stage of a staged search (``stages:``), run in order on one study (search.stages).
 
@@ -269,6 +277,7 @@ class StudySpec(_Strict):
     sampler: SamplerSection = SamplerSection()
     pruner: PrunerSection = PrunerSection()
     tracking: TrackingSection = TrackingSection()
+    artifacts: ArtifactsSection = ArtifactsSection()
     stages: list[StageSection] = Field(default_factory=list)  # none: one implicit stage
     source: str = ""
 

@@ -1,0 +1,284 @@
+"""Search in stages: the spec's ``stages:`` run in order on one study, one budget share each.
+
+The team's playbook as a spec: ``baseline`` maps the space with the small models, ``big-safe``
+tries the big model within its safe region (seeded by the OOM frontier learned so far),
+``refine`` explores around the best configs so far (``search.refine``). Every trial records its
+stage (user attribute ``stage``). The space stays the same in every stage (one distribution per
+parameter, so TPE learns across stages); a stage only restricts what the sampler proposes
+(``search.sampling.ConditionalSampler``: its models and its ``batch_size`` / ``max_len``
+choices), as the space's conditions do.
+
+Workers follow the same order without talking to each other: under the study's budget lock
+(``search.budget.claim_trial``) the current stage is derived from the study's trials, the first
+stage whose budget share is not yet spent (trials that spend the budget, counted as the study's
+budget counts them, ``search.budget.spent_count``); the last stage runs until the study's
+budget is spent. A stage's seeds are enqueued once, by the worker that first claims a trial in
+it, under the same lock (a study system attribute records it).
+
+Example:
+    >>> from search.spec import load_spec, shipped_spec_path
+    >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
+    >>> [s.name for s in spec.stages], current_stage(spec, [], 32).name
+    (['baseline', 'big-safe', 'refine'], 'baseline')
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
+
+from search import attrs
+from search.space_check import CONDITIONAL_PARAMS
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from search.config import TrialConfig
+    from search.spec import StageSection
+    from search.spec import StudySpec
+
+# {stage: {"model": models, "batch_size": {model: choices}, "max_len": {model: choices}}}
+StageChoices = dict[str, Any]
+
+
+class StageError(ValueError):
+    """A bad ``stages:`` entry: ``field stages.N.KEY (value: V): why`` (one line)."""
+
+
+def _fail(i: int, key: str, value: object, why: str) -> StageError:
+    return StageError(f"field stages.{i}.{key} (value: {value!r}): {why}")
+
+
+def check_stages(spec: StudySpec) -> None:
+    """Check ``spec.stages`` against its models, space and budget.
+
+    Raises:
+        StageError: A repeated name, a model not in ``models``, a condition that is not a
+            subset of the model's choices, a missing or too large budget share, or ``top_k``
+            seeding on the first stage (nothing to refine around yet).
+    """
+    stages = spec.stages
+    seen: set[str] = set()
+    for i, stage in enumerate(stages):
+        if stage.name in seen:
+            raise _fail(i, "name", stage.name, "given to two stages; stage names must differ")
+        seen.add(stage.name)
+        models = stage_models(spec, stage)
+        for model in models:
+            if model not in spec.models:
+                raise _fail(i, "models", model, f"not in models ({', '.join(spec.models)})")
+        for model, cond in stage.conditions.items():
+            if model not in models:
+                raise _fail(i, "conditions", model, "not one of the stage's models")
+            for field in CONDITIONAL_PARAMS:
+                sub = getattr(cond, field)
+                allowed = spec.space.choices_for(model)[field]
+                if sub is not None and (not sub or any(x not in allowed for x in sub)):
+                    raise _fail(
+                        i,
+                        f"conditions.{model}.{field}",
+                        sub,
+                        f"must be a non-empty subset of {model}'s choices {allowed}",
+                    )
+        if stage.n_trials is None and i < len(stages) - 1:
+            raise _fail(i, "n_trials", None, "every stage but the last needs its budget share")
+        if i == 0 and stage.seed == "top_k":
+            raise _fail(i, "seed", stage.seed, "the first stage has no trials to refine around")
+    given = sum(s.n_trials or 0 for s in stages)
+    last_open = bool(stages) and stages[-1].n_trials is None
+    limit = spec.study.n_trials - (1 if last_open else 0)
+    if stages and given > limit:
+        raise _fail(
+            len(stages) - 1,
+            "n_trials",
+            stages[-1].n_trials,
+            f"the stages' budget shares add up to {given}, more than study.n_trials "
+            f"{spec.study.n_trials}" + (" leaves the last stage" if last_open else ""),
+        )
+
+
+def stage_models(spec: StudySpec, stage: StageSection) -> list[str]:
+    """The models a stage samples (all the spec's models when it names none), in spec order."""
+    if stage.models is None:
+        return list(spec.models)
+    return list(stage.models)
+
+
+def stage_choices(spec: StudySpec) -> dict[str, StageChoices]:
+    """Per stage: its models and each model's ``batch_size`` / ``max_len`` choices.
+
+    >>> from search.spec import load_spec, shipped_spec_path
+    >>> big = stage_choices(load_spec(shipped_spec_path("ko-retrieval")))["big-safe"]
+    >>> big["model"], big["batch_size"]["bge-m3-ko"], big["max_len"]["bge-m3-ko"]
+    (('bge-m3-ko',), (32, 64), (256, 384))
+    """
+    out: dict[str, StageChoices] = {}
+    for stage in spec.stages:
+        models = stage_models(spec, stage)
+        entry: StageChoices = {"model": tuple(models)}
+        for field in CONDITIONAL_PARAMS:
+            per: dict[str, tuple[int, ...]] = {}
+            for model in models:
+                own = getattr(stage.conditions.get(model), field, None)
+                per[model] = tuple(own or spec.space.choices_for(model)[field])
+            entry[field] = per
+        out[stage.name] = entry
+    return out
+
+
+def stage_of(trial: FrozenTrial) -> str | None:
+    """The stage a trial ran in (its user attribute), or None (a single-stage study)."""
+    value = trial.user_attrs.get(attrs.STAGE)
+    return str(value) if value is not None else None
+
+
+def current_stage(spec: StudySpec, trials: Sequence[FrozenTrial], budget: int) -> StageSection:
+    """The first stage whose budget share is not spent yet; else the last stage.
+
+    A share is spent by the trials recorded in that stage that spend the study's budget
+    (``search.budget.spent_count``). ``budget`` is the study's budget in force (it may differ
+    from ``study.n_trials`` after ``--n-trials``): a stage's share never reaches past it.
+    """
+    from search.budget import spent_count
+
+    if not spec.stages:
+        raise ValueError("the spec declares no stages")
+    start = 0
+    for stage in spec.stages[:-1]:
+        share = min(stage.n_trials or 0, max(budget - start, 0))
+        start += share
+        spent = spent_count([t for t in trials if stage_of(t) == stage.name])
+        if spent < share:
+            return stage
+    return spec.stages[-1]
+
+
+def frontier_seeds(
+    spec: StudySpec,
+    stage: StageSection,
+    trials: Sequence[FrozenTrial],
+    *,
+    config_for: Callable[[str, int, int], TrialConfig],
+    device_total_bytes: int,
+) -> list[dict[str, Any]]:
+    """Per model of ``stage``: its largest ``batch_size`` x ``max_len`` no real OOM rules out.
+
+    Largest by batch x length (ties: the longer length). A shape that an earlier real OOM of
+    the study rules out on this device (``search.frontier.find_frontier_oom``) is passed over;
+    a model whose every shape is ruled out gets no seed. ``config_for(model, batch, max_len)``
+    builds the effective config the frontier compares (the runner's ``build_config``).
+
+    Returns:
+        Fixed parameters to enqueue (``model``, ``batch_size``, ``max_len``).
+    """
+    from search.frontier import find_frontier_oom
+
+    choices = stage_choices(spec)[stage.name]
+    out = []
+    for model in choices["model"]:
+        shapes = sorted(
+            ((b, n) for b in choices["batch_size"][model] for n in choices["max_len"][model]),
+            key=lambda s: (s[0] * s[1], s[1]),
+            reverse=True,
+        )
+        for batch, length in shapes:
+            cfg = config_for(model, batch, length)
+            if find_frontier_oom(trials, cfg, device_total_bytes) is None:
+                out.append({"model": model, "batch_size": batch, "max_len": length})
+                break
+    return out
+
+
+class StagePlan:
+    """The claim hook of a staged run: under the budget lock, pick the stage and seed it.
+
+    Called by ``search.budget.claim_trial`` before it samples a fresh trial; sets the
+    sampler's current stage (the restriction ``ConditionalSampler`` applies), enqueues the
+    stage's seeds the first time a trial is claimed in it, and returns the user attributes
+    of the new trial (its stage). A popped enqueued or re-queued trial keeps the stage it was
+    queued with.
+
+    Args:
+        spec: The study spec (with ``stages``).
+        sampler: The study's ``ConditionalSampler`` (its ``stage`` is set here).
+        budget: The study's budget in force.
+        config_for: ``(model, batch, max_len) -> TrialConfig`` for frontier checks.
+        device_total_bytes: Memory a trial may use on this worker's device.
+        seed: Seed of the refine draws.
+    """
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        sampler: Any,
+        budget: int,
+        *,
+        config_for: Callable[[str, int, int], TrialConfig],
+        device_total_bytes: int,
+        seed: int | None = None,
+    ) -> None:
+        self._spec = spec
+        self._sampler = sampler
+        self._budget = budget
+        self._config_for = config_for
+        self._device_total_bytes = device_total_bytes
+        self._rng = random.Random(seed)
+
+    def __call__(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+        stage = current_stage(self._spec, trials, self._budget)
+        self._sampler.stage = stage.name
+        key = attrs.STUDY_STAGE_SEEDED + stage.name
+        storage = study._storage
+        if stage.seed != "none" and not storage.get_study_system_attrs(study._study_id).get(key):
+            for params in self.seeds(stage, trials):
+                study.enqueue_trial(params, user_attrs={attrs.STAGE: stage.name})
+            storage.set_study_system_attr(study._study_id, key, True)
+        return {attrs.STAGE: stage.name}
+
+    def seeds(self, stage: StageSection, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+        """What ``stage`` enqueues when it starts (see ``StageSection.seed``)."""
+        if stage.seed == "frontier":
+            return frontier_seeds(
+                self._spec,
+                stage,
+                trials,
+                config_for=self._config_for,
+                device_total_bytes=self._device_total_bytes,
+            )
+        from search.refine import refine_candidates
+
+        share = stage.n_trials or max(self._budget - _shares_before(self._spec, stage), 1)
+        return refine_candidates(
+            trials,
+            self._spec,
+            top_k=stage.top_k,
+            n=share,
+            rng=self._rng,
+            stage=stage.name,
+            device_total_bytes=self._device_total_bytes,
+        )
+
+
+def _shares_before(spec: StudySpec, stage: StageSection) -> int:
+    total = 0
+    for s in spec.stages:
+        if s.name == stage.name:
+            break
+        total += s.n_trials or 0
+    return total
+
+
+def gain(best: float | None, earlier: float | None, *, maximize: bool) -> float | None:
+    """How much ``best`` improves on ``earlier`` (positive: better), or None if either is missing.
+
+    >>> gain(0.71, 0.70, maximize=True) > 0, gain(0.5, 0.4, maximize=False) < 0
+    (True, True)
+    """
+    if best is None or earlier is None or not (math.isfinite(best) and math.isfinite(earlier)):
+        return None
+    return best - earlier if maximize else earlier - best
