@@ -65,6 +65,7 @@ USER_ERRORS = (
     ("search.budget", "BudgetError"),
     ("search.model_resolve", "ModelsUnavailableError"),
     ("storage", "StorageError"),
+    ("search.refine", "RefineError"),
 )
 
 
@@ -403,6 +404,70 @@ def proxy(
     with _user_errors():
         stopped_by = serve(resolve_storage_url(storage), host=host, port=port, threads=threads)
     err_console.print(f"search proxy stopped ({stopped_by})", highlight=False)
+
+
+@app.command("refine")
+def refine_cmd(
+    study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
+    storage: StorageOpt = None,
+    top: Annotated[
+        int, typer.Option("--top", min=1, help="Refine around this many best trials.")
+    ] = 3,
+    n_trials: Annotated[
+        int, typer.Option("--n-trials", min=1, help="Enqueue at most this many configs.")
+    ] = 8,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random draws.")] = None,
+) -> None:
+    """Enqueue new configs around the top K trials; the study's next run or workers run them.
+
+    Neighbouring batch sizes and lengths within the space and its conditions, learning rate
+    and temperature within a factor of 2 of the best; never a config already tried or one an
+    earlier real OOM rules out. The study's budget grows by the number enqueued.
+    """
+    import optuna
+    from pydantic import ValidationError
+
+    from search import attrs
+    from search.refine import enqueue_refine
+    from search.spec import StudySpec
+    from storage import create_storage
+    from storage import redact_url
+    from storage import resolve_storage_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _user_errors():
+        url = resolve_storage_url(storage)
+        store = create_storage(url, heartbeat_interval=None, must_exist=True)
+        try:
+            loaded = optuna.load_study(study_name=study, storage=store)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+            _fail(
+                f"--study {study!r}: no such study in {redact_url(url)} "
+                f"(studies: {', '.join(names) or 'none'})"
+            )
+        stored = loaded.user_attrs.get(attrs.STUDY_SPEC)
+        try:
+            spec = StudySpec.model_validate(stored)
+        except ValidationError:
+            _fail(f"--study {study!r}: the study holds no readable spec (run by search run?)")
+        done = enqueue_refine(loaded, spec, top_k=top, n=n_trials, seed=seed)
+    from search.report_view import short_config
+
+    budget = loaded.user_attrs.get(attrs.STUDY_N_TRIALS)
+    console.print(
+        f"enqueued {len(done)} config{'' if len(done) == 1 else 's'} around the top {top} "
+        f"trials of study {study} (budget now {budget} trials)",
+        highlight=False,
+    )
+    for params in done:
+        console.print(f"  {params['model']} {short_config(params)}", highlight=False)
+    if done:
+        again = f"search run --spec {shlex.quote(spec.source)} --study-name {shlex.quote(study)}"
+        if not _storage_from_env(storage):
+            again += f" --storage {shlex.quote(redact_url(url))}"
+        tiny = " --tiny" if study.endswith("-tiny") else ""
+        console.print(f"run them: {again}{tiny} (or search worker ...)", highlight=False)
 
 
 @spec_app.command("init")

@@ -114,6 +114,7 @@ SUMMARY_KEYS = (
     attrs.PEAK_MEMORY_MB,
     attrs.BATCH_SIZE,
     attrs.MAX_LEN,
+    attrs.STAGE,
 )
 
 
@@ -145,6 +146,15 @@ def study_report(
         for row in rows:
             if row.best_trial_id is not None:
                 row.best_config = configs.get(row.best_trial_id)
+    stages = stage_rows(trials, direction=direction)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        ids = {m["best_trial_id"] for st in stages for m in st["models"]} - {None}
+        configs = _best_configs(storage, sorted(ids))
+        for st in stages:
+            for m in st["models"]:
+                m["best_config"] = configs.get(m["best_trial_id"], m["best_config"])
+    for st in stages:
+        st["models"] = [_without(m, "best_trial_id") for m in st["models"]]
     total_seconds = sum(r.seconds for r in rows)
     return {
         "study": study.study_name,
@@ -159,7 +169,62 @@ def study_report(
             {**_without(asdict(r), "best_trial_id"), "pruned_oom": r.pruned_oom} for r in rows
         ],
         "oom_configs": oom_configs(trials, [r.model for r in rows]),
+        "stages": stages,
     }
+
+
+def stage_rows(
+    trials: Sequence[FrozenTrial], *, direction: str = "maximize"
+) -> list[dict[str, Any]]:
+    """Per stage of a staged search, in the order the stages ran: the best per model, and
+    ``gain``, what the stage's best adds over the best of the earlier stages (positive: better;
+    for ``refine``, what refining gained). Empty for a single-stage study.
+    """
+    from search.stages import gain
+    from search.stages import stage_of
+
+    maximize = direction == "maximize"
+    by_stage: dict[str, list[FrozenTrial]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        name = stage_of(t)
+        if name is not None and t.state != TrialState.WAITING:
+            by_stage.setdefault(name, []).append(t)
+    out: list[dict[str, Any]] = []
+    earlier: float | None = None
+    for name, members in by_stage.items():
+        models = model_rows(members, direction=direction)
+        best = min(
+            (r for r in models if r.best_value is not None),
+            key=lambda r: -r.best_value if maximize else r.best_value,  # type: ignore[operator]
+            default=None,
+        )
+        best_value = best.best_value if best is not None else None
+        out.append(
+            {
+                "stage": name,
+                "trials": len(members),
+                "best_value": best_value,
+                "best_trial": best.best_trial if best is not None else None,
+                "best_before": earlier,
+                "gain": gain(best_value, earlier, maximize=maximize),
+                "models": [
+                    {
+                        "model": r.model,
+                        "trials": r.trials,
+                        "best_value": r.best_value,
+                        "best_trial": r.best_trial,
+                        "best_trial_id": r.best_trial_id,
+                        "best_config": r.best_config,
+                    }
+                    for r in models
+                ],
+            }
+        )
+        if best_value is not None and (
+            earlier is None or _is_better(best_value, earlier, maximize)
+        ):
+            earlier = best_value
+    return out
 
 
 def read_trials(
@@ -245,8 +310,14 @@ def oom_configs(trials: Sequence[FrozenTrial], models: Sequence[str]) -> list[di
                 str(phase))  # fmt: skip
 
     return [
-        {"model": k[0], "batch_size": k[1], "max_len": k[2], "kind": k[3], "phase": k[4],
-         "trials": sorted(groups[k])}  # fmt: skip
+        {
+            "model": k[0],
+            "batch_size": k[1],
+            "max_len": k[2],
+            "kind": k[3],
+            "phase": k[4],
+            "trials": sorted(groups[k]),
+        }  # fmt: skip
         for k in sorted(groups, key=sort_key)
     ]
 

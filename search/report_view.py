@@ -154,11 +154,43 @@ def oom_table(report: dict[str, Any]) -> Table | Text:
     return table
 
 
+def stages_table(report: dict[str, Any]) -> Table | None:
+    """A staged search: each stage's best per model, and what it gained over earlier stages."""
+    stages = report.get("stages") or []
+    if not stages:
+        return None
+    metric = metric_label(str(report.get("metric") or "ndcg@10"))
+    table = _table(f"best {metric} per model per stage, in the order the stages ran")
+    table.caption = "gain: the stage's best minus the best of the earlier stages"
+    table.caption_justify = "left"
+    table.add_column("stage")
+    table.add_column("model")
+    table.add_column("trials", justify="right")
+    table.add_column(f"best {metric}", justify="right")
+    table.add_column("gain", justify="right")
+    table.add_column("best config", overflow="fold")
+    for st in stages:
+        gain = st.get("gain")
+        shown = "-" if gain is None else f"{gain:+.4f}"
+        for i, m in enumerate(st["models"]):
+            table.add_row(
+                st["stage"] if i == 0 else "",
+                m["model"],
+                str(m["trials"]),
+                "-" if m["best_value"] is None else f"{m['best_value']:.4f} #{m['best_trial']}",
+                shown if i == 0 else "",
+                short_config(m.get("best_config")),
+            )
+    return table
+
+
 def report_view(report: dict[str, Any]) -> Group:
-    """The whole report: best line, outcomes, best per model, OOM configs."""
+    """The whole report: best line, outcomes, best per model, per stage, OOM configs."""
     parts: list[RenderableType] = [best_line(report)]
-    for part in (outcomes_table(report), best_table(report), oom_table(report)):
-        parts += [Text(""), part]
+    tables = (outcomes_table(report), best_table(report), stages_table(report), oom_table(report))
+    for part in tables:
+        if part is not None:
+            parts += [Text(""), part]
     return Group(*parts)
 
 
@@ -167,4 +199,3 @@ def report_text(report: dict[str, Any], width: int = WIDTH) -> str:
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(report_view(report))
     return console.export_text()
-
