@@ -1,0 +1,101 @@
+"""The top-K rule: after 20 tiny trials exactly K models are kept, those of the K best trials.
+
+The trials are real (``run_study`` on a tiny replica, a few training pairs, one epoch), so
+each one saves a real sentence-transformers directory in its own process and the worker
+uploads and removes real artifacts in the study's directory beside the SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from search import attrs
+from search.export import read_search_json
+from search.keep import extract_model
+from search.keep import kept_models
+from search.keep import open_store
+from search.keep import removed_artifacts
+from search.options import DEFAULT_CACHE
+from search.options import RunOptions
+from search.runner import run_study
+from search.spec import PACKAGE_DIR
+from search.spec import load_spec
+
+DEMO = PACKAGE_DIR / "studies/data/ko-demo"
+K = 3
+N = 20
+
+
+def _spec(tmp_path: Path, top_k: int) -> Path:
+    path = tmp_path / "topk.yaml"
+    path.write_text(
+        f"""study: {{name: topk, direction: maximize, metric: ndcg@10, n_trials: {N}}}
+models:
+  multilingual-minilm: {{}}
+space:
+  batch_size: [8]
+  max_len: [32]
+  lr: {{low: 1.0e-5, high: 5.0e-3, log: true}}
+  temperature: {{low: 0.01, high: 0.1, log: true}}
+  warmup_ratio: {{low: 0.0, high: 0.2}}
+  weight_decay: {{low: 0.0, high: 0.1}}
+training: {{epochs: 1, amp: false, gradient_checkpointing: false, hard_negatives: 0,
+           seed: 0, max_train_samples: 16}}
+data: {{train: {DEMO / "train.jsonl"}, eval: {DEMO}, split: test}}
+sampler: {{type: random, seed: 1}}
+pruner: {{type: none}}
+artifacts: {{top_k: {top_k}}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _opts(tmp_path: Path) -> RunOptions:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    return RunOptions(
+        storage_url=f"sqlite:///{tmp_path}/topk.db",
+        tiny=True,
+        device="cpu",
+        cache_dir=Path(os.environ.get("SEARCH_CACHE", DEFAULT_CACHE)),  # reuse built replicas
+        worker="topk-test",
+        use_estimate=False,
+    )
+
+
+@pytest.mark.train
+def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
+    summary = run_study(load_spec(_spec(tmp_path, K)), _opts(tmp_path))
+    study = summary.study
+    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert summary.trials_run == N and len(complete) == N
+    best = sorted(complete, key=lambda t: (-t.value, t.number))[:K]
+
+    kept = kept_models(study)
+    assert sorted(kept) == sorted(t.number for t in best)
+    store_dir = tmp_path / "topk.db.artifacts"
+    assert {location for _, location in kept.values()} == {str(store_dir.resolve())}
+    # The directory holds exactly the K kept models (every other upload was removed).
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted(a for a, _ in kept.values())
+    uploaded = [t for t in study.get_trials() if t.user_attrs.get(attrs.MODEL_ARTIFACT)]
+    assert len(uploaded) > K  # the rule was exercised: some models were pushed out
+    assert removed_artifacts(study) == {
+        t.user_attrs[attrs.MODEL_ARTIFACT] for t in uploaded if t.number not in kept
+    }
+
+    # A kept model is the trial's sentence-transformers directory, with its search.json.
+    top = best[0]
+    out = tmp_path / "best"
+    meta = extract_model(open_store(str(store_dir)), kept[top.number][0], out)
+    assert (out / "modules.json").is_file() and (out / "model.safetensors").is_file()
+    assert meta == read_search_json(out)
+    assert meta["study"] == study.study_name and meta["trial"] == top.number
+    assert meta["value"] == pytest.approx(top.value)
+    assert meta["config"]["lr"] == pytest.approx(top.params["lr"])
+    assert [h["ndcg@10"] for h in meta["history"]] == pytest.approx([top.value])
