@@ -417,6 +417,14 @@ def refine_cmd(
         int, typer.Option("--n-trials", min=1, help="Enqueue at most this many configs.")
     ] = 8,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random draws.")] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-limit",
+            help="Memory of the device the configs will run on, e.g. 24GiB, for the OOM "
+            "frontier (default: the device each top trial ran on).",
+        ),
+    ] = None,
 ) -> None:
     """Enqueue new configs around the top K trials; the study's next run or workers run them.
 
@@ -428,6 +436,7 @@ def refine_cmd(
     from pydantic import ValidationError
 
     from search import attrs
+    from search.device import parse_size
     from search.refine import enqueue_refine
     from search.spec import StudySpec
     from storage import create_storage
@@ -435,6 +444,10 @@ def refine_cmd(
     from storage import resolve_storage_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        limit = parse_size(memory_limit) if memory_limit else None
+    except ValueError as exc:
+        _fail(f"--memory-limit {memory_limit!r}: {exc}")
     with _user_errors():
         url = resolve_storage_url(storage)
         store = create_storage(url, heartbeat_interval=None, must_exist=True)
@@ -451,7 +464,9 @@ def refine_cmd(
             spec = StudySpec.model_validate(stored)
         except ValidationError:
             _fail(f"--study {study!r}: the study holds no readable spec (run by search run?)")
-        done = enqueue_refine(loaded, spec, top_k=top, n=n_trials, seed=seed)
+        done = enqueue_refine(
+            loaded, spec, top_k=top, n=n_trials, seed=seed, device_total_bytes=limit
+        )
     from search.report_view import short_config
 
     budget = loaded.user_attrs.get(attrs.STUDY_N_TRIALS)
