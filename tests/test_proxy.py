@@ -1,0 +1,258 @@
+"""``search proxy`` and ``--storage grpc://``: real proxy and worker processes on PostgreSQL.
+
+The workers are the real ``search worker`` CLI with its trial child; only the training is
+``tests/fixtures/slow_objective.py`` (sleeps and reports each epoch). Heartbeats every
+second, a 3-second grace period, as in tests/test_worker_faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from search import attrs
+from search.budget import RETRY_HISTORY
+from search.budget import spent_count
+from storage import StorageError
+from storage import create_storage
+from storage import named_lock
+
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "tests" / "fixtures" / "tiny_workers.yaml"
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fixtures")]),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "SEARCH_HEARTBEAT_INTERVAL": "1",
+    "SEARCH_GRACE_PERIOD": "3",
+    "SEARCH_CONNECT_TIMEOUT": "20",
+}
+# A process that holds a lock through the proxy until it is killed.
+HOLDER = """
+import sys, time
+from storage import create_storage, named_lock
+store = create_storage(sys.argv[1], heartbeat_interval=None)
+with named_lock(store, "budget:held"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Proc:
+    """A process in its own session, its output in files (killing the group kills children)."""
+
+    def __init__(self, args: list[str], tmp: Path, label: str, **env: str) -> None:
+        self.out, self.err = tmp / f"{label}.out", tmp / f"{label}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, *args],
+                env={**os.environ, **ENV, **env},
+                cwd=tmp,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pid {self.pid} did not exit: {self.stderr()[-2000:]}") from None
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        if proc.popen.poll() is None:
+            proc.kill_group()
+
+
+@pytest.fixture
+def own_db(pg_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"search_proxy_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(pg_url).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def _wait_for(what: str, check: object, timeout: float, every: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()  # type: ignore[operator]
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _start_proxy(procs: list[Proc], tmp: Path, db: str) -> tuple[Proc, str]:
+    port = _free_port()
+    args = ["-m", "search.cli", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    proxy = Proc(args, tmp, "proxy", SEARCH_STORAGE=db)  # the password stays off argv
+    procs.append(proxy)
+
+    def listening() -> bool:
+        assert proxy.popen.poll() is None, proxy.stderr()
+        return "search proxy:" in proxy.stdout()
+
+    _wait_for("the proxy to listen", listening, 60)
+    return proxy, f"grpc://127.0.0.1:{port}"
+
+
+def _trials(db: str, study: str) -> list[FrozenTrial]:
+    store = create_storage(db, heartbeat_interval=None)
+    try:
+        return optuna.load_study(study_name=study, storage=store).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+    finally:
+        store.engine.dispose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_killed(
+    own_db: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    proxy, url = _start_proxy(procs, tmp_path, own_db)
+    study, budget = f"proxy-{uuid.uuid4().hex[:8]}", 5
+    args = ["-m", "search.cli", "worker", "--spec", str(SPEC), "--device", "cpu", "--tiny"]
+    args += ["--n-trials", str(budget), "--study-name", study]
+    args += ["--objective", "slow_objective:train"]
+    env = {"SEARCH_STORAGE": url, "SEARCH_TEST_EPOCHS": "3", "SEARCH_TEST_EPOCH_S": "0.5"}
+    env["SEARCH_CACHE"] = str(tmp_path / "cache")  # tiny replicas, built offline
+    workers = [Proc(args, tmp_path, f"w{i}", **env) for i in range(3)]
+    procs.extend(workers)
+    victim, survivors = workers[0], workers[1:]
+
+    def victim_running() -> FrozenTrial | None:
+        assert victim.popen.poll() is None, victim.stderr()
+        for trial in _trials(own_db, study):
+            worker = str(trial.user_attrs.get(attrs.WORKER, ""))
+            if trial.state == TrialState.RUNNING and worker.endswith(f":{victim.pid}"):
+                return trial
+        return None
+
+    running = _wait_for("a running trial of the victim", victim_running, 120, every=0.1)
+    assert isinstance(running, FrozenTrial)
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its trial child
+    victim.popen.wait(10)
+    for proc in survivors:
+        assert proc.finish() == 0, proc.stderr()[-3000:]
+        assert "Traceback" not in proc.stderr(), proc.stderr()
+    trials = _trials(own_db, study)
+    assert spent_count(trials) == budget  # exact: nothing RUNNING, nothing spent twice
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == budget
+    dead = next(t for t in trials if t.number == running.number)
+    assert dead.state == TrialState.FAIL
+    copies = [t for t in trials if running.number in t.system_attrs.get(RETRY_HISTORY, ())]
+    assert len(copies) == 1 and copies[0].state == TrialState.COMPLETE
+    assert copies[0].params == dead.params
+    assert any("failed and re-queued" in p.stderr() for p in survivors)
+    for proc in survivors:
+        assert url in proc.stdout()  # "study ... in grpc://..."
+    proxy.popen.send_signal(signal.SIGTERM)
+    assert proxy.finish(30) == 0, proxy.stderr()
+    assert "search proxy stopped (SIGTERM)" in proxy.stderr()
+
+
+@pytest.mark.postgres
+def test_a_killed_lock_holder_releases_the_lock_on_the_proxy(
+    own_db: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    _, url = _start_proxy(procs, tmp_path, own_db)
+    holder = Proc(["-c", HOLDER, url], tmp_path, "holder")
+    procs.append(holder)
+    _wait_for("the holder to take the lock", lambda: "held" in holder.stdout(), 60)
+    store = create_storage(url, heartbeat_interval=None)
+    taken = threading.Event()
+
+    def take() -> None:
+        with named_lock(store, "budget:held"):
+            taken.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    assert not taken.wait(2), "the lock was given while its holder was alive"
+    holder.kill_group()
+    assert taken.wait(30), "the lock of a killed holder was never released"
+
+
+def test_an_unreachable_proxy_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    url = f"grpc://127.0.0.1:{_free_port()}"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", "storage", "check", "--storage", url],
+        env={**os.environ, **ENV, "SEARCH_CONNECT_TIMEOUT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"cannot reach the storage proxy {url} within 1 s" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_proxy_url_with_a_password_or_a_proxy_behind_a_proxy_is_refused() -> None:
+    with pytest.raises(StorageError, match="holds no user or password") as caught:
+        create_storage("grpc://user:s3cret@proxy:13000")
+    assert "s3cret" not in str(caught.value)
+    from search.proxy import ProxyError
+    from search.proxy import serve
+
+    with pytest.raises(ProxyError, match="not a proxy's"):
+        serve("grpc://127.0.0.1:1", host="127.0.0.1", port=1, threads=4)
