@@ -36,7 +36,9 @@ def test_no_password_on_any_command_line_or_in_any_environment() -> None:
         command = " ".join(map(str, service.get("command", [])))
         assert "://" not in command and "PASSWORD" not in command.upper(), name
         for key, value in (service.get("environment") or {}).items():
-            assert key != "POSTGRES_PASSWORD" and key != "SEARCH_STORAGE", (name, key)
+            assert key != "POSTGRES_PASSWORD", (name, key)
+            if key == "SEARCH_STORAGE":  # only the optional proxy URL, blank by default
+                assert value == "${SEARCH_WORKER_STORAGE:-}", (name, value)
             assert not re.search(r"://[^/@\s]*:[^@\s]*@", str(value)), (name, key)
 
 
@@ -65,3 +67,12 @@ def test_example_env_holds_no_password_and_says_how_to_generate_one() -> None:
     text = (ROOT / ".env.example").read_text()
     assert not re.search(r"(?m)^\s*POSTGRES_PASSWORD\s*=", text)
     assert "openssl rand -hex 24" in text and "secrets/search_storage" in text
+
+
+def test_the_proxy_is_optional_reads_the_secret_and_is_not_published() -> None:
+    proxy = SERVICES["proxy"]
+    assert proxy["profiles"] == ["proxy"]  # off by default
+    assert proxy["command"][:1] == ["proxy"] and "0.0.0.0" in proxy["command"]
+    assert _secret_path(proxy, "SEARCH_STORAGE_FILE") == "./secrets/search_storage"
+    assert "ports" not in proxy  # no login, no TLS: the compose network only
+    assert SERVICES["worker"]["environment"]["SEARCH_STORAGE"] == "${SEARCH_WORKER_STORAGE:-}"
