@@ -540,5 +540,98 @@ def spec_from_wandb(
     console.print(f"wrote {output}. Run it: search run --spec {output} --tiny", highlight=False)
 
 
+@app.command()
+def best(
+    study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
+    storage: StorageOpt = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the best trial's model here as a sentence-transformers model (a new "
+            "or empty directory); retrains its config when the study kept no model of it.",
+        ),
+    ] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts",
+            help="Read kept models from this directory (default: the trial's store).",
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            "--tolerance",
+            min=0.0,
+            help="Largest difference of a retrained value from the recorded.",
+        ),
+    ] = 0.01,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The best trial: number, model, metrics, config, kept model; --export DIR writes it."""
+    import optuna
+
+    from search.best import BestError
+    from search.best import ExportError
+    from search.best import best_summary
+    from search.best import best_trial
+    from search.best import check_export_dir
+    from search.best import export_best
+    from search.best import format_best
+    from storage import create_storage
+    from storage import redact_url
+    from storage import resolve_storage_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _user_errors():
+        try:
+            if export is not None:
+                check_export_dir(export)  # before anything is read or trained
+            url = resolve_storage_url(storage)
+            store = create_storage(url, heartbeat_interval=None, must_exist=True)
+            try:
+                loaded = optuna.load_study(study_name=study, storage=store)
+            except KeyError:
+                names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+                _fail(
+                    f"--study {study!r}: no such study in {redact_url(url)} "
+                    f"(studies: {', '.join(names) or 'none'})"
+                )
+            trial = best_trial(loaded)
+            summary = best_summary(loaded, trial)
+            done = None
+            if export is not None:
+                if not as_json:
+                    console.print("\n".join(format_best(summary)), highlight=False, markup=False)
+                    if summary["artifact"] is None:
+                        console.print(f"retraining trial {trial.number} ...", highlight=False)
+                done = export_best(
+                    loaded, export, trial=trial, artifacts=artifacts, tolerance=tolerance
+                )
+        except BestError as exc:
+            _fail(str(exc))
+        except ExportError as exc:
+            _fail(str(exc), code=1)
+    if as_json:
+        sys.stdout.write(json.dumps({**summary, "export": done}) + "\n")
+        return
+    if done is None:
+        console.print("\n".join(format_best(summary)), highlight=False, markup=False)
+        return
+    how = (
+        "its kept model"
+        if done["how"] == "artifact"
+        else f"retrained: {summary['metric']} {done['retrained']:.4f}, recorded "
+        f"{done['recorded']:.4f}"
+    )
+    console.print(
+        f"exported trial {trial.number} to {export} ({how}); load it with "
+        f"SentenceTransformer({str(export)!r}), then encode_query / encode_document",
+        highlight=False,
+        markup=False,
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -226,11 +226,18 @@ def refine_candidates(
 
 
 def enqueue_refine(
-    study: optuna.Study, spec: StudySpec, *, top_k: int, n: int, seed: int | None = None
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    top_k: int,
+    n: int,
+    seed: int | None = None,
+    device_total_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Enqueue up to ``n`` refine candidates and raise the study's budget by their count.
 
     Both under the study's budget lock, so a worker claiming meanwhile sees both or neither.
+    ``device_total_bytes``: the device the candidates will run on (``refine_candidates``).
 
     Raises:
         RefineError: The study has no completed trial to refine around.
@@ -245,7 +252,14 @@ def enqueue_refine(
             raise RefineError(
                 f"study {study.study_name!r} has no completed trial to refine around yet"
             )
-        candidates = refine_candidates(trials, spec, top_k=top_k, n=n, rng=random.Random(seed))
+        candidates = refine_candidates(
+            trials,
+            spec,
+            top_k=top_k,
+            n=n,
+            rng=random.Random(seed),
+            device_total_bytes=device_total_bytes,
+        )
         for params in candidates:
             study.enqueue_trial(params, user_attrs={attrs.STAGE: REFINE_STAGE})
         if candidates:

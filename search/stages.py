@@ -97,8 +97,12 @@ def check_stages(spec: StudySpec) -> None:
             len(stages) - 1,
             "n_trials",
             stages[-1].n_trials,
-            f"the stages' budget shares add up to {given}, more than study.n_trials "
-            f"{spec.study.n_trials}" + (" leaves the last stage" if last_open else ""),
+            f"the stages' budget shares add up to {given}, "
+            + (
+                f"which leaves no trial to the last stage of study.n_trials {spec.study.n_trials}"
+                if last_open
+                else f"more than study.n_trials {spec.study.n_trials}"
+            ),
         )
 
 

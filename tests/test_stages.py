@@ -1,0 +1,236 @@
+"""Search in stages: the spec's ``stages:``, the stage-restricted sampler, a staged run.
+
+The staged run is the real ``search run`` on SQLite with tiny replicas and a fake objective
+(``tests/fixtures/stage_objective.py``: no training, a score that depends on the config, and a
+real-OOM record for bge-m3-ko at batch 64 x 384), so three stages finish in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import attrs
+from search.sampling import make_sampler
+from search.space import sample_params
+from search.spec import SpecError
+from search.spec import load_spec
+from search.spec import shipped_spec_path
+from search.stages import current_stage
+from search.stages import stage_choices
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+DEMO = ROOT / "search" / "studies" / "data" / "ko-demo"
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+STAGED = """study: {{name: staged, n_trials: {n}}}
+models:
+  multilingual-minilm: {{}}
+  multilingual-e5-small: {{}}
+  bge-m3-ko: {{}}
+space:
+  batch_size: [32, 64, 128]
+  max_len: [128, 256, 384]
+  lr: {{low: 1.0e-5, high: 2.0e-4, log: true}}
+  temperature: {{low: 0.01, high: 0.1, log: true}}
+  warmup_ratio: {{low: 0.0, high: 0.2}}
+  weight_decay: {{low: 0.0, high: 0.1}}
+  conditions:
+    bge-m3-ko: {{batch_size: [32, 64], max_len: [256, 384]}}
+training: {{epochs: 1, amp: false, hard_negatives: 0, max_train_samples: 16}}
+data: {{train: {train}, eval: {eval}, split: test}}
+sampler: {{type: tpe, n_startup_trials: 2}}
+pruner: {{type: none}}
+stages:
+{stages}
+"""
+
+THREE = """  - {name: baseline, models: [multilingual-minilm, multilingual-e5-small], n_trials: 3}
+  - name: big-safe
+    models: [bge-m3-ko]
+    conditions: {bge-m3-ko: {batch_size: [64], max_len: [256, 384]}}
+    n_trials: 2
+    seed: frontier
+  - {name: refine, seed: top_k, top_k: 2}"""
+
+
+def _write(tmp_path: Path, stages: str = THREE, n: int = 7) -> Path:
+    path = tmp_path / "staged.yaml"
+    text = STAGED.format(n=n, train=DEMO / "train.jsonl", eval=DEMO, stages=stages)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_shipped_spec_declares_the_playbook_and_keeps_its_conditions() -> None:
+    spec = load_spec(shipped_spec_path("ko-retrieval"))
+    assert [s.name for s in spec.stages] == ["baseline", "big-safe", "refine"]
+    assert "bge-m3-ko" not in spec.stages[0].models  # type: ignore[operator]
+    big = stage_choices(spec)["big-safe"]
+    assert big["model"] == ("bge-m3-ko",)
+    assert (big["batch_size"]["bge-m3-ko"], big["max_len"]["bge-m3-ko"]) == ((32, 64), (256, 384))
+    assert spec.stages[2].seed == "top_k"
+    cond = spec.space.conditions
+    assert cond["bge-m3-ko"].batch_size == [32, 64] and cond["bge-m3-ko"].max_len == [256, 384]
+    assert cond["ko-simcse"].max_len == [128]
+
+
+@pytest.mark.parametrize(
+    ("stages", "field", "why"),
+    [
+        ("  - {name: a, models: [ko-simcse], n_trials: 2}\n  - {name: b}",
+         "stages.0.models (value: 'ko-simcse')", "not in models"),
+        ("  - name: a\n    models: [bge-m3-ko]\n    conditions: {bge-m3-ko: {max_len: [128]}}\n"
+         "    n_trials: 2\n  - {name: b}",
+         "stages.0.conditions.bge-m3-ko.max_len (value: [128])", "subset"),
+        ("  - {name: a, n_trials: 5}\n  - {name: b, n_trials: 3}",
+         "stages.1.n_trials (value: 3)", "more than study.n_trials 7"),
+        ("  - {name: a, n_trials: 7}\n  - {name: b}",
+         "stages.1.n_trials (value: None)", "leaves no trial to the last stage"),
+        ("  - {name: a}\n  - {name: b}", "stages.0.n_trials", "needs its budget share"),
+        ("  - {name: a, seed: top_k, n_trials: 2}\n  - {name: b}", "stages.0.seed", "refine"),
+        ("  - {name: a, n_trials: 2}\n  - {name: a}", "stages.1.name", "two stages"),
+    ],
+)  # fmt: skip
+def test_a_bad_stage_is_one_line_naming_the_field(
+    tmp_path: Path, stages: str, field: str, why: str
+) -> None:
+    path = _write(tmp_path, stages)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert f"field {field}" in message and why in message
+
+
+def test_a_bad_stage_is_exit_2_from_spec_check(tmp_path: Path) -> None:
+    path = _write(tmp_path, "  - {name: a, models: [nope], n_trials: 2}\n  - {name: b}")
+    run = subprocess.run(
+        [sys.executable, "-m", "search.cli", "spec", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "stages.0.models" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_spec_without_stages_stays_valid(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(_write(tmp_path).read_text().split("stages:")[0], encoding="utf-8")
+    assert load_spec(plain).stages == []
+    assert len(load_spec(_write(tmp_path)).stages) == 3
+
+
+def test_the_sampler_keeps_each_stage_to_its_models_and_choices(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path))
+    sampler = make_sampler(spec, seed=3)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    seen: dict[str, set[tuple[str, int, int]]] = {"baseline": set(), "big-safe": set()}
+    for i in range(24):
+        stage = "baseline" if i % 2 == 0 else "big-safe"
+        sampler.stage = stage
+        trial = study.ask()
+        params = sample_params(trial, spec)
+        study.tell(trial, 0.5 + 0.01 * i)
+        seen[stage].add((params.model, params.batch_size, params.max_len))
+    assert {m for m, _, _ in seen["baseline"]} == {"multilingual-minilm", "multilingual-e5-small"}
+    assert {(m, b) for m, b, _ in seen["big-safe"]} == {("bge-m3-ko", 64)}
+    assert {n for _, _, n in seen["big-safe"]} <= {256, 384}
+    # The same distributions in every stage: TPE learns across them.
+    dists = {tuple(sorted(t.distributions.items())) for t in study.trials}
+    assert len(dists) == 1
+
+
+def test_the_current_stage_is_the_first_with_budget_left(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path))
+
+    def done(stage: str, state: TrialState = TrialState.COMPLETE) -> optuna.trial.FrozenTrial:
+        value = 0.5 if state == TrialState.COMPLETE else None
+        return optuna.trial.create_trial(state=state, value=value, user_attrs={"stage": stage})
+
+    assert current_stage(spec, [], 7).name == "baseline"
+    two = [done("baseline"), done("baseline")]
+    assert current_stage(spec, two, 7).name == "baseline"
+    assert current_stage(spec, [*two, done("baseline")], 7).name == "big-safe"
+    # A preflight skip is recorded in its stage but does not spend its share (search.budget).
+    skip = optuna.trial.create_trial(
+        state=TrialState.PRUNED, user_attrs={"stage": "big-safe", "oom_kind": "frontier"}
+    )
+    three = [*two, done("baseline")]
+    assert current_stage(spec, [*three, done("big-safe"), skip], 7).name == "big-safe"
+    assert current_stage(spec, [*three, done("big-safe"), done("big-safe")], 7).name == "refine"
+    # A smaller study budget cuts the later shares: stage "baseline" ends at the budget.
+    assert current_stage(spec, two, 2).name == "refine"
+
+
+@pytest.mark.train
+def test_a_tiny_staged_run_finishes_three_stages_in_order_and_reports_them(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)]),
+    }
+    for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
+        env.pop(name, None)
+    url = f"sqlite:///{tmp_path}/staged.db"
+    spec = _write(tmp_path)
+    args = ["--spec", str(spec), "--storage", url, "--device", "cpu", "--tiny", "--seed", "1"]
+    args += ["--study-name", "staged", "--objective", "stage_objective:train", "--no-preflight"]
+    run = subprocess.run(
+        [sys.executable, "-m", "search.cli", "run", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "per model per stage" in run.stdout
+
+    study = optuna.load_study(study_name="staged", storage=url)
+    trials = [t for t in study.get_trials() if t.state != TrialState.WAITING]
+    stages = [t.user_attrs.get(attrs.STAGE) for t in trials]
+    assert all(stages), stages  # every trial records its stage
+    # In order: the stages never interleave.
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["baseline", "big-safe", "refine"], stages
+    models = {s: {t.params["model"] for t in trials if t.user_attrs[attrs.STAGE] == s}
+              for s in order}  # fmt: skip
+    assert models["baseline"] <= {"multilingual-minilm", "multilingual-e5-small"}
+    assert models["big-safe"] == {"bge-m3-ko"}
+    big = [t for t in trials if t.user_attrs[attrs.STAGE] == "big-safe"]
+    assert {t.params["batch_size"] for t in big} == {64}
+    # The frontier seed starts big-safe at its largest config: it runs out of memory for real.
+    assert big[0].params["max_len"] == 384 and big[0].user_attrs[attrs.OOM_KIND] == "real"
+    # Refine's seeds: around the top 2 trials, new, never the OOM config again.
+    refine = [t for t in trials if t.user_attrs[attrs.STAGE] == "refine"]
+    assert refine and all(t.state == TrialState.COMPLETE for t in refine)
+    shapes = {(t.params["model"], t.params["batch_size"], t.params["max_len"]) for t in refine}
+    assert ("bge-m3-ko", 64, 384) not in shapes
+
+    report = subprocess.run(
+        [sys.executable, "-m", "search.cli", "report", "--study", "staged", "--storage", url,
+         "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    data = json.loads(report.stdout)
+    assert [s["stage"] for s in data["stages"]] == ["baseline", "big-safe", "refine"]
+    assert sum(s["trials"] for s in data["stages"]) == len(trials)
+    base, big_row, refine_row = data["stages"]
+    assert base["gain"] is None and big_row["best_before"] == base["best_value"]
+    best_before = max(v for v in (base["best_value"], big_row["best_value"]) if v is not None)
+    assert refine_row["gain"] == pytest.approx(refine_row["best_value"] - best_before)
+    assert {m["model"] for m in big_row["models"]} == {"bge-m3-ko"}
