@@ -357,7 +357,12 @@ def _study_name(sweep: Mapping[str, Any], where: str) -> str:
 
 
 def _conditions(
-    models: list[str], space: dict[str, Any], base: StudySpec, where: str, notes: list[str]
+    models: list[str],
+    space: dict[str, Any],
+    base: StudySpec,
+    where: str,
+    notes: list[str],
+    length_name: str = "max_len",
 ) -> dict[str, dict[str, list[int]]]:
     """The shipped per-model conditions for these models, within the sweep's choices, and
     every model's lengths limited to its position embeddings."""
@@ -373,7 +378,7 @@ def _conditions(
                 if not allowed:
                     raise _error(
                         where,
-                        "parameters.max_len",
+                        f"parameters.{length_name}",
                         f"no length fits {model} (at most {info.max_tokens} tokens)",
                     )
             safe = getattr(shipped, setting, None) if shipped is not None else None
@@ -471,7 +476,8 @@ def convert_sweep(
         from_base.append("model")
     if from_base:
         notes.append(f"not in the sweep, from the shipped {_BASE} spec: {', '.join(from_base)}")
-    space["conditions"] = _conditions(list(models), space, base, where, notes)
+    length_name = read["max_len"].name if "max_len" in read else "max_len"
+    space["conditions"] = _conditions(list(models), space, base, where, notes, length_name)
     if not space["conditions"]:
         del space["conditions"]
 
@@ -495,9 +501,8 @@ def convert_sweep(
         study["n_trials"] = int(_number(sweep["run_cap"], where, "run_cap"))
         notes.append(f"run_cap {study['n_trials']}: the budget of finished trials")
     elif method == "grid":
-        study["n_trials"] = math.prod(
-            len(space[s]) if s in _CATEGORICAL else 1 for s in _CATEGORICAL
-        ) * len(models)
+        # Every combination of the sweep's listed values (a grid needs values for all).
+        study["n_trials"] = math.prod(len(set(map(str, p.values))) or 1 for p in read.values())
         notes.append(f"the budget is the grid's size, {study['n_trials']} trials")
     if "early_terminate" in sweep:
         kind = (sweep["early_terminate"] or {}).get("type", "?")

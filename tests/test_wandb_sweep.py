@@ -145,7 +145,7 @@ def test_methods_values_and_ids_map() -> None:
     result = convert_sweep(sweep, where="s.yaml")
     spec = result.spec
     assert spec["sampler"]["type"] == "tpe"
-    assert spec["study"]["n_trials"] == 2 * 1 * 2  # the grid: batch sizes x lengths x models
+    assert spec["study"]["n_trials"] == 2 * 2 * 1 * 3 * 2  # the grid: every combination
     assert spec["models"]["new-encoder"] == {"id": "org/new-encoder"}
     assert spec["space"]["batch_size"] == [32, 64] and spec["space"]["max_len"] == [256]
     assert spec["space"]["lr"] == {"low": 1e-5, "high": 1e-4, "log": True}
