@@ -13,7 +13,8 @@ child, so a worker costs tens of MB and a 2-core machine can run many. The sampl
 For each N and mode (``direct``: ``postgresql://``; ``proxy``: ``grpc://`` to a
 ``search proxy`` process started for the run) on a fresh database:
 
-* trials/s from the barrier (every worker imported and waiting) to the last worker's exit,
+* trials/s from the barrier (every worker imported and waiting, the database's tables
+  created) to the last worker's exit,
   against the ideal ``N / seconds`` (the anchor, same run): the ratio is the efficiency;
 * claim latency (``claim_trial`` returning a trial: lock wait + stale sweep + count + ask +
   first heartbeat) and tell latency (record + ``study.tell``), p50 / p99 over all trials;
@@ -263,6 +264,8 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
 
     db = _fresh_db(admin_url)
     database = str(sqlalchemy.engine.make_url(db).database)
+    schema = create_storage(db, heartbeat_interval=None)  # the tables, before the clock starts
+    schema.engine.dispose()  # type: ignore[attr-defined]
     budget = n * args.per_worker
     proxy = None
     proxy_rss = float("nan")
