@@ -1,0 +1,208 @@
+"""``search best``: print the best trial, export its kept model, or retrain it when none is kept.
+
+One tiny study (3 real trials, K = 1) serves every case: the best trial's kept model is
+exported as it is; with that model marked removed (as for a study run with K = 0, or before
+models were kept) the export retrains the exact config in an isolated process, and on a CPU the
+retrained value is the recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from search import attrs
+from search.cli import app
+from search.export import read_search_json
+from search.options import DEFAULT_CACHE
+from search.options import RunOptions
+from search.runner import run_study
+from search.spec import PACKAGE_DIR
+from search.spec import load_spec
+
+DEMO = PACKAGE_DIR / "studies/data/ko-demo"
+runner = CliRunner()
+
+
+def _spec(path: Path, top_k: int) -> Path:
+    path.write_text(
+        f"""study: {{name: best, direction: maximize, metric: ndcg@10, n_trials: 3}}
+models:
+  multilingual-e5-small: {{}}
+space:
+  batch_size: [8]
+  max_len: [32]
+  lr: {{low: 1.0e-4, high: 5.0e-3, log: true}}
+  temperature: {{low: 0.01, high: 0.1, log: true}}
+  warmup_ratio: {{low: 0.0, high: 0.2}}
+  weight_decay: {{low: 0.0, high: 0.1}}
+training: {{epochs: 2, amp: false, gradient_checkpointing: false, hard_negatives: 0,
+           seed: 0, max_train_samples: 16}}
+data: {{train: {DEMO / "train.jsonl"}, eval: {DEMO}, split: test}}
+sampler: {{type: random, seed: 3}}
+pruner: {{type: none}}
+artifacts: {{top_k: {top_k}}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny study of 3 completed trials whose best model is kept (K = 1)."""
+    tmp = tmp_path_factory.mktemp("best")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    opts = RunOptions(
+        storage_url=f"sqlite:///{tmp}/best.db",
+        tiny=True,
+        device="cpu",
+        cache_dir=Path(os.environ.get("SEARCH_CACHE", DEFAULT_CACHE)),
+        worker="best-test",
+        use_estimate=False,
+    )
+    summary = run_study(load_spec(_spec(tmp / "best.yaml", 1)), opts)
+    assert summary.trials_run == 3
+    return tmp / "best.db"
+
+
+def _copy_db(source: Path, target: Path) -> None:
+    """Copy a SQLite study (WAL journal included) with SQLite's backup API."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _url(db: Path) -> str:
+    return f"sqlite:///{db}"
+
+
+def _best(db: Path) -> optuna.trial.FrozenTrial:
+    return optuna.load_study(study_name="best-tiny", storage=_url(db)).best_trial
+
+
+def _check_loads(out: Path, trial: optuna.trial.FrozenTrial) -> dict[str, object]:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.prompts == {"query": "query: ", "document": "passage: "}
+    assert st.encode_query(["검색 모델은 무엇인가요?"]).shape == (1, 64)  # the replica's hidden
+    meta = read_search_json(out)
+    assert meta is not None and meta["trial"] == trial.number and meta["study"] == "best-tiny"
+    return meta
+
+
+@pytest.mark.train
+def test_best_prints_the_best_trial(study_db: Path) -> None:
+    best = _best(study_db)
+    result = runner.invoke(app, ["best", "--study", "best-tiny", "--storage", _url(study_db)])
+    assert result.exit_code == 0, result.output
+    assert f"best trial {best.number} of study best-tiny: multilingual-e5-small" in result.output
+    assert best.user_attrs[attrs.MODEL_ARTIFACT] in result.output
+    assert f"lr: {best.params['lr']}" in result.output
+
+    as_json = runner.invoke(
+        app, ["best", "--study", "best-tiny", "--storage", _url(study_db), "--json"]
+    )
+    data = json.loads(as_json.stdout)
+    assert data["trial"] == best.number and data["value"] == pytest.approx(best.value)
+    assert data["artifact"]["id"] == best.user_attrs[attrs.MODEL_ARTIFACT]
+    assert [h["ndcg@10"] for h in data["history"]][-1] == pytest.approx(best.value)
+
+
+@pytest.mark.train
+def test_export_writes_the_kept_model(study_db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = runner.invoke(
+        app, ["best", "--study", "best-tiny", "--storage", _url(study_db), "--export", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "its kept model" in result.output
+    meta = _check_loads(out, _best(study_db))
+    assert "retrained" not in meta
+
+
+@pytest.mark.train
+def test_export_retrains_when_no_model_was_kept(study_db: Path, tmp_path: Path) -> None:
+    db = tmp_path / "copy.db"
+    _copy_db(study_db, db)
+    study = optuna.load_study(study_name="best-tiny", storage=_url(db))
+    best = study.best_trial
+    artifact = best.user_attrs[attrs.MODEL_ARTIFACT]
+    study._storage.set_study_system_attr(
+        study._study_id, attrs.MODEL_REMOVED_PREFIX + artifact, best.number
+    )
+    out = tmp_path / "retrained"
+    out.mkdir()  # an empty directory is fine
+    result = runner.invoke(
+        app, ["best", "--study", "best-tiny", "--storage", _url(db), "--export", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "retrained" in result.output and "artifact: none kept" in result.output
+    meta = _check_loads(out, best)
+    assert meta["retrained"] is True
+    # CPU, same seed: the retrain repeats the recorded value (the tolerance's justification).
+    assert abs(float(meta["value"]) - best.value) < 1e-6  # type: ignore[arg-type]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".retrained.")]
+
+
+@pytest.mark.train
+def test_export_refuses_a_retrain_off_tolerance(study_db: Path, tmp_path: Path) -> None:
+    db = tmp_path / "copy.db"
+    _copy_db(study_db, db)
+    study = optuna.load_study(study_name="best-tiny", storage=_url(db))
+    best = study.best_trial
+    study._storage.set_study_system_attr(
+        study._study_id, attrs.MODEL_REMOVED_PREFIX + best.user_attrs[attrs.MODEL_ARTIFACT], 0
+    )
+    out = tmp_path / "model"
+    # The training data changed since the trial: other pairs give another value.
+    args = ["best", "--study", "best-tiny", "--storage", _url(db), "--export", str(out)]
+    config = best.system_attrs[attrs.SYSTEM_CONFIG]
+    changed = tmp_path / "train.jsonl"
+    lines = Path(config["train_path"]).read_text(encoding="utf-8").splitlines()
+    changed.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE trial_system_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+            (
+                json.dumps({**config, "train_path": str(changed)}),
+                best._trial_id,
+                attrs.SYSTEM_CONFIG,
+            ),
+        )
+    result = runner.invoke(app, [*args, "--tolerance", "0"])
+    assert result.exit_code == 1, result.output
+    assert "off by more than the tolerance" in result.output
+    assert not out.exists()  # nothing exported
+
+
+def test_best_answers_mistakes_in_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    study = optuna.create_study(study_name="empty", storage=_url(db))
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    cases = [
+        (["--study", "nope"], "no such study"),
+        (["--study", "empty"], "has no completed trial"),
+    ]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    cases.append((["--study", "empty", "--export", str(full)], "not empty"))
+    for args, expected in cases:
+        result = runner.invoke(app, ["best", "--storage", _url(db), *args])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], result.output
+    assert not any(p.name.startswith(".full") for p in tmp_path.iterdir())
