@@ -280,6 +280,7 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
             study = f"scale-{mode}-{n}"
             command = [sys.executable, __file__, "_worker", url, study, "--budget", str(budget)]
             command += ["--seconds", str(args.seconds), "--barrier", str(barrier)]
+            command += ["--heartbeat", str(args.heartbeat), "--grace", str(args.grace)]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
             workers = [
                 subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
@@ -367,9 +368,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="one fake trial")
     parser.add_argument("--per-worker", type=int, default=3, help="budget = N x this")
     parser.add_argument("--timeout", type=float, default=600, help="per run, seconds")
+    parser.add_argument("--heartbeat", type=int, default=30, help="as compose's default")
+    parser.add_argument("--grace", type=int, default=120, help="as compose's default")
     args = parser.parse_args()
     limit = _max_connections(args.url)
-    print(f"server max_connections={limit}; {os.cpu_count()} cores; trial {args.seconds:g} s")
+    print(
+        f"server max_connections={limit}; {os.cpu_count()} cores; trial {args.seconds:g} s; "
+        f"heartbeat {args.heartbeat} s, grace {args.grace} s; budget {args.per_worker} x N"
+    )
     rows = []
     for n in [int(x) for x in args.n.split(",")]:
         for mode in args.modes.split(","):
