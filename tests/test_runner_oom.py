@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import attrs
+from search.budget import SkipBoundError
 from search.device import device_info
 from search.memory_estimate import estimate_peak_memory
 from search.models import MODELS
@@ -112,9 +113,13 @@ def test_a_real_oom_is_recorded_then_dominates_the_same_config(tmp_path: Path) -
 def test_a_config_that_cannot_fit_is_skipped_before_loading(tmp_path: Path) -> None:
     spec = load_spec(_spec(tmp_path, "predicted"))
     tiny_device = 64 * MIB
-    summary = run_study(spec, _opts(tmp_path, memory_limit=tiny_device))
-    trials = summary.study.get_trials()
-    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    # Skips do not spend the budget: nothing fits, so the run stops on the skip bound
+    # (study.max_skips_per_trial, 10, x the budget of 2) with one line (tests/test_skips.py).
+    with pytest.raises(SkipBoundError, match="does not fit the device"):
+        run_study(spec, _opts(tmp_path, memory_limit=tiny_device))
+    study = optuna.load_study(study_name="predicted-tiny", storage=f"sqlite:///{tmp_path}/oom.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 20
     for trial in trials:
         ua = trial.user_attrs
         assert ua[attrs.OOM] is True and ua[attrs.OOM_KIND] == "predicted"
