@@ -162,6 +162,10 @@ def study_report(
         "metric": study_metric(study),
         "n_trials_budget": study.user_attrs.get(attrs.STUDY_N_TRIALS),
         "trials": sum(r.trials for r in rows),
+        # What spends the budget (search.budget.spent_count): the trials that trained, not
+        # the preflight skips (predicted / frontier OOM) nor the FAIL trials re-run elsewhere.
+        "trained": sum(r.trials - r.oom_predicted - r.oom_frontier - r.requeued for r in rows),
+        "skipped": sum(r.oom_predicted + r.oom_frontier for r in rows),
         "worker_seconds": total_seconds,
         "oom_seconds": sum(r.oom_seconds for r in rows),
         "best": _overall_best(study, rows, trials, storage, maximize=direction == "maximize"),
