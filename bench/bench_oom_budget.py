@@ -23,10 +23,14 @@ Run::
 
     python bench/bench_oom_budget.py                       # 16 trials each, 1GiB limit
     python bench/bench_oom_budget.py --trials 40 --memory-limit 1.5GiB
+    python bench/bench_oom_budget.py --seeds 1-5            # paired, one study pair per seed
     python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko   # CPU estimate vs peaks
 
-Prints per side: trials by outcome, worker-seconds, seconds lost to OOM and their share; then
-the ratio service share / naive share (targets: service < 2 %, ratio < 0.1).
+Prints per side: trials by outcome, trained trials (what spends the budget: preflight skips
+are recorded but free, ``search.budget``), worker-seconds, seconds lost to OOM and their share,
+the best nDCG@10; then the ratio service share / naive share (targets: service < 2 %, ratio
+< 0.1). Over several seeds it ends with one line per seed and the verdict: in how many seeds
+the service's best nDCG@10 is at least the naive sweep's (target: all), and its worst OOM share.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ def bench_spec(mode: str, train_path: Path, eval_dir: Path, args: argparse.Names
 def run_side(mode: str, spec: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one side's budget and sum its worker-seconds by outcome."""
     from search import attrs
+    from search.budget import is_skip
     from search.device import parse_size
     from search.runner import RunOptions
     from search.runner import run_study
@@ -162,6 +167,7 @@ def run_side(mode: str, spec: Any, work: Path, args: argparse.Namespace) -> dict
     return {
         "mode": mode,
         "trials": len(trials),
+        "trained": sum(not is_skip(t) for t in trials),
         "outcomes": dict(sorted(counts.items())),
         "worker_s": round(seconds["total"], 1),
         "oom_s": round(seconds["oom"], 2),
@@ -242,6 +248,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-train-samples", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default=None, help="several paired runs, e.g. 1-5 or 1,3 (overrides --seed)"
+    )
     parser.add_argument("--work", type=Path, default=None, help="folder for data and studies")
     parser.add_argument("--sides", default="naive,service", help="comma-separated sides to run")
     parser.add_argument(
@@ -261,13 +270,59 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-oom-"))
     work.mkdir(parents=True, exist_ok=True)
+    warm_up()
+    if args.calibrate:
+        train_path, eval_dir = prepare_data(work, seed=args.seed)
+        calibrate(work, train_path, eval_dir, args.calibrate.split(","))
+        return
+    seeds = _seeds(args.seeds) if args.seeds else [args.seed]
+    per_seed = []
+    for seed in seeds:
+        args.seed = seed
+        seed_work = work / f"seed{seed}" if args.seeds else work
+        seed_work.mkdir(parents=True, exist_ok=True)
+        per_seed.append((seed, run_pair(seed_work, args)))
+    if len(per_seed) > 1:
+        summarize(per_seed)
+
+
+def _seeds(text: str) -> list[int]:
+    """``1-5`` -> [1, 2, 3, 4, 5]; ``1,3`` -> [1, 3]."""
+    if "-" in text:
+        low, high = text.split("-", 1)
+        return list(range(int(low), int(high) + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def summarize(per_seed: list[tuple[int, dict[str, dict[str, Any]]]]) -> None:
+    """One line per seed, then the verdict over the seeds (paired: same data and seed)."""
+    print(f"# over {len(per_seed)} seeds (paired: each seed's data and sampler seed are shared)")
+    wins, shares = 0, []
+    for seed, res in per_seed:
+        naive, service = res.get("naive"), res.get("service")
+        if naive is None or service is None:
+            continue
+        nb, sb = naive["best_ndcg@10"] or 0.0, service["best_ndcg@10"] or 0.0
+        wins += sb >= nb
+        shares.append(service["oom_share"])
+        print(
+            f"seed {seed}: best nDCG@10 naive {nb:.4f} vs service {sb:.4f} "
+            f"({sb - nb:+.4f}); trained naive {naive['trained']} / service "
+            f"{service['trained']} (+{service['trials'] - service['trained']} skips); OOM share "
+            f"naive {naive['oom_share']:.2%} vs service {service['oom_share']:.2%}"
+        )
+    if shares:
+        print(
+            f"service best >= naive best in {wins}/{len(shares)} seeds (target: all); "
+            f"service OOM share at most {max(shares):.2%} (target < 2%)"
+        )
+
+
+def run_pair(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Both sides on one seed's data; prints each side and the ratio."""
     for db in work.glob("*.db"):
         db.unlink()  # each run starts from empty studies
     train_path, eval_dir = prepare_data(work, seed=args.seed)
-    warm_up()
-    if args.calibrate:
-        calibrate(work, train_path, eval_dir, args.calibrate.split(","))
-        return
     print(
         f"# {args.trials} trials per side, --memory-limit {args.memory_limit}, CPU "
         f"({os.cpu_count()} cores, 1 torch thread), tiny replicas, epochs={args.epochs}, "
@@ -279,7 +334,8 @@ def main() -> None:
         res = run_side(mode, spec, work, args)
         results[mode] = res
         print(
-            f"{mode:8s} trials={res['trials']} outcomes={res['outcomes']} "
+            f"{mode:8s} trials={res['trials']} trained={res['trained']} "
+            f"outcomes={res['outcomes']} "
             f"worker_s={res['worker_s']} oom_s={res['oom_s']} "
             f"oom_share={res['oom_share']:.2%} best_ndcg@10={res['best_ndcg@10']} "
             f"wall_s={res['wall_s']}",
@@ -292,6 +348,7 @@ def main() -> None:
             f"ratio service/naive share of worker-seconds lost to OOM: {ratio:.3f} "
             f"(service {service:.2%} vs naive {naive:.2%}; targets < 2% and < 0.1)"
         )
+    return results
 
 
 if __name__ == "__main__":
