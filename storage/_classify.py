@@ -104,6 +104,9 @@ def classify(error: BaseException) -> Kind | None:
 def _classify_one(error: BaseException) -> Kind | None:
     if isinstance(error, sa_exc.DisconnectionError):
         return "transient"
+    if type(error).__module__.startswith("grpc") and callable(getattr(error, "code", None)):
+        # search proxy: away (restarting, unreachable) is an outage; anything else is not.
+        return "transient" if getattr(error.code(), "name", "") == "UNAVAILABLE" else None
     if not isinstance(error, sa_exc.DBAPIError):
         return None
     code = sqlstate(error)

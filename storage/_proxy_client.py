@@ -35,6 +35,9 @@ from optuna.trial import FrozenTrial
 
 from storage._error import StorageError
 from storage._error import StorageUnreachable
+from storage._rdb import _RETRIED_METHODS
+from storage._retry import call_with_retry
+from storage._retry import retrying
 from storage._url import proxy_address
 
 SERVICE = "search.Extras"
@@ -174,20 +177,37 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         hold = self._channel.unary_stream(
             f"/{SERVICE}/Hold", request_serializer=dump, response_deserializer=load
         )
-        while True:
-            call = hold({"name": name})
-            try:
-                next(call)
-                break
-            except grpc.RpcError as exc:
-                call.cancel()
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-            except StopIteration:  # the proxy stopped before it gave the lock
-                call.cancel()
-                raise StorageError(f"the proxy {self.url} ended the lock call {name}") from None
-            time.sleep(random.uniform(*_BUSY_RETRY_S))
+
+        def acquire() -> Any:
+            while True:
+                call = hold({"name": name})
+                try:
+                    next(call)
+                    return call
+                except grpc.RpcError as exc:
+                    call.cancel()
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                except StopIteration:  # the proxy stopped before it gave the lock
+                    call.cancel()
+                    ended = f"the proxy {self.url} ended the lock call {name}"
+                    raise StorageError(ended) from None
+                time.sleep(random.uniform(*_BUSY_RETRY_S))
+
+        call = call_with_retry(acquire, max_wait=self.max_wait, what=f"lock {name}")
         try:
             yield
         finally:
             call.cancel()  # the proxy releases the lock
+
+
+# Optuna's storage calls and the extras wait (with backoff, up to ``max_wait``) while the proxy
+# is away (gRPC UNAVAILABLE: restarting, or not reachable for a moment), as a worker straight
+# on the database waits for it (``storage._rdb``). Heartbeats retry on their own schedule.
+_RETRIED = [
+    name
+    for name in (*_RETRIED_METHODS, "adopt_orphans", "fail_and_enqueue", "set_trial_attrs")
+    if name in dir(ProxyStorage) and name not in ("_create_new_trial", "_set_trial_param")
+]
+for _name in _RETRIED:
+    setattr(ProxyStorage, _name, retrying("max_wait")(getattr(ProxyStorage, _name)))
