@@ -103,7 +103,7 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
 
     with _user_errors():
         spec = resolve_spec(args.study, str(args.spec) if args.spec else None)
-        check_spec_data(spec, model_paths=not args.tiny)
+        check_spec_data(spec, model_paths=not (args.tiny or args.skip_unavailable))
         opts = run_options(args)  # imports the storage layer (optuna) for the URL
         if service:  # a long-running worker: refuse a placeholder or missing password
             from storage import check_password
@@ -111,6 +111,9 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
             check_password(opts.storage_url)
         name = study_name_for(spec, opts)
         check_stored_space(opts.storage_url, name, spec, force=args.force_space)
+        from search.model_resolve import check_before_run
+
+        check_before_run(spec, opts, name)  # missing weights: exit 2 in seconds, no study
         check_device_available(opts.device)  # imports torch for a cuda device: last
         from storage import redact_url
 

@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from search import attrs
+from search.config import DEFAULT_OBJECTIVE
 from search.model_facts import cached_file
 from search.model_facts import model_ref
 
 if TYPE_CHECKING:
+    import optuna
+
+    from search.options import RunOptions
     from search.spec import StudySpec
 
 HUB_TIMEOUT_S = 5.0  # one try per model, all models at once
@@ -186,3 +191,56 @@ def available_models(
     if missing and (not skip_unavailable or not present):
         raise ModelsUnavailableError(missing_message(spec, missing, present))
     return present
+
+
+def searched_models(spec: StudySpec, opts: RunOptions, recorded: list[str] | None) -> list[str]:
+    """The models this worker searches: the spec's (or those the study recorded), all present.
+
+    A missing model stops the run with one line per model and its fix
+    (``ModelsUnavailableError``, exit 2); ``--skip-unavailable`` drops it instead. ``--tiny``
+    needs no weights, nor does a stand-in ``--objective`` (the hidden test hook loads no
+    model) unless ``--skip-unavailable`` asks which models are here.
+
+    Args:
+        spec: The study spec.
+        opts: The worker's options (``tiny``, ``skip_unavailable``, ``objective``).
+        recorded: The models the existing study searches (``recorded_models``), or None.
+    """
+    names = [m for m in spec.models if recorded is None or m in recorded]
+    if opts.tiny or (opts.objective != DEFAULT_OBJECTIVE and not opts.skip_unavailable):
+        return names
+    return available_models(spec, skip_unavailable=opts.skip_unavailable, names=names)
+
+
+def recorded_models(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
+    """The models an existing study was created to search (``--skip-unavailable``), or None."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    models = storage.get_study_user_attrs(study_id).get(attrs.STUDY_MODELS)
+    return [str(m) for m in models] if isinstance(models, list) else None
+
+
+def check_before_run(spec: StudySpec, opts: RunOptions, name: str) -> list[str]:
+    """``searched_models`` for the CLI, before the training stack loads (stops in seconds).
+
+    Reads the study's recorded models when its storage can hold it (a missing SQLite file is
+    not created here).
+    """
+    from search.space_check import _missing_sqlite
+
+    if opts.tiny or (opts.objective != DEFAULT_OBJECTIVE and not opts.skip_unavailable):
+        return list(spec.models)
+    recorded = None
+    if not _missing_sqlite(opts.storage_url):
+        from storage import create_storage
+
+        storage = create_storage(opts.storage_url, heartbeat_interval=None)
+        try:
+            recorded = recorded_models(storage, name)
+        finally:
+            engine = getattr(storage, "engine", None)
+            if engine is not None:
+                engine.dispose()  # the run opens its own storage
+    return searched_models(spec, opts, recorded)

@@ -39,7 +39,6 @@ from search.budget import ensure_budget
 from search.budget import finished_count
 from search.budget import hand_back
 from search.budget import watch_stale
-from search.config import DEFAULT_OBJECTIVE
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import device_info
@@ -51,7 +50,8 @@ from search.keep import keeper_for
 from search.model_facts import facts_of_directory
 from search.model_facts import model_ref
 from search.model_facts import resolve_facts
-from search.model_resolve import available_models
+from search.model_resolve import recorded_models
+from search.model_resolve import searched_models
 from search.models import ModelInfo
 from search.options import RunOptions
 from search.options import study_name_for
@@ -161,33 +161,6 @@ def model_facts(
     return facts
 
 
-def searched_models(
-    spec: StudySpec, opts: RunOptions, storage: optuna.storages.BaseStorage, name: str
-) -> list[str]:
-    """The models this worker searches: the spec's (or those the study recorded), all present.
-
-    Checked before the study is opened: a missing model stops the run with one line per model
-    and its fix (``ModelsUnavailableError``, exit 2); ``--skip-unavailable`` drops it instead.
-    ``--tiny`` needs no weights, nor does a stand-in ``--objective`` (the hidden test hook
-    loads no model) unless ``--skip-unavailable`` asks which models are here.
-    """
-    recorded = _recorded_models(storage, name)
-    names = [m for m in spec.models if recorded is None or m in recorded]
-    if opts.tiny or (opts.objective != DEFAULT_OBJECTIVE and not opts.skip_unavailable):
-        return names
-    return available_models(spec, skip_unavailable=opts.skip_unavailable, names=names)
-
-
-def _recorded_models(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
-    """The models an existing study was created to search (``--skip-unavailable``), or None."""
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        return None
-    models = storage.get_study_user_attrs(study_id).get(attrs.STUDY_MODELS)
-    return [str(m) for m in models] if isinstance(models, list) else None
-
-
 def _init_study(
     spec: StudySpec, opts: RunOptions, searched: list[str]
 ) -> Callable[[optuna.Study], None]:
@@ -259,7 +232,8 @@ def run_study(
     # database name is answered before tiny replicas are built or weights resolved.
     storage = create_storage(opts.storage_url)
     name = study_name_for(spec, opts)
-    searched = searched_models(spec, opts, storage, name)  # exit 2 on a missing model
+    # Exit 2 on a missing model, before the study is opened (the CLI checked it already).
+    searched = searched_models(spec, opts, recorded_models(storage, name))
     model_paths = prepare_models(spec, opts, searched)
     facts = model_facts(spec, opts, model_paths)
     study, _ = open_study(

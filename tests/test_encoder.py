@@ -197,3 +197,29 @@ def test_undownloaded_hub_id_offline_raises_a_one_line_fix(
 def test_rejects_unknown_pooling(simcse: BiEncoder) -> None:
     with pytest.raises(ValueError, match="pooling"):
         BiEncoder(simcse.model, simcse.tokenizer, pooling="max")
+
+
+def test_last_token_pooling_takes_the_last_real_token(replicas: dict[str, Path]) -> None:
+    path = replicas["multilingual-e5-small"]
+    encoder = BiEncoder.from_config(make_config("e5-last", path, pooling="last-token"))
+    assert encoder.pooling == "last-token"
+    batch = encoder.tokenize([SENTENCES[1], SENTENCES[5]], kind="passage", max_len=64)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert lengths[0] < lengths[1]  # the first row is padded on the right
+    with torch.no_grad():
+        hidden = encoder.model(**batch).last_hidden_state
+        pooled = encoder(batch["input_ids"], batch["attention_mask"])
+        alone = encoder.encode([SENTENCES[1]], kind="passage", max_len=64)
+    by_hand = torch.stack([hidden[i, n - 1] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(pooled, by_hand)
+    torch.testing.assert_close(pooled[0], alone[0], atol=1e-5, rtol=1e-4)  # padding ignored
+    assert not torch.allclose(pooled[0], hidden[0, -1])  # not the padded last position
+    # Left padding (decoder tokenizers): the last position is the last real token.
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    n = int(mask.sum())
+    left_ids = torch.cat([ids[n:], ids[:n]]).unsqueeze(0)
+    left_mask = torch.cat([mask[n:], mask[:n]]).unsqueeze(0)
+    with torch.no_grad():
+        left = encoder(left_ids, left_mask)
+        left_hidden = encoder.model(input_ids=left_ids, attention_mask=left_mask)
+    torch.testing.assert_close(left[0], left_hidden.last_hidden_state[0, -1].float())
