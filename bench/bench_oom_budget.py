@@ -118,7 +118,9 @@ def bench_spec(mode: str, train_path: Path, eval_dir: Path, args: argparse.Names
         update={"epochs": args.epochs, "max_train_samples": args.max_train_samples}
     )
     data = spec.data.model_copy(update={"train": str(train_path), "eval": str(eval_dir)})
-    update: dict[str, Any] = {"training": training, "data": data}
+    # One stage on both sides, as in the figures before issue 9: this bench measures memory
+    # handling and free skips, not the staged playbook (bench_search_efficiency does).
+    update: dict[str, Any] = {"training": training, "data": data, "stages": []}
     if mode == "naive":
         update["space"] = spec.space.model_copy(update={"conditions": {}})
         update["models"] = {name: ModelEntry() for name in spec.models}
