@@ -1,0 +1,395 @@
+"""Worker-hours to a near-best config: old random sweep vs TPE vs the staged strategy (surrogate).
+
+Real Optuna studies in memory, driven by the service's own pieces (``search.budget.claim_trial``
+with free skips, ``search.space.sample_params`` / ``build_config``, ``search.sampling``'s
+sampler, ``search.pruners``, ``search.preflight`` with the OOM frontier, ``search.stages``'
+stage plan and refine seeds, ``search.trial_record``); only the training is replaced by a
+surrogate of the ko-retrieval space on a 24 GiB GPU:
+
+* **score** (nDCG@10 after training): each model's ceiling from the published Korean figures in
+  DESIGN.md (mean of Ko-StrategyQA and AutoRAGRetrieval: bge-m3-ko 0.835, multilingual-e5-small
+  0.777, multilingual-minilm 0.441; ko-simcse has none published: 0.70 assumed), minus
+  quadratic penalties in log learning rate (0.06 per decade squared, around a per-model
+  optimum), log temperature, warmup and weight decay, plus a small gain for larger batches
+  (more in-batch negatives) and a loss for short ``max_len``. Assumed shapes, not fitted.
+* **learning curve**: at a fraction ``f`` of training the score is
+  ``final - 0.15 (1 - f)^1.5`` plus noise (sd 0.01 on the fixed eval sample, 0.002 on the
+  full eval), so rankings at the same step mostly hold (kind to pruning).
+* **time**: ``6 x non-embedding parameters x tokens`` per training example (query 24 tokens,
+  passages ``min(max_len, 170)``, one hard negative), 50,000 pairs, 2 epochs, at 40 TFLOP/s;
+  gradient checkpointing x1.33; a load of 36 s (72 s for bge-m3-ko); 5 s per sample eval.
+  bge-m3-ko trains in about 0.6 h, the small models in about 0.04 h.
+* **memory**: ``search.memory_estimate`` (CUDA, AMP) times a fixed per-config factor
+  (lognormal, sd 0.1: the estimate's error), against 24 GiB. A real OOM costs the load plus
+  one step with the service's fail-fast first step, and the load plus a random part of the
+  first epoch without it (the old sweep: the longest batch turns up anywhere).
+
+Strategies (same budget of trained trials; skips are free, up to the skip bound):
+
+* **(a) random**: the old W&B sweep: random sampling of the flat space (no per-model
+  conditions; per-model checkpointing kept), no preflight, no frontier, no pruner, no
+  fail-fast: OOMs cost their time.
+* **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
+  frontier, median pruner on the per-epoch reports.
+* **(c) staged**: the shipped ko-retrieval stages (baseline small models, big-safe seeded by
+  the frontier, refine around the top 3), ``training.eval_every_steps: 5000`` (sooner reports
+  on the examples axis) and the median pruner on them.
+
+Prints per strategy the median (and mean) worker-hours until the study first holds a complete
+trial within 1% of the best reachable score (the best surrogate score over every config of the
+flat space that fits 24 GiB), in how many seeds it got there within the budget (a seed that
+never does counts its whole budget's hours: a lower bound), and the ratios c/a and c/b of the
+medians (targets: c <= a/3, c <= b).
+
+Run::
+
+    python bench/bench_search_efficiency.py                  # 20 seeds, budget 60
+    python bench/bench_search_efficiency.py --seeds 5 --budget 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from search import attrs  # noqa: E402
+from search.budget import SkipBoundError  # noqa: E402
+from search.budget import claim_trial  # noqa: E402
+from search.budget import ensure_budget  # noqa: E402
+from search.config import TrialConfig  # noqa: E402
+from search.device import DeviceInfo  # noqa: E402
+from search.isolation import TrialOutcome  # noqa: E402
+from search.memory_estimate import estimate_peak_memory  # noqa: E402
+from search.models import MODELS  # noqa: E402
+from search.preflight import preflight  # noqa: E402
+from search.pruners import make_pruner  # noqa: E402
+from search.sampling import make_sampler  # noqa: E402
+from search.space import SampledParams  # noqa: E402
+from search.space import build_config  # noqa: E402
+from search.space import sample_params  # noqa: E402
+from search.spec import PrunerSection  # noqa: E402
+from search.spec import SamplerSection  # noqa: E402
+from search.spec import StudySpec  # noqa: E402
+from search.spec import resolve_spec  # noqa: E402
+from search.trial_record import claimed_record  # noqa: E402
+from search.trial_record import outcome_record  # noqa: E402
+from search.trial_record import skip_record  # noqa: E402
+from search.trial_record import write_record  # noqa: E402
+
+GIB = 2**30
+DEVICE = DeviceInfo(
+    name="cuda:0", label="cuda:0 (surrogate, 24 GiB)", total_bytes=24 * GIB, free_bytes=24 * GIB
+)
+CEILING = {  # DESIGN.md: mean nDCG@10 of Ko-StrategyQA and AutoRAGRetrieval; ko-simcse assumed
+    "bge-m3-ko": (0.796 + 0.874) / 2,
+    "multilingual-e5-small": (0.752 + 0.801) / 2,
+    "multilingual-minilm": (0.459 + 0.423) / 2,
+    "ko-simcse": 0.70,
+}
+LR_OPT = {
+    "bge-m3-ko": 2e-5,
+    "multilingual-e5-small": 6e-5,
+    "multilingual-minilm": 8e-5,
+    "ko-simcse": 4e-5,
+}
+PAIRS, EPOCHS, FLOPS = 50_000, 2, 40e12
+Q_TOKENS, P_TOKENS, HARD_NEGATIVES = 24, 170, 1
+SAMPLE_EVAL_S = 5.0
+EVAL_EVERY = 5_000  # (c): training.eval_every_steps, in training examples
+TARGET = 0.99  # within 1% of the best reachable score
+
+
+def true_score(cfg: TrialConfig) -> float:
+    """The surrogate's nDCG@10 of a config after full training (see the module docstring)."""
+    penalty = 0.06 * math.log10(cfg.lr / LR_OPT[cfg.model]) ** 2
+    penalty += 0.03 * math.log10(cfg.temperature / 0.03) ** 2
+    penalty += 0.02 * ((cfg.warmup_ratio - 0.1) / 0.1) ** 2
+    penalty += 0.004 * abs(cfg.weight_decay - 0.01) / 0.1
+    bonus = 0.012 * math.log2(cfg.batch_size / 32) / 3
+    short = 0.03 * math.exp(-(cfg.max_len - 64) / 100)
+    return CEILING[cfg.model] - penalty + bonus - short
+
+
+def _non_embedding_params(model: str) -> float:
+    info = MODELS[model]
+    return float(info.n_params - (info.vocab + info.max_positions) * info.hidden)
+
+
+def train_hours(cfg: TrialConfig) -> float:
+    """Hours of one full training run (without load and evaluation)."""
+    tokens = min(cfg.max_len, Q_TOKENS) + (1 + HARD_NEGATIVES) * min(cfg.max_len, P_TOKENS)
+    seconds = 6 * _non_embedding_params(cfg.model) * tokens * PAIRS * EPOCHS / FLOPS
+    seconds *= 1.33 if cfg.gradient_checkpointing else 1.0
+    seconds *= 1.0 - 0.1 * math.log2(cfg.batch_size / 32) / 3  # bigger batches run a bit faster
+    return seconds / 3600
+
+
+def load_hours(cfg: TrialConfig) -> float:
+    return (72.0 if cfg.model == "bge-m3-ko" else 36.0) / 3600
+
+
+def true_peak_bytes(cfg: TrialConfig) -> float:
+    """The estimate times a fixed per-config factor: the estimate's own error."""
+    rng = random.Random(f"{cfg.model}/{cfg.batch_size}/{cfg.max_len}/{cfg.gradient_checkpointing}")
+    factor = math.exp(rng.gauss(0.0, 0.1))
+    return estimate_peak_memory(MODELS[cfg.model], cfg, device_type="cuda").total_bytes * factor
+
+
+def curve(final: float, f: float, noise: float, rng: random.Random) -> float:
+    return final - 0.15 * (1.0 - f) ** 1.5 + rng.gauss(0.0, noise)
+
+
+def best_reachable(spec: StudySpec) -> float:
+    """The best surrogate score over the flat space's configs that fit the device."""
+    best = -1.0
+    for model in spec.models:
+        for batch in spec.space.batch_size:
+            for max_len in spec.space.max_len:
+                if max_len > MODELS[model].max_tokens:
+                    continue
+                params = SampledParams(
+                    model=model,
+                    batch_size=batch,
+                    max_len=max_len,
+                    lr=LR_OPT[model],
+                    temperature=0.03,
+                    warmup_ratio=0.1,
+                    weight_decay=0.01,
+                )
+                cfg = build_config(spec, params, model_path="x", device="cuda")
+                if true_peak_bytes(cfg) <= DEVICE.total_bytes:
+                    best = max(best, true_score(cfg))
+    return best
+
+
+@dataclass
+class Result:
+    hours: float  # worker-hours until the target (or the whole budget's when not reached)
+    reached: bool
+    trained: int
+    skips: int
+    ooms: int
+    pruned: int
+
+
+def strategy_spec(kind: str, pruner: str = "median") -> StudySpec:
+    """The shipped ko-retrieval spec, shaped for one strategy (``pruner``: (c)'s pruner)."""
+    spec = resolve_spec("ko-retrieval", None)
+    if kind == "random":
+        space = spec.space.model_copy(update={"conditions": {}})
+        return spec.model_copy(
+            update={"space": space, "stages": [], "sampler": SamplerSection(type="random")}
+        )
+    if kind == "tpe":
+        return spec.model_copy(update={"stages": []})
+    training = spec.training.model_copy(update={"eval_every_steps": EVAL_EVERY})
+    pruner = PrunerSection(
+        type=pruner,  # type: ignore[arg-type]
+        n_startup_trials=spec.pruner.n_startup_trials,
+        n_warmup_steps=2 * EVAL_EVERY,
+        min_resource=2 * EVAL_EVERY,
+        max_resource=PAIRS * EPOCHS,
+    )
+    return spec.model_copy(update={"training": training, "pruner": pruner})
+
+
+def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) -> Any:
+    from search.stages import StagePlan
+
+    space = spec.space
+    mid = {
+        "lr": math.sqrt(space.lr.low * space.lr.high),
+        "temperature": math.sqrt(space.temperature.low * space.temperature.high),
+        "warmup_ratio": (space.warmup_ratio.low + space.warmup_ratio.high) / 2,
+        "weight_decay": (space.weight_decay.low + space.weight_decay.high) / 2,
+    }
+
+    def config_for(model: str, batch_size: int, max_len: int) -> TrialConfig:
+        params = SampledParams(model=model, batch_size=batch_size, max_len=max_len, **mid)
+        return build_config(spec, params, model_path="x", device="cuda")
+
+    return StagePlan(
+        spec,
+        study.sampler,
+        budget,
+        config_for=config_for,
+        device_total_bytes=DEVICE.total_bytes,
+        seed=seed,
+    )
+
+
+def run(kind: str, seed: int, budget: int, target: float, pruner: str = "median") -> Result:
+    """One study of ``kind`` with ``budget`` trained trials; hours until ``target`` is held."""
+    spec = strategy_spec(kind, pruner)
+    rng = random.Random(f"{kind}/{seed}")  # the surrogate's noise and OOM points
+    staged = bool(spec.stages)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=make_sampler(spec, seed=seed),
+        pruner=optuna.pruners.NopPruner() if kind == "random" else make_pruner(spec),
+    )
+    ensure_budget(study, budget)
+    if kind != "random":  # the runner's baselines: one trial per (first-stage) model
+        first = spec.stages[0].models if staged and spec.stages[0].models else spec.models
+        for model in first:
+            user = {attrs.STAGE: spec.stages[0].name} if staged else None
+            study.enqueue_trial({"model": model}, user_attrs=user)
+    plan = _stage_plan(spec, study, budget, seed) if staged else None
+    service = kind != "random"
+    hours, reached = 0.0, False
+    counts = {"skips": 0, "ooms": 0, "pruned": 0}
+    max_skips = spec.study.max_skips_per_trial * budget
+    while True:
+        try:
+            trial = claim_trial(study, budget, wait=False, max_skips=max_skips, before_ask=plan)
+        except SkipBoundError:
+            break
+        if trial is None:
+            break
+        params = sample_params(trial, spec)
+        cfg = build_config(spec, params, model_path="x", device="cuda", seed_offset=trial.number)
+        if spec.training.eval_every_steps:
+            cfg = TrialConfig.from_json({**cfg.to_json(), "eval_every_steps": EVAL_EVERY})
+        decision = preflight(
+            cfg,
+            MODELS[cfg.model],
+            DEVICE,
+            study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)),
+            use_estimate=service,
+            use_frontier=service,
+        )
+        record = claimed_record(
+            cfg, DEVICE, host="surrogate", gpu="0", worker=kind,
+            memory_estimate_mb=decision.estimate.total_mb,
+        )  # fmt: skip
+        if decision.skip:
+            record.update(skip_record(decision, 0.002))
+            write_record(study._storage, trial._trial_id, record)
+            study.tell(trial, state=TrialState.PRUNED)
+            counts["skips"] += 1
+            continue
+        write_record(study._storage, trial._trial_id, record)
+        cost, outcome = simulate(trial, cfg, service=service, rng=rng)
+        hours += cost
+        told = outcome_record(outcome, "ndcg@10", cost * 3600)
+        write_record(study._storage, trial._trial_id, told)
+        if outcome.status == "complete":
+            study.tell(trial, outcome.value)
+            if true_score(cfg) >= target and not reached:
+                return Result(hours, True, _trained(study), **counts)
+        else:
+            counts["ooms" if outcome.status == "oom" else "pruned"] += 1
+            study.tell(trial, state=TrialState.PRUNED)
+    return Result(hours, reached, _trained(study), **counts)
+
+
+def _trained(study: optuna.Study) -> int:
+    from search.budget import spent_count
+
+    return spent_count(study.get_trials(deepcopy=False))
+
+
+def simulate(
+    trial: optuna.Trial, cfg: TrialConfig, *, service: bool, rng: random.Random
+) -> tuple[float, TrialOutcome]:
+    """Train ``cfg`` on the surrogate: (worker-hours spent, outcome), reporting to the pruner."""
+    load, train = load_hours(cfg), train_hours(cfg)
+    if true_peak_bytes(cfg) > DEVICE.total_bytes:
+        steps = PAIRS * EPOCHS / cfg.batch_size
+        if service:  # fail-fast: the worst-case batch is the first step
+            cost = load + train / steps
+        else:  # the longest batch turns up anywhere in the first epoch
+            cost = load + rng.random() * train / EPOCHS
+        error = "OutOfMemoryError: CUDA out of memory (surrogate)"
+        return cost, TrialOutcome(status="oom", oom_kind="real", phase="forward", error=error)
+    final = true_score(cfg)
+    total = PAIRS * EPOCHS
+    points = [(e * PAIRS, False) for e in range(1, EPOCHS + 1)]
+    if cfg.eval_every_steps:
+        every = cfg.eval_every_steps
+        points += [(s, True) for s in range(every, total, every) if s % PAIRS]
+    spent = load
+    history: list[dict[str, float]] = []
+    for step, sooner in sorted(points):
+        f = step / total
+        value = curve(final, f, 0.01 if sooner else 0.002, rng)
+        spent = load + f * train + (SAMPLE_EVAL_S / 3600 if sooner else 0.0)
+        trial.report(value, step)
+        if not sooner:
+            history.append({"ndcg@10": value, "examples_seen": float(step)})
+        if trial.should_prune():
+            metrics = history[-1] if history else {}
+            return spent, TrialOutcome(status="pruned", metrics=metrics, history=history)
+    value = history[-1]["ndcg@10"]
+    return spent, TrialOutcome(
+        status="complete", value=value, metrics=history[-1], history=history
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=60, help="trained trials per study")
+    parser.add_argument("--strategies", default="random,tpe,staged")
+    parser.add_argument(
+        "--staged-pruner",
+        default="median",
+        choices=["median", "successive_halving", "hyperband", "none"],
+        help="(c)'s pruner on the sooner reports",
+    )
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    flat = strategy_spec("random")
+    best = best_reachable(flat)
+    target = TARGET * best
+    print(
+        f"# surrogate ko-retrieval on a 24 GiB GPU: best reachable nDCG@10 {best:.4f}, target "
+        f">= {target:.4f}; {args.seeds} seeds, budget {args.budget} trained trials per study"
+    )
+    results: dict[str, list[Result]] = {}
+    for kind in args.strategies.split(","):
+        started = time.monotonic()
+        results[kind] = [
+            run(kind, seed, args.budget, target, args.staged_pruner) for seed in range(args.seeds)
+        ]
+        rs = results[kind]
+        hours = [r.hours for r in rs]
+        print(
+            f"{kind:7s} worker-hours to target: median {statistics.median(hours):.2f}, mean "
+            f"{statistics.mean(hours):.2f}; reached {sum(r.reached for r in rs)}/{len(rs)}; per "
+            f"study mean trained {statistics.mean(r.trained for r in rs):.1f}, skips "
+            f"{statistics.mean(r.skips for r in rs):.1f}, real OOMs "
+            f"{statistics.mean(r.ooms for r in rs):.1f}, pruned "
+            f"{statistics.mean(r.pruned for r in rs):.1f} ({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
+    if {"random", "tpe", "staged"} <= results.keys():
+        med = {k: statistics.median(r.hours for r in v) for k, v in results.items()}
+        paired = [
+            c.hours / b.hours for c, b in zip(results["staged"], results["tpe"], strict=True)
+        ]
+        print(
+            f"ratio c/a {med['staged'] / med['random']:.3f} (target <= 0.333), c/b "
+            f"{med['staged'] / med['tpe']:.3f} (target <= 1); paired c/b per seed: median "
+            f"{statistics.median(paired):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
