@@ -23,6 +23,7 @@ dict)`` or ``("error", dict)``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import multiprocessing as mp
@@ -116,6 +117,35 @@ def _status_kib(field_name: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+# glibc malloc serves a request from mmap (unmapped when freed) only above its mmap threshold;
+# freed memory below it stays resident in the heap. The threshold is dynamic by default: each
+# free of an mmapped chunk raises it to that chunk's size (up to 32 MiB), so which freed
+# activations stay resident depends on the order of the trial's allocations. One checkpointed
+# tiny config (32 x 128) peaked at 264-375 MiB over identical runs (the CI failure of the
+# memory-estimate test), and the retained heap was up to half of a checkpointed peak. Fixed at
+# 1 MiB (which also stops the dynamic rise), the same config peaks at 148 MiB in every run.
+# $SEARCH_MALLOC_MMAP_THRESHOLD (bytes) overrides it; 0 keeps glibc's dynamic threshold.
+MALLOC_MMAP_THRESHOLD = 1 * MIB
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def _fix_malloc_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at :data:`MALLOC_MMAP_THRESHOLD` (True when it was set)."""
+    value = os.environ.get("SEARCH_MALLOC_MMAP_THRESHOLD", "").strip()
+    threshold = int(value) if value.isdigit() else MALLOC_MMAP_THRESHOLD
+    if threshold == 0:
+        return False
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, ValueError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def _rss_mb() -> float:
@@ -216,6 +246,8 @@ def _child_main(
     # collection would touch (and so copy) every page of the inherited heap, 1-2 s per trial.
     gc.freeze()
     _apply_env(env)
+    # A trial's CPU memory must not depend on its allocation history (see the constant).
+    _fix_malloc_mmap_threshold()
     _quiet_libraries()
     import optuna
 

@@ -24,12 +24,14 @@ The estimate is a sum of named parts, so a skipped trial can say what did not fi
   ``b x b*(1 + negatives)`` score matrix (fp32 scores, their softmax, their gradient).
 * **overhead**: the backward pass's working set (about one layer's activations, as gradients),
   and on CUDA the context and cuBLAS/cuDNN workspaces plus a share for the caching allocator's
-  fragmentation; on CPU with checkpointing, the freed heap memory that glibc keeps resident
-  (the recomputed layers' activations and gradients, allocated and freed once per layer).
+  fragmentation. On CPU the trial runs with a fixed malloc mmap threshold
+  (``search.isolation.MALLOC_MMAP_THRESHOLD``): freed activations go back to the system, so
+  the peak is the live tensors plus a fixed cost, the same in every run.
 
 CPU (fp32, the trial's resident memory above the worker process's baseline) is calibrated on
-measured peaks of tiny replicas on this machine (see :data:`CPU_CALIBRATION`); the CUDA
-constants are first-principles values waiting for the GPU measurement of issue 3.
+measured peaks of tiny replicas and of the real all-MiniLM-L6-v2 on this machine (see
+:data:`CPU_CALIBRATION`, ``bench/bench_estimate_real.py``); the CUDA constants are
+first-principles values waiting for the GPU measurement of issue 3.
 """
 
 from __future__ import annotations
@@ -65,26 +67,14 @@ CPU_CALIBRATION: dict[str, float] = {
     "base_bytes": 50 * MIB,  # fixed cost of a training run on CPU (measured, see docstring)
     "scale": 1.05,  # multiplier on states + activations: leans to over-estimating (docstring)
     # Share of the largest layer's activations the backward pass adds on top of the stored
-    # ones. Without checkpointing, one layer: at the peak few of the layer's tensors are live
-    # (the live heap, mallinfo2, is the stored activations within 3%); the layer stands for the
-    # heap that glibc keeps resident once freed (0.3-1.4 layers measured). With checkpointing
-    # the live peak is the layer inputs plus 1.04-1.16 x the largest layer (24 tiny configs,
-    # 8-64 x 64-256, mallinfo2 after every aten op): the recomputed layer plus 0.1.
-    "working_set": 1.0,
+    # ones. Without checkpointing none: at the peak few of the layer's tensors are live (the
+    # live heap, mallinfo2, is the stored activations within 3%). With checkpointing the live
+    # peak is the layer inputs plus 1.04-1.16 x the largest layer (24 tiny configs, 8-64 x
+    # 64-256, mallinfo2 after every aten op): the recomputed layer plus 0.1. Freed heap that
+    # glibc keeps resident is not counted: a trial runs with a fixed mmap threshold
+    # (search.isolation.MALLOC_MMAP_THRESHOLD), which returns freed activations to the system.
+    "working_set": 0.0,
     "working_set_checkpointing": 0.1,
-    # Heap memory glibc keeps resident after a checkpointed step frees it, per pass (queries,
-    # passages), as a share of that pass's layer: "retention" when the pass's attention tensors
-    # are under GLIBC_MMAP_THRESHOLD_MAX (they and everything smaller go to the heap),
-    # "retention_mmap" when they are above it (mmapped, unmapped when freed). Measured: the
-    # heap taken from the system (mallinfo2 arena + hblkhd) minus the live heap at the peak was
-    # 0.72-1.35 of the two passes' layers in the first case, 0.47-0.57 in the second (24
-    # instrumented configs; the instrumentation lowers it); 1.3 and 0.6 put 72 plain 2-step runs
-    # (ko-simcse replica, 8-64 x 64-256, the bench step and train()) at estimate / measured
-    # 0.85-1.18, median 1.06. With a fixed mmap threshold
-    # (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) the retention disappears and the
-    # checkpointed peak halves (32 x 128: 276 -> 150 MiB): it is the allocator's, not torch's.
-    "retention": 1.3,
-    "retention_mmap": 0.6,
     # h-sized tensors stored per token and layer, counted with saved_tensors_hooks on tiny
     # BERT/XLM-R layers: fp32 stores 9 (the paper's 8 + the scaled query of SDPA's math path);
     # under CPU bf16 autocast the bf16 casts of each linear's input add copies (15 at 2 bytes).
@@ -94,12 +84,6 @@ CPU_CALIBRATION: dict[str, float] = {
     # fp32 on CPU (softmax runs in fp32 under autocast too).
     "attention_bytes": 12,
 }
-
-
-# glibc malloc serves a request from mmap (returned to the system when freed) only above its
-# dynamic threshold, which each free of an mmapped chunk raises to that chunk's size, up to
-# this maximum (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit); below it, freed memory stays resident.
-GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
 
 
 @dataclass(frozen=True)
@@ -114,7 +98,7 @@ class MemoryEstimate:
         activations_bytes: Everything the forward passes keep for the backward pass.
         scores_bytes: The query x passage score matrix, its softmax and gradient.
         overhead_bytes: Backward working set, CUDA context and fragmentation, or the CPU
-            calibration's fixed cost (and, with checkpointing, the heap glibc keeps).
+            calibration's fixed cost.
     """
 
     total_bytes: int
@@ -223,20 +207,6 @@ def _encoder_activation_bytes(
     return embeddings + kept, layer
 
 
-def _cpu_heap_retention(arch: ModelInfo, passes: tuple[tuple[int, int, int], ...]) -> int:
-    """Freed heap memory a checkpointed CPU step keeps resident, from (seq, batch, layer) per pass.
-
-    Each layer's recomputation allocates its activations (and their gradients) again; glibc
-    keeps the freed ones that were under its mmap threshold resident. The share of a pass's
-    layer depends on whether its attention tensors (``a*s*s*b`` fp32, the largest) are mmapped.
-    """
-    retained = 0.0
-    for seq, batch, layer in passes:
-        mmapped = arch.heads * seq * seq * batch * 4 >= GLIBC_MMAP_THRESHOLD_MAX
-        retained += CPU_CALIBRATION["retention_mmap" if mmapped else "retention"] * layer
-    return int(retained)
-
-
 def estimate_peak_memory(
     arch: ModelInfo,
     cfg: TrialConfig,
@@ -260,23 +230,18 @@ def estimate_peak_memory(
     transformers 5.24, 1 thread): the stored tensors per layer of tiny BERT / XLM-R layers,
     counted with ``torch.autograd.graph.saved_tensors_hooks``, fit the formula with 9
     ``h``-sized fp32 tensors per token (15 at 2 bytes under bf16 autocast) and 12 bytes per
-    attention element. Then 21 real trials (``search.train.loop.train`` in ``run_isolated``;
-    ko-simcse, bge-m3-ko and multilingual-e5-small replicas, L2/H64/A4/F128; batch 16-64 x
-    max_len 64-256, one hard negative, fp32 and bf16, with and without checkpointing; peak
-    ``ru_maxrss`` minus the resident memory after imports, 107 MiB to 1.9 GiB) gave
-    estimate / measured between 0.92 and 1.15 with ``scale`` 1.0 and a 50 MiB base; repeated
-    runs of one config differ by up to 15%. With ``scale`` 1.05, a check on 21 more trials
-    (``python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko,multilingual-minilm``,
-    BENCHMARKS.md) gave 0.94-1.18. Checkpointed points at 128-256 tokens were then low (0.68-0.97
-    in two runs of ``bench/bench_memory_estimate.py --device cpu --quick``): the live heap
-    (``mallinfo2`` after every aten op) showed the estimate over-counting live tensors (a
-    recomputed layer per pass plus half a layer, where the peak holds the layer inputs plus
-    1.04-1.16 of the largest layer) and missing the freed heap glibc keeps resident, 0.5-1.35 of
-    the passes' layers (32 x 128, e5-small: live 98 MiB, heap from the system 223 MiB, resident 276
-    MiB). Counting one recomputed layer, a 0.1 working set and that retention put 72 plain
-    checkpointed runs at 0.85-1.18. Caveat: the retained heap grows when the same worst-case step
-    repeats (32 x 128: 250-292 MiB after step 1, 323-409 after 8 steps; without checkpointing
-    382-428 -> 435-454), which 2-step measurements, and this estimate, do not see.
+    attention element. The live heap at the peak (``mallinfo2`` after every aten op, 24 tiny
+    configs) is the stored activations within 3% without checkpointing, and the layer inputs
+    plus 1.04-1.16 of the largest layer with it (the recomputed layer plus a 0.1 working set).
+    What the process holds beyond the live heap was glibc's: with its default dynamic mmap
+    threshold, freed activations stayed resident by an amount that depended on the order of
+    allocations (one checkpointed tiny config, 32 x 128: 264-375 MiB over identical runs, half
+    of it retained heap), so trials now run with a fixed 1 MiB threshold, under which the same
+    config measures 148 MiB in every run. Under that rule: tiny replicas at 1.05-1.07 (e5-small
+    32 x 128, with and without checkpointing), and the real all-MiniLM-L6-v2 over batch x
+    max_len x checkpointing x hard negatives in ``bench/bench_estimate_real.py`` (BENCHMARKS.md,
+    "Memory estimate on real weights"). The preflight's error band
+    (``search.preflight.ESTIMATE_BAND``) comes from that grid.
 
     Example:
         >>> from search.models import MODELS
@@ -351,8 +316,6 @@ def estimate_peak_memory(
         scale = CPU_CALIBRATION["scale"]
         dynamic = params + grads + optimizer + activations + scores + working_set
         overhead = int(CPU_CALIBRATION["base_bytes"] + (scale - 1.0) * dynamic) + working_set
-        if cfg.gradient_checkpointing:
-            overhead += _cpu_heap_retention(arch, ((s_q, b, q_layer), (s_p, n_passages, p_layer)))
     else:
         fragmentation = CUDA_FRAGMENTATION * (activations + scores)
         overhead = int(CUDA_CONTEXT_BYTES + working_set + fragmentation)

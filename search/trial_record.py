@@ -116,13 +116,19 @@ def claimed_record(
 
 
 def skip_record(decision: PreflightDecision, seconds: float) -> TrialRecord:
-    """A preflight skip: outcome ``oom`` of kind ``predicted`` or ``frontier``."""
+    """A preflight skip: outcome ``oom`` of kind ``predicted`` or ``frontier``.
+
+    Beside the estimate (``claimed_record``): its error band and the free memory it was
+    compared with.
+    """
     user: dict[str, Any] = {
         attrs.OUTCOME: attrs.OUTCOME_OOM,
         attrs.OOM: True,
         attrs.OOM_KIND: decision.kind,
         attrs.ERROR: _short(decision.reason),
         attrs.SECONDS: round(seconds, 3),
+        attrs.MEMORY_ESTIMATE_BAND: decision.band,
+        attrs.FREE_MEMORY_MB: decision.free_bytes / 2**20,
     }
     if decision.frontier_trial is not None:
         user[attrs.OOM_FRONTIER_TRIAL] = decision.frontier_trial

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import pytest
@@ -15,10 +14,14 @@ from search.memory_estimate import estimate_peak_memory
 from search.memory_estimate import layer_activation_bytes
 from search.models import MODELS
 from search.models import ModelInfo
-from search.preflight import preflight
+from search.preflight import ESTIMATE_BAND
 
-# The share of the free memory the preflight lets a config's estimate use.
-PREFLIGHT_MARGIN: float = inspect.signature(preflight).parameters["margin"].default
+# The preflight skips a CPU config only when estimate x (1 - band) exceeds the free memory, so
+# a config that fits is never skipped while estimate / measured <= 1 / (1 - band).
+NO_WRONG_SKIP = 1 / (1 - ESTIMATE_BAND["cpu"])
+# Issue 10's target: the estimate within 15% of the measured peak. Below it the estimate lets
+# a config run that does not fit (an OOM not prevented: its first step finds out in seconds).
+TARGET_LOW = 0.85
 
 GIB = 1024**3
 # A small architecture whose numbers are easy to follow by hand: 2 layers, h=64, a=4, f=4h.
@@ -171,11 +174,12 @@ def test_unknown_device_type() -> None:
 def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     tmp_path_factory: pytest.TempPathFactory, checkpointing: bool
 ) -> None:
-    # Bounds: the preflight runs a config whose estimate is at most 0.9 x the free memory
-    # (PREFLIGHT_MARGIN), so it relies on the measured peak staying under estimate / 0.9:
-    # estimate / measured >= 0.9, an under-estimate of at most the margin. Over-estimating
-    # only skips configs that would have fitted; it is bounded at 1.25 (issue 3's 15% target
-    # plus the ~10% run-to-run spread of one config's CPU peak, BENCHMARKS.md).
+    # Bounds: above NO_WRONG_SKIP the preflight would skip this config at a free memory it fits
+    # in (the error that removes configs from the search for good); below TARGET_LOW the
+    # estimate misses the issue's 15% target on the low side. The measurement is stable since
+    # trials run with a fixed malloc mmap threshold (search.isolation): before, glibc's dynamic
+    # threshold kept a history-dependent part of the freed activations resident and one
+    # checkpointed config measured 264-375 MiB over identical runs (0.83 in CI).
     import json
     import os
 
@@ -213,4 +217,4 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     estimate = estimate_peak_memory(tiny_info(info), cfg, device_type="cpu").total_bytes
     ratio = estimate / measured
     print(f"estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB: {ratio:.3f}")
-    assert PREFLIGHT_MARGIN <= ratio <= 1.25, (estimate / 2**20, measured / 2**20, ratio)
+    assert TARGET_LOW <= ratio <= NO_WRONG_SKIP, (estimate / 2**20, measured / 2**20, ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+import pytest
 from _factories import bge_cuda_config
 from optuna.trial import TrialState
 
@@ -13,9 +14,11 @@ from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.isolation import TrialOutcome
 from search.models import MODELS
+from search.preflight import ESTIMATE_BAND
 from search.preflight import preflight
 from search.trial_record import claimed_record
 from search.trial_record import outcome_record
+from search.trial_record import skip_record
 
 GIB = 1024**3
 BGE = MODELS["bge-m3-ko"]
@@ -36,8 +39,41 @@ def test_big_config_on_a_small_gpu_is_predicted_oom() -> None:
     decision = preflight(_cfg(batch_size=64, max_len=384), BGE, _gpu(16), [])
     assert decision.skip and decision.kind == "predicted"
     assert decision.frontier_trial is None
-    assert decision.reason.startswith("estimate ") and "0.90 x 16.0 GiB free" in decision.reason
-    assert decision.estimate.total_bytes > 0.9 * 16 * GIB
+    assert decision.band == ESTIMATE_BAND["cuda"] and decision.free_bytes == 16 * GIB
+    assert decision.lowest_bytes > 16 * GIB  # even the lowest plausible peak does not fit
+    assert decision.reason.startswith("estimate ") and "(band 30%) > 16.0 GiB free" in (
+        decision.reason
+    )
+
+
+def test_a_config_is_skipped_only_when_its_lowest_plausible_peak_does_not_fit() -> None:
+    # The estimate is above the free memory, its lowest plausible value is not: it runs.
+    cfg = _cfg(batch_size=32, max_len=256, gradient_checkpointing=True)
+    estimate = preflight(cfg, BGE, _gpu(80), []).estimate.total_bytes
+    band = ESTIMATE_BAND["cuda"]
+    free = int(estimate * (1 - band / 2))
+    device = DeviceInfo(name="cuda:0", label="cuda:0", total_bytes=free, free_bytes=free)
+    doubt = preflight(cfg, BGE, device, [])
+    assert estimate > free and not doubt.skip and doubt.kind is None
+    assert doubt.lowest_bytes == int(estimate * (1 - band)) <= free
+    # Without a band (the old rule at margin 1) the same config would have been skipped.
+    assert preflight(cfg, BGE, device, [], band=0.0).skip
+    # Below the lowest plausible value it is skipped, and the record says why.
+    low = int(estimate * (1 - band)) - 2**20
+    small = DeviceInfo(name="cuda:0", label="cuda:0", total_bytes=low, free_bytes=low)
+    skipped = preflight(cfg, BGE, small, [])
+    assert skipped.skip and skipped.kind == "predicted"
+    user = skip_record(skipped, 0.01).user
+    assert user[attrs.MEMORY_ESTIMATE_BAND] == band
+    assert user[attrs.FREE_MEMORY_MB] == pytest.approx(low / 2**20)
+    assert user[attrs.OOM_KIND] == "predicted"
+
+
+def test_the_cpu_band_is_the_calibrated_one() -> None:
+    cpu = DeviceInfo(name="cpu", label="cpu", total_bytes=GIB, free_bytes=GIB)
+    cfg = _cfg(model="ko-simcse", batch_size=8, max_len=32, device="cpu")
+    decision = preflight(cfg, MODELS["ko-simcse"], cpu, [])
+    assert decision.band == ESTIMATE_BAND["cpu"] < ESTIMATE_BAND["cuda"]
 
 
 def test_checkpointed_config_on_a_big_gpu_runs() -> None:
@@ -111,11 +147,10 @@ def test_frontier_can_be_turned_off_and_does_not_cover_savers() -> None:
     assert no_frontier.kind != "frontier"
 
 
-def test_margin_is_checked() -> None:
-    import pytest
-
-    with pytest.raises(ValueError, match="margin"):
-        preflight(_cfg(), BGE, _gpu(80), [], margin=1.5)
+def test_band_is_checked() -> None:
+    for band in (1.0, -0.1):
+        with pytest.raises(ValueError, match="band"):
+            preflight(_cfg(), BGE, _gpu(80), [], band=band)
 
 
 def test_a_real_oom_becomes_a_frontier_for_dominated_configs() -> None:
