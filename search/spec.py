@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Annotated
 from typing import Any
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel
+from pydantic import BeforeValidator
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
@@ -36,6 +38,19 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _gradient_cache(value: object) -> object:
+    """``off`` (YAML reads a bare off as false), ``auto`` or a mini-batch of at least 1 row."""
+    if value is False or value == "off":
+        return "off"
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"expected off, auto or a mini-batch size >= 1, but got {value!r}")
+
+
+# ``training.gradient_cache`` / ``models.<name>.gradient_cache`` (search.train.losses).
+GradientCache = Annotated[Literal["off", "auto"] | int, BeforeValidator(_gradient_cache)]
 
 
 class StudySection(_Strict):
@@ -59,10 +74,10 @@ class ModelEntry(_Strict):
     ``id`` (a Hugging Face id) or ``path`` (a local directory), at most one; an entry named
     like a model of the shipped table (``search.models``) may give neither (its id is used).
     ``pooling`` / ``normalize`` / prefixes default to the table's, else to the model's own
-    sentence-transformers files, else mean pooling without normalisation. ``amp`` and
-    ``gradient_checkpointing`` override ``training``. The architecture facts (``num_layers``
-    ... ``architecture``) come from the model's ``config.json`` (``search.model_facts``); set
-    one here only to override what was read.
+    sentence-transformers files, else mean pooling without normalisation. ``amp``,
+    ``gradient_checkpointing`` and ``gradient_cache`` override ``training``. The architecture
+    facts (``num_layers`` ... ``architecture``) come from the model's ``config.json``
+    (``search.model_facts``); set one here only to override what was read.
     """
 
     id: str | None = Field(default=None, min_length=1)
@@ -73,6 +88,7 @@ class ModelEntry(_Strict):
     passage_prefix: str | None = None
     amp: bool | None = None
     gradient_checkpointing: bool | None = None
+    gradient_cache: GradientCache | None = None
     num_layers: int | None = Field(default=None, ge=1)
     hidden: int | None = Field(default=None, ge=1)
     heads: int | None = Field(default=None, ge=1)
@@ -188,6 +204,8 @@ class TrainingSection(_Strict):
     epochs: int = Field(default=2, ge=1, le=100)
     amp: bool = True
     gradient_checkpointing: bool = False
+    # Embed each batch in mini-batches of N rows (or the largest that fits: auto); off: plain.
+    gradient_cache: GradientCache = "off"
     hard_negatives: int = Field(default=1, ge=0, le=16)
     seed: int = 42
     max_train_samples: int | None = Field(default=None, ge=1)
