@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
 from search.model_facts import model_settings
 from search.space_check import int_range
@@ -114,6 +115,13 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
     )
 
 
+def _gradient_cache(setting: str | int) -> int:
+    """``TrialConfig.gradient_cache`` of a spec's setting: off 0, auto -1 (the preflight picks)."""
+    if setting == "off":
+        return 0
+    return GRADIENT_CACHE_AUTO if setting == "auto" else int(setting)
+
+
 def build_config(
     spec: StudySpec,
     params: SampledParams,
@@ -164,4 +172,7 @@ def build_config(
         query_prefix=settings.query_prefix,
         passage_prefix=settings.passage_prefix,
         max_train_samples=training.max_train_samples,
+        gradient_cache=_gradient_cache(
+            training.gradient_cache if entry.gradient_cache is None else entry.gradient_cache
+        ),
     )
