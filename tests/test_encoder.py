@@ -201,7 +201,7 @@ def test_rejects_unknown_pooling(simcse: BiEncoder) -> None:
 
 def test_last_token_pooling_takes_the_last_real_token(replicas: dict[str, Path]) -> None:
     path = replicas["multilingual-e5-small"]
-    encoder = BiEncoder.from_config(make_config("e5-last", path, pooling="last-token"))
+    encoder = BiEncoder.from_config(make_config("e5-last", path, pooling="last-token")).eval()
     assert encoder.pooling == "last-token"
     batch = encoder.tokenize([SENTENCES[1], SENTENCES[5]], kind="passage", max_len=64)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
