@@ -2,19 +2,26 @@
 
 The trials are real (``run_study`` on a tiny replica, a few training pairs, one epoch), so
 each one saves a real sentence-transformers directory in its own process and the worker
-uploads and removes real artifacts in the study's directory beside the SQLite file.
+uploads and removes real artifacts in the study's directory beside the SQLite file. A second
+test plays two workers on one study in the order that could break the rule: both upload before
+either tells, one prunes on a stale view, then both prune at the same moment.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
+import optuna
 import pytest
+from _factories import trial_config
 from optuna.trial import TrialState
 
 from search import attrs
 from search.export import read_search_json
+from search.isolation import TrialOutcome
+from search.keep import ModelKeeper
 from search.keep import extract_model
 from search.keep import kept_models
 from search.keep import open_store
@@ -99,3 +106,57 @@ def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
     assert meta["value"] == pytest.approx(top.value)
     assert meta["config"]["lr"] == pytest.approx(top.params["lr"])
     assert [h["ndcg@10"] for h in meta["history"]] == pytest.approx([top.value])
+
+
+def _saved(keeper: ModelKeeper, number: int) -> None:
+    """What a trial's process leaves in its save_dir (a stand-in: the keeper checks the files)."""
+    cfg = keeper.prepare(trial_config(), number)
+    assert cfg.save_dir is not None
+    (Path(cfg.save_dir) / "modules.json").write_text("[]")
+    (Path(cfg.save_dir) / "model.safetensors").write_bytes(b"\0" * 1024)
+
+
+def _finish(keeper: ModelKeeper, value: float) -> optuna.trial.Trial:
+    trial = keeper.study.ask()
+    _saved(keeper, trial.number)
+    keeper.keep(trial, TrialOutcome(status="complete", metrics={"ndcg@10": value}), "ndcg@10")
+    return trial
+
+
+def test_two_workers_finishing_together_leave_exactly_k(tmp_path: Path) -> None:
+    """Both upload before either tells, one prunes on a stale view, both prune at once."""
+    url, store = f"sqlite:///{tmp_path}/race.db", tmp_path / "store"
+    optuna.create_study(study_name="race", storage=url, direction="maximize")
+    a, b = (
+        ModelKeeper(optuna.load_study(study_name="race", storage=url), 2, str(store))
+        for _ in range(2)
+    )
+    for value in (0.5, 0.6, 0.7):  # three earlier trials, one worker after the other
+        trial = _finish(a, value)
+        a.study.tell(trial, value)
+        a.prune()
+    lost = _finish(a, 0.95)  # uploaded, then failed as stale: its model must go too
+    a.study.tell(lost, state=optuna.trial.TrialState.FAIL)
+
+    first = _finish(a, 0.9)  # both enter the top 2 while neither is told yet
+    second = _finish(b, 0.8)
+    a.study.tell(first, 0.9)
+    a.prune()  # stale: does not see the second as complete yet
+    b.study.tell(second, 0.8)
+    barrier = threading.Barrier(2)
+
+    def prune(keeper: ModelKeeper) -> None:
+        barrier.wait()
+        keeper.prune()  # both remove the same artifacts: the loser's "not found" is fine
+
+    threads = [threading.Thread(target=prune, args=(k,)) for k in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    study = optuna.load_study(study_name="race", storage=url)
+    kept = kept_models(study)
+    assert sorted(kept) == sorted([first.number, second.number])
+    assert sorted(p.name for p in store.iterdir()) == sorted(a for a, _ in kept.values())
+    assert lost.number not in kept
