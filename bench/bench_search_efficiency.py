@@ -31,6 +31,8 @@ Strategies (same budget of trained trials; skips are free, up to the skip bound)
   fail-fast: OOMs cost their time.
 * **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
   frontier, median pruner on the per-epoch reports.
+* (``--shared-lr``: one learning-rate optimum for all models, the sensitivity case where the
+  baseline stage's lessons about lr carry over to the big model.)
 * **(c) staged**: the shipped ko-retrieval stages (baseline small models, big-safe seeded by
   the frontier, refine around the top 3), ``training.eval_every_steps: 5000`` (sooner reports
   on the examples axis) and the median pruner on them.
@@ -352,15 +354,25 @@ def main() -> None:
         choices=["median", "successive_halving", "hyperband", "none"],
         help="(c)'s pruner on the sooner reports",
     )
+    parser.add_argument(
+        "--shared-lr",
+        action="store_true",
+        help="sensitivity: one learning-rate optimum (3e-5) for every model, so what the small "
+        "models teach about lr holds for bge-m3-ko (default: an optimum per model)",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
+    if args.shared_lr:
+        LR_OPT.update(dict.fromkeys(LR_OPT, 3e-5))
     flat = strategy_spec("random")
     best = best_reachable(flat)
     target = TARGET * best
     print(
         f"# surrogate ko-retrieval on a 24 GiB GPU: best reachable nDCG@10 {best:.4f}, target "
-        f">= {target:.4f}; {args.seeds} seeds, budget {args.budget} trained trials per study"
+        f">= {target:.4f}; {args.seeds} seeds, budget {args.budget} trained trials per study; "
+        f"lr optimum {'shared' if args.shared_lr else 'per model'}; "
+        f"(c) pruner {args.staged_pruner}"
     )
     results: dict[str, list[Result]] = {}
     for kind in args.strategies.split(","):
