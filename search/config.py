@@ -10,6 +10,8 @@ DEFAULT_OBJECTIVE = "search.train.loop:train"
 """The training objective a trial runs (``module:function``; ``--objective`` overrides it)."""
 GRADIENT_CACHE_AUTO = -1
 """``TrialConfig.gradient_cache`` of ``auto``: resolved by the preflight before the trial runs."""
+GRADIENT_CACHE_FALLBACK = 32
+"""Mini-batch rows of an ``auto`` gradient cache that no preflight resolved."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ class TrialConfig:
     eval_every_steps: int | None = None
     eval_sample_queries: int = 200
     save_dir: str | None = None
+
+    @property
+    def gradient_cache_rows(self) -> int:
+        """Rows per mini-batch of the gradient cache, 0 when off (auto unresolved: 32)."""
+        if self.gradient_cache == GRADIENT_CACHE_AUTO:
+            return GRADIENT_CACHE_FALLBACK
+        return max(self.gradient_cache, 0)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
 from search.precision import CPU_BF16_MIN_HIDDEN  # noqa: F401 - re-exported
 from search.precision import autocast as precision_autocast
@@ -61,7 +60,6 @@ ADAM_BETAS = (0.9, 0.999)  # AdamW moments, the transformers defaults
 ADAM_EPS = 1e-8
 LENGTH_GROUP = 50  # batches per length-sorted chunk: similar lengths share a batch, less padding
 EVAL_BATCH_SIZE = 64  # texts encoded at once when evaluating
-GRADIENT_CACHE_FALLBACK = 32  # mini-batch of gradient_cache auto when no preflight resolved it
 # -----------------------------------------------------------------------------
 
 
@@ -264,13 +262,6 @@ class StepBatch:
         return int(self.queries[0].shape[0])
 
 
-def gradient_cache_rows(cfg: TrialConfig) -> int:
-    """Mini-batch of the gradient cache (0: off); ``auto`` unresolved falls back to 32 rows."""
-    if cfg.gradient_cache == GRADIENT_CACHE_AUTO:
-        return GRADIENT_CACHE_FALLBACK
-    return max(cfg.gradient_cache, 0)
-
-
 def train_step(
     model: BiEncoder,
     batch: StepBatch,
@@ -310,7 +301,7 @@ def train_step(
     def autocast() -> AbstractContextManager[object]:
         return precision_autocast(device, amp_dtype)
 
-    rows = gradient_cache_rows(cfg)
+    rows = cfg.gradient_cache_rows
     enter("forward")
     if rows:
         cached = CachedInfoNCELoss(model, cfg.temperature, mini_batch_size=rows, autocast=autocast)
@@ -498,9 +489,9 @@ def train(
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time
-        from search.export import save_sentence_transformer
+        from search.export import save_trial_model
 
-        save_sentence_transformer(model, cfg, cfg.save_dir, history=history)
+        save_trial_model(model, cfg, history)
     return TrainResult(
         metrics=metrics,
         history=history,
