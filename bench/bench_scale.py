@@ -94,6 +94,7 @@ def worker_main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     waits: list[float] = []
     holds: list[float] = []
+    sweeps: list[float] = []
 
     @contextmanager
     def timed_lock(storage: Any, name: str, **kwargs: Any) -> Iterator[None]:
@@ -105,7 +106,10 @@ def worker_main(argv: list[str]) -> int:
             try:
                 yield
             finally:
-                holds.append(time.perf_counter() - got)
+                held = time.perf_counter() - got
+                holds.append(held)
+                if threading.current_thread().name == "stale-watcher":
+                    sweeps.append(held)  # the watcher's sweep (adopt, stale query, fail)
 
     budget_module.named_lock = timed_lock  # type: ignore[assignment]
 
@@ -146,7 +150,7 @@ def worker_main(argv: list[str]) -> int:
             study.tell(trial, x)
             tells.append(time.perf_counter() - told)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    summary = {"claims": claims, "tells": tells, "waits": waits, "holds": holds}
+    summary = {"claims": claims, "tells": tells, "waits": waits, "holds": holds, "sweeps": sweeps}
     print(json.dumps({**summary, "end": time.time(), "rss_mb": rss_kb / 1024}), flush=True)
     return 0
 
@@ -195,16 +199,19 @@ class ConnectionPoll(threading.Thread):
         self._database = database
         self._stop_event = threading.Event()
         self.peak = 0
+        self.missed = 0  # polls that failed
 
     def run(self) -> None:
         import sqlalchemy
 
         query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :n")
-        with self._engine.connect() as conn:
-            while not self._stop_event.wait(0.1):
-                self.peak = max(
-                    self.peak, int(conn.execute(query, {"n": self._database}).scalar())
-                )
+        while not self._stop_event.wait(0.1):
+            try:  # a connection per poll: the server may be restarted by another job
+                with self._engine.connect() as conn:
+                    count = conn.execute(query, {"n": self._database}).scalar()
+                self.peak = max(self.peak, int(count or 0))
+            except sqlalchemy.exc.SQLAlchemyError:
+                self.missed += 1
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -322,6 +329,7 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
     tells = [x for r in results for x in r["tells"]]
     waits = [x for r in results for x in r["waits"]]
     holds = [x for r in results for x in r["holds"]]
+    sweeps = [x for r in results for x in r.get("sweeps", [])]
     wall = end - go
     return {
         "mode": mode,
@@ -343,7 +351,11 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
         "lock_hold_p50_ms": 1000 * _pct(holds, 0.5),
         "lock_hold_p99_ms": 1000 * _pct(holds, 0.99),
         "lock_busy": sum(holds) / wall,
+        "sweeps": len(sweeps),
+        "sweep_hold_p50_ms": 1000 * _pct(sweeps, 0.5),
+        "sweep_hold_p99_ms": 1000 * _pct(sweeps, 0.99),
         "peak_connections": poll.peak,
+        "connection_polls_missed": poll.missed,
         "worker_rss_mb": statistics.median(r["rss_mb"] for r in results) if results else 0,
         "proxy_rss_mb": proxy_rss,
         "imported_s": imported_s,
