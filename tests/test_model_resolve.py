@@ -94,6 +94,10 @@ def test_skip_unavailable_searches_only_the_present_model(tmp_path: Path) -> Non
     assert len(trials) == 3
     assert {t.params["model"] for t in trials} == {"mini"}
     assert {t.user_attrs[attrs.MODEL_FACTS] for t in trials} == {f"config.json:{MINILM}"}
+    # A worker joining that study needs only the recorded models: ko-simcse's absence is fine.
+    joined = _search("worker", "--spec", str(spec), "--storage", f"sqlite:///{db}", cwd=tmp_path)
+    assert joined.returncode == 0, joined.stdout + joined.stderr[-3000:]
+    assert "0 trials run by this worker (stopped by budget)" in joined.stdout.replace("\n", " ")
 
 
 def test_the_sampler_keeps_to_the_searched_models(tmp_path: Path) -> None:
