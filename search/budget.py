@@ -33,9 +33,9 @@ and a trial leaves the count only when its re-run is queued, so the count never 
 and the study ends with exactly ``N`` finished trials that trained (WAITING trials left over,
 e.g. baselines beyond a small budget, do not count; neither do skips). A claimed trial counts
 while RUNNING and leaves the count when it ends as a skip, so the count still never exceeds
-``N``. When the count has reached ``N`` but other workers'
-trials are still RUNNING, a worker does not exit at once: one of those trials could go stale
-(its worker died) and be re-queued, and a live worker must run it. It polls (every heartbeat
+``N``. When the count has reached ``N`` but other workers' trials are still RUNNING, a worker
+does not exit at once: one of those trials could go stale (its worker died) and be re-queued,
+and a live worker must run it. It polls (every heartbeat
 interval, at most every 2 s) until no trial is RUNNING (then exits) or a re-queued trial
 appears (then runs it). A worker handing back its trial on SIGTERM or SIGINT
 (:func:`hand_back`) fails it with the user attribute ``handed_back`` and re-queues its
@@ -163,8 +163,7 @@ def skip_count(trials: Sequence[FrozenTrial]) -> int:
 
 
 def spent_count(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that spend the budget (trained): COMPLETE, PRUNED but not skipped, RUNNING, and
-    FAIL not re-queued."""
+    """Trials that spend the budget: COMPLETE, PRUNED (not skips), RUNNING, FAIL not re-queued."""
     requeued = requeued_numbers(trials)
     return sum(
         (t.state in _SPENT_STATES and not is_skip(t))
@@ -174,8 +173,7 @@ def spent_count(trials: Sequence[FrozenTrial]) -> int:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Finished trials that count toward the budget: COMPLETE, PRUNED (not skips), FAIL not
-    re-queued."""
+    """Finished trials that spent the budget: :func:`spent_count` less the RUNNING ones."""
     trials = study.get_trials(deepcopy=False)
     return spent_count(trials) - sum(t.state == TrialState.RUNNING for t in trials)
 
