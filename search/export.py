@@ -29,8 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -46,6 +48,7 @@ __all__ = [
     "SEARCH_JSON",
     "read_search_json",
     "save_sentence_transformer",
+    "save_trial_model",
     "update_search_json",
     "write_sentence_transformer_config",
 ]
@@ -182,6 +185,27 @@ def save_sentence_transformer(
         {"study": study, "trial": trial, "config": config, "history": [dict(h) for h in history]},
     )
     return out
+
+
+def save_trial_model(
+    encoder: BiEncoder, cfg: TrialConfig, history: Iterable[Mapping[str, float]] = ()
+) -> bool:
+    """The trial's save (``train`` calls it when ``cfg.save_dir`` is set); False on failure.
+
+    A save that fails (disk full, memory) must not turn a completed trial into a failed one:
+    it prints one line on stderr and leaves no ``modules.json``, so the worker keeps nothing.
+    """
+    if not cfg.save_dir:
+        return False
+    try:
+        save_sentence_transformer(encoder, cfg, cfg.save_dir, history=history)
+    except Exception as exc:  # noqa: BLE001 - the trial's result stands without its model
+        with contextlib.suppress(OSError):
+            (Path(cfg.save_dir) / "modules.json").unlink(missing_ok=True)
+        line = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"search: the trial's model was not saved: {line}", file=sys.stderr)
+        return False
+    return True
 
 
 def read_search_json(directory: str | Path) -> dict[str, Any] | None:

@@ -100,3 +100,20 @@ def test_saved_model_loads_and_scores_like_the_service(
     if info.query_prefix:  # the prompts matter: without them the embeddings differ
         plain = st.encode(QUERIES, convert_to_tensor=True).cpu()
         assert not torch.allclose(plain, q_svc, atol=1e-3)
+
+
+def test_a_failed_save_leaves_the_trial_and_no_model(
+    replicas: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A save that fails (here: save_dir is a file) prints one line and returns False."""
+    from search.export import save_trial_model
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    cfg = trial_config(model_path=str(replicas["ko-simcse"]), save_dir=str(blocked))
+    encoder = BiEncoder.from_config(cfg)
+    capsys.readouterr()  # the loading bar
+    assert save_trial_model(encoder, cfg) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("search: the trial's model was not saved:")
+    assert blocked.read_text() == "not a directory"
