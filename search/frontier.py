@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search import attrs
+from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
 from search.trial_record import config_of
 from search.trial_record import device_kind_of
@@ -22,12 +24,25 @@ REAL_OOM_KINDS = frozenset({"real", "host"})
 _SAVERS = ("amp", "gradient_checkpointing")
 
 
+def _encoded_rows(config: dict[str, Any]) -> int | None:
+    """Rows whose activations are in memory at once: the gradient cache's mini-batch, else the
+    batch (None: an ``auto`` cache that was never resolved proves nothing)."""
+    batch, cache = int(config["batch_size"]), int(config.get("gradient_cache", 0) or 0)
+    if cache == GRADIENT_CACHE_AUTO:
+        return None
+    return min(cache, batch) if cache > 0 else batch
+
+
 def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
     """Whether ``cfg`` needs at least as much memory as the config that ran out of memory.
 
     The dominance rule: the same ``model`` and ``model_path`` (the same architecture and
     weights), ``batch_size``, ``max_len`` and ``hard_negatives`` each no smaller, and no memory
     saver (``amp``, ``gradient_checkpointing``) on in ``cfg`` that was off in the OOM config.
+    With the gradient cache the activations follow the mini-batch, not the batch: the rows
+    encoded at once (the cache's mini-batch, else the batch) must be no smaller too, so a
+    cached config is never pruned because a plain one of the same batch ran out of memory
+    (while a plain config is, by a cached OOM of a smaller or equal batch).
     Everything else (learning rate, temperature, epochs...) does not change the peak.
 
     Example:
@@ -38,6 +53,8 @@ def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
         >>> dominates(TrialConfig(**{**base, "max_len": 384}), base)
         True
         >>> dominates(TrialConfig(**{**base, "gradient_checkpointing": True}), base)
+        False
+        >>> dominates(TrialConfig(**{**base, "batch_size": 256, "gradient_cache": 32}), base)
         False
 
     Args:
@@ -56,6 +73,9 @@ def dominates(cfg: TrialConfig, oom_config: dict[str, Any]) -> bool:
         if cfg.max_len < int(oom_config["max_len"]):
             return False
         if cfg.hard_negatives < int(oom_config.get("hard_negatives", 0)):
+            return False
+        rows, oom_rows = _encoded_rows(dataclasses.asdict(cfg)), _encoded_rows(oom_config)
+        if rows is None or oom_rows is None or rows < oom_rows:
             return False
         return all(not getattr(cfg, s) or bool(oom_config.get(s, False)) for s in _SAVERS)
     except (KeyError, TypeError, ValueError):

@@ -150,3 +150,38 @@ def test_earliest_justifying_trial_wins_and_device_kind_filters() -> None:
 )
 def test_malformed_config_proves_nothing(bad: dict[str, Any]) -> None:
     assert not dominates(_cfg(), bad)
+
+
+def test_a_plain_oom_does_not_prune_the_cached_config_of_a_larger_batch() -> None:
+    plain = _cfg(batch_size=64, max_len=384)
+    trials = _trials((plain, REAL_OOM, TrialState.PRUNED))
+    # The gradient cache's mini-batch (32 rows) is what is in memory, not the batch.
+    for batch in (64, 128, 256):
+        cached = _cfg(batch_size=batch, max_len=384, gradient_cache=32)
+        assert find_frontier_oom(trials, cached, 80 * GIB) is None
+    # A cached mini-batch as large as the plain batch holds as much: it is pruned.
+    hit = find_frontier_oom(trials, _cfg(batch_size=128, max_len=384, gradient_cache=64), 80 * GIB)
+    assert hit is not None and hit.number == 0
+    # The plain config itself still is.
+    assert find_frontier_oom(trials, _cfg(batch_size=64, max_len=512), 80 * GIB) is not None
+
+
+def test_a_cached_oom_prunes_larger_mini_batches_and_plain_batches_but_not_smaller_ones() -> None:
+    oom = _cfg(batch_size=128, max_len=384, gradient_cache=32)
+    trials = _trials((oom, REAL_OOM, TrialState.PRUNED))
+    assert find_frontier_oom(
+        trials, _cfg(batch_size=256, max_len=384, gradient_cache=32), 80 * GIB
+    )
+    assert find_frontier_oom(
+        trials, _cfg(batch_size=128, max_len=384), 80 * GIB
+    )  # plain: 128 rows
+    assert (
+        find_frontier_oom(trials, _cfg(batch_size=128, max_len=384, gradient_cache=16), 80 * GIB)
+        is None
+    )
+    assert (
+        find_frontier_oom(trials, _cfg(batch_size=64, max_len=384, gradient_cache=32), 80 * GIB)
+        is None
+    )
+    # An auto cache never resolved (no preflight ran) proves nothing either way.
+    assert not dominates(_cfg(batch_size=256, max_len=384, gradient_cache=-1), oom.to_json())
