@@ -23,13 +23,16 @@ from search.export import read_search_json
 from search.isolation import TrialOutcome
 from search.keep import ModelKeeper
 from search.keep import extract_model
+from search.keep import keeper_for
 from search.keep import kept_models
 from search.keep import open_store
 from search.keep import removed_artifacts
+from search.keep import store_location
 from search.options import DEFAULT_CACHE
 from search.options import RunOptions
 from search.runner import run_study
 from search.spec import PACKAGE_DIR
+from search.spec import SpecError
 from search.spec import load_spec
 
 DEMO = PACKAGE_DIR / "studies/data/ko-demo"
@@ -160,3 +163,41 @@ def test_two_workers_finishing_together_leave_exactly_k(tmp_path: Path) -> None:
     assert sorted(kept) == sorted([first.number, second.number])
     assert sorted(p.name for p in store.iterdir()) == sorted(a for a, _ in kept.values())
     assert lost.number not in kept
+
+
+def test_where_models_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The spec's artifacts.store (relative to the spec), else $SEARCH_ARTIFACTS, else beside
+    the SQLite file; a server database with neither keeps nothing and says so once."""
+    monkeypatch.delenv("SEARCH_ARTIFACTS", raising=False)
+    spec = load_spec(_spec(tmp_path, K))
+    pg = "postgresql://u@db:5432/s"
+    assert store_location(spec, f"sqlite:///{tmp_path}/s.db") == str(tmp_path / "s.db.artifacts")
+    assert store_location(spec, pg) is None
+    monkeypatch.setenv("SEARCH_ARTIFACTS", str(tmp_path / "env"))
+    assert store_location(spec, pg) == str(tmp_path / "env")
+    text = _spec(tmp_path, K).read_text() + "  store: models\n"
+    (tmp_path / "stored.yaml").write_text(
+        text.replace("artifacts: {top_k: 3}\n", "artifacts:\n  top_k: 3\n")
+    )
+    stored = load_spec(tmp_path / "stored.yaml")
+    assert store_location(stored, pg) == str(tmp_path / "models")
+    assert store_location(stored, pg, option="s3://bucket") == "s3://bucket"
+
+    monkeypatch.delenv("SEARCH_ARTIFACTS")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/w.db")
+    opts = RunOptions(storage_url=pg)
+    keeper = keeper_for(study, spec, opts)
+    assert not keeper.active and keeper_for(study, spec, opts) is keeper
+    warned = [r.getMessage() for r in caplog.records if r.name == "search.keep"]
+    assert len(warned) == 1 and "no model is kept" in warned[0]
+    cfg = trial_config()
+    assert keeper.prepare(cfg, 0) is cfg  # no save_dir: the trial saves nothing
+
+
+def test_a_bad_top_k_is_one_line(tmp_path: Path) -> None:
+    path = _spec(tmp_path, -1)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "artifacts.top_k" in str(err.value) and "\n" not in str(err.value)
