@@ -152,14 +152,35 @@ def current_stage(spec: StudySpec, trials: Sequence[FrozenTrial], budget: int) -
 
     if not spec.stages:
         raise ValueError("the spec declares no stages")
-    start = 0
-    for stage in spec.stages[:-1]:
-        share = min(stage.n_trials or 0, max(budget - start, 0))
-        start += share
+    for stage, share in zip(spec.stages[:-1], stage_shares(spec, budget), strict=False):
         spent = spent_count([t for t in trials if stage_of(t) == stage.name])
         if spent < share:
             return stage
     return spec.stages[-1]
+
+
+def stage_shares(spec: StudySpec, budget: int) -> list[int]:
+    """Each stage's share of a study budget of ``budget`` trials, in order.
+
+    The stages' ``n_trials`` are shares of ``study.n_trials``. A bigger budget (``--n-trials``,
+    ``search refine``) goes to the last stage; a smaller one scales the shares down (each
+    stage's end rounded up, at least one trial per stage while the budget lasts).
+
+    >>> from search.spec import load_spec, shipped_spec_path
+    >>> spec = load_spec(shipped_spec_path("ko-retrieval"))
+    >>> stage_shares(spec, 32), stage_shares(spec, 40), stage_shares(spec, 5)
+    ([16, 6, 10], [16, 6, 18], [3, 1, 1])
+    """
+    total = spec.study.n_trials
+    ends: list[int] = []
+    cumulative = 0
+    for stage in spec.stages[:-1]:
+        cumulative += stage.n_trials or 0
+        end = cumulative if budget >= total else math.ceil(budget * cumulative / total - 1e-9)
+        previous = ends[-1] if ends else 0
+        ends.append(min(max(end, previous + 1), budget))
+    ends.append(max(budget, ends[-1] if ends else 0))
+    return [end - (ends[i - 1] if i else 0) for i, end in enumerate(ends)]
 
 
 def frontier_seeds(
@@ -256,7 +277,8 @@ class StagePlan:
             )
         from search.refine import refine_candidates
 
-        share = stage.n_trials or max(self._budget - _shares_before(self._spec, stage), 1)
+        index = [s.name for s in self._spec.stages].index(stage.name)
+        share = max(stage_shares(self._spec, self._budget)[index], 1)
         return refine_candidates(
             trials,
             self._spec,
@@ -266,15 +288,6 @@ class StagePlan:
             stage=stage.name,
             device_total_bytes=self._device_total_bytes,
         )
-
-
-def _shares_before(spec: StudySpec, stage: StageSection) -> int:
-    total = 0
-    for s in spec.stages:
-        if s.name == stage.name:
-            break
-        total += s.n_trials or 0
-    return total
 
 
 def gain(best: float | None, earlier: float | None, *, maximize: bool) -> float | None:

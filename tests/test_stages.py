@@ -26,6 +26,7 @@ from search.spec import load_spec
 from search.spec import shipped_spec_path
 from search.stages import current_stage
 from search.stages import stage_choices
+from search.stages import stage_shares
 from storage import create_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +171,10 @@ def test_the_current_stage_is_the_first_with_budget_left(tmp_path: Path) -> None
     three = [*two, done("baseline")]
     assert current_stage(spec, [*three, done("big-safe"), skip], 7).name == "big-safe"
     assert current_stage(spec, [*three, done("big-safe"), done("big-safe")], 7).name == "refine"
-    # A smaller study budget cuts the later shares: stage "baseline" ends at the budget.
-    assert current_stage(spec, two, 2).name == "refine"
+    # A smaller budget scales the shares down (ends rounded up); a bigger one goes to the last.
+    assert stage_shares(spec, 7) == [3, 2, 2] and stage_shares(spec, 10) == [3, 2, 5]
+    assert stage_shares(spec, 4) == [2, 1, 1] and stage_shares(spec, 2) == [1, 1, 0]
+    assert current_stage(spec, two, 2).name == "big-safe"
 
 
 @pytest.mark.train
