@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
 from search import attrs
+from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import format_bytes
@@ -17,7 +19,13 @@ from search.memory_estimate import estimate_peak_memory
 from search.models import ModelInfo
 from search.trial_record import config_of
 
-__all__ = ["ESTIMATE_BAND", "PreflightDecision", "estimate_band", "preflight"]
+__all__ = [
+    "ESTIMATE_BAND",
+    "PreflightDecision",
+    "estimate_band",
+    "preflight",
+    "resolve_gradient_cache",
+]
 
 # The memory estimate's measured error band, by device kind: a trial's real peak is taken to be
 # at least ``estimate x (1 - band)``, and only a config whose lowest plausible peak exceeds the
@@ -51,6 +59,8 @@ class PreflightDecision:
         frontier_trial: Number of the trial that justified a frontier skip.
         band: The estimate's error band used (see :data:`ESTIMATE_BAND`).
         free_bytes: The free memory the estimate was compared with.
+        config: The config the trial runs: ``cfg`` with a ``gradient_cache`` of ``auto``
+            resolved (:func:`resolve_gradient_cache`); None when built without one.
     """
 
     skip: bool
@@ -60,11 +70,48 @@ class PreflightDecision:
     frontier_trial: int | None = None
     band: float = 0.0
     free_bytes: int = 0
+    config: TrialConfig | None = None
 
     @property
     def lowest_bytes(self) -> int:
         """The estimate's lowest plausible value, ``estimate x (1 - band)``."""
         return int(self.estimate.total_bytes * (1.0 - self.band))
+
+
+def resolve_gradient_cache(cfg: TrialConfig, arch: ModelInfo, device: DeviceInfo) -> TrialConfig:
+    """``cfg`` with a ``gradient_cache`` of ``auto`` resolved from the memory estimate.
+
+    Off when the plain batch's estimate fits the free memory (the cache then only costs a
+    forward pass); else the largest mini-batch whose estimate fits, halving from the largest
+    power of two below the batch down to 1 row (the smallest when none fits: the preflight
+    then decides on that). Any other setting is returned unchanged.
+
+    Example:
+        >>> from search.device import DeviceInfo
+        >>> from search.models import MODELS
+        >>> cfg = TrialConfig(model="bge-m3-ko", model_path="dragonkue/BGE-m3-ko",
+        ...     batch_size=256, max_len=384, lr=2e-5, temperature=0.05, warmup_ratio=0.1,
+        ...     weight_decay=0.01, epochs=1, amp=True, gradient_checkpointing=False,
+        ...     hard_negatives=1, seed=0, device="cuda", train_path="t", eval_dir="e",
+        ...     gradient_cache=GRADIENT_CACHE_AUTO)
+        >>> gpu = DeviceInfo("cuda:0", "cuda:0 (24 GiB)", 24 * 2**30, 24 * 2**30)
+        >>> resolve_gradient_cache(cfg, MODELS["bge-m3-ko"], gpu).gradient_cache
+        32
+    """
+    if cfg.gradient_cache != GRADIENT_CACHE_AUTO:
+        return cfg
+
+    def fits(candidate: TrialConfig) -> bool:
+        estimate = estimate_peak_memory(arch, candidate, device_type=device.kind)
+        return estimate.total_bytes <= device.free_bytes
+
+    plain = dataclasses.replace(cfg, gradient_cache=0)
+    if fits(plain):
+        return plain
+    rows = 1 << max(cfg.batch_size - 1, 1).bit_length() - 1  # largest power of two < batch
+    while rows > 1 and not fits(dataclasses.replace(cfg, gradient_cache=rows)):
+        rows //= 2
+    return dataclasses.replace(cfg, gradient_cache=rows)
 
 
 def preflight(
@@ -95,11 +142,13 @@ def preflight(
             device's kind.
 
     Returns:
-        The decision (with the estimate, whether or not it was used to skip).
+        The decision (with the estimate, whether or not it was used to skip), and the config
+        the trial runs (``decision.config``: an ``auto`` gradient cache resolved).
     """
     band = estimate_band(device.kind) if band is None else band
     if not 0.0 <= band < 1.0:
         raise ValueError(f"band must be in [0, 1), but got {band=}.")
+    cfg = resolve_gradient_cache(cfg, arch, device)
     estimate = estimate_peak_memory(arch, cfg, device_type=device.kind)
     if use_frontier:
         oom = find_frontier_oom(trials, cfg, device.total_bytes, device_kind=device.kind)
@@ -118,6 +167,7 @@ def preflight(
                 frontier_trial=oom.number,
                 band=band,
                 free_bytes=device.free_bytes,
+                config=cfg,
             )
     lowest = int(estimate.total_bytes * (1.0 - band))
     fits = lowest <= device.free_bytes
@@ -134,4 +184,5 @@ def preflight(
         estimate=estimate,
         band=band,
         free_bytes=device.free_bytes,
+        config=cfg,
     )

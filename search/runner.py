@@ -406,6 +406,7 @@ def _run_trial(
             use_estimate=opts.use_estimate,
             use_frontier=opts.use_frontier,
         )
+        cfg = decision.config or cfg  # gradient_cache: auto resolved from the estimate
         first = _trial_attrs(cfg, opts, device, decision.estimate.total_mb, arch.source)
         run = tracker.start(trial.number, cfg) if tracker is not None else NO_RUN
         first.user.update(run.attrs())  # wandb_run_id, wandb_run_path
