@@ -1,5 +1,8 @@
 """Training throughput and peak memory: our objective vs sentence-transformers' trainer, on CPU.
 
+Ours is ``search.train.loop.train``, whose every step is ``train_step`` (the function the
+gradient cache and ``bench/bench_gradient_cache.py`` run too).
+
 Both train the same replica (built by ``search.train.tiny``) on the same KLUE-NLI pairs (built by
 ``search.train.nli_retrieval``: premise -> entailment, contradiction as hard negative) with the
 same batch size, max length, optimizer (fused AdamW), schedule, precision and thread count. Each
@@ -146,7 +149,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, float]:
         def forced_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dtype | None:
             return forced
 
-        loop.autocast_dtype = forced_dtype
+        loop.autocast_dtype = forced_dtype  # train() passes it on to train_step
     acc = _timed_tokenisation(
         loop, time.process_time if args.clock == "cpu" else time.perf_counter
     )
@@ -353,8 +356,8 @@ def compare_st(args: argparse.Namespace) -> None:
 
 def compare_precision(args: argparse.Namespace) -> None:
     """Our objective with fp32 vs bf16 autocast on CPU, over hidden sizes (the CPU rule)."""
-    from search.train.loop import CPU_BF16_MIN_HIDDEN
-    from search.train.loop import cpu_has_native_bf16
+    from search.precision import CPU_BF16_MIN_HIDDEN
+    from search.precision import cpu_has_native_bf16
 
     print(f"CPU native bf16 (AMX / AVX512-BF16): {cpu_has_native_bf16()}")
     print(f"rule: bf16 autocast on CPU when native and hidden >= {CPU_BF16_MIN_HIDDEN}")
