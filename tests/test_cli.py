@@ -179,11 +179,11 @@ def test_real_weights_missing_stops_with_a_fix(tmp_path: Path) -> None:
         training__max_train_samples=16,
     )
     run = _search("run", "--spec", str(spec), "--n-trials", "3", "--device", "cpu", cwd=tmp_path)
-    assert run.returncode == 1
+    # Checked before any trial (search.model_resolve): exit 2, one line per missing model.
+    assert run.returncode == 2, run.stderr
     err = " ".join(run.stderr.split())
-    assert "could not load model 'multilingual-minilm'" in err
-    assert "--tiny" in err or "download" in err
+    hub_id = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
+    assert f"multilingual-minilm ({hub_id})" in err and f"hf download {hub_id}" in err
+    assert "--tiny" in err
     assert "Traceback" not in run.stderr
-    study = optuna.load_study(study_name="ko-retrieval", storage=f"sqlite:///{tmp_path}/search.db")
-    states = [t.state for t in study.get_trials()]
-    assert states == [optuna.trial.TrialState.FAIL]  # stopped after the first, not all three
+    assert not (tmp_path / "search.db").exists()  # no study, no budget spent
