@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
     from search.config import TrialConfig
 
-_OFFSET_POSITIONS = OFFSET_POSITIONS  # model types whose positions start after the padding id
-
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that ``from_pretrained`` could not load, with how to fix it.
@@ -165,7 +163,7 @@ class BiEncoder(torch.nn.Module):
         """Longest input the position embeddings allow, special tokens included."""
         config = self.model.config
         positions = int(config.max_position_embeddings)
-        if config.model_type in _OFFSET_POSITIONS:
+        if config.model_type in OFFSET_POSITIONS:
             return positions - int(config.pad_token_id) - 1
         return positions
 
