@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import GrpcStorageProxy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._grpc import servicer as optuna_servicer
@@ -116,7 +117,14 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         call = self._channel.unary_unary(
             f"/{SERVICE}/{method}", request_serializer=dump, response_deserializer=load
         )
-        return call(request, **kwargs)  # type: ignore[no-any-return]
+        try:
+            return call(request, **kwargs)  # type: ignore[no-any-return]
+        except grpc.RpcError as exc:  # Optuna's errors, as the proxy sent them
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UpdateFinishedTrialError(exc.details()) from None
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(exc.details()) from None
+            raise
 
     @property
     def grace(self) -> float:

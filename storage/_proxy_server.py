@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._grpc import servicer as optuna_servicer
 from optuna.storages._grpc.auto_generated import api_pb2_grpc
@@ -62,7 +63,7 @@ class ExtrasService:
         }
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=load, response_serializer=dump
+                _answered(fn), request_deserializer=load, response_serializer=dump
             )
             for name, fn in unary.items()
         }
@@ -149,6 +150,21 @@ class ExtrasService:
                     )
         finally:
             local.release()
+
+
+def _answered(fn: Handler) -> Handler:
+    """``fn`` with Optuna's errors sent as gRPC codes (the client raises them again)."""
+
+    def call(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        try:
+            return fn(request, context)
+        except UpdateFinishedTrialError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    return call
 
 
 def make_proxy_server(

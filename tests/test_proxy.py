@@ -31,7 +31,10 @@ from storage import StorageError
 from storage import create_storage
 from storage import named_lock
 
-pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "tests" / "fixtures" / "tiny_workers.yaml"
@@ -256,3 +259,39 @@ def test_a_proxy_url_with_a_password_or_a_proxy_behind_a_proxy_is_refused() -> N
 
     with pytest.raises(ProxyError, match="not a proxy's"):
         serve("grpc://127.0.0.1:1", host="127.0.0.1", port=1, threads=4)
+
+
+@pytest.mark.postgres
+def test_the_budget_operations_run_by_the_proxy(
+    pg_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    from search.budget import fail_and_requeue
+    from search.budget import fail_stale
+    from search.trial_record import TrialRecord
+    from search.trial_record import write_record
+
+    _, url = _start_proxy(procs, tmp_path, pg_url)
+    store = create_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=store, study_name=f"ops-{uuid.uuid4().hex[:8]}")
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    write_record(store, trial._trial_id, TrialRecord(user={"a": 1}, system={"b": 2}))
+    assert store.get_trial(trial._trial_id).user_attrs["a"] == 1
+    # One transaction by the proxy: FAIL and a WAITING copy; the second call finds it failed.
+    assert fail_and_requeue(study, trial._trial_id, user_attrs={"why": "test"}) is not None
+    assert fail_and_requeue(study, trial._trial_id) is None
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    copy = study.get_trials(deepcopy=False)[1]
+    assert copy.params == study.trials[0].params and copy.system_attrs[RETRY_HISTORY] == [0]
+    # A finished trial refuses a record as it does on the database (the runner relies on it).
+    with pytest.raises(UpdateFinishedTrialError):
+        write_record(store, trial._trial_id, TrialRecord(user={"late": 1}, system={}))
+    # Heartbeats and the stale query go through the proxy.
+    running = study.ask()
+    store.record_heartbeat(running._trial_id)  # type: ignore[attr-defined]
+    assert fail_stale(study) == []
+    time.sleep(2.5)  # past the 1 s grace period
+    assert fail_stale(study) == [running.number]
