@@ -90,7 +90,7 @@ def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[
         "value": trial.value,
         "metrics": metrics_of(trial),
         "history": list(trial.system_attrs.get(attrs.SYSTEM_HISTORY) or []),
-        "config": config_of(trial),
+        "config": {k: v for k, v in (config_of(trial) or {}).items() if k != "save_dir"},
         "artifact": {"id": kept[0], "store": kept[1]} if kept else None,
     }
 
