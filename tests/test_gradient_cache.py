@@ -263,3 +263,126 @@ def test_a_cached_batch_of_256_fits_where_the_plain_one_runs_out_of_memory(
     assert cached_256 <= plain_32 + store_mb, (cached_256, plain_32)
     status, _ = added_mb(dataclasses.replace(base, batch_size=256), limit)
     assert status == "oom"
+
+
+# ------------------------------------------------ the spec, auto, and the large-batch study
+
+
+def test_spec_setting_reaches_the_trial_config_per_model() -> None:
+    from search.config import GRADIENT_CACHE_AUTO
+    from search.space import SampledParams
+    from search.space import build_config
+    from search.spec import load_spec
+    from search.spec import shipped_spec_path
+
+    spec = load_spec(shipped_spec_path("ko-retrieval-large-batch"))
+    params = SampledParams("bge-m3-ko", 256, 256, 1e-5, 0.05, 0.1, 0.0)
+    assert build_config(spec, params).gradient_cache == GRADIENT_CACHE_AUTO
+    other = dataclasses.replace(params, model="ko-simcse", max_len=128)
+    assert build_config(spec, other).gradient_cache == 0  # training.gradient_cache: off
+    plain = load_spec(shipped_spec_path("ko-retrieval"))
+    assert build_config(plain, dataclasses.replace(params, batch_size=64)).gradient_cache == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("off", "off"), (False, "off"), ("auto", "auto"), (16, 16)]
+)
+def test_spec_values(value: object, expected: object) -> None:
+    from search.spec import TrainingSection
+
+    assert TrainingSection(gradient_cache=value).gradient_cache == expected
+
+
+def test_a_bad_spec_value_is_one_line_naming_file_field_and_value(tmp_path: Any) -> None:
+    from search.spec import SpecError
+    from search.spec import load_spec
+    from search.spec import shipped_spec_path
+
+    text = shipped_spec_path("ko-retrieval").read_text(encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        text.replace("  hard_negatives: 1\n", "  hard_negatives: 1\n  gradient_cache: 0\n")
+    )
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    message = str(err.value)
+    assert "\n" not in message and "bad.yaml" in message
+    assert "training.gradient_cache" in message and "0" in message
+
+
+def test_auto_is_off_when_the_batch_fits_else_the_largest_mini_batch_that_does() -> None:
+    from search.config import GRADIENT_CACHE_AUTO
+    from search.device import DeviceInfo
+    from search.memory_estimate import estimate_peak_memory
+    from search.preflight import preflight
+    from search.preflight import resolve_gradient_cache
+    from search.train.tiny import tiny_info
+
+    arch = tiny_info(MODELS[MODEL])
+    cfg = TrialConfig(
+        model=MODEL,
+        model_path="replica",
+        batch_size=256,
+        max_len=64,
+        lr=1e-5,
+        temperature=0.05,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        epochs=1,
+        amp=False,
+        gradient_checkpointing=False,
+        hard_negatives=1,
+        seed=0,
+        device="cpu",
+        train_path="t",
+        eval_dir="e",
+        gradient_cache=GRADIENT_CACHE_AUTO,
+    )
+
+    def cpu(free_mb: float) -> DeviceInfo:
+        return DeviceInfo("cpu", "cpu", int(free_mb * MIB), int(free_mb * MIB))
+
+    def mb(rows: int) -> float:
+        return estimate_peak_memory(
+            arch, dataclasses.replace(cfg, gradient_cache=rows), device_type="cpu"
+        ).total_mb
+
+    assert resolve_gradient_cache(cfg, arch, cpu(10 * mb(0))).gradient_cache == 0
+    # Room for a 64-row mini-batch but not for 128 rows: 64.
+    free = (mb(64) + mb(128)) / 2
+    assert mb(64) < free < mb(128)
+    assert resolve_gradient_cache(cfg, arch, cpu(free)).gradient_cache == 64
+    # The preflight runs (and records) the resolved config.
+    decision = preflight(cfg, arch, cpu(free), [])
+    assert not decision.skip and decision.config is not None
+    assert decision.config.gradient_cache == 64
+    # A given mini-batch is kept as it is.
+    fixed = dataclasses.replace(cfg, gradient_cache=8)
+    assert resolve_gradient_cache(fixed, arch, cpu(1)) is fixed
+
+
+def test_the_large_batch_study_differs_from_ko_retrieval_only_for_bge_m3_ko() -> None:
+    """Structurally: the two YAML trees are equal once the three intended changes are undone."""
+    import yaml
+
+    from search.spec import load_spec
+    from search.spec import shipped_spec_path
+
+    base = yaml.safe_load(shipped_spec_path("ko-retrieval").read_text(encoding="utf-8"))
+    large = yaml.safe_load(
+        shipped_spec_path("ko-retrieval-large-batch").read_text(encoding="utf-8")
+    )
+    # ko-retrieval keeps its restriction exactly.
+    assert base["space"]["conditions"]["bge-m3-ko"]["batch_size"] == [32, 64]
+    assert "gradient_cache" not in base["models"]["bge-m3-ko"]
+    assert "gradient_cache" not in base.get("training", {})
+    # The large-batch study: bge-m3-ko also at 128 and 256, always with the cache (auto).
+    assert large["study"]["name"] == "ko-retrieval-large-batch"
+    assert large["space"]["conditions"]["bge-m3-ko"]["batch_size"] == [32, 64, 128, 256]
+    assert large["models"]["bge-m3-ko"]["gradient_cache"] == "auto"
+    large["study"]["name"] = base["study"]["name"]
+    large["space"]["conditions"]["bge-m3-ko"]["batch_size"] = [32, 64]
+    del large["models"]["bge-m3-ko"]["gradient_cache"]
+    assert large == base
+    spec = load_spec(shipped_spec_path("ko-retrieval-large-batch"))  # and it loads
+    assert spec.space.choices_for("bge-m3-ko")["batch_size"] == [32, 64, 128, 256]
