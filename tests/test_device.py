@@ -65,3 +65,23 @@ def test_bad_device_and_limit() -> None:
 def test_format_bytes() -> None:
     assert format_bytes(79.1 * 1024**3) == "79.1 GiB"
     assert format_bytes(300 * 1024**2) == "300 MiB"
+
+
+def test_one_precision_rule_for_the_loop_and_the_estimate() -> None:
+    import torch
+
+    from search import precision
+
+    assert precision.device_type("cuda:1") == "cuda" and precision.device_type("cpu") == "cpu"
+    assert precision.device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = torch.device("cpu")
+    for amp in (False, True):
+        for hidden in (64, 255, 256, 1024):
+            dtype = precision.autocast_dtype(cpu, amp, hidden=hidden)
+            assert precision.uses_autocast("cpu", amp, hidden=hidden) == (dtype is not None)
+    # Accelerators autocast whenever amp is on (the estimate's rule for cuda, xpu, mps...).
+    assert precision.uses_autocast("cuda", True, hidden=64)
+    assert not precision.uses_autocast("cuda", False, hidden=4096)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            precision.resolve_device("cuda")

@@ -13,14 +13,14 @@ import torch
 
 from search.config import TrialConfig
 from search.models import MODELS
+from search.precision import autocast_dtype
+from search.precision import cpu_has_native_bf16
+from search.precision import resolve_device
 from search.train.data import EvalSet
 from search.train.data import TrainExample
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.encoder import BiEncoder
-from search.train.loop import autocast_dtype
-from search.train.loop import cpu_has_native_bf16
-from search.train.loop import resolve_device
 from search.train.loop import train
 from search.train.metrics import evaluate
 from search.train.nli_retrieval import klue_nli_to_retrieval
