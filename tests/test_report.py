@@ -208,3 +208,51 @@ def test_many_oom_trials_fold_within_100_columns() -> None:
     text = report_text(report)
     assert "40: #1000 #1001 #1002 #1003 #1004 #1005 +34 more" in " ".join(text.split())
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def _staged(storage: object = None) -> optuna.Study:
+    """Three stages: baseline (two models), big-safe (an OOM, then 0.8), refine (0.85)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name="staged", storage=storage)  # type: ignore[arg-type]
+    rows = [
+        ("baseline", "ko-simcse", TrialState.COMPLETE, 0.5),
+        ("baseline", "multilingual-e5-small", TrialState.COMPLETE, 0.6),
+        ("baseline", "ko-simcse", TrialState.COMPLETE, 0.55),
+        ("big-safe", "bge-m3-ko", TrialState.PRUNED, None),
+        ("big-safe", "bge-m3-ko", TrialState.COMPLETE, 0.8),
+        ("refine", "bge-m3-ko", TrialState.COMPLETE, 0.85),
+        ("refine", "bge-m3-ko", TrialState.COMPLETE, 0.7),
+    ]
+    for stage, model, state, value in rows:
+        extra = {"oom": True, "oom_kind": "real"} if state == TrialState.PRUNED else {}
+        _add(study, model, state, value, stage=stage, **extra)
+    return study
+
+
+def test_per_stage_section_best_per_model_and_what_refine_gained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from search.report_view import report_text
+    from storage import create_storage
+
+    url = f"sqlite:///{tmp_path}/staged.db"
+    _staged(url)
+    store = create_storage(url, heartbeat_interval=None, must_exist=True)
+    study = optuna.load_study(study_name="staged", storage=store)
+    report = study_report(study, storage=store)  # the lean read keeps the stage
+    assert report == study_report(study)
+    base, big, refine = report["stages"]
+    assert [s["stage"] for s in report["stages"]] == ["baseline", "big-safe", "refine"]
+    assert [s["trials"] for s in report["stages"]] == [3, 2, 2]
+    assert {m["model"]: m["best_value"] for m in base["models"]} == {
+        "ko-simcse": 0.55,
+        "multilingual-e5-small": 0.6,
+    }
+    assert base["gain"] is None and base["best_value"] == 0.6
+    assert big["best_before"] == 0.6 and abs(big["gain"] - 0.2) < 1e-9
+    assert refine["best_trial"] == 5 and abs(refine["gain"] - 0.05) < 1e-9
+    assert refine["models"][0]["best_config"]["batch_size"] == 32
+    text = report_text(report)
+    assert "per model per stage" in text and "+0.0500" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    # A single-stage study has no stage section.
+    assert study_report(_study())["stages"] == []
+    assert "per stage" not in report_text(study_report(_study()))
