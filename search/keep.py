@@ -30,6 +30,7 @@ import atexit
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tarfile
 import tempfile
@@ -147,8 +148,10 @@ class ModelKeeper:
         directory, self._dir = self._dir, None
         try:
             value = outcome.metrics.get(metric) if outcome.status == "complete" else None
-            if directory is None or value is None or not (directory / "modules.json").is_file():
-                return None
+            if directory is None or value is None or not math.isfinite(value):
+                return None  # not complete, or told FAIL for a non-finite value
+            if not (directory / "modules.json").is_file():
+                return None  # the objective saved nothing (a fake one, or a failed save)
             if not self._could_enter(float(value), trial.number):
                 return None
             return self._upload(trial, directory, metric, float(value))
@@ -162,8 +165,10 @@ class ModelKeeper:
     def prune(self) -> list[int]:
         """After the tell: remove the models of trials now outside the top K; their numbers.
 
-        Never raises.
+        Nothing to do when this worker keeps no model (K = 0 or no store). Never raises.
         """
+        if not self.active:
+            return []
         try:
             return prune_models(self.study, self.top_k, self._store)
         except Exception as exc:  # noqa: BLE001
@@ -236,17 +241,19 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     removed = removed_artifacts(study)
+    trials = study.get_trials(deepcopy=False)
     holders = [
         t
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if t.user_attrs.get(attrs.MODEL_ARTIFACT)
         and t.user_attrs[attrs.MODEL_ARTIFACT] not in removed
     ]
+    if not holders:
+        return []
     ranked = sorted(
-        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-         if t.value is not None),
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
         key=_rank_key(study.direction),
-    )  # fmt: skip
+    )
     top = {t.number for t in ranked[:top_k]}
     drop = [
         t
