@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from search import attrs
+from search.cli import app
 from search.options import DEFAULT_CACHE
 from search.options import RunOptions
 from search.refine import RefineError
@@ -205,19 +205,10 @@ def test_refine_on_a_study_with_a_real_oom(tmp_path: Path) -> None:
     assert ("ko-simcse", 64, 256) in {_shape(c) for c in unbounded}
 
     # The command: enqueued with their stage, the budget grows by the count.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
-        env.pop(name, None)
     args = ["refine", "--study", "refine", "--storage", opts.storage_url, "--n-trials", "3"]
-    run = subprocess.run(
-        [sys.executable, "-m", "search.cli", *args, "--memory-limit", "640MiB", "--seed", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "enqueued 3 configs" in run.stdout and "budget now 5" in run.stdout
+    run = CliRunner().invoke(app, [*args, "--memory-limit", "640MiB", "--seed", "1"])
+    assert run.exit_code == 0, run.output
+    assert "enqueued 3 configs" in run.output and "budget now 5" in run.output
     study = optuna.load_study(study_name="refine", storage=opts.storage_url)
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 3 and study.user_attrs[attrs.STUDY_N_TRIALS] == 5
