@@ -114,3 +114,31 @@ def test_bad_shapes_raise() -> None:
         InfoNCELoss()(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(ValueError):
         InfoNCELoss()(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5))
+
+
+def test_cached_infonce_matches_infonce_on_a_linear_encoder() -> None:
+    from search.train.losses import CachedInfoNCELoss
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 8)
+
+    def encoder(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (table(ids) * mask.unsqueeze(-1)).sum(1)
+
+    q = (torch.randint(0, 50, (6, 5)), torch.ones(6, 5, dtype=torch.long))
+    p = (torch.randint(0, 50, (12, 7)), torch.ones(12, 7, dtype=torch.long))
+    plain = InfoNCELoss(0.1)(encoder(*q), encoder(*p)[:6], encoder(*p)[6:])
+    plain.backward()
+    expected = table.weight.grad.clone()
+    table.weight.grad = None
+    cached = CachedInfoNCELoss(encoder, 0.1, mini_batch_size=4)
+    loss = cached(q, p)
+    assert table.weight.grad is None  # nothing reaches the encoder before backward()
+    (2.0 * loss).backward()  # a loss scale reaches the re-encoded mini-batches
+    torch.testing.assert_close(loss, plain.detach())
+    torch.testing.assert_close(table.weight.grad, 2.0 * expected)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(q, p), plain.detach())
+    assert cached.get_config_dict()["mini_batch_size"] == 4
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedInfoNCELoss(encoder, 0.1, mini_batch_size=0)
