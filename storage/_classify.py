@@ -104,9 +104,10 @@ def classify(error: BaseException) -> Kind | None:
 def _classify_one(error: BaseException) -> Kind | None:
     if isinstance(error, sa_exc.DisconnectionError):
         return "transient"
-    if type(error).__module__.startswith("grpc") and callable(getattr(error, "code", None)):
+    code_of = getattr(error, "code", None)
+    if type(error).__module__.startswith("grpc") and callable(code_of):
         # search proxy: away (restarting, unreachable) is an outage; anything else is not.
-        return "transient" if getattr(error.code(), "name", "") == "UNAVAILABLE" else None
+        return "transient" if getattr(code_of(), "name", "") == "UNAVAILABLE" else None
     if not isinstance(error, sa_exc.DBAPIError):
         return None
     code = sqlstate(error)
