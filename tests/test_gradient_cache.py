@@ -117,8 +117,10 @@ def _cfg(setup: dict[str, Any], **changes: Any) -> TrialConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def _model_and_batch(setup: dict[str, Any]) -> tuple[BiEncoder, StepBatch]:
-    cfg = _cfg(setup)
+def _model_and_batch(
+    setup: dict[str, Any], *, checkpointing: bool = False
+) -> tuple[BiEncoder, StepBatch]:
+    cfg = _cfg(setup, gradient_checkpointing=checkpointing)
     model = BiEncoder.from_config(cfg)
     model.train()  # dropout on: the two passes must draw the same masks
     queries, positives, negatives = (t[:BATCH] for t in setup["texts"])
@@ -179,10 +181,11 @@ def test_one_mini_batch_is_the_plain_step(setup: dict[str, Any]) -> None:
     _assert_same(loss, _grads(model), ref, ref_grads)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_mini_batches_give_the_gradient_of_the_same_dropout_masks(
-    setup: dict[str, Any],
+    setup: dict[str, Any], checkpointing: bool
 ) -> None:
-    model, batch = _model_and_batch(setup)
+    model, batch = _model_and_batch(setup, checkpointing=checkpointing)
     torch.manual_seed(7)
     ref, ref_grads = _plain(model, batch, rows=ROWS), _grads(model)
     torch.manual_seed(7)
