@@ -115,6 +115,7 @@ SUMMARY_KEYS = (
     attrs.BATCH_SIZE,
     attrs.MAX_LEN,
     attrs.STAGE,
+    attrs.MODEL_ARTIFACT,  # the kept models (search.keep)
 )
 
 
@@ -174,6 +175,7 @@ def study_report(
         ],
         "oom_configs": oom_configs(trials, [r.model for r in rows]),
         "stages": stages,
+        "kept_models": kept_model_rows(study, trials),
     }
 
 
@@ -229,6 +231,29 @@ def stage_rows(
         ):
             earlier = best_value
     return out
+
+
+def kept_model_rows(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """The trials whose model the study keeps (``search.keep``), best first."""
+    holders = [t for t in trials if t.user_attrs.get(attrs.MODEL_ARTIFACT)]
+    if not holders:  # no read of the study's attributes for a study that keeps none
+        return []
+    from search.keep import removed_artifacts
+
+    removed = removed_artifacts(study)
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    kept = [
+        t
+        for t in holders
+        if t.state == TrialState.COMPLETE
+        and t.value is not None
+        and t.user_attrs[attrs.MODEL_ARTIFACT] not in removed
+    ]
+    kept.sort(key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
+    return [
+        {"trial": t.number, "value": t.value, "artifact": t.user_attrs[attrs.MODEL_ARTIFACT]}
+        for t in kept
+    ]
 
 
 def read_trials(

@@ -187,6 +187,15 @@ def stages_table(report: dict[str, Any]) -> Table | None:
 def report_view(report: dict[str, Any]) -> Group:
     """The whole report: best line, outcomes, best per model, per stage, OOM configs."""
     parts: list[RenderableType] = [best_line(report)]
+    kept = report.get("kept_models") or []
+    if kept:  # search.keep: the K best trials' models, as sentence-transformers artifacts
+        trials = ", ".join(str(m["trial"]) for m in kept)
+        parts.append(
+            Text(
+                f"kept models: trials {trials} (search best --study {report['study']} "
+                "--export DIR)"
+            )  # fmt: skip
+        )
     tables = (outcomes_table(report), best_table(report), stages_table(report), oom_table(report))
     for part in tables:
         if part is not None:

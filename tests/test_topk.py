@@ -30,10 +30,13 @@ from search.keep import removed_artifacts
 from search.keep import store_location
 from search.options import DEFAULT_CACHE
 from search.options import RunOptions
+from search.report import study_report
+from search.report_view import report_text
 from search.runner import run_study
 from search.spec import PACKAGE_DIR
 from search.spec import SpecError
 from search.spec import load_spec
+from storage import create_storage
 
 DEMO = PACKAGE_DIR / "studies/data/ko-demo"
 K = 3
@@ -98,6 +101,12 @@ def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
     assert removed_artifacts(study) == {
         t.user_attrs[attrs.MODEL_ARTIFACT] for t in uploaded if t.number not in kept
     }
+
+    # The report lists them, best first (the lean RDB read and Optuna's agree).
+    report = study_report(study, storage=create_storage(_opts(tmp_path).storage_url))
+    assert [m["trial"] for m in report["kept_models"]] == [t.number for t in best]
+    assert report["kept_models"] == study_report(study)["kept_models"]
+    assert "kept models: trials " + ", ".join(str(t.number) for t in best) in report_text(report)
 
     # A kept model is the trial's sentence-transformers directory, with its search.json.
     top = best[0]
