@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -237,7 +238,27 @@ def _with_overrides(info: ModelInfo, entry: ModelEntry) -> ModelInfo:
     return dataclasses.replace(info, **changes) if changes else info
 
 
-def resolve_facts(spec: StudySpec, name: str, *, attention: bool = True) -> ModelInfo:
+def hub_offline() -> bool:
+    """Whether the hub may not be used (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _download_config(repo_id: str) -> Path | None:
+    """Fetch only ``config.json`` of ``repo_id`` into the cache (one try), or None."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", etag_timeout=5))
+    except Exception:  # noqa: BLE001 - any failure: the facts fall back or the caller says so
+        return None
+
+
+def resolve_facts(
+    spec: StudySpec, name: str, *, attention: bool = True, download: bool = False
+) -> ModelInfo:
     """The facts of ``spec``'s model ``name``: its config.json, else the table; then overrides.
 
     Args:
@@ -245,6 +266,8 @@ def resolve_facts(spec: StudySpec, name: str, *, attention: bool = True) -> Mode
         name: A key of ``spec.models``.
         attention: Find out the attention implementation (imports torch); without it the
             facts say ``sdpa`` (what every model of the table runs) unless overridden.
+        download: When no config is local and the hub may be used, fetch only the config
+            (a model the hub has but this machine has not downloaded yet).
 
     Raises:
         LookupError: No config is reachable and the model is not in the shipped table.
@@ -261,6 +284,8 @@ def resolve_facts(spec: StudySpec, name: str, *, attention: bool = True) -> Mode
         has_config = (directory / "config.json").is_file()
     else:
         config_file = cached_file(ref, "config.json")
+        if config_file is None and download and not hub_offline():
+            config_file = _download_config(ref)
         directory = config_file.parent if config_file is not None else None
         source = "hf-cache"
         has_config = config_file is not None

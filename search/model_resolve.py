@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 from search import attrs
 from search.config import DEFAULT_OBJECTIVE
 from search.model_facts import cached_file
+from search.model_facts import hub_offline
 from search.model_facts import model_ref
 
 if TYPE_CHECKING:
@@ -50,14 +50,6 @@ class Availability:
     ref: str  # the directory or the Hugging Face id
     where: str | None  # "path" | "hf-cache" | "hub"; None: not available
     problem: str = ""
-
-
-def hub_offline() -> bool:
-    """Whether the hub may not be used (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true")
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def weights_files(directory: Path) -> list[Path]:

@@ -50,6 +50,7 @@ from search.keep import keeper_for
 from search.model_facts import facts_of_directory
 from search.model_facts import model_ref
 from search.model_facts import resolve_facts
+from search.model_resolve import ModelsUnavailableError
 from search.model_resolve import recorded_models
 from search.model_resolve import searched_models
 from search.models import ModelInfo
@@ -156,7 +157,12 @@ def model_facts(
     """Each searched model's facts (``search.model_facts``); a tiny replica's, from its config."""
     facts = {}
     for name in model_paths:
-        info = resolve_facts(spec, name)
+        try:
+            info = resolve_facts(spec, name, download=True)
+        except LookupError as exc:  # the hub answered, but its config did not come
+            raise ModelsUnavailableError(
+                f"{exc}; fix: hf download {model_paths[name]}, or set models.{name}.path: DIR"
+            ) from None
         facts[name] = facts_of_directory(info, model_paths[name]) if opts.tiny else info
     return facts
 
