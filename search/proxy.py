@@ -10,6 +10,7 @@ The proxy has no authentication and no TLS: listen on loopback or a private netw
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from types import FrameType
 
@@ -43,6 +44,7 @@ def serve(url: str, *, host: str, port: int, threads: int) -> str:
 
     if is_proxy_url(url):
         raise ProxyError(f"--storage {url}: the proxy needs the database's URL, not a proxy's")
+    _check_address(host, port)  # before gRPC, which logs its own multi-line bind error
     shown = redact_url(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     storage = create_storage(url, heartbeat_interval=None, pool=POOL)
@@ -73,3 +75,17 @@ def serve(url: str, *, host: str, port: int, threads: int) -> str:
         if engine is not None:
             engine.dispose()
     return caught[0] if caught else "stop"
+
+
+def _check_address(host: str, port: int) -> None:
+    """``host:port`` can be listened on (not in use, an address of this host)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind(address)
+    except OSError as exc:
+        raise ProxyError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})"
+        ) from None

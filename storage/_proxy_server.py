@@ -178,7 +178,10 @@ def make_proxy_server(
     Raises:
         RuntimeError: The address cannot be bound (in use, or not an address of this host).
     """
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"))
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
+        options=[("grpc.so_reuseport", 0)],  # a second proxy on a port in use is an error
+    )
     api_pb2_grpc.add_StorageServiceServicer_to_server(
         optuna_servicer.OptunaStorageProxyService(optuna.storages.get_storage(rdb)), server
     )

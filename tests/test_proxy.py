@@ -250,7 +250,7 @@ def test_an_unreachable_proxy_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_a_proxy_url_with_a_password_or_a_proxy_behind_a_proxy_is_refused() -> None:
+def test_a_proxy_url_with_a_password_a_proxy_behind_a_proxy_or_a_taken_port_is_refused() -> None:
     with pytest.raises(StorageError, match="holds no user or password") as caught:
         create_storage("grpc://user:s3cret@proxy:13000")
     assert "s3cret" not in str(caught.value)
@@ -259,6 +259,12 @@ def test_a_proxy_url_with_a_password_or_a_proxy_behind_a_proxy_is_refused() -> N
 
     with pytest.raises(ProxyError, match="not a proxy's"):
         serve("grpc://127.0.0.1:1", host="127.0.0.1", port=1, threads=4)
+    with socket.socket() as taken:  # a port in use: one line, before any database is opened
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ProxyError, match=f"--port {port}: cannot listen there"):
+            serve("sqlite:///nowhere/x.db", host="127.0.0.1", port=port, threads=4)
 
 
 @pytest.mark.postgres
