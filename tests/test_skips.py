@@ -128,8 +128,9 @@ def _env() -> dict[str, str]:
 def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Tiny ko-simcse on CPU: of these 9 configs only batch 8 / 64 at 32 tokens fit the
-    # estimate at 256 MiB (67 and 147 MiB; the next is 239 MiB > 0.9 x 256 MiB).
+    # Tiny ko-simcse on CPU: of these 9 configs only the three at 32 tokens are run under
+    # 200 MiB (estimates 67, 147, 239 MiB; preflight skips when estimate x (1 - band 0.2)
+    # exceeds the limit: the next, 8 x 256, is 324 MiB). Batch 128 may run out for real.
     space = {"batch": "[8, 64, 128]", "max_len": "[32, 256, 512]"}
     path = _spec(tmp_path, "mostly-oom", **space, n=2, bound=50)
     spec = load_spec(path)
@@ -139,7 +140,7 @@ def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
         storage_url=f"sqlite:///{tmp_path}/s.db",
         tiny=True,
         device="cpu",
-        memory_limit=256 * MIB,
+        memory_limit=200 * MIB,
         cache_dir=Path(os.environ.get("SEARCH_CACHE", DEFAULT_CACHE)),
         seed=3,
     )
@@ -150,8 +151,8 @@ def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
     assert len(trained) == 2 == finished_count(summary.study)  # the whole budget trained
     assert skip_count(trials) >= 1  # and the skips came on top of it
     assert all(t.state == TrialState.PRUNED for t in trials if is_skip(t))
-    for t in trained:  # only configs that fit the estimate were trained
-        assert t.params["max_len"] == 32 and t.params["batch_size"] in (8, 64)
+    for t in trained:  # only configs within the estimate's band were trained
+        assert t.params["max_len"] == 32
 
 
 @pytest.mark.train
