@@ -114,6 +114,7 @@ def export_best(
     artifacts: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     objective: str = DEFAULT_OBJECTIVE,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Write the best trial's model into ``directory`` (absent or empty).
 
@@ -125,6 +126,7 @@ def export_best(
             trial (the directory moved).
         tolerance: Largest accepted difference between the retrained and the recorded value.
         objective: The training function of a retrain (tests pass a fake one).
+        device: Where a retrain runs (default: the trial's recorded device).
 
     Returns:
         ``{"how": "artifact" | "retrained", "directory": str, "recorded": float,
@@ -152,7 +154,7 @@ def export_best(
         _publish(staged, directory)
         return {"how": "artifact", "directory": str(directory), "recorded": recorded,
                 "retrained": None}  # fmt: skip
-    return _retrain(study, trial, directory, recorded, tolerance, objective)
+    return _retrain(study, trial, directory, recorded, tolerance, objective, device)
 
 
 def _retrain(
@@ -162,6 +164,7 @@ def _retrain(
     recorded: float,
     tolerance: float,
     objective: str,
+    device: str | None = None,
 ) -> dict[str, Any]:
     from search.isolation import run_isolated
 
@@ -171,6 +174,8 @@ def _retrain(
     metric = study_metric_name(study)
     staged = _stage(directory)
     cfg = dataclasses.replace(TrialConfig.from_json(config), save_dir=str(staged))
+    if device:
+        cfg = dataclasses.replace(cfg, device=device)
     try:
         outcome = run_isolated(cfg, objective=objective)
         value = outcome.metrics.get(metric) if outcome.status == "complete" else None

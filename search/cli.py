@@ -570,6 +570,13 @@ def best(
             help="Largest difference of a retrained value from the recorded.",
         ),
     ] = 0.01,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where a retrain runs: cpu, cuda, cuda:N (default: the trial's device).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The best trial: number, model, metrics, config, kept model; --export DIR writes it."""
@@ -591,6 +598,12 @@ def best(
         try:
             if export is not None:
                 check_export_dir(export)  # before anything is read or trained
+            if device is not None:
+                from search.cli_options import check_device_available
+                from search.cli_options import check_device_name
+
+                check_device_name(device)
+                check_device_available(device)
             url = resolve_storage_url(storage)
             store = create_storage(url, heartbeat_interval=None, must_exist=True)
             try:
@@ -610,7 +623,12 @@ def best(
                     if summary["artifact"] is None:
                         console.print(f"retraining trial {trial.number} ...", highlight=False)
                 done = export_best(
-                    loaded, export, trial=trial, artifacts=artifacts, tolerance=tolerance
+                    loaded,
+                    export,
+                    trial=trial,
+                    artifacts=artifacts,
+                    tolerance=tolerance,
+                    device=device,
                 )
         except BestError as exc:
             _fail(str(exc))

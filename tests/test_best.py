@@ -145,9 +145,8 @@ def test_export_retrains_when_no_model_was_kept(study_db: Path, tmp_path: Path) 
     )
     out = tmp_path / "retrained"
     out.mkdir()  # an empty directory is fine
-    result = runner.invoke(
-        app, ["best", "--study", "best-tiny", "--storage", _url(db), "--export", str(out)]
-    )
+    args = ["--study", "best-tiny", "--storage", _url(db), "--export", str(out), "--device", "cpu"]
+    result = runner.invoke(app, ["best", *args])
     assert result.exit_code == 0, result.output
     assert "retrained" in result.output and "artifact: none kept" in result.output
     meta = _check_loads(out, best)
@@ -200,6 +199,7 @@ def test_best_answers_mistakes_in_one_line(tmp_path: Path) -> None:
     full.mkdir()
     (full / "x").write_text("x")
     cases.append((["--study", "empty", "--export", str(full)], "not empty"))
+    cases.append((["--study", "empty", "--device", "gpu0"], "--device"))
     for args, expected in cases:
         result = runner.invoke(app, ["best", "--storage", _url(db), *args])
         assert result.exit_code == 2, result.output
