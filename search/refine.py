@@ -167,6 +167,7 @@ def refine_candidates(
     rng: random.Random,
     stage: str | None = None,
     device_total_bytes: int | None = None,
+    start: int = 0,
 ) -> list[dict[str, Any]]:
     """Up to ``n`` new configs around the ``top_k`` best trials (see the module docstring).
 
@@ -180,6 +181,8 @@ def refine_candidates(
         device_total_bytes: The device the candidates will run on, for the OOM frontier;
             None: each top trial's own recorded device memory (0 when not recorded: then any
             real OOM of a dominated config rules a candidate out).
+        start: Begin the round-robin with the ``start``-th best (modulo ``top_k``), so that
+            one config at a time still turns around the top K.
 
     Returns:
         Fixed parameters for ``study.enqueue_trial``: every sampled parameter.
@@ -201,6 +204,9 @@ def refine_candidates(
         else:
             device = device_total_bytes
         streams.append((config, device, _around(config, spec, stage, rng)))
+    if streams:
+        first = start % len(streams)
+        streams = streams[first:] + streams[:first]
     out: list[dict[str, Any]] = []
     while streams and len(out) < n:
         for entry in list(streams):

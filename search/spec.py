@@ -272,8 +272,9 @@ class StageSection(_Strict):
     ``batch_size`` / ``max_len`` per model (subsets of the space's conditions); ``n_trials``:
     its share of the study's budget (the last stage may leave it out: it runs until the study's
     budget is spent); ``seed``: what is enqueued when it starts: ``none``, ``frontier`` (per
-    model, its largest config that no real OOM of the study rules out), ``top_k`` (configs
-    around the study's ``top_k`` best trials so far, ``search.refine``).
+    model, its largest config that no real OOM of the study rules out), ``top_k`` (before each
+    of its trials, the next config around the study's ``top_k`` best trials so far,
+    ``search.refine``).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

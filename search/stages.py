@@ -12,8 +12,10 @@ Workers follow the same order without talking to each other: under the study's b
 (``search.budget.claim_trial``) the current stage is derived from the study's trials, the first
 stage whose budget share is not yet spent (trials that spend the budget, counted as the study's
 budget counts them, ``search.budget.spent_count``); the last stage runs until the study's
-budget is spent. A stage's seeds are enqueued once, by the worker that first claims a trial in
-it, under the same lock (a study system attribute records it).
+budget is spent. A ``frontier`` stage's seeds are enqueued once, by the worker that first
+claims a trial in it, under the same lock (a study system attribute records it); a ``top_k``
+stage enqueues one config around the top K trials *so far* before each of its trials, under
+the same lock (``StagePlan.refine_next``), so results that arrive meanwhile count.
 
 Example:
     >>> from search.spec import load_spec, shipped_spec_path
@@ -257,6 +259,16 @@ class StagePlan:
     def __call__(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
         stage = current_stage(self._spec, trials, self._budget)
         self._sampler.stage = stage.name
+        if stage.seed == "top_k":
+            from optuna.trial import TrialState
+
+            # One config at a time, around the top K *now*: results that arrived since (other
+            # workers' trials of the earlier stage, this stage's own) count. A queued trial
+            # (``search refine``, a leftover seed) runs first.
+            if not any(t.state == TrialState.WAITING for t in trials):
+                for params in self.refine_next(stage, trials):
+                    study.enqueue_trial(params, user_attrs={attrs.STAGE: stage.name})
+            return {attrs.STAGE: stage.name}
         key = attrs.STUDY_STAGE_SEEDED + stage.name
         storage = study._storage
         if stage.seed != "none" and not storage.get_study_system_attrs(study._study_id).get(key):
@@ -265,27 +277,34 @@ class StagePlan:
             storage.set_study_system_attr(study._study_id, key, True)
         return {attrs.STAGE: stage.name}
 
-    def seeds(self, stage: StageSection, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-        """What ``stage`` enqueues when it starts (see ``StageSection.seed``)."""
-        if stage.seed == "frontier":
-            return frontier_seeds(
-                self._spec,
-                stage,
-                trials,
-                config_for=self._config_for,
-                device_total_bytes=self._device_total_bytes,
-            )
+    def refine_next(
+        self, stage: StageSection, trials: Sequence[FrozenTrial]
+    ) -> list[dict[str, Any]]:
+        """The next config of a ``top_k`` stage (none when nothing new is left around them).
+
+        Round-robin over the top K: the stage's n-th trial starts with the n-th best.
+        """
         from search.refine import refine_candidates
 
-        index = [s.name for s in self._spec.stages].index(stage.name)
-        share = max(stage_shares(self._spec, self._budget)[index], 1)
+        done = sum(stage_of(t) == stage.name for t in trials)
         return refine_candidates(
             trials,
             self._spec,
             top_k=stage.top_k,
-            n=share,
+            n=1,
             rng=self._rng,
             stage=stage.name,
+            device_total_bytes=self._device_total_bytes,
+            start=done,
+        )
+
+    def seeds(self, stage: StageSection, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+        """What a ``frontier`` stage enqueues when it starts (``frontier_seeds``)."""
+        return frontier_seeds(
+            self._spec,
+            stage,
+            trials,
+            config_for=self._config_for,
             device_total_bytes=self._device_total_bytes,
         )
 
