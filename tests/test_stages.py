@@ -236,3 +236,46 @@ def test_a_tiny_staged_run_finishes_three_stages_in_order_and_reports_them(
     best_before = max(v for v in (base["best_value"], big_row["best_value"]) if v is not None)
     assert refine_row["gain"] == pytest.approx(refine_row["best_value"] - best_before)
     assert {m["model"] for m in big_row["models"]} == {"bge-m3-ko"}
+
+
+def test_the_refine_stage_enqueues_one_new_config_per_trial_around_the_top_k(
+    tmp_path: Path,
+) -> None:
+    from search.stages import StagePlan
+
+    spec = load_spec(_write(tmp_path))
+    sampler = make_sampler(spec, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for stage, model, batch, value in [
+        ("baseline", "multilingual-minilm", 32, 0.5),
+        ("baseline", "multilingual-e5-small", 64, 0.6),
+        ("baseline", "multilingual-e5-small", 32, 0.55),
+        ("big-safe", "bge-m3-ko", 64, 0.7),
+        ("big-safe", "bge-m3-ko", 64, 0.65),
+    ]:
+        config = {"model": model, "model_path": model, "batch_size": batch, "max_len": 256,
+                  "lr": 5e-5, "temperature": 0.03, "warmup_ratio": 0.1, "weight_decay": 0.01,
+                  "epochs": 1, "amp": False, "gradient_checkpointing": False,
+                  "hard_negatives": 0, "seed": 0, "device": "cpu", "train_path": "t",
+                  "eval_dir": "e"}  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE,
+                value=value,
+                user_attrs={"stage": stage},
+                system_attrs={attrs.SYSTEM_CONFIG: config},
+            )
+        )
+    plan = StagePlan(spec, sampler, 7, config_for=None, device_total_bytes=2**34)  # type: ignore[arg-type]
+    assert plan(study, study.get_trials()) == {"stage": "refine"} and sampler.stage == "refine"
+    (first,) = study.get_trials(states=(TrialState.WAITING,))
+    assert first.user_attrs["stage"] == "refine"
+    assert first.system_attrs["fixed_params"]["model"] == "bge-m3-ko"  # around the best first
+    plan(study, study.get_trials())  # one is queued: it runs first, nothing more
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    trial = study.ask()
+    study.tell(trial, 0.66)
+    plan(study, study.get_trials())  # the stage's 2nd trial: around the 2nd best
+    (second,) = study.get_trials(states=(TrialState.WAITING,))
+    assert second.system_attrs["fixed_params"]["model"] == "bge-m3-ko"
+    assert second.system_attrs["fixed_params"] != first.system_attrs["fixed_params"]
