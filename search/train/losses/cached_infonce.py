@@ -6,6 +6,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -43,9 +44,14 @@ class RandContext:
         torch.set_rng_state(self._cpu_state)
         set_device_states(self._devices, self._device_states)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         assert self._fork is not None
-        self._fork.__exit__(*exc)
+        self._fork.__exit__(exc_type, exc, traceback)
         self._fork = None
 
 
