@@ -177,6 +177,7 @@ def test_real_weights_missing_stops_with_a_fix(tmp_path: Path) -> None:
         space__batch_size=[8],
         space__max_len=[64],
         training__max_train_samples=16,
+        stages=[],  # the shipped stages name the other models
     )
     run = _search("run", "--spec", str(spec), "--n-trials", "3", "--device", "cpu", cwd=tmp_path)
     # Checked before any trial (search.model_resolve): exit 2, one line per missing model.
