@@ -176,6 +176,7 @@ def _retrain(
     cfg = dataclasses.replace(TrialConfig.from_json(config), save_dir=str(staged))
     if device:
         cfg = dataclasses.replace(cfg, device=device)
+    cfg = _tiny_replica_again(study, cfg)
     try:
         outcome = run_isolated(cfg, objective=objective)
         value = outcome.metrics.get(metric) if outcome.status == "complete" else None
@@ -200,6 +201,30 @@ def _retrain(
     _publish(staged, directory)
     return {"how": "retrained", "directory": str(directory), "recorded": recorded,
             "retrained": value}  # fmt: skip
+
+
+def _tiny_replica_again(study: optuna.Study, cfg: TrialConfig) -> TrialConfig:
+    """A ``--tiny`` trial whose replica left the cache: build it again from the study's spec.
+
+    Replicas are built deterministically (tokenizer trained on the spec's training texts,
+    seeded weights), so the retrain's value still checks against the recorded one.
+    """
+    path = Path(cfg.model_path)
+    if path.exists() or path.parent.name != "tiny" or "-tiny-" not in path.name:
+        return cfg
+    from pydantic import ValidationError
+
+    from search.options import RunOptions
+    from search.runner import prepare_models
+    from search.spec import StudySpec
+
+    try:
+        spec = StudySpec.model_validate(study.user_attrs.get(attrs.STUDY_SPEC) or {})
+    except ValidationError:
+        return cfg  # the retrain then says the path is missing
+    opts = RunOptions(storage_url="", tiny=True, cache_dir=path.parent.parent)
+    built = prepare_models(spec, opts, [cfg.model])
+    return dataclasses.replace(cfg, model_path=built[cfg.model])
 
 
 def _stage(directory: Path) -> Path:

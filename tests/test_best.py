@@ -206,3 +206,30 @@ def test_best_answers_mistakes_in_one_line(tmp_path: Path) -> None:
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], result.output
     assert not any(p.name.startswith(".full") for p in tmp_path.iterdir())
+
+
+@pytest.mark.train
+def test_retrain_builds_a_tiny_replica_that_left_the_cache(study_db: Path, tmp_path: Path) -> None:
+    """A --tiny trial whose replica was deleted: the export builds it again and still matches."""
+    db = tmp_path / "copy.db"
+    _copy_db(study_db, db)
+    study = optuna.load_study(study_name="best-tiny", storage=_url(db))
+    best = study.best_trial
+    study._storage.set_study_system_attr(
+        study._study_id, attrs.MODEL_REMOVED_PREFIX + best.user_attrs[attrs.MODEL_ARTIFACT], 0
+    )
+    config = best.system_attrs[attrs.SYSTEM_CONFIG]
+    gone = tmp_path / "cache" / "tiny" / Path(config["model_path"]).name
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE trial_system_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+            (json.dumps({**config, "model_path": str(gone)}), best._trial_id, attrs.SYSTEM_CONFIG),
+        )
+    out = tmp_path / "model"
+    result = runner.invoke(
+        app, ["best", "--study", "best-tiny", "--storage", _url(db), "--export", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (gone / "config.json").is_file()  # built again where the trial had it
+    meta = _check_loads(out, best)
+    assert abs(float(meta["value"]) - best.value) < 1e-6  # type: ignore[arg-type]
