@@ -44,6 +44,8 @@ def _spec(tmp_path: Path, name: str = "spec.yaml", **changes: object) -> Path:
     """A spec written by ``search spec init`` with ``a__b=value`` changes."""
     path = _init(tmp_path / name)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if "models" in changes and "stages" not in changes:
+        changes["stages"] = []  # the shipped stages name the four models
     for dotted, value in changes.items():
         node = raw
         *parents, last = dotted.split("__")
@@ -167,8 +169,9 @@ def test_duplicate_model_is_one_line_exit_2(tmp_path: Path) -> None:
     spec = _init(tmp_path / "dup.yaml")
     text = spec.read_text(encoding="utf-8")
     spec.write_text(
-        text.replace("  ko-simcse: {}\n", "  ko-simcse: {}\n  ko-simcse: {amp: false}\n")
+        text.replace("models:\n", "models:\n  ko-simcse: {amp: false}\n", 1)
     )
+    assert text.count("ko-simcse:") + 1 == spec.read_text(encoding="utf-8").count("ko-simcse:")
     db = tmp_path / "s.db"
     result = runner.invoke(app, ["worker", "--spec", str(spec), "--storage", f"sqlite:///{db}"])
     assert result.exit_code == 2
@@ -251,7 +254,11 @@ def test_force_space_stores_the_new_space(tmp_path: Path) -> None:
     [
         ({"space__batch_size": [32, 64, 96, 128]}, "batch_size (log scale)"),
         (
-            {"models": {"ko-simcse": {}, "multilingual-minilm": {}}, "space__conditions": {}},
+            {
+                "models": {"ko-simcse": {}, "multilingual-minilm": {}},
+                "space__conditions": {},
+                "stages": [],
+            },
             "model",
         ),
         ({"space__weight_decay": {"low": 0.001, "high": 0.1, "log": True}}, "weight_decay (log"),
