@@ -228,8 +228,12 @@ def format_point(p: Point, band: float) -> str:
         return head + f"{p.status:>9} {'':>8} {p.estimate_mb:>9.0f} {'':>6} {low:>8.0f}"
     return head + (
         f"{p.measured_mb:>9.0f} {p.step1_mb or 0:>8.0f} {p.estimate_mb:>9.0f} {p.ratio:>6.3f} "
-        f"{low:>8.0f} {p.seconds:>8.1f} {p.steps_cpu_s or 0:>7.1f}"
+        f"{low:>8.0f} {p.seconds:>8.1f} {_seconds(p.steps_cpu_s):>7}"
     )
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
 
 
 def summarize(points: list[Point], band: float, budgets_gib: list[float]) -> list[str]:

@@ -247,11 +247,12 @@ def estimate_peak_memory(
     threshold, freed activations stayed resident by an amount that depended on the order of
     allocations (one checkpointed tiny config, 32 x 128: 264-375 MiB over identical runs, half
     of it retained heap), so trials now run with a fixed 1 MiB threshold, under which the same
-    config measures 148 MiB in every run. Under that rule: tiny replicas at 1.05-1.07 (e5-small
-    32 x 128, with and without checkpointing), and the real all-MiniLM-L6-v2 over batch x
-    max_len x checkpointing x hard negatives in ``bench/bench_estimate_real.py`` (BENCHMARKS.md,
-    "Memory estimate on real weights"). The preflight's error band
-    (``search.preflight.ESTIMATE_BAND``) comes from that grid.
+    config measures 148 MiB in every run. Under that rule: tiny replicas at 1.035-1.056
+    (e5-small 32 x 128, with and without checkpointing), and the real all-MiniLM-L6-v2 at
+    1.000-1.087 over 27 points of batch 16-64 x max_len 64-256 x checkpointing x 0-1 hard
+    negatives, 470 MiB to 5 GiB (``bench/bench_estimate_real.py``; BENCHMARKS.md, "Memory
+    estimate on real weights"). The preflight's error band (``search.preflight.ESTIMATE_BAND``)
+    comes from that grid.
 
     Example:
         >>> from search.models import MODELS
