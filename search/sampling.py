@@ -9,6 +9,14 @@ evenly spaced, e.g. max_len 128..512 step 128, else on a log scale, e.g. batch 3
 choice, and without a proposal the value is drawn uniformly from the model's choices. No
 trial is rejected or re-run for it.
 
+TPE's random startup counts trained trials only: until ``n_startup_trials`` trials have
+trained (COMPLETE or PRUNED, preflight skips excluded: ``search.budget.is_skip``), every value
+is drawn at random (the conditions and stages still apply). Skips are free (they do not spend
+the budget), so a space that mostly does not fit the device would otherwise use up the random
+startup on skipped configs and start TPE without trained evidence. Once TPE models the
+history, a skip (PRUNED without intermediate values) falls in TPE's worse group: a config that
+does not fit is learnt as a bad one.
+
 Example:
     >>> import optuna
     >>> from search.space import sample_params
@@ -38,20 +46,25 @@ from optuna.distributions import BaseDistribution
 from optuna.distributions import CategoricalDistribution
 from optuna.samplers import BaseSampler
 from optuna.samplers import RandomSampler
+from optuna.trial import TrialState
 
 from search import attrs
+from search import pruners
+from search.budget import is_skip
 from search.space_check import CONDITIONAL_PARAMS
 
 if TYPE_CHECKING:
     from optuna.study import Study
     from optuna.trial import FrozenTrial
-    from optuna.trial import TrialState
 
     from search.spec import StudySpec
 
 MODEL_PARAM = "model"
 STAGE_ATTR = attrs.STAGE  # the trial's stage in a staged search (search.stages)
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attribute of an enqueued trial's values
+
+# Trials that trained, unless a preflight skip (``is_skip``): they end the random startup.
+_TRAINED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # {parameter: {model: the model's choices}} for every model.
 Choices = Mapping[str, Mapping[str, Sequence[int]]]
@@ -103,6 +116,8 @@ class ConditionalSampler(BaseSampler):
             (``search.stages.stage_choices(spec)``); None: a single-stage study.
         models: The only models this worker samples (``--skip-unavailable``: those whose
             weights are here), in every stage; None: all.
+        n_startup_trials: Trained trials (skips excluded) before ``base`` proposes anything;
+            until then every value is drawn at random.
     """
 
     def __init__(
@@ -112,8 +127,11 @@ class ConditionalSampler(BaseSampler):
         seed: int | None,
         stages: Mapping[str, Mapping[str, Any]] | None = None,
         models: Sequence[str] | None = None,
+        n_startup_trials: int = 0,
     ) -> None:
         self._base = base
+        self._n_startup = n_startup_trials
+        self._startup_done = False  # trained trials only grow: checked until reached
         self._choices = {name: dict(per) for name, per in choices.items()}
         self._random = RandomSampler(seed=seed)
         self._stages = dict(stages or {})
@@ -145,14 +163,26 @@ class ConditionalSampler(BaseSampler):
             return None
         return tuple(per_model[model])
 
+    def in_startup(self, study: Study) -> bool:
+        """True while fewer than ``n_startup_trials`` trials have trained (skips excluded)."""
+        if self._n_startup <= 0 or self._startup_done:
+            return False
+        done = study.get_trials(deepcopy=False, states=_TRAINED_STATES)
+        self._startup_done = sum(not is_skip(t) for t in done) >= self._n_startup
+        return not self._startup_done
+
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
+        if self.in_startup(study):
+            return {}
         return self._base.infer_relative_search_space(study, trial)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        if not search_space:
+            return {}
         params = self._base.sample_relative(study, trial, search_space)
         fixed = trial.system_attrs.get(_FIXED_PARAMS) or {}
         model = fixed.get(MODEL_PARAM, params.get(MODEL_PARAM))
@@ -185,7 +215,8 @@ class ConditionalSampler(BaseSampler):
             )
         allowed = self.allowed(param_name, trial.params.get(MODEL_PARAM), trial)
         if allowed is None:
-            return self._base.sample_independent(study, trial, param_name, param_distribution)
+            base = self._random if self.in_startup(study) else self._base
+            return base.sample_independent(study, trial, param_name, param_distribution)
         return self._random.sample_independent(
             study, trial, param_name, CategoricalDistribution(list(allowed))
         )
@@ -246,14 +277,10 @@ def make_sampler(
         cfg_seed,
         stage_choices(spec) if spec.stages else None,
         models,
+        spec.sampler.n_startup_trials if spec.sampler.type != "random" else 0,
     )
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The median pruner on the per-epoch metric, or none."""
-    cfg = spec.pruner
-    if cfg.type == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
-    )
+    """The study's pruner: :func:`search.pruners.make_pruner` (one implementation)."""
+    return pruners.make_pruner(spec)
