@@ -42,7 +42,8 @@ LIMIT = 640 * MIB
 def _spec(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
-        f"""study: {{name: {name}, direction: maximize, metric: ndcg@10, n_trials: 2}}
+        f"""study: {{name: {name}, direction: maximize, metric: ndcg@10, n_trials: 2,
+        max_skips_per_trial: 1}}
 models:
   ko-simcse: {{}}
 space:
@@ -81,9 +82,13 @@ def test_a_real_oom_is_recorded_then_dominates_the_same_config(tmp_path: Path) -
     spec = load_spec(_spec(tmp_path, "real-oom"))
     # The estimate would skip it first (that is the next test): run it for real.
     opts = _opts(tmp_path, memory_limit=LIMIT, use_estimate=False)
-    summary = run_study(spec, opts)
-    assert summary.trials_run == 2 and summary.stopped_by == "budget"
-    first, second = summary.study.get_trials()
+    # Its one config ran out of memory, so every later trial is a frontier skip, which does
+    # not spend the budget: the run ends on the skip bound (1 x the budget of 2 here).
+    with pytest.raises(SkipBoundError, match="does not fit the device"):
+        run_study(spec, opts)
+    study = optuna.load_study(study_name="real-oom-tiny", storage=f"sqlite:///{tmp_path}/oom.db")
+    first, second, third = study.get_trials()
+    assert third.user_attrs[attrs.OOM_KIND] == "frontier"
     device = device_info("cpu", memory_limit=LIMIT)
 
     assert first.state == TrialState.PRUNED, first.user_attrs.get(attrs.ERROR)
@@ -114,12 +119,12 @@ def test_a_config_that_cannot_fit_is_skipped_before_loading(tmp_path: Path) -> N
     spec = load_spec(_spec(tmp_path, "predicted"))
     tiny_device = 64 * MIB
     # Skips do not spend the budget: nothing fits, so the run stops on the skip bound
-    # (study.max_skips_per_trial, 10, x the budget of 2) with one line (tests/test_skips.py).
+    # (study.max_skips_per_trial, 1 here, x the budget of 2) with one line (tests/test_skips.py).
     with pytest.raises(SkipBoundError, match="does not fit the device"):
         run_study(spec, _opts(tmp_path, memory_limit=tiny_device))
     study = optuna.load_study(study_name="predicted-tiny", storage=f"sqlite:///{tmp_path}/oom.db")
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.PRUNED] * 20
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     for trial in trials:
         ua = trial.user_attrs
         assert ua[attrs.OOM] is True and ua[attrs.OOM_KIND] == "predicted"

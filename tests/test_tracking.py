@@ -28,11 +28,12 @@ import pytest
 from optuna.trial import TrialState
 
 from search import attrs
+from search.budget import SkipBoundError
 from search.config import TrialConfig
 from search.options import DEFAULT_CACHE
 from search.options import RunOptions
-from search.runner import RunSummary
 from search.runner import run_study
+from search.spec import StudySpec
 from search.spec import load_spec
 from search.tracking import Tracker
 from search.tracking import TrackingSettings
@@ -78,7 +79,8 @@ def fake_train(cfg: Any, *, report: Any = None, on_phase: Any = None, on_step: A
 def _spec(tmp_path: Path, name: str, *, tracking: str = "", extra: str = "") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
-        f"""study: {{name: {name}, direction: maximize, metric: ndcg@10, n_trials: 4}}
+        f"""study: {{name: {name}, direction: maximize, metric: ndcg@10, n_trials: 4,
+        max_skips_per_trial: 1}}
 models:
   ko-simcse: {{}}
 space:
@@ -175,12 +177,24 @@ def _read_run(directory: Path, run_id: str) -> OfflineRun:
     return out
 
 
-def _by_number(summary: RunSummary) -> dict[int, optuna.trial.FrozenTrial]:
-    return {t.number: t for t in summary.study.get_trials()}
+def _run(spec: StudySpec, opts: RunOptions) -> optuna.Study:
+    """The study after a run; its one config ends on the skip bound once it ran out of memory.
+
+    The spaces here hold one config: after its real OOM every later trial is a frontier skip,
+    which spends no budget, so the run stops on the skip bound (1 x the budget here).
+    """
+    try:
+        return run_study(spec, opts).study
+    except SkipBoundError:
+        return optuna.load_study(study_name=spec.study.name, storage=opts.storage_url)
 
 
-def _outcomes(summary: RunSummary) -> list[tuple[int, TrialState, float | None, dict]]:
-    return [(t.number, t.state, t.value, t.params) for t in summary.study.get_trials()]
+def _by_number(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
+    return {t.number: t for t in study.get_trials()}
+
+
+def _outcomes(study: optuna.Study) -> list[tuple[int, TrialState, float | None, dict]]:
+    return [(t.number, t.state, t.value, t.params) for t in study.get_trials()]
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -192,21 +206,22 @@ def test_one_offline_run_per_trial_with_config_history_and_outcome(
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # present, yet offline: never written
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec = load_spec(_spec(tmp_path, "tracked", tracking="tracking: {wandb: true}"))
-    summary = run_study(spec, _opts(tmp_path, "study.db"))
-    trials = _by_number(summary)
+    study = _run(spec, _opts(tmp_path, "study.db"))
+    trials = _by_number(study)
     assert [trials[n].user_attrs[attrs.OUTCOME] for n in range(4)] == [
         "complete",
         "pruned",
         "oom",
         "oom",
     ]
-    assert trials[3].user_attrs[attrs.OOM_KIND] == "frontier"
+    assert len(trials) == 3 + 4  # three trained, then the skip bound's four frontier skips
+    assert all(trials[n].user_attrs[attrs.OOM_KIND] == "frontier" for n in range(3, 7))
     runs = {}
     for number, trial in trials.items():
         run_id = trial.user_attrs[attrs.WANDB_RUN_ID]
         assert trial.user_attrs[attrs.WANDB_RUN_PATH] == f"tracked/{run_id}"
         runs[number] = _read_run(tmp_path, run_id)
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 4  # one run per trial, no more
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 7  # one run per trial, no more
 
     for number, run in runs.items():
         assert run.run.project == "tracked"  # the spec's study name by default
@@ -256,7 +271,6 @@ def test_one_offline_run_per_trial_with_config_history_and_outcome(
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
-    study = summary.study
     recorded: list[Any] = [
         study.user_attrs,
         study._storage.get_study_system_attrs(study._study_id),
@@ -274,8 +288,7 @@ def test_a_predicted_oom_gets_a_run_without_a_process(
     opts = _opts(
         tmp_path, "p.db", n_trials=1, memory_limit=64 * MIB, wandb=True, wandb_project="team"
     )
-    summary = run_study(spec, opts)
-    (trial,) = summary.study.get_trials()
+    (trial,) = _run(spec, opts).get_trials()
     assert trial.user_attrs[attrs.OOM_KIND] == "predicted"
     run = _read_run(tmp_path, trial.user_attrs[attrs.WANDB_RUN_ID])
     assert run.run.project == "team"  # --wandb-project wins over the default
@@ -298,7 +311,7 @@ def test_a_handed_back_trial_closes_its_run(
     finally:
         signal.signal(signal.SIGTERM, previous)  # run_study leaves SIGTERM ignored once stopped
     assert summary.stopped_by == "sigterm" and summary.handed_back == 0
-    trial = _by_number(summary)[0]
+    trial = _by_number(summary.study)[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs[attrs.HANDED_BACK] is True
     run = _read_run(tmp_path, trial.user_attrs[attrs.WANDB_RUN_ID])
     assert run.summary["outcome"] == "handed_back" and run.summary["trial"] == 0
@@ -326,7 +339,7 @@ def test_broken_wandb_never_changes_the_trials(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     spec_path = _spec(tmp_path, "broken")
     started = time.monotonic()
-    reference = run_study(load_spec(spec_path), _opts(tmp_path, "ref.db", wandb=False))
+    reference = _run(load_spec(spec_path), _opts(tmp_path, "ref.db", wandb=False))
     plain_s = time.monotonic() - started
 
     # Offline, but the run directory cannot be created (a file is in its way; chmod does not
@@ -335,9 +348,9 @@ def test_broken_wandb_never_changes_the_trials(
     unwritable.mkdir()
     (unwritable / "wandb").write_text("in the way")
     opts = _opts(unwritable, "study.db", wandb=True)
-    offline = run_study(load_spec(spec_path), opts)
+    offline = _run(load_spec(spec_path), opts)
     assert _outcomes(offline) == _outcomes(reference)
-    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in offline.study.get_trials())
+    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in offline.get_trials())
     (line,) = _warnings(caplog)  # one line for the whole worker, naming what failed
     assert "W&B init (offline" in line and "FileExistsError" in line
 
@@ -348,10 +361,10 @@ def test_broken_wandb_never_changes_the_trials(
     online_dir = tmp_path / "online"
     online_dir.mkdir()
     started = time.monotonic()
-    online = run_study(load_spec(spec_path), _opts(online_dir, "study.db", wandb=True))
+    online = _run(load_spec(spec_path), _opts(online_dir, "study.db", wandb=True))
     online_s = time.monotonic() - started
     assert _outcomes(online) == _outcomes(reference)
-    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in online.study.get_trials())
+    assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in online.get_trials())
     (line,) = _warnings(caplog)
     assert "W&B init (online" in line
     assert FAKE_KEY not in line
