@@ -247,9 +247,23 @@ def hub_offline() -> bool:
 
 
 def _download_config(repo_id: str) -> Path | None:
-    """Fetch only ``config.json`` of ``repo_id`` into the cache (one try), or None."""
+    """Fetch only ``config.json`` of ``repo_id`` into the cache (one try), or None.
+
+    The hub's host is tried first with one plain connection (3 s): without a network the
+    answer is None at once, not huggingface_hub's retries with backoff.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
     from huggingface_hub import hf_hub_download
 
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        socket.create_connection((endpoint.hostname or "", port), timeout=3).close()
+    except OSError:
+        return None
     try:
         return Path(hf_hub_download(repo_id, "config.json", etag_timeout=5))
     except Exception:  # noqa: BLE001 - any failure: the facts fall back or the caller says so

@@ -243,9 +243,12 @@ def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
     else:
         lines.append(f"No complete trial yet: no best {metric}.")
     of_budget = f" of a budget of {budget}" if budget else ""
+    trained = report.get("trained", report.get("trials", 0))  # what spends the budget
+    skipped = report.get("skipped") or 0  # preflight skips: recorded, free
+    skips = f" (+{skipped} skipped for memory, free)" if skipped else ""
     lines += [
         "",
-        f"{report.get('trials', 0)} trials{of_budget}, updated "
+        f"{trained} trials trained{of_budget}{skips}, updated "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Plots: the study's artifacts on the History "
         f"page (`search report --study {study} --publish`).",
         "",

@@ -158,7 +158,8 @@ def model_facts(
     facts = {}
     for name in model_paths:
         try:
-            info = resolve_facts(spec, name, download=True)
+            # --tiny needs no hub: its facts come from the replica's own config below.
+            info = resolve_facts(spec, name, download=not opts.tiny)
         except LookupError as exc:  # the hub answered, but its config did not come
             raise ModelsUnavailableError(
                 f"{exc}; fix: hf download {model_paths[name]}, or set models.{name}.path: DIR"

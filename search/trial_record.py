@@ -358,8 +358,9 @@ def trial_summary(
         rule = f" by the {pruner} rule" if pruner else ""
         text = f"pruned{rule}"
         if trial.intermediate_values:
-            epoch = max(trial.intermediate_values)
-            text += f" after epoch {epoch} — {name} {trial.intermediate_values[epoch]:.2f}"
+            seen = max(trial.intermediate_values)  # the step axis: training examples seen
+            value = trial.intermediate_values[seen]
+            text += f" at {seen:,} examples seen — {name} {value:.2f}"
         return f"{text} — {what}"
     if outcome == attrs.OUTCOME_HANDED_BACK:
         return f"handed back (worker stopped){again} — {what}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -125,7 +126,7 @@ def test_summary_of_pruned_complete_failed_handed_back_stale() -> None:
         intermediate_values={1: 0.41},
     )
     assert trial_summary(t, pruner="median") == (
-        "pruned by the median rule after epoch 1 — ndcg@10 0.41 — ko-simcse b32 len128"
+        "pruned by the median rule at 1 examples seen — ndcg@10 0.41 — ko-simcse b32 len128"
     )
     out = TrialOutcome("complete", metrics={"ndcg@10": 0.634}, peak_memory_mb=3.2 * GIB_MB)
     complete = _claimed(model="multilingual-e5-small", batch_size=128, max_len=256)
@@ -269,7 +270,15 @@ def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: P
     for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
         env.pop(name, None)
     url = f"sqlite:///{tmp_path}/record.db"
-    args = ["--spec", str(FIXTURES / "tiny_workers.yaml"), "--storage", url, "--device", "cpu"]
+    # After trial 3's real OOM every config is a frontier skip, which spends no budget: the
+    # run ends on the skip bound, kept short here (1 x the budget of 5).
+    raw = yaml.safe_load((FIXTURES / "tiny_workers.yaml").read_text(encoding="utf-8"))
+    raw["study"]["max_skips_per_trial"] = 1
+    for key in ("train", "eval"):
+        raw["data"][key] = str((FIXTURES / raw["data"][key]).resolve())
+    spec = tmp_path / "record.yaml"
+    spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    args = ["--spec", str(spec), "--storage", url, "--device", "cpu"]
     args += ["--n-trials", "5", "--study-name", "rec", "--objective", "record_objective:train"]
     run = subprocess.run(
         [sys.executable, "-m", "search.cli", "run", *args],
@@ -279,11 +288,12 @@ def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: P
         text=True,
         timeout=300,
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "does not fit the device" in run.stdout + run.stderr
     study = optuna.load_study(study_name="rec", storage=url)
     assert study.metric_names == ["ndcg@10"]  # the dashboard's axes say it
     trials = study.get_trials()
-    assert [outcome_of(t) for t in trials] == ["pruned", "complete", "failed", "oom", "oom"]
+    assert [outcome_of(t) for t in trials] == ["pruned", "complete", "failed", *["oom"] * 6]
     assert [t.user_attrs[attrs.OUTCOME] for t in trials] == [outcome_of(t) for t in trials]
     for t in trials:
         bad = {k: v for k, v in t.user_attrs.items() if not isinstance(v, SCALAR)}
@@ -293,13 +303,13 @@ def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: P
         assert t.user_attrs[attrs.MODEL] == "multilingual-minilm"
         assert config_of(t) == t.system_attrs[attrs.SYSTEM_CONFIG]
         assert t.system_attrs[attrs.SYSTEM_CONFIG]["batch_size"] == 32
-    pruned, complete, failed, oom, frontier = trials
+    pruned, complete, failed, oom, frontier = trials[:5]
     assert complete.user_attrs["ndcg@10"] == complete.value == 0.63
     assert complete.system_attrs[attrs.SYSTEM_METRICS]["mrr@10"] == 0.35
     assert [h["ndcg@10"] for h in complete.system_attrs[attrs.SYSTEM_HISTORY]] == [0.5, 0.63]
     assert complete.user_attrs[attrs.PEAK_MEMORY_MB] == 3276.8
     assert trial_summary(complete).startswith("complete — ndcg@10 0.63 — multilingual-minilm b32")
-    assert trial_summary(pruned).startswith("pruned after epoch 1 — ndcg@10 0.41")
+    assert trial_summary(pruned).startswith("pruned at 1 examples seen — ndcg@10 0.41")
     assert trial_summary(failed).startswith("failed: ValueError: boom")
     assert trial_summary(oom).startswith("OOM (real) in backward at ")
     assert trial_summary(frontier) == (
