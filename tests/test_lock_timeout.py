@@ -56,7 +56,9 @@ def _python(code: str, *args: str, timeout_s: str) -> subprocess.Popen[str]:
 
 def test_a_paused_lock_holder_is_cut_off_after_the_lock_timeout(pg_url: str) -> None:
     name = f"budget:paused-{uuid.uuid4().hex[:8]}"
-    holder = _python(HOLD, pg_url, name, timeout_s="2")
+    # 6 s: well past the taker's own start (interpreter, imports, connection: 1-2 s here), so
+    # the taker provably waits on the stopped holder before the server cuts it off.
+    holder = _python(HOLD, pg_url, name, timeout_s="6")
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "held", holder.stderr.read()  # type: ignore[union-attr]
