@@ -35,7 +35,7 @@ from search.spec import load_spec
 from search.spec import resolve_spec
 from search.spec import shipped_spec_path
 
-N_TRIALS = 300
+N_TRIALS = 150
 SHARED_NAMES = (
     "model",
     "batch_size",
@@ -113,12 +113,12 @@ def _check(study: optuna.Study) -> None:
     assert len(seen_models) == 4
 
 
-def test_space_over_300_trials_on_sqlite(tmp_path: Path) -> None:
+def test_space_over_150_trials_on_sqlite(tmp_path: Path) -> None:
     _check(_run(f"sqlite:///{tmp_path / 'space.db'}"))
 
 
 @pytest.mark.postgres
-def test_space_over_300_trials_on_postgresql(pg_url: str) -> None:
+def test_space_over_150_trials_on_postgresql(pg_url: str) -> None:
     _check(_run(pg_url))
 
 
