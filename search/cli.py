@@ -57,6 +57,31 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _open_study(
+    study: str, storage: str | None
+) -> tuple[str, optuna.storages.BaseStorage, optuna.Study]:
+    """The storage URL, the storage and the study ``study`` in it; no such study: one line.
+
+    Opens an existing storage only (creates nothing); call it inside ``_user_errors()``.
+    """
+    import optuna
+
+    from storage import create_storage
+    from storage import redact_url
+    from storage import resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    store = create_storage(url, heartbeat_interval=None, must_exist=True)
+    try:
+        return url, store, optuna.load_study(study_name=study, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        _fail(
+            f"--study {study!r}: no such study in {redact_url(url)} "
+            f"(studies: {', '.join(names) or 'none'})"
+        )
+
+
 # The user's mistakes, as (module, class): shown as one line with exit code 2.
 USER_ERRORS = (
     ("search.cli_options", "OptionError"),
@@ -253,24 +278,12 @@ def report(
 
     from search.report import study_report
     from search.report_view import report_view
-    from storage import create_storage
-    from storage import redact_url
-    from storage import resolve_storage_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if plots is not None:
         _check_plots_dir(plots)
     with _user_errors():
-        url = resolve_storage_url(storage)
-        store = create_storage(url, heartbeat_interval=None, must_exist=True)  # creates nothing
-        try:
-            loaded = optuna.load_study(study_name=study, storage=store)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-            _fail(
-                f"--study {study!r}: no such study in {redact_url(url)} "
-                f"(studies: {', '.join(names) or 'none'})"
-            )
+        url, store, loaded = _open_study(study, storage)
     published = _publish(loaded, url, artifacts) if publish else None
     data = study_report(loaded, storage=store)
     if as_json:
@@ -442,9 +455,7 @@ def refine_cmd(
     from search.device import parse_size
     from search.refine import enqueue_refine
     from search.spec import StudySpec
-    from storage import create_storage
     from storage import redact_url
-    from storage import resolve_storage_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -452,16 +463,7 @@ def refine_cmd(
     except ValueError as exc:
         _fail(f"--memory-limit {memory_limit!r}: {exc}")
     with _user_errors():
-        url = resolve_storage_url(storage)
-        store = create_storage(url, heartbeat_interval=None, must_exist=True)
-        try:
-            loaded = optuna.load_study(study_name=study, storage=store)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-            _fail(
-                f"--study {study!r}: no such study in {redact_url(url)} "
-                f"(studies: {', '.join(names) or 'none'})"
-            )
+        url, _, loaded = _open_study(study, storage)
         stored = loaded.user_attrs.get(attrs.STUDY_SPEC)
         try:
             spec = StudySpec.model_validate(stored)
@@ -589,9 +591,6 @@ def best(
     from search.best import check_export_dir
     from search.best import export_best
     from search.best import format_best
-    from storage import create_storage
-    from storage import redact_url
-    from storage import resolve_storage_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _user_errors():
@@ -604,16 +603,7 @@ def best(
 
                 check_device_name(device)
                 check_device_available(device)
-            url = resolve_storage_url(storage)
-            store = create_storage(url, heartbeat_interval=None, must_exist=True)
-            try:
-                loaded = optuna.load_study(study_name=study, storage=store)
-            except KeyError:
-                names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-                _fail(
-                    f"--study {study!r}: no such study in {redact_url(url)} "
-                    f"(studies: {', '.join(names) or 'none'})"
-                )
+            _, _, loaded = _open_study(study, storage)
             trial = best_trial(loaded)
             summary = best_summary(loaded, trial)
             done = None
