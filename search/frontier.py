@@ -16,7 +16,7 @@ from search.trial_record import config_of
 from search.trial_record import device_kind_of
 from search.trial_record import is_oom
 
-__all__ = ["dominates", "find_frontier_oom"]
+__all__ = ["dominates", "find_estimate_oom", "find_frontier_oom"]
 
 MIB = 1024**2
 # OOM kinds that are measurements, not guesses: a frontier is only learnt from these.
@@ -127,4 +127,60 @@ def find_frontier_oom(
             continue
         if best is None or t.number < best.number:
             best = t
+    return best
+
+
+def _same_kind(user_attrs: dict[str, Any], device_kind: str | None) -> bool:
+    kind = device_kind_of(user_attrs)
+    return device_kind is None or kind is None or kind == device_kind
+
+
+def find_estimate_oom(
+    trials: Sequence[FrozenTrial],
+    estimate_mb: float,
+    device_total_bytes: int,
+    *,
+    device_kind: str | None = None,
+) -> FrozenTrial | None:
+    """The earliest real OOM whose memory estimate was at most ``estimate_mb``, on a device of
+    this kind with the same or more memory, unless a trial trained with as large an estimate.
+
+    The estimate orders configs of every model by memory, so it carries what a real OOM
+    teaches further than :func:`dominates` (one model, larger in every dimension): when a
+    config estimated at E ran out of memory, the estimate falls short on this device by at
+    least the difference, and a config estimated at E or more (any model) will run out too. It
+    is the preflight's band learnt from the study's own outcomes: at the start the band lets
+    borderline configs run (an estimate may be high), and the first real OOM among them rules
+    out the rest of the border on this device, instead of each model running out once.
+
+    Trained evidence wins over the rule: when a trial trained (completed, or stopped by the
+    pruner after its worst-case first step) on a device with no more memory, with an estimate
+    of at least ``estimate_mb``, a config so estimated can fit, and nothing is returned.
+
+    Args:
+        trials: Earlier trials of the study (unfinished ones are ignored).
+        estimate_mb: The memory estimate of the config about to run.
+        device_total_bytes: Memory this trial may use (device total or the memory limit).
+        device_kind: ``cuda`` / ``cpu``...; trials on another kind of device are ignored.
+
+    Returns:
+        The justifying trial, or None.
+    """
+    device_mb = device_total_bytes / MIB
+    best: FrozenTrial | None = None
+    for t in trials:
+        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+            continue
+        ua = t.user_attrs
+        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
+        if not isinstance(estimate, (int, float)) or not isinstance(memory, (int, float)):
+            continue
+        if not _same_kind(ua, device_kind):
+            continue
+        if is_oom(ua):
+            real = ua.get(attrs.OOM_KIND) in REAL_OOM_KINDS
+            if real and memory >= device_mb * (1 - 1e-9) and estimate <= estimate_mb:
+                best = t if best is None or t.number < best.number else best
+        elif t.state != TrialState.FAIL and estimate >= estimate_mb and memory <= device_mb:
+            return None  # a config estimated at least as large trained here
     return best

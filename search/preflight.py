@@ -13,6 +13,7 @@ from search.config import GRADIENT_CACHE_AUTO
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import format_bytes
+from search.frontier import find_estimate_oom
 from search.frontier import find_frontier_oom
 from search.memory_estimate import MemoryEstimate
 from search.memory_estimate import estimate_peak_memory
@@ -53,7 +54,7 @@ class PreflightDecision:
     Args:
         skip: True when the trial should not run (it is recorded PRUNED with ``oom=True``).
         kind: ``predicted`` (the estimate does not fit), ``frontier`` (an earlier real OOM
-            dominates it) or None when it runs.
+            dominates it, or had an estimate no larger on this device) or None when it runs.
         reason: One line, e.g. ``estimate 91.2 GiB, at least 63.8 GiB (band 30%) > 40.0 GiB
             free``.
         estimate: The memory estimate (recorded on every trial).
@@ -127,16 +128,20 @@ def preflight(
 ) -> PreflightDecision:
     """Check a config against the OOM frontier, then against the memory estimate.
 
-    The frontier comes first: a measured OOM is stronger evidence than an estimate. Both
-    checks read only facts and the trial record, so a skip costs milliseconds. The estimate
-    skips a config only when even its lowest plausible value, ``estimate x (1 - band)``,
-    exceeds the free memory: when in doubt, the config runs.
+    The frontier comes first: a measured OOM is stronger evidence than an estimate. It rules
+    out a config that an earlier real OOM dominates (``find_frontier_oom``), then one estimated
+    at least as high as a real OOM on this device, unless a trial so estimated trained
+    (``find_estimate_oom``: the band learnt from the study). Every check reads only facts and
+    the trial record, so a skip costs milliseconds. The estimate skips a config only when even
+    its lowest plausible value, ``estimate x (1 - band)``, exceeds the free memory: when in
+    doubt, the config runs.
 
     Args:
         cfg: The trial's effective config.
         arch: Facts of what would be loaded (``tiny_info`` for replicas).
         device: The device and the memory a trial may use on it.
-        trials: Earlier trials of the study, for the frontier.
+        trials: Earlier trials of the study, for the frontier (its real OOMs, and the trials
+            that trained: ``search.feasible.PREFLIGHT_STATES``).
         use_estimate: Skip configs whose lowest plausible estimate exceeds the free memory.
         use_frontier: Skip configs that an earlier real OOM dominates.
         band: The estimate's error band, in [0, 1); default :func:`estimate_band` of the
@@ -152,18 +157,13 @@ def preflight(
     cfg = resolve_gradient_cache(cfg, arch, device)
     estimate = estimate_peak_memory(arch, cfg, device_type=device.kind)
     if use_frontier:
-        oom = find_frontier_oom(trials, cfg, device.total_bytes, device_kind=device.kind)
-        if oom is not None:
-            old = config_of(oom) or {}
+        reason = _frontier_reason(cfg, estimate, device, trials)
+        if reason is not None:
+            oom, line = reason
             return PreflightDecision(
                 skip=True,
                 kind="frontier",
-                reason=(
-                    f"trial {oom.number} ran out of memory at batch {old.get('batch_size')} x "
-                    f"max_len {old.get('max_len')} on "
-                    f"{format_bytes(oom.user_attrs[attrs.DEVICE_MEMORY_MB] * 2**20)}; "
-                    f"batch {cfg.batch_size} x max_len {cfg.max_len} needs at least as much"
-                ),
+                reason=line,
                 estimate=estimate,
                 frontier_trial=oom.number,
                 band=band,
@@ -187,3 +187,28 @@ def preflight(
         free_bytes=device.free_bytes,
         config=cfg,
     )
+
+
+def _frontier_reason(
+    cfg: TrialConfig, estimate: MemoryEstimate, device: DeviceInfo, trials: Sequence[FrozenTrial]
+) -> tuple[FrozenTrial, str] | None:
+    """The real OOM that rules ``cfg`` out, and the line that says why; None when none does."""
+    oom = find_frontier_oom(trials, cfg, device.total_bytes, device_kind=device.kind)
+    if oom is not None:
+        old = config_of(oom) or {}
+        memory = format_bytes(oom.user_attrs[attrs.DEVICE_MEMORY_MB] * 2**20)
+        return oom, (
+            f"trial {oom.number} ran out of memory at batch {old.get('batch_size')} x "
+            f"max_len {old.get('max_len')} on {memory}; batch {cfg.batch_size} x max_len "
+            f"{cfg.max_len} needs at least as much"
+        )
+    oom = find_estimate_oom(trials, estimate.total_mb, device.total_bytes, device_kind=device.kind)
+    if oom is not None:
+        memory = format_bytes(oom.user_attrs[attrs.DEVICE_MEMORY_MB] * 2**20)
+        then = format_bytes(oom.user_attrs[attrs.MEMORY_ESTIMATE_MB] * 2**20)
+        return oom, (
+            f"trial {oom.number} ran out of memory on {memory} with an estimate of {then}; "
+            f"this config is estimated at {format_bytes(estimate.total_bytes)} and no trial "
+            f"estimated as high has trained"
+        )
+    return None

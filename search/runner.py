@@ -43,6 +43,8 @@ from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.device import device_info
 from search.errors import RunError
+from search.feasible import PREFLIGHT_STATES
+from search.feasible import feasibility
 from search.isolation import TrialOutcome
 from search.isolation import run_isolated
 from search.isolation import warm_up
@@ -58,6 +60,7 @@ from search.options import RunOptions
 from search.options import study_name_for
 from search.preflight import preflight
 from search.pruners import make_pruner
+from search.sampling import ConditionalSampler
 from search.sampling import make_sampler
 from search.space import SampledParams
 from search.space import build_config
@@ -257,6 +260,7 @@ def run_study(
         on_progress(budget, finished_count(study))
     device = device_info(opts.device, memory_limit=opts.memory_limit)
     stage_plan = _stage_plan(study, spec, opts, budget, model_paths, device)
+    _draw_what_fits(study, spec, opts, model_paths, device, facts)
     tracker = Tracker(tracking_settings(spec, opts), name)  # W&B: one run per trial, or none
     tracker.prepare()  # imports wandb on a thread while the trial process server starts
     warm_up(opts.objective)  # start the trial process server (imports torch once) up front
@@ -331,6 +335,21 @@ def _stage_plan(
     """The claim hook of a staged search (``search.stages``); None for a single stage."""
     if not spec.stages:
         return None
+    return StagePlan(
+        spec,
+        study.sampler,
+        budget,
+        config_for=_config_for(spec, opts, model_paths),
+        device_total_bytes=device.total_bytes,
+        seed=opts.seed,
+    )
+
+
+def _config_for(
+    spec: StudySpec, opts: RunOptions, model_paths: dict[str, str]
+) -> Callable[[str, int, int], TrialConfig]:
+    """A model's config at a batch size and length, the other settings mid-range (for memory
+    questions: learning rate and the like do not change the peak)."""
     space = spec.space
 
     def config_for(model: str, batch_size: int, max_len: int) -> TrialConfig:
@@ -343,13 +362,34 @@ def _stage_plan(
         params = SampledParams(model=model, batch_size=batch_size, max_len=max_len, **mid)
         return build_config(spec, params, model_path=model_paths.get(model), device=opts.device)
 
-    return StagePlan(
-        spec,
-        study.sampler,
-        budget,
-        config_for=config_for,
-        device_total_bytes=device.total_bytes,
-        seed=opts.seed,
+    return config_for
+
+
+def _draw_what_fits(
+    study: optuna.Study,
+    spec: StudySpec,
+    opts: RunOptions,
+    model_paths: dict[str, str],
+    device: DeviceInfo,
+    facts: dict[str, ModelInfo],
+) -> None:
+    """Let the sampler draw only configs this device can run (``search.feasible``)."""
+    sampler = study.sampler
+    if not isinstance(sampler, ConditionalSampler) or not (opts.use_estimate or opts.use_frontier):
+        return
+    choices = {model: spec.space.choices_for(model) for model in model_paths}
+
+    def arch_of(model: str) -> ModelInfo:
+        arch = facts.get(model) or resolve_facts(spec, model)
+        return tiny_info(arch) if opts.tiny and model not in facts else arch
+
+    sampler.feasible = feasibility(
+        choices,
+        _config_for(spec, opts, model_paths),
+        arch_of,
+        device,
+        use_estimate=opts.use_estimate,
+        use_frontier=opts.use_frontier,
     )
 
 
@@ -409,7 +449,7 @@ def _run_trial(
             cfg,
             arch,
             device,
-            study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)),
+            study.get_trials(deepcopy=False, states=PREFLIGHT_STATES),
             use_estimate=opts.use_estimate,
             use_frontier=opts.use_frontier,
         )

@@ -17,6 +17,12 @@ startup on skipped configs and start TPE without trained evidence. Once TPE mode
 history, a skip (PRUNED without intermediate values) falls in TPE's worse group: a config that
 does not fit is learnt as a bad one.
 
+The device decides too: a worker sets ``ConditionalSampler.feasible`` (``search.feasible``), and
+``batch_size`` / ``max_len`` are then drawn (or TPE's proposal rounded) among the pairs the
+preflight would let run on that worker's device, and ``model`` among the models with at least
+one such pair. Skips then come only from what the grid cannot know (a pair ruled out by
+another worker's OOM since the trial began, an enqueued config).
+
 Example:
     >>> import optuna
     >>> from search.space import sample_params
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
     from optuna.study import Study
     from optuna.trial import FrozenTrial
 
+    from search.feasible import FeasibleGrid
     from search.spec import StudySpec
 
 MODEL_PARAM = "model"
@@ -118,6 +126,12 @@ class ConditionalSampler(BaseSampler):
             weights are here), in every stage; None: all.
         n_startup_trials: Trained trials (skips excluded) before ``base`` proposes anything;
             until then every value is drawn at random.
+
+    Attributes:
+        feasible: Set by the worker (``search.feasible.feasibility``): the study's grid of
+            ``(batch_size, max_len)`` pairs per model that its device can run; the choices are
+            narrowed to them (a model with none is drawn only when no model has any). None:
+            no narrowing (no preflight, e.g. ``--no-estimate --no-frontier``).
     """
 
     def __init__(
@@ -137,6 +151,8 @@ class ConditionalSampler(BaseSampler):
         self._stages = dict(stages or {})
         self.stage: str | None = None  # the stage of the trial being claimed (search.stages)
         self._models = tuple(models) if models is not None else None
+        self.feasible: Callable[[Study], FeasibleGrid] | None = None
+        self._grid_of: tuple[int, FeasibleGrid] | None = None  # (trial id, its grid)
 
     def _stage_of(self, trial: FrozenTrial) -> Mapping[str, Any] | None:
         name = trial.user_attrs.get(STAGE_ATTR) or self.stage
@@ -163,6 +179,57 @@ class ConditionalSampler(BaseSampler):
             return None
         return tuple(per_model[model])
 
+    def _grid(self, study: Study, trial: FrozenTrial) -> FeasibleGrid | None:
+        """The feasible grid for ``trial`` (asked once per trial), or None without one."""
+        if self.feasible is None:
+            return None
+        if self._grid_of is None or self._grid_of[0] != trial._trial_id:
+            self._grid_of = (trial._trial_id, self.feasible(study))
+        return self._grid_of[1]
+
+    def _pairs(self, study: Study, trial: FrozenTrial, model: object) -> set[tuple[int, int]]:
+        """``model``'s feasible ``(batch_size, max_len)`` pairs within its (stage's) choices."""
+        grid = self._grid(study, trial)
+        batches = self.allowed("batch_size", model, trial)
+        lengths = self.allowed("max_len", model, trial)
+        if grid is None or not isinstance(model, str) or batches is None or lengths is None:
+            return set()
+        return {(b, m) for b, m in grid.get(model, ()) if b in batches and m in lengths}
+
+    def feasible_models(
+        self, study: Study, trial: FrozenTrial, models: Sequence[str] | None
+    ) -> tuple[str, ...] | None:
+        """Of ``models`` (None: all), those with a feasible pair; all of them when none has
+        one (their trials are then skipped and counted against the skip bound)."""
+        if self.feasible is None:
+            return tuple(models) if models is not None else None
+        every = tuple(models) if models is not None else tuple(self._choices["batch_size"])
+        fitting = tuple(m for m in every if self._pairs(study, trial, m))
+        return fitting or (tuple(models) if models is not None else None)
+
+    def narrowed(
+        self,
+        name: str,
+        model: object,
+        study: Study,
+        trial: FrozenTrial,
+        batch_size: object = None,
+    ) -> tuple[int, ...] | None:
+        """``allowed`` narrowed to the feasible pairs (``max_len``: at ``batch_size`` when given).
+
+        Unchanged when the model has no feasible pair (or none at that batch size): the trial
+        then samples as without a grid, and the preflight decides.
+        """
+        allowed = self.allowed(name, model, trial)
+        pairs = self._pairs(study, trial, model)
+        if allowed is None or not pairs:
+            return allowed
+        if name == "batch_size":
+            keep = {b for b, _ in pairs}
+        else:
+            keep = {m for b, m in pairs if batch_size is None or b == batch_size}
+        return tuple(c for c in allowed if c in keep) or allowed
+
     def in_startup(self, study: Study) -> bool:
         """True while fewer than ``n_startup_trials`` trials have trained (skips excluded)."""
         if self._n_startup <= 0 or self._startup_done:
@@ -186,19 +253,24 @@ class ConditionalSampler(BaseSampler):
         params = self._base.sample_relative(study, trial, search_space)
         fixed = trial.system_attrs.get(_FIXED_PARAMS) or {}
         model = fixed.get(MODEL_PARAM, params.get(MODEL_PARAM))
-        models = self.stage_models(trial)
+        models = self.feasible_models(study, trial, self.stage_models(trial))
         out: dict[str, Any] = {}
         if models is not None and MODEL_PARAM not in fixed and model not in models:
-            model = None  # outside the stage: drawn among the stage's models instead
-        for name, value in params.items():
+            model = None  # outside the stage or the device: drawn among the others instead
+        batch = fixed.get("batch_size")
+        # batch_size before max_len: the lengths that fit depend on the batch size.
+        for name in sorted(params, key=lambda n: n != "batch_size"):
+            value = params[name]
             if name == MODEL_PARAM and model is None:
                 continue
             if name not in self._choices:
                 out[name] = value
                 continue
-            allowed = self.allowed(name, model, trial)
+            allowed = self.narrowed(name, model, study, trial, batch)
             if allowed is not None:  # else: sampled once the model is known
                 out[name] = nearest_choice(value, allowed)
+                if name == "batch_size":
+                    batch = out[name]
         return out
 
     def sample_independent(
@@ -208,12 +280,16 @@ class ConditionalSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        models = self.stage_models(trial)
-        if param_name == MODEL_PARAM and models is not None:
-            return self._random.sample_independent(
-                study, trial, param_name, CategoricalDistribution(list(models))
-            )
-        allowed = self.allowed(param_name, trial.params.get(MODEL_PARAM), trial)
+        if param_name == MODEL_PARAM:
+            stage = self.stage_models(trial)
+            models = self.feasible_models(study, trial, stage)
+            narrowed = models is not None and len(models) < len(self._choices["batch_size"])
+            if models is not None and (stage is not None or narrowed):
+                return self._random.sample_independent(
+                    study, trial, param_name, CategoricalDistribution(list(models))
+                )
+        model, batch = trial.params.get(MODEL_PARAM), trial.params.get("batch_size")
+        allowed = self.narrowed(param_name, model, study, trial, batch)
         if allowed is None:
             base = self._random if self.in_startup(study) else self._base
             return base.sample_independent(study, trial, param_name, param_distribution)

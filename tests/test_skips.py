@@ -8,6 +8,7 @@ bound with one line (exit 1).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -146,11 +147,20 @@ def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
     )
     summary = run_study(spec, opts)
     trials = summary.study.get_trials()
-    trained = [t for t in trials if not is_skip(t)]
     assert summary.stopped_by == "budget"
-    assert len(trained) == 2 == finished_count(summary.study)  # the whole budget trained
-    assert skip_count(trials) >= 1  # and the skips came on top of it
-    assert all(t.state == TrialState.PRUNED for t in trials if is_skip(t))
+    assert len(trials) == 2 == finished_count(summary.study)  # the whole budget trained
+    # The sampler drew only what the preflight lets run (search.feasible): no skip was needed.
+    assert skip_count(trials) == 0
+    assert all(t.params["max_len"] == 32 for t in trials)
+    # A config that does not fit still comes (enqueued, or drawn by another worker's sampler):
+    # it is skipped, recorded, and free. One more trial of budget: it trains one more.
+    summary.study.enqueue_trial({"model": "ko-simcse", "batch_size": 128, "max_len": 512})
+    summary = run_study(spec, dataclasses.replace(opts, n_trials=3, set_n_trials=True))
+    trials = summary.study.get_trials()
+    trained = [t for t in trials if not is_skip(t)]
+    assert len(trained) == 3 == finished_count(summary.study)
+    assert skip_count(trials) == 1 and is_skip(trials[2]) and trials[2].params["max_len"] == 512
+    assert trials[2].state == TrialState.PRUNED
     for t in trained:  # only configs within the estimate's band were trained
         assert t.params["max_len"] == 32
 
