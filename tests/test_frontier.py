@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from search import attrs
 from search.config import TrialConfig
 from search.frontier import dominates
+from search.frontier import find_estimate_oom
 from search.frontier import find_frontier_oom
 
 GIB = 1024**3
@@ -185,3 +186,42 @@ def test_a_cached_oom_prunes_larger_mini_batches_and_plain_batches_but_not_small
     )
     # An auto cache never resolved (no preflight ran) proves nothing either way.
     assert not dominates(_cfg(batch_size=256, max_len=384, gradient_cache=-1), oom.to_json())
+
+
+def _est(mb: float, **extra: Any) -> dict[str, Any]:
+    return {attrs.MEMORY_ESTIMATE_MB: mb, **extra}
+
+
+def test_a_real_oom_rules_out_configs_estimated_at_least_as_high_of_any_model() -> None:
+    trials = _trials((_cfg(model="m-a"), _est(60_000, **REAL_OOM), TrialState.PRUNED))
+    hit = find_estimate_oom(trials, 60_000, 80 * GIB, device_kind="cuda")
+    assert hit is not None and hit.number == 0
+    assert find_estimate_oom(trials, 70_000, 80 * GIB, device_kind="cuda") == hit
+    assert find_estimate_oom(trials, 59_999, 80 * GIB, device_kind="cuda") is None
+    # Another kind of device, or a device with more memory than the one that ran out: nothing.
+    assert find_estimate_oom(trials, 70_000, 80 * GIB, device_kind="cpu") is None
+    assert find_estimate_oom(trials, 70_000, 100 * GIB, device_kind="cuda") is None
+    assert find_estimate_oom(trials, 70_000, 40 * GIB, device_kind="cuda") == hit
+
+
+def test_a_trained_trial_estimated_as_high_overrules_the_estimate_rule() -> None:
+    pruned_by_pruner = {attrs.OUTCOME: attrs.OUTCOME_PRUNED}
+    trials = _trials(
+        (_cfg(model="m-a"), _est(60_000, **REAL_OOM), TrialState.PRUNED),
+        (_cfg(model="m-b"), _est(65_000), TrialState.COMPLETE),
+        (_cfg(model="m-c"), _est(68_000, **pruned_by_pruner), TrialState.PRUNED),
+    )
+    assert find_estimate_oom(trials, 64_000, 80 * GIB, device_kind="cuda") is None  # m-b trained
+    assert find_estimate_oom(trials, 68_000, 80 * GIB, device_kind="cuda") is None  # m-c did
+    hit = find_estimate_oom(trials, 68_001, 80 * GIB, device_kind="cuda")
+    assert hit is not None and hit.number == 0
+    # Predicted skips and failures prove nothing either way.
+    skips = _trials(
+        (
+            _cfg(),
+            _est(50_000, **{attrs.OOM: True, attrs.OOM_KIND: "predicted"}),
+            TrialState.PRUNED,
+        ),
+        (_cfg(), _est(90_000), TrialState.FAIL),
+    )
+    assert find_estimate_oom(skips, 60_000, 80 * GIB, device_kind="cuda") is None

@@ -1,0 +1,82 @@
+"""The sampler draws only what the worker's device can run (``search.feasible``).
+
+The grid is the worker's answer (the preflight's, in a run: ``tests/test_skips.py`` runs it on
+a real device limit); here a fixed grid checks the sampler's side under real TPE, with its
+random startup and its multivariate proposals.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from search.config import TrialConfig
+from search.feasible import feasible_grid
+from search.preflight import preflight
+from search.sampling import make_sampler
+from search.space import sample_params
+from search.spec import load_spec
+from search.spec import shipped_spec_path
+
+GRID = {
+    "ko-simcse": frozenset({(32, 128)}),
+    "multilingual-minilm": frozenset({(32, 128), (64, 128), (32, 256)}),
+    "multilingual-e5-small": frozenset({(32, 128), (32, 256), (32, 384)}),
+    "bge-m3-ko": frozenset(),
+}
+
+
+def _draws(grid: dict[str, frozenset[tuple[int, int]]], n: int) -> list[tuple[str, int, int]]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(shipped_spec_path("ko-retrieval")).model_copy(update={"stages": []})
+    sampler = make_sampler(spec, seed=3)
+    sampler.feasible = lambda study: grid
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        p = sample_params(trial, spec)
+        out.append((p.model, p.batch_size, p.max_len))
+        study.tell(trial, 0.1 + 0.01 * (i % 7) + (0.2 if p.max_len == 256 else 0.0))
+    return out
+
+
+def test_batch_and_length_are_drawn_among_the_pairs_that_fit() -> None:
+    draws = _draws(GRID, 30)  # 8 random startup trials, then TPE's proposals
+    assert all((b, m) in GRID[model] for model, b, m in draws), draws
+    assert "bge-m3-ko" not in {model for model, _, _ in draws}  # nothing of it fits
+    assert {model for model, _, _ in draws} == set(GRID) - {"bge-m3-ko"}
+    assert {(32, 256), (64, 128)} & {(b, m) for model, b, m in draws if model != "ko-simcse"}
+
+
+def test_without_any_pair_that_fits_every_model_is_drawn_as_before() -> None:
+    draws = _draws({model: frozenset() for model in GRID}, 16)
+    spec = load_spec(shipped_spec_path("ko-retrieval"))
+    assert len({model for model, _, _ in draws}) > 1
+    for model, b, m in draws:  # the conditions still hold; the preflight then decides
+        choices = spec.space.choices_for(model)
+        assert b in choices["batch_size"] and m in choices["max_len"]
+
+
+def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
+    from _factories import trial_config
+
+    from search.device import DeviceInfo
+    from search.models import MODELS
+    from search.train.tiny import tiny_info
+
+    device = DeviceInfo("cpu", "cpu (limit 300 MiB)", 300 * 2**20, 300 * 2**20)
+    arch = tiny_info(MODELS["ko-simcse"])
+    choices = {"ko-simcse": {"batch_size": [8, 32, 128], "max_len": [32, 128, 512]}}
+
+    def config_for(model: str, batch: int, max_len: int) -> TrialConfig:
+        return trial_config(model=model, batch_size=batch, max_len=max_len, device="cpu")
+
+    grid = feasible_grid(choices, config_for, lambda _: arch, device, [])
+    expected = {
+        (b, m)
+        for b in (8, 32, 128)
+        for m in (32, 128, 512)
+        if not preflight(config_for("ko-simcse", b, m), arch, device, []).skip
+    }
+    assert grid["ko-simcse"] == expected
+    assert (8, 32) in expected and (128, 512) not in expected  # some fit, some do not
