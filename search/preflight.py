@@ -157,9 +157,9 @@ def preflight(
     cfg = resolve_gradient_cache(cfg, arch, device)
     estimate = estimate_peak_memory(arch, cfg, device_type=device.kind)
     if use_frontier:
-        reason = _frontier_reason(cfg, estimate, device, trials)
-        if reason is not None:
-            oom, line = reason
+        ruled_out = _frontier_reason(cfg, estimate, device, trials)
+        if ruled_out is not None:
+            oom, line = ruled_out
             return PreflightDecision(
                 skip=True,
                 kind="frontier",

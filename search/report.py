@@ -199,11 +199,8 @@ def stage_rows(
     earlier: float | None = None
     for name, members in by_stage.items():
         models = model_rows(members, direction=direction)
-        best = min(
-            (r for r in models if r.best_value is not None),
-            key=lambda r: -r.best_value if maximize else r.best_value,  # type: ignore[operator]
-            default=None,
-        )
+        scored = [(r.best_value, r) for r in models if r.best_value is not None]
+        best = min(scored, key=lambda vr: -vr[0] if maximize else vr[0], default=(0.0, None))[1]
         best_value = best.best_value if best is not None else None
         out.append(
             {
