@@ -21,6 +21,9 @@ __all__ = ["dominates", "find_estimate_oom", "find_frontier_oom"]
 MIB = 1024**2
 # OOM kinds that are measurements, not guesses: a frontier is only learnt from these.
 REAL_OOM_KINDS = frozenset({"real", "host"})
+# Estimates closer than this are the same estimate (two models' replicas at one shape differ by
+# a few KiB of vocabulary); the estimate's own error is tens of MiB at the least.
+SAME_ESTIMATE_MB = 1.0
 _SAVERS = ("amp", "gradient_checkpointing")
 
 
@@ -142,8 +145,9 @@ def find_estimate_oom(
     *,
     device_kind: str | None = None,
 ) -> FrozenTrial | None:
-    """The earliest real OOM whose memory estimate was at most ``estimate_mb``, on a device of
-    this kind with the same or more memory, unless a trial trained with as large an estimate.
+    """The earliest real OOM whose memory estimate was at most ``estimate_mb`` (give or take
+    :data:`SAME_ESTIMATE_MB`), on a device of this kind with the same or more memory, unless a
+    trial trained with as large an estimate.
 
     The estimate orders configs of every model by memory, so it carries what a real OOM
     teaches further than :func:`dominates` (one model, larger in every dimension): when a
@@ -179,8 +183,13 @@ def find_estimate_oom(
             continue
         if is_oom(ua):
             real = ua.get(attrs.OOM_KIND) in REAL_OOM_KINDS
-            if real and memory >= device_mb * (1 - 1e-9) and estimate <= estimate_mb:
+            at_most = estimate <= estimate_mb + SAME_ESTIMATE_MB
+            if real and memory >= device_mb * (1 - 1e-9) and at_most:
                 best = t if best is None or t.number < best.number else best
-        elif t.state != TrialState.FAIL and estimate >= estimate_mb and memory <= device_mb:
+        elif (
+            t.state != TrialState.FAIL
+            and estimate >= estimate_mb - SAME_ESTIMATE_MB
+            and (memory <= device_mb)
+        ):
             return None  # a config estimated at least as large trained here
     return best

@@ -197,7 +197,8 @@ def test_a_real_oom_rules_out_configs_estimated_at_least_as_high_of_any_model() 
     hit = find_estimate_oom(trials, 60_000, 80 * GIB, device_kind="cuda")
     assert hit is not None and hit.number == 0
     assert find_estimate_oom(trials, 70_000, 80 * GIB, device_kind="cuda") == hit
-    assert find_estimate_oom(trials, 59_999, 80 * GIB, device_kind="cuda") is None
+    assert find_estimate_oom(trials, 59_999.5, 80 * GIB, device_kind="cuda") == hit  # the same
+    assert find_estimate_oom(trials, 59_990, 80 * GIB, device_kind="cuda") is None
     # Another kind of device, or a device with more memory than the one that ran out: nothing.
     assert find_estimate_oom(trials, 70_000, 80 * GIB, device_kind="cpu") is None
     assert find_estimate_oom(trials, 70_000, 100 * GIB, device_kind="cuda") is None
@@ -213,7 +214,7 @@ def test_a_trained_trial_estimated_as_high_overrules_the_estimate_rule() -> None
     )
     assert find_estimate_oom(trials, 64_000, 80 * GIB, device_kind="cuda") is None  # m-b trained
     assert find_estimate_oom(trials, 68_000, 80 * GIB, device_kind="cuda") is None  # m-c did
-    hit = find_estimate_oom(trials, 68_001, 80 * GIB, device_kind="cuda")
+    hit = find_estimate_oom(trials, 68_002, 80 * GIB, device_kind="cuda")
     assert hit is not None and hit.number == 0
     # Predicted skips and failures prove nothing either way.
     skips = _trials(
