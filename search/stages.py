@@ -1,8 +1,9 @@
 """Search in stages: the spec's ``stages:`` run in order on one study, one budget share each.
 
 The team's playbook as a spec: ``baseline`` maps the space with the small models, ``big-safe``
-tries the big model within its safe region (seeded by the OOM frontier learned so far),
-``refine`` explores around the best configs so far (``search.refine``). Every trial records its
+tries the big model within its safe region (seeded at the largest shape the OOM frontier
+learned so far allows, with the baseline's best settings and a learning-rate ladder below the
+baseline's best rate: ``frontier_seeds``), ``refine`` explores around the best configs so far (``search.refine``). Every trial records its
 stage (user attribute ``stage``). The space stays the same in every stage (one distribution per
 parameter, so TPE learns across stages); a stage only restricts what the sampler proposes
 (``search.sampling.ConditionalSampler``: its models and its ``batch_size`` / ``max_len``
@@ -12,8 +13,9 @@ Workers follow the same order without talking to each other: under the study's b
 (``search.budget.claim_trial``) the current stage is derived from the study's trials, the first
 stage whose budget share is not yet spent (trials that spend the budget, counted as the study's
 budget counts them, ``search.budget.spent_count``); the last stage runs until the study's
-budget is spent. A ``frontier`` stage's seeds are enqueued once, by the worker that first
-claims a trial in it, under the same lock (a study system attribute records it); a ``top_k``
+budget is spent. A ``frontier`` stage's seeds are enqueued one at a time, each when no trial
+is queued, under the same lock (a study system attribute counts them), so a seed that runs out
+of memory moves the next ones to the next shape that fits; a ``top_k``
 stage enqueues one config around the top K trials *so far* before each of its trials, under
 the same lock (``StagePlan.refine_next``), so results that arrive meanwhile count.
 
@@ -35,6 +37,7 @@ from typing import Any
 
 from search import attrs
 from search.space_check import CONDITIONAL_PARAMS
+from search.trial_record import config_of
 
 if TYPE_CHECKING:
     import optuna
@@ -43,6 +46,11 @@ if TYPE_CHECKING:
     from search.config import TrialConfig
     from search.spec import StageSection
     from search.spec import StudySpec
+
+# A frontier stage's seeds: the earlier stages' best learning rate times these, middle first.
+LR_LADDER = (0.5, 1.0, 0.25)
+# What a frontier stage's seeds take over from the earlier stages' best trial.
+TRANSFER_PARAMS = ("lr", "temperature", "warmup_ratio", "weight_decay")
 
 # {stage: {"model": models, "batch_size": {model: choices}, "max_len": {model: choices}}}
 StageChoices = dict[str, Any]
@@ -193,32 +201,72 @@ def frontier_seeds(
     config_for: Callable[[str, int, int], TrialConfig],
     device_total_bytes: int,
 ) -> list[dict[str, Any]]:
-    """Per model of ``stage``: its largest ``batch_size`` x ``max_len`` no real OOM rules out.
+    """What a ``frontier`` stage tries first: per model, its largest safe shape, with the best
+    training settings of the earlier stages and a learning-rate ladder.
 
-    Largest by batch x length (ties: the longer length). A shape that an earlier real OOM of
-    the study rules out on this device (``search.frontier.find_frontier_oom``) is passed over;
-    a model whose every shape is ruled out gets no seed. ``config_for(model, batch, max_len)``
-    builds the effective config the frontier compares (the runner's ``build_config``).
+    Shape: per model of ``stage``, its largest ``batch_size`` x ``max_len`` no real OOM rules
+    out (largest by batch x length; ties: the longer length). A shape that an earlier real OOM
+    of the study rules out on this device (``search.frontier.find_frontier_oom``) is passed
+    over; a model whose every shape is ruled out gets no seed. ``config_for(model, batch,
+    max_len)`` builds the effective config the frontier compares (the runner's
+    ``build_config``).
+
+    Settings: the best completed trial of the other stages (``transfer_source``) lends its
+    temperature, warm-up and weight decay, which belong to the data and the loss more than to
+    the model, and its learning rate times each factor of ``LR_LADDER`` (middle first), since
+    the learning rate is what transfers worst from small models to a big one, and in a known
+    direction: bigger encoders fine-tune best at lower rates (e.g. 1e-5 to 3e-5 for
+    XLM-R-large-sized models against 5e-5 to 1e-4 for MiniLM-sized ones). Without such a
+    trial, one seed per model with the shape only (the sampler draws the rest). Several
+    models: the ladder turns round-robin over them.
 
     Returns:
-        Fixed parameters to enqueue (``model``, ``batch_size``, ``max_len``).
+        Fixed parameters to enqueue (``model``, ``batch_size``, ``max_len``, and with a
+        source trial ``lr``, ``temperature``, ``warmup_ratio``, ``weight_decay``), in order.
     """
     from search.frontier import find_frontier_oom
 
     choices = stage_choices(spec)[stage.name]
-    out = []
+    shapes = []
     for model in choices["model"]:
-        shapes = sorted(
+        ordered = sorted(
             ((b, n) for b in choices["batch_size"][model] for n in choices["max_len"][model]),
             key=lambda s: (s[0] * s[1], s[1]),
             reverse=True,
         )
-        for batch, length in shapes:
+        for batch, length in ordered:
             cfg = config_for(model, batch, length)
             if find_frontier_oom(trials, cfg, device_total_bytes) is None:
-                out.append({"model": model, "batch_size": batch, "max_len": length})
+                shapes.append({"model": model, "batch_size": batch, "max_len": length})
                 break
+    source = transfer_source(spec, stage, trials)
+    if source is None:
+        return shapes
+    space = spec.space
+    base = {k: float(source[k]) for k in TRANSFER_PARAMS}
+    out: list[dict[str, Any]] = []
+    for factor in LR_LADDER:
+        lr = min(max(base["lr"] * factor, space.lr.low), space.lr.high)
+        for shape in shapes:
+            seed = {**shape, **base, "lr": lr}
+            if seed not in out:  # a clipped rung can repeat its neighbour
+                out.append(seed)
     return out
+
+
+def transfer_source(
+    spec: StudySpec, stage: StageSection, trials: Sequence[FrozenTrial]
+) -> dict[str, Any] | None:
+    """The parameters of the best COMPLETE trial outside ``stage`` (None: there is none)."""
+    from search.refine import top_trials
+
+    maximize = spec.study.direction == "maximize"
+    others = [t for t in trials if stage_of(t) != stage.name]
+    for t in top_trials(others, len(others), maximize=maximize):
+        params = {**(config_of(t) or {}), **t.params}
+        if all(isinstance(params.get(k), (int, float)) for k in TRANSFER_PARAMS):
+            return params
+    return None
 
 
 class StagePlan:
@@ -226,7 +274,7 @@ class StagePlan:
 
     Called by ``search.budget.claim_trial`` before it samples a fresh trial; sets the
     sampler's current stage (the restriction ``ConditionalSampler`` applies), enqueues the
-    stage's seeds the first time a trial is claimed in it, and returns the user attributes
+    stage's next seed when none is queued, and returns the user attributes
     of the new trial (its stage). A popped enqueued or re-queued trial keeps the stage it was
     queued with.
 
@@ -269,13 +317,30 @@ class StagePlan:
                 for params in self.refine_next(stage, trials):
                     study.enqueue_trial(params, user_attrs={attrs.STAGE: stage.name})
             return {attrs.STAGE: stage.name}
+        if stage.seed == "frontier":
+            self._seed_frontier(study, stage, trials)
+        return {attrs.STAGE: stage.name}
+
+    def _seed_frontier(
+        self, study: optuna.Study, stage: StageSection, trials: Sequence[FrozenTrial]
+    ) -> None:
+        """Enqueue a frontier stage's next seed when none is queued (a study system attribute
+        counts the seeds so far; True, from older studies: all done). One at a time, so a
+        seed that runs out of memory moves the next ones to the next shape that fits."""
+        from optuna.trial import TrialState
+
         key = attrs.STUDY_STAGE_SEEDED + stage.name
         storage = study._storage
-        if stage.seed != "none" and not storage.get_study_system_attrs(study._study_id).get(key):
-            for params in self.seeds(stage, trials):
-                study.enqueue_trial(params, user_attrs={attrs.STAGE: stage.name})
-            storage.set_study_system_attr(study._study_id, key, True)
-        return {attrs.STAGE: stage.name}
+        done = storage.get_study_system_attrs(study._study_id).get(key, 0)
+        if isinstance(done, bool) or not isinstance(done, int):
+            return
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        seeds = self.seeds(stage, trials)
+        if done >= len(seeds):
+            return
+        study.enqueue_trial(seeds[done], user_attrs={attrs.STAGE: stage.name})
+        storage.set_study_system_attr(study._study_id, key, done + 1)
 
     def refine_next(
         self, stage: StageSection, trials: Sequence[FrozenTrial]

@@ -279,3 +279,93 @@ def test_the_refine_stage_enqueues_one_new_config_per_trial_around_the_top_k(
     (second,) = study.get_trials(states=(TrialState.WAITING,))
     assert second.system_attrs["fixed_params"]["model"] == "bge-m3-ko"
     assert second.system_attrs["fixed_params"] != first.system_attrs["fixed_params"]
+
+
+def _record(model: str, batch: int, length: int, **over: object) -> dict[str, object]:
+    return {"model": model, "model_path": model, "batch_size": batch, "max_len": length,
+            "lr": 5e-5, "temperature": 0.03, "warmup_ratio": 0.1, "weight_decay": 0.01,
+            "epochs": 1, "amp": False, "gradient_checkpointing": False, "hard_negatives": 0,
+            "seed": 0, "device": "cpu", "train_path": "t", "eval_dir": "e",
+            **over}  # fmt: skip
+
+
+def _config_for(spec: object) -> object:
+    from search.config import TrialConfig
+
+    def config_for(model: str, batch: int, length: int) -> TrialConfig:
+        return TrialConfig.from_json(_record(model, batch, length))
+
+    return config_for
+
+
+def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladder(
+    tmp_path: Path,
+) -> None:
+    from search.stages import LR_LADDER
+    from search.stages import frontier_seeds
+
+    spec = load_spec(_write(tmp_path))
+    big = spec.stages[1]
+    kw = {"config_for": _config_for(spec), "device_total_bytes": 2**34}
+    # No completed trial yet: the shape only, the sampler draws the rest (as before).
+    assert frontier_seeds(spec, big, [], **kw) == [  # type: ignore[arg-type]
+        {"model": "bge-m3-ko", "batch_size": 64, "max_len": 384}
+    ]
+    best = {"lr": 8e-5, "temperature": 0.02, "warmup_ratio": 0.12, "weight_decay": 0.03}
+    trials = []
+    others = ({"lr": 2e-4, "temperature": 0.09}, {"lr": 1e-5, "warmup_ratio": 0.0})
+    for value, over in ((0.6, best), (0.5, others[0]), (0.4, others[1])):  # the baseline's 3
+        config = _record("multilingual-e5-small", 32, 256, **over)
+        trials.append(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE,
+                value=value,
+                params={k: config[k] for k in ("model", "batch_size", "max_len", *best)},
+                distributions={
+                    "model": optuna.distributions.CategoricalDistribution(
+                        ["multilingual-minilm", "multilingual-e5-small", "bge-m3-ko"]
+                    ),
+                    "batch_size": optuna.distributions.IntDistribution(32, 128, log=True),
+                    "max_len": optuna.distributions.IntDistribution(128, 384, step=128),
+                    "lr": optuna.distributions.FloatDistribution(1e-5, 2e-4, log=True),
+                    "temperature": optuna.distributions.FloatDistribution(0.01, 0.1, log=True),
+                    "warmup_ratio": optuna.distributions.FloatDistribution(0.0, 0.2),
+                    "weight_decay": optuna.distributions.FloatDistribution(0.0, 0.1),
+                },
+                user_attrs={"stage": "baseline"},
+                system_attrs={attrs.SYSTEM_CONFIG: config},
+            )
+        )
+    seeds = frontier_seeds(spec, big, trials, **kw)  # type: ignore[arg-type]
+    # The best earlier trial's settings at the largest safe shape; its lr down a ladder,
+    # middle first (bigger encoders fine-tune best at lower rates).
+    assert LR_LADDER == (0.5, 1.0, 0.25)
+    shape = {"model": "bge-m3-ko", "batch_size": 64, "max_len": 384}
+    assert seeds == [{**shape, **best, "lr": pytest.approx(8e-5 * f)} for f in LR_LADDER]
+
+    # The stage enqueues them one at a time: after the first seed runs out of memory for
+    # real, the next seed moves to the next shape that no OOM rules out.
+    from search.stages import StagePlan
+
+    sampler = make_sampler(spec, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for t in trials:
+        study.add_trial(t)
+    plan = StagePlan(spec, sampler, 7, **kw)  # type: ignore[arg-type]
+    assert plan(study, study.get_trials()) == {"stage": "big-safe"}
+    plan(study, study.get_trials())  # one is queued: nothing more
+    (first,) = study.get_trials(states=(TrialState.WAITING,))
+    assert first.system_attrs["fixed_params"] == seeds[0]
+    trial = study.ask()
+    study._storage.set_trial_system_attr(
+        trial._trial_id, attrs.SYSTEM_CONFIG, _record("bge-m3-ko", 64, 384, lr=4e-5)
+    )
+    for key, value in ((attrs.OOM, True), (attrs.OOM_KIND, "real")):
+        study._storage.set_trial_user_attr(trial._trial_id, key, value)
+    study._storage.set_trial_user_attr(trial._trial_id, attrs.DEVICE_MEMORY_MB, 2**34 / 2**20)
+    study.tell(trial, state=TrialState.PRUNED)
+    plan(study, study.get_trials())
+    (second,) = study.get_trials(states=(TrialState.WAITING,))
+    assert second.system_attrs["fixed_params"] == {
+        "model": "bge-m3-ko", "batch_size": 64, "max_len": 256, **best, "lr": pytest.approx(8e-5)
+    }  # fmt: skip
