@@ -6,13 +6,19 @@ function of the study's trials and spec (no storage), so a simulation can call i
 
 Around each of the top K completed trials, in this order (round-robin over the K trials):
 
-1. its neighbouring shapes: the next smaller and larger ``batch_size`` and ``max_len`` among
+1. its own shape with the learning rate, then the temperature, times and divided by
+   ``FACTOR``, then the warm-up ratio minus and plus ``STEP`` of its range (all kept within
+   the space's range): the settings first, because they have an optimum inside their range
+   that only moves around the trial find, and in contrastive fine-tuning they move the score
+   more than a neighbouring shape does (a trial's shape is mostly already the largest the
+   device allows: the big-safe stage starts at the frontier);
+2. its neighbouring shapes: the next smaller and larger ``batch_size`` and ``max_len`` among
    the model's choices (space, its conditions, and the stage's conditions), with the trial's
    own learning rate, temperature, warm-up and weight decay;
-2. its own shape with the learning rate, then the temperature, times and divided by
-   ``FACTOR`` (kept within the space's range);
 3. then random draws: a shape among the trial's own and its neighbours, learning rate and
-   temperature log-uniform within ``FACTOR`` of the trial's.
+   temperature log-uniform within ``FACTOR`` of the trial's, warm-up and weight decay uniform
+   within ``STEP`` of their range around the trial's (every setting moves, so a top trial
+   with a poor warm-up can still be refined into a good one).
 
 A candidate is kept only if it is new (no trial of the study, queued ones included, has the
 same parameters) and no real OOM of the study rules it out (``search.frontier``:
@@ -46,6 +52,9 @@ if TYPE_CHECKING:
     from search.spec import StudySpec
 
 FACTOR = 2.0  # learning rate and temperature move within this factor of the best trial's
+STEP = 0.25  # warm-up and weight decay move within this fraction of their range
+
+
 PARAMS = ("model", "batch_size", "max_len", "lr", "temperature", "warmup_ratio", "weight_decay")
 REFINE_STAGE = "refine"  # the stage recorded on trials enqueued by ``search refine``
 _DRAWS = 64  # random draws per top trial before giving up on finding new candidates
@@ -135,6 +144,16 @@ def _around(
         yield dict(base)  # the trial's values, moved into this stage's choices
     batches = _neighbours(base["batch_size"], choices["batch_size"])
     lengths = _neighbours(base["max_len"], choices["max_len"])
+    space = spec.space
+    for name, rng_ in (("lr", space.lr), ("temperature", space.temperature)):
+        for f in (1 / FACTOR, FACTOR):
+            yield {**base, name: _clip(float(base[name]) * f, rng_.low, rng_.high)}
+    step = STEP * (space.warmup_ratio.high - space.warmup_ratio.low)
+    for d in (-step, step):
+        value = _clip(
+            float(base["warmup_ratio"]) + d, space.warmup_ratio.low, space.warmup_ratio.high
+        )
+        yield {**base, "warmup_ratio": value}
     for b in batches:
         yield {**base, "batch_size": b}
     for n in lengths:
@@ -142,10 +161,6 @@ def _around(
     for b in batches:
         for n in lengths:
             yield {**base, "batch_size": b, "max_len": n}
-    space = spec.space
-    for name, rng_ in (("lr", space.lr), ("temperature", space.temperature)):
-        for f in (1 / FACTOR, FACTOR):
-            yield {**base, name: _clip(float(base[name]) * f, rng_.low, rng_.high)}
     shapes = [(base["batch_size"], base["max_len"])]
     shapes += [(b, base["max_len"]) for b in batches] + [(base["batch_size"], n) for n in lengths]
     for _ in range(_DRAWS):
@@ -155,6 +170,14 @@ def _around(
             low = math.log(max(float(base[name]) / FACTOR, rng_.low))
             high = math.log(min(float(base[name]) * FACTOR, rng_.high))
             draw[name] = math.exp(rng.uniform(low, high)) if high > low else float(base[name])
+        for name, rng_ in (
+            ("warmup_ratio", space.warmup_ratio),
+            ("weight_decay", space.weight_decay),
+        ):
+            step = STEP * (rng_.high - rng_.low)
+            low = max(float(base[name]) - step, rng_.low)
+            high = min(float(base[name]) + step, rng_.high)
+            draw[name] = rng.uniform(low, high) if high > low else float(base[name])
         yield draw
 
 

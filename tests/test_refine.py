@@ -132,10 +132,28 @@ def test_candidates_keep_to_the_conditions_are_new_and_skip_what_an_oom_rules_ou
     shapes = [_shape(c) for c in cands]
     assert all(s[0] == "bge-m3-ko" for s in shapes)  # around the top 1 only
     assert ("bge-m3-ko", 64, 384) not in shapes
-    # The neighbouring length first, with the best trial's own values; the neighbouring
-    # batch size (64 x 256) with those values was tried, so it comes back with other ones.
-    assert cands[0] == {"model": "bge-m3-ko", "batch_size": 32, "max_len": 384, **BASE}
+    # The settings first, at the best trial's own shape: learning rate halved and doubled,
+    # temperature halved and doubled, warm-up a quarter of its range down and up.
+    own = {"model": "bge-m3-ko", "batch_size": 32, "max_len": 256, **BASE}
+    assert cands[:6] == [
+        {**own, "lr": BASE["lr"] / 2},
+        {**own, "lr": BASE["lr"] * 2},
+        {**own, "temperature": BASE["temperature"] / 2},
+        {**own, "temperature": BASE["temperature"] * 2},
+        {**own, "warmup_ratio": pytest.approx(0.05)},
+        {**own, "warmup_ratio": pytest.approx(0.15)},
+    ]
+    # Then the neighbouring length, with the best trial's own values; the neighbouring batch
+    # size (64 x 256) with those values was tried, so it comes back with other ones.
+    assert cands[6] == {**own, "max_len": 384}
     assert ("bge-m3-ko", 64, 256) in shapes
+    # Every setting moves in the random draws, warm-up and weight decay within a quarter of
+    # their range (a top trial with a poor warm-up can still be refined into a good one).
+    draws = cands[7:]
+    assert {c["warmup_ratio"] for c in draws} != {BASE["warmup_ratio"]}
+    assert {c["weight_decay"] for c in draws} != {BASE["weight_decay"]}
+    assert all(abs(c["warmup_ratio"] - BASE["warmup_ratio"]) <= 0.05 + 1e-9 for c in draws)
+    assert all(0.0 <= c["weight_decay"] <= BASE["weight_decay"] + 0.025 for c in draws)
     lrs = {c["lr"] for c in cands}
     assert min(lrs) >= BASE["lr"] / 2 * 0.999 and max(lrs) <= BASE["lr"] * 2 * 1.001
     # Top 3: the minilm trial too (round-robin over the three), within its own choices.
