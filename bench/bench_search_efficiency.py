@@ -30,12 +30,16 @@ Strategies (same budget of trained trials; skips are free, up to the skip bound)
   conditions; per-model checkpointing kept), no preflight, no frontier, no pruner, no
   fail-fast: OOMs cost their time.
 * **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
-  frontier, median pruner on the per-epoch reports.
+  frontier (and, where the tree has it, the sampler drawing only shapes the preflight lets
+  run: ``search.feasible``, as the runner sets it), median pruner on the per-epoch reports
+  (``PrunerSection()``'s defaults, no ``eval_every_steps``).
 * (``--shared-lr``: one learning-rate optimum for all models, the sensitivity case where the
   baseline stage's lessons about lr carry over to the big model.)
-* **(c) staged**: the shipped ko-retrieval stages (baseline small models, big-safe seeded by
-  the frontier, refine around the top 3), ``training.eval_every_steps: 5000`` (sooner reports
-  on the examples axis) and the median pruner on them.
+* **(c) staged**: the shipped ko-retrieval spec as a user runs it: its stages (baseline small
+  models; big-safe seeded at the frontier with the baseline's best settings and a
+  learning-rate ladder; refine around the top 3), its ``training.eval_every_steps`` (sooner
+  reports on the examples axis) and its pruner, with the same preflight and feasible draws as
+  (b). ``--staged-pruner`` swaps only the pruner's type (a sensitivity run).
 
 Prints per strategy the median (and mean) worker-hours until the study first holds a complete
 trial within 1% of the best reachable score (the best surrogate score over every config of the
@@ -112,7 +116,6 @@ LR_OPT = {
 PAIRS, EPOCHS, FLOPS = 50_000, 2, 40e12
 Q_TOKENS, P_TOKENS, HARD_NEGATIVES = 24, 170, 1
 SAMPLE_EVAL_S = 5.0
-EVAL_EVERY = 5_000  # (c): training.eval_every_steps, in training examples
 TARGET = 0.99  # within 1% of the best reachable score
 
 
@@ -189,8 +192,14 @@ class Result:
     pruned: int
 
 
-def strategy_spec(kind: str, pruner: str = "median") -> StudySpec:
-    """The shipped ko-retrieval spec, shaped for one strategy (``pruner``: (c)'s pruner)."""
+def strategy_spec(kind: str, pruner: str | None = None) -> StudySpec:
+    """The shipped ko-retrieval spec, shaped for one strategy.
+
+    (c) is the spec as shipped (its stages, ``training.eval_every_steps`` and pruner);
+    ``pruner`` replaces (c)'s pruner type (a sensitivity run), keeping the shipped settings.
+    (b) drops the stages and the sooner reports and uses the median pruner as it was before
+    issue 9 (``PrunerSection()``'s defaults, per-epoch reports). (a) drops the conditions too.
+    """
     spec = resolve_spec("ko-retrieval", None)
     if kind == "random":
         space = spec.space.model_copy(update={"conditions": {}})
@@ -198,21 +207,18 @@ def strategy_spec(kind: str, pruner: str = "median") -> StudySpec:
             update={"space": space, "stages": [], "sampler": SamplerSection(type="random")}
         )
     if kind == "tpe":
-        return spec.model_copy(update={"stages": []})
-    training = spec.training.model_copy(update={"eval_every_steps": EVAL_EVERY})
-    pruner = PrunerSection(
-        type=pruner,  # type: ignore[arg-type]
-        n_startup_trials=spec.pruner.n_startup_trials,
-        n_warmup_steps=2 * EVAL_EVERY,
-        min_resource=2 * EVAL_EVERY,
-        max_resource=PAIRS * EPOCHS,
-    )
-    return spec.model_copy(update={"training": training, "pruner": pruner})
+        training = spec.training.model_copy(update={"eval_every_steps": None})
+        return spec.model_copy(
+            update={"stages": [], "training": training, "pruner": PrunerSection()}
+        )
+    if pruner is not None and pruner != spec.pruner.type:
+        section = spec.pruner.model_copy(update={"type": pruner})
+        return spec.model_copy(update={"pruner": section})
+    return spec
 
 
-def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) -> Any:
-    from search.stages import StagePlan
-
+def _config_for(spec: StudySpec) -> Any:
+    """The runner's ``_config_for``: a shape's config, other settings mid-range."""
     space = spec.space
     mid = {
         "lr": math.sqrt(space.lr.low * space.lr.high),
@@ -225,17 +231,38 @@ def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) ->
         params = SampledParams(model=model, batch_size=batch_size, max_len=max_len, **mid)
         return build_config(spec, params, model_path="x", device="cuda")
 
+    return config_for
+
+
+def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) -> Any:
+    from search.stages import StagePlan
+
     return StagePlan(
         spec,
         study.sampler,
         budget,
-        config_for=config_for,
+        config_for=_config_for(spec),
         device_total_bytes=DEVICE.total_bytes,
         seed=seed,
     )
 
 
-def run(kind: str, seed: int, budget: int, target: float, pruner: str = "median") -> Result:
+def _draw_what_fits(spec: StudySpec, study: optuna.Study) -> None:
+    """The runner's ``_draw_what_fits``: the sampler draws among the shapes that pass the
+    preflight on this device (``search.feasible``), when the sampler supports it."""
+    try:
+        from search.feasible import feasibility
+    except ImportError:  # a tree from before the feasible grid
+        return
+    if not hasattr(study.sampler, "feasible"):
+        return
+    choices = {model: spec.space.choices_for(model) for model in spec.models}
+    study.sampler.feasible = feasibility(
+        choices, _config_for(spec), lambda model: MODELS[model], DEVICE
+    )
+
+
+def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = None) -> Result:
     """One study of ``kind`` with ``budget`` trained trials; hours until ``target`` is held."""
     spec = strategy_spec(kind, pruner)
     rng = random.Random(f"{kind}/{seed}")  # the surrogate's noise and OOM points
@@ -246,6 +273,8 @@ def run(kind: str, seed: int, budget: int, target: float, pruner: str = "median"
         pruner=optuna.pruners.NopPruner() if kind == "random" else make_pruner(spec),
     )
     ensure_budget(study, budget)
+    if kind != "random":
+        _draw_what_fits(spec, study)
     if kind != "random":  # the runner's baselines: one trial per (first-stage) model
         first = spec.stages[0].models if staged and spec.stages[0].models else spec.models
         for model in first:
@@ -265,8 +294,9 @@ def run(kind: str, seed: int, budget: int, target: float, pruner: str = "median"
             break
         params = sample_params(trial, spec)
         cfg = build_config(spec, params, model_path="x", device="cuda", seed_offset=trial.number)
-        if spec.training.eval_every_steps:
-            cfg = TrialConfig.from_json({**cfg.to_json(), "eval_every_steps": EVAL_EVERY})
+        if spec.training.eval_every_steps:  # the runner's copy of the setting
+            every = spec.training.eval_every_steps
+            cfg = TrialConfig.from_json({**cfg.to_json(), "eval_every_steps": every})
         decision = preflight(
             cfg,
             MODELS[cfg.model],
@@ -346,13 +376,16 @@ def simulate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1"
+    )
     parser.add_argument("--budget", type=int, default=60, help="trained trials per study")
     parser.add_argument("--strategies", default="random,tpe,staged")
     parser.add_argument(
         "--staged-pruner",
-        default="median",
+        default=None,
         choices=["median", "successive_halving", "hyperband", "none"],
-        help="(c)'s pruner on the sooner reports",
+        help="(c)'s pruner type on the sooner reports (default: the shipped spec's)",
     )
     parser.add_argument(
         "--shared-lr",
@@ -370,15 +403,18 @@ def main() -> None:
     target = TARGET * best
     print(
         f"# surrogate ko-retrieval on a 24 GiB GPU: best reachable nDCG@10 {best:.4f}, target "
-        f">= {target:.4f}; {args.seeds} seeds, budget {args.budget} trained trials per study; "
+        f">= {target:.4f}; {args.seeds} seeds"
+        + (f" ({args.first_seed}..{args.first_seed + args.seeds - 1})" if args.first_seed else "")
+        + f", budget {args.budget} trained trials per study; "
         f"lr optimum {'shared' if args.shared_lr else 'per model'}; "
-        f"(c) pruner {args.staged_pruner}"
+        f"(c) pruner {strategy_spec('staged', args.staged_pruner).pruner.type}"
     )
     results: dict[str, list[Result]] = {}
     for kind in args.strategies.split(","):
         started = time.monotonic()
         results[kind] = [
-            run(kind, seed, args.budget, target, args.staged_pruner) for seed in range(args.seeds)
+            run(kind, seed, args.budget, target, args.staged_pruner)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
         ]
         rs = results[kind]
         hours = [r.hours for r in rs]
