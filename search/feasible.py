@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from search.config import TrialConfig
 from search.device import DeviceInfo
+from search.frontier import evidence
 from search.models import ModelInfo
 from search.preflight import preflight
 
@@ -61,6 +62,7 @@ def feasible_grid(
         use_estimate: Rule out pairs whose estimate does not fit (``--no-estimate``: off).
         use_frontier: Rule out pairs an earlier real OOM rules out.
     """
+    trials = evidence(trials)  # the same answers from the few trials that matter
     grid = {}
     for model, per in choices.items():
         arch = arch_of(model)

@@ -16,7 +16,7 @@ from search.trial_record import config_of
 from search.trial_record import device_kind_of
 from search.trial_record import is_oom
 
-__all__ = ["dominates", "find_estimate_oom", "find_frontier_oom"]
+__all__ = ["dominates", "evidence", "find_estimate_oom", "find_frontier_oom"]
 
 MIB = 1024**2
 # OOM kinds that are measurements, not guesses: a frontier is only learnt from these.
@@ -193,3 +193,31 @@ def find_estimate_oom(
         ):
             return None  # a config estimated at least as large trained here
     return best
+
+
+def evidence(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials the frontier's two rules can use: every real OOM, and per device kind and
+    memory the trained trial with the largest estimate (the only one the estimate rule needs).
+
+    The same answers as the whole list, in a list as long as the study's real OOMs: the
+    sampler asks about every pair of every model before each trial (``search.feasible``).
+    """
+    ooms: list[FrozenTrial] = []
+    largest: dict[tuple[str | None, float], FrozenTrial] = {}
+    for t in trials:
+        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+            continue
+        ua = t.user_attrs
+        if is_oom(ua):
+            if ua.get(attrs.OOM_KIND) in REAL_OOM_KINDS:
+                ooms.append(t)
+            continue
+        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
+        if t.state == TrialState.FAIL or not isinstance(estimate, (int, float)):
+            continue
+        if not isinstance(memory, (int, float)):
+            continue
+        key = (device_kind_of(ua), float(memory))
+        if key not in largest or estimate > largest[key].user_attrs[attrs.MEMORY_ESTIMATE_MB]:
+            largest[key] = t
+    return ooms + list(largest.values())

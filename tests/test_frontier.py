@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from search import attrs
 from search.config import TrialConfig
 from search.frontier import dominates
+from search.frontier import evidence
 from search.frontier import find_estimate_oom
 from search.frontier import find_frontier_oom
 
@@ -226,3 +227,31 @@ def test_a_trained_trial_estimated_as_high_overrules_the_estimate_rule() -> None
         (_cfg(), _est(90_000), TrialState.FAIL),
     )
     assert find_estimate_oom(skips, 60_000, 80 * GIB, device_kind="cuda") is None
+
+
+def test_the_evidence_gives_the_same_answers_as_every_trial() -> None:
+    import random
+
+    rng = random.Random(0)
+    records = []
+    for i in range(200):
+        kind = rng.choice(["real", "predicted", None, None, None])
+        extra = _est(rng.uniform(10_000, 90_000))
+        if kind is not None:
+            extra |= {attrs.OOM: True, attrs.OOM_KIND: kind}
+        if rng.random() < 0.3:
+            extra[attrs.DEVICE_MEMORY_MB] = 40 * 1024.0
+        state = TrialState.PRUNED if kind or i % 3 == 0 else TrialState.COMPLETE
+        shape = dict(batch_size=rng.choice([32, 64]), max_len=rng.choice([256, 384]))
+        records.append((_cfg(**shape), extra, state))
+    trials = _trials(*records)
+    few = evidence(trials)
+    assert len(few) < len(trials) / 2
+    for mb in range(5_000, 95_000, 500):
+        for memory in (40 * GIB, 80 * GIB):
+            kind = "cuda"
+            full = find_estimate_oom(trials, mb, memory, device_kind=kind)
+            assert find_estimate_oom(few, mb, memory, device_kind=kind) == full
+    for shape in ({"batch_size": 32}, {"batch_size": 64, "max_len": 384}):
+        cfg = _cfg(**shape)
+        assert find_frontier_oom(few, cfg, 40 * GIB) == find_frontier_oom(trials, cfg, 40 * GIB)
