@@ -3,11 +3,11 @@
 The team's playbook as a spec: ``baseline`` maps the space with the small models, ``big-safe``
 tries the big model within its safe region (seeded at the largest shape the OOM frontier
 learned so far allows, with the baseline's best settings and a learning-rate ladder below the
-baseline's best rate: ``frontier_seeds``), ``refine`` explores around the best configs so far (``search.refine``). Every trial records its
-stage (user attribute ``stage``). The space stays the same in every stage (one distribution per
-parameter, so TPE learns across stages); a stage only restricts what the sampler proposes
-(``search.sampling.ConditionalSampler``: its models and its ``batch_size`` / ``max_len``
-choices), as the space's conditions do.
+baseline's best rate: ``frontier_seeds``), ``refine`` explores around the best configs so far
+(``search.refine``). Every trial records its stage (user attribute ``stage``). The space stays
+the same in every stage (one distribution per parameter, so TPE learns across stages); a stage
+only restricts what the sampler proposes (``search.sampling.ConditionalSampler``: its models
+and its ``batch_size`` / ``max_len`` choices), as the space's conditions do.
 
 Workers follow the same order without talking to each other: under the study's budget lock
 (``search.budget.claim_trial``) the current stage is derived from the study's trials, the first

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -357,12 +358,15 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
     (first,) = study.get_trials(states=(TrialState.WAITING,))
     assert first.system_attrs["fixed_params"] == seeds[0]
     trial = study.ask()
-    study._storage.set_trial_system_attr(
-        trial._trial_id, attrs.SYSTEM_CONFIG, _record("bge-m3-ko", 64, 384, lr=4e-5)
-    )
-    for key, value in ((attrs.OOM, True), (attrs.OOM_KIND, "real")):
+    oom: dict[str, Any] = _record("bge-m3-ko", 64, 384, lr=4e-5)
+    study._storage.set_trial_system_attr(trial._trial_id, attrs.SYSTEM_CONFIG, oom)
+    facts: list[tuple[str, Any]] = [
+        (attrs.OOM, True),
+        (attrs.OOM_KIND, "real"),
+        (attrs.DEVICE_MEMORY_MB, 2**34 / 2**20),
+    ]
+    for key, value in facts:
         study._storage.set_trial_user_attr(trial._trial_id, key, value)
-    study._storage.set_trial_user_attr(trial._trial_id, attrs.DEVICE_MEMORY_MB, 2**34 / 2**20)
     study.tell(trial, state=TrialState.PRUNED)
     plan(study, study.get_trials())
     (second,) = study.get_trials(states=(TrialState.WAITING,))
