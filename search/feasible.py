@@ -8,7 +8,15 @@ its draws on them. So before a trial samples, the worker asks the preflight
 (``search.preflight.preflight``: the OOM frontier, the estimate with its band, the estimate of
 a real OOM on this device) about every pair the spec allows each model, with the trial's other
 settings at the middle of their ranges (learning rate and the like do not change the peak), and
-the sampler draws ``batch_size`` and ``max_len`` among the pairs that pass. Where none of a
+the sampler draws ``batch_size`` and ``max_len`` among the pairs that pass.
+
+A pair passes either surely (its estimate fits the free memory) or only thanks to the
+estimate's band (estimated above the free memory, but the estimate may be high: issue 10's rule
+that a config which may fit is never skipped). Random draws (the startup, each model's baseline
+trial, values TPE does not propose) take only sure pairs while the model has any; a border pair
+is run when TPE's proposal rounds to it, i.e. once the trained trials point to larger shapes,
+and its outcome teaches the preflight (a real OOM rules out the configs estimated as high:
+``search.frontier.find_estimate_oom``). Where none of a
 model's pairs passes, the model is drawn only when nothing else is left, and its trial is
 skipped as before (recorded, free, counted against the skip bound): a space where nothing fits
 still stops on the bound with its one line.
@@ -35,8 +43,8 @@ from search.preflight import preflight
 
 __all__ = ["FeasibleGrid", "PREFLIGHT_STATES", "feasible_grid", "feasibility"]
 
-# ``{model: {(batch_size, max_len) the preflight lets run}}``.
-FeasibleGrid = Mapping[str, frozenset[tuple[int, int]]]
+# ``{model: {(batch_size, max_len) the preflight lets run: True when it fits without the band}}``.
+FeasibleGrid = Mapping[str, Mapping[tuple[int, int], bool]]
 # Trials the preflight reads: real OOMs (PRUNED) and trials that trained (COMPLETE, PRUNED).
 PREFLIGHT_STATES = (TrialState.PRUNED, TrialState.COMPLETE)
 
@@ -50,8 +58,9 @@ def feasible_grid(
     *,
     use_estimate: bool = True,
     use_frontier: bool = True,
-) -> dict[str, frozenset[tuple[int, int]]]:
-    """Each model's ``(batch_size, max_len)`` pairs that the preflight would let run.
+) -> dict[str, dict[tuple[int, int], bool]]:
+    """Each model's ``(batch_size, max_len)`` pairs that the preflight would let run, each
+    marked True when its estimate fits the free memory without the band (a sure pair).
 
     Args:
         choices: ``{model: {"batch_size": ..., "max_len": ...}}`` under the spec's conditions.
@@ -63,22 +72,23 @@ def feasible_grid(
         use_frontier: Rule out pairs an earlier real OOM rules out.
     """
     trials = evidence(trials)  # the same answers from the few trials that matter
-    grid = {}
+    grid: dict[str, dict[tuple[int, int], bool]] = {}
     for model, per in choices.items():
         arch = arch_of(model)
-        grid[model] = frozenset(
-            (batch, max_len)
-            for batch in per["batch_size"]
-            for max_len in per["max_len"]
-            if not preflight(
-                config_for(model, batch, max_len),
-                arch,
-                device,
-                trials,
-                use_estimate=use_estimate,
-                use_frontier=use_frontier,
-            ).skip
-        )
+        grid[model] = {}
+        for batch in per["batch_size"]:
+            for max_len in per["max_len"]:
+                decision = preflight(
+                    config_for(model, batch, max_len),
+                    arch,
+                    device,
+                    trials,
+                    use_estimate=use_estimate,
+                    use_frontier=use_frontier,
+                )
+                if not decision.skip:
+                    sure = decision.estimate.total_bytes <= device.free_bytes
+                    grid[model][batch, max_len] = sure or not use_estimate
     return grid
 
 

@@ -20,8 +20,10 @@ does not fit is learnt as a bad one.
 The device decides too: a worker sets ``ConditionalSampler.feasible`` (``search.feasible``), and
 ``batch_size`` / ``max_len`` are then drawn (or TPE's proposal rounded) among the pairs the
 preflight would let run on that worker's device, and ``model`` among the models with at least
-one such pair. Skips then come only from what the grid cannot know (a pair ruled out by
-another worker's OOM since the trial began, an enqueued config).
+one such pair; a random draw takes a pair whose estimate fits without the band while the model
+has one (a border pair is run when TPE's proposal rounds to it). Skips then come only from what
+the grid cannot know (a pair ruled out by another worker's OOM since the trial began, an
+enqueued config).
 
 Example:
     >>> import optuna
@@ -187,14 +189,26 @@ class ConditionalSampler(BaseSampler):
             self._grid_of = (trial._trial_id, self.feasible(study))
         return self._grid_of[1]
 
-    def _pairs(self, study: Study, trial: FrozenTrial, model: object) -> set[tuple[int, int]]:
-        """``model``'s feasible ``(batch_size, max_len)`` pairs within its (stage's) choices."""
+    def _pairs(
+        self, study: Study, trial: FrozenTrial, model: object, sure: bool = False
+    ) -> set[tuple[int, int]]:
+        """``model``'s feasible ``(batch_size, max_len)`` pairs within its (stage's) choices;
+        ``sure``: those that fit without the estimate's band, when the model has any."""
         grid = self._grid(study, trial)
         batches = self.allowed("batch_size", model, trial)
         lengths = self.allowed("max_len", model, trial)
         if grid is None or not isinstance(model, str) or batches is None or lengths is None:
             return set()
-        return {(b, m) for b, m in grid.get(model, ()) if b in batches and m in lengths}
+        pairs = {
+            pair: fits
+            for pair, fits in grid.get(model, {}).items()
+            if pair[0] in batches and pair[1] in lengths
+        }
+        return (
+            {pair for pair, fits in pairs.items() if fits}
+            if sure and any(pairs.values())
+            else set(pairs)
+        )
 
     def feasible_models(
         self, study: Study, trial: FrozenTrial, models: Sequence[str] | None
@@ -214,21 +228,26 @@ class ConditionalSampler(BaseSampler):
         study: Study,
         trial: FrozenTrial,
         batch_size: object = None,
+        sure: bool = False,
     ) -> tuple[int, ...] | None:
-        """``allowed`` narrowed to the feasible pairs (``max_len``: at ``batch_size`` when given).
+        """``allowed`` narrowed to the feasible pairs (``max_len``: at ``batch_size`` when given;
+        ``sure``: to the pairs that fit without the band, for random draws).
 
         Unchanged when the model has no feasible pair (or none at that batch size): the trial
         then samples as without a grid, and the preflight decides.
         """
         allowed = self.allowed(name, model, trial)
-        pairs = self._pairs(study, trial, model)
-        if allowed is None or not pairs:
-            return allowed
-        if name == "batch_size":
-            keep = {b for b, _ in pairs}
-        else:
-            keep = {m for b, m in pairs if batch_size is None or b == batch_size}
-        return tuple(c for c in allowed if c in keep) or allowed
+        if allowed is None:
+            return None
+        # Sure pairs first (when asked), then any feasible pair, then the choices unchanged.
+        for pairs in (self._pairs(study, trial, model, sure), self._pairs(study, trial, model)):
+            if name == "batch_size":
+                keep = {b for b, _ in pairs}
+            else:
+                keep = {m for b, m in pairs if batch_size is None or b == batch_size}
+            if narrowed := tuple(c for c in allowed if c in keep):
+                return narrowed
+        return allowed
 
     def in_startup(self, study: Study) -> bool:
         """True while fewer than ``n_startup_trials`` trials have trained (skips excluded)."""
@@ -289,7 +308,8 @@ class ConditionalSampler(BaseSampler):
                     study, trial, param_name, CategoricalDistribution(list(models))
                 )
         model, batch = trial.params.get(MODEL_PARAM), trial.params.get("batch_size")
-        allowed = self.narrowed(param_name, model, study, trial, batch)
+        # A random draw: a border pair (fits only within the estimate's band) waits for TPE.
+        allowed = self.narrowed(param_name, model, study, trial, batch, sure=True)
         if allowed is None:
             base = self._random if self.in_startup(study) else self._base
             return base.sample_independent(study, trial, param_name, param_distribution)

@@ -17,15 +17,16 @@ from search.space import sample_params
 from search.spec import load_spec
 from search.spec import shipped_spec_path
 
+# True: fits without the estimate's band (a sure pair); False: only within the band.
 GRID = {
-    "ko-simcse": frozenset({(32, 128)}),
-    "multilingual-minilm": frozenset({(32, 128), (64, 128), (32, 256)}),
-    "multilingual-e5-small": frozenset({(32, 128), (32, 256), (32, 384)}),
-    "bge-m3-ko": frozenset(),
+    "ko-simcse": {(32, 128): True},
+    "multilingual-minilm": {(32, 128): True, (64, 128): True, (32, 256): True},
+    "multilingual-e5-small": {(32, 128): True, (32, 256): True, (32, 384): True},
+    "bge-m3-ko": {},
 }
 
 
-def _draws(grid: dict[str, frozenset[tuple[int, int]]], n: int) -> list[tuple[str, int, int]]:
+def _draws(grid: dict[str, dict[tuple[int, int], bool]], n: int) -> list[tuple[str, int, int]]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(shipped_spec_path("ko-retrieval")).model_copy(update={"stages": []})
     sampler = make_sampler(spec, seed=3)
@@ -49,12 +50,23 @@ def test_batch_and_length_are_drawn_among_the_pairs_that_fit() -> None:
 
 
 def test_without_any_pair_that_fits_every_model_is_drawn_as_before() -> None:
-    draws = _draws({model: frozenset() for model in GRID}, 16)
+    draws = _draws({model: {} for model in GRID}, 16)
     spec = load_spec(shipped_spec_path("ko-retrieval"))
     assert len({model for model, _, _ in draws}) > 1
     for model, b, m in draws:  # the conditions still hold; the preflight then decides
         choices = spec.space.choices_for(model)
         assert b in choices["batch_size"] and m in choices["max_len"]
+
+
+def test_random_draws_take_sure_pairs_and_tpe_may_round_to_a_border_pair() -> None:
+    # minilm's 128 x 128 fits only within the band: never a random draw (the 8 startup
+    # trials, the uniform draws), reachable once TPE proposes a large batch at 128 tokens.
+    grid = {**GRID, "multilingual-minilm": {**GRID["multilingual-minilm"], (128, 128): False}}
+    draws = _draws(grid, 40)
+    assert all((b, m) in grid[model] for model, b, m in draws), draws
+    assert ("multilingual-minilm", 128, 128) not in draws[:8]
+    only_border = {**grid, "multilingual-minilm": {(128, 128): False}}
+    assert ("multilingual-minilm", 128, 128) in _draws(only_border, 12)  # nothing sure left
 
 
 def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
@@ -64,7 +76,7 @@ def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
     from search.models import MODELS
     from search.train.tiny import tiny_info
 
-    device = DeviceInfo("cpu", "cpu (limit 300 MiB)", 300 * 2**20, 300 * 2**20)
+    device = DeviceInfo("cpu", "cpu (limit 600 MiB)", 600 * 2**20, 600 * 2**20)
     arch = tiny_info(MODELS["ko-simcse"])
     choices = {"ko-simcse": {"batch_size": [8, 32, 128], "max_len": [32, 128, 512]}}
 
@@ -78,5 +90,9 @@ def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
         for m in (32, 128, 512)
         if not preflight(config_for("ko-simcse", b, m), arch, device, []).skip
     }
-    assert grid["ko-simcse"] == expected
+    assert set(grid["ko-simcse"]) == expected
     assert (8, 32) in expected and (128, 512) not in expected  # some fit, some do not
+    for b, m in expected:  # sure: the estimate itself fits, not only within the band
+        estimate = preflight(config_for("ko-simcse", b, m), arch, device, []).estimate
+        assert grid["ko-simcse"][b, m] == (estimate.total_bytes <= device.free_bytes)
+    assert not all(grid["ko-simcse"].values()) and any(grid["ko-simcse"].values())
