@@ -12,11 +12,13 @@ the sampler draws ``batch_size`` and ``max_len`` among the pairs that pass.
 
 A pair passes either surely (its estimate fits the free memory) or only thanks to the
 estimate's band (estimated above the free memory, but the estimate may be high: issue 10's rule
-that a config which may fit is never skipped). Random draws (the startup, each model's baseline
-trial, values TPE does not propose) take only sure pairs while the model has any; a border pair
-is run when TPE's proposal rounds to it, i.e. once the trained trials point to larger shapes,
-and its outcome teaches the preflight (a real OOM rules out the configs estimated as high:
-``search.frontier.find_estimate_oom``). Where none of a
+that a config which may fit is never skipped). The sampler draws only sure pairs while the model
+has any, random draws and TPE's proposals alike: a border pair is a coin flip that costs a real
+OOM when it loses, so it is left to the deliberate probes (a staged search's ``frontier`` seeds,
+which start the big model at its largest shape no real OOM rules out; ``search refine``'s
+neighbours; enqueued configs), which the preflight still lets run, and whose outcome teaches it
+(a real OOM rules out the configs estimated as high: ``search.frontier.find_estimate_oom``;
+a border pair that trains makes every pair estimated as low sure). Where none of a
 model's pairs passes, the model is drawn only when nothing else is left, and its trial is
 skipped as before (recorded, free, counted against the skip bound): a space where nothing fits
 still stops on the bound with its one line.
@@ -38,6 +40,7 @@ from optuna.trial import TrialState
 from search.config import TrialConfig
 from search.device import DeviceInfo
 from search.frontier import evidence
+from search.frontier import trained_estimate_mb
 from search.models import ModelInfo
 from search.preflight import preflight
 
@@ -60,7 +63,8 @@ def feasible_grid(
     use_frontier: bool = True,
 ) -> dict[str, dict[tuple[int, int], bool]]:
     """Each model's ``(batch_size, max_len)`` pairs that the preflight would let run, each
-    marked True when its estimate fits the free memory without the band (a sure pair).
+    marked True when it surely fits: its estimate fits the free memory without the band, or a
+    trial estimated at least as high has trained on a device of this kind with no more memory.
 
     Args:
         choices: ``{model: {"batch_size": ..., "max_len": ...}}`` under the spec's conditions.
@@ -72,6 +76,7 @@ def feasible_grid(
         use_frontier: Rule out pairs an earlier real OOM rules out.
     """
     trials = evidence(trials)  # the same answers from the few trials that matter
+    proven = trained_estimate_mb(trials, device.total_bytes, device_kind=device.kind)
     grid: dict[str, dict[tuple[int, int], bool]] = {}
     for model, per in choices.items():
         arch = arch_of(model)
@@ -87,7 +92,8 @@ def feasible_grid(
                     use_frontier=use_frontier,
                 )
                 if not decision.skip:
-                    sure = decision.estimate.total_bytes <= device.free_bytes
+                    estimate = decision.estimate
+                    sure = estimate.total_bytes <= device.free_bytes or estimate.total_mb <= proven
                     grid[model][batch, max_len] = sure or not use_estimate
     return grid
 

@@ -16,7 +16,13 @@ from search.trial_record import config_of
 from search.trial_record import device_kind_of
 from search.trial_record import is_oom
 
-__all__ = ["dominates", "evidence", "find_estimate_oom", "find_frontier_oom"]
+__all__ = [
+    "dominates",
+    "evidence",
+    "find_estimate_oom",
+    "find_frontier_oom",
+    "trained_estimate_mb",
+]
 
 MIB = 1024**2
 # OOM kinds that are measurements, not guesses: a frontier is only learnt from these.
@@ -221,3 +227,23 @@ def evidence(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         if key not in largest or estimate > largest[key].user_attrs[attrs.MEMORY_ESTIMATE_MB]:
             largest[key] = t
     return ooms + list(largest.values())
+
+
+def trained_estimate_mb(
+    trials: Sequence[FrozenTrial], device_total_bytes: int, *, device_kind: str | None = None
+) -> float:
+    """The largest memory estimate of a trial that trained (completed, or stopped by the
+    pruner after its worst-case first step) on a device of this kind with no more memory: a
+    config estimated no higher fits here (0 when none)."""
+    device_mb = device_total_bytes / MIB
+    largest = 0.0
+    for t in trials:
+        if t.state not in (TrialState.PRUNED, TrialState.COMPLETE) or is_oom(t.user_attrs):
+            continue
+        ua = t.user_attrs
+        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
+        if not isinstance(estimate, (int, float)) or not isinstance(memory, (int, float)):
+            continue
+        if memory <= device_mb and _same_kind(ua, device_kind):
+            largest = max(largest, float(estimate))
+    return largest

@@ -20,10 +20,10 @@ does not fit is learnt as a bad one.
 The device decides too: a worker sets ``ConditionalSampler.feasible`` (``search.feasible``), and
 ``batch_size`` / ``max_len`` are then drawn (or TPE's proposal rounded) among the pairs the
 preflight would let run on that worker's device, and ``model`` among the models with at least
-one such pair; a random draw takes a pair whose estimate fits without the band while the model
-has one (a border pair is run when TPE's proposal rounds to it). Skips then come only from what
-the grid cannot know (a pair ruled out by another worker's OOM since the trial began, an
-enqueued config).
+one such pair: a pair whose estimate fits without the band while the model has one (a border
+pair, which fits only within the band, is left to the deliberate probes: big-safe's frontier
+seeds, ``search refine``, enqueued configs). Skips then come only from what the grid cannot know
+(a pair ruled out by another worker's OOM since the trial began, an enqueued config).
 
 Example:
     >>> import optuna
@@ -190,10 +190,11 @@ class ConditionalSampler(BaseSampler):
         return self._grid_of[1]
 
     def _pairs(
-        self, study: Study, trial: FrozenTrial, model: object, sure: bool = False
+        self, study: Study, trial: FrozenTrial, model: object, sure: bool = True
     ) -> set[tuple[int, int]]:
         """``model``'s feasible ``(batch_size, max_len)`` pairs within its (stage's) choices;
-        ``sure``: those that fit without the estimate's band, when the model has any."""
+        ``sure`` (what the sampler draws among): only those that fit without the estimate's
+        band, when the model has any."""
         grid = self._grid(study, trial)
         batches = self.allowed("batch_size", model, trial)
         lengths = self.allowed("max_len", model, trial)
@@ -228,19 +229,19 @@ class ConditionalSampler(BaseSampler):
         study: Study,
         trial: FrozenTrial,
         batch_size: object = None,
-        sure: bool = False,
     ) -> tuple[int, ...] | None:
-        """``allowed`` narrowed to the feasible pairs (``max_len``: at ``batch_size`` when given;
-        ``sure``: to the pairs that fit without the band, for random draws).
+        """``allowed`` narrowed to the sure pairs (``max_len``: at ``batch_size`` when given).
 
-        Unchanged when the model has no feasible pair (or none at that batch size): the trial
-        then samples as without a grid, and the preflight decides.
+        Sure pairs when the model has any, else its border pairs; unchanged when it has no
+        feasible pair (or none at that batch size): the trial then samples as without a grid,
+        and the preflight decides.
         """
         allowed = self.allowed(name, model, trial)
         if allowed is None:
             return None
-        # Sure pairs first (when asked), then any feasible pair, then the choices unchanged.
-        for pairs in (self._pairs(study, trial, model, sure), self._pairs(study, trial, model)):
+        # Sure pairs first, then any feasible pair, then the choices unchanged.
+        sure, feasible = self._pairs(study, trial, model), self._pairs(study, trial, model, False)
+        for pairs in (sure, feasible):
             if name == "batch_size":
                 keep = {b for b, _ in pairs}
             else:
@@ -308,8 +309,7 @@ class ConditionalSampler(BaseSampler):
                     study, trial, param_name, CategoricalDistribution(list(models))
                 )
         model, batch = trial.params.get(MODEL_PARAM), trial.params.get("batch_size")
-        # A random draw: a border pair (fits only within the estimate's band) waits for TPE.
-        allowed = self.narrowed(param_name, model, study, trial, batch, sure=True)
+        allowed = self.narrowed(param_name, model, study, trial, batch)
         if allowed is None:
             base = self._random if self.in_startup(study) else self._base
             return base.sample_independent(study, trial, param_name, param_distribution)

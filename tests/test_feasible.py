@@ -58,13 +58,13 @@ def test_without_any_pair_that_fits_every_model_is_drawn_as_before() -> None:
         assert b in choices["batch_size"] and m in choices["max_len"]
 
 
-def test_random_draws_take_sure_pairs_and_tpe_may_round_to_a_border_pair() -> None:
-    # minilm's 128 x 128 fits only within the band: never a random draw (the 8 startup
-    # trials, the uniform draws), reachable once TPE proposes a large batch at 128 tokens.
+def test_a_border_pair_is_drawn_only_when_the_model_has_no_sure_pair() -> None:
+    # minilm's 128 x 128 fits only within the band: neither a random draw nor TPE's proposal
+    # (rewarded scores favour larger batches here) takes it while minilm has sure pairs.
     grid = {**GRID, "multilingual-minilm": {**GRID["multilingual-minilm"], (128, 128): False}}
     draws = _draws(grid, 40)
     assert all((b, m) in grid[model] for model, b, m in draws), draws
-    assert ("multilingual-minilm", 128, 128) not in draws[:8]
+    assert ("multilingual-minilm", 128, 128) not in draws
     only_border = {**grid, "multilingual-minilm": {(128, 128): False}}
     assert ("multilingual-minilm", 128, 128) in _draws(only_border, 12)  # nothing sure left
 
@@ -96,3 +96,33 @@ def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
         estimate = preflight(config_for("ko-simcse", b, m), arch, device, []).estimate
         assert grid["ko-simcse"][b, m] == (estimate.total_bytes <= device.free_bytes)
     assert not all(grid["ko-simcse"].values()) and any(grid["ko-simcse"].values())
+
+
+def test_a_trained_trial_makes_the_pairs_estimated_no_higher_sure() -> None:
+    from _factories import trial_config
+
+    from search import attrs
+    from search.device import DeviceInfo
+    from search.models import MODELS
+    from search.train.tiny import tiny_info
+
+    device = DeviceInfo("cpu", "cpu (limit 600 MiB)", 600 * 2**20, 600 * 2**20)
+    arch = tiny_info(MODELS["ko-simcse"])
+    choices = {"ko-simcse": {"batch_size": [32, 128], "max_len": [128]}}
+
+    def config_for(model: str, batch: int, max_len: int) -> TrialConfig:
+        return trial_config(model=model, batch_size=batch, max_len=max_len, device="cpu")
+
+    before = feasible_grid(choices, config_for, lambda _: arch, device, [])
+    assert before["ko-simcse"] == {(32, 128): True, (128, 128): False}  # 222 / 727 MiB
+    trained = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE,
+        value=0.3,
+        user_attrs={
+            attrs.MEMORY_ESTIMATE_MB: 730.0,
+            attrs.DEVICE_MEMORY_MB: 600.0,
+            attrs.DEVICE_KIND: "cpu",
+        },
+    )
+    after = feasible_grid(choices, config_for, lambda _: arch, device, [trained])
+    assert after["ko-simcse"] == {(32, 128): True, (128, 128): True}
