@@ -51,6 +51,9 @@ class TrialConfig:
         eval_every_steps: Every this many training examples seen, score the eval sample and
             report it to the pruner (``training.eval_every_steps``); None: per epoch only.
         eval_sample_queries: Queries in that fixed eval sample (the same for every trial).
+        attn_implementation: The attention the encoder runs (``sdpa`` or ``eager``: the
+            spec's ``models.<name>.attn_implementation``); None: SDPA where the architecture
+            has it, else eager.
         save_dir: Save the trained encoder there as a sentence-transformers model (with
             ``search.json``) after the last evaluation (``search.export``); None: not saved.
             Set by the worker for one run only, never recorded in the trial's config.
@@ -82,6 +85,7 @@ class TrialConfig:
     gradient_cache: int = 0
     eval_every_steps: int | None = None
     eval_sample_queries: int = 200
+    attn_implementation: str | None = None
     save_dir: str | None = None
 
     @property

@@ -171,6 +171,7 @@ def build_config(
         normalize=settings.normalize,
         query_prefix=settings.query_prefix,
         passage_prefix=settings.passage_prefix,
+        attn_implementation=entry.attn_implementation,
         max_train_samples=training.max_train_samples,
         gradient_cache=_gradient_cache(
             training.gradient_cache if entry.gradient_cache is None else entry.gradient_cache

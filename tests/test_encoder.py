@@ -223,3 +223,24 @@ def test_last_token_pooling_takes_the_last_real_token(replicas: dict[str, Path])
         left = encoder(left_ids, left_mask)
         left_hidden = encoder.model(input_ids=left_ids, attention_mask=left_mask)
     torch.testing.assert_close(left[0], left_hidden.last_hidden_state[0, -1].float())
+
+
+def test_the_specs_attention_reaches_the_encoder(replicas: dict[str, Path]) -> None:
+    from search.space import SampledParams
+    from search.space import build_config
+    from search.spec import load_spec
+    from search.spec import shipped_spec_path
+
+    spec = load_spec(shipped_spec_path("ko-retrieval"))
+    params = SampledParams("ko-simcse", 32, 128, 5e-5, 0.05, 0.1, 0.01)
+    path = str(replicas["ko-simcse"])
+    default = build_config(spec, params, model_path=path)
+    assert default.attn_implementation is None
+    loaded = BiEncoder.from_config(default).model.config._attn_implementation
+    assert loaded == "sdpa"  # RobertaModel has SDPA: the default where the class has it
+    entry = spec.models["ko-simcse"].model_copy(update={"attn_implementation": "eager"})
+    eager_spec = spec.model_copy(update={"models": {**spec.models, "ko-simcse": entry}})
+    eager = build_config(eager_spec, params, model_path=path)
+    assert eager.attn_implementation == "eager"
+    assert TrialConfig.from_json(eager.to_json()) == eager  # recorded, and so retrained alike
+    assert BiEncoder.from_config(eager).model.config._attn_implementation == "eager"

@@ -98,8 +98,9 @@ class BiEncoder(torch.nn.Module):
     def from_config(cls, cfg: TrialConfig) -> BiEncoder:
         """Load ``cfg.model_path`` with ``from_pretrained`` and set up the trial's encoder.
 
-        The weights load in float32 (AMP casts per operation), with SDPA attention where the
-        architecture has it and non-reentrant gradient checkpointing when ``cfg`` asks. The
+        The weights load in float32 (AMP casts per operation), with the attention ``cfg``
+        names (``attn_implementation``; by default SDPA where the architecture has it) and
+        non-reentrant gradient checkpointing when ``cfg`` asks. The
         model comes back in eval mode, as ``from_pretrained`` leaves it, and on the CPU.
 
         Args:
@@ -117,7 +118,9 @@ class BiEncoder(torch.nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
             config = AutoConfig.from_pretrained(cfg.model_path)
             kwargs: dict[str, object] = {"config": config, "dtype": torch.float32}
-            if getattr(MODEL_MAPPING.get(type(config), None), "_supports_sdpa", False):
+            if cfg.attn_implementation is not None:  # the spec's choice; transformers checks it
+                kwargs["attn_implementation"] = cfg.attn_implementation
+            elif getattr(MODEL_MAPPING.get(type(config), None), "_supports_sdpa", False):
                 kwargs["attn_implementation"] = "sdpa"
             model = AutoModel.from_pretrained(cfg.model_path, **kwargs)
         except (OSError, ValueError, KeyError, ImportError) as exc:
