@@ -389,3 +389,62 @@ def test_the_large_batch_study_differs_from_ko_retrieval_only_for_bge_m3_ko() ->
     assert large == base
     spec = load_spec(shipped_spec_path("ko-retrieval-large-batch"))  # and it loads
     assert spec.space.choices_for("bge-m3-ko")["batch_size"] == [32, 64, 128, 256]
+
+
+@pytest.mark.train
+def test_search_run_resolves_auto_to_a_mini_batch_that_fits(tmp_path: Any) -> None:
+    """``gradient_cache: auto`` end to end: ``search run`` under a memory limit where the plain
+    batch of 128 does not fit resolves the cache in the preflight, trains, and records it."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from search import attrs
+    from search.spec import shipped_spec_path
+    from search.trial_record import config_of
+
+    demo = shipped_spec_path("ko-retrieval").parent / "data" / "ko-demo"
+    spec = tmp_path / "auto.yaml"
+    spec.write_text(
+        f"""study: {{name: auto-cache, n_trials: 1}}
+models:
+  ko-simcse: {{gradient_cache: auto}}
+space:
+  batch_size: [128]
+  max_len: [128]
+  lr: {{low: 1.0e-5, high: 2.0e-4, log: true}}
+  temperature: {{low: 0.01, high: 0.1, log: true}}
+  warmup_ratio: {{low: 0.0, high: 0.2}}
+  weight_decay: {{low: 0.0, high: 0.1}}
+training: {{epochs: 1, amp: false, hard_negatives: 1, seed: 0, max_train_samples: 256}}
+data: {{train: {demo / "train.jsonl"}, eval: {demo}, split: test}}
+sampler: {{type: random, seed: 0}}
+pruner: {{type: none}}
+""",
+        encoding="utf-8",
+    )
+    db = tmp_path / "a.db"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", "run", "--spec", str(spec), "--tiny"]
+        + ["--device", "cpu", "--memory-limit", "400MiB", "--storage", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="auto-cache-tiny", storage=f"sqlite:///{db}")
+    (trial,) = study.get_trials()
+    config = config_of(trial) or {}
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get(attrs.ERROR)
+    assert config["batch_size"] == 128
+    rows = config["gradient_cache"]
+    assert 1 <= rows < 128 and rows & (rows - 1) == 0  # a power-of-two mini-batch, not off
+    assert trial.user_attrs[attrs.MEMORY_ESTIMATE_MB] <= 400  # the cached estimate fits
