@@ -31,6 +31,7 @@ REAL_OOM_KINDS = frozenset({"real", "host"})
 # a few KiB of vocabulary); the estimate's own error is tens of MiB at the least.
 SAME_ESTIMATE_MB = 1.0
 _SAVERS = ("amp", "gradient_checkpointing")
+_FINISHED = (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE)
 
 
 def _encoded_rows(config: dict[str, Any]) -> int | None:
@@ -119,10 +120,10 @@ def find_frontier_oom(
     device_mb = device_total_bytes / MIB
     best: FrozenTrial | None = None
     for t in trials:
-        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+        if t.state not in _FINISHED:
             continue
         ua = t.user_attrs
-        if not is_oom(ua) or ua.get(attrs.OOM_KIND) not in REAL_OOM_KINDS:
+        if not _is_real_oom(ua):
             continue
         memory = ua.get(attrs.DEVICE_MEMORY_MB)
         if not isinstance(memory, (int, float)) or memory < device_mb * (1 - 1e-9):
@@ -176,28 +177,19 @@ def find_estimate_oom(
     Returns:
         The justifying trial, or None.
     """
+    largest = _largest_trained(trials, device_total_bytes / MIB, device_kind)
+    if largest is not None and largest >= estimate_mb - SAME_ESTIMATE_MB:
+        return None  # a config estimated at least as large trained here
     device_mb = device_total_bytes / MIB
     best: FrozenTrial | None = None
     for t in trials:
-        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+        sized = _sized(t)
+        if sized is None or not _is_real_oom(t.user_attrs):
             continue
-        ua = t.user_attrs
-        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
-        if not isinstance(estimate, (int, float)) or not isinstance(memory, (int, float)):
-            continue
-        if not _same_kind(ua, device_kind):
-            continue
-        if is_oom(ua):
-            real = ua.get(attrs.OOM_KIND) in REAL_OOM_KINDS
-            at_most = estimate <= estimate_mb + SAME_ESTIMATE_MB
-            if real and memory >= device_mb * (1 - 1e-9) and at_most:
-                best = t if best is None or t.number < best.number else best
-        elif (
-            t.state != TrialState.FAIL
-            and estimate >= estimate_mb - SAME_ESTIMATE_MB
-            and (memory <= device_mb)
-        ):
-            return None  # a config estimated at least as large trained here
+        estimate, memory = sized
+        at_most = estimate <= estimate_mb + SAME_ESTIMATE_MB
+        if at_most and memory >= device_mb * (1 - 1e-9) and _same_kind(t.user_attrs, device_kind):
+            best = t if best is None or t.number < best.number else best
     return best
 
 
@@ -211,21 +203,14 @@ def evidence(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     ooms: list[FrozenTrial] = []
     largest: dict[tuple[str | None, float], FrozenTrial] = {}
     for t in trials:
-        if t.state not in (TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+        if t.state not in _FINISHED:
             continue
-        ua = t.user_attrs
-        if is_oom(ua):
-            if ua.get(attrs.OOM_KIND) in REAL_OOM_KINDS:
-                ooms.append(t)
-            continue
-        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
-        if t.state == TrialState.FAIL or not isinstance(estimate, (int, float)):
-            continue
-        if not isinstance(memory, (int, float)):
-            continue
-        key = (device_kind_of(ua), float(memory))
-        if key not in largest or estimate > largest[key].user_attrs[attrs.MEMORY_ESTIMATE_MB]:
-            largest[key] = t
+        if _is_real_oom(t.user_attrs):
+            ooms.append(t)
+        elif (sized := _sized(t)) is not None and _trained(t):
+            key = (device_kind_of(t.user_attrs), sized[1])
+            if key not in largest or sized[0] > largest[key].user_attrs[attrs.MEMORY_ESTIMATE_MB]:
+                largest[key] = t
     return ooms + list(largest.values())
 
 
@@ -235,15 +220,38 @@ def trained_estimate_mb(
     """The largest memory estimate of a trial that trained (completed, or stopped by the
     pruner after its worst-case first step) on a device of this kind with no more memory: a
     config estimated no higher fits here (0 when none)."""
-    device_mb = device_total_bytes / MIB
-    largest = 0.0
-    for t in trials:
-        if t.state not in (TrialState.PRUNED, TrialState.COMPLETE) or is_oom(t.user_attrs):
-            continue
-        ua = t.user_attrs
-        estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
-        if not isinstance(estimate, (int, float)) or not isinstance(memory, (int, float)):
-            continue
-        if memory <= device_mb and _same_kind(ua, device_kind):
-            largest = max(largest, float(estimate))
-    return largest
+    return _largest_trained(trials, device_total_bytes / MIB, device_kind) or 0.0
+
+
+def _largest_trained(
+    trials: Sequence[FrozenTrial], device_mb: float, device_kind: str | None
+) -> float | None:
+    sizes = [
+        sized[0]
+        for t in trials
+        if _trained(t) and (sized := _sized(t)) is not None
+        if sized[1] <= device_mb and _same_kind(t.user_attrs, device_kind)
+    ]
+    return max(sizes, default=None)
+
+
+def _sized(trial: FrozenTrial) -> tuple[float, float] | None:
+    """A finished trial's ``(memory_estimate_mb, device_memory_mb)``, None without both."""
+    ua = trial.user_attrs
+    estimate, memory = ua.get(attrs.MEMORY_ESTIMATE_MB), ua.get(attrs.DEVICE_MEMORY_MB)
+    if trial.state not in _FINISHED:
+        return None
+    if not isinstance(estimate, (int, float)) or not isinstance(memory, (int, float)):
+        return None
+    return float(estimate), float(memory)
+
+
+def _trained(trial: FrozenTrial) -> bool:
+    """Completed, or stopped by the pruner: past its worst-case first step, without OOM."""
+    states = (TrialState.PRUNED, TrialState.COMPLETE)
+    return trial.state in states and not is_oom(trial.user_attrs)
+
+
+def _is_real_oom(user_attrs: dict[str, Any]) -> bool:
+    """A measured OOM (``real`` / ``host``), not a predicted or frontier skip."""
+    return is_oom(user_attrs) and user_attrs.get(attrs.OOM_KIND) in REAL_OOM_KINDS

@@ -365,6 +365,17 @@ def _config_for(
     return config_for
 
 
+def _arch_of(
+    spec: StudySpec, opts: RunOptions, facts: dict[str, ModelInfo], model: str
+) -> ModelInfo:
+    """The facts the preflight estimates ``model`` from: the worker's (``model_facts``), else
+    resolved now (a tiny replica's when ``--tiny``)."""
+    if model in facts:
+        return facts[model]
+    arch = resolve_facts(spec, model)
+    return tiny_info(arch) if opts.tiny else arch
+
+
 def _draw_what_fits(
     study: optuna.Study,
     spec: StudySpec,
@@ -378,15 +389,10 @@ def _draw_what_fits(
     if not isinstance(sampler, ConditionalSampler) or not (opts.use_estimate or opts.use_frontier):
         return
     choices = {model: spec.space.choices_for(model) for model in model_paths}
-
-    def arch_of(model: str) -> ModelInfo:
-        arch = facts.get(model) or resolve_facts(spec, model)
-        return tiny_info(arch) if opts.tiny and model not in facts else arch
-
     sampler.feasible = feasibility(
         choices,
         _config_for(spec, opts, model_paths),
-        arch_of,
+        lambda model: _arch_of(spec, opts, facts, model),
         device,
         use_estimate=opts.use_estimate,
         use_frontier=opts.use_frontier,
@@ -438,11 +444,7 @@ def _run_trial(
             eval_every_steps=spec.training.eval_every_steps,
             eval_sample_queries=spec.training.eval_sample_queries,
         )
-    if facts is not None and cfg.model in facts:
-        arch = facts[cfg.model]
-    else:
-        arch = resolve_facts(spec, cfg.model)
-        arch = tiny_info(arch) if opts.tiny else arch
+    arch = _arch_of(spec, opts, facts or {}, cfg.model)
 
     with heartbeat(study, trial):
         decision = preflight(

@@ -26,7 +26,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import MODEL_MAPPING
 from transformers import AutoConfig
 from transformers import AutoModel
 from transformers import AutoTokenizer
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from search.config import TrialConfig
+from search.model_facts import attention_of
 
 
 class ModelLoadError(RuntimeError):
@@ -118,10 +118,8 @@ class BiEncoder(torch.nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
             config = AutoConfig.from_pretrained(cfg.model_path)
             kwargs: dict[str, object] = {"config": config, "dtype": torch.float32}
-            if cfg.attn_implementation is not None:  # the spec's choice; transformers checks it
-                kwargs["attn_implementation"] = cfg.attn_implementation
-            elif getattr(MODEL_MAPPING.get(type(config), None), "_supports_sdpa", False):
-                kwargs["attn_implementation"] = "sdpa"
+            # The spec's choice (transformers checks it), else the one the facts report.
+            kwargs["attn_implementation"] = cfg.attn_implementation or attention_of(config)
             model = AutoModel.from_pretrained(cfg.model_path, **kwargs)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise ModelLoadError(_load_error_message(cfg.model, cfg.model_path, exc)) from exc
