@@ -117,10 +117,11 @@ class BiEncoder(torch.nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
             config = AutoConfig.from_pretrained(cfg.model_path)
-            kwargs: dict[str, object] = {"config": config, "dtype": torch.float32}
             # The spec's choice (transformers checks it), else the one the facts report.
-            kwargs["attn_implementation"] = cfg.attn_implementation or attention_of(config)
-            model = AutoModel.from_pretrained(cfg.model_path, **kwargs)
+            attention = cfg.attn_implementation or attention_of(config)
+            model = AutoModel.from_pretrained(
+                cfg.model_path, config=config, dtype=torch.float32, attn_implementation=attention
+            )
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise ModelLoadError(_load_error_message(cfg.model, cfg.model_path, exc)) from exc
         if cfg.gradient_checkpointing:
