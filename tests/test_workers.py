@@ -124,6 +124,7 @@ def test_a_killed_workers_trial_is_rerun_by_a_survivor(pg_url: str) -> None:
     assert reruns[0].user_attrs[attrs.WORKER] in {"s0", "s1"}
 
 
+@pytest.mark.pg_restart
 def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
     tool = shlex.split(PG_RESTART)[0]
     if shutil.which(tool) is None:
