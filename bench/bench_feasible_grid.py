@@ -1,9 +1,9 @@
 """What the sampler's feasible grid costs per trial, against the preflight of one config.
 
 Before each trial the worker asks the preflight about every (batch_size, max_len) pair of every
-model (``search.feasible.feasible_grid``): 40 pairs in the shipped ko-retrieval spec. The anchor,
+model (``search.memory.feasible.feasible_grid``): 40 pairs in the shipped ko-retrieval spec. The anchor,
 in the same process over the same trial list, is what every trial already paid: the preflight of
-its one config against the study's trials (``search.preflight.preflight``). Trials are synthetic
+its one config against the study's trials (``search.memory.preflight.preflight``). Trials are synthetic
 completed records (the frontier reads only records); the device is a 24 GiB GPU.
 
 Run::
@@ -27,16 +27,16 @@ if str(ROOT) not in sys.path:
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search import attrs  # noqa: E402
-from search.config import TrialConfig  # noqa: E402
-from search.device import DeviceInfo  # noqa: E402
-from search.feasible import feasible_grid  # noqa: E402
-from search.models import MODELS  # noqa: E402
-from search.preflight import preflight  # noqa: E402
-from search.space import SampledParams  # noqa: E402
-from search.space import build_config  # noqa: E402
-from search.spec import load_spec  # noqa: E402
-from search.spec import shipped_spec_path  # noqa: E402
+from search.memory.device import DeviceInfo  # noqa: E402
+from search.memory.feasible import feasible_grid  # noqa: E402
+from search.memory.preflight import preflight  # noqa: E402
+from search.record import attrs  # noqa: E402
+from search.record.config import TrialConfig  # noqa: E402
+from search.record.models import MODELS  # noqa: E402
+from search.sampling.space import SampledParams  # noqa: E402
+from search.sampling.space import build_config  # noqa: E402
+from search.spec.load import load_spec  # noqa: E402
+from search.spec.study_spec import shipped_spec_path  # noqa: E402
 
 DEVICE = DeviceInfo("cuda:0", "cuda:0 (24 GiB)", 24 * 2**30, 24 * 2**30)
 

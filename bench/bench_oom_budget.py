@@ -2,7 +2,7 @@
 
 Both sides run the same number of trials of the ko-retrieval study on CPU, with tiny replicas of
 the four models, under the same ``--memory-limit`` (the trial process's address-space cap), each
-in its own SQLite study, through ``search.runner.run_study``:
+in its own SQLite study, through ``search.worker.runner.run_study``:
 
 * **naive** - what the old sweeps did: one flat space for every model (no per-model
   conditions, no per-model checkpointing), no memory estimate, no frontier, no fail-fast (the
@@ -27,7 +27,7 @@ Run::
     python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko   # CPU estimate vs peaks
 
 Prints per side: trials by outcome, trained trials (what spends the budget: preflight skips
-are recorded but free, ``search.budget``), worker-seconds, seconds lost to OOM and their share,
+are recorded but free, ``search.worker.budget``), worker-seconds, seconds lost to OOM and their share,
 the best nDCG@10; then the ratio service share / naive share (targets: service < 2 %, ratio
 < 0.1). Over several seeds it ends with one line per seed and the verdict: in how many seeds
 the service's best nDCG@10 is at least the naive sweep's (target: all), and its worst OOM share.
@@ -110,8 +110,8 @@ def prepare_data(
 
 def bench_spec(mode: str, train_path: Path, eval_dir: Path, args: argparse.Namespace) -> Any:
     """The shipped ko-retrieval spec on the bench data; flattened for the naive side."""
-    from search.spec import ModelEntry
-    from search.spec import resolve_spec
+    from search.spec.load import resolve_spec
+    from search.spec.study_spec import ModelEntry
 
     spec = resolve_spec("ko-retrieval", None)
     training = spec.training.model_copy(
@@ -129,11 +129,11 @@ def bench_spec(mode: str, train_path: Path, eval_dir: Path, args: argparse.Names
 
 def run_side(mode: str, spec: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one side's budget and sum its worker-seconds by outcome."""
-    from search import attrs
-    from search.budget import is_skip
-    from search.device import parse_size
-    from search.runner import RunOptions
-    from search.runner import run_study
+    from search.memory.device import parse_size
+    from search.record import attrs
+    from search.record.counts import is_skip
+    from search.worker.runner import RunOptions
+    from search.worker.runner import run_study
 
     naive = mode == "naive"
     opts = RunOptions(
@@ -192,13 +192,13 @@ CALIBRATION_GRID = (  # (batch, max_len, amp, gradient_checkpointing), one hard 
 
 def calibrate(work: Path, train_path: Path, eval_dir: Path, models: list[str]) -> None:
     """Print the CPU estimate against measured peaks of real tiny-replica trials."""
-    from search.config import TrialConfig
-    from search.isolation import run_isolated
-    from search.memory_estimate import estimate_peak_memory
-    from search.models import MODELS
+    from search.memory.estimate import estimate_peak_memory
+    from search.record.config import TrialConfig
+    from search.record.models import MODELS
     from search.train.data import load_train
     from search.train.tiny import build_tiny_replica
     from search.train.tiny import tiny_info
+    from search.worker.isolation import run_isolated
 
     texts = [t for e in load_train(train_path) for t in (e.query, e.positive, *e.negatives)]
     ratios = []
@@ -268,7 +268,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from search.isolation import warm_up
+    from search.worker.isolation import warm_up
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-oom-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -74,16 +74,16 @@ if str(ROOT) not in sys.path:
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search.memory_estimate import estimate_peak_memory  # noqa: E402
-from search.models import MODELS  # noqa: E402
-from search.sampling import make_base_sampler  # noqa: E402
-from search.sampling import make_sampler  # noqa: E402
-from search.space import SampledParams  # noqa: E402
-from search.space import branch_name  # noqa: E402
-from search.space import build_config  # noqa: E402
-from search.space import sample_params  # noqa: E402
-from search.spec import StudySpec  # noqa: E402
-from search.spec import resolve_spec  # noqa: E402
+from search.memory.estimate import estimate_peak_memory  # noqa: E402
+from search.record.models import MODELS  # noqa: E402
+from search.sampling.sampler import make_base_sampler  # noqa: E402
+from search.sampling.sampler import make_sampler  # noqa: E402
+from search.sampling.space import SampledParams  # noqa: E402
+from search.sampling.space import branch_name  # noqa: E402
+from search.sampling.space import build_config  # noqa: E402
+from search.sampling.space import sample_params  # noqa: E402
+from search.spec.load import resolve_spec  # noqa: E402
+from search.spec.study_spec import StudySpec  # noqa: E402
 
 GIB = 1024**3
 CONSTRAINT_KEY = "oom"  # the constraint's name: estimate - budget in GiB, > 0 is an OOM

@@ -2,7 +2,7 @@
 ``search proxy``.
 
 Each worker is a process running the service's storage path as ``search worker`` does
-(``search.runner.run_study``): ``create_storage``, ``open_study``, ``ensure_budget``, the
+(``search.worker.runner.run_study``): ``create_storage``, ``open_study``, ``ensure_budget``, the
 stale-trial watcher thread (``watch_stale``), ``claim_trial`` under the study's budget lock,
 the heartbeat thread, the trial record in one transaction (``write_record``) before and after
 "training", and ``study.tell``. Training is ``time.sleep(--seconds)``: no torch, no trial
@@ -80,13 +80,13 @@ def worker_main(argv: list[str]) -> int:
 
     import optuna
 
-    import search.budget as budget_module
-    from search.budget import claim_trial
-    from search.budget import ensure_budget
-    from search.budget import watch_stale
-    from search.study_store import open_study
-    from search.trial_record import TrialRecord
-    from search.trial_record import write_record
+    import search.worker.budget as budget_module
+    from search.record.trial_record import TrialRecord
+    from search.record.trial_record import write_record
+    from search.worker.budget import claim_trial
+    from search.worker.budget import ensure_budget
+    from search.worker.budget import watch_stale
+    from search.worker.study_store import open_study
     from storage import create_storage
     from storage import heartbeat
     from storage import named_lock
@@ -266,7 +266,7 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
     import optuna
     import sqlalchemy
 
-    from search.budget import spent_count
+    from search.record.counts import spent_count
     from storage import create_storage
 
     db = _fresh_db(admin_url)

@@ -1,9 +1,9 @@
 """Worker-hours to a near-best config: old random sweep vs TPE vs the staged strategy (surrogate).
 
-Real Optuna studies in memory, driven by the service's own pieces (``search.budget.claim_trial``
-with free skips, ``search.space.sample_params`` / ``build_config``, ``search.sampling``'s
-sampler, ``search.pruners``, ``search.preflight`` with the OOM frontier, ``search.stages``'
-stage plan and refine seeds, ``search.trial_record``); only the training is replaced by a
+Real Optuna studies in memory, driven by the service's own pieces (``search.worker.budget.claim_trial``
+with free skips, ``search.sampling.space.sample_params`` / ``build_config``, ``search.sampling.sampler``'s
+sampler, ``search.sampling.pruners``, ``search.memory.preflight`` with the OOM frontier, ``search.sampling.stages``'
+stage plan and refine seeds, ``search.record.trial_record``); only the training is replaced by a
 surrogate of the ko-retrieval space on a 24 GiB GPU:
 
 * **score** (nDCG@10 after training): each model's ceiling from the published Korean figures in
@@ -19,7 +19,7 @@ surrogate of the ko-retrieval space on a 24 GiB GPU:
   passages ``min(max_len, 170)``, one hard negative), 50,000 pairs, 2 epochs, at 40 TFLOP/s;
   gradient checkpointing x1.33; a load of 36 s (72 s for bge-m3-ko); 5 s per sample eval.
   bge-m3-ko trains in about 0.6 h, the small models in about 0.04 h.
-* **memory**: ``search.memory_estimate`` (CUDA, AMP) times a fixed per-config factor
+* **memory**: ``search.memory.estimate`` (CUDA, AMP) times a fixed per-config factor
   (lognormal, sd 0.1: the estimate's error), against 24 GiB. A real OOM costs the load plus
   one step with the service's fail-fast first step, and the load plus a random part of the
   first epoch without it (the old sweep: the longest batch turns up anywhere).
@@ -31,7 +31,7 @@ Strategies (same budget of trained trials; skips are free, up to the skip bound)
   fail-fast: OOMs cost their time.
 * **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
   frontier (and, where the tree has it, the sampler drawing only shapes the preflight lets
-  run: ``search.feasible``, as the runner sets it), median pruner on the per-epoch reports
+  run: ``search.memory.feasible``, as the runner sets it), median pruner on the per-epoch reports
   (``PrunerSection()``'s defaults, no ``eval_every_steps``).
 * (``--shared-lr``: one learning-rate optimum for all models, the sensitivity case where the
   baseline stage's lessons about lr carry over to the big model.)
@@ -73,29 +73,29 @@ if str(ROOT) not in sys.path:
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search import attrs  # noqa: E402
-from search.budget import SkipBoundError  # noqa: E402
-from search.budget import claim_trial  # noqa: E402
-from search.budget import ensure_budget  # noqa: E402
-from search.config import TrialConfig  # noqa: E402
-from search.device import DeviceInfo  # noqa: E402
-from search.isolation import TrialOutcome  # noqa: E402
-from search.memory_estimate import estimate_peak_memory  # noqa: E402
-from search.models import MODELS  # noqa: E402
-from search.preflight import preflight  # noqa: E402
-from search.pruners import make_pruner  # noqa: E402
-from search.sampling import make_sampler  # noqa: E402
-from search.space import SampledParams  # noqa: E402
-from search.space import build_config  # noqa: E402
-from search.space import sample_params  # noqa: E402
-from search.spec import PrunerSection  # noqa: E402
-from search.spec import SamplerSection  # noqa: E402
-from search.spec import StudySpec  # noqa: E402
-from search.spec import resolve_spec  # noqa: E402
-from search.trial_record import claimed_record  # noqa: E402
-from search.trial_record import outcome_record  # noqa: E402
-from search.trial_record import skip_record  # noqa: E402
-from search.trial_record import write_record  # noqa: E402
+from search.memory.device import DeviceInfo  # noqa: E402
+from search.memory.estimate import estimate_peak_memory  # noqa: E402
+from search.memory.preflight import preflight  # noqa: E402
+from search.record import attrs  # noqa: E402
+from search.record.config import TrialConfig  # noqa: E402
+from search.record.models import MODELS  # noqa: E402
+from search.record.trial_record import write_record  # noqa: E402
+from search.sampling.pruners import make_pruner  # noqa: E402
+from search.sampling.sampler import make_sampler  # noqa: E402
+from search.sampling.space import SampledParams  # noqa: E402
+from search.sampling.space import build_config  # noqa: E402
+from search.sampling.space import sample_params  # noqa: E402
+from search.spec.load import resolve_spec  # noqa: E402
+from search.spec.study_spec import PrunerSection  # noqa: E402
+from search.spec.study_spec import SamplerSection  # noqa: E402
+from search.spec.study_spec import StudySpec  # noqa: E402
+from search.worker.budget import SkipBoundError  # noqa: E402
+from search.worker.budget import claim_trial  # noqa: E402
+from search.worker.budget import ensure_budget  # noqa: E402
+from search.worker.isolation import TrialOutcome  # noqa: E402
+from search.worker.records import claimed_record  # noqa: E402
+from search.worker.records import outcome_record  # noqa: E402
+from search.worker.records import skip_record  # noqa: E402
 
 GIB = 2**30
 DEVICE = DeviceInfo(
@@ -235,7 +235,7 @@ def _config_for(spec: StudySpec) -> Any:
 
 
 def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) -> Any:
-    from search.stages import StagePlan
+    from search.sampling.stages import StagePlan
 
     return StagePlan(
         spec,
@@ -249,9 +249,9 @@ def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) ->
 
 def _draw_what_fits(spec: StudySpec, study: optuna.Study) -> None:
     """The runner's ``_draw_what_fits``: the sampler draws among the shapes that pass the
-    preflight on this device (``search.feasible``), when the sampler supports it."""
+    preflight on this device (``search.memory.feasible``), when the sampler supports it."""
     try:
-        from search.feasible import feasibility
+        from search.memory.feasible import feasibility
     except ImportError:  # a tree from before the feasible grid
         return
     if not hasattr(study.sampler, "feasible"):
@@ -331,7 +331,7 @@ def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = N
 
 
 def _trained(study: optuna.Study) -> int:
-    from search.budget import spent_count
+    from search.record.counts import spent_count
 
     return spent_count(study.get_trials(deepcopy=False))
 

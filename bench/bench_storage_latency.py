@@ -1,7 +1,7 @@
 """Storage latency as a study grows: ask+tell at 100 and at 10,000 finished trials, and report.
 
 One PostgreSQL study is filled with realistic finished trials (the ko-retrieval space's params,
-the trial record the runner writes: search.trial_record's user and system attributes), then,
+the trial record the runner writes: search.record.trial_record's user and system attributes), then,
 at 100 and again at 10,000 finished trials, a fresh worker process measures one trial's
 storage round trip the way ``search worker`` does it: ``claim_trial`` (budget lock, stale
 check, count, ``ask``, first heartbeat) + sampling the conditional space + the runner's
@@ -49,16 +49,16 @@ from optuna.distributions import distribution_to_json  # noqa: E402
 from optuna.storages._rdb import models  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from search.budget import claim_trial  # noqa: E402
-from search.device import DeviceInfo  # noqa: E402
-from search.isolation import TrialOutcome  # noqa: E402
-from search.report import study_report  # noqa: E402
-from search.space import build_config  # noqa: E402
-from search.space import sample_params  # noqa: E402
-from search.spec import resolve_spec  # noqa: E402
-from search.trial_record import claimed_record  # noqa: E402
-from search.trial_record import outcome_record  # noqa: E402
-from search.trial_record import write_record  # noqa: E402
+from search.memory.device import DeviceInfo  # noqa: E402
+from search.observe.report import study_report  # noqa: E402
+from search.record.trial_record import write_record  # noqa: E402
+from search.sampling.space import build_config  # noqa: E402
+from search.sampling.space import sample_params  # noqa: E402
+from search.spec.load import resolve_spec  # noqa: E402
+from search.worker.budget import claim_trial  # noqa: E402
+from search.worker.isolation import TrialOutcome  # noqa: E402
+from search.worker.records import claimed_record  # noqa: E402
+from search.worker.records import outcome_record  # noqa: E402
 from storage import ResilientRDBStorage  # noqa: E402
 from storage import create_storage  # noqa: E402
 from storage import redact_url  # noqa: E402

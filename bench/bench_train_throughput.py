@@ -86,7 +86,7 @@ def _count_training_tokens() -> list[int]:
 
 def prepare(work: Path, model: str, dims: dict[str, int]) -> dict[str, str]:
     """KLUE retrieval files and the replica (built once, reused)."""
-    from search.models import MODELS
+    from search.record.models import MODELS
     from search.train.data import load_train
     from search.train.nli_retrieval import klue_nli_to_retrieval
     from search.train.tiny import build_tiny_replica
@@ -135,8 +135,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from search.config import TrialConfig
-    from search.models import MODELS
+    from search.record.config import TrialConfig
+    from search.record.models import MODELS
     from search.train import loop
     from search.train.data import EvalSet
     from search.train.data import load_eval
@@ -214,7 +214,7 @@ def run_st(args: argparse.Namespace) -> dict[str, float]:
     from sentence_transformers.sentence_transformer.modules import Transformer
     from transformers import TrainerCallback
 
-    from search.models import MODELS
+    from search.record.models import MODELS
 
     tokens = _count_training_tokens()
     start = time.perf_counter()
@@ -356,8 +356,8 @@ def compare_st(args: argparse.Namespace) -> None:
 
 def compare_precision(args: argparse.Namespace) -> None:
     """Our objective with fp32 vs bf16 autocast on CPU, over hidden sizes (the CPU rule)."""
-    from search.precision import CPU_BF16_MIN_HIDDEN
-    from search.precision import cpu_has_native_bf16
+    from search.record.precision import CPU_BF16_MIN_HIDDEN
+    from search.record.precision import cpu_has_native_bf16
 
     print(f"CPU native bf16 (AMX / AVX512-BF16): {cpu_has_native_bf16()}")
     print(f"rule: bf16 autocast on CPU when native and hidden >= {CPU_BF16_MIN_HIDDEN}")

@@ -64,11 +64,11 @@ pruner: {{type: none}}
 
 def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
     """One worker process: warm the trial server, then time ``run_study`` (prints JSON)."""
-    from search.isolation import warm_up
-    from search.options import DEFAULT_CACHE
-    from search.options import RunOptions
-    from search.runner import run_study
-    from search.spec import load_spec
+    from search.spec.load import load_spec
+    from search.spec.options import DEFAULT_CACHE
+    from search.spec.options import RunOptions
+    from search.worker.isolation import warm_up
+    from search.worker.runner import run_study
 
     warm_up()
     spent = _time_wandb_calls() if wandb_on else {}
@@ -95,7 +95,7 @@ def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
 
 def _time_wandb_calls() -> dict[str, float]:
     """Wrap the worker's W&B calls to add up the seconds spent in them (by kind)."""
-    from search import tracking
+    from search.observe import tracking
 
     spent = {"start": 0.0, "log": 0.0, "finish": 0.0}
 

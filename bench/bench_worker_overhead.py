@@ -6,7 +6,7 @@ sleeping for the trial length:
 
 * **plain** - W processes, each ``study.optimize(objective, n_trials=N / W)`` on Optuna's own
   ``RDBStorage``; the objective samples the space and sleeps. Nothing else.
-* **service** - W processes, each ``search.runner.run_study`` (what ``search worker`` runs):
+* **service** - W processes, each ``search.worker.runner.run_study`` (what ``search worker`` runs):
   open the study under its lock, claim each trial under the global budget lock (stale check,
   count, ask, first heartbeat), sample, record the runner's attributes, heartbeat thread,
   training isolated in a child process from the forkserver (the objective sleeps there),
@@ -79,9 +79,9 @@ def _wait_at(barrier: Path) -> float:
 def _role_plain(url: str, name: str, n: int, barrier: Path) -> dict[str, Any]:
     import optuna
 
-    from search.sampling import make_sampler
-    from search.space import sample_params
-    from search.spec import resolve_spec
+    from search.sampling.sampler import make_sampler
+    from search.sampling.space import sample_params
+    from search.spec.load import resolve_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = resolve_spec("ko-retrieval", None)
@@ -102,10 +102,10 @@ def _role_plain(url: str, name: str, n: int, barrier: Path) -> dict[str, Any]:
 def _role_service(url: str, name: str, n: int, barrier: Path) -> dict[str, Any]:
     import optuna
 
-    from search.isolation import run_isolated
-    from search.runner import RunOptions
-    from search.runner import run_study
-    from search.spec import resolve_spec
+    from search.spec.load import resolve_spec
+    from search.worker.isolation import run_isolated
+    from search.worker.runner import RunOptions
+    from search.worker.runner import run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = resolve_spec("ko-retrieval", None)
@@ -132,8 +132,8 @@ def _role_service(url: str, name: str, n: int, barrier: Path) -> dict[str, Any]:
 def _dummy_config(spec: Any) -> Any:
     import optuna
 
-    from search.space import build_config
-    from search.space import sample_params
+    from search.sampling.space import build_config
+    from search.sampling.space import sample_params
 
     trial = optuna.create_study().ask()
     return build_config(spec, sample_params(trial, spec), device="cpu")

@@ -9,8 +9,8 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from search.config import TrialConfig
-from search.models import MODELS
+from search.record.config import TrialConfig
+from search.record.models import MODELS
 from storage import redact_url
 
 # The PostgreSQL the marked tests use (.ci/run creates the database).

@@ -13,9 +13,9 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
-from search import attrs
-from search.spec import load_spec
-from search.spec import shipped_spec_path
+from search.record import attrs
+from search.spec.load import load_spec
+from search.spec.study_spec import shipped_spec_path
 
 MODELS = ["ko-simcse", "bge-m3-ko", "multilingual-minilm", "multilingual-e5-small"]
 GIB = 1024.0  # MB per GiB

@@ -17,14 +17,14 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.export import read_search_json
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.runner import run_study
-from search.spec import PACKAGE_DIR
-from search.spec import load_spec
+from search.record import attrs
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.spec.study_spec import PACKAGE_DIR
+from search.train.export import read_search_json
+from search.worker.runner import run_study
 
 DEMO = PACKAGE_DIR / "studies/data/ko-demo"
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Tests of search/budget.py: the global budget, claims, stale trials and hand-backs."""
+"""Tests of search/worker/budget.py: the global budget, claims, stale trials and hand-backs."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import HANDED_BACK
-from search.budget import BudgetError
-from search.budget import claim_trial
-from search.budget import ensure_budget
-from search.budget import fail_and_requeue
-from search.budget import fail_stale
-from search.budget import finished_count
-from search.budget import hand_back
-from search.budget import spent_count
-from search.budget import watch_stale
+from search.record import attrs
+from search.record.counts import spent_count
+from search.worker.budget import HANDED_BACK
+from search.worker.budget import BudgetError
+from search.worker.budget import claim_trial
+from search.worker.budget import ensure_budget
+from search.worker.budget import fail_and_requeue
+from search.worker.budget import fail_stale
+from search.worker.budget import finished_count
+from search.worker.budget import hand_back
+from search.worker.budget import watch_stale
 from storage import create_storage
 from storage import heartbeat
 

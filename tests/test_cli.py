@@ -13,9 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.spec import shipped_spec_path
+from search.record import attrs
+from search.spec.study_spec import shipped_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "search" / "studies" / "data" / "ko-demo"
@@ -180,7 +180,7 @@ def test_real_weights_missing_stops_with_a_fix(tmp_path: Path) -> None:
         stages=[],  # the shipped stages name the other models
     )
     run = _search("run", "--spec", str(spec), "--n-trials", "3", "--device", "cpu", cwd=tmp_path)
-    # Checked before any trial (search.model_resolve): exit 2, one line per missing model.
+    # Checked before any trial (search.spec.model_resolve): exit 2, one line per missing model.
     assert run.returncode == 2, run.stderr
     err = " ".join(run.stderr.split())
     hub_id = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"

@@ -18,15 +18,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.cli_options import WORKER_ONLY
-from search.cli_options import RunArgs
-from search.cli_options import run_options
-from search.options import RunOptions
-from search.space_check import check_stored_space
-from search.spec import load_spec
-from search.spec import shipped_spec_path
+from search.cli.run_options import WORKER_ONLY
+from search.cli.run_options import RunArgs
+from search.cli.run_options import run_options
+from search.record import attrs
+from search.spec.load import load_spec
+from search.spec.options import RunOptions
+from search.spec.space_check import check_stored_space
+from search.spec.study_spec import shipped_spec_path
 from search.train.data import KO_DEMO_DIR
 from search.train.data import MAX_LINE_BYTES
 
@@ -338,8 +338,8 @@ def test_mistakes_are_answered_before_torch_is_imported(tmp_path: Path, case: st
     assert len(errors) == 1 and errors[0].startswith("error: "), errors
     assert run.stdout == ""  # no progress bar, no study line
     modules = _imported(run.stderr)
-    assert {"typer", "search.spec"} <= modules  # the hook saw the imports
-    assert not {"torch", "transformers", "search.runner"} & modules
+    assert {"typer", "search.spec.study_spec"} <= modules  # the hook saw the imports
+    assert not {"torch", "transformers", "search.worker.runner"} & modules
 
 
 # --------------------------------------------------------------------- search spec init

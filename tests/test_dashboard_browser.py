@@ -28,11 +28,11 @@ import optuna
 import pytest
 from _factories import ci
 
-from search import attrs
-from search.budget import is_skip
-from search.options import RunOptions
-from search.runner import run_study
-from search.spec import load_spec
+from search.record import attrs
+from search.record.counts import is_skip
+from search.spec.load import load_spec
+from search.spec.options import RunOptions
+from search.worker.runner import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "search" / "studies" / "data" / "ko-demo"
@@ -324,9 +324,9 @@ def test_the_rendered_dashboard_tells_the_story(
 
 # Last: it overwrites two of the published plots.
 def test_publish_again_replaces_the_plots(finished: dict[str, Any], tmp_path: Path) -> None:
-    from search.publish import artifact_store
-    from search.publish import study_artifacts
-    from search.publish import upload_files
+    from search.observe.artifacts import artifact_store
+    from search.observe.publish import study_artifacts
+    from search.observe.publish import upload_files
 
     study: optuna.Study = finished["study"]
     assert "7 plots" in finished["published"].stderr, finished["published"].stderr
@@ -446,7 +446,7 @@ def test_the_study_note_is_refreshed_at_most_every_interval(
 ) -> None:
     from optuna_dashboard import get_note
 
-    from search import publish
+    from search.observe import publish
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/n.db", direction="maximize")
     clock = [1000.0]
@@ -467,7 +467,7 @@ def test_the_study_note_is_refreshed_at_most_every_interval(
 def test_notes_never_fail_a_trial(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from search import publish
+    from search.observe import publish
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/n.db")
     frozen = _told(study, model="m")
@@ -476,7 +476,7 @@ def test_notes_never_fail_a_trial(
         raise OSError("disk full\nsecond line")
 
     monkeypatch.setattr(publish, "save_trial_note", broken)
-    with caplog.at_level("WARNING", logger="search.publish"):
+    with caplog.at_level("WARNING", logger="search.observe.publish"):
         publish.after_trial(study, frozen)  # logged, not raised
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["dashboard note of trial 0 not written: OSError: disk full second line"]
@@ -484,7 +484,7 @@ def test_notes_never_fail_a_trial(
     # Without optuna-dashboard (an extra) nothing is written and nothing is said above DEBUG.
     caplog.clear()
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
-    with caplog.at_level("DEBUG", logger="search.publish"):
+    with caplog.at_level("DEBUG", logger="search.observe.publish"):
         publish.after_trial(study, frozen)
         publish.finish(study)
     assert {r.levelname for r in caplog.records} <= {"DEBUG"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from search.device import device_info
-from search.device import format_bytes
-from search.device import parse_size
+from search.memory.device import device_info
+from search.memory.device import format_bytes
+from search.memory.device import parse_size
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_format_bytes() -> None:
 def test_one_precision_rule_for_the_loop_and_the_estimate() -> None:
     import torch
 
-    from search import precision
+    from search.record import precision
 
     assert precision.device_type("cuda:1") == "cuda" and precision.device_type("cpu") == "cpu"
     assert precision.device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,8 +14,8 @@ from _factories import KLUE_JSON
 from _factories import SENTENCES
 from _factories import trial_config
 
-from search.config import TrialConfig
-from search.models import MODELS
+from search.record.config import TrialConfig
+from search.record.models import MODELS
 from search.train.encoder import BiEncoder
 from search.train.encoder import ModelLoadError
 from search.train.tiny import build_tiny_replica
@@ -226,10 +226,10 @@ def test_last_token_pooling_takes_the_last_real_token(replicas: dict[str, Path])
 
 
 def test_the_specs_attention_reaches_the_encoder(replicas: dict[str, Path]) -> None:
-    from search.space import SampledParams
-    from search.space import build_config
-    from search.spec import load_spec
-    from search.spec import shipped_spec_path
+    from search.sampling.space import SampledParams
+    from search.sampling.space import build_config
+    from search.spec.load import load_spec
+    from search.spec.study_spec import shipped_spec_path
 
     spec = load_spec(shipped_spec_path("ko-retrieval"))
     params = SampledParams("ko-simcse", 32, 128, 5e-5, 0.05, 0.1, 0.01)

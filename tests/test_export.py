@@ -18,12 +18,12 @@ import torch
 from _factories import SENTENCES
 from _factories import trial_config
 
-from search.export import SEARCH_JSON
-from search.export import read_search_json
-from search.models import MODELS
-from search.spec import PACKAGE_DIR
+from search.record.models import MODELS
+from search.spec.study_spec import PACKAGE_DIR
 from search.train.data import load_train
 from search.train.encoder import BiEncoder
+from search.train.export import SEARCH_JSON
+from search.train.export import read_search_json
 from search.train.loop import train
 from search.train.tiny import build_tiny_replica
 
@@ -106,7 +106,7 @@ def test_a_failed_save_leaves_the_trial_and_no_model(
     replicas: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A save that fails (here: save_dir is a file) prints one line and returns False."""
-    from search.export import save_trial_model
+    from search.train.export import save_trial_model
 
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

@@ -1,4 +1,4 @@
-"""The sampler draws only what the worker's device can run (``search.feasible``).
+"""The sampler draws only what the worker's device can run (``search.memory.feasible``).
 
 The grid is the worker's answer (the preflight's, in a run: ``tests/test_skips.py`` runs it on
 a real device limit); here a fixed grid checks the sampler's side under real TPE, with its
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import optuna
 
-from search.config import TrialConfig
-from search.feasible import feasible_grid
-from search.preflight import preflight
-from search.sampling import make_sampler
-from search.space import sample_params
-from search.spec import load_spec
-from search.spec import shipped_spec_path
+from search.memory.feasible import feasible_grid
+from search.memory.preflight import preflight
+from search.record.config import TrialConfig
+from search.sampling.sampler import make_sampler
+from search.sampling.space import sample_params
+from search.spec.load import load_spec
+from search.spec.study_spec import shipped_spec_path
 
 # True: fits without the estimate's band (a sure pair); False: only within the band.
 GRID = {
@@ -72,8 +72,8 @@ def test_a_border_pair_is_drawn_only_when_the_model_has_no_sure_pair() -> None:
 def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
     from _factories import trial_config
 
-    from search.device import DeviceInfo
-    from search.models import MODELS
+    from search.memory.device import DeviceInfo
+    from search.record.models import MODELS
     from search.train.tiny import tiny_info
 
     device = DeviceInfo("cpu", "cpu (limit 600 MiB)", 600 * 2**20, 600 * 2**20)
@@ -101,9 +101,9 @@ def test_the_grid_is_the_preflights_answer_pair_by_pair() -> None:
 def test_a_trained_trial_makes_the_pairs_estimated_no_higher_sure() -> None:
     from _factories import trial_config
 
-    from search import attrs
-    from search.device import DeviceInfo
-    from search.models import MODELS
+    from search.memory.device import DeviceInfo
+    from search.record import attrs
+    from search.record.models import MODELS
     from search.train.tiny import tiny_info
 
     device = DeviceInfo("cpu", "cpu (limit 600 MiB)", 600 * 2**20, 600 * 2**20)

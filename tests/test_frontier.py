@@ -10,12 +10,12 @@ from _factories import bge_cuda_config
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search import attrs
-from search.config import TrialConfig
-from search.frontier import dominates
-from search.frontier import evidence
-from search.frontier import find_estimate_oom
-from search.frontier import find_frontier_oom
+from search.memory.frontier import dominates
+from search.memory.frontier import evidence
+from search.memory.frontier import find_estimate_oom
+from search.memory.frontier import find_frontier_oom
+from search.record import attrs
+from search.record.config import TrialConfig
 
 GIB = 1024**3
 

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from search.config import TrialConfig
-from search.isolation import run_isolated
-from search.models import MODELS
+from search.record.config import TrialConfig
+from search.record.models import MODELS
 from search.train.encoder import BiEncoder
 from search.train.loop import StepBatch
 from search.train.loop import make_scaler
@@ -23,6 +22,7 @@ from search.train.losses import CachedInfoNCELoss
 from search.train.losses import InfoNCELoss
 from search.train.losses.cached_infonce import mini_batches
 from search.train.tiny import build_tiny_replica
+from search.worker.isolation import run_isolated
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -272,11 +272,11 @@ def test_a_cached_batch_of_256_fits_where_the_plain_one_runs_out_of_memory(
 
 
 def test_spec_setting_reaches_the_trial_config_per_model() -> None:
-    from search.config import GRADIENT_CACHE_AUTO
-    from search.space import SampledParams
-    from search.space import build_config
-    from search.spec import load_spec
-    from search.spec import shipped_spec_path
+    from search.record.config import GRADIENT_CACHE_AUTO
+    from search.sampling.space import SampledParams
+    from search.sampling.space import build_config
+    from search.spec.load import load_spec
+    from search.spec.study_spec import shipped_spec_path
 
     spec = load_spec(shipped_spec_path("ko-retrieval-large-batch"))
     params = SampledParams("bge-m3-ko", 256, 256, 1e-5, 0.05, 0.1, 0.0)
@@ -291,15 +291,15 @@ def test_spec_setting_reaches_the_trial_config_per_model() -> None:
     ("value", "expected"), [("off", "off"), (False, "off"), ("auto", "auto"), (16, 16)]
 )
 def test_spec_values(value: object, expected: object) -> None:
-    from search.spec import TrainingSection
+    from search.spec.study_spec import TrainingSection
 
     assert TrainingSection(gradient_cache=value).gradient_cache == expected
 
 
 def test_a_bad_spec_value_is_one_line_naming_file_field_and_value(tmp_path: Any) -> None:
-    from search.spec import SpecError
-    from search.spec import load_spec
-    from search.spec import shipped_spec_path
+    from search.spec.load import load_spec
+    from search.spec.study_spec import SpecError
+    from search.spec.study_spec import shipped_spec_path
 
     text = shipped_spec_path("ko-retrieval").read_text(encoding="utf-8")
     bad = tmp_path / "bad.yaml"
@@ -314,11 +314,11 @@ def test_a_bad_spec_value_is_one_line_naming_file_field_and_value(tmp_path: Any)
 
 
 def test_auto_is_off_when_the_batch_fits_else_the_largest_mini_batch_that_does() -> None:
-    from search.config import GRADIENT_CACHE_AUTO
-    from search.device import DeviceInfo
-    from search.memory_estimate import estimate_peak_memory
-    from search.preflight import preflight
-    from search.preflight import resolve_gradient_cache
+    from search.memory.device import DeviceInfo
+    from search.memory.estimate import estimate_peak_memory
+    from search.memory.preflight import preflight
+    from search.memory.preflight import resolve_gradient_cache
+    from search.record.config import GRADIENT_CACHE_AUTO
     from search.train.tiny import tiny_info
 
     arch = tiny_info(MODELS[MODEL])
@@ -368,8 +368,8 @@ def test_the_large_batch_study_differs_from_ko_retrieval_only_for_bge_m3_ko() ->
     """Structurally: the two YAML trees are equal once the three intended changes are undone."""
     import yaml
 
-    from search.spec import load_spec
-    from search.spec import shipped_spec_path
+    from search.spec.load import load_spec
+    from search.spec.study_spec import shipped_spec_path
 
     base = yaml.safe_load(shipped_spec_path("ko-retrieval").read_text(encoding="utf-8"))
     large = yaml.safe_load(
@@ -400,9 +400,9 @@ def test_search_run_resolves_auto_to_a_mini_batch_that_fits(tmp_path: Any) -> No
 
     import optuna
 
-    from search import attrs
-    from search.spec import shipped_spec_path
-    from search.trial_record import config_of
+    from search.record import attrs
+    from search.record.trial_record import config_of
+    from search.spec.study_spec import shipped_spec_path
 
     demo = shipped_spec_path("ko-retrieval").parent / "data" / "ko-demo"
     spec = tmp_path / "auto.yaml"

@@ -1,6 +1,6 @@
 """Optuna's importances rank the effective model, batch size and max length.
 
-Every trial samples the same parameter names (``search.space``), so the importance evaluators
+Every trial samples the same parameter names (``search.sampling.space``), so the importance evaluators
 see ``model``, ``batch_size`` and ``max_len`` in every trial; with the earlier per-branch names
 (``batch_size.bge-m3-ko``, ...) they saw none of the batch sizes or lengths together and
 ranked ``model`` 0.00. A fast synthetic score (``study.tell``, no training) that depends
@@ -15,9 +15,9 @@ import math
 import optuna
 import pytest
 
-from search.sampling import make_sampler
-from search.space import sample_params
-from search.spec import resolve_spec
+from search.sampling.sampler import make_sampler
+from search.sampling.space import sample_params
+from search.spec.load import resolve_spec
 
 N_TRIALS = 40
 SHARED = ("model", "batch_size", "max_len")

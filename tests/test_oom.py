@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.isolation import host_oom_evidence
-from search.oom import OOM_PATTERNS
-from search.oom import is_oom_error
-from search.oom import release_device_memory
+from search.memory.oom import OOM_PATTERNS
+from search.memory.oom import is_oom_error
+from search.memory.oom import release_device_memory
+from search.worker.isolation import host_oom_evidence
 
 # huggingface/accelerate, src/accelerate/utils/memory.py, should_reduce_batch_size: both the
 # 2022 list and the current one (" out of memory." for CUDA/HIP/XPU, plus Habana's PT_DEVMEM).

@@ -15,21 +15,21 @@ from _finished_study import MODELS
 from _finished_study import finished_study
 from PIL import Image
 
-from search import attrs
-from search.plot_data import CELL_BOTH
-from search.plot_data import CELL_FIT
-from search.plot_data import CELL_OOM
-from search.plot_data import CELL_UNTRIED
-from search.plot_data import TrialPoint
-from search.plot_data import oom_grid
-from search.plot_data import pareto_front
-from search.plots import HTML
-from search.plots import INSTALL_HINT
-from search.plots import KIND_LABELS
-from search.plots import OVERVIEW
-from search.plots import PNG_FILES
-from search.plots import load_plot_data
-from search.plots import write_plots
+from search.observe.plot_data import CELL_BOTH
+from search.observe.plot_data import CELL_FIT
+from search.observe.plot_data import CELL_OOM
+from search.observe.plot_data import CELL_UNTRIED
+from search.observe.plot_data import TrialPoint
+from search.observe.plot_data import oom_grid
+from search.observe.plot_data import pareto_front
+from search.observe.plot_style import HTML
+from search.observe.plot_style import INSTALL_HINT
+from search.observe.plot_style import KIND_LABELS
+from search.observe.plot_style import OVERVIEW
+from search.observe.plot_style import PNG_FILES
+from search.observe.plots import load_plot_data
+from search.observe.plots import write_plots
+from search.record import attrs
 from storage import create_storage
 
 ROOT = Path(__file__).resolve().parents[1]

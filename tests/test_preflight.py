@@ -9,16 +9,16 @@ import pytest
 from _factories import bge_cuda_config
 from optuna.trial import TrialState
 
-from search import attrs
-from search.config import TrialConfig
-from search.device import DeviceInfo
-from search.isolation import TrialOutcome
-from search.models import MODELS
-from search.preflight import ESTIMATE_BAND
-from search.preflight import preflight
-from search.trial_record import claimed_record
-from search.trial_record import outcome_record
-from search.trial_record import skip_record
+from search.memory.device import DeviceInfo
+from search.memory.preflight import ESTIMATE_BAND
+from search.memory.preflight import preflight
+from search.record import attrs
+from search.record.config import TrialConfig
+from search.record.models import MODELS
+from search.worker.isolation import TrialOutcome
+from search.worker.records import claimed_record
+from search.worker.records import outcome_record
+from search.worker.records import skip_record
 
 GIB = 1024**3
 BGE = MODELS["bge-m3-ko"]
@@ -155,13 +155,13 @@ def test_band_is_checked() -> None:
 
 def test_a_real_oom_becomes_a_frontier_for_dominated_configs() -> None:
     # A real allocator OOM under a memory limit (fake objective in tests/test_isolation.py),
-    # recorded the way search.runner records it; then preflight prunes a dominated config
+    # recorded the way search.worker.runner records it; then preflight prunes a dominated config
     # from attributes alone (model_path does not exist: nothing is loaded).
     import os
 
-    from search.device import device_info
-    from search.isolation import run_isolated
+    from search.memory.device import device_info
     from search.train.tiny import tiny_info
+    from search.worker.isolation import run_isolated
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     device = device_info("cpu", memory_limit=128 * 2**20)

@@ -24,9 +24,9 @@ import sqlalchemy
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import RETRY_HISTORY
-from search.budget import spent_count
+from search.record import attrs
+from search.record.counts import spent_count
+from search.worker.budget import RETRY_HISTORY
 from storage import StorageError
 from storage import create_storage
 from storage import named_lock
@@ -254,8 +254,8 @@ def test_a_proxy_url_with_a_password_a_proxy_behind_a_proxy_or_a_taken_port_is_r
     with pytest.raises(StorageError, match="holds no user or password") as caught:
         create_storage("grpc://user:s3cret@proxy:13000")
     assert "s3cret" not in str(caught.value)
-    from search.proxy import ProxyError
-    from search.proxy import serve
+    from search.cli.proxy import ProxyError
+    from search.cli.proxy import serve
 
     with pytest.raises(ProxyError, match="not a proxy's"):
         serve("grpc://127.0.0.1:1", host="127.0.0.1", port=1, threads=4)
@@ -273,10 +273,10 @@ def test_the_budget_operations_run_by_the_proxy(
 ) -> None:
     from optuna.exceptions import UpdateFinishedTrialError
 
-    from search.budget import fail_and_requeue
-    from search.budget import fail_stale
-    from search.trial_record import TrialRecord
-    from search.trial_record import write_record
+    from search.record.trial_record import TrialRecord
+    from search.record.trial_record import write_record
+    from search.worker.budget import fail_and_requeue
+    from search.worker.budget import fail_stale
 
     _, url = _start_proxy(procs, tmp_path, pg_url)
     store = create_storage(url, heartbeat_interval=1, grace_period=1)

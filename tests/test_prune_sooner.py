@@ -15,20 +15,20 @@ import optuna
 import pytest
 import torch
 
-from search.config import TrialConfig
-from search.models import MODELS
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.pruners import pruner_from_section
-from search.runner import run_study
-from search.spec import PrunerSection
-from search.spec import load_spec
+from search.record.config import TrialConfig
+from search.record.models import MODELS
+from search.sampling.pruners import pruner_from_section
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.spec.study_spec import PrunerSection
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.loop import train
 from search.train.partial_eval import ExamplesAxis
 from search.train.partial_eval import eval_sample
 from search.train.tiny import build_tiny_replica
+from search.worker.runner import run_study
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),

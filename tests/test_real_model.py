@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from search.device import device_info
-from search.isolation import run_isolated
-from search.model_facts import resolve_facts
-from search.preflight import ESTIMATE_BAND
-from search.preflight import preflight
-from search.space import SampledParams
-from search.space import build_config
-from search.spec import load_spec
+from search.memory.device import device_info
+from search.memory.preflight import ESTIMATE_BAND
+from search.memory.preflight import preflight
+from search.sampling.space import SampledParams
+from search.sampling.space import build_config
+from search.spec.load import load_spec
+from search.spec.model_facts import resolve_facts
 from search.train.nli_retrieval import klue_nli_to_retrieval
+from search.worker.isolation import run_isolated
 
 NAME = "all-minilm-l6-v2"
 PREMISES = 160  # of KLUE-NLI dev's 1,000: 128 train (batch 32: 4 steps), 32 held out

@@ -18,21 +18,21 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.refine import RefineError
-from search.refine import enqueue_refine
-from search.refine import params_key
-from search.refine import refine_candidates
-from search.refine import tried_keys
-from search.runner import run_study
-from search.sampling import make_pruner
-from search.sampling import make_sampler
-from search.spec import StudySpec
-from search.spec import load_spec
-from search.study_store import open_study
+from search.record import attrs
+from search.sampling.refine import RefineError
+from search.sampling.refine import enqueue_refine
+from search.sampling.refine import params_key
+from search.sampling.refine import refine_candidates
+from search.sampling.refine import tried_keys
+from search.sampling.sampler import make_pruner
+from search.sampling.sampler import make_sampler
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.spec.study_spec import StudySpec
+from search.worker.runner import run_study
+from search.worker.study_store import open_study
 from storage import create_storage
 
 pytestmark = [

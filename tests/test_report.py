@@ -8,9 +8,9 @@ import re
 import optuna
 from optuna.trial import TrialState
 
-from search import attrs
-from search.report import model_rows
-from search.report import study_report
+from search.observe.report import model_rows
+from search.observe.report import study_report
+from search.record import attrs
 
 
 def _add(
@@ -22,7 +22,7 @@ def _add(
 ) -> None:
     trial = study.ask()
     trial.set_user_attr(attrs.MODEL, model)
-    # Where the runner's record keeps the effective config (search.trial_record).
+    # Where the runner's record keeps the effective config (search.record.trial_record).
     trial.storage.set_trial_system_attr(
         trial._trial_id,
         attrs.SYSTEM_CONFIG,
@@ -134,7 +134,7 @@ def _url(tmp_path) -> str:  # type: ignore[no-untyped-def]
 def test_report_reads_at_100_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from rich.console import Console
 
-    from search.report_view import report_view
+    from search.observe.report_view import report_view
 
     report = study_report(_finished(tmp_path))
     console = Console(width=100, record=True, file=io.StringIO())
@@ -187,7 +187,7 @@ def test_json_has_the_overall_best_and_oom_configs(tmp_path) -> None:  # type: i
 def test_report_without_completed_trials(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from _finished_study import finished_study
 
-    from search.report_view import report_text
+    from search.observe.report_view import report_text
 
     study = finished_study(f"sqlite:///{tmp_path / 'n.db'}", "n", completed=False)
     report = study_report(study)
@@ -198,7 +198,7 @@ def test_report_without_completed_trials(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_many_oom_trials_fold_within_100_columns() -> None:
-    from search.report_view import report_text
+    from search.observe.report_view import report_text
 
     report = study_report(_study())
     report["oom_configs"] = [
@@ -230,7 +230,7 @@ def _staged(storage: object = None) -> optuna.Study:
 
 
 def test_per_stage_section_best_per_model_and_what_refine_gained(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from search.report_view import report_text
+    from search.observe.report_view import report_text
     from storage import create_storage
 
     url = f"sqlite:///{tmp_path}/staged.db"

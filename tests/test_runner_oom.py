@@ -1,6 +1,6 @@
 """How the real runner records out-of-memory: ``run_study`` on tiny replicas under a limit.
 
-The attributes asserted here are the ones ``search.runner`` wrote, not built by the test: a
+The attributes asserted here are the ones ``search.worker.runner`` wrote, not built by the test: a
 config that really runs out of memory under ``--memory-limit`` (the CPU address-space cap),
 the same config skipped afterwards as ``oom: frontier`` naming that trial, and a config
 skipped before loading anything as ``oom: predicted`` on a tiny device.
@@ -15,16 +15,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import SkipBoundError
-from search.device import device_info
-from search.memory_estimate import estimate_peak_memory
-from search.models import MODELS
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.runner import run_study
-from search.spec import load_spec
+from search.memory.device import device_info
+from search.memory.estimate import estimate_peak_memory
+from search.record import attrs
+from search.record.models import MODELS
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
 from search.train.tiny import tiny_info
+from search.worker.budget import SkipBoundError
+from search.worker.runner import run_study
 
 pytestmark = [
     pytest.mark.train,
@@ -136,7 +136,7 @@ def test_a_config_that_cannot_fit_is_skipped_before_loading(tmp_path: Path) -> N
 
 def optuna_config(trial: optuna.trial.FrozenTrial):  # type: ignore[no-untyped-def]
     """The effective TrialConfig the runner recorded on ``trial``."""
-    from search.config import TrialConfig
-    from search.trial_record import config_of
+    from search.record.config import TrialConfig
+    from search.record.trial_record import config_of
 
     return TrialConfig.from_json(config_of(trial))

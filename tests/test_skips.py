@@ -1,6 +1,6 @@
 """Skips are free: preflight skips are recorded but do not spend the budget, up to a bound.
 
-Unit tests on an in-memory study (the count and the bound in ``search.budget``), then the
+Unit tests on an in-memory study (the count and the bound in ``search.worker.budget``), then the
 real runner on tiny replicas under ``--memory-limit``: a space that mostly does not fit the
 device still trains its whole budget, and a space where nothing fits stops on the skip
 bound with one line (exit 1).
@@ -18,18 +18,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import SkipBoundError
-from search.budget import claim_trial
-from search.budget import ensure_budget
-from search.budget import finished_count
-from search.budget import is_skip
-from search.budget import skip_count
-from search.budget import spent_count
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.runner import run_study
-from search.spec import load_spec
+from search.record import attrs
+from search.record.counts import is_skip
+from search.record.counts import skip_count
+from search.record.counts import spent_count
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.worker.budget import SkipBoundError
+from search.worker.budget import claim_trial
+from search.worker.budget import ensure_budget
+from search.worker.budget import finished_count
+from search.worker.runner import run_study
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -149,7 +149,7 @@ def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
     trials = summary.study.get_trials()
     assert summary.stopped_by == "budget"
     assert len(trials) == 2 == finished_count(summary.study)  # the whole budget trained
-    # The sampler drew only what the preflight lets run (search.feasible): no skip was needed.
+    # The sampler drew only what the preflight lets run (search.memory.feasible): no skip was needed.
     assert skip_count(trials) == 0
     assert all(t.params["max_len"] == 32 for t in trials)
     # A config that does not fit still comes (enqueued, or drawn by another worker's sampler):

@@ -1,7 +1,7 @@
 """The conditional space over hundreds of trials, on SQLite and PostgreSQL.
 
-Every trial carries the same parameter names with the effective values (``search.space``);
-the conditions hold because the study's sampler keeps them (``search.sampling``).
+Every trial carries the same parameter names with the effective values (``search.sampling.space``);
+the conditions hold because the study's sampler keeps them (``search.sampling.sampler``).
 
 The objective here is a fast fake (a function of the sampled parameters): this check is about
 what the sampler proposes and what Optuna accepts, not about training.
@@ -20,20 +20,20 @@ from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.sampling import make_pruner
-from search.sampling import make_sampler
-from search.space import build_config
-from search.space import sample_params
-from search.space_check import check_stored_space
-from search.space_check import compare_stored_space
-from search.space_check import optuna_conflicts
-from search.spec import SpecError
-from search.spec import StudySpec
-from search.spec import load_spec
-from search.spec import resolve_spec
-from search.spec import shipped_spec_path
+from search.record import attrs
+from search.sampling.sampler import make_pruner
+from search.sampling.sampler import make_sampler
+from search.sampling.space import build_config
+from search.sampling.space import sample_params
+from search.spec.load import load_spec
+from search.spec.load import resolve_spec
+from search.spec.space_check import check_stored_space
+from search.spec.space_check import compare_stored_space
+from search.spec.space_check import optuna_conflicts
+from search.spec.study_spec import SpecError
+from search.spec.study_spec import StudySpec
+from search.spec.study_spec import shipped_spec_path
 
 N_TRIALS = 150
 SHARED_NAMES = (
@@ -186,7 +186,7 @@ def test_dynamic_value_space_would_fail_with_a_shared_name() -> None:
         t1.suggest_categorical("batch_size", [32, 64])
 
 
-# ------------------------------------------------- existing studies (search.space_check)
+# ------------------------------------------------- existing studies (search.spec.space_check)
 
 
 def _legacy_study(url: str, spec: StudySpec) -> None:

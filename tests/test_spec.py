@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.spec import SpecError
-from search.spec import check_spec_data
-from search.spec import load_spec
-from search.spec import resolve_spec
-from search.spec import shipped_spec_path
+from search.spec.load import check_spec_data
+from search.spec.load import load_spec
+from search.spec.load import resolve_spec
+from search.spec.study_spec import SpecError
+from search.spec.study_spec import shipped_spec_path
 from search.train.data import KO_DEMO_DIR
 
 SHIPPED = shipped_spec_path("ko-retrieval")

@@ -18,16 +18,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import attrs
-from search.report import study_report
-from search.sampling import make_sampler
-from search.space import sample_params
-from search.spec import SpecError
-from search.spec import load_spec
-from search.spec import shipped_spec_path
-from search.stages import current_stage
-from search.stages import stage_choices
-from search.stages import stage_shares
+from search.observe.report import study_report
+from search.record import attrs
+from search.sampling.sampler import make_sampler
+from search.sampling.space import sample_params
+from search.sampling.stages import current_stage
+from search.sampling.stages import stage_shares
+from search.spec.load import load_spec
+from search.spec.stage_check import stage_choices
+from search.spec.study_spec import SpecError
+from search.spec.study_spec import shipped_spec_path
 from storage import create_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_the_current_stage_is_the_first_with_budget_left(tmp_path: Path) -> None
     two = [done("baseline"), done("baseline")]
     assert current_stage(spec, two, 7).name == "baseline"
     assert current_stage(spec, [*two, done("baseline")], 7).name == "big-safe"
-    # A preflight skip is recorded in its stage but does not spend its share (search.budget).
+    # A preflight skip is recorded in its stage but does not spend its share (search.worker.budget).
     skip = optuna.trial.create_trial(
         state=TrialState.PRUNED, user_attrs={"stage": "big-safe", "oom_kind": "frontier"}
     )
@@ -242,7 +242,7 @@ def test_a_tiny_staged_run_finishes_three_stages_in_order_and_reports_them(
 def test_the_refine_stage_enqueues_one_new_config_per_trial_around_the_top_k(
     tmp_path: Path,
 ) -> None:
-    from search.stages import StagePlan
+    from search.sampling.stages import StagePlan
 
     spec = load_spec(_write(tmp_path))
     sampler = make_sampler(spec, seed=0)
@@ -291,7 +291,7 @@ def _record(model: str, batch: int, length: int, **over: object) -> dict[str, ob
 
 
 def _config_for(spec: object) -> object:
-    from search.config import TrialConfig
+    from search.record.config import TrialConfig
 
     def config_for(model: str, batch: int, length: int) -> TrialConfig:
         return TrialConfig.from_json(_record(model, batch, length))
@@ -302,8 +302,8 @@ def _config_for(spec: object) -> object:
 def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladder(
     tmp_path: Path,
 ) -> None:
-    from search.stages import LR_LADDER
-    from search.stages import frontier_seeds
+    from search.sampling.stages import LR_LADDER
+    from search.sampling.stages import frontier_seeds
 
     spec = load_spec(_write(tmp_path))
     big = spec.stages[1]
@@ -346,7 +346,7 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
 
     # The stage enqueues them one at a time: after the first seed runs out of memory for
     # real, the next seed moves to the next shape that no OOM rules out.
-    from search.stages import StagePlan
+    from search.sampling.stages import StagePlan
 
     sampler = make_sampler(spec, seed=0)
     study = optuna.create_study(direction="maximize", sampler=sampler)

@@ -1,4 +1,4 @@
-"""TPE's random startup counts trained trials only (``search.sampling``).
+"""TPE's random startup counts trained trials only (``search.sampling.sampler``).
 
 Preflight skips (PRUNED, ``oom_kind`` predicted/frontier) are free: many of them must not use up
 the random startup, so TPE proposes nothing until ``n_startup_trials`` trials have trained.
@@ -15,12 +15,12 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search import attrs
-from search.sampling import ConditionalSampler
-from search.sampling import conditional_choices
-from search.space import sample_params
-from search.spec import load_spec
-from search.spec import shipped_spec_path
+from search.record import attrs
+from search.sampling.sampler import ConditionalSampler
+from search.sampling.sampler import conditional_choices
+from search.sampling.space import sample_params
+from search.spec.load import load_spec
+from search.spec.study_spec import shipped_spec_path
 
 N_STARTUP = 4
 

@@ -1,4 +1,4 @@
-"""Tests of search/study_store.py: load or create a study once, even under a crowd."""
+"""Tests of search/worker/study_store.py: load or create a study once, even under a crowd."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sqlalchemy
 from _factories import PG_URL
 from sqlalchemy.pool import NullPool
 
-from search.study_store import StudyConflictError
-from search.study_store import open_study
+from search.worker.study_store import StudyConflictError
+from search.worker.study_store import open_study
 from storage import create_storage
 from storage import redact_url
 

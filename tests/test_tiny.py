@@ -22,7 +22,7 @@ from transformers import RobertaModel
 from transformers import XLMRobertaModel
 from transformers import XLMRobertaTokenizer
 
-from search.models import MODELS
+from search.record.models import MODELS
 from search.train.tiny import MARKER
 from search.train.tiny import TINY_DIMS
 from search.train.tiny import build_tiny_replica

@@ -18,24 +18,24 @@ import pytest
 from _factories import trial_config
 from optuna.trial import TrialState
 
-from search import attrs
-from search.export import read_search_json
-from search.isolation import TrialOutcome
-from search.keep import ModelKeeper
-from search.keep import extract_model
-from search.keep import keeper_for
-from search.keep import kept_models
-from search.keep import open_store
-from search.keep import removed_artifacts
-from search.keep import store_location
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.report import study_report
-from search.report_view import report_text
-from search.runner import run_study
-from search.spec import PACKAGE_DIR
-from search.spec import SpecError
-from search.spec import load_spec
+from search.observe.keep import ModelKeeper
+from search.observe.keep import extract_model
+from search.observe.keep import keeper_for
+from search.observe.keep import kept_models
+from search.observe.keep import open_store
+from search.observe.keep import removed_artifacts
+from search.observe.keep import store_location
+from search.observe.report import study_report
+from search.observe.report_view import report_text
+from search.record import attrs
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.spec.study_spec import PACKAGE_DIR
+from search.spec.study_spec import SpecError
+from search.train.export import read_search_json
+from search.worker.isolation import TrialOutcome
+from search.worker.runner import run_study
 from storage import create_storage
 
 DEMO = PACKAGE_DIR / "studies/data/ko-demo"
@@ -199,7 +199,7 @@ def test_where_models_are_kept(
     opts = RunOptions(storage_url=pg)
     keeper = keeper_for(study, spec, opts)
     assert not keeper.active and keeper_for(study, spec, opts) is keeper
-    warned = [r.getMessage() for r in caplog.records if r.name == "search.keep"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "search.observe.keep"]
     assert len(warned) == 1 and "no model is kept" in warned[0]
     cfg = trial_config()
     assert keeper.prepare(cfg, 0) is cfg  # no save_dir: the trial saves nothing

@@ -27,18 +27,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import SkipBoundError
-from search.config import TrialConfig
-from search.options import DEFAULT_CACHE
-from search.options import RunOptions
-from search.runner import run_study
-from search.spec import StudySpec
-from search.spec import load_spec
-from search.tracking import Tracker
-from search.tracking import TrackingSettings
-from search.tracking import tracking_settings
-from search.trial_record import config_of
+from search.observe.tracking import Tracker
+from search.observe.tracking import TrackingSettings
+from search.observe.tracking import tracking_settings
+from search.record import attrs
+from search.record.config import TrialConfig
+from search.record.trial_record import config_of
+from search.spec.load import load_spec
+from search.spec.options import DEFAULT_CACHE
+from search.spec.options import RunOptions
+from search.spec.study_spec import StudySpec
+from search.worker.budget import SkipBoundError
+from search.worker.runner import run_study
 from storage import redact_url
 
 pytestmark = [
@@ -327,14 +327,14 @@ def test_no_wandb_flag_beats_the_spec(tmp_path: Path) -> None:
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "search.tracking"]
+    return [r.getMessage() for r in caplog.records if r.name == "search.observe.tracking"]
 
 
 def test_broken_wandb_never_changes_the_trials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An unwritable run directory, then a key W&B refuses with no network: same trials."""
-    caplog.set_level(logging.WARNING, logger="search.tracking")
+    caplog.set_level(logging.WARNING, logger="search.observe.tracking")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     spec_path = _spec(tmp_path, "broken")
@@ -399,7 +399,7 @@ def test_settings_directory_mode_project_and_redacted_storage(
 def test_no_wandb_package_is_one_line_and_no_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="search.tracking")
+    caplog.set_level(logging.WARNING, logger="search.observe.tracking")
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     settings = TrackingSettings(True, "p", tmp_path, "offline", "sqlite:///x.db")
     tracker = Tracker(settings, "s")

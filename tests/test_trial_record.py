@@ -18,25 +18,25 @@ import yaml
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search import attrs
-from search.config import TrialConfig
-from search.device import DeviceInfo
-from search.frontier import find_frontier_oom
-from search.isolation import TrialOutcome
-from search.preflight import PreflightDecision
-from search.report import study_report
-from search.trial_record import claimed_record
-from search.trial_record import config_of
-from search.trial_record import device_kind_of
-from search.trial_record import error_of
-from search.trial_record import metric_value
-from search.trial_record import metrics_of
-from search.trial_record import name_metric
-from search.trial_record import outcome_of
-from search.trial_record import outcome_record
-from search.trial_record import skip_record
-from search.trial_record import trial_summary
-from search.trial_record import write_record
+from search.memory.device import DeviceInfo
+from search.memory.frontier import find_frontier_oom
+from search.memory.preflight import PreflightDecision
+from search.observe.report import study_report
+from search.record import attrs
+from search.record.config import TrialConfig
+from search.record.trial_record import config_of
+from search.record.trial_record import device_kind_of
+from search.record.trial_record import error_of
+from search.record.trial_record import metric_value
+from search.record.trial_record import metrics_of
+from search.record.trial_record import name_metric
+from search.record.trial_record import outcome_of
+from search.record.trial_record import trial_summary
+from search.record.trial_record import write_record
+from search.worker.isolation import TrialOutcome
+from search.worker.records import claimed_record
+from search.worker.records import outcome_record
+from search.worker.records import skip_record
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -99,8 +99,8 @@ def test_summary_of_a_real_oom_names_phase_memory_and_config() -> None:
 
 
 def _decision(kind: str, frontier: int | None = None) -> PreflightDecision:
-    from search.memory_estimate import estimate_peak_memory
-    from search.models import MODELS
+    from search.memory.estimate import estimate_peak_memory
+    from search.record.models import MODELS
 
     estimate = estimate_peak_memory(MODELS["bge-m3-ko"], _cfg(), device_type="cuda")
     return PreflightDecision(True, kind, "estimate does not fit", estimate, frontier)

@@ -11,10 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.spec import check_spec_data
-from search.spec import load_spec
-from search.wandb_sweep import SweepError
-from search.wandb_sweep import convert_sweep
+from search.spec.load import check_spec_data
+from search.spec.load import load_spec
+from search.spec.wandb_sweep import SweepError
+from search.spec.wandb_sweep import convert_sweep
 
 SWEEP = Path(__file__).parent / "fixtures" / "wandb_sweep.yaml"
 runner = CliRunner()

@@ -25,10 +25,10 @@ import sqlalchemy
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search import attrs
-from search.budget import HANDED_BACK
-from search.budget import RETRY_HISTORY
-from search.budget import spent_count
+from search.record import attrs
+from search.record.counts import spent_count
+from search.worker.budget import HANDED_BACK
+from search.worker.budget import RETRY_HISTORY
 from storage import create_storage
 
 pytestmark = [

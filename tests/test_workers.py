@@ -25,8 +25,8 @@ import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.pool import NullPool
 
-from search import attrs
-from search.budget import finished_count
+from search.record import attrs
+from search.worker.budget import finished_count
 from storage import create_storage
 
 pytestmark = [

@@ -2,7 +2,7 @@
 
 Example:
     >>> import tempfile
-    >>> from search.models import MODELS
+    >>> from search.record.models import MODELS
     >>> from search.train.tiny import build_tiny_replica
     >>> from transformers import AutoModel, AutoTokenizer
     >>> texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
@@ -30,16 +30,16 @@ from transformers import AutoConfig
 from transformers import AutoModel
 from transformers import AutoTokenizer
 
-from search.models import KNOWN_MODELS
-from search.models import OFFSET_POSITIONS
-from search.models import POOLINGS
+from search.record.models import KNOWN_MODELS
+from search.record.models import OFFSET_POSITIONS
+from search.record.models import POOLINGS
+from search.record.models import attention_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
 
-    from search.config import TrialConfig
-from search.model_facts import attention_of
+    from search.record.config import TrialConfig
 
 
 class ModelLoadError(RuntimeError):

@@ -3,7 +3,7 @@
 Run one trial by hand (tiny replica, KLUE-NLI, CPU)::
 
     python -c "
-    from search.config import TrialConfig
+    from search.record.config import TrialConfig
     from search.train.loop import train
     cfg = TrialConfig(model='ko-simcse', model_path='/tmp/replica', batch_size=32, max_len=64,
                       lr=1e-3, temperature=0.05, warmup_ratio=0.1, weight_decay=0.01, epochs=2,
@@ -12,7 +12,7 @@ Run one trial by hand (tiny replica, KLUE-NLI, CPU)::
                       eval_dir='/tmp/klue/eval')
     print(train(cfg))"
 
-The Optuna objective (``search.runner``) calls ``train(cfg, report=..., on_phase=...)`` in an
+The Optuna objective (``search.worker.runner``) calls ``train(cfg, report=..., on_phase=...)`` in an
 isolated process: ``report`` decides pruning after each epoch, ``on_phase`` names the phase an
 out-of-memory error happened in.
 """
@@ -36,17 +36,18 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from search.config import TrialConfig
-from search.precision import CPU_BF16_MIN_HIDDEN  # noqa: F401 - re-exported
-from search.precision import autocast as precision_autocast
-from search.precision import autocast_dtype
-from search.precision import cpu_has_native_bf16  # noqa: F401 - re-exported
-from search.precision import resolve_device
+from search.record.config import TrialConfig
+from search.record.precision import CPU_BF16_MIN_HIDDEN  # noqa: F401 - re-exported
+from search.record.precision import autocast as precision_autocast
+from search.record.precision import autocast_dtype
+from search.record.precision import cpu_has_native_bf16  # noqa: F401 - re-exported
+from search.record.precision import resolve_device
 from search.train.data import EvalSet
 from search.train.data import TrainExample
 from search.train.data import load_eval
 from search.train.data import load_train
 from search.train.encoder import BiEncoder
+from search.train.export import save_trial_model
 from search.train.losses import CachedInfoNCELoss
 from search.train.losses import InfoNCELoss
 from search.train.metrics import evaluate
@@ -287,7 +288,7 @@ def train_step(
         cfg: The trial's configuration (``temperature``, ``gradient_cache``).
         optimizer: From :func:`make_optimizer`.
         scaler: From :func:`make_scaler` (enabled for fp16 only).
-        amp_dtype: Autocast dtype (``search.precision.autocast_dtype``), None for fp32.
+        amp_dtype: Autocast dtype (``search.record.precision.autocast_dtype``), None for fp32.
         scheduler: Stepped after the optimizer, when given.
         on_phase: Called with ``forward``, ``backward`` and ``optimizer`` as the step enters
             them (the second pass of the gradient cache runs in ``backward``).
@@ -489,8 +490,6 @@ def train(
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time
-        from search.export import save_trial_model
-
         save_trial_model(model, cfg, history)
     return TrainResult(
         metrics=metrics,

@@ -7,7 +7,7 @@ very same ``AutoModel/AutoTokenizer.from_pretrained`` path as real weights.
 
 Example:
     >>> import tempfile
-    >>> from search.models import MODELS
+    >>> from search.record.models import MODELS
     >>> texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
     >>> with tempfile.TemporaryDirectory() as cache:
     ...     path = build_tiny_replica(MODELS["ko-simcse"], cache, texts, vocab_size=300)
@@ -45,7 +45,7 @@ from transformers import XLMRobertaConfig
 from transformers import XLMRobertaModel
 from transformers import XLMRobertaTokenizer
 
-from search.models import ModelInfo
+from search.record.models import ModelInfo
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -1,0 +1,322 @@
+"""Keep the top-K trials' trained models as Optuna artifacts; remove those pushed out.
+
+With ``artifacts.top_k`` K > 0 (the spec; default 3) the worker gives each trial a fresh
+directory (``TrialConfig.save_dir``), and the trial's process saves its encoder there after the
+last evaluation as a sentence-transformers model (``search.train.export``). When the trial completes:
+
+1. before it is told, the worker uploads the directory (one uncompressed tar,
+   ``model-trial-N.tar``) to the study's artifact store if fewer than K completed trials beat
+   it, and records the artifact id on the trial (``model_artifact``, ``model_artifact_store``);
+2. after it is told, the worker removes the artifact of every completed trial that K others
+   now beat (and of any trial that holds one but did not complete), recording each removal as
+   a study system attribute (``search:model_removed:<id>``), since a finished trial's
+   attributes cannot change.
+
+Ranking is by the study's value, ties going to the earlier trial. No lock is needed between
+workers: a trial that K others beat in any worker's (possibly stale) view is beaten by them in
+every later view, so concurrent removals are all right, and the worker that tells the last
+trial removes after every upload was recorded, so exactly the K best trials keep theirs. Disk
+use stays at K models, plus one being saved per running trial.
+
+The store: ``artifacts.store`` in the spec (a directory, ``file://DIR``, ``s3://BUCKET`` or
+``gs://BUCKET``), else ``$SEARCH_ARTIFACTS``, else the directory beside the SQLite file
+(``search.observe.artifacts.artifact_dir``). A study in a database server without one keeps no model
+(one warning). Nothing here may fail a trial: an error is one warning line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tarfile
+import tempfile
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.observe.artifacts import artifact_dir
+from search.observe.artifacts import artifact_store
+from search.record import attrs
+from search.record.trial_record import TrialRecord
+from search.record.trial_record import write_record
+from search.train.export import SEARCH_JSON
+from search.train.export import update_search_json
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+    from search.record.config import TrialConfig
+    from search.spec.options import RunOptions
+    from search.spec.study_spec import StudySpec
+    from search.worker.isolation import TrialOutcome
+
+_logger = logging.getLogger(__name__)
+MODEL_FILE = "model-trial-{number}.tar"
+_keepers: weakref.WeakKeyDictionary[optuna.Study, ModelKeeper] = weakref.WeakKeyDictionary()
+
+
+def store_location(
+    spec: StudySpec, storage_url: str, option: str | Path | None = None
+) -> str | None:
+    """Where kept models go: ``option``, the spec's ``artifacts.store``, ``$SEARCH_ARTIFACTS``,
+    else beside the SQLite file; None for a server database without any of them.
+
+    A directory comes back absolute; a URL (``s3://``, ``gs://``) as it is.
+    """
+    chosen = str(option) if option else spec.artifacts.store
+    if chosen and chosen.startswith(("s3://", "gs://")):
+        return chosen
+    if chosen:
+        return str(spec.resolve_path(chosen.removeprefix("file://")).resolve())
+    directory = artifact_dir(storage_url)
+    return str(directory.resolve()) if directory is not None else None
+
+
+def open_store(location: str, *, create: bool = False) -> ArtifactStore:
+    """Optuna's artifact store at ``location`` (a directory, ``s3://BUCKET``, ``gs://BUCKET``)."""
+    if location.startswith("s3://"):
+        from optuna.artifacts import Boto3ArtifactStore
+
+        return Boto3ArtifactStore(location.removeprefix("s3://").strip("/"))
+    if location.startswith("gs://"):
+        from optuna.artifacts import GCSArtifactStore
+
+        return GCSArtifactStore(location.removeprefix("gs://").strip("/"))
+    return artifact_store(Path(location.removeprefix("file://")), create=create)
+
+
+def _rank_key(direction: optuna.study.StudyDirection) -> Any:
+    sign = -1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return lambda t: (sign * float(t.value), t.number)
+
+
+def removed_artifacts(study: optuna.Study) -> set[str]:
+    """Ids of the kept models that were removed since (pushed out of the top K)."""
+    prefix = attrs.MODEL_REMOVED_PREFIX
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return {key[len(prefix) :] for key in system if key.startswith(prefix)}
+
+
+def kept_models(study: optuna.Study) -> dict[int, tuple[str, str]]:
+    """Trial number -> (artifact id, store) of every model the study still keeps."""
+    removed = removed_artifacts(study)
+    kept: dict[int, tuple[str, str]] = {}
+    for t in study.get_trials(deepcopy=False):
+        artifact = t.user_attrs.get(attrs.MODEL_ARTIFACT)
+        if artifact and artifact not in removed:
+            kept[t.number] = (str(artifact), str(t.user_attrs.get(attrs.MODEL_ARTIFACT_STORE, "")))
+    return kept
+
+
+class ModelKeeper:
+    """One worker's side of the top-K rule on one study (see the module docstring)."""
+
+    def __init__(self, study: optuna.Study, top_k: int, location: str | None) -> None:
+        self.study = study
+        self.top_k = top_k
+        self.location = location
+        self._stores: dict[str, ArtifactStore] = {}
+        self._dir: Path | None = None
+        atexit.register(self._clean)
+
+    @property
+    def active(self) -> bool:
+        """Whether trials save their model (K > 0 and a store to keep them in)."""
+        return self.top_k > 0 and self.location is not None
+
+    def prepare(self, cfg: TrialConfig, number: int) -> TrialConfig:
+        """``cfg`` with a fresh ``save_dir`` for trial ``number`` (unchanged when inactive)."""
+        self._clean()
+        if not self.active:
+            return cfg
+        self._dir = Path(tempfile.mkdtemp(prefix=f"search-trial-{number}-model-"))
+        return dataclasses.replace(cfg, save_dir=str(self._dir))
+
+    def keep(self, trial: optuna.Trial, outcome: TrialOutcome, metric: str) -> str | None:
+        """Before the tell: upload the trial's model if it enters the top K; its artifact id.
+
+        Never raises; the saved directory is removed either way.
+        """
+        directory, self._dir = self._dir, None
+        try:
+            value = outcome.metrics.get(metric) if outcome.status == "complete" else None
+            if directory is None or value is None or not math.isfinite(value):
+                return None  # not complete, or told FAIL for a non-finite value
+            if not (directory / "modules.json").is_file():
+                return None  # the objective saved nothing (a fake one, or a failed save)
+            if not self._could_enter(float(value), trial.number):
+                return None
+            return self._upload(trial, directory, metric, float(value))
+        except Exception as exc:  # noqa: BLE001 - keeping a model must never fail a trial
+            _logger.warning("model of trial %d not kept: %s", trial.number, _line(exc))
+            return None
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def prune(self) -> list[int]:
+        """After the tell: remove the models of trials now outside the top K; their numbers.
+
+        Nothing to do when this worker keeps no model (K = 0 or no store). Never raises.
+        """
+        if not self.active:
+            return []
+        try:
+            return prune_models(self.study, self.top_k, self._store)
+        except Exception as exc:  # noqa: BLE001
+            _logger.warning("kept models not pruned: %s", _line(exc))
+            return []
+
+    # ------------------------------------------------------------------ internals
+
+    def _store(self, location: str) -> ArtifactStore:
+        if location not in self._stores:
+            self._stores[location] = open_store(location, create=True)
+        return self._stores[location]
+
+    def _could_enter(self, value: float, number: int) -> bool:
+        """Fewer than K completed trials beat ``(value, number)``."""
+        key = _rank_key(self.study.direction)
+        mine = key(_Ranked(value, number))
+        better = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.value is not None and t.number != number and key(t) < mine:
+                better += 1
+                if better >= self.top_k:
+                    return False
+        return True
+
+    def _upload(self, trial: optuna.Trial, directory: Path, metric: str, value: float) -> str:
+        from optuna.artifacts import upload_artifact
+
+        assert self.location is not None
+        update_search_json(
+            directory, study=self.study.study_name, trial=trial.number, metric=metric, value=value
+        )
+        with tempfile.TemporaryDirectory(prefix="search-model-tar-") as tmp:
+            tar = Path(tmp) / MODEL_FILE.format(number=trial.number)
+            with tarfile.open(tar, "w") as archive:
+                for path in sorted(directory.rglob("*")):
+                    archive.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+            artifact_id = upload_artifact(
+                artifact_store=self._store(self.location),
+                file_path=str(tar),
+                study_or_trial=trial,
+                mimetype="application/x-tar",
+            )
+        record = TrialRecord(
+            user={attrs.MODEL_ARTIFACT: artifact_id, attrs.MODEL_ARTIFACT_STORE: self.location}
+        )
+        write_record(self.study._storage, trial._trial_id, record)
+        return artifact_id
+
+    def _clean(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+@dataclasses.dataclass
+class _Ranked:
+    value: float
+    number: int
+
+
+def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
+    """Remove the kept models of trials outside the top K (or not complete); their numbers.
+
+    ``store_of(location)`` opens the store a trial's model went to.
+    """
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    removed = removed_artifacts(study)
+    trials = study.get_trials(deepcopy=False)
+    holders = [
+        t
+        for t in trials
+        if t.user_attrs.get(attrs.MODEL_ARTIFACT)
+        and t.user_attrs[attrs.MODEL_ARTIFACT] not in removed
+    ]
+    if not holders:
+        return []
+    ranked = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
+        key=_rank_key(study.direction),
+    )
+    top = {t.number for t in ranked[:top_k]}
+    drop = [
+        t
+        for t in holders
+        if (t.state == TrialState.COMPLETE and t.number not in top)
+        or t.state in (TrialState.FAIL, TrialState.PRUNED)
+    ]
+    done: list[int] = []
+    for t in drop:
+        artifact = str(t.user_attrs[attrs.MODEL_ARTIFACT])
+        location = str(t.user_attrs.get(attrs.MODEL_ARTIFACT_STORE) or "")
+        if location:
+            try:
+                store_of(location).remove(artifact)
+            except ArtifactNotFound:
+                pass  # another worker removed it first
+        study._storage.set_study_system_attr(
+            study._study_id, attrs.MODEL_REMOVED_PREFIX + artifact, t.number
+        )
+        done.append(t.number)
+    return done
+
+
+def keeper_for(study: optuna.Study, spec: StudySpec, opts: RunOptions) -> ModelKeeper:
+    """The worker's keeper of ``study`` (one per open study; warns once without a store)."""
+    keeper = _keepers.get(study)
+    if keeper is None:
+        top_k = spec.artifacts.top_k
+        location = store_location(spec, opts.storage_url) if top_k > 0 else None
+        if top_k > 0 and location is None:
+            _logger.warning(
+                "artifacts.top_k is %d but a study in a database server has no artifact store: "
+                "set artifacts.store in the spec or $SEARCH_ARTIFACTS; no model is kept",
+                top_k,
+            )
+        keeper = _keepers[study] = ModelKeeper(study, top_k, location)
+    return keeper
+
+
+def extract_model(store: ArtifactStore, artifact_id: str, directory: Path) -> dict[str, Any]:
+    """Write a kept model into ``directory`` (created); returns its ``search.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="search-model-get-") as tmp:
+        tar = Path(tmp) / "model.tar"
+        with store.open_reader(artifact_id) as reader, tar.open("wb") as fh:
+            shutil.copyfileobj(reader, fh)
+        with tarfile.open(tar) as archive:
+            archive.extractall(directory, filter="data")
+    try:
+        data = json.loads((directory / SEARCH_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+__all__ = [
+    "ModelKeeper",
+    "extract_model",
+    "keeper_for",
+    "kept_models",
+    "open_store",
+    "prune_models",
+    "removed_artifacts",
+    "store_location",
+]

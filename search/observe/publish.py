@@ -1,0 +1,361 @@
+"""What the dashboard shows beyond Optuna's own views: trial notes, the study note, plots.
+
+- Each finished trial gets a one-line note (``search.record.trial_record.trial_summary``), so an OOM
+  reads "OOM (real) in backward at 23.1 of 24.0 GiB — ..." instead of a bare "Pruned".
+- The study gets the per-model report as its note (markdown), refreshed by the worker at most
+  every ``STUDY_NOTE_INTERVAL_S`` seconds and at the end, and by ``search report --publish``.
+- ``search report --publish`` uploads the report's plots to the study's artifact store
+  (a directory: ``--artifacts DIR``, ``$SEARCH_ARTIFACTS``, else ``<sqlite file>.artifacts``),
+  replacing the previous upload of each file, so re-publishing never grows the store.
+
+Notes are optuna-dashboard's (``save_note``: study system attributes); without the
+``dashboard`` extra they are skipped. Nothing here may fail a trial: the runner's hooks log a
+failure in one line and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import weakref
+from collections.abc import Iterable
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from search.observe.artifacts import ENV_ARTIFACTS
+from search.observe.artifacts import artifact_dir
+from search.observe.artifacts import artifact_store
+from search.observe.plots import PlotsUnavailableError
+from search.observe.plots import require_plot_libs
+from search.observe.plots import write_plots
+from search.observe.report import study_metric
+from search.observe.report import study_report
+from search.record.trial_record import trial_summary
+from storage import rdb_backend
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.trial import FrozenTrial
+
+_logger = logging.getLogger(__name__)
+
+STUDY_NOTE_INTERVAL_S = 30.0  # a worker refreshes the study note at most this often
+_ARTIFACTS_ATTR_PREFIX = "artifacts:"  # Optuna's key of an artifact's metadata
+# When each open study last had its note written (monotonic seconds); gone with the study.
+_last_study_note: weakref.WeakKeyDictionary[optuna.Study, float] = weakref.WeakKeyDictionary()
+_metrics: weakref.WeakKeyDictionary[optuna.Study, str] = weakref.WeakKeyDictionary()
+
+
+class PublishError(ValueError):
+    """A user mistake in what to publish (no artifact directory for a PostgreSQL study)."""
+
+
+# ------------------------------------------------------------------ the runner's hooks
+
+
+def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Save ``trial``'s summary as its note; refresh the study note when it is due.
+
+    Never raises: a failure is one warning line (the trial is already told).
+    """
+    try:
+        if not _dashboard_installed():
+            return
+        save_trial_note(study, trial)
+        now = time.monotonic()
+        last = _last_study_note.get(study)
+        if last is None or now - last >= STUDY_NOTE_INTERVAL_S:
+            _last_study_note[study] = now
+            save_study_note(study)
+    except Exception as exc:  # noqa: BLE001 - a note must never fail a trial
+        _logger.warning("dashboard note of trial %d not written: %s", trial.number, _line(exc))
+
+
+def note_trial(study: optuna.Study, trial_id: int) -> None:
+    """Save the summary of a trial this worker did not tell (handed back, failed as stale).
+
+    Only the trial's note (cheap: callers may hold the budget lock); never raises.
+    """
+    try:
+        if _dashboard_installed():
+            save_trial_note(study, study._storage.get_trial(trial_id))
+    except Exception as exc:  # noqa: BLE001 - a note must never fail a hand-back
+        _logger.warning("dashboard note of trial id %d not written: %s", trial_id, _line(exc))
+
+
+def finish(study: optuna.Study) -> None:
+    """Refresh the study note once more at the end of a run (never raises)."""
+    try:
+        if _dashboard_installed():
+            save_study_note(study)
+    except Exception as exc:  # noqa: BLE001
+        _logger.warning("dashboard study note not written: %s", _line(exc))
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _dashboard_installed() -> bool:
+    try:
+        import optuna_dashboard  # noqa: F401
+    except ImportError:
+        _logger.debug("optuna-dashboard not installed: no dashboard notes")
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ notes
+
+
+class _TrialRef:
+    """What ``optuna_dashboard.save_note`` reads of a trial (storage, study, trial id).
+
+    A finished trial cannot be wrapped in an ``optuna.Trial`` without calling the sampler's
+    ``before_trial`` on it again, so the note gets these three fields instead.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.storage = study._storage
+        self.study = study
+        self._trial_id = trial_id
+
+
+def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
+    """Write the trial's one-line summary as its dashboard note; returns the text.
+
+    ``save_note`` reads every study system attribute twice (every trial's note lives there),
+    about 0.4 s a trial at 1,000 trials; a new note of one chunk needs none of that, so it is
+    written directly under optuna-dashboard's own keys (version 1, chunk 0) when the installed
+    version has them, else through ``save_note``. A trial is noted once, after it is told.
+    """
+    metric = _metrics.get(study)
+    if metric is None:  # read once per study: its metric names are among the study's notes
+        metric = _metrics[study] = study_metric(study)
+    text = trial_summary(trial, metric=metric, pruner=_pruner_name(study))
+    keys = _note_keys(trial._trial_id)
+    if keys is None or len(text) > _NOTE_CHUNK:
+        from optuna_dashboard import save_note
+
+        save_note(_TrialRef(study, trial._trial_id), text)  # type: ignore[arg-type]
+        return text
+    version_key, chunk_key = keys
+    storage = study._storage
+    storage.set_study_system_attr(study._study_id, chunk_key, text)
+    storage.set_study_system_attr(study._study_id, version_key, 1)
+    return text
+
+
+_NOTE_CHUNK = 2045  # optuna-dashboard's longest note chunk (SYSTEM_ATTR_MAX_LENGTH)
+
+
+def _note_keys(trial_id: int) -> tuple[str, str] | None:
+    """optuna-dashboard's keys of a trial note's version and first chunk, if it has them."""
+    try:
+        from optuna_dashboard._note import note_str_key_prefix
+        from optuna_dashboard._note import note_ver_key
+    except ImportError:
+        return None
+    return note_ver_key(trial_id), f"{note_str_key_prefix(trial_id)}0"
+
+
+def save_study_note(study: optuna.Study) -> str:
+    """Write the per-model report (markdown) as the study's dashboard note; returns it."""
+    from optuna_dashboard import save_note
+
+    report = study_report(study, storage=rdb_backend(study._storage))
+    text = study_note(report, metric=report["metric"])
+    save_note(study, text)
+    return text
+
+
+def _pruner_name(study: optuna.Study) -> str | None:
+    name = type(study.pruner).__name__
+    return None if name == "NopPruner" else name.removesuffix("Pruner").lower()
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _config(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "-"
+    return (
+        f"b{config.get('batch_size')} len{config.get('max_len')} "
+        f"lr {config.get('lr', 0):.1e} T {config.get('temperature', 0):.3f}"
+    )
+
+
+def _oom_cell(row: dict[str, Any]) -> str:
+    """``5 (1 real, 4 frontier)``."""
+    kinds = [
+        (k, int(row.get(f"oom_{k}", 0) or 0)) for k in ("real", "host", "predicted", "frontier")
+    ]
+    total = sum(n for _, n in kinds)
+    parts = ", ".join(f"{n} {k}" for k, n in kinds if n)
+    return f"{total} ({parts})" if total else "0"
+
+
+def _numbers(trials: list[int], limit: int = 12) -> str:
+    shown = ", ".join(str(n) for n in trials[:limit])
+    return shown + (f", … ({len(trials)})" if len(trials) > limit else "")
+
+
+def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
+    """The report as markdown: the overall best, one table row per model, the OOM configs.
+
+    Example:
+        >>> note = study_note({"study": "s", "trials": 1, "n_trials_budget": 4, "models": [
+        ...     {"model": "m", "trials": 1, "complete": 1, "pruned_early": 0, "oom_real": 0,
+        ...      "oom_host": 0, "oom_predicted": 0, "oom_frontier": 0, "failed": 0,
+        ...      "oom_rate": 0.0, "oom_seconds": 0.0, "best_value": 0.5, "best_trial": 0,
+        ...      "median_peak_memory_mb": 900.0, "best_config": {"batch_size": 32}}]})
+        >>> note.splitlines()[2]
+        'Best ndcg@10 **0.5000**: trial 0, m b32 lenNone lr 0.0e+00 T 0.000.'
+    """
+    models = report.get("models") or []
+    budget = report.get("n_trials_budget")
+    study = report["study"]
+    lines = [f"## Per-model report of {study}", ""]
+    best = report.get("best")
+    if best is None:  # a report without the overall best: the best of the model rows
+        rows = [m for m in models if m.get("best_value") is not None]
+        if rows:
+            maximize = report.get("direction", "maximize") == "maximize"
+            top = (max if maximize else min)(rows, key=lambda m: m["best_value"])
+            best = {"trial": top["best_trial"], "model": top["model"],
+                    "value": top["best_value"], "config": top.get("best_config")}  # fmt: skip
+    if best:
+        extra = ", ".join(
+            f"{k.upper().replace('RECALL', 'Recall')} {v:.4f}"
+            for k, v in best.items()
+            if k.startswith(("mrr@", "recall@")) and isinstance(v, (int, float))
+        )
+        lines.append(
+            f"Best {metric} **{best['value']:.4f}**: trial {best['trial']}, {best['model']} "
+            f"{_config(best.get('config'))}" + (f" ({extra})" if extra else "") + "."
+        )
+    else:
+        lines.append(f"No complete trial yet: no best {metric}.")
+    of_budget = f" of a budget of {budget}" if budget else ""
+    trained = report.get("trained", report.get("trials", 0))  # what spends the budget
+    skipped = report.get("skipped") or 0  # preflight skips: recorded, free
+    skips = f" (+{skipped} skipped for memory, free)" if skipped else ""
+    lines += [
+        "",
+        f"{trained} trials trained{of_budget}{skips}, updated "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Plots: the study's artifacts on the History "
+        f"page (`search report --study {study} --publish`).",
+        "",
+        f"| model | trials | complete | pruned | OOM | failed | OOM rate | s lost to OOM "
+        f"| best {metric} | best trial | median peak MB | best config |",
+        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|---|",  # centred: cells stay apart
+    ]
+    for m in models:
+        lines.append(
+            f"| {m['model']} | {m['trials']} | {m['complete']} | {m['pruned_early']} "
+            f"| {_oom_cell(m)} | {m['failed']} | {m['oom_rate']:.0%} | {m['oom_seconds']:.1f} "
+            f"| {_fmt(m.get('best_value'), '.4f')} | {_fmt(m.get('best_trial'), 'd')} "
+            f"| {_fmt(m.get('median_peak_memory_mb'), '.0f')} | {_config(m.get('best_config'))} |"
+        )
+    ooms = report.get("oom_configs") or []
+    if ooms:
+        lines += [
+            "",
+            "### Out of memory",
+            "",
+            "| model | batch_size | max_len | kind | phase | trials |",
+            "|---|:-:|:-:|:-:|:-:|---|",
+        ]
+        for o in ooms:
+            lines.append(
+                f"| {o['model']} | {_fmt(o.get('batch_size'), 'd')} "
+                f"| {_fmt(o.get('max_len'), 'd')} | {o['kind']} | {o.get('phase') or '-'} "
+                f"| {_numbers(list(o.get('trials') or []))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def study_artifacts(study: optuna.Study) -> dict[str, str]:
+    """The study's live artifacts: file name -> artifact id (removed ones left out)."""
+    found: dict[str, str] = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if not key.startswith(_ARTIFACTS_ATTR_PREFIX):
+            continue
+        meta = json.loads(value) if isinstance(value, str) else None
+        if isinstance(meta, dict) and meta.get("filename"):
+            found[str(meta["filename"])] = str(meta["artifact_id"])
+    return found
+
+
+def upload_files(
+    study: optuna.Study, files: Iterable[Path], store: ArtifactStore
+) -> list[tuple[str, str]]:
+    """Upload ``files`` as study artifacts; a file name already uploaded is overwritten in
+    place (same artifact id), so publishing again replaces instead of adding.
+
+    Returns:
+        ``(file name, artifact id)`` for each file, in order.
+    """
+    from optuna.artifacts import upload_artifact
+
+    existing = study_artifacts(study)
+    done: list[tuple[str, str]] = []
+    for path in files:
+        artifact_id = existing.get(path.name)
+        if artifact_id is None:
+            artifact_id = upload_artifact(
+                study_or_trial=study, file_path=str(path), artifact_store=store
+            )
+        else:
+            with path.open("rb") as fh:
+                store.write(artifact_id, fh)
+        done.append((path.name, artifact_id))
+    return done
+
+
+def publish(
+    study: optuna.Study, *, url: str, artifacts: str | Path | None = None
+) -> dict[str, Any]:
+    """``search report --publish``: the study note, and the plots as study artifacts.
+
+    Returns:
+        ``{"note": text, "artifacts": [(file name, artifact id), ...], "directory": str}``.
+
+    Raises:
+        PublishError: No artifact directory for a study in a database server (``--artifacts
+            DIR`` or ``$SEARCH_ARTIFACTS``), optuna-dashboard or the plot libraries missing;
+            raised before anything is written.
+    """
+    directory = artifact_dir(url, artifacts)
+    if directory is None:
+        raise PublishError(
+            "--publish: the plots of a study in a database server need a shared artifact "
+            f"directory: --artifacts DIR or ${ENV_ARTIFACTS}"
+        )
+    if not _dashboard_installed():
+        raise PublishError(
+            "--publish: optuna-dashboard is not installed: "
+            "pip install 'ko-retrieval-search[dashboard]'"
+        )
+    try:
+        require_plot_libs()
+    except PlotsUnavailableError as exc:
+        raise PublishError(f"--publish: {exc}") from None
+    import tempfile
+
+    note = save_study_note(study)
+    store = artifact_store(directory, create=True)
+    with tempfile.TemporaryDirectory(prefix="search-plots-") as tmp:
+        written = write_plots(study, Path(tmp), storage=rdb_backend(study._storage))
+        uploaded = upload_files(study, [Path(p) for p in written], store)
+    return {"note": note, "artifacts": uploaded, "directory": str(directory)}

@@ -1,0 +1,3 @@
+"""What to try next: the conditional space, the sampler around TPE, pruners, stages and
+``search refine``.
+"""

@@ -1,0 +1,587 @@
+"""Run one trial in a child process, so that no failure of the trial can take the worker down.
+
+A CUDA out-of-memory can leave the allocator fragmented or leak memory, a segfault kills the
+interpreter, and the kernel's OOM killer sends SIGKILL: inside the worker, each would poison or
+end every later trial. Here the objective runs in a child process; when it ends, the device
+memory it held is freed with it, and the worker reads what happened from a pipe and the exit
+status.
+
+Start cost: children come from a ``forkserver`` that has imported torch, transformers, optuna
+and the objective's module once, so a trial starts in milliseconds instead of paying those
+imports. The forkserver is a fresh interpreter (not a fork of the worker) and never touches
+CUDA, so no child is ever forked from a process with a CUDA context. Call :func:`warm_up` to
+start it before the first trial.
+
+Protocol on the pipe (child -> parent): ``("phase", name)`` on every phase the objective enters
+(so the phase survives a hard kill), ``("report", epoch, metrics)`` answered by the parent with
+a bool (prune?), ``("partial", examples_seen, metrics)`` for a sooner evaluation on a sample of
+the eval set (``report_partial``; answered like a report, not kept in the history), ``("step",
+step, values)`` after each training step when the worker tracks the trial (``on_step``; not
+answered), then one final ``("result", dict)``, ``("pruned",
+dict)`` or ``("error", dict)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from search.record.config import DEFAULT_OBJECTIVE
+from search.record.config import TrialConfig
+from search.record.precision import device_type
+
+__all__ = ["TrialOutcome", "run_isolated", "warm_up"]
+
+MIB = 1024**2
+# Imported once by the forkserver; a module that fails to import is skipped there. "__main__"
+# is the worker's main module: every child imports it (multiprocessing's spawn rules), so
+# preloading it makes that import free. Like any spawn/forkserver program, a main script must
+# guard its entry point with ``if __name__ == "__main__":``.
+# search.train.tiny imports the four model classes (RobertaModel, XLMRobertaModel, BertModel):
+# imported once here instead of in every trial (~120 MiB of resident memory and its time per
+# trial, which the CPU memory estimate does not count; BENCHMARKS.md, estimate vs measured).
+PRELOAD = (
+    "__main__",
+    "torch",
+    "transformers",
+    "optuna",
+    "search.memory.oom",
+    "search.worker.isolation",
+    "search.train.tiny",
+)
+# Kill a child that has not exited this long after sending its final message.
+_EXIT_GRACE_S = 30.0
+# Host memory below this share of the total while a child was alive hints at the OOM killer.
+_HOST_LOW_MEMORY = 0.05
+
+Report = Callable[[int, dict[str, float]], bool]
+
+
+@dataclass
+class TrialOutcome:
+    """What became of one isolated trial.
+
+    Args:
+        status: ``complete``, ``pruned``, ``oom``, ``failed``, ``killed`` or ``stopped``.
+        value: ``metrics["ndcg@10"]`` when complete.
+        metrics: The last metrics (the result's, else the last report's).
+        history: Metrics reported per epoch.
+        phase: Last phase the objective entered (for an OOM: where it happened).
+        error: One line, ``ExceptionType: message``, for oom / failed / killed.
+        oom_kind: ``real`` (an allocator failure) or ``host`` (killed by the OOM killer).
+        peak_memory_mb: Peak memory of the trial: the objective's own figure when it returns
+            one, else the child's (CUDA allocator peak, or peak resident memory on CPU).
+        seconds: Wall seconds from starting the child to its exit.
+        exitcode: The child's exit code (negative: killed by that signal).
+        baseline_memory_mb: The child's resident memory after imports, before the trial
+            (``peak_memory_mb - baseline_memory_mb`` is what the trial added on CPU).
+    """
+
+    status: str
+    value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    phase: str | None = None
+    error: str | None = None
+    oom_kind: str | None = None
+    peak_memory_mb: float | None = None
+    seconds: float = 0.0
+    exitcode: int | None = None
+    baseline_memory_mb: float | None = None
+
+
+# --------------------------------------------------------------------------- the child side
+
+
+def _status_kib(field_name: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmSize``, ``VmRSS``, ``VmHWM``), in KiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# glibc malloc serves a request from mmap (unmapped when freed) only above its mmap threshold;
+# freed memory below it stays resident in the heap. The threshold is dynamic by default: each
+# free of an mmapped chunk raises it to that chunk's size (up to 32 MiB), so which freed
+# activations stay resident depends on the order of the trial's allocations. One checkpointed
+# tiny config (32 x 128) peaked at 264-375 MiB over identical runs (the CI failure of the
+# memory-estimate test), and the retained heap was up to half of a checkpointed peak. Fixed at
+# 1 MiB (which also stops the dynamic rise), the same config peaks at 148 MiB in every run.
+# $SEARCH_MALLOC_MMAP_THRESHOLD (bytes) overrides it; 0 keeps glibc's dynamic threshold.
+MALLOC_MMAP_THRESHOLD = 1 * MIB
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def _fix_malloc_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at :data:`MALLOC_MMAP_THRESHOLD` (True when it was set)."""
+    value = os.environ.get("SEARCH_MALLOC_MMAP_THRESHOLD", "").strip()
+    threshold = int(value) if value.isdigit() else MALLOC_MMAP_THRESHOLD
+    if threshold == 0:
+        return False
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, ValueError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / MIB
+
+
+def _peak_mb(device_type: str) -> float:
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() / MIB
+    hwm = _status_kib("VmHWM")
+    return hwm / 1024 if hwm is not None else _rss_mb()
+
+
+def _set_memory_limit(limit: int, device: str) -> Callable[[], None]:
+    """Cap what the trial may use from now on; return a function that lifts the cap.
+
+    CUDA: ``torch.cuda.set_per_process_memory_fraction(limit / total)`` on the trial's device
+    (the caching allocator raises ``torch.OutOfMemoryError`` beyond it). CPU: the address-space
+    limit ``RLIMIT_AS`` is set to the child's current address space (``VmSize``, after all
+    imports) plus ``limit``, so ``limit`` is what the trial may add: model, data, optimizer
+    states, activations and allocator slack. Address space counts reserved memory too, so the
+    cap is a little stricter than resident memory.
+    """
+    kind = device_type(device)
+    if kind == "cuda":
+        import torch
+
+        index = torch.device(device if ":" in device else "cuda").index or 0
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+        return lambda: torch.cuda.set_per_process_memory_fraction(1.0, index)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    size_kib = _status_kib("VmSize")
+    base = size_kib * 1024 if size_kib is not None else psutil.Process().memory_info().vms
+    cap = base + limit
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _apply_env(env: Mapping[str, str]) -> None:
+    """Make the child's environment the worker's (the forkserver's is from when it started)."""
+    for key in list(os.environ):
+        if key not in env:
+            del os.environ[key]
+    os.environ.update(env)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def _one_line(exc: BaseException, limit: int = 1000) -> str:
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    """The fields of a ``TrainResult`` (or of a mapping returned by a fake objective)."""
+    get = result.get if isinstance(result, Mapping) else lambda k, d=None: getattr(result, k, d)
+    out = {
+        "metrics": {k: float(v) for k, v in dict(get("metrics", {}) or {}).items()},
+        "history": [dict(h) for h in (get("history", []) or [])],
+        "peak_memory_mb": get("peak_memory_mb", None),
+    }
+    return out
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' loading bars and advice out of the worker's output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _child_main(
+    conn: Connection,
+    cfg_json: dict[str, Any],
+    objective: str,
+    memory_limit: int | None,
+    env: dict[str, str],
+    stream_steps: bool = False,
+) -> None:
+    """Entry point of the child: run the objective and send what became of it."""
+    # Ctrl-C reaches the whole process group: the worker decides what becomes of the trial
+    # (it hands it back), so the child does not die of KeyboardInterrupt on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Leave the objects inherited from the forkserver out of every garbage collection: a
+    # collection would touch (and so copy) every page of the inherited heap, 1-2 s per trial.
+    gc.freeze()
+    _apply_env(env)
+    # A trial's CPU memory must not depend on its allocation history (see the constant).
+    _fix_malloc_mmap_threshold()
+    _quiet_libraries()
+    # Imported here, in the child, once its environment is set (they import torch).
+    import optuna
+
+    from search.memory.oom import is_oom_error
+    from search.memory.oom import release_device_memory
+
+    phase: list[str | None] = [None]
+    lift: Callable[[], None] = lambda: None  # noqa: E731
+    cfg = TrialConfig.from_json(cfg_json)
+    kind = "cpu"
+    baseline = _rss_mb()
+    final: tuple[str, dict[str, Any]]
+
+    def on_phase(name: str) -> None:
+        phase[0] = name
+        conn.send(("phase", name))
+
+    def report(epoch: int, metrics: dict[str, float]) -> bool:
+        conn.send(("report", int(epoch), {k: float(v) for k, v in metrics.items()}))
+        return bool(conn.recv())
+
+    def report_partial(step: int, metrics: dict[str, float]) -> bool:
+        conn.send(("partial", int(step), {k: float(v) for k, v in metrics.items()}))
+        return bool(conn.recv())
+
+    def on_step(step: int, values: dict[str, float]) -> None:
+        conn.send(("step", int(step), {k: float(v) for k, v in values.items()}))
+
+    try:
+        module, _, name = objective.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        extra: dict[str, Any] = {}
+        if stream_steps and _accepts(fn, "on_step"):
+            extra["on_step"] = on_step
+        if _accepts(fn, "report_partial"):  # the objective decides (cfg.eval_every_steps)
+            extra["report_partial"] = report_partial
+        kind = device_type(cfg.device)
+        baseline = _rss_mb()
+        if memory_limit is not None:
+            lift = _set_memory_limit(memory_limit, cfg.device)
+        result = fn(cfg, report=report, on_phase=on_phase, **extra)
+        lift()
+        final = ("result", _result_dict(result))
+    except optuna.TrialPruned:
+        lift()
+        final = ("pruned", {})
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
+        lift()
+        final = ("error", {"error": _one_line(exc), "oom": is_oom_error(exc)})
+    # The traceback (and the tensors its frames hold) is gone here: free before sending.
+    release_device_memory()
+    final[1].setdefault("peak_memory_mb", None)
+    final[1]["child_peak_mb"] = _peak_mb(kind)
+    final[1]["baseline_mb"] = baseline
+    final[1]["phase"] = phase[0]
+    conn.send(final)
+    conn.close()
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (fake objectives may not take ``on_step``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+# -------------------------------------------------------------------------- the parent side
+
+_context: Any = None
+
+
+def _get_context(objective_module: str) -> Any:
+    """The forkserver context (preload set on first use: torch, transformers, the objective)."""
+    global _context
+    if _context is None:
+        ctx = mp.get_context("forkserver")
+        preload = list(dict.fromkeys([*PRELOAD, DEFAULT_OBJECTIVE.split(":")[0]]))
+        if objective_module not in preload:
+            preload.append(objective_module)
+        ctx.set_forkserver_preload(preload)
+        _context = ctx
+    return _context
+
+
+def warm_up(objective: str = DEFAULT_OBJECTIVE) -> None:
+    """Start the forkserver now (imports torch and transformers once, a few seconds).
+
+    It starts with SIGINT ignored (inherited across its exec), so a Ctrl-C, which reaches
+    the whole process group, cannot kill it while it imports; the worker decides what a
+    Ctrl-C means (it hands the running trial back).
+    """
+    import threading
+    from multiprocessing import forkserver
+
+    _get_context(objective.split(":")[0])
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _oom_kill_count() -> int | None:
+    """The kernel's OOM-kill counter of this process's memory cgroup (v2 or v1), if readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates: list[tuple[Path, str]] = []
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        rel = where.lstrip("/")
+        if controllers == "":  # cgroup v2
+            for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                candidates.append((root / rel / "memory.events", "oom_kill"))
+        elif "memory" in controllers.split(","):  # cgroup v1
+            root = Path("/sys/fs/cgroup/memory")
+            candidates.append((root / rel / "memory.oom_control", "oom_kill"))
+            candidates.append((root / "memory.oom_control", "oom_kill"))
+    for file, key in candidates:
+        try:
+            rows = file.read_text().splitlines()
+        except OSError:
+            continue
+        for row in rows:
+            name, _, value = row.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def run_isolated(
+    cfg: TrialConfig,
+    *,
+    report: Report | None = None,
+    memory_limit_bytes: int | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
+    timeout: float | None = None,
+    stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    report_partial: Report | None = None,
+) -> TrialOutcome:
+    """Run ``objective(cfg, report=..., on_phase=...)`` in a child process and say how it ended.
+
+    The child's reports reach ``report`` in this process (which talks to Optuna) and its answer
+    (prune or not) goes back. An exception that :func:`search.memory.oom.is_oom_error` classifies
+    ends as ``oom`` (``real``), ``optuna.TrialPruned`` as ``pruned``, any other exception as
+    ``failed``. A child killed by a signal is ``killed``; with SIGKILL, when the memory
+    cgroup's ``oom_kill`` counter grew or the host's available memory fell under 5% while it
+    ran, ``oom_kind`` is ``host`` (the kernel's OOM killer). The worker always goes on.
+
+    Args:
+        cfg: The trial's effective config (sent to the child as JSON).
+        report: Called with ``(epoch, metrics)`` for each evaluation; True prunes the trial.
+        memory_limit_bytes: What the trial may use: on CUDA through the allocator's
+            per-process fraction, on CPU through the child's address-space limit above its
+            post-import baseline (see ``_set_memory_limit``).
+        objective: ``"module:function"`` with ``search.train.loop.train``'s signature.
+        timeout: Seconds after which the child is killed (``killed``, ``timeout``).
+        stop: Polled at least every half second; when it returns True the child is killed
+            and the outcome is ``stopped`` (the worker got SIGTERM or SIGINT). An exception
+            raised by ``report`` (e.g. the trial was failed meanwhile) also kills and reaps
+            the child, then propagates.
+        on_step: Called with ``(step, {"loss", "lr", "memory_mb"})`` for each training step
+            the objective streams (only objectives taking ``on_step``); None: not streamed.
+        report_partial: Called with ``(examples_seen, metrics)`` for each sooner evaluation
+            on the eval sample (``training.eval_every_steps``); True prunes the trial. None:
+            such reports are answered "go on" and dropped.
+
+    Returns:
+        The outcome; ``seconds`` is the wall time including the child's start.
+    """
+    module, _, func = objective.partition(":")
+    if not module or not func:
+        raise ValueError(f"objective must be 'module:function', but got {objective=}.")
+    if memory_limit_bytes is not None and memory_limit_bytes <= 0:
+        raise ValueError(f"memory_limit_bytes must be positive, but got {memory_limit_bytes=}.")
+    ctx = _get_context(module)
+    start = time.monotonic()
+    kills_before = _oom_kill_count()
+    host_total = psutil.virtual_memory().total
+    lowest_available = 1.0
+    parent_conn, child_conn = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(
+            child_conn,
+            cfg.to_json(),
+            objective,
+            memory_limit_bytes,
+            dict(os.environ),
+            on_step is not None,
+        ),
+        name=f"trial-{cfg.model}",
+        daemon=True,
+    )
+    proc.start()
+    child_conn.close()  # so that recv() sees EOF when the child dies
+
+    outcome = TrialOutcome(status="failed")
+    final: tuple[str, dict[str, Any]] | None = None
+    timed_out = False
+    stopped = False
+    try:
+        while final is None:
+            if stop is not None and stop():
+                stopped = True
+                break
+            remaining = None if timeout is None else timeout - (time.monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                timed_out = True
+                break
+            step = 0.5 if remaining is None else max(0.0, min(0.5, remaining))
+            ready = wait([parent_conn, proc.sentinel], timeout=step)
+            lowest_available = min(
+                lowest_available, psutil.virtual_memory().available / host_total
+            )
+            if parent_conn in ready:
+                try:
+                    message = parent_conn.recv()
+                except (EOFError, OSError):
+                    break  # the child died
+                kind = message[0]
+                if kind == "phase":
+                    outcome.phase = message[1]
+                elif kind == "report":
+                    _, epoch, metrics = message
+                    outcome.history.append(dict(metrics))
+                    outcome.metrics = dict(metrics)
+                    prune = bool(report(epoch, metrics)) if report is not None else False
+                    parent_conn.send(prune)
+                elif kind == "partial":
+                    _, seen, metrics = message
+                    prune = bool(report_partial(seen, metrics)) if report_partial else False
+                    parent_conn.send(prune)
+                elif kind == "step":
+                    if on_step is not None:
+                        on_step(message[1], message[2])
+                else:
+                    final = (kind, message[1])
+            elif proc.sentinel in ready and not parent_conn.poll():
+                break
+        if final is not None:
+            proc.join(_EXIT_GRACE_S)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        parent_conn.close()
+    outcome.seconds = time.monotonic() - start
+    outcome.exitcode = proc.exitcode
+    proc.close()
+
+    if stopped:
+        outcome.status = "stopped"
+        outcome.error = "Stopped: the worker was told to stop"
+        return outcome
+    if timed_out:
+        outcome.status = "killed"
+        outcome.error = f"timeout: killed after {timeout:g} s"
+        return outcome
+    if final is None:
+        return _died(outcome, kills_before, lowest_available)
+    kind, data = final
+    outcome.phase = data.get("phase") or outcome.phase
+    outcome.baseline_memory_mb = data.get("baseline_mb")
+    peak = data.get("peak_memory_mb")
+    outcome.peak_memory_mb = float(peak) if peak is not None else data.get("child_peak_mb")
+    if kind == "result":
+        outcome.status = "complete"
+        outcome.metrics = data["metrics"] or outcome.metrics
+        outcome.history = data["history"] or outcome.history
+        outcome.value = outcome.metrics.get("ndcg@10")
+    elif kind == "pruned":
+        outcome.status = "pruned"
+    elif data.get("oom"):
+        outcome.status, outcome.oom_kind, outcome.error = "oom", "real", data["error"]
+    else:
+        outcome.status, outcome.error = "failed", data["error"]
+    return outcome
+
+
+def _died(
+    outcome: TrialOutcome, kills_before: int | None, lowest_available: float
+) -> TrialOutcome:
+    """Classify a child that exited without a final message."""
+    code = outcome.exitcode
+    if code is None or code >= 0:
+        outcome.status = "failed"
+        outcome.error = f"ChildExited: the trial process exited with code {code} without a result"
+        return outcome
+    number = -code
+    outcome.status = "killed"
+    outcome.error = f"Killed: the trial process was killed by {_signal_name(number)}"
+    if number == signal.SIGKILL:
+        evidence = host_oom_evidence(kills_before, _oom_kill_count(), lowest_available)
+        if evidence is not None:
+            outcome.oom_kind = "host"
+            outcome.error += f" (host out of memory: {evidence})"
+    return outcome
+
+
+def host_oom_evidence(
+    kills_before: int | None, kills_after: int | None, lowest_available: float
+) -> str | None:
+    """Why a SIGKILLed child counts as killed by the kernel's OOM killer, or None.
+
+    The cgroup's ``oom_kill`` counter grew while it ran (both readings known), else the host's
+    available memory fell under 5% of the total while it ran.
+
+    >>> host_oom_evidence(2, 3, 0.5)
+    'cgroup oom_kill 2 -> 3'
+    >>> host_oom_evidence(None, None, 0.01)
+    'host memory available fell to 1.0%'
+    >>> host_oom_evidence(3, 3, 0.5) is None
+    True
+    """
+    if kills_before is not None and kills_after is not None and kills_after > kills_before:
+        return f"cgroup oom_kill {kills_before} -> {kills_after}"
+    if lowest_available < _HOST_LOW_MEMORY:
+        return f"host memory available fell to {lowest_available:.1%}"
+    return None

@@ -1,0 +1,56 @@
+"""The models a worker trains: what ``from_pretrained`` loads for each (a tiny replica with
+``--tiny``) and each one's architecture facts, for the preflight's memory estimate.
+"""
+
+from __future__ import annotations
+
+from search.record.models import ModelInfo
+from search.spec.model_facts import facts_of_directory
+from search.spec.model_facts import model_ref
+from search.spec.model_facts import resolve_facts
+from search.spec.model_resolve import ModelsUnavailableError
+from search.spec.options import RunOptions
+from search.spec.study_spec import StudySpec
+from search.train.data import load_train
+from search.train.tiny import build_tiny_replica
+
+__all__ = ["model_facts", "prepare_models"]
+
+
+def prepare_models(
+    spec: StudySpec, opts: RunOptions, names: list[str] | None = None
+) -> dict[str, str]:
+    """Model name -> what ``from_pretrained`` loads; builds tiny replicas with ``--tiny``."""
+    names = names or list(spec.models)
+    if not opts.tiny:
+        return {name: model_ref(spec, name) for name in names}
+    import transformers  # lazy: only --tiny builds replicas (transformers imports torch)
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" per replica
+    train = load_train(spec.resolve_path(spec.data.train))
+    texts = [t for ex in train for t in (ex.query, ex.positive, *ex.negatives)]
+    return {
+        name: str(
+            build_tiny_replica(
+                resolve_facts(spec, name, attention=False), opts.cache_dir / "tiny", texts
+            )
+        )
+        for name in names
+    }
+
+
+def model_facts(
+    spec: StudySpec, opts: RunOptions, model_paths: dict[str, str]
+) -> dict[str, ModelInfo]:
+    """Each searched model's facts (``search.spec.model_facts``); a tiny replica's, from its config."""
+    facts = {}
+    for name in model_paths:
+        try:
+            # --tiny needs no hub: its facts come from the replica's own config below.
+            info = resolve_facts(spec, name, download=not opts.tiny)
+        except LookupError as exc:  # the hub answered, but its config did not come
+            raise ModelsUnavailableError(
+                f"{exc}; fix: hf download {model_paths[name]}, or set models.{name}.path: DIR"
+            ) from None
+        facts[name] = facts_of_directory(info, model_paths[name]) if opts.tiny else info
+    return facts
