@@ -5,7 +5,8 @@ failure carrying the skip's reason: a missing server, database or data set must 
 not hide the tests that prove what the README says. Tests using the ``pg_url`` fixture are
 marked ``postgres`` and those using ``klue_json`` ``shared_data`` automatically. A test marked
 ``pg_restart`` (it restarts the shared PostgreSQL server, cutting off everyone else on it) runs
-only with ``SEARCH_TEST_PG_RESTART_OK=1``, which ``.ci/run`` sets.
+only with ``SEARCH_TEST_PG_RESTART_OK=1``, which ``.ci/run`` sets. A test module skipped while
+collecting (a module-level ``pytest.importorskip``) is a collection error under CI.
 """
 
 from __future__ import annotations
@@ -60,6 +61,28 @@ def pytest_runtest_makereport(
                 f"skipped under CI=true, which must run every test marked {'/'.join(marks)}: "
                 f"{reason}"
             )
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Under CI, a module skipped while collecting (``importorskip`` or ``pytest.skip`` at
+    module level) is a collection error naming the module and the skip's reason.
+
+    Such a skip happens before any test exists, so ``pytest_runtest_makereport`` never sees it:
+    every test in the module would vanish from the run without a trace but a line under -rs.
+    """
+    report = yield
+    if report.skipped and ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{collector.nodeid or collector.name} skipped while collecting under CI=true, which "
+            f"must run every test module: {reason}"
+        )
     return report
 
 

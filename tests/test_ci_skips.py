@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,13 +49,17 @@ def test_passes():
 """
 
 
-def _run(tmp_path: Path, **env: str) -> tuple[int, dict[str, str], str]:
-    """Run pytest on the generated file with the project's conftest; outcome per test."""
+def _run(
+    tmp_path: Path, files: dict[str, str] | None = None, **env: str
+) -> tuple[int, dict[str, str], str]:
+    """Run pytest on generated test files (``GENERATED`` by default) with the project's
+    conftest; outcome per test."""
     work = tmp_path / uuid.uuid4().hex[:8]
     work.mkdir()
     for name in ("conftest.py", "_factories.py"):
         shutil.copy(TESTS / name, work / name)
-    (work / "test_generated.py").write_text(GENERATED)
+    for name, text in (files or {"test_generated.py": GENERATED}).items():
+        (work / name).write_text(text)
     markers = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"][
         "ini_options"
     ]["markers"]
@@ -120,6 +126,145 @@ def test_under_ci_asking_for_the_restart_test_runs_it(tmp_path: Path) -> None:
     assert rc == 1, out  # the other must-run skips still fail
     assert outcomes["test_restarts_the_server"] == "passed"
     assert outcomes["test_unmarked_skip"] == "skipped"
+
+
+PLANTED = """
+import pytest
+
+gone = pytest.importorskip("no_such_module_ci_skips", reason="pip install no-such-module")
+
+def test_never_collected():
+    pass
+"""
+PASSING = """
+def test_passes():
+    pass
+"""
+
+
+def test_without_ci_a_module_skipped_while_collecting_is_a_skip(tmp_path: Path) -> None:
+    rc, outcomes, out = _run(tmp_path, {"test_planted.py": PLANTED, "test_ok.py": PASSING})
+    assert rc == 0, out
+    assert outcomes == {"test_passes": "passed", "test_planted": "skipped"}  # the module
+    assert "SKIPPED [1] test_planted.py:4: pip install no-such-module" in out
+
+
+def test_under_ci_a_module_skipped_while_collecting_fails_the_run(tmp_path: Path) -> None:
+    """A module-level importorskip skips before any test exists, so the per-test rule cannot
+    see it: under CI it is a collection error naming the module and the reason."""
+    rc, _, out = _run(tmp_path, {"test_planted.py": PLANTED, "test_ok.py": PASSING}, CI="true")
+    assert rc == pytest.ExitCode.INTERRUPTED, out  # pytest stops at a collection error
+    assert "ERROR collecting test_planted.py" in out
+    assert (
+        "test_planted.py skipped while collecting under CI=true, which must run every test "
+        "module: pip install no-such-module"
+    ) in out
+
+
+# A command that restarts PostgreSQL, in a test's string constants (this file only names them).
+RESTART_COMMAND = re.compile(r"\bpg_ctl(?:cluster)?\b|\b(?:systemctl|service)\b.*\brestart\b")
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    """The ids of the docstring nodes in ``tree`` (prose may say "restart")."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def _restarts(node: ast.AST, restarting: set[str], prose: set[int]) -> bool:
+    """Whether ``node`` names a restart command (not in a docstring) or a restarting name."""
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            if id(sub) not in prose and RESTART_COMMAND.search(sub.value):
+                return True
+        elif isinstance(sub, ast.Name) and sub.id in restarting:
+            return True
+        elif isinstance(sub, ast.arg) and sub.arg in restarting:
+            return True
+    return False
+
+
+def _restarting_tests() -> dict[str, Path]:
+    """The tests under tests/ that restart the server, from their source: junit name
+    (``tests.test_x.test_y``) -> file. A test restarts when its body (or a fixture argument)
+    reaches a restart command through its module's constants, helpers and fixtures."""
+    found: dict[str, Path] = {}
+    for path in sorted(TESTS.rglob("test_*.py")):
+        if path == Path(__file__).resolve():
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        prose = _docstrings(tree)
+        module = ".".join(path.relative_to(TESTS.parent).with_suffix("").parts)
+        defs: dict[str, ast.AST] = {}  # module-level name -> what defines it
+        tests: dict[str, ast.AST] = {}  # junit name -> test function
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                defs[node.name] = node
+                if node.name.startswith("test"):
+                    tests[f"{module}.{node.name}"] = node
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
+                        tests[f"{module}.{node.name}.{item.name}"] = item
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for name in ast.walk(target):
+                        if isinstance(name, ast.Name):
+                            defs[name.id] = node
+
+        restarting: set[str] = set()
+        grew = True
+        while grew:
+            new = {name for name, node in defs.items() if _restarts(node, restarting, prose)}
+            grew = not new <= restarting
+            restarting |= new
+        found |= {name: path for name, node in tests.items() if _restarts(node, restarting, prose)}
+    return found
+
+
+def test_the_pg_restart_gate_holds() -> None:
+    """Every test that restarts the server is marked pg_restart, `pytest -m pg_restart` finds
+    them, and without SEARCH_TEST_PG_RESTART_OK=1 each is skipped, never run."""
+    restarting = _restarting_tests()
+    assert restarting, "no test restarts the server: the restart test went missing"
+    junit = TESTS.parent / f".pg-restart-gate-{uuid.uuid4().hex[:8]}.xml"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "SEARCH_TEST_PG_RESTART_OK")}
+    # Should the gate not hold, still restart nothing: no server to reach, a no-op restart.
+    env |= {
+        "SEARCH_TEST_PG_URL": "postgresql://postgres@127.0.0.1:1/search_test",
+        "SEARCH_TEST_PG_RESTART": "true",
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "pg_restart", "-p", "no:cacheprovider"]
+            + ["-o", "addopts=", "-rs", f"--junitxml={junit}"]
+            + sorted({str(path.relative_to(TESTS.parent)) for path in restarting.values()}),
+            cwd=TESTS.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        # 5: nothing collected, none marked (named below)
+        assert proc.returncode in (0, 5), proc.stdout + proc.stderr
+        skipped: dict[str, str] = {}
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            skip = case.find("skipped")
+            name = f"{case.get('classname')}.{case.get('name')}"
+            skipped[name] = "" if skip is None else skip.get("message", "")
+    finally:
+        junit.unlink(missing_ok=True)
+    unmarked = set(restarting) - set(skipped)
+    assert not unmarked, f"restart the server without @pytest.mark.pg_restart: {unmarked}"
+    gate = "restarts the shared PostgreSQL server: set SEARCH_TEST_PG_RESTART_OK=1"
+    for name, reason in skipped.items():
+        assert gate in reason, f"{name} was not skipped by the gate: {reason or 'it ran'}"
 
 
 @pytest.mark.postgres
