@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+from _cli_workers import Worker
+from _cli_workers import assert_budget_spent_exactly
+from _cli_workers import stop_all
+from _cli_workers import study_trials
 from optuna.trial import TrialState
 
 from search.record import attrs
@@ -32,9 +34,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
     pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
 ]
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
 
 
 def _study(tmp_path: Path, **kwargs: int | None) -> optuna.Study:
@@ -281,36 +280,30 @@ def test_log_lines_name_the_trial_number_not_its_id(
     assert f"trial {orphan._trial_id} " not in text and "trial id" not in text
 
 
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Worker processes a test started; whatever is left is killed with its trial child."""
+    started: list[Worker] = []
+    yield started
+    stop_all(started)
+
+
 @pytest.mark.postgres
-def test_three_processes_share_a_budget_of_twelve_exactly(pg_url: str) -> None:
-    name = f"budget-{uuid.uuid4().hex[:8]}"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                pg_url,
-                name,
-                "--n-trials",
-                "12",
-                "--seconds",
-                "0.2",
-                "--worker",
-                f"w{i}",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(3)
-    ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0]
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out in outs]
-    numbers = sorted(n for s in summaries for n in s["trials"])
-    assert numbers == list(range(12))
-    assert sum(s["created"] for s in summaries) == 1
-    study = optuna.load_study(study_name=name, storage=create_storage(pg_url))
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 12
-    assert finished_count(study) == 12
-    assert {t.user_attrs[attrs.WORKER] for t in study.trials} <= {"w0", "w1", "w2"}
-    assert all(t.user_attrs[attrs.HOST] for t in study.trials)
+def test_three_search_workers_share_a_budget_of_twelve_exactly(
+    pg_url: str, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Three real ``search worker`` processes on one study: twelve trials, each run once."""
+    study = f"budget-{uuid.uuid4().hex[:8]}"
+    workers += [Worker(pg_url, study, 12, tmp_path, f"w{i}") for i in range(3)]
+    for worker in workers:
+        worker.assert_exited_cleanly()
+    trials = study_trials(pg_url, study)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12  # nothing failed or extra
+    assert [t.number for t in trials] == list(range(12))
+    assert_budget_spent_exactly(trials, 12, workers)
+    assert sum(w.trials_run() for w in workers) == 12  # the workers' own counts add up
+    store = create_storage(pg_url, heartbeat_interval=None)
+    loaded = optuna.load_study(study_name=study, storage=store)
+    assert loaded.user_attrs[attrs.STUDY_N_TRIALS] == 12
+    assert finished_count(loaded) == 12
+    assert sum("fixed_params" in t.system_attrs for t in trials) == 1  # one baseline, once
