@@ -338,9 +338,7 @@ def test_broken_wandb_never_changes_the_trials(
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     spec_path = _spec(tmp_path, "broken")
-    started = time.monotonic()
     reference = _run(load_spec(spec_path), _opts(tmp_path, "ref.db", wandb=False))
-    plain_s = time.monotonic() - started
 
     # Offline, but the run directory cannot be created (a file is in its way; chmod does not
     # stop root).
@@ -360,16 +358,24 @@ def test_broken_wandb_never_changes_the_trials(
     monkeypatch.setenv("SEARCH_WANDB_INIT_TIMEOUT", "3")
     online_dir = tmp_path / "online"
     online_dir.mkdir()
-    started = time.monotonic()
+    import wandb
+
+    inits: list[str] = []
+    real_init = wandb.init
+
+    def counted_init(*args: Any, **kwargs: Any) -> Any:
+        inits.append(str(kwargs.get("name")))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", counted_init)
     online = _run(load_spec(spec_path), _opts(online_dir, "study.db", wandb=True))
-    online_s = time.monotonic() - started
     assert _outcomes(online) == _outcomes(reference)
     assert all(attrs.WANDB_RUN_ID not in t.user_attrs for t in online.get_trials())
     (line,) = _warnings(caplog)
     assert "W&B init (online" in line
     assert FAKE_KEY not in line
-    # Bounded: one init timeout (3 s) for the whole worker, not one per trial.
-    assert online_s < plain_s + 3 + 10, (online_s, plain_s)
+    # One init (one 3 s timeout) for the whole worker, not one per trial.
+    assert len(inits) == 1 and len(online.get_trials()) > 1, inits
     for path in online_dir.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
