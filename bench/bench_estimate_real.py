@@ -6,8 +6,8 @@ user's spec entry would load it. Its facts come from its own ``config.json``
 (``search.spec.model_facts``), as a trial's preflight reads them.
 
 For each point of a grid (batch x max_len x checkpointing x hard negatives) one isolated trial
-(``search.worker.isolation.run_isolated``: the forkserver child a worker runs, with its fixed malloc
-mmap threshold) loads the model with ``BiEncoder.from_config`` and runs ``STEPS`` worst-case
+(``search.worker.isolation.run_isolated``: the forkserver child a worker runs, with its fixed
+malloc mmap threshold) loads the model with ``BiEncoder.from_config`` and runs ``STEPS`` worst-case
 steps, queries, positives and negatives all at ``max_len``, through ``search.train.loop``'s own
 ``make_optimizer`` / ``make_scaler`` / ``train_step``: what is measured is what trains. The
 measured peak is the child's ``VmHWM`` above its resident memory after imports, as the worker

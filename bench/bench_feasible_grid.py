@@ -1,10 +1,11 @@
 """What the sampler's feasible grid costs per trial, against the preflight of one config.
 
 Before each trial the worker asks the preflight about every (batch_size, max_len) pair of every
-model (``search.memory.feasible.feasible_grid``): 40 pairs in the shipped ko-retrieval spec. The anchor,
-in the same process over the same trial list, is what every trial already paid: the preflight of
-its one config against the study's trials (``search.memory.preflight.preflight``). Trials are synthetic
-completed records (the frontier reads only records); the device is a 24 GiB GPU.
+model (``search.memory.feasible.feasible_grid``): 40 pairs in the shipped ko-retrieval spec. The
+anchor, in the same process over the same trial list, is what every trial already paid: the
+preflight of its one config against the study's trials (``search.memory.preflight.preflight``).
+Trials are synthetic completed records (the frontier reads only records); the device is a 24 GiB
+GPU.
 
 Run::
 

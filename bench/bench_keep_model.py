@@ -6,8 +6,8 @@ pooling, normalised, max_len 256):
 
 - anchor: ``model.save_pretrained`` + ``tokenizer.save_pretrained`` alone, the least any export
   must write;
-- trial side: ``search.train.export.save_sentence_transformer`` (the same, plus the module files and
-  ``search.json``), what the trial's process adds after its last evaluation;
+- trial side: ``search.train.export.save_sentence_transformer`` (the same, plus the module files
+  and ``search.json``), what the trial's process adds after its last evaluation;
 - worker side: ``ModelKeeper.keep`` on a real SQLite study (tar the directory, upload it to a
   ``FileSystemArtifactStore``, record the artifact id), then ``ModelKeeper.prune`` with K = 1
   (removes the previous round's model).

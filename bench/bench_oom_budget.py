@@ -27,8 +27,8 @@ Run::
     python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko   # CPU estimate vs peaks
 
 Prints per side: trials by outcome, trained trials (what spends the budget: preflight skips
-are recorded but free, ``search.worker.budget``), worker-seconds, seconds lost to OOM and their share,
-the best nDCG@10; then the ratio service share / naive share (targets: service < 2 %, ratio
+are recorded but free, ``search.worker.budget``), worker-seconds, seconds lost to OOM and their
+share, the best nDCG@10; then the ratio service share / naive share (targets: service < 2 %, ratio
 < 0.1). Over several seeds it ends with one line per seed and the verdict: in how many seeds
 the service's best nDCG@10 is at least the naive sweep's (target: all), and its worst OOM share.
 """

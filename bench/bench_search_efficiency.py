@@ -1,9 +1,10 @@
 """Worker-hours to a near-best config: old random sweep vs TPE vs the staged strategy (surrogate).
 
-Real Optuna studies in memory, driven by the service's own pieces (``search.worker.budget.claim_trial``
-with free skips, ``search.sampling.space.sample_params`` / ``build_config``, ``search.sampling.sampler``'s
-sampler, ``search.sampling.pruners``, ``search.memory.preflight`` with the OOM frontier, ``search.sampling.stages``'
-stage plan and refine seeds, ``search.record.trial_record``); only the training is replaced by a
+Real Optuna studies in memory, driven by the service's own pieces
+(``search.worker.budget.claim_trial`` with free skips, ``search.sampling.space.sample_params`` /
+``build_config``, ``search.sampling.sampler``'s sampler, ``search.sampling.pruners``,
+``search.memory.preflight`` with the OOM frontier, ``search.sampling.stages``' stage plan and
+refine seeds, ``search.record.trial_record``); only the training is replaced by a
 surrogate of the ko-retrieval space on a 24 GiB GPU:
 
 * **score** (nDCG@10 after training): each model's ceiling from the published Korean figures in

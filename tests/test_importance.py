@@ -1,10 +1,10 @@
 """Optuna's importances rank the effective model, batch size and max length.
 
-Every trial samples the same parameter names (``search.sampling.space``), so the importance evaluators
-see ``model``, ``batch_size`` and ``max_len`` in every trial; with the earlier per-branch names
-(``batch_size.bge-m3-ko``, ...) they saw none of the batch sizes or lengths together and
-ranked ``model`` 0.00. A fast synthetic score (``study.tell``, no training) that depends
-strongly on the model, the batch size and the length, weakly on ``lr`` and not at all on
+Every trial samples the same parameter names (``search.sampling.space``), so the importance
+evaluators see ``model``, ``batch_size`` and ``max_len`` in every trial; with the earlier
+per-branch names (``batch_size.bge-m3-ko``, ...) they saw none of the batch sizes or lengths
+together and ranked ``model`` 0.00. A fast synthetic score (``study.tell``, no training) that
+depends strongly on the model, the batch size and the length, weakly on ``lr`` and not at all on
 ``weight_decay``.
 """
 

@@ -177,8 +177,8 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     # Bounds: above NO_WRONG_SKIP the preflight would skip this config at a free memory it fits
     # in (the error that removes configs from the search for good); below TARGET_LOW the
     # estimate misses the 15% target on the low side. The measurement is stable since
-    # trials run with a fixed malloc mmap threshold (search.worker.isolation): before, glibc's dynamic
-    # threshold kept a history-dependent part of the freed activations resident and one
+    # trials run with a fixed malloc mmap threshold (search.worker.isolation): before, glibc's
+    # dynamic threshold kept a history-dependent part of the freed activations resident and one
     # checkpointed config measured 264-375 MiB over identical runs (0.83 in CI).
     import json
     import os

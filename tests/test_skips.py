@@ -149,7 +149,8 @@ def test_a_space_that_mostly_does_not_fit_still_trains_its_budget(
     trials = summary.study.get_trials()
     assert summary.stopped_by == "budget"
     assert len(trials) == 2 == finished_count(summary.study)  # the whole budget trained
-    # The sampler drew only what the preflight lets run (search.memory.feasible): no skip was needed.
+    # The sampler drew only what the preflight lets run (search.memory.feasible): no skip was
+    # needed.
     assert skip_count(trials) == 0
     assert all(t.params["max_len"] == 32 for t in trials)
     # A config that does not fit still comes (enqueued, or drawn by another worker's sampler):

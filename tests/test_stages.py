@@ -165,7 +165,8 @@ def test_the_current_stage_is_the_first_with_budget_left(tmp_path: Path) -> None
     two = [done("baseline"), done("baseline")]
     assert current_stage(spec, two, 7).name == "baseline"
     assert current_stage(spec, [*two, done("baseline")], 7).name == "big-safe"
-    # A preflight skip is recorded in its stage but does not spend its share (search.worker.budget).
+    # A preflight skip is recorded in its stage but does not spend its share
+    # (search.worker.budget).
     skip = optuna.trial.create_trial(
         state=TrialState.PRUNED, user_attrs={"stage": "big-safe", "oom_kind": "frontier"}
     )

@@ -72,7 +72,8 @@ CPU_CALIBRATION: dict[str, float] = {
     # peak is the layer inputs plus 1.04-1.16 x the largest layer (24 tiny configs, 8-64 x
     # 64-256, mallinfo2 after every aten op): the recomputed layer plus 0.1. Freed heap that
     # glibc keeps resident is not counted: a trial runs with a fixed mmap threshold
-    # (search.worker.isolation.MALLOC_MMAP_THRESHOLD), which returns freed activations to the system.
+    # (search.worker.isolation.MALLOC_MMAP_THRESHOLD), which returns freed activations to the
+    # system.
     "working_set": 0.0,
     "working_set_checkpointing": 0.1,
     # h-sized tensors stored per token and layer, counted with saved_tensors_hooks on tiny
@@ -251,8 +252,8 @@ def estimate_peak_memory(
     (e5-small 32 x 128, with and without checkpointing), and the real all-MiniLM-L6-v2 at
     1.000-1.087 over 27 points of batch 16-64 x max_len 64-256 x checkpointing x 0-1 hard
     negatives, 470 MiB to 5 GiB (``bench/bench_estimate_real.py``; BENCHMARKS.md, "Memory
-    estimate on real weights"). The preflight's error band (``search.memory.preflight.ESTIMATE_BAND``)
-    comes from that grid.
+    estimate on real weights"). The preflight's error band
+    (``search.memory.preflight.ESTIMATE_BAND``) comes from that grid.
 
     Example:
         >>> from search.record.models import MODELS

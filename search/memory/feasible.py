@@ -5,8 +5,8 @@ A preflight skip is free (``search.worker.budget``), but a sampler that keeps pr
 device cannot hold learns little: TPE files the skips in its worse group and may leave a model
 untrained because its first draws were too large for the device, and the random startup spends
 its draws on them. So before a trial samples, the worker asks the preflight
-(``search.memory.preflight.preflight``: the OOM frontier, the estimate with its band, the estimate of
-a real OOM on this device) about every pair the spec allows each model, with the trial's other
+(``search.memory.preflight.preflight``: the OOM frontier, the estimate with its band, the estimate
+of a real OOM on this device) about every pair the spec allows each model, with the trial's other
 settings at the middle of their ranges (learning rate and the like do not change the peak), and
 the sampler draws ``batch_size`` and ``max_len`` among the pairs that pass.
 

@@ -1,10 +1,10 @@
 """``search best``: the study's best trial, and its model as a sentence-transformers model.
 
 ``best_summary`` says what the best trial is: number, model, metrics (last epoch and per
-epoch), the whole effective config and its kept model (``search.observe.keep``). ``export_best`` writes
-that model into a directory: the kept artifact when the study still holds it, else the exact
-config retrained (same seed) in an isolated process (``search.worker.isolation.run_isolated``), whose
-value must come within ``tolerance`` of the recorded one before it is exported.
+epoch), the whole effective config and its kept model (``search.observe.keep``). ``export_best``
+writes that model into a directory: the kept artifact when the study still holds it, else the exact
+config retrained (same seed) in an isolated process (``search.worker.isolation.run_isolated``),
+whose value must come within ``tolerance`` of the recorded one before it is exported.
 
 Why ``DEFAULT_TOLERANCE`` is 0.01 nDCG@10 (absolute): the retrain repeats the data order, the
 initialisation and the dropout masks from the trial's seed. On a CPU the kernels are

@@ -2,7 +2,8 @@
 
 With ``artifacts.top_k`` K > 0 (the spec; default 3) the worker gives each trial a fresh
 directory (``TrialConfig.save_dir``), and the trial's process saves its encoder there after the
-last evaluation as a sentence-transformers model (``search.train.export``). When the trial completes:
+last evaluation as a sentence-transformers model (``search.train.export``). When the trial
+completes:
 
 1. before it is told, the worker uploads the directory (one uncompressed tar,
    ``model-trial-N.tar``) to the study's artifact store if fewer than K completed trials beat
@@ -20,8 +21,8 @@ use stays at K models, plus one being saved per running trial.
 
 The store: ``artifacts.store`` in the spec (a directory, ``file://DIR``, ``s3://BUCKET`` or
 ``gs://BUCKET``), else ``$SEARCH_ARTIFACTS``, else the directory beside the SQLite file
-(``search.observe.artifacts.artifact_dir``). A study in a database server without one keeps no model
-(one warning). Nothing here may fail a trial: an error is one warning line.
+(``search.observe.artifacts.artifact_dir``). A study in a database server without one keeps no
+model (one warning). Nothing here may fail a trial: an error is one warning line.
 """
 
 from __future__ import annotations

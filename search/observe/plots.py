@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.figure import SubFigure
 
+
 class PlotsUnavailableError(ImportError):
     """matplotlib or plotly is missing: the message says how to install them."""
 

@@ -1,7 +1,7 @@
 """What the dashboard shows beyond Optuna's own views: trial notes, the study note, plots.
 
-- Each finished trial gets a one-line note (``search.record.trial_record.trial_summary``), so an OOM
-  reads "OOM (real) in backward at 23.1 of 24.0 GiB — ..." instead of a bare "Pruned".
+- Each finished trial gets a one-line note (``search.record.trial_record.trial_summary``), so an
+  OOM reads "OOM (real) in backward at 23.1 of 24.0 GiB — ..." instead of a bare "Pruned".
 - The study gets the per-model report as its note (markdown), refreshed by the worker at most
   every ``STUDY_NOTE_INTERVAL_S`` seconds and at the end, and by ``search report --publish``.
 - ``search report --publish`` uploads the report's plots to the study's artifact store

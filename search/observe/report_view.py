@@ -1,7 +1,7 @@
 """The report of a study for a terminal of 100 columns: best trial, outcomes, best configs, OOMs.
 
-Renders the plain data of ``search.observe.report.study_report`` (what ``--json`` prints) with rich:
-one line naming the overall best trial and its whole config, then three narrow tables.
+Renders the plain data of ``search.observe.report.study_report`` (what ``--json`` prints) with
+rich: one line naming the overall best trial and its whole config, then three narrow tables.
 
 Example:
     >>> from search.observe.report_view import report_text

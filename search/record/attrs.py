@@ -37,7 +37,8 @@ WORKER = "worker"
 HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
 WANDB_RUN_ID = "wandb_run_id"  # the trial's W&B run (search.observe.tracking)
 WANDB_RUN_PATH = "wandb_run_path"  # its W&B path: [entity/]project/run_id
-MODEL_ARTIFACT = "model_artifact"  # artifact id of the trial's saved model (top K; search.observe.keep)
+# artifact id of the trial's saved model (top K; search.observe.keep)
+MODEL_ARTIFACT = "model_artifact"
 MODEL_ARTIFACT_STORE = "model_artifact_store"  # the store holding it: a directory or a URL
 STAGE = "stage"  # the spec stage the trial ran in (search.sampling.stages); absent: single stage
 

@@ -1,5 +1,6 @@
 """Architecture facts of an encoder (``ModelInfo``) and the shipped table of the four ko-retrieval
-models, the fallback when a model's own ``config.json`` is not reachable (``search.spec.model_facts``).
+models, the fallback when a model's own ``config.json`` is not reachable
+(``search.spec.model_facts``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The trial record: what the runner writes on a trial, and how it is read back.
 
-The counterpart of ``search.observe.report``: the runner calls the builders here instead of building
-attribute dicts itself. User attributes stay short and flat (one line per trial in the
+The counterpart of ``search.observe.report``: the runner calls the builders here instead of
+building attribute dicts itself. User attributes stay short and flat (one line per trial in the
 dashboard's table); the effective config and the metrics are system attributes
 (``search:config``, ``search:metrics``, ``search:history``). Readers fall back to the user
 attributes of studies written before (``config``, ``metrics``, the device label).

@@ -10,15 +10,15 @@ choice, and without a proposal the value is drawn uniformly from the model's cho
 trial is rejected or re-run for it.
 
 TPE's random startup counts trained trials only: until ``n_startup_trials`` trials have
-trained (COMPLETE or PRUNED, preflight skips excluded: ``search.record.counts.is_skip``), every value
-is drawn at random (the conditions and stages still apply). Skips are free (they do not spend
+trained (COMPLETE or PRUNED, preflight skips excluded: ``search.record.counts.is_skip``), every
+value is drawn at random (the conditions and stages still apply). Skips are free (they do not spend
 the budget), so a space that mostly does not fit the device would otherwise use up the random
 startup on skipped configs and start TPE without trained evidence. Once TPE models the
 history, a skip (PRUNED without intermediate values) falls in TPE's worse group: a config that
 does not fit is learnt as a bad one.
 
-The device decides too: a worker sets ``ConditionalSampler.feasible`` (``search.memory.feasible``), and
-``batch_size`` / ``max_len`` are then drawn (or TPE's proposal rounded) among the pairs the
+The device decides too: a worker sets ``ConditionalSampler.feasible`` (``search.memory.feasible``),
+and ``batch_size`` / ``max_len`` are then drawn (or TPE's proposal rounded) among the pairs the
 preflight would let run on that worker's device, and ``model`` among the models with at least
 one such pair: a pair whose estimate fits without the band while the model has one (a border
 pair, which fits only within the band, is left to the deliberate probes: big-safe's frontier
@@ -115,8 +115,8 @@ class ConditionalSampler(BaseSampler):
     (``nearest_choice``). Without a proposal (startup trials, random search, or a model not
     known yet) the value is drawn uniformly from the model's choices.
 
-    In a staged search (``search.sampling.stages``) the trial's stage (its user attribute ``stage``,
-    else ``stage``, set by the worker under the budget lock before it asks) narrows the
+    In a staged search (``search.sampling.stages``) the trial's stage (its user attribute
+    ``stage``, else ``stage``, set by the worker under the budget lock before it asks) narrows the
     choices further: ``model`` to the stage's models (a proposal outside them is dropped and
     drawn uniformly among them) and ``batch_size`` / ``max_len`` to the stage's conditions.
     The distributions stay the same in every stage.
@@ -154,7 +154,8 @@ class ConditionalSampler(BaseSampler):
         self._choices = {name: dict(per) for name, per in choices.items()}
         self._random = RandomSampler(seed=seed)
         self._stages = dict(stages or {})
-        self.stage: str | None = None  # the stage of the trial being claimed (search.sampling.stages)
+        # The stage of the trial being claimed (search.sampling.stages).
+        self.stage: str | None = None
         self._models = tuple(models) if models is not None else None
         self.feasible: Callable[[Study], FeasibleGrid] | None = None
         self._grid_of: tuple[int, FeasibleGrid] | None = None  # (trial id, its grid)

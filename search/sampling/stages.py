@@ -4,18 +4,18 @@ The team's playbook as a spec: ``baseline`` maps the space with the small models
 tries the big model within its safe region (seeded at the largest shape the OOM frontier
 learned so far allows, with the baseline's best settings and a learning-rate ladder below the
 baseline's best rate: ``frontier_seeds``), ``refine`` explores around the best configs so far
-(``search.sampling.refine``). Every trial records its stage (user attribute ``stage``). The space stays
-the same in every stage (one distribution per parameter, so TPE learns across stages); a stage
-only restricts what the sampler proposes (``search.sampling.sampler.ConditionalSampler``: its models
-and its ``batch_size`` / ``max_len`` choices), as the space's conditions do.
+(``search.sampling.refine``). Every trial records its stage (user attribute ``stage``). The space
+stays the same in every stage (one distribution per parameter, so TPE learns across stages); a
+stage only restricts what the sampler proposes (``search.sampling.sampler.ConditionalSampler``: its
+models and its ``batch_size`` / ``max_len`` choices), as the space's conditions do.
 
 Workers follow the same order without talking to each other: under the study's budget lock
-(``search.worker.budget.claim_trial``) the current stage is derived from the study's trials, the first
-stage whose budget share is not yet spent (trials that spend the budget, counted as the study's
-budget counts them, ``search.record.counts.spent_count``); the last stage runs until the study's
-budget is spent. A ``frontier`` stage's seeds are enqueued one at a time, each when no trial
-is queued, under the same lock (a study system attribute counts them), so a seed that runs out
-of memory moves the next ones to the next shape that fits; a ``top_k``
+(``search.worker.budget.claim_trial``) the current stage is derived from the study's trials, the
+first stage whose budget share is not yet spent (trials that spend the budget, counted as the
+study's budget counts them, ``search.record.counts.spent_count``); the last stage runs until the
+study's budget is spent. A ``frontier`` stage's seeds are enqueued one at a time, each when no
+trial is queued, under the same lock (a study system attribute counts them), so a seed that runs
+out of memory moves the next ones to the next shape that fits; a ``top_k``
 stage enqueues one config around the top K trials *so far* before each of its trials, under
 the same lock (``StagePlan.refine_next``), so results that arrive meanwhile count.
 
@@ -57,6 +57,7 @@ LR_LADDER = (0.5, 1.0, 0.25)
 # What a frontier stage's seeds take over from the earlier stages' best trial.
 TRANSFER_PARAMS = ("lr", "temperature", "warmup_ratio", "weight_decay")
 
+
 def stage_of(trial: FrozenTrial) -> str | None:
     """The stage a trial ran in (its user attribute), or None (a single-stage study)."""
     value = trial.user_attrs.get(attrs.STAGE)
@@ -67,8 +68,8 @@ def current_stage(spec: StudySpec, trials: Sequence[FrozenTrial], budget: int) -
     """The first stage whose budget share is not spent yet; else the last stage.
 
     A share is spent by the trials recorded in that stage that spend the study's budget
-    (``search.record.counts.spent_count``). ``budget`` is the study's budget in force (it may differ
-    from ``study.n_trials`` after ``--n-trials``): a stage's share never reaches past it.
+    (``search.record.counts.spent_count``). ``budget`` is the study's budget in force (it may
+    differ from ``study.n_trials`` after ``--n-trials``): a stage's share never reaches past it.
     """
     if not spec.stages:
         raise ValueError("the spec declares no stages")

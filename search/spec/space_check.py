@@ -91,9 +91,9 @@ def space_differences(stored: dict[str, Any], spec: StudySpec) -> list[str]:
 def _distributions(spec: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bool]]:
     """The categorical parameters' choices and the numeric parameters' log flags of a spec dict.
 
-    The names follow ``search.sampling.space.sample_params``: ``model`` is categorical; ``batch_size``
-    and ``max_len`` are integers over the space's full choices (``int_range``: only their log
-    scale must stay, the sampler keeps each model's conditions).
+    The names follow ``search.sampling.space.sample_params``: ``model`` is categorical;
+    ``batch_size`` and ``max_len`` are integers over the space's full choices (``int_range``: only
+    their log scale must stay, the sampler keeps each model's conditions).
     """
     space = spec.get("space", {})
     choices: dict[str, list[Any]] = {"model": list(spec.get("models", {}))}

@@ -236,7 +236,8 @@ class SamplerSection(_Strict):
 
 
 class PrunerSection(_Strict):
-    """Optuna pruner on the reported metric; steps are training examples seen (search.sampling.pruners).
+    """Optuna pruner on the reported metric; steps are training examples seen
+    (search.sampling.pruners).
 
     ``median``: ``n_startup_trials``, ``n_warmup_steps``. ``successive_halving``:
     ``min_resource``, ``reduction_factor``, ``min_early_stopping_rate``. ``hyperband``:
@@ -260,7 +261,8 @@ class TrackingSection(_Strict):
 
 
 class ArtifactsSection(_Strict):
-    """Trained models kept as Optuna artifacts (``search.observe.keep``): the top K trials' encoders."""
+    """Trained models kept as Optuna artifacts (``search.observe.keep``): the top K trials'
+    encoders."""
 
     top_k: int = Field(default=3, ge=0)  # 0: keep no model (``search best --export`` retrains)
     store: str | None = Field(default=None, min_length=1)  # a directory or file:// URL; default
@@ -268,7 +270,8 @@ class ArtifactsSection(_Strict):
 
 
 class StageSection(_Strict):
-    """One stage of a staged search (``stages:``), run in order on one study (search.sampling.stages).
+    """One stage of a staged search (``stages:``), run in order on one study
+    (search.sampling.stages).
 
     ``models``: the models it samples (default: all); ``conditions``: its own restriction of
     ``batch_size`` / ``max_len`` per model (subsets of the space's conditions); ``n_trials``:

@@ -12,8 +12,8 @@ Run one trial by hand (tiny replica, KLUE-NLI, CPU)::
                       eval_dir='/tmp/klue/eval')
     print(train(cfg))"
 
-The Optuna objective (``search.worker.runner``) calls ``train(cfg, report=..., on_phase=...)`` in an
-isolated process: ``report`` decides pruning after each epoch, ``on_phase`` names the phase an
+The Optuna objective (``search.worker.runner``) calls ``train(cfg, report=..., on_phase=...)`` in
+an isolated process: ``report`` decides pruning after each epoch, ``on_phase`` names the phase an
 out-of-memory error happened in.
 """
 

@@ -172,9 +172,9 @@ def claim_trial(
         max_skips: Skips the study may hold while its budget is not spent; at that many,
             raise :class:`SkipBoundError` instead of claiming. ``None``: no bound.
         before_ask: Called under the lock with the study's trials before a trial that is not
-            re-queued is asked for (``search.sampling.stages.StagePlan``: picks the stage, may enqueue
-            its seeds); returns user attributes for the new trial, which an enqueued trial's
-            own attributes override.
+            re-queued is asked for (``search.sampling.stages.StagePlan``: picks the stage, may
+            enqueue its seeds); returns user attributes for the new trial, which an enqueued
+            trial's own attributes override.
 
     Returns:
         A RUNNING trial (its first heartbeat recorded), or ``None`` once nothing is left.
@@ -386,7 +386,8 @@ class _StaleWatcher(threading.Thread):
         try:
             while not self._stop_event.wait(self._interval):
                 try:
-                    with named_lock(storage, budget_lock_name(self._study)), _quiet_heartbeat_warnings():
+                    lock = named_lock(storage, budget_lock_name(self._study))
+                    with lock, _quiet_heartbeat_warnings():
                         _sweep(self._study)
                 except Exception as error:  # the database is away: the next round retries
                     _logger.debug("stale check failed (%s)", type(error).__name__)

@@ -42,7 +42,8 @@ def prepare_models(
 def model_facts(
     spec: StudySpec, opts: RunOptions, model_paths: dict[str, str]
 ) -> dict[str, ModelInfo]:
-    """Each searched model's facts (``search.spec.model_facts``); a tiny replica's, from its config."""
+    """Each searched model's facts (``search.spec.model_facts``); a tiny replica's, from its
+    config."""
     facts = {}
     for name in model_paths:
         try:

@@ -45,7 +45,8 @@ def claimed_record(
 ) -> TrialRecord:
     """The first attributes of a claimed trial, written before it trains (outcome running).
 
-    ``model_facts``: where the estimate's architecture facts came from (``search.spec.model_facts``).
+    ``model_facts``: where the estimate's architecture facts came from
+    (``search.spec.model_facts``).
     """
     user: dict[str, Any] = {
         attrs.OUTCOME: attrs.OUTCOME_RUNNING,

@@ -7,8 +7,8 @@ happens to be alone. The loop, top to bottom:
 2. sample the conditional space into an effective ``TrialConfig``;
 3. preflight: skip a config whose memory estimate does not fit, or that an earlier real OOM
    dominates (``oom: predicted`` / ``oom: frontier``), without loading the model;
-4. train in a child process (``search.worker.isolation.run_isolated``), reporting each epoch's metric
-   to the pruner, under heartbeats so that a dead worker's trial is re-queued;
+4. train in a child process (``search.worker.isolation.run_isolated``), reporting each epoch's
+   metric to the pruner, under heartbeats so that a dead worker's trial is re-queued;
 5. tell Optuna the outcome: COMPLETE, PRUNED (early stop or any OOM) or FAIL.
 """
 
