@@ -314,15 +314,17 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     os.killpg(victim.pid, signal.SIGKILL)
     killed = time.monotonic()
     victim.wait(10)
+    seen: list[FrozenTrial] = []
 
     def requeued() -> bool:
-        return bool(_copies_of(_trials(own_db, study), number))
+        seen[:] = _trials(own_db, study)
+        return bool(_copies_of(seen, number))
 
     _wait_for(f"trial {number} to be re-queued", requeued, 60, every=0.1)
-    took = time.monotonic() - killed
-    bound = GRACE_S + HEARTBEAT_S + 6  # generous: a loaded 2-core machine
-    print(f"trial {number} re-queued {took:.1f} s after its worker was killed")
-    assert took < bound, f"re-queued {took:.1f} s after the kill (bound {bound} s)"
+    print(f"trial {number} re-queued {time.monotonic() - killed:.1f} s after the kill")
+    # Re-queued while the survivors' own (60 s) trials still ran, as seen with the copy.
+    busy = {t.number: t.state for t in seen if t.number in {r.number for r in running[1:]}}
+    assert busy == {r.number: TrialState.RUNNING for r in running[1:]}, busy
     assert any(
         f"trial {number} had no heartbeat for the grace period: failed and re-queued"
         in proc.stderr()
