@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,18 +9,23 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from _cli_workers import Worker
+from _cli_workers import assert_budget_spent_exactly
+from _cli_workers import stop_all
+from _cli_workers import study_trials
+from _cli_workers import wait_for
 from _factories import PG_URL
+from optuna.storages import RDBStorage
 from sqlalchemy.pool import NullPool
 
+from search.record import attrs
 from search.worker.study_store import StudyConflictError
 from search.worker.study_store import open_study
 from storage import create_storage
+from storage import named_lock
 from storage import redact_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
 
 
 @pytest.fixture
@@ -94,42 +95,73 @@ def test_direction_conflict_is_an_error(tmp_path: Path) -> None:
         open_study(store, "t", direction="up", sampler=None, pruner=None)
 
 
+class _LockOnly(RDBStorage):
+    """Just the engine of a database, for ``named_lock``: no tables are created or read."""
+
+    def __init__(self, url: str) -> None:  # not super().__init__: that creates the tables
+        self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+
+
+def _advisory_locks(engine: sqlalchemy.engine.Engine, *, granted: bool) -> list[tuple[int, ...]]:
+    """The advisory locks held (``granted``) or waited for on the engine's database."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.text(
+                "SELECT classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted = :granted AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"granted": granted},
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Worker processes a test started; whatever is left is killed with its trial child."""
+    started: list[Worker] = []
+    yield started
+    stop_all(started)
+
+
 @pytest.mark.postgres
 def test_ten_processes_at_the_same_second_create_the_study_once(
-    fresh_pg_url: str, tmp_path: Path
+    fresh_pg_url: str, tmp_path: Path, workers: list[Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                fresh_pg_url,
-                "crowd",
-                "--n-trials",
-                "10",
-                "--seconds",
-                "0",
-                "--barrier",
-                str(tmp_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(10)
-    ]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.iterdir())) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)  # every process has imported and waits at the barrier
-    (tmp_path / "go").touch()
-    results = [p.communicate(timeout=180) for p in procs]
-    errors = [err for (out, err), p in zip(results, procs, strict=True) if p.returncode != 0]
-    assert errors == []
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
-    assert sum(s["created"] for s in summaries) == 1
-    store = create_storage(fresh_pg_url)
+    """Ten real ``search worker`` processes on a database with no tables yet, let into the
+    study at the same instant: one creates it and enqueues its baseline, all ten share its
+    budget of ten exactly.
+
+    The barrier is the study's own open lock (``open_study`` takes ``open:<study>``): the test
+    holds it until all ten wait for it in ``pg_locks``, having raced through the schema
+    creation on their way, then lets them go together.
+    """
+    monkeypatch.setenv("SEARCH_LOCK_TIMEOUT", "900")  # the barrier may sit idle a while
+    holder = _LockOnly(fresh_pg_url)
+    try:
+        with named_lock(holder, "open:crowd"):
+            [barrier] = _advisory_locks(holder.engine, granted=True)
+            workers += [
+                Worker(fresh_pg_url, "crowd", 10, tmp_path, f"w{i}", epoch_s=0.0)
+                for i in range(10)
+            ]
+
+            def all_waiting() -> bool:
+                for worker in workers:
+                    assert worker.alive(), worker.stderr()
+                return _advisory_locks(holder.engine, granted=False).count(barrier) == 10
+
+            wait_for("ten workers waiting to open the study", all_waiting, 300, every=0.2)
+    finally:
+        holder.engine.dispose()
+    for worker in workers:
+        worker.assert_exited_cleanly()
+    store = create_storage(fresh_pg_url, heartbeat_interval=None)
     assert [s.study_name for s in optuna.get_all_study_summaries(store)] == ["crowd"]
+    trials = study_trials(fresh_pg_url, "crowd")
+    assert_budget_spent_exactly(trials, 10, workers)
+    assert sum(w.trials_run() for w in workers) == 10
+    baselines = [t for t in trials if "fixed_params" in t.system_attrs]
+    assert len(baselines) == 1  # on_create ran once (the spec has one model)
     study = optuna.load_study(study_name="crowd", storage=store)
-    assert len(study.trials) == 10
-    baselines = [t for t in study.trials if "fixed_params" in t.system_attrs]
-    assert len(baselines) == 1  # on_create ran once
+    assert study.user_attrs[attrs.STUDY_N_TRIALS] == 10

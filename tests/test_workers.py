@@ -1,14 +1,14 @@
-"""Many worker processes on one PostgreSQL study: killed workers, a DB restart.
+"""Many real ``search worker`` processes on one PostgreSQL study: a killed worker, a DB restart.
 
-Most workers here are ``tests/fixtures/fake_worker.py``: the service's study/budget/heartbeat
-path with ``time.sleep`` for training, so each trial takes a second, not minutes. Signals
-(SIGTERM, SIGINT) and the other faults are tested on the real ``search worker`` and ``search
-run`` with a live training child in ``tests/test_worker_faults.py``.
+Every worker is the product's CLI with its stale watcher, trial record and isolated trial
+child (``tests/_cli_workers.py``); only the training is ``tests/fixtures/slow_objective.py``,
+which sleeps and reports a metric, so a trial takes a second, not minutes. The last test runs
+the real training (``--tiny``). Signals (SIGTERM, SIGINT) and the other faults are in
+``tests/test_worker_faults.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -17,11 +17,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
+from _cli_workers import Worker
+from _cli_workers import assert_budget_spent_exactly
+from _cli_workers import copies_of
+from _cli_workers import pid_of
+from _cli_workers import running_of
+from _cli_workers import stop_all
+from _cli_workers import study_trials
+from _cli_workers import wait_for
 from optuna.trial import TrialState
 from sqlalchemy.pool import NullPool
 
@@ -35,7 +44,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "fixtures" / "fake_worker.py"
 # How the restart test restarts the server (Debian's cluster tools by default, as .ci/run).
 _PG_VERSIONS = sorted(p.name for p in Path("/etc/postgresql").glob("*")) or ["15"]
 PG_RESTART = os.environ.get(
@@ -57,98 +65,89 @@ def _reachable(url: str, timeout: int = 3) -> str | None:
         engine.dispose()
 
 
-def _worker(
-    url: str, study: str, n: int, seconds: float, name: str, grace: int = 3
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(WORKER),
-            url,
-            study,
-            "--n-trials",
-            str(n),
-            "--seconds",
-            str(seconds),
-            "--worker",
-            name,
-            "--heartbeat",
-            "1",
-            "--grace",
-            str(grace),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Worker processes a test started; whatever is left is killed with its trial child."""
+    started: list[Worker] = []
+    yield started
+    stop_all(started)
+
+
+def test_a_killed_workers_trial_is_rerun_by_a_survivor(
+    pg_url: str, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Three workers, a budget of eight; one is SIGKILLed (with its trial child) mid-trial.
+
+    The victim's trials train for minutes, so it is surely inside one when it is killed;
+    the survivors' take a second. A survivor fails the dead trial as stale, re-queues its
+    parameters and runs them: the study still ends at exactly eight finished trials.
+    """
+    study, budget = f"kill-{uuid.uuid4().hex[:8]}", 8
+    victim = Worker(pg_url, study, budget, tmp_path, "victim", epochs=3000, epoch_s=0.1)
+    survivors = [Worker(pg_url, study, budget, tmp_path, f"s{i}") for i in range(2)]
+    workers += [victim, *survivors]
+
+    def victim_training() -> bool:
+        assert victim.alive(), victim.stderr()
+        return victim.training() and running_of(pg_url, study, victim) is not None
+
+    wait_for("the victim to train a trial", victim_training, 180)
+    dead = running_of(pg_url, study, victim)
+    assert dead is not None
+    victim.kill_group()
+    for worker in survivors:
+        worker.assert_exited_cleanly()
+    assert victim.children_gone()
+    trials = study_trials(pg_url, study)
+    assert_budget_spent_exactly(trials, budget, workers)
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [dead.number]
+    rerun = copies_of(trials, dead.number)
+    assert len(rerun) == 1 and rerun[0].state == TrialState.COMPLETE
+    assert rerun[0].params == dead.params
+    assert pid_of(rerun[0]) in {w.pid for w in survivors}
+    assert any(
+        f"trial {dead.number} had no heartbeat for the grace period: failed and re-queued"
+        in w.stderr()
+        for w in survivors
     )
 
 
-def _wait_running(proc: subprocess.Popen[str]) -> int:
-    """Read the worker's output until it says it is inside a trial; return the trial number."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("running "):
-            return int(line.split()[1])
-    raise AssertionError("the worker ended without running a trial")
-
-
-def _summary(proc: subprocess.Popen[str]) -> dict[str, object]:
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0
-    return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def _load(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=create_storage(url))
-
-
-def test_a_killed_workers_trial_is_rerun_by_a_survivor(pg_url: str) -> None:
-    name = f"kill-{uuid.uuid4().hex[:8]}"
-    victim = _worker(pg_url, name, 8, 1.0, "victim")
-    number = _wait_running(victim)
-    survivors = [_worker(pg_url, name, 8, 1.0, f"s{i}") for i in range(2)]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(10)
-    for proc in survivors:
-        _summary(proc)
-    study = _load(pg_url, name)
-    states = [t.state for t in study.trials]
-    assert states.count(TrialState.COMPLETE) == 8
-    assert states.count(TrialState.FAIL) == 1
-    assert finished_count(study) == 8
-    dead = study.trials[number]
-    assert dead.state == TrialState.FAIL
-    reruns = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
-    assert len(reruns) == 1
-    assert reruns[0].state == TrialState.COMPLETE
-    assert reruns[0].params == dead.params
-    assert reruns[0].user_attrs[attrs.WORKER] in {"s0", "s1"}
-
-
 @pytest.mark.pg_restart
-def test_workers_ride_out_a_postgres_restart(pg_url: str) -> None:
+def test_workers_ride_out_a_postgres_restart(
+    pg_url: str, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Two workers, a budget of ten; the server restarts while trials run. A 20-second grace
+    period outlasts the restart: nothing is lost, failed or run twice, both exit 0."""
     tool = shlex.split(PG_RESTART)[0]
     if shutil.which(tool) is None:
         pytest.skip(f"cannot restart PostgreSQL here: {tool} not found (SEARCH_TEST_PG_RESTART)")
-    name = f"restart-{uuid.uuid4().hex[:8]}"
-    workers = [_worker(pg_url, name, 10, 0.5, f"w{i}", grace=20) for i in range(2)]
-    _wait_running(workers[0])
-    study = _load(pg_url, name)
-    deadline = time.monotonic() + 60
-    while finished_count(study) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    study, budget = f"restart-{uuid.uuid4().hex[:8]}", 10
+    workers += [
+        Worker(pg_url, study, budget, tmp_path, f"w{i}", epochs=2, epoch_s=0.5,
+               env={"SEARCH_GRACE_PERIOD": "20"})
+        for i in range(2)
+    ]  # fmt: skip
+
+    def midway() -> bool:
+        for worker in workers:
+            assert worker.alive(), worker.stderr()
+        trials = study_trials(pg_url, study)
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        return done >= 2 and any(t.state == TrialState.RUNNING for t in trials)
+
+    wait_for("two finished trials and one running", midway, 180)
     restart = subprocess.run(shlex.split(PG_RESTART), capture_output=True, text=True)
     try:
         assert restart.returncode == 0, restart.stderr
-        for proc in workers:
-            _summary(proc)
+        for worker in workers:
+            worker.assert_exited_cleanly()
     finally:
         deadline = time.monotonic() + 60
         while _reachable(pg_url) is not None and time.monotonic() < deadline:
             time.sleep(0.5)  # leave the server running for whoever comes next
-    study = _load(pg_url, name)
-    states = [t.state for t in study.trials]
-    assert states == [TrialState.COMPLETE] * 10  # nothing lost, nothing failed or doubled
-    assert finished_count(study) == 10
+    trials = study_trials(pg_url, study)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * budget  # none failed or extra
+    assert_budget_spent_exactly(trials, budget, workers)
 
 
 TINY_SPEC = ROOT / "tests" / "fixtures" / "tiny_workers.yaml"
