@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from _factories import trial_config
 
-from search.record.config import TrialConfig
 from search.record.models import MODELS
 from search.sampling.pruners import pruner_from_section
 from search.spec.load import load_spec
@@ -100,15 +100,17 @@ def _replica(tmp_path: Path) -> Path:
 def test_train_reports_sooner_on_the_examples_axis(tmp_path: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    info = MODELS[MODEL]
-    cfg = TrialConfig(
-        model=MODEL, model_path=str(_replica(tmp_path)), batch_size=8, max_len=32, lr=1e-3,
-        temperature=0.05, warmup_ratio=0.0, weight_decay=0.0, epochs=2, amp=False,
-        gradient_checkpointing=False, hard_negatives=0, seed=0, device="cpu",
-        train_path=str(DEMO / "train.jsonl"), eval_dir=str(DEMO), pooling=info.pooling,
-        normalize=info.normalize, max_train_samples=N_TRAIN, eval_every_steps=16,
+    cfg = trial_config(
+        model=MODEL,
+        model_path=str(_replica(tmp_path)),
+        lr=1e-3,
+        epochs=2,
+        train_path=str(DEMO / "train.jsonl"),
+        eval_dir=str(DEMO),
+        max_train_samples=N_TRAIN,
+        eval_every_steps=16,
         eval_sample_queries=20,
-    )  # fmt: skip
+    )
     for batch in (8, 16):
         sooner: list[int] = []
         epochs: list[float] = []

@@ -25,20 +25,21 @@ from typing import Any
 
 import optuna
 import pytest
+from _factories import trial_config
 from optuna.trial import TrialState
 
+from search.observe.subscribers import standard_subscribers
 from search.observe.tracking import Tracker
 from search.observe.tracking import TrackingSettings
 from search.observe.tracking import tracking_settings
 from search.record import attrs
-from search.record.config import TrialConfig
 from search.record.trial_record import config_of
 from search.spec.load import load_spec
 from search.spec.options import DEFAULT_CACHE
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.worker.budget import SkipBoundError
-from search.worker.runner import run_study
+from search.worker.runner import run_study as run_study_only
 from storage import redact_url
 
 pytestmark = [
@@ -112,6 +113,11 @@ def _opts(tmp_path: Path, db: str, **over: object) -> RunOptions:
         worker="wandb-test",
     )
     return RunOptions(**(base | over))  # type: ignore[arg-type]
+
+
+def run_study(spec: StudySpec, opts: RunOptions) -> Any:
+    """``run_study`` with the CLI's observers (the W&B runs come from its tracking subscriber)."""
+    return run_study_only(spec, opts, subscribers=standard_subscribers(spec, opts))
 
 
 # ------------------------------------------------------------------ reading an offline run
@@ -410,11 +416,7 @@ def test_no_wandb_package_is_one_line_and_no_runs(
     settings = TrackingSettings(True, "p", tmp_path, "offline", "sqlite:///x.db")
     tracker = Tracker(settings, "s")
     tracker.prepare()
-    cfg = TrialConfig(
-        model="ko-simcse", model_path="x", batch_size=8, max_len=16, lr=1e-4, temperature=0.05,
-        warmup_ratio=0.0, weight_decay=0.0, epochs=1, amp=False, gradient_checkpointing=False,
-        hard_negatives=0, seed=0, device="cpu", train_path="t", eval_dir="e",
-    )  # fmt: skip
+    cfg = trial_config(model_path="x", max_len=16, train_path="t", eval_dir="e")
     first, second = tracker.start(0, cfg), tracker.start(1, cfg)
     assert not first.active and not second.active and not tracker.on
     first.log_step(1, {"loss": 1.0})  # a no-op, never an error

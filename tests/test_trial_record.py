@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from _factories import bge_cuda_config
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -49,24 +50,15 @@ SCALAR = (str, int, float, bool, type(None))
 
 def _cfg(**over: object) -> TrialConfig:
     base: dict[str, object] = dict(
-        model="bge-m3-ko",
         model_path=None,
         batch_size=64,
         max_len=384,
         lr=1e-5,
-        temperature=0.05,
-        warmup_ratio=0.1,
         weight_decay=0.0,
-        epochs=1,
-        amp=True,
-        gradient_checkpointing=False,
-        hard_negatives=0,
-        seed=0,
-        device="cuda",
         train_path="t",
         eval_dir="e",
     )
-    return TrialConfig(**(base | over))  # type: ignore[arg-type]
+    return bge_cuda_config(**(base | over))
 
 
 def _trial(state: TrialState, value: float | None = None, **kw: object) -> FrozenTrial:
