@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _factories import trial_config
 
 from search.record.config import TrialConfig
 from search.record.models import MODELS
@@ -93,28 +94,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _cfg(setup: dict[str, Any], **changes: Any) -> TrialConfig:
-    info = MODELS[MODEL]
-    cfg = TrialConfig(
-        model=MODEL,
-        model_path=setup["model_path"],
-        batch_size=BATCH,
-        max_len=32,
-        lr=1e-3,
-        temperature=0.05,
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        epochs=1,
-        amp=False,
-        gradient_checkpointing=False,
-        hard_negatives=1,
-        seed=0,
-        device="cpu",
-        train_path=setup["train_path"],
-        eval_dir=setup["eval_dir"],
-        pooling=info.pooling,
-        normalize=info.normalize,
-    )
-    return dataclasses.replace(cfg, **changes)
+    paths = {k: setup[k] for k in ("model_path", "train_path", "eval_dir")}
+    base = dict(model=MODEL, batch_size=BATCH, lr=1e-3, hard_negatives=1, **paths)
+    return trial_config(**(base | changes))
 
 
 def _model_and_batch(
@@ -322,21 +304,13 @@ def test_auto_is_off_when_the_batch_fits_else_the_largest_mini_batch_that_does()
     from search.train.tiny import tiny_info
 
     arch = tiny_info(MODELS[MODEL])
-    cfg = TrialConfig(
+    cfg = trial_config(
         model=MODEL,
         model_path="replica",
         batch_size=256,
         max_len=64,
         lr=1e-5,
-        temperature=0.05,
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        epochs=1,
-        amp=False,
-        gradient_checkpointing=False,
         hard_negatives=1,
-        seed=0,
-        device="cpu",
         train_path="t",
         eval_dir="e",
         gradient_cache=GRADIENT_CACHE_AUTO,

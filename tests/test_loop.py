@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from _factories import trial_config
 
 from search.record.config import TrialConfig
 from search.record.models import MODELS
@@ -56,28 +57,19 @@ def klue(
 
 
 def _cfg(replica: Path, **changes: object) -> TrialConfig:
-    info = MODELS[MODEL]
-    cfg = TrialConfig(
+    base: dict[str, object] = dict(
         model=MODEL,
         model_path=str(replica),
         batch_size=16,
         max_len=48,
         lr=1e-3,
-        temperature=0.05,
         warmup_ratio=0.1,
         weight_decay=0.01,
-        epochs=1,
         amp=True,
-        gradient_checkpointing=False,
         hard_negatives=1,
-        seed=0,
-        device="cpu",
         train_path="unused.jsonl",
-        eval_dir="unused",
-        pooling=info.pooling,
-        normalize=info.normalize,
     )
-    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+    return trial_config(**(base | changes))
 
 
 def _small_eval(eval_set: EvalSet, n_queries: int = 16) -> EvalSet:
