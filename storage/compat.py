@@ -1,0 +1,332 @@
+"""Every use of Optuna's and optuna-dashboard's private names, behind typed public functions.
+
+Names with a leading underscore carry no compatibility promise: a minor release may rename
+or change them. Nothing else in this project touches them; each function here names the
+private name it relies on. Tested on optuna 5.1.0 and optuna-dashboard 0.21.0
+(``tests/test_optuna_compat.py``: one test per name, on a real study, failing loudly when a
+release renames or changes one); ``pyproject.toml`` pins the range those tests ran on.
+
+Besides the functions, two private hooks are *overridden* (their names are Optuna's):
+``RDBStorage._get_trials`` (``storage._rdb``: the fast trial read, which Optuna's cache calls
+on its backend) and ``BaseHeartbeat._get_stale_trial_ids`` (``storage._proxy_client``);
+:data:`CACHED_BACKEND_METHODS` lists the private methods the cache calls on its backend.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Container
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+from typing import Any
+
+import optuna
+import sqlalchemy.orm
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import BaseStorage
+from optuna.storages import GrpcStorageProxy
+from optuna.storages import RDBStorage
+from optuna.storages import _CachedStorage
+from optuna.storages._base import DEFAULT_STUDY_NAME_PREFIX
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models as tables
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = [
+    "ArtifactStore",
+    "BaseHeartbeat",
+    "CACHED_BACKEND_METHODS",
+    "DASHBOARD_NOTE_CHUNK",
+    "TESTED",
+    "add_storage_service",
+    "add_trial_in",
+    "dashboard_note_keys",
+    "default_study_name",
+    "enqueue_trial",
+    "forget_cached_trials",
+    "is_heartbeat_enabled",
+    "orm_read_trials",
+    "proxy_channel",
+    "rdb_backend",
+    "save_dashboard_trial_note",
+    "scoped_session",
+    "set_trial_attr_in",
+    "set_trial_value_in",
+    "stale_retry_limit",
+    "stale_trial_ids",
+    "study_id",
+    "study_storage",
+    "tables",
+    "trial_from_bytes",
+    "trial_id",
+    "trial_to_bytes",
+    "use_cached_trials",
+]
+
+# The versions the tests ran on (pyproject pins optuna>=5.1,<5.2, optuna-dashboard>=0.21,<0.22).
+TESTED = {"optuna": "5.1.0", "optuna-dashboard": "0.21.0"}
+
+# ``tables`` is ``optuna.storages._rdb.models``: the SQLAlchemy models of Optuna's schema
+# (TrialModel, TrialSystemAttributeModel, ...). ``ArtifactStore`` is
+# ``optuna.artifacts._protocol.ArtifactStore`` (typing only). ``BaseHeartbeat`` and
+# ``is_heartbeat_enabled`` are ``optuna.storages._heartbeat``'s.
+
+# Private methods of ``RDBStorage`` that Optuna's ``_CachedStorage`` calls on its backend
+# (``storage._rdb`` retries or overrides them).
+CACHED_BACKEND_METHODS = (
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_trials",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
+)
+
+# optuna-dashboard's longest note chunk (``optuna_dashboard._note.SYSTEM_ATTR_MAX_LENGTH``).
+DASHBOARD_NOTE_CHUNK = 2045
+
+
+# ------------------------------------------------------------------ Study and Trial
+
+
+def study_storage(study: optuna.Study) -> BaseStorage:
+    """The study's storage, as Optuna wraps it (``Study._storage``)."""
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's database id (``Study._study_id``)."""
+    return study._study_id
+
+
+def trial_id(trial: optuna.trial.Trial | FrozenTrial) -> int:
+    """The trial's database id, not its number (``Trial._trial_id``, ``FrozenTrial._trial_id``)."""
+    return trial._trial_id
+
+
+def forget_cached_trials(study: optuna.Study) -> None:
+    """Make the study read its trials again (``Study._thread_local.cached_all_trials``).
+
+    Optuna caches the trial list per thread inside ``ask``/``tell``; a trial taken or failed
+    behind its back (a re-queued trial set RUNNING directly) must clear it.
+    """
+    study._thread_local.cached_all_trials = None
+
+
+def use_cached_trials(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Let this thread's sampling read ``trials`` (a list just read) instead of reading again.
+
+    ``Study._thread_local.cached_all_trials``: what ``ask`` clears and the first sampler call
+    of a trial fills (``Study._get_trials(use_cache=True)``: TPE's search space and startup
+    count). The worker's trial step hands it the snapshot read under the budget lock (issue
+    15: one read of the trial list per step); ``forget_cached_trials`` drops it.
+    """
+    study._thread_local.cached_all_trials = trials
+
+
+def enqueue_trial(
+    study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any] | None = None
+) -> int:
+    """``Study.enqueue_trial``, returning the new WAITING trial's id (Optuna's returns None).
+
+    Optuna's system attribute ``fixed_params`` holds the values ``Trial`` suggests first (what
+    ``enqueue_trial`` writes); ``BaseStorage.create_new_trial`` returns the id, so the caller
+    can take the trial without reading the trial list again.
+    """
+    template = optuna.trial.create_trial(
+        state=TrialState.WAITING, system_attrs={"fixed_params": params}, user_attrs=user_attrs
+    )
+    return study._storage.create_new_trial(study._study_id, template_trial=template)
+
+
+# ------------------------------------------------------------------ storages
+
+
+def rdb_backend(storage: BaseStorage) -> RDBStorage | None:
+    """The ``RDBStorage`` behind ``storage``, unwrapping Optuna's cache, if there is one.
+
+    Relies on ``optuna.storages._CachedStorage`` and its ``_backend``.
+    """
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def stale_trial_ids(storage: BaseHeartbeat, study_id: int) -> list[int]:
+    """RUNNING trials whose heartbeat is older than the grace period.
+
+    ``BaseHeartbeat._get_stale_trial_ids`` (the storage's own grace period and clock).
+    """
+    return storage._get_stale_trial_ids(study_id)
+
+
+def stale_retry_limit(storage: BaseStorage) -> int | None:
+    """``max_retry`` of the storage's ``RetryHeartbeatStaleTrialCallback``, if it has one.
+
+    ``RetryHeartbeatStaleTrialCallback._max_retry`` (no public accessor).
+    """
+    if not isinstance(storage, BaseHeartbeat):
+        return None
+    callback = storage.get_heartbeat_stale_trial_callback()
+    return getattr(callback, "_max_retry", None)
+
+
+def default_study_name() -> str:
+    """A fresh name like the ones Optuna gives unnamed studies (``no-name-<uuid>``).
+
+    ``optuna.storages._base.DEFAULT_STUDY_NAME_PREFIX``.
+    """
+    return f"{DEFAULT_STUDY_NAME_PREFIX}{uuid.uuid4()}"
+
+
+@contextmanager
+def scoped_session(
+    rdb: RDBStorage, *, ignore_integrity_error: bool = False
+) -> Iterator[sqlalchemy.orm.Session]:
+    """One transaction on the storage's thread session, committed at the end of the block.
+
+    ``optuna.storages._rdb.storage._create_scoped_session``: database errors are raised as
+    ``StorageInternalError`` (from the SQLAlchemy error), an ``IntegrityError`` as itself
+    unless ignored. Do not nest: the inner block would close the outer session.
+    """
+    with _create_scoped_session(rdb.scoped_session, ignore_integrity_error) as session:
+        yield session
+
+
+def set_trial_attr_in(
+    rdb: RDBStorage,
+    session: sqlalchemy.orm.Session,
+    trial_id: int,
+    key: str,
+    value: Any,
+    *,
+    system: bool = False,
+) -> None:
+    """Upsert a trial's user (or system) attribute inside ``session``'s transaction.
+
+    ``RDBStorage._set_trial_attr_without_commit`` (raises ``UpdateFinishedTrialError`` for a
+    finished trial).
+    """
+    model = tables.TrialSystemAttributeModel if system else tables.TrialUserAttributeModel
+    rdb._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def add_trial_in(
+    rdb: RDBStorage, session: sqlalchemy.orm.Session, study_id: int, template: FrozenTrial | None
+) -> tables.TrialModel:
+    """Insert a trial (numbered, flushed) from ``template`` inside ``session``'s transaction.
+
+    ``RDBStorage._get_prepared_new_trial``: the caller holds the study row ``FOR UPDATE``
+    (trial numbers are counted). ``None``: a fresh RUNNING trial started now.
+    """
+    return rdb._get_prepared_new_trial(study_id, template, session)
+
+
+def set_trial_value_in(
+    rdb: RDBStorage,
+    session: sqlalchemy.orm.Session,
+    trial: tables.TrialModel,
+    objective: int,
+    value: float,
+) -> None:
+    """Set one objective value of a trial inside ``session``'s transaction.
+
+    ``RDBStorage._set_trial_value_without_commit``.
+    """
+    rdb._set_trial_value_without_commit(session, trial, objective, value)
+
+
+def orm_read_trials(
+    rdb: RDBStorage,
+    study_id: int,
+    states: Container[TrialState] | None,
+    included_trial_ids: set[int],
+    trial_id_greater_than: int,
+) -> list[FrozenTrial]:
+    """Optuna's own ORM read of a study's trials, bypassing any override.
+
+    ``RDBStorage._get_trials`` (what ``_CachedStorage`` reads new and unfinished trials with).
+    """
+    return RDBStorage._get_trials(rdb, study_id, states, included_trial_ids, trial_id_greater_than)
+
+
+# ------------------------------------------------------------------ gRPC proxy
+
+
+def trial_to_bytes(trial: FrozenTrial) -> bytes:
+    """A trial as Optuna's gRPC message (``optuna.storages._grpc.servicer._to_proto_trial``)."""
+    from optuna.storages._grpc import servicer
+
+    return servicer._to_proto_trial(trial).SerializeToString()  # type: ignore[no-any-return]
+
+
+def trial_from_bytes(data: bytes) -> FrozenTrial:
+    """The trial written by :func:`trial_to_bytes` (``servicer._from_proto_trial``,
+    ``optuna.storages._grpc.auto_generated.api_pb2.Trial``)."""
+    from optuna.storages._grpc import servicer
+    from optuna.storages._grpc.auto_generated import api_pb2
+
+    return servicer._from_proto_trial(api_pb2.Trial.FromString(data))
+
+
+def add_storage_service(server: grpc.Server, storage: BaseStorage) -> None:
+    """Serve Optuna's gRPC storage API for ``storage`` on ``server``.
+
+    ``optuna.storages._grpc.servicer.OptunaStorageProxyService`` and
+    ``optuna.storages._grpc.auto_generated.api_pb2_grpc`` (``run_grpc_proxy_server`` builds
+    and blocks on a server of its own; this adds the service to ours).
+    """
+    from optuna.storages._grpc import servicer
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
+    service = servicer.OptunaStorageProxyService(storage)
+    api_pb2_grpc.add_StorageServiceServicer_to_server(service, server)
+
+
+def proxy_channel(proxy: GrpcStorageProxy) -> grpc.Channel:
+    """The gRPC channel of Optuna's proxy client (``GrpcStorageProxy._channel``)."""
+    return proxy._channel
+
+
+# ------------------------------------------------------------------ optuna-dashboard
+
+
+def dashboard_note_keys(trial_id: int) -> tuple[str, str] | None:
+    """optuna-dashboard's study system attribute keys of a trial note's version and first chunk.
+
+    ``optuna_dashboard._note.note_ver_key`` and ``note_str_key_prefix``; ``None`` when the
+    installed optuna-dashboard has neither (or is not installed).
+    """
+    try:
+        from optuna_dashboard._note import note_str_key_prefix
+        from optuna_dashboard._note import note_ver_key
+    except ImportError:
+        return None
+    return note_ver_key(trial_id), f"{note_str_key_prefix(trial_id)}0"
+
+
+class _TrialRef:
+    """What ``optuna_dashboard.save_note`` reads of a trial: ``storage``, ``study``,
+    ``_trial_id`` (a finished trial cannot be wrapped in an ``optuna.Trial``)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.storage = study_storage(study)
+        self.study = study
+        self._trial_id = trial_id
+
+
+def save_dashboard_trial_note(study: optuna.Study, trial_id: int, text: str) -> None:
+    """``optuna_dashboard.save_note`` for a trial given by id (finished trials too).
+
+    ``save_note`` takes an ``optuna.Trial`` and reads its private ``_trial_id``; it gets a
+    stand-in with that attribute.
+    """
+    from optuna_dashboard import save_note
+
+    save_note(_TrialRef(study, trial_id), text)  # type: ignore[arg-type]
