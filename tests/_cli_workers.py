@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from _cli import FIXTURES
+from _cli import search_env
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -32,8 +34,6 @@ from search.record.trial_record import config_of
 from search.record.trial_record import outcome_of
 from storage import create_storage
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
 SPEC = FIXTURES / "tiny_workers.yaml"  # one model, so on_create enqueues one baseline
 HEARTBEAT_S = 1
 GRACE_S = 3
@@ -41,7 +41,7 @@ GRACE_S = 3
 _RAN = re.compile(r"(\d+) trials run by this worker \(stopped by (\w+)\)")
 
 
-class Worker:
+class WorkerProcess:
     """One ``search worker`` process in its own session (killing the group kills its child).
 
     ``epochs`` x ``epoch_s`` is how long each of its trials trains; ``env`` adds or overrides
@@ -68,19 +68,17 @@ class Worker:
         args = ["worker", "--spec", str(SPEC), "--device", "cpu", "--storage", url]
         args += ["--n-trials", str(n_trials), "--study-name", study]
         args += ["--objective", "slow_objective:train"]
-        full_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(FIXTURES)]),  # the trial child too
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "SEARCH_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
-            "SEARCH_GRACE_PERIOD": str(GRACE_S),
-            "SEARCH_TEST_EPOCHS": str(epochs),
-            "SEARCH_TEST_EPOCH_S": str(epoch_s),
-            "SEARCH_TEST_PID_DIR": str(self.children),
-            **(env or {}),
-        }
+        full_env = search_env(  # fixtures importable by the trial child too
+            {
+                "OMP_NUM_THREADS": "1",
+                "SEARCH_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
+                "SEARCH_GRACE_PERIOD": str(GRACE_S),
+                "SEARCH_TEST_EPOCHS": str(epochs),
+                "SEARCH_TEST_EPOCH_S": str(epoch_s),
+                "SEARCH_TEST_PID_DIR": str(self.children),
+                **(env or {}),
+            }
+        )
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "search.cli", *args],
@@ -151,11 +149,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop_all(workers: Sequence[Worker]) -> None:
-    """Kill whatever a test left running (a failed assertion must not leave workers behind)."""
+def stop_all(workers: Sequence[WorkerProcess]) -> None:
+    """Kill whatever a test left running, trial children and process servers included (a
+    failed assertion must not leave workers behind)."""
     for worker in workers:
-        if worker.alive():
+        if worker.alive() or _group_alive(worker.pid):
             worker.kill_group()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, every: float = 0.1) -> object:
@@ -190,7 +197,7 @@ def pid_of(trial: FrozenTrial) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def running_of(url: str, study: str, worker: Worker) -> FrozenTrial | None:
+def running_of(url: str, study: str, worker: WorkerProcess) -> FrozenTrial | None:
     """The trial ``worker`` is running now, if any."""
     for trial in study_trials(url, study):
         if trial.state == TrialState.RUNNING and pid_of(trial) == worker.pid:
@@ -204,7 +211,7 @@ def copies_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
 
 
 def assert_budget_spent_exactly(
-    trials: Sequence[FrozenTrial], budget: int, workers: Sequence[Worker]
+    trials: Sequence[FrozenTrial], budget: int, workers: Sequence[WorkerProcess]
 ) -> list[FrozenTrial]:
     """The study ends at its budget, each finished trial recorded and claimed by one worker.
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _cli_workers import Worker
+from _cli_workers import WorkerProcess
 from _cli_workers import assert_budget_spent_exactly
 from _cli_workers import stop_all
 from _cli_workers import study_trials
@@ -281,20 +281,20 @@ def test_log_lines_name_the_trial_number_not_its_id(
 
 
 @pytest.fixture
-def workers() -> Iterator[list[Worker]]:
+def workers() -> Iterator[list[WorkerProcess]]:
     """Worker processes a test started; whatever is left is killed with its trial child."""
-    started: list[Worker] = []
+    started: list[WorkerProcess] = []
     yield started
     stop_all(started)
 
 
 @pytest.mark.postgres
 def test_three_search_workers_share_a_budget_of_twelve_exactly(
-    pg_url: str, tmp_path: Path, workers: list[Worker]
+    pg_url: str, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """Three real ``search worker`` processes on one study: twelve trials, each run once."""
     study = f"budget-{uuid.uuid4().hex[:8]}"
-    workers += [Worker(pg_url, study, 12, tmp_path, f"w{i}") for i in range(3)]
+    workers += [WorkerProcess(pg_url, study, 12, tmp_path, f"w{i}") for i in range(3)]
     for worker in workers:
         worker.assert_exited_cleanly()
     trials = study_trials(pg_url, study)

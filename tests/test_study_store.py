@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from _cli_workers import Worker
+from _cli_workers import WorkerProcess
 from _cli_workers import assert_budget_spent_exactly
 from _cli_workers import stop_all
 from _cli_workers import study_trials
@@ -117,16 +117,19 @@ def _advisory_locks(engine: sqlalchemy.engine.Engine, *, granted: bool) -> list[
 
 
 @pytest.fixture
-def workers() -> Iterator[list[Worker]]:
+def workers() -> Iterator[list[WorkerProcess]]:
     """Worker processes a test started; whatever is left is killed with its trial child."""
-    started: list[Worker] = []
+    started: list[WorkerProcess] = []
     yield started
     stop_all(started)
 
 
 @pytest.mark.postgres
 def test_ten_processes_at_the_same_second_create_the_study_once(
-    fresh_pg_url: str, tmp_path: Path, workers: list[Worker], monkeypatch: pytest.MonkeyPatch
+    fresh_pg_url: str,
+    tmp_path: Path,
+    workers: list[WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Ten real ``search worker`` processes on a database with no tables yet, let into the
     study at the same instant: one creates it and enqueues its baseline, all ten share its
@@ -142,7 +145,7 @@ def test_ten_processes_at_the_same_second_create_the_study_once(
         with named_lock(holder, "open:crowd"):
             [barrier] = _advisory_locks(holder.engine, granted=True)
             workers += [
-                Worker(fresh_pg_url, "crowd", 10, tmp_path, f"w{i}", epoch_s=0.0)
+                WorkerProcess(fresh_pg_url, "crowd", 10, tmp_path, f"w{i}", epoch_s=0.0)
                 for i in range(10)
             ]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from _cli_workers import Worker
+from _cli_workers import WorkerProcess
 from _cli_workers import assert_budget_spent_exactly
 from _cli_workers import copies_of
 from _cli_workers import pid_of
@@ -66,15 +66,15 @@ def _reachable(url: str, timeout: int = 3) -> str | None:
 
 
 @pytest.fixture
-def workers() -> Iterator[list[Worker]]:
+def workers() -> Iterator[list[WorkerProcess]]:
     """Worker processes a test started; whatever is left is killed with its trial child."""
-    started: list[Worker] = []
+    started: list[WorkerProcess] = []
     yield started
     stop_all(started)
 
 
 def test_a_killed_workers_trial_is_rerun_by_a_survivor(
-    pg_url: str, tmp_path: Path, workers: list[Worker]
+    pg_url: str, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """Three workers, a budget of eight; one is SIGKILLed (with its trial child) mid-trial.
 
@@ -83,8 +83,8 @@ def test_a_killed_workers_trial_is_rerun_by_a_survivor(
     parameters and runs them: the study still ends at exactly eight finished trials.
     """
     study, budget = f"kill-{uuid.uuid4().hex[:8]}", 8
-    victim = Worker(pg_url, study, budget, tmp_path, "victim", epochs=3000, epoch_s=0.1)
-    survivors = [Worker(pg_url, study, budget, tmp_path, f"s{i}") for i in range(2)]
+    victim = WorkerProcess(pg_url, study, budget, tmp_path, "victim", epochs=3000, epoch_s=0.1)
+    survivors = [WorkerProcess(pg_url, study, budget, tmp_path, f"s{i}") for i in range(2)]
     workers += [victim, *survivors]
 
     def victim_training() -> bool:
@@ -114,7 +114,7 @@ def test_a_killed_workers_trial_is_rerun_by_a_survivor(
 
 @pytest.mark.pg_restart
 def test_workers_ride_out_a_postgres_restart(
-    pg_url: str, tmp_path: Path, workers: list[Worker]
+    pg_url: str, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """Two workers, a budget of ten; the server restarts while trials run. A 20-second grace
     period outlasts the restart: nothing is lost, failed or run twice, both exit 0."""
@@ -123,7 +123,7 @@ def test_workers_ride_out_a_postgres_restart(
         pytest.skip(f"cannot restart PostgreSQL here: {tool} not found (SEARCH_TEST_PG_RESTART)")
     study, budget = f"restart-{uuid.uuid4().hex[:8]}", 10
     workers += [
-        Worker(pg_url, study, budget, tmp_path, f"w{i}", epochs=2, epoch_s=0.5,
+        WorkerProcess(pg_url, study, budget, tmp_path, f"w{i}", epochs=2, epoch_s=0.5,
                env={"SEARCH_GRACE_PERIOD": "20"})
         for i in range(2)
     ]  # fmt: skip
