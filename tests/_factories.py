@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,25 @@ def ensure_pg_database(url: str, timeout: int = 3) -> str | None:
     finally:
         admin.dispose()
     return _connect_error(url, timeout)
+
+
+@contextmanager
+def fresh_pg_database(pg_url: str, prefix: str = "search_test") -> Iterator[str]:
+    """A new, empty database ``<prefix>_<random>`` on ``pg_url``'s server, as ``pg_url`` with
+    that database; dropped afterwards, its connections cut (``WITH (FORCE)``)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    url = sqlalchemy.engine.make_url(pg_url)
+    admin = sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def _connect_error(url: str, timeout: int) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from _factories import KLUE_JSON
 from _factories import PG_URL
 from _factories import ci
 from _factories import ensure_pg_database
+from _factories import fresh_pg_database
 
 # Skipping one of these under CI fails the run.
 MUST_RUN_UNDER_CI = ("postgres", "train", "shared_data")
@@ -97,6 +99,17 @@ def pg_url() -> str:
     if problem is not None:
         pytest.skip(f"{problem} (SEARCH_TEST_PG_URL)")
     return PG_URL
+
+
+@pytest.fixture
+def pg_db(pg_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test alone (its URL), dropped afterwards.
+
+    No other test's studies or locks in it, so study names need not be invented, and the test
+    may cut its connections. Marks the test ``postgres`` (it uses ``pg_url``).
+    """
+    with fresh_pg_database(pg_url, "search_t") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,8 @@ from urllib.parse import quote_plus
 
 import optuna
 import pytest
-import sqlalchemy
+from _factories import fresh_pg_database
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 from test_storage_cli import search
 from test_storage_cli import trial_args
 
@@ -55,23 +54,13 @@ def secret_db(pg_url: str) -> Iterator[tuple[str, str, str]]:
     """
     token = uuid.uuid4().hex[:12]
     password = f"pw/{token}?#@:%x"
-    name = f"search_test_secret_{token[:8]}"
-    admin = sqlalchemy.create_engine(
-        make_url(pg_url).set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    base = make_url(pg_url)
-    url = (
-        f"postgresql://{base.username}:{quote(password, safe='')}@{base.host}:"
-        f"{base.port or 5432}/{name}"
-    )
-    try:
+    with fresh_pg_database(pg_url, "search_test_secret") as fresh:
+        db = make_url(fresh)
+        url = (
+            f"postgresql://{db.username}:{quote(password, safe='')}@{db.host}:"
+            f"{db.port or 5432}/{db.database}"
+        )
         yield url, password, token
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _loud(*args: str, cwd: Path, env: dict[str, str]) -> str:
@@ -100,7 +89,7 @@ def test_the_password_appears_nowhere(
 
     # The recommended way for run and worker (one code path): the URL in a file; then on
     # the command line, as a user might.
-    run, _ = search(
+    run = search(
         "run", *trial_args(study, 1), cwd=tmp_path, env={"SEARCH_STORAGE_FILE": str(secret_file)}
     )
     assert run.returncode == 0, run.stdout + run.stderr

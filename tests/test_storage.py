@@ -17,7 +17,6 @@ from alembic.config import Config
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 import storage._heartbeat as heartbeat_module
 import storage._retry as retry_module
@@ -393,24 +392,10 @@ def test_postgres_engine_has_pre_ping_and_pool_sizes(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_postgres_old_schema_is_reported_and_upgraded(pg_url: str) -> None:
-    name = f"search_test_old_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(
-        sqlalchemy.engine.make_url(pg_url).set(database="postgres"),
-        poolclass=NullPool,
-        isolation_level="AUTOCOMMIT",
-    )
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = sqlalchemy.engine.make_url(pg_url).set(database=name).render_as_string(False)
-    try:
-        _old_schema(url)
-        assert not check_storage(url).schema_current
-        assert check_storage(url, upgrade=True).schema_current
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+def test_postgres_old_schema_is_reported_and_upgraded(pg_db: str) -> None:
+    _old_schema(pg_db)
+    assert not check_storage(pg_db).schema_current
+    assert check_storage(pg_db, upgrade=True).schema_current
 
 
 def _fill_varied(store: optuna.storages.BaseStorage) -> optuna.Study:

@@ -27,6 +27,7 @@ import optuna
 import pytest
 import sqlalchemy
 from _cli import run_search
+from _factories import fresh_pg_database
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -76,19 +77,8 @@ def trial_args(study: str, n_trials: int) -> list[str]:
 @pytest.fixture(scope="module")
 def db_url(pg_url: str) -> Iterator[str]:
     """A fresh database of its own, as a plain ``postgresql://`` URL; dropped afterwards."""
-    name = f"search_test_urls_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(
-        make_url(pg_url).set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = make_url(pg_url).set(drivername="postgresql", database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_pg_database(pg_url, "search_test_urls") as url:
+        yield make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def _form(url: str, scheme: str) -> str:

@@ -207,29 +207,6 @@ def _copies_of(trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
     return [t for t in trials if number in t.system_attrs.get(RETRY_HISTORY, ())]
 
 
-@pytest.fixture
-def own_db(pg_url: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test (its connections may be terminated)."""
-    name = f"search_faults_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = sqlalchemy.engine.make_url(pg_url).set(database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-
-
 def _terminate_backends(pg_url: str, database: str) -> int:
     admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     try:
@@ -251,19 +228,19 @@ def _terminate_backends(pg_url: str, database: str) -> int:
 
 @pytest.mark.postgres
 def test_a_paused_worker_drops_its_stale_trial_and_goes_on(
-    own_db: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     study = f"pause-{uuid.uuid4().hex[:8]}"
-    paused = _cli(procs, tmp_path, "paused", "worker", own_db, study, 6, epochs=8, epoch_s=0.4)
-    other = _cli(procs, tmp_path, "other", "worker", own_db, study, 6, epochs=8, epoch_s=0.4)
-    trial = _wait_running(own_db, study, paused)
+    paused = _cli(procs, tmp_path, "paused", "worker", pg_db, study, 6, epochs=8, epoch_s=0.4)
+    other = _cli(procs, tmp_path, "other", "worker", pg_db, study, 6, epochs=8, epoch_s=0.4)
+    trial = _wait_running(pg_db, study, paused)
     os.kill(paused.pid, signal.SIGSTOP)  # the worker and its heartbeats; its child runs on
     try:
 
         def failed() -> bool:
             return any(
                 t.number == trial.number and t.state == TrialState.FAIL
-                for t in _trials(own_db, study)
+                for t in _trials(pg_db, study)
             )
 
         _wait_for(f"trial {trial.number} to be failed as stale", failed, 60)
@@ -277,7 +254,7 @@ def test_a_paused_worker_drops_its_stale_trial_and_goes_on(
         f"trial {trial.number} was failed as stale and re-queued elsewhere; dropping its result"
         in paused.stderr()
     )
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert finished_count_of(trials) == 6
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -299,16 +276,16 @@ def test_a_paused_worker_drops_its_stale_trial_and_goes_on(
 
 @pytest.mark.postgres
 def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
-    own_db: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     study = f"busy-{uuid.uuid4().hex[:8]}"
     # Trials of 60 s: without the heartbeat-side check, the dead worker's trial would wait
     # for a survivor's trial to end.
     workers = [
-        _cli(procs, tmp_path, f"w{i}", "worker", own_db, study, 3, epochs=120, epoch_s=0.5)
+        _cli(procs, tmp_path, f"w{i}", "worker", pg_db, study, 3, epochs=120, epoch_s=0.5)
         for i in range(3)
     ]
-    running = [_wait_running(own_db, study, proc) for proc in workers]
+    running = [_wait_running(pg_db, study, proc) for proc in workers]
     victim, survivors = workers[0], workers[1:]
     number = running[0].number
     os.killpg(victim.pid, signal.SIGKILL)
@@ -317,7 +294,7 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     seen: list[FrozenTrial] = []
 
     def requeued() -> bool:
-        seen[:] = _trials(own_db, study)
+        seen[:] = _trials(pg_db, study)
         return bool(_copies_of(seen, number))
 
     _wait_for(f"trial {number} to be re-queued", requeued, 60, every=0.1)
@@ -331,13 +308,13 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
         for proc in survivors
     )
     # The survivors are still inside their own trials: SIGTERM hands those back.
-    assert all(_running_of(own_db, study, proc) is not None for proc in survivors)
+    assert all(_running_of(pg_db, study, proc) is not None for proc in survivors)
     for proc in survivors:
         os.kill(proc.pid, signal.SIGTERM)
     for proc in survivors:
         assert _finish(proc, 60) == 0, proc.stderr()
     _no_traceback(*survivors)
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert sorted(t.number for t in handed) == sorted(r.number for r in running[1:])
@@ -350,7 +327,7 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     # its note).
     from optuna_dashboard._note import get_note_from_system_attrs
 
-    noted = optuna.load_study(study_name=study, storage=own_db)
+    noted = optuna.load_study(study_name=study, storage=pg_db)
     system = noted._storage.get_study_system_attrs(noted._study_id)
     dead = next(t for t in trials if t.number == number)
     note = get_note_from_system_attrs(system, dead._trial_id)["body"]
@@ -359,17 +336,17 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
 
 @pytest.mark.postgres
 def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
-    own_db: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     study = f"term-{uuid.uuid4().hex[:8]}"
     pair = [
-        _cli(procs, tmp_path, f"w{i}", "worker", own_db, study, 1, epochs=120, epoch_s=0.5)
+        _cli(procs, tmp_path, f"w{i}", "worker", pg_db, study, 1, epochs=120, epoch_s=0.5)
         for i in range(2)
     ]
 
     def one_running() -> tuple[Proc, FrozenTrial] | None:
         for proc in pair:
-            trial = _running_of(own_db, study, proc)
+            trial = _running_of(pg_db, study, proc)
             if trial is not None:
                 return proc, trial
         return None
@@ -396,7 +373,7 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     _no_traceback(idle, busy)
     assert f"terminated: trial {trial.number} handed back and re-queued" in busy.stdout()
     _children_gone(tmp_path)
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert [t.number for t in handed] == [trial.number]
@@ -404,16 +381,16 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     # The dashboard tells why it failed: the worker wrote the handed-back trial's note.
     from optuna_dashboard._note import get_note_from_system_attrs
 
-    noted = optuna.load_study(study_name=study, storage=own_db)
+    noted = optuna.load_study(study_name=study, storage=pg_db)
     system = noted._storage.get_study_system_attrs(noted._study_id)
     note = get_note_from_system_attrs(system, handed[0]._trial_id)["body"]
     assert note.startswith("handed back"), note
     copies = _copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.WAITING
     # The budget is exact: a next worker runs the re-queued copy, and that is the one trial.
-    last = _cli(procs, tmp_path, "last", "worker", own_db, study, 1, epochs=1, epoch_s=0.1)
+    last = _cli(procs, tmp_path, "last", "worker", pg_db, study, 1, epochs=1, epoch_s=0.1)
     assert _finish(last) == 0, last.stderr()
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert finished_count_of(trials) == 1
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert [t.number for t in done] == [copies[0].number]
@@ -422,26 +399,26 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
 
 @pytest.mark.postgres
 def test_terminating_every_connection_twice_loses_nothing(
-    own_db: str, pg_url: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, pg_url: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     study = f"pgterm-{uuid.uuid4().hex[:8]}"
-    database = sqlalchemy.engine.make_url(own_db).database
+    database = sqlalchemy.engine.make_url(pg_db).database
     assert database is not None
     workers = [
-        _cli(procs, tmp_path, f"w{i}", "worker", own_db, study, 6, epochs=3, epoch_s=0.4)
+        _cli(procs, tmp_path, f"w{i}", "worker", pg_db, study, 6, epochs=3, epoch_s=0.4)
         for i in range(2)
     ]
     for target in (1, 3):
 
         def reached(target: int = target) -> bool:
-            return finished_count_of(_trials(own_db, study)) >= target
+            return finished_count_of(_trials(pg_db, study)) >= target
 
         _wait_for(f"{target} finished trials", reached, 150)
         assert _terminate_backends(pg_url, database) > 0
     for proc in workers:
         assert _finish(proc) == 0, proc.stderr()
     _no_traceback(*workers)
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert finished_count_of(trials) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
