@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy
-from optuna.storages._rdb.storage import RDBStorage
+from optuna.storages import RDBStorage
 
 from storage._create import check_sqlite_path
 from storage._create import engine_kwargs_for

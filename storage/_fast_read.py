@@ -19,9 +19,10 @@ from typing import Any
 
 import sqlalchemy
 from optuna import distributions
-from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
+
+from storage.compat import tables
 
 _UTC = datetime.UTC
 
@@ -52,7 +53,7 @@ def read_trials(
     Returns:
         Frozen trials ordered by trial id.
     """
-    t = models.TrialModel.__table__
+    t = tables.TrialModel.__table__
     included = {i for i in included_trial_ids if i <= trial_id_greater_than}
     where: list[Any] = [t.c.study_id == study_id]
     if states is not None:
@@ -84,14 +85,14 @@ def read_trials(
             .order_by(t.c.trial_id)
         ).all()
         if not rows:  # nothing new, or no such study: only then ask which (one query less)
-            studies = models.StudyModel.__table__
+            studies = tables.StudyModel.__table__
             exists = conn.execute(
                 sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)
             ).first()
             return [] if exists is not None else None
         params = conn.execute(
             children(
-                models.TrialParamModel,
+                tables.TrialParamModel,
                 "trial_id",
                 "param_name",
                 "param_value",
@@ -99,17 +100,17 @@ def read_trials(
             )
         ).all()
         values = conn.execute(
-            children(models.TrialValueModel, "trial_id", "objective", "value", "value_type")
+            children(tables.TrialValueModel, "trial_id", "objective", "value", "value_type")
         ).all()
         user = conn.execute(
-            children(models.TrialUserAttributeModel, "trial_id", "key", "value_json")
+            children(tables.TrialUserAttributeModel, "trial_id", "key", "value_json")
         ).all()
         system = conn.execute(
-            children(models.TrialSystemAttributeModel, "trial_id", "key", "value_json")
+            children(tables.TrialSystemAttributeModel, "trial_id", "key", "value_json")
         ).all()
         inter = conn.execute(
             children(
-                models.TrialIntermediateValueModel,
+                tables.TrialIntermediateValueModel,
                 "trial_id",
                 "step",
                 "intermediate_value",
@@ -140,7 +141,7 @@ def _assemble(
         trial_dists[trial_id][name] = dist
     trial_values: dict[int, dict[int, float]] = defaultdict(dict)
     for trial_id, objective, value, value_type in values:
-        trial_values[trial_id][objective] = models.TrialValueModel.stored_repr_to_value(
+        trial_values[trial_id][objective] = tables.TrialValueModel.stored_repr_to_value(
             value, value_type
         )
     user_attrs: dict[int, dict[str, Any]] = defaultdict(dict)
@@ -150,7 +151,7 @@ def _assemble(
     for trial_id, key, value_json in system:
         system_attrs[trial_id][key] = json.loads(value_json)
     intermediate: dict[int, dict[int, float]] = defaultdict(dict)
-    stored_to_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+    stored_to_value = tables.TrialIntermediateValueModel.stored_repr_to_intermediate_value
     for trial_id, step, value, value_type in inter:
         intermediate[trial_id][step] = stored_to_value(value, value_type)
 
@@ -199,11 +200,11 @@ def read_summary_trials(
     Returns:
         Frozen trials ordered by trial id (no intermediate values).
     """
-    t = models.TrialModel.__table__
-    ua = models.TrialUserAttributeModel.__table__
-    sa = models.TrialSystemAttributeModel.__table__
-    tv = models.TrialValueModel.__table__
-    tp = models.TrialParamModel.__table__
+    t = tables.TrialModel.__table__
+    ua = tables.TrialUserAttributeModel.__table__
+    sa = tables.TrialSystemAttributeModel.__table__
+    tv = tables.TrialValueModel.__table__
+    tp = tables.TrialParamModel.__table__
     selected = sqlalchemy.select(t.c.trial_id).where(t.c.study_id == study_id)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -240,7 +241,7 @@ def read_user_attr(
     engine: sqlalchemy.engine.Engine, trial_ids: Iterable[int], key: str, *, system: bool = False
 ) -> dict[int, Any]:
     """One user (or, with ``system``, system) attribute of the given trials: id -> value."""
-    model = models.TrialSystemAttributeModel if system else models.TrialUserAttributeModel
+    model = tables.TrialSystemAttributeModel if system else tables.TrialUserAttributeModel
     ua = model.__table__
     with engine.connect() as conn:
         rows = conn.execute(

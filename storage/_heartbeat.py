@@ -9,11 +9,14 @@ from contextlib import contextmanager
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages._heartbeat import is_heartbeat_enabled
 
-from storage._lock import rdb_backend
 from storage._ops import adopt_orphans_in
+from storage.compat import BaseHeartbeat
+from storage.compat import is_heartbeat_enabled
+from storage.compat import rdb_backend
+from storage.compat import study_id
+from storage.compat import study_storage
+from storage.compat import trial_id as trial_id_of
 
 _logger = logging.getLogger(__name__)
 
@@ -111,14 +114,14 @@ def heartbeat(study: optuna.Study, trial: optuna.trial.Trial) -> Iterator[None]:
         study: The trial's study.
         trial: A running trial, from ``study.ask()`` or ``search.budget.claim_trial``.
     """
-    storage = study._storage
+    storage = study_storage(study)
     if not is_heartbeat_enabled(storage):
         yield
         return
     assert isinstance(storage, BaseHeartbeat)
     interval = storage.get_heartbeat_interval()
     assert interval is not None
-    thread = HeartbeatThread(storage, trial._trial_id, interval, number=trial.number)
+    thread = HeartbeatThread(storage, trial_id_of(trial), interval, number=trial.number)
     thread.start()
     try:
         yield
@@ -139,13 +142,14 @@ def adopt_orphans(study: optuna.Study) -> list[int]:
     Returns:
         The ids of the adopted trials.
     """
-    remote = getattr(study._storage, "adopt_orphans", None)
-    if remote is not None and is_heartbeat_enabled(study._storage):  # a search proxy does it
-        return list(remote(study._study_id))
-    rdb = rdb_backend(study._storage)
+    storage = study_storage(study)
+    remote = getattr(storage, "adopt_orphans", None)
+    if remote is not None and is_heartbeat_enabled(storage):  # a search proxy does it
+        return list(remote(study_id(study)))
+    rdb = rdb_backend(storage)
     if rdb is None or not is_heartbeat_enabled(rdb):
         return []
     interval = rdb.get_heartbeat_interval()
     assert interval is not None
     grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
-    return adopt_orphans_in(rdb, study._study_id, grace)
+    return adopt_orphans_in(rdb, study_id(study), grace)

@@ -25,12 +25,11 @@ from contextlib import contextmanager
 import sqlalchemy
 from filelock import FileLock
 from optuna.storages import BaseStorage
-from optuna.storages import RDBStorage
-from optuna.storages import _CachedStorage
 
 from storage._error import StorageError
 from storage._retry import call_with_retry
 from storage._url import sqlite_file
+from storage.compat import rdb_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -56,13 +55,6 @@ def lock_timeout() -> float:
             f"${ENV_LOCK_TIMEOUT} must be a positive number of seconds, not {text!r}"
         )
     return value
-
-
-def rdb_backend(storage: BaseStorage) -> RDBStorage | None:
-    """The ``RDBStorage`` behind ``storage`` (unwrapping Optuna's cache), if there is one."""
-    if isinstance(storage, _CachedStorage):
-        storage = storage._backend
-    return storage if isinstance(storage, RDBStorage) else None
 
 
 def lock_key(name: str) -> int:

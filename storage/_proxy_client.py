@@ -10,36 +10,54 @@ lock is held: the proxy takes the lock (a PostgreSQL advisory lock, so workers o
 proxies or straight on the database are excluded too) and releases it when the call ends --
 the worker leaves the block, dies (its connection closes), or holds it past the lease
 (``$SEARCH_LOCK_TIMEOUT``, as for a direct worker).
+
+Writes are retried while the proxy is away, and an answer lost on the way back must not make a
+retry write twice: trial and study creation and trial state changes go through
+``search.Extras`` too, carrying the call's client token (``storage._rdb``: the proxy's database
+writes it in the same transaction and a retry finds it); ``delete_study`` retried finds the
+study gone and is done. Optuna's own RPCs carry the idempotent rest (reads, upserts).
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import random
 import time
+import uuid
 import warnings
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
+from typing import TypeVar
 
 import grpc
+from optuna.exceptions import DuplicatedStudyError
 from optuna.exceptions import ExperimentalWarning
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import GrpcStorageProxy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._grpc import servicer as optuna_servicer
-from optuna.storages._grpc.auto_generated import api_pb2
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
 
 from storage._error import StorageError
 from storage._error import StorageUnreachable
-from storage._rdb import _RETRIED_METHODS
+from storage._rdb import RETRIED_METHODS
 from storage._retry import call_with_retry
 from storage._retry import retrying
 from storage._url import proxy_address
+from storage.compat import BaseHeartbeat
+from storage.compat import default_study_name
+from storage.compat import proxy_channel
+from storage.compat import trial_from_bytes
+from storage.compat import trial_to_bytes
+
+R = TypeVar("R")
 
 SERVICE = "search.Extras"
 # A lock call refused because the proxy has too many waiters is tried again after this long.
@@ -59,13 +77,12 @@ def load(data: bytes) -> dict[str, Any]:
 
 def trial_to_text(trial: FrozenTrial) -> str:
     """A trial as text, by Optuna's own gRPC message."""
-    proto = optuna_servicer._to_proto_trial(trial)
-    return base64.b64encode(proto.SerializeToString()).decode()
+    return base64.b64encode(trial_to_bytes(trial)).decode()
 
 
 def trial_from_text(text: str) -> FrozenTrial:
     """The trial written by :func:`trial_to_text`."""
-    return optuna_servicer._from_proto_trial(api_pb2.Trial.FromString(base64.b64decode(text)))
+    return trial_from_bytes(base64.b64decode(text))
 
 
 class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
@@ -114,7 +131,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             ) from None
 
     def _call(self, method: str, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-        call = self._channel.unary_unary(
+        call = proxy_channel(self).unary_unary(
             f"/{SERVICE}/{method}", request_serializer=dump, response_deserializer=load
         )
         try:
@@ -124,7 +141,70 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
                 raise UpdateFinishedTrialError(exc.details()) from None
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise KeyError(exc.details()) from None
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                raise DuplicatedStudyError(exc.details()) from None
             raise
+
+    def _once(self, what: str, attempt: Callable[[bool], R]) -> R:
+        """``attempt(retried)``, again (``retried=True``) while the proxy is away."""
+        tries = itertools.count()
+        return call_with_retry(lambda: attempt(next(tries) > 0), max_wait=self.max_wait, what=what)
+
+    # Writes made idempotent by a client token (module docstring)
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        """Optuna's ``create_new_study``, exactly once (``storage._rdb``)."""
+        request = {
+            "directions": [d.name for d in directions],
+            "name": study_name if study_name is not None else default_study_name(),
+            "token": uuid.uuid4().hex,
+        }
+        return self._once(
+            "create_new_study",
+            lambda retried: int(self._call("CreateStudy", {**request, "retried": retried})["id"]),
+        )
+
+    def delete_study(self, study_id: int) -> None:
+        """Optuna's ``delete_study``; a retry that finds the study gone is done."""
+
+        def attempt(retried: bool) -> None:
+            try:
+                GrpcStorageProxy.delete_study(self, study_id)
+            except KeyError:
+                if not retried:
+                    raise
+
+        self._once("delete_study", attempt)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """Optuna's ``create_new_trial``, exactly once (``storage._rdb``)."""
+        request = {
+            "study_id": study_id,
+            "template": trial_to_text(template_trial) if template_trial is not None else None,
+            "token": uuid.uuid4().hex,
+        }
+        return self._once(
+            "create_new_trial",
+            lambda retried: int(self._call("CreateTrial", {**request, "retried": retried})["id"]),
+        )
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        """Optuna's ``set_trial_state_values``, exactly once (``storage._rdb``)."""
+        request = {
+            "trial_id": trial_id,
+            "state": state.name,
+            "values": list(values) if values is not None else None,
+            "token": uuid.uuid4().hex,
+        }
+        return self._once(
+            "set_trial_state_values",
+            lambda retried: bool(
+                self._call("SetTrialState", {**request, "retried": retried})["updated"]
+            ),
+        )
 
     @property
     def grace(self) -> float:
@@ -159,13 +239,21 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         trial_id: int,
         user_attrs: Mapping[str, Any],
         copy: FrozenTrial | None,
+        *,
+        token: str | None = None,
+        retried: bool = False,
     ) -> bool:
-        """``storage._ops.fail_and_enqueue_in`` run by the proxy: one transaction."""
+        """``storage._ops.fail_and_enqueue_in`` run by the proxy: one transaction.
+
+        Not retried here: ``storage._ops.fail_and_enqueue`` retries it with one token.
+        """
         request = {
             "study_id": study_id,
             "trial_id": trial_id,
             "user_attrs": dict(user_attrs),
             "copy": trial_to_text(copy) if copy is not None else None,
+            "token": token or uuid.uuid4().hex,
+            "retried": retried,
         }
         return bool(self._call("FailAndEnqueue", request)["done"])
 
@@ -182,7 +270,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
     @contextmanager
     def hold_lock(self, name: str) -> Iterator[None]:
         """Hold the named lock (on the proxy's database) while the block runs."""
-        hold = self._channel.unary_stream(
+        hold = proxy_channel(self).unary_stream(
             f"/{SERVICE}/Hold", request_serializer=dump, response_deserializer=load
         )
 
@@ -211,10 +299,11 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
 
 # Optuna's storage calls and the extras wait (with backoff, up to ``max_wait``) while the proxy
 # is away (gRPC UNAVAILABLE: restarting, or not reachable for a moment), as a worker straight
-# on the database waits for it (``storage._rdb``). Heartbeats retry on their own schedule.
+# on the database waits for it (``storage._rdb``). Heartbeats retry on their own schedule; the
+# writes with a token retry on their own (``_once``), and so does fail_and_enqueue's caller.
 _RETRIED = [
     name
-    for name in (*_RETRIED_METHODS, "adopt_orphans", "fail_and_enqueue", "set_trial_attrs")
+    for name in (*RETRIED_METHODS, "adopt_orphans", "set_trial_attrs")
     if name in dir(ProxyStorage) and name not in ("_create_new_trial", "_set_trial_param")
 ]
 for _name in _RETRIED:

@@ -14,14 +14,17 @@ import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
 import optuna
+from optuna.exceptions import DuplicatedStudyError
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
 from optuna.storages import RDBStorage
-from optuna.storages._grpc import servicer as optuna_servicer
-from optuna.storages._grpc.auto_generated import api_pb2_grpc
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
 
 from storage._lock import lock_timeout
 from storage._lock import named_lock
@@ -32,6 +35,8 @@ from storage._proxy_client import SERVICE
 from storage._proxy_client import dump
 from storage._proxy_client import load
 from storage._proxy_client import trial_from_text
+from storage._rdb import client_token
+from storage.compat import add_storage_service
 
 _logger = logging.getLogger(__name__)
 
@@ -42,10 +47,15 @@ Handler = Callable[[dict[str, Any], grpc.ServicerContext], dict[str, Any]]
 
 
 class ExtrasService:
-    """``search.Extras``: heartbeats, the stale query, fail-and-re-queue, records, locks."""
+    """``search.Extras``: heartbeats, the stale query, fail-and-re-queue, records, locks, and
+    the writes that carry a client token (``storage._proxy_client``)."""
 
-    def __init__(self, rdb: RDBStorage, *, max_waiters: int, url: str) -> None:
+    def __init__(
+        self, rdb: RDBStorage, *, max_waiters: int, url: str, cached: BaseStorage | None = None
+    ) -> None:
         self._rdb = rdb
+        # The token writes go through the cache Optuna's service uses, so it knows the trials.
+        self._cached = cached if cached is not None else rdb
         self._url = url
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -60,6 +70,9 @@ class ExtrasService:
             "AdoptOrphans": self.adopt_orphans,
             "FailAndEnqueue": self.fail_and_enqueue,
             "SetTrialAttrs": self.set_trial_attrs,
+            "CreateStudy": self.create_study,
+            "CreateTrial": self.create_trial,
+            "SetTrialState": self.set_trial_state,
         }
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -103,8 +116,34 @@ class ExtrasService:
             int(request["trial_id"]),
             request.get("user_attrs") or {},
             copy,
+            token=request.get("token"),
+            retried=bool(request.get("retried")),
         )
         return {"done": done}
+
+    def create_study(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        directions = [StudyDirection[name] for name in request["directions"]]
+        with _token_of(request):
+            study_id = self._cached.create_new_study(directions, str(request["name"]))
+        return {"id": study_id}
+
+    def create_trial(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        template = trial_from_text(request["template"]) if request.get("template") else None
+        with _token_of(request):
+            trial_id = self._cached.create_new_trial(int(request["study_id"]), template)
+        return {"id": trial_id}
+
+    def set_trial_state(
+        self, request: dict[str, Any], context: grpc.ServicerContext
+    ) -> dict[str, Any]:
+        trial_id, state = int(request["trial_id"]), TrialState[request["state"]]
+        with _token_of(request):
+            updated = self._cached.set_trial_state_values(trial_id, state, request.get("values"))
+        return {"updated": updated}
 
     def set_trial_attrs(
         self, request: dict[str, Any], context: grpc.ServicerContext
@@ -152,6 +191,11 @@ class ExtrasService:
             local.release()
 
 
+def _token_of(request: dict[str, Any]) -> AbstractContextManager[None]:
+    """The worker's client token for the write the request asks for (``storage._rdb``)."""
+    return client_token(str(request["token"]), retried=bool(request.get("retried")))
+
+
 def _answered(fn: Handler) -> Handler:
     """``fn`` with Optuna's errors sent as gRPC codes (the client raises them again)."""
 
@@ -162,6 +206,8 @@ def _answered(fn: Handler) -> Handler:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except DuplicatedStudyError as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc) or "study exists")
         raise AssertionError("unreachable")  # context.abort raises
 
     return call
@@ -182,10 +228,9 @@ def make_proxy_server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
         options=[("grpc.so_reuseport", 0)],  # a second proxy on a port in use is an error
     )
-    api_pb2_grpc.add_StorageServiceServicer_to_server(
-        optuna_servicer.OptunaStorageProxyService(optuna.storages.get_storage(rdb)), server
-    )
-    extras = ExtrasService(rdb, max_waiters=max(1, threads // 2), url=url)
+    cached = optuna.storages.get_storage(rdb)
+    add_storage_service(server, cached)
+    extras = ExtrasService(rdb, max_waiters=max(1, threads // 2), url=url, cached=cached)
     server.add_generic_rpc_handlers((extras.handler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
