@@ -19,6 +19,7 @@ import optuna
 from storage import StorageError
 from storage import create_storage
 from storage import is_proxy_url
+from storage import make_proxy_server  # imports grpc only when called
 from storage import redact_url
 
 DEFAULT_PORT = 13000
@@ -40,8 +41,6 @@ def serve(url: str, *, host: str, port: int, threads: int) -> str:
         port: Port to listen on.
         threads: Server threads (half of them at most wait for locks).
     """
-    from storage._proxy_server import make_proxy_server  # lazy: the gRPC server
-
     if is_proxy_url(url):
         raise ProxyError(f"--storage {url}: the proxy needs the database's URL, not a proxy's")
     _check_address(host, port)  # before gRPC, which logs its own multi-line bind error

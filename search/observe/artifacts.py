@@ -15,7 +15,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from storage import sqlite_file
 
 if TYPE_CHECKING:
-    from optuna.artifacts._protocol import ArtifactStore
+    from storage import ArtifactStore
 
 __all__ = ["ENV_ARTIFACTS", "artifact_dir", "artifact_store"]
 

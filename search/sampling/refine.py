@@ -48,6 +48,7 @@ from search.record.counts import budget_lock_name
 from search.record.counts import spent_count
 from search.record.trial_record import config_of
 from search.spec.stage_check import stage_choices
+from storage import compat
 from storage import named_lock
 
 if TYPE_CHECKING:
@@ -272,7 +273,7 @@ def enqueue_refine(
     Raises:
         RefineError: The study has no completed trial to refine around.
     """
-    with named_lock(study._storage, budget_lock_name(study)):
+    with named_lock(compat.study_storage(study), budget_lock_name(study)):
         trials = study.get_trials(deepcopy=False)
         maximize = spec.study.direction == "maximize"
         if not top_trials(trials, 1, maximize=maximize):

@@ -11,6 +11,7 @@ from optuna.storages import BaseStorage
 
 from search.record import attrs
 from storage import StorageError
+from storage import compat
 from storage import named_lock
 
 INITIALIZED = attrs.STUDY_INITIALIZED  # study system attr: on_create finished
@@ -75,10 +76,10 @@ def open_study(
                 f"study {name!r} exists with direction {stored}, not {direction}: "
                 f"use another --study-name"
             )
-        study_id = study._study_id
-        if study._storage.get_study_system_attrs(study_id).get(INITIALIZED):
+        study_id, cached = compat.study_id(study), compat.study_storage(study)
+        if cached.get_study_system_attrs(study_id).get(INITIALIZED):
             return study, False
         if on_create is not None:
             on_create(study)
-        study._storage.set_study_system_attr(study_id, INITIALIZED, True)
+        cached.set_study_system_attr(study_id, INITIALIZED, True)
         return study, True
