@@ -189,42 +189,66 @@ def _restarts(node: ast.AST, restarting: set[str], prose: set[int]) -> bool:
     return False
 
 
+def _module_names(tree: ast.Module) -> dict[str, ast.AST]:
+    """Module-level name -> what defines it (function, class, assignment or import)."""
+    defs: dict[str, ast.AST] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defs[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defs[name.id] = node
+    return defs
+
+
+def _restarting_names(path: Path, seed: dict[str, set[str]]) -> set[str]:
+    """The module-level names of ``path`` that restart the server or name the command: to a
+    fixpoint over its own names, starting from the names it imports from ``seed``'s helper
+    modules (``tests/_x.py``) that do, and the restarting fixtures of conftest (``seed[""]``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    prose = _docstrings(tree)
+    restarting = set(seed.get("", set()))
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module in seed:
+            restarting |= {a.asname or a.name for a in node.names if a.name in seed[node.module]}
+    defs = _module_names(tree)
+    grew = True
+    while grew:
+        new = {name for name, node in defs.items() if _restarts(node, restarting, prose)}
+        grew = not new <= restarting
+        restarting |= new
+    return restarting
+
+
 def _restarting_tests() -> dict[str, Path]:
     """The tests under tests/ that restart the server, from their source: junit name
     (``tests.test_x.test_y``) -> file. A test restarts when its body (or a fixture argument)
-    reaches a restart command through its module's constants, helpers and fixtures."""
+    reaches a restart command through its module's constants, helpers and fixtures, the helper
+    modules' (``tests/_x.py``) it imports, or conftest's fixtures."""
+    seed: dict[str, set[str]] = {}
+    for helper in sorted(TESTS.glob("_*.py")):
+        seed[helper.stem] = _restarting_names(helper, seed)
+    seed[""] = _restarting_names(TESTS / "conftest.py", seed)
     found: dict[str, Path] = {}
     for path in sorted(TESTS.rglob("test_*.py")):
         if path == Path(__file__).resolve():
             continue
+        restarting = _restarting_names(path, seed)
         tree = ast.parse(path.read_text(encoding="utf-8"))
         prose = _docstrings(tree)
         module = ".".join(path.relative_to(TESTS.parent).with_suffix("").parts)
-        defs: dict[str, ast.AST] = {}  # module-level name -> what defines it
-        tests: dict[str, ast.AST] = {}  # junit name -> test function
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                defs[node.name] = node
-                if node.name.startswith("test"):
-                    tests[f"{module}.{node.name}"] = node
+                if node.name.startswith("test") and _restarts(node, restarting, prose):
+                    found[f"{module}.{node.name}"] = path
             elif isinstance(node, ast.ClassDef):
                 for item in node.body:
                     if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
-                        tests[f"{module}.{node.name}.{item.name}"] = item
-            elif isinstance(node, ast.Assign | ast.AnnAssign):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for target in targets:
-                    for name in ast.walk(target):
-                        if isinstance(name, ast.Name):
-                            defs[name.id] = node
-
-        restarting: set[str] = set()
-        grew = True
-        while grew:
-            new = {name for name, node in defs.items() if _restarts(node, restarting, prose)}
-            grew = not new <= restarting
-            restarting |= new
-        found |= {name: path for name, node in tests.items() if _restarts(node, restarting, prose)}
+                        if _restarts(item, restarting, prose):
+                            found[f"{module}.{node.name}.{item.name}"] = path
     return found
 
 
