@@ -6,20 +6,24 @@ private name it relies on. Tested on optuna 5.1.0 and optuna-dashboard 0.21.0
 (``tests/test_optuna_compat.py``: one test per name, on a real study, failing loudly when a
 release renames or changes one); ``pyproject.toml`` pins the range those tests ran on.
 
-Besides the functions, two private hooks are *overridden* (their names are Optuna's):
+Besides the functions, three private hooks are *overridden* (their names are Optuna's):
 ``RDBStorage._get_trials`` (``storage._rdb``: the fast trial read, which Optuna's cache calls
-on its backend) and ``BaseHeartbeat._get_stale_trial_ids`` (``storage._proxy_client``);
+on its backend), ``BaseHeartbeat._get_stale_trial_ids`` (``storage._proxy_client``) and
+``Study._get_trials`` (:func:`pinned_study`: what the samplers read the trial list by);
 :data:`CACHED_BACKEND_METHODS` lists the private methods the cache calls on its backend.
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Container
 from collections.abc import Iterator
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 import optuna
 import sqlalchemy.orm
@@ -53,6 +57,7 @@ __all__ = [
     "forget_cached_trials",
     "is_heartbeat_enabled",
     "orm_read_trials",
+    "pinned_study",
     "proxy_channel",
     "rdb_backend",
     "save_dashboard_trial_note",
@@ -67,7 +72,6 @@ __all__ = [
     "trial_from_bytes",
     "trial_id",
     "trial_to_bytes",
-    "use_cached_trials",
 ]
 
 # The versions the tests ran on (pyproject pins optuna>=5.1,<5.2, optuna-dashboard>=0.21,<0.22).
@@ -119,15 +123,41 @@ def forget_cached_trials(study: optuna.Study) -> None:
     study._thread_local.cached_all_trials = None
 
 
-def use_cached_trials(study: optuna.Study, trials: list[FrozenTrial]) -> None:
-    """Let this thread's sampling read ``trials`` (a list just read) instead of reading again.
+class _PinnedStudy:
+    """``study`` with its trial list reads answered from ``trials`` (see ``pinned_study``)."""
 
-    ``Study._thread_local.cached_all_trials``: what ``ask`` clears and the first sampler call
-    of a trial fills (``Study._get_trials(use_cache=True)``: TPE's search space and startup
-    count). The worker's trial step hands it the snapshot read under the budget lock (issue
-    15: one read of the trial list per step); ``forget_cached_trials`` drops it.
+    def __init__(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
+        self._pinned_study = study
+        self._pinned_trials = list(trials)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pinned_study, name)
+
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        trials = [t for t in self._pinned_trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+
+def pinned_study(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:
+    """``study``, its reads of the trial list answered from ``trials`` (a list just read).
+
+    Optuna's samplers read the list through the private ``Study._get_trials`` (TPE: its
+    search space and startup count from the per-thread cache, its constant liar uncached,
+    once per ``_sample``); everything else (the storage, the directions, writes) is the
+    study's own. The worker's trial step hands its sampler the snapshot read under the budget
+    lock (issue 15: one read of the trial list per step).
     """
-    study._thread_local.cached_all_trials = trials
+    return cast(optuna.Study, _PinnedStudy(study, trials))
 
 
 def enqueue_trial(

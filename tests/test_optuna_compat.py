@@ -94,6 +94,33 @@ def test_forget_cached_trials_clears_the_per_thread_trial_cache(
     assert len(study._get_trials(deepcopy=False, use_cache=True)) == 1
 
 
+def test_pinned_study_answers_the_samplers_private_trial_reads(study: optuna.Study) -> None:
+    # Study._get_trials(deepcopy, states, use_cache): what Optuna's samplers read the list by.
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    trial = study.trials[-1]
+
+    def space(of: optuna.Study) -> dict[str, object]:
+        sampler = optuna.samplers.TPESampler(multivariate=True, n_startup_trials=1)
+        return dict(sampler.infer_relative_search_space(of, trial))
+
+    assert set(space(study)) == {"x"}
+    assert space(compat.pinned_study(study, [])) == {}  # the sampler read the pinned list
+    assert set(space(compat.pinned_study(study, study.get_trials()))) == {"x"}
+    pinned = compat.pinned_study(study, study.get_trials()[:1])
+    assert len(pinned.get_trials()) == 1 and pinned.study_name == study.study_name
+
+
+def test_enqueue_trial_returns_the_id_and_fixes_the_params(
+    study: optuna.Study, rdb: RDBStorage
+) -> None:
+    # Optuna's system attribute ``fixed_params`` (what Study.enqueue_trial writes).
+    tid = compat.enqueue_trial(study, {"x": 0.25}, {"stage": "s"})
+    assert rdb.get_trial(tid).state == TrialState.WAITING
+    trial = study.ask()
+    assert compat.trial_id(trial) == tid
+    assert trial.suggest_float("x", 0, 1) == 0.25 and trial.user_attrs == {"stage": "s"}
+
+
 # ------------------------------------------------------------------ storages
 
 
