@@ -50,14 +50,14 @@ from search.record.trial_record import TrialRecord
 from search.record.trial_record import write_record
 from search.train.export import SEARCH_JSON
 from search.train.export import update_search_json
+from storage import compat
 
 if TYPE_CHECKING:
-    from optuna.artifacts._protocol import ArtifactStore
-
     from search.record.config import TrialConfig
     from search.spec.options import RunOptions
     from search.spec.study_spec import StudySpec
     from search.worker.isolation import TrialOutcome
+    from storage import ArtifactStore
 
 _logger = logging.getLogger(__name__)
 MODEL_FILE = "model-trial-{number}.tar"
@@ -102,7 +102,7 @@ def _rank_key(direction: optuna.study.StudyDirection) -> Any:
 def removed_artifacts(study: optuna.Study) -> set[str]:
     """Ids of the kept models that were removed since (pushed out of the top K)."""
     prefix = attrs.MODEL_REMOVED_PREFIX
-    system = study._storage.get_study_system_attrs(study._study_id)
+    system = compat.study_storage(study).get_study_system_attrs(compat.study_id(study))
     return {key[len(prefix) :] for key in system if key.startswith(prefix)}
 
 
@@ -216,7 +216,7 @@ class ModelKeeper:
         record = TrialRecord(
             user={attrs.MODEL_ARTIFACT: artifact_id, attrs.MODEL_ARTIFACT_STORE: self.location}
         )
-        write_record(self.study._storage, trial._trial_id, record)
+        write_record(compat.study_storage(self.study), compat.trial_id(trial), record)
         return artifact_id
 
     def _clean(self) -> None:
@@ -268,8 +268,8 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
                 store_of(location).remove(artifact)
             except ArtifactNotFound:
                 pass  # another worker removed it first
-        study._storage.set_study_system_attr(
-            study._study_id, attrs.MODEL_REMOVED_PREFIX + artifact, t.number
+        compat.study_storage(study).set_study_system_attr(
+            compat.study_id(study), attrs.MODEL_REMOVED_PREFIX + artifact, t.number
         )
         done.append(t.number)
     return done

@@ -24,6 +24,7 @@ from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
 from search.sampling.stages import gain
 from search.sampling.stages import stage_of
+from storage import compat
 from storage import read_summary_trials
 from storage import read_user_attr
 
@@ -85,7 +86,7 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
             row.complete += 1
             if t.value is not None and _is_better(t.value, row.best_value, maximize):
                 row.best_value, row.best_trial = t.value, t.number
-                row.best_trial_id = t._trial_id
+                row.best_trial_id = compat.trial_id(t)
                 row.best_config = config_of(t)
         elif t.state == TrialState.PRUNED:
             row.pruned_early += 1

@@ -63,6 +63,7 @@ from search.record.counts import is_skip
 from search.sampling import pruners
 from search.spec.space_check import CONDITIONAL_PARAMS
 from search.spec.stage_check import stage_choices
+from storage import compat
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -189,8 +190,8 @@ class ConditionalSampler(BaseSampler):
         """The feasible grid for ``trial`` (asked once per trial), or None without one."""
         if self.feasible is None:
             return None
-        if self._grid_of is None or self._grid_of[0] != trial._trial_id:
-            self._grid_of = (trial._trial_id, self.feasible(study))
+        if self._grid_of is None or self._grid_of[0] != compat.trial_id(trial):
+            self._grid_of = (compat.trial_id(trial), self.feasible(study))
         return self._grid_of[1]
 
     def _pairs(

@@ -43,6 +43,7 @@ from search.record.trial_record import config_of
 from search.sampling.refine import refine_candidates
 from search.sampling.refine import top_trials
 from search.spec.stage_check import stage_choices
+from storage import compat
 
 if TYPE_CHECKING:
     import optuna
@@ -238,8 +239,8 @@ class StagePlan:
         from optuna.trial import TrialState
 
         key = attrs.STUDY_STAGE_SEEDED + stage.name
-        storage = study._storage
-        done = storage.get_study_system_attrs(study._study_id).get(key, 0)
+        storage, study_id = compat.study_storage(study), compat.study_id(study)
+        done = storage.get_study_system_attrs(study_id).get(key, 0)
         if isinstance(done, bool) or not isinstance(done, int):
             return
         if any(t.state == TrialState.WAITING for t in trials):
@@ -248,7 +249,7 @@ class StagePlan:
         if done >= len(seeds):
             return
         study.enqueue_trial(seeds[done], user_attrs={attrs.STAGE: stage.name})
-        storage.set_study_system_attr(study._study_id, key, done + 1)
+        storage.set_study_system_attr(study_id, key, done + 1)
 
     def refine_next(
         self, stage: StageSection, trials: Sequence[FrozenTrial]
