@@ -35,12 +35,14 @@ from search.observe.plots import write_plots
 from search.observe.report import study_metric
 from search.observe.report import study_report
 from search.record.trial_record import trial_summary
+from storage import compat
 from storage import rdb_backend
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.artifacts._protocol import ArtifactStore
     from optuna.trial import FrozenTrial
+
+    from storage import ArtifactStore
 
 _logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def note_trial(study: optuna.Study, trial_id: int) -> None:
     """
     try:
         if _dashboard_installed():
-            save_trial_note(study, study._storage.get_trial(trial_id))
+            save_trial_note(study, compat.study_storage(study).get_trial(trial_id))
     except Exception as exc:  # noqa: BLE001 - a note must never fail a hand-back
         _logger.warning("dashboard note of trial id %d not written: %s", trial_id, _line(exc))
 
@@ -113,19 +115,6 @@ def _dashboard_installed() -> bool:
 # ------------------------------------------------------------------ notes
 
 
-class _TrialRef:
-    """What ``optuna_dashboard.save_note`` reads of a trial (storage, study, trial id).
-
-    A finished trial cannot be wrapped in an ``optuna.Trial`` without calling the sampler's
-    ``before_trial`` on it again, so the note gets these three fields instead.
-    """
-
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self.storage = study._storage
-        self.study = study
-        self._trial_id = trial_id
-
-
 def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
     """Write the trial's one-line summary as its dashboard note; returns the text.
 
@@ -138,37 +127,23 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
     if metric is None:  # read once per study: its metric names are among the study's notes
         metric = _metrics[study] = study_metric(study)
     text = trial_summary(trial, metric=metric, pruner=_pruner_name(study))
-    keys = _note_keys(trial._trial_id)
-    if keys is None or len(text) > _NOTE_CHUNK:
-        from optuna_dashboard import save_note
-
-        save_note(_TrialRef(study, trial._trial_id), text)  # type: ignore[arg-type]
+    trial_id = compat.trial_id(trial)
+    keys = compat.dashboard_note_keys(trial_id)
+    if keys is None or len(text) > compat.DASHBOARD_NOTE_CHUNK:
+        compat.save_dashboard_trial_note(study, trial_id, text)
         return text
     version_key, chunk_key = keys
-    storage = study._storage
-    storage.set_study_system_attr(study._study_id, chunk_key, text)
-    storage.set_study_system_attr(study._study_id, version_key, 1)
+    storage, study_id = compat.study_storage(study), compat.study_id(study)
+    storage.set_study_system_attr(study_id, chunk_key, text)
+    storage.set_study_system_attr(study_id, version_key, 1)
     return text
-
-
-_NOTE_CHUNK = 2045  # optuna-dashboard's longest note chunk (SYSTEM_ATTR_MAX_LENGTH)
-
-
-def _note_keys(trial_id: int) -> tuple[str, str] | None:
-    """optuna-dashboard's keys of a trial note's version and first chunk, if it has them."""
-    try:
-        from optuna_dashboard._note import note_str_key_prefix
-        from optuna_dashboard._note import note_ver_key
-    except ImportError:
-        return None
-    return note_ver_key(trial_id), f"{note_str_key_prefix(trial_id)}0"
 
 
 def save_study_note(study: optuna.Study) -> str:
     """Write the per-model report (markdown) as the study's dashboard note; returns it."""
     from optuna_dashboard import save_note
 
-    report = study_report(study, storage=rdb_backend(study._storage))
+    report = study_report(study, storage=rdb_backend(compat.study_storage(study)))
     text = study_note(report, metric=report["metric"])
     save_note(study, text)
     return text
@@ -288,7 +263,8 @@ def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
 def study_artifacts(study: optuna.Study) -> dict[str, str]:
     """The study's live artifacts: file name -> artifact id (removed ones left out)."""
     found: dict[str, str] = {}
-    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+    system = compat.study_storage(study).get_study_system_attrs(compat.study_id(study))
+    for key, value in system.items():
         if not key.startswith(_ARTIFACTS_ATTR_PREFIX):
             continue
         meta = json.loads(value) if isinstance(value, str) else None
@@ -356,6 +332,6 @@ def publish(
     note = save_study_note(study)
     store = artifact_store(directory, create=True)
     with tempfile.TemporaryDirectory(prefix="search-plots-") as tmp:
-        written = write_plots(study, Path(tmp), storage=rdb_backend(study._storage))
+        written = write_plots(study, Path(tmp), storage=rdb_backend(compat.study_storage(study)))
         uploaded = upload_files(study, [Path(p) for p in written], store)
     return {"note": note, "artifacts": uploaded, "directory": str(directory)}
