@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import optuna
 import sqlalchemy
 import sqlalchemy.orm
 from optuna.exceptions import DuplicatedStudyError
@@ -62,6 +63,8 @@ from storage.compat import tables
 from storage.compat import trial_id as trial_id_of
 
 _logger = logging.getLogger(__name__)
+# Optuna's own line for a new study goes where Optuna's went (its verbosity governs it).
+_optuna_logger = optuna.logging.get_logger("optuna.storages")
 
 # Above this many ids in an IN list, use Optuna's own read (SQLite limits bound variables).
 _MAX_INCLUDED_IDS = 500
@@ -226,7 +229,7 @@ class ResilientRDBStorage(RDBStorage):
             max_wait=self.max_wait,
             what="create_new_study",
         )
-        _logger.info("A new study created in RDB with name: %s", name)
+        _optuna_logger.info(f"A new study created in RDB with name: {name}")
         return study_id
 
     def _create_study_once(
