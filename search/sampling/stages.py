@@ -185,7 +185,8 @@ class StagePlan:
     sampler's current stage (the restriction ``ConditionalSampler`` applies), enqueues the
     stage's next seed when none is queued, and returns the user attributes
     of the new trial (its stage). A popped enqueued or re-queued trial keeps the stage it was
-    queued with.
+    queued with. ``enqueued`` lists the ids of the trials the last call enqueued, so the claim
+    takes them without reading the trial list again.
 
     Args:
         spec: The study spec (with ``stages``).
@@ -212,8 +213,10 @@ class StagePlan:
         self._config_for = config_for
         self._device_total_bytes = device_total_bytes
         self._rng = random.Random(seed)
+        self.enqueued: list[int] = []  # ids of the trials the last call enqueued
 
     def __call__(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+        self.enqueued = []
         stage = current_stage(self._spec, trials, self._budget)
         self._sampler.stage = stage.name
         if stage.seed == "top_k":
@@ -224,7 +227,7 @@ class StagePlan:
             # (``search refine``, a leftover seed) runs first.
             if not any(t.state == TrialState.WAITING for t in trials):
                 for params in self.refine_next(stage, trials):
-                    study.enqueue_trial(params, user_attrs={attrs.STAGE: stage.name})
+                    self._enqueue(study, params, stage)
             return {attrs.STAGE: stage.name}
         if stage.seed == "frontier":
             self._seed_frontier(study, stage, trials)
@@ -248,8 +251,11 @@ class StagePlan:
         seeds = self.seeds(stage, trials)
         if done >= len(seeds):
             return
-        study.enqueue_trial(seeds[done], user_attrs={attrs.STAGE: stage.name})
+        self._enqueue(study, seeds[done], stage)
         storage.set_study_system_attr(study_id, key, done + 1)
+
+    def _enqueue(self, study: optuna.Study, params: dict[str, Any], stage: StageSection) -> None:
+        self.enqueued.append(compat.enqueue_trial(study, params, {attrs.STAGE: stage.name}))
 
     def refine_next(
         self, stage: StageSection, trials: Sequence[FrozenTrial]

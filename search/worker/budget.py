@@ -63,13 +63,13 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -79,11 +79,14 @@ from search.record.counts import skip_count
 from search.record.counts import spent_count
 from search.record.errors import RunError
 from search.record.trial_record import handed_back_attrs
+from storage import BaseHeartbeat
 from storage import adopt_orphans
+from storage import call_with_retry
+from storage import compat
+from storage import fail_and_enqueue
+from storage import is_heartbeat_enabled
 from storage import named_lock
 from storage import rdb_backend
-from storage._ops import fail_and_enqueue
-from storage._retry import call_with_retry
 
 _logger = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def ensure_budget(study: optuna.Study, n_trials: int | None, *, change: bool = F
     """
     if n_trials is not None and n_trials < 1:
         raise BudgetError(f"--n-trials must be at least 1, but got {n_trials}")
-    with named_lock(study._storage, budget_lock_name(study)):
+    with named_lock(compat.study_storage(study), budget_lock_name(study)):
         stored = study.user_attrs.get(attrs.STUDY_N_TRIALS)
         if n_trials is None:
             if stored is None:
@@ -148,6 +151,36 @@ def finished_count(study: optuna.Study) -> int:
     return spent_count(trials) - sum(t.state == TrialState.RUNNING for t in trials)
 
 
+BeforeAsk = Callable[[optuna.Study, Sequence[FrozenTrial]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class StaleTrial:
+    """A RUNNING trial whose heartbeat went stale, failed and re-queued by this worker."""
+
+    number: int
+    trial_id: int
+
+
+@dataclass
+class Claim:
+    """A claimed trial and what the claim read.
+
+    Args:
+        trial: The RUNNING trial (its first heartbeat recorded).
+        trials: The study's trials as read under the budget lock just before the claim (the
+            claimed trial as it was then: WAITING, or absent when new). Fresh: the step hands
+            it to the stage plan, the sampler, the preflight and the progress count instead
+            of reading the trial list again.
+        requeued: Stale trials this claim's sweep failed and re-queued (for observers, told
+            after the lock is released).
+    """
+
+    trial: optuna.trial.Trial
+    trials: list[FrozenTrial]
+    requeued: list[StaleTrial] = field(default_factory=list)
+
+
 def claim_trial(
     study: optuna.Study,
     budget: int,
@@ -156,9 +189,36 @@ def claim_trial(
     poll_interval: float | None = None,
     stop: Callable[[], bool] | None = None,
     max_skips: int | None = None,
-    before_ask: Callable[[optuna.Study, Sequence[FrozenTrial]], Mapping[str, Any]] | None = None,
+    before_ask: BeforeAsk | None = None,
 ) -> optuna.trial.Trial | None:
+    """Take the next trial if the study's budget allows it (:func:`claim`'s trial)."""
+    taken = claim(
+        study,
+        budget,
+        wait=wait,
+        poll_interval=poll_interval,
+        stop=stop,
+        max_skips=max_skips,
+        before_ask=before_ask,
+    )
+    return taken.trial if taken is not None else None
+
+
+def claim(
+    study: optuna.Study,
+    budget: int,
+    *,
+    wait: bool = True,
+    poll_interval: float | None = None,
+    stop: Callable[[], bool] | None = None,
+    max_skips: int | None = None,
+    before_ask: BeforeAsk | None = None,
+    on_requeued: Callable[[list[StaleTrial]], None] | None = None,
+) -> Claim | None:
     """Take the next trial if the study's budget allows it (see the module docstring).
+
+    Under the lock the study's trials are read once; the trial taken comes from that list (a
+    re-queued one, then an enqueued one, oldest first) or is created, without another read.
 
     Args:
         study: The shared study.
@@ -172,17 +232,21 @@ def claim_trial(
         max_skips: Skips the study may hold while its budget is not spent; at that many,
             raise :class:`SkipBoundError` instead of claiming. ``None``: no bound.
         before_ask: Called under the lock with the study's trials before a trial that is not
-            re-queued is asked for (``search.sampling.stages.StagePlan``: picks the stage, may
+            re-queued is taken (``search.sampling.stages.StagePlan``: picks the stage, may
             enqueue its seeds); returns user attributes for the new trial, which an enqueued
-            trial's own attributes override.
+            trial's own attributes override. One with an ``enqueued`` attribute (StagePlan)
+            lists there the ids of the trials it enqueued; for one without, the trial is
+            taken with ``study.ask()`` (one more read of the trial list).
+        on_requeued: Called after the lock is released with the stale trials the sweep failed
+            and re-queued (not called when there were none).
 
     Returns:
-        A RUNNING trial (its first heartbeat recorded), or ``None`` once nothing is left.
+        The claim, or ``None`` once nothing is left.
 
     Raises:
         SkipBoundError: The study holds ``max_skips`` skips and its budget is not spent.
     """
-    storage = study._storage
+    storage = compat.study_storage(study)
     beating = is_heartbeat_enabled(storage)
     if poll_interval is None:
         poll_interval = 1.0
@@ -191,32 +255,34 @@ def claim_trial(
     stopped = stop or (lambda: False)
     said_waiting = False
     while not stopped():
-        with named_lock(storage, budget_lock_name(study)), _quiet_heartbeat_warnings():
-            if beating:
-                _sweep(study)
-            trials = study.get_trials(deepcopy=False)
-            spent = spent_count(trials)
-            if spent < budget:
-                skips = skip_count(trials)
-                if max_skips is not None and skips >= max_skips:
-                    raise SkipBoundError(
-                        f"study {study.study_name!r}: {skips} configs skipped for memory "
-                        f"(predicted or frontier OOM) with only {spent} of {budget} trials "
-                        f"trained: the space does not fit the device; narrow space.batch_size / "
-                        f"space.max_len or add space.conditions, or use a bigger device"
-                    )
-                trial = _pop_requeued(study, trials)
-                if trial is None:
-                    new_attrs = before_ask(study, trials) if before_ask is not None else {}
-                    trial = study.ask()
-                    for key, value in new_attrs.items():
-                        if key not in trial.user_attrs:  # an enqueued trial keeps its own
-                            trial.set_user_attr(key, value)
-                if isinstance(storage, BaseHeartbeat) and beating:
-                    first_beat = functools.partial(storage.record_heartbeat, trial._trial_id)
-                    _retried(storage, first_beat, "first heartbeat")
-                return trial
-            running = any(t.state == TrialState.RUNNING for t in trials)
+        requeued: list[StaleTrial] = []
+        try:
+            with named_lock(storage, budget_lock_name(study)), _quiet_heartbeat_warnings():
+                if beating:
+                    requeued = _sweep(study)
+                trials = study.get_trials(deepcopy=False)  # the step's one read of the list
+                spent = spent_count(trials)
+                if spent < budget:
+                    skips = skip_count(trials)
+                    if max_skips is not None and skips >= max_skips:
+                        raise SkipBoundError(
+                            f"study {study.study_name!r}: {skips} configs skipped for memory "
+                            f"(predicted or frontier OOM) with only {spent} of {budget} trials "
+                            f"trained: the space does not fit the device; narrow "
+                            f"space.batch_size / space.max_len or add space.conditions, or use "
+                            f"a bigger device"
+                        )
+                    trial = _take(study, trials, before_ask)
+                    if isinstance(storage, BaseHeartbeat) and beating:
+                        first_beat = functools.partial(
+                            storage.record_heartbeat, compat.trial_id(trial)
+                        )
+                        _retried(storage, first_beat, "first heartbeat")
+                    return Claim(trial, trials, requeued)
+                running = any(t.state == TrialState.RUNNING for t in trials)
+        finally:
+            if requeued and on_requeued is not None:
+                on_requeued(requeued)
         if not (wait and beating and running):
             return None
         if not said_waiting:
@@ -239,19 +305,42 @@ def _retried(storage: optuna.storages.BaseStorage, fn: Callable[[], Any], what: 
     return call_with_retry(fn, max_wait=max_wait, what=what)
 
 
-def _pop_requeued(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.trial.Trial | None:
-    """Take the oldest WAITING re-queued trial (a retry or hand-back), ahead of enqueued ones."""
-    storage = study._storage
-    for frozen in trials:
-        if frozen.state != TrialState.WAITING or not frozen.system_attrs.get(RETRY_HISTORY):
-            continue
+def _take(
+    study: optuna.Study, trials: Sequence[FrozenTrial], before_ask: BeforeAsk | None
+) -> optuna.trial.Trial:
+    """Under the lock: a re-queued trial, else (after ``before_ask``) an enqueued one, else a
+    new one; from ``trials`` and the ids ``before_ask`` enqueued, without reading them again."""
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    retried = [t for t in waiting if t.system_attrs.get(RETRY_HISTORY)]
+    trial = _pop(study, [compat.trial_id(t) for t in retried])
+    if trial is not None:
+        return trial
+    new_attrs = before_ask(study, trials) if before_ask is not None else {}
+    if before_ask is not None and not hasattr(before_ask, "enqueued"):
+        trial = study.ask()  # it may have enqueued trials this list does not hold
+    else:
+        queued = [compat.trial_id(t) for t in waiting if not t.system_attrs.get(RETRY_HISTORY)]
+        queued += list(getattr(before_ask, "enqueued", ()))
+        trial = _pop(study, queued)
+        if trial is None:
+            storage = compat.study_storage(study)
+            trial = optuna.trial.Trial(study, storage.create_new_trial(compat.study_id(study)))
+    for key, value in new_attrs.items():
+        if key not in trial.user_attrs:  # an enqueued trial keeps its own
+            trial.set_user_attr(key, value)
+    return trial
+
+
+def _pop(study: optuna.Study, ids: Sequence[int]) -> optuna.trial.Trial | None:
+    """The first of the WAITING trials ``ids`` that this worker sets RUNNING (as ``ask`` pops)."""
+    storage = compat.study_storage(study)
+    for waiting_id in ids:
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+            if not storage.set_trial_state_values(waiting_id, state=TrialState.RUNNING):
                 continue
         except UpdateFinishedTrialError:
             continue
-        study._thread_local.cached_all_trials = None
-        return optuna.trial.Trial(study, frozen._trial_id)
+        return optuna.trial.Trial(study, waiting_id)
     return None
 
 
@@ -280,7 +369,7 @@ def fail_and_requeue(
     Returns:
         The failed trial as it was before failing, or ``None`` if it was not RUNNING.
     """
-    storage = study._storage
+    storage = compat.study_storage(study)
     frozen = storage.get_trial(trial_id)
     if frozen.state != TrialState.RUNNING:
         return None
@@ -298,14 +387,11 @@ def fail_and_requeue(
                 RETRY_HISTORY: history,
             },
         )
-    # One transaction in the database (or by the search proxy in front of it). A transaction
-    # cut off by a dropped connection was rolled back: running it again is safe (it checks
-    # the state first).
-    done = _retried(
-        storage,
-        lambda: fail_and_enqueue(storage, study._study_id, trial_id, user_attrs or {}, copy),
-        "fail and re-queue",
-    )
+    # One transaction in the database (or by the search proxy in front of it), retried while
+    # the database is away with one client token: a commit whose answer was lost is found,
+    # not taken for someone else's failure. Not inside _retried: each attempt of an outer
+    # retry would bring a new token.
+    done = fail_and_enqueue(storage, compat.study_id(study), trial_id, user_attrs or {}, copy)
     if done is None:  # no database (in-memory studies): two steps
         for key, value in (user_attrs or {}).items():
             storage.set_trial_user_attr(trial_id, key, value)
@@ -316,15 +402,8 @@ def fail_and_requeue(
         if copy is not None:
             study.add_trial(copy)
         return frozen
-    study._thread_local.cached_all_trials = None
+    compat.forget_cached_trials(study)
     return frozen if done else None
-
-
-def _max_retry(storage: optuna.storages.BaseStorage) -> int | None:
-    if not isinstance(storage, BaseHeartbeat):
-        return None
-    callback = storage.get_heartbeat_stale_trial_callback()
-    return getattr(callback, "_max_retry", None)
 
 
 @contextmanager
@@ -336,61 +415,77 @@ def _quiet_heartbeat_warnings() -> Iterator[None]:
         yield
 
 
-def _sweep(study: optuna.Study) -> None:
+def _sweep(study: optuna.Study) -> list[StaleTrial]:
     """Under the budget lock: adopt orphaned RUNNING trials, fail and re-queue stale ones."""
-    _retried(study._storage, lambda: adopt_orphans(study), "adopt orphans")
-    fail_stale(study)
+    _retried(compat.study_storage(study), lambda: adopt_orphans(study), "adopt orphans")
+    return requeue_stale(study)
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail the study's RUNNING trials whose heartbeat is stale, and re-queue each.
 
-    Call under the budget lock. Each failure and its re-queue are one transaction
-    (:func:`fail_and_requeue`); the copy is queued up to the storage's ``max_retry`` times
-    (``RetryHeartbeatStaleTrialCallback``'s setting), as Optuna's ``fail_stale_trials`` would.
+    Call under the budget lock (:func:`requeue_stale`).
 
     Returns:
         The numbers of the trials failed here.
     """
-    storage = study._storage
+    return [stale.number for stale in requeue_stale(study)]
+
+
+def requeue_stale(study: optuna.Study) -> list[StaleTrial]:
+    """Fail the study's RUNNING trials whose heartbeat is stale, and re-queue each.
+
+    Call under the budget lock, and nothing else there: the caller tells observers about the
+    trials returned after releasing it. Each failure and its re-queue are one transaction
+    (:func:`fail_and_requeue`); the copy is queued up to the storage's ``max_retry`` times
+    (``RetryHeartbeatStaleTrialCallback``'s setting), as Optuna's ``fail_stale_trials`` would.
+
+    Returns:
+        The trials failed here.
+    """
+    storage = compat.study_storage(study)
     if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
         return []
     failed = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
-        frozen = fail_and_requeue(study, trial_id, max_retry=_max_retry(storage))
+    for stale_id in compat.stale_trial_ids(storage, compat.study_id(study)):
+        frozen = fail_and_requeue(study, stale_id, max_retry=compat.stale_retry_limit(storage))
         if frozen is not None:
-            failed.append(frozen.number)
+            failed.append(StaleTrial(frozen.number, stale_id))
             _logger.warning(
                 "trial %d had no heartbeat for the grace period: failed and re-queued",
                 frozen.number,
             )
-            # The dashboard note says why it failed. Function-level: an upward edge (worker ->
-            # observe; publish -> report -> budget), removed by the Worker step (phase 2).
-            from search.observe import publish
-
-            publish.note_trial(study, trial_id)
     return failed
 
 
 class _StaleWatcher(threading.Thread):
     """Fail and re-queue stale trials every ``interval`` seconds, under the budget lock."""
 
-    def __init__(self, study: optuna.Study, interval: float) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        interval: float,
+        on_requeued: Callable[[list[StaleTrial]], None] | None = None,
+    ) -> None:
         super().__init__(name="stale-watcher", daemon=True)
         self._study = study
         self._interval = interval
+        self._on_requeued = on_requeued
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        storage = self._study._storage
+        storage = compat.study_storage(self._study)
         try:
             while not self._stop_event.wait(self._interval):
                 try:
                     lock = named_lock(storage, budget_lock_name(self._study))
                     with lock, _quiet_heartbeat_warnings():
-                        _sweep(self._study)
+                        requeued = _sweep(self._study)
                 except Exception as error:  # the database is away: the next round retries
                     _logger.debug("stale check failed (%s)", type(error).__name__)
+                    continue
+                if requeued and self._on_requeued is not None:  # after the lock
+                    self._on_requeued(requeued)
         finally:
             backend = rdb_backend(storage)
             if backend is not None:
@@ -402,20 +497,24 @@ class _StaleWatcher(threading.Thread):
 
 
 @contextmanager
-def watch_stale(study: optuna.Study) -> Iterator[None]:
+def watch_stale(
+    study: optuna.Study, on_requeued: Callable[[list[StaleTrial]], None] | None = None
+) -> Iterator[None]:
     """While the block runs, fail and re-queue stale trials every heartbeat interval.
 
     A worker busy with a long trial does not claim, so without this a dead worker's trial
     would wait for some survivor's trial to end. The check runs on a thread of its own, next
     to the heartbeat thread rather than on it: waiting for the budget lock must never delay
-    this worker's own heartbeat. A no-op without heartbeats.
+    this worker's own heartbeat. ``on_requeued`` gets the trials each sweep re-queued, after
+    the lock is released (it must not block: the worker's event dispatcher queues them). A
+    no-op without heartbeats.
     """
-    storage = study._storage
+    storage = compat.study_storage(study)
     if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
         yield
         return
     interval = float(storage.get_heartbeat_interval() or 1)
-    watcher = _StaleWatcher(study, interval)
+    watcher = _StaleWatcher(study, interval, on_requeued)
     watcher.start()
     try:
         yield
@@ -440,8 +539,8 @@ def hand_back(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
     Returns:
         Whether the trial was handed back.
     """
-    with named_lock(study._storage, budget_lock_name(study)):
-        frozen = fail_and_requeue(study, trial._trial_id, user_attrs=handed_back_attrs())
+    with named_lock(compat.study_storage(study), budget_lock_name(study)):
+        frozen = fail_and_requeue(study, compat.trial_id(trial), user_attrs=handed_back_attrs())
     if frozen is None:
         return False
     _logger.warning("trial %d handed back and re-queued", frozen.number)
