@@ -29,6 +29,7 @@ draws from its own region while an 80 GiB one draws larger configs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -40,16 +41,40 @@ from optuna.trial import TrialState
 from search.memory.device import DeviceInfo
 from search.memory.frontier import evidence
 from search.memory.frontier import trained_estimate_mb
+from search.memory.preflight import PreflightDecision
 from search.memory.preflight import preflight
 from search.record.config import TrialConfig
 from search.record.models import ModelInfo
 
-__all__ = ["FeasibleGrid", "PREFLIGHT_STATES", "feasible_grid", "feasibility"]
+__all__ = [
+    "Decisions",
+    "FeasibleGrid",
+    "OFF_PEAK_FIELDS",
+    "PREFLIGHT_STATES",
+    "feasible_grid",
+    "feasibility",
+    "grid_decision",
+]
 
 # ``{model: {(batch_size, max_len) the preflight lets run: True when it fits without the band}}``.
 FeasibleGrid = Mapping[str, Mapping[tuple[int, int], bool]]
 # Trials the preflight reads: real OOMs (PRUNED) and trials that trained (COMPLETE, PRUNED).
 PREFLIGHT_STATES = (TrialState.PRUNED, TrialState.COMPLETE)
+# The preflight's answer for each pair the grid asked about: ``{(model, batch_size, max_len):
+# (the config asked, its decision)}``, so a trial of that shape is not estimated again.
+Decisions = dict[tuple[str, int, int], tuple[TrialConfig, PreflightDecision]]
+# Settings that do not change the peak (``search.memory.frontier.dominates``): a trial's config
+# that differs from the grid's only in these gets the grid's decision (``grid_decision``).
+OFF_PEAK_FIELDS = (
+    "lr",
+    "temperature",
+    "warmup_ratio",
+    "weight_decay",
+    "seed",
+    "eval_every_steps",
+    "eval_sample_queries",
+    "save_dir",
+)
 
 
 def feasible_grid(
@@ -61,6 +86,7 @@ def feasible_grid(
     *,
     use_estimate: bool = True,
     use_frontier: bool = True,
+    decisions: Decisions | None = None,
 ) -> dict[str, dict[tuple[int, int], bool]]:
     """Each model's ``(batch_size, max_len)`` pairs that the preflight would let run, each
     marked True when it surely fits: its estimate fits the free memory without the band, or a
@@ -74,6 +100,7 @@ def feasible_grid(
         trials: The study's trials the preflight reads (:data:`PREFLIGHT_STATES`).
         use_estimate: Rule out pairs whose estimate does not fit (``--no-estimate``: off).
         use_frontier: Rule out pairs an earlier real OOM rules out.
+        decisions: Filled with each pair's config and decision (:func:`grid_decision`).
     """
     trials = evidence(trials)  # the same answers from the few trials that matter
     proven = trained_estimate_mb(trials, device.total_bytes, device_kind=device.kind)
@@ -83,19 +110,41 @@ def feasible_grid(
         grid[model] = {}
         for batch in per["batch_size"]:
             for max_len in per["max_len"]:
+                cfg = config_for(model, batch, max_len)
                 decision = preflight(
-                    config_for(model, batch, max_len),
+                    cfg,
                     arch,
                     device,
                     trials,
                     use_estimate=use_estimate,
                     use_frontier=use_frontier,
                 )
+                if decisions is not None:
+                    decisions[model, batch, max_len] = (cfg, decision)
                 if not decision.skip:
                     estimate = decision.estimate
                     sure = estimate.total_bytes <= device.free_bytes or estimate.total_mb <= proven
                     grid[model][batch, max_len] = sure or not use_estimate
     return grid
+
+
+def grid_decision(decisions: Decisions, cfg: TrialConfig) -> PreflightDecision | None:
+    """The grid's preflight decision for ``cfg``, else None (run the preflight).
+
+    The grid asked about ``cfg``'s model, batch size and length with the other settings mid-range;
+    its decision holds for ``cfg`` when the two configs differ only in :data:`OFF_PEAK_FIELDS`
+    (the decision's config becomes ``cfg`` with the grid's resolved gradient cache).
+    """
+    hit = decisions.get((cfg.model, cfg.batch_size, cfg.max_len))
+    if hit is None:
+        return None
+    asked, decision = hit
+    if dataclasses.replace(cfg, **{f: getattr(asked, f) for f in OFF_PEAK_FIELDS}) != asked:
+        return None
+    resolved = decision.config
+    if resolved is not None:
+        resolved = dataclasses.replace(cfg, gradient_cache=resolved.gradient_cache)
+    return dataclasses.replace(decision, config=resolved)
 
 
 def feasibility(

@@ -46,8 +46,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -108,6 +111,15 @@ def nearest_choice(value: float, choices: Sequence[int]) -> int:
     return min(choices, key=lambda c: (abs(math.log(c) - math.log(max(value, 1e-9))), c))
 
 
+@dataclass(frozen=True)
+class _Pin:
+    """The trial being sampled, the trials it sees and its feasible grid (``pinned``)."""
+
+    trial_id: int
+    trials: Sequence[FrozenTrial]
+    grid: Callable[[], FeasibleGrid] | None
+
+
 class ConditionalSampler(BaseSampler):
     """A sampler that keeps ``batch_size`` and ``max_len`` to each trial's model's choices.
 
@@ -160,6 +172,38 @@ class ConditionalSampler(BaseSampler):
         self._models = tuple(models) if models is not None else None
         self.feasible: Callable[[Study], FeasibleGrid] | None = None
         self._grid_of: tuple[int, FeasibleGrid] | None = None  # (trial id, its grid)
+        self._pin: _Pin | None = None  # the worker step's snapshot while it samples
+
+    @contextmanager
+    def pinned(
+        self,
+        trial_id: int,
+        trials: Sequence[FrozenTrial],
+        grid: Callable[[], FeasibleGrid] | None = None,
+    ) -> Iterator[None]:
+        """While the block samples trial ``trial_id``, read ``trials`` instead of the study.
+
+        The worker's trial step (``search.worker.step``) read ``trials`` under the budget lock
+        as it claimed the trial; the random-startup count and the feasible grid come from it
+        (``grid``: the grid of those trials, computed once; None: ``feasible(study)``), and
+        the base sampler (TPE) reads the study through ``storage.compat.pinned_study``, so
+        sampling reads no trial list of its own.
+        """
+        self._pin = _Pin(trial_id, trials, grid)
+        try:
+            yield
+        finally:
+            self._pin = None
+
+    def _study_view(self, study: Study) -> Study:
+        """What the base sampler reads: while pinned, ``study`` with its trial list answered
+        from the step's snapshot (``storage.compat.pinned_study``), else ``study``."""
+        if self._pin is None:
+            return study
+        return compat.pinned_study(study, self._pin.trials)
+
+    def _has_grid(self) -> bool:
+        return self.feasible is not None or (self._pin is not None and self._pin.grid is not None)
 
     def _stage_of(self, trial: FrozenTrial) -> Mapping[str, Any] | None:
         name = trial.user_attrs.get(STAGE_ATTR) or self.stage
@@ -188,6 +232,9 @@ class ConditionalSampler(BaseSampler):
 
     def _grid(self, study: Study, trial: FrozenTrial) -> FeasibleGrid | None:
         """The feasible grid for ``trial`` (asked once per trial), or None without one."""
+        pin = self._pin
+        if pin is not None and pin.grid is not None and pin.trial_id == compat.trial_id(trial):
+            return pin.grid()
         if self.feasible is None:
             return None
         if self._grid_of is None or self._grid_of[0] != compat.trial_id(trial):
@@ -221,7 +268,7 @@ class ConditionalSampler(BaseSampler):
     ) -> tuple[str, ...] | None:
         """Of ``models`` (None: all), those with a feasible pair; all of them when none has
         one (their trials are then skipped and counted against the skip bound)."""
-        if self.feasible is None:
+        if not self._has_grid():
             return tuple(models) if models is not None else None
         every = tuple(models) if models is not None else tuple(self._choices["batch_size"])
         fitting = tuple(m for m in every if self._pairs(study, trial, m))
@@ -259,7 +306,10 @@ class ConditionalSampler(BaseSampler):
         """True while fewer than ``n_startup_trials`` trials have trained (skips excluded)."""
         if self._n_startup <= 0 or self._startup_done:
             return False
-        done = study.get_trials(deepcopy=False, states=_TRAINED_STATES)
+        if self._pin is not None:
+            done = [t for t in self._pin.trials if t.state in _TRAINED_STATES]
+        else:
+            done = study.get_trials(deepcopy=False, states=_TRAINED_STATES)
         self._startup_done = sum(not is_skip(t) for t in done) >= self._n_startup
         return not self._startup_done
 
@@ -268,14 +318,14 @@ class ConditionalSampler(BaseSampler):
     ) -> dict[str, BaseDistribution]:
         if self.in_startup(study):
             return {}
-        return self._base.infer_relative_search_space(study, trial)
+        return self._base.infer_relative_search_space(self._study_view(study), trial)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         if not search_space:
             return {}
-        params = self._base.sample_relative(study, trial, search_space)
+        params = self._base.sample_relative(self._study_view(study), trial, search_space)
         fixed = trial.system_attrs.get(_FIXED_PARAMS) or {}
         model = fixed.get(MODEL_PARAM, params.get(MODEL_PARAM))
         models = self.feasible_models(study, trial, self.stage_models(trial))
@@ -317,7 +367,8 @@ class ConditionalSampler(BaseSampler):
         allowed = self.narrowed(param_name, model, study, trial, batch)
         if allowed is None:
             base = self._random if self.in_startup(study) else self._base
-            return base.sample_independent(study, trial, param_name, param_distribution)
+            view = self._study_view(study)
+            return base.sample_independent(view, trial, param_name, param_distribution)
         return self._random.sample_independent(
             study, trial, param_name, CategoricalDistribution(list(allowed))
         )
