@@ -12,7 +12,6 @@ from search.spec.model_resolve import ModelsUnavailableError
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.train.data import load_train
-from search.train.tiny import build_tiny_replica
 
 __all__ = ["model_facts", "prepare_models"]
 
@@ -25,6 +24,8 @@ def prepare_models(
     if not opts.tiny:
         return {name: model_ref(spec, name) for name in names}
     import transformers  # lazy: only --tiny builds replicas (transformers imports torch)
+
+    from search.train.tiny import build_tiny_replica  # imports torch: only for --tiny
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" per replica
     train = load_train(spec.resolve_path(spec.data.train))
