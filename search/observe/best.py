@@ -31,8 +31,8 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search.observe.keep import extract_model
+from search.observe.keep import kept_models
 from search.observe.keep import open_store
-from search.observe.keep import removed_artifacts
 from search.record import attrs
 from search.record.config import DEFAULT_OBJECTIVE
 from search.record.config import TrialConfig
@@ -76,10 +76,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
 
 def kept_artifact(study: optuna.Study, trial: FrozenTrial) -> tuple[str, str] | None:
     """``(artifact id, store)`` of the trial's kept model, or None (never kept, or removed)."""
-    artifact = trial.user_attrs.get(attrs.MODEL_ARTIFACT)
-    if not artifact or str(artifact) in removed_artifacts(study):
-        return None
-    return str(artifact), str(trial.user_attrs.get(attrs.MODEL_ARTIFACT_STORE) or "")
+    return kept_models(study, [trial]).get(trial.number)
 
 
 def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[str, Any]:

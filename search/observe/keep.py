@@ -5,19 +5,24 @@ directory (``TrialConfig.save_dir``), and the trial's process saves its encoder 
 last evaluation as a sentence-transformers model (``search.train.export``). When the trial
 completes:
 
-1. before it is told, the worker uploads the directory (one uncompressed tar,
+1. after it is told, the worker uploads the directory (one uncompressed tar,
    ``model-trial-N.tar``) to the study's artifact store if fewer than K completed trials beat
-   it, and records the artifact id on the trial (``model_artifact``, ``model_artifact_store``);
-2. after it is told, the worker removes the artifact of every completed trial that K others
-   now beat (and of any trial that holds one but did not complete), recording each removal as
-   a study system attribute (``search:model_removed:<id>``), since a finished trial's
-   attributes cannot change.
+   it, and records the artifact id as a study system attribute
+   (``search:model_kept:<number>``: ``{"artifact": id, "store": where}``; a told trial's
+   attributes cannot change; studies run before issue 15 hold ``model_artifact`` on the trial);
+2. then it removes the artifact of every completed trial that K others now beat (and of any
+   trial that holds one but did not complete), recording each removal as a study system
+   attribute (``search:model_removed:<id>``).
 
-Ranking is by the study's value, ties going to the earlier trial. No lock is needed between
-workers: a trial that K others beat in any worker's (possibly stale) view is beaten by them in
-every later view, so concurrent removals are all right, and the worker that tells the last
-trial removes after every upload was recorded, so exactly the K best trials keep theirs. Disk
-use stays at K models, plus one being saved per running trial.
+The worker does both on its event thread (:class:`KeepSubscriber`), never on the trial step:
+the step only gives the trial a path to save its model in (``training_config``, a path, no
+I/O). Ranking is by the study's value, ties going to the earlier trial. No lock is needed
+between workers: a trial that K others beat in any worker's (possibly stale) view is beaten by
+them in every later view, so concurrent removals are all right; each worker removes after each
+of its uploads, so the last removal of the study comes after every upload was recorded and
+every trial told, and exactly the K best trials keep theirs (provided each worker's event
+thread finishes: ``search.worker.dispatch``'s flush bound). Disk use stays at K models, plus
+one being saved per running trial and the told ones waiting for the event thread.
 
 The store: ``artifacts.store`` in the spec (a directory, ``file://DIR``, ``s3://BUCKET`` or
 ``gs://BUCKET``), else ``$SEARCH_ARTIFACTS``, else the directory beside the SQLite file
@@ -35,25 +40,33 @@ import math
 import shutil
 import tarfile
 import tempfile
+import uuid
 import weakref
+from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search.observe.artifacts import artifact_dir
 from search.observe.artifacts import artifact_store
 from search.record import attrs
-from search.record.trial_record import TrialRecord
-from search.record.trial_record import write_record
+from search.record.config import TrialConfig
 from search.train.export import SEARCH_JSON
 from search.train.export import update_search_json
+from search.worker.events import Claimed
+from search.worker.events import Closed
+from search.worker.events import Dropped
+from search.worker.events import HandedBack
+from search.worker.events import Subscriber
+from search.worker.events import Told
 from storage import compat
 
 if TYPE_CHECKING:
-    from search.record.config import TrialConfig
     from search.spec.options import RunOptions
     from search.spec.study_spec import StudySpec
     from search.worker.isolation import TrialOutcome
@@ -99,22 +112,46 @@ def _rank_key(direction: optuna.study.StudyDirection) -> Any:
     return lambda t: (sign * float(t.value), t.number)
 
 
-def removed_artifacts(study: optuna.Study) -> set[str]:
+def removed_artifacts(study: optuna.Study, system: Mapping[str, Any] | None = None) -> set[str]:
     """Ids of the kept models that were removed since (pushed out of the top K)."""
     prefix = attrs.MODEL_REMOVED_PREFIX
-    system = compat.study_storage(study).get_study_system_attrs(compat.study_id(study))
+    system = _system_attrs(study) if system is None else system
     return {key[len(prefix) :] for key in system if key.startswith(prefix)}
 
 
-def kept_models(study: optuna.Study) -> dict[int, tuple[str, str]]:
-    """Trial number -> (artifact id, store) of every model the study still keeps."""
-    removed = removed_artifacts(study)
-    kept: dict[int, tuple[str, str]] = {}
-    for t in study.get_trials(deepcopy=False):
+def model_artifacts(
+    study: optuna.Study,
+    trials: Sequence[FrozenTrial] | None = None,
+    system: Mapping[str, Any] | None = None,
+) -> dict[int, tuple[str, str]]:
+    """Trial number -> (artifact id, store) of every model uploaded for the study, removed since
+    or not: a study system attribute ``search:model_kept:<number>``, or the trial's own
+    ``model_artifact`` on studies run before a model was uploaded after its tell."""
+    system = _system_attrs(study) if system is None else system
+    out: dict[int, tuple[str, str]] = {}
+    for t in trials if trials is not None else study.get_trials(deepcopy=False):
         artifact = t.user_attrs.get(attrs.MODEL_ARTIFACT)
-        if artifact and artifact not in removed:
-            kept[t.number] = (str(artifact), str(t.user_attrs.get(attrs.MODEL_ARTIFACT_STORE, "")))
-    return kept
+        if artifact:
+            out[t.number] = (str(artifact), str(t.user_attrs.get(attrs.MODEL_ARTIFACT_STORE, "")))
+    prefix = attrs.MODEL_KEPT_PREFIX
+    for key, value in system.items():
+        if key.startswith(prefix) and isinstance(value, dict) and value.get("artifact"):
+            out[int(key[len(prefix) :])] = (str(value["artifact"]), str(value.get("store", "")))
+    return out
+
+
+def kept_models(
+    study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
+) -> dict[int, tuple[str, str]]:
+    """Trial number -> (artifact id, store) of every model the study still keeps."""
+    system = _system_attrs(study)
+    removed = removed_artifacts(study, system)
+    uploaded = model_artifacts(study, trials, system)
+    return {n: kept for n, kept in uploaded.items() if kept[0] not in removed}
+
+
+def _system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return compat.study_storage(study).get_study_system_attrs(compat.study_id(study))
 
 
 class ModelKeeper:
@@ -125,8 +162,9 @@ class ModelKeeper:
         self.top_k = top_k
         self.location = location
         self._stores: dict[str, ArtifactStore] = {}
-        self._dir: Path | None = None
-        atexit.register(self._clean)
+        self._dirs: dict[int, Path] = {}  # trial number -> where its process saves its model
+        self._root = Path(tempfile.gettempdir())
+        atexit.register(self.discard_all)
 
     @property
     def active(self) -> bool:
@@ -134,34 +172,44 @@ class ModelKeeper:
         return self.top_k > 0 and self.location is not None
 
     def prepare(self, cfg: TrialConfig, number: int) -> TrialConfig:
-        """``cfg`` with a fresh ``save_dir`` for trial ``number`` (unchanged when inactive)."""
-        self._clean()
+        """``cfg`` with a fresh ``save_dir`` for trial ``number`` (unchanged when inactive).
+
+        Computes a path only (the trial's process creates the directory when it saves): the
+        worker calls it on its step's thread, where nothing may wait on I/O.
+        """
         if not self.active:
             return cfg
-        self._dir = Path(tempfile.mkdtemp(prefix=f"search-trial-{number}-model-"))
-        return dataclasses.replace(cfg, save_dir=str(self._dir))
+        path = self._root / f"search-trial-{number}-model-{uuid.uuid4().hex[:12]}"
+        self._dirs[number] = path
+        return dataclasses.replace(cfg, save_dir=str(path))
 
-    def keep(self, trial: optuna.Trial, outcome: TrialOutcome, metric: str) -> str | None:
-        """Before the tell: upload the trial's model if it enters the top K; its artifact id.
+    def keep(self, number: int, outcome: TrialOutcome, metric: str) -> str | None:
+        """After the tell: upload trial ``number``'s model if it enters the top K; its id.
 
         Never raises; the saved directory is removed either way.
         """
-        directory, self._dir = self._dir, None
+        directory = self._dirs.pop(number, None)
         try:
             value = outcome.metrics.get(metric) if outcome.status == "complete" else None
             if directory is None or value is None or not math.isfinite(value):
                 return None  # not complete, or told FAIL for a non-finite value
             if not (directory / "modules.json").is_file():
                 return None  # the objective saved nothing (a fake one, or a failed save)
-            if not self._could_enter(float(value), trial.number):
+            if not self._could_enter(float(value), number):
                 return None
-            return self._upload(trial, directory, metric, float(value))
+            return self._upload(number, directory, metric, float(value))
         except Exception as exc:  # noqa: BLE001 - keeping a model must never fail a trial
-            _logger.warning("model of trial %d not kept: %s", trial.number, _line(exc))
+            _logger.warning("model of trial %d not kept: %s", number, _line(exc))
             return None
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+
+    def discard(self, number: int) -> None:
+        """Remove what trial ``number`` saved (skipped, handed back, dropped)."""
+        directory = self._dirs.pop(number, None)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def prune(self) -> list[int]:
         """After the tell: remove the models of trials now outside the top K; their numbers.
@@ -195,34 +243,37 @@ class ModelKeeper:
                     return False
         return True
 
-    def _upload(self, trial: optuna.Trial, directory: Path, metric: str, value: float) -> str:
+    def _upload(self, number: int, directory: Path, metric: str, value: float) -> str:
         from optuna.artifacts import upload_artifact
 
         assert self.location is not None
+        study = self.study
         update_search_json(
-            directory, study=self.study.study_name, trial=trial.number, metric=metric, value=value
+            directory, study=study.study_name, trial=number, metric=metric, value=value
         )
         with tempfile.TemporaryDirectory(prefix="search-model-tar-") as tmp:
-            tar = Path(tmp) / MODEL_FILE.format(number=trial.number)
+            tar = Path(tmp) / MODEL_FILE.format(number=number)
             with tarfile.open(tar, "w") as archive:
                 for path in sorted(directory.rglob("*")):
                     archive.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+            # A study artifact: the trial is told, its attributes cannot change any more.
             artifact_id = upload_artifact(
                 artifact_store=self._store(self.location),
                 file_path=str(tar),
-                study_or_trial=trial,
+                study_or_trial=study,
                 mimetype="application/x-tar",
             )
-        record = TrialRecord(
-            user={attrs.MODEL_ARTIFACT: artifact_id, attrs.MODEL_ARTIFACT_STORE: self.location}
+        compat.study_storage(study).set_study_system_attr(
+            compat.study_id(study),
+            f"{attrs.MODEL_KEPT_PREFIX}{number}",
+            {"artifact": artifact_id, "store": self.location},
         )
-        write_record(compat.study_storage(self.study), compat.trial_id(trial), record)
         return artifact_id
 
-    def _clean(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+    def discard_all(self) -> None:
+        """Remove every directory this keeper handed out and did not keep (worker exit)."""
+        for number in list(self._dirs):
+            self.discard(number)
 
 
 @dataclasses.dataclass
@@ -238,13 +289,15 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
     """
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    removed = removed_artifacts(study)
+    system = _system_attrs(study)
+    removed = removed_artifacts(study, system)
     trials = study.get_trials(deepcopy=False)
+    uploaded = model_artifacts(study, trials, system)
+    by_number = {t.number: t for t in trials}
     holders = [
-        t
-        for t in trials
-        if t.user_attrs.get(attrs.MODEL_ARTIFACT)
-        and t.user_attrs[attrs.MODEL_ARTIFACT] not in removed
+        (by_number[n], artifact, location)
+        for n, (artifact, location) in uploaded.items()
+        if artifact not in removed and n in by_number
     ]
     if not holders:
         return []
@@ -254,15 +307,13 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
     )
     top = {t.number for t in ranked[:top_k]}
     drop = [
-        t
-        for t in holders
+        (t, artifact, location)
+        for t, artifact, location in holders
         if (t.state == TrialState.COMPLETE and t.number not in top)
         or t.state in (TrialState.FAIL, TrialState.PRUNED)
     ]
     done: list[int] = []
-    for t in drop:
-        artifact = str(t.user_attrs[attrs.MODEL_ARTIFACT])
-        location = str(t.user_attrs.get(attrs.MODEL_ARTIFACT_STORE) or "")
+    for t, artifact, location in drop:
         if location:
             try:
                 store_of(location).remove(artifact)
@@ -291,6 +342,39 @@ def keeper_for(study: optuna.Study, spec: StudySpec, opts: RunOptions) -> ModelK
     return keeper
 
 
+class KeepSubscriber(Subscriber):
+    """The worker's top-K models as a subscriber of its trial events.
+
+    ``training_config`` (synchronous, on the step's thread) only gives the trial a path to
+    save its model in; the upload, the removal of the models pushed out, and the clean-up run
+    on the worker's event thread after the trial is told.
+    """
+
+    def __init__(self, spec: StudySpec, opts: RunOptions) -> None:
+        self.spec = spec
+        self.opts = opts
+
+    def _keeper(self, study: optuna.Study) -> ModelKeeper:
+        return keeper_for(study, self.spec, self.opts)
+
+    def training_config(self, event: Claimed, cfg: TrialConfig) -> TrialConfig:
+        return self._keeper(event.study).prepare(cfg, event.number)
+
+    def on_told(self, event: Told) -> None:
+        keeper = self._keeper(event.study)
+        keeper.keep(event.number, event.outcome, self.spec.study.metric)
+        keeper.prune()  # remove the models pushed out of the top K
+
+    def on_handed_back(self, event: HandedBack) -> None:
+        self._keeper(event.study).discard(event.number)
+
+    def on_dropped(self, event: Dropped) -> None:
+        self._keeper(event.study).discard(event.number)
+
+    def on_closed(self, event: Closed) -> None:
+        self._keeper(event.study).discard_all()
+
+
 def extract_model(store: ArtifactStore, artifact_id: str, directory: Path) -> dict[str, Any]:
     """Write a kept model into ``directory`` (created); returns its ``search.json``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -312,10 +396,12 @@ def _line(exc: BaseException) -> str:
 
 
 __all__ = [
+    "KeepSubscriber",
     "ModelKeeper",
     "extract_model",
     "keeper_for",
     "kept_models",
+    "model_artifacts",
     "open_store",
     "prune_models",
     "removed_artifacts",

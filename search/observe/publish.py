@@ -35,6 +35,12 @@ from search.observe.plots import write_plots
 from search.observe.report import study_metric
 from search.observe.report import study_report
 from search.record.trial_record import trial_summary
+from search.worker.events import Closed
+from search.worker.events import HandedBack
+from search.worker.events import Requeued
+from search.worker.events import Skipped
+from search.worker.events import Subscriber
+from search.worker.events import Told
 from storage import compat
 from storage import rdb_backend
 
@@ -81,7 +87,7 @@ def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 def note_trial(study: optuna.Study, trial_id: int) -> None:
     """Save the summary of a trial this worker did not tell (handed back, failed as stale).
 
-    Only the trial's note (cheap: callers may hold the budget lock); never raises.
+    Only the trial's note; never raises.
     """
     try:
         if _dashboard_installed():
@@ -97,6 +103,31 @@ def finish(study: optuna.Study) -> None:
             save_study_note(study)
     except Exception as exc:  # noqa: BLE001
         _logger.warning("dashboard study note not written: %s", _line(exc))
+
+
+class NotesSubscriber(Subscriber):
+    """The dashboard notes of a worker's trials and study, from its trial events.
+
+    Written on the worker's event thread (``search.worker.events``), never on the trial step
+    nor under the budget lock: each told or skipped trial's note (and the study note when
+    due), the note of a trial handed back or failed as stale and re-queued, and the study note
+    once more when the worker leaves.
+    """
+
+    def on_told(self, event: Told) -> None:
+        after_trial(event.study, event.frozen)
+
+    def on_skipped(self, event: Skipped) -> None:
+        after_trial(event.study, event.frozen)
+
+    def on_requeued(self, event: Requeued) -> None:
+        note_trial(event.study, event.trial_id)  # "failed as stale, re-queued"
+
+    def on_handed_back(self, event: HandedBack) -> None:
+        note_trial(event.study, event.trial_id)  # "handed back ..., re-queued"
+
+    def on_closed(self, event: Closed) -> None:
+        finish(event.study)  # the study note as this worker leaves it
 
 
 def _line(exc: BaseException) -> str:

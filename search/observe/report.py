@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from search.observe.keep import removed_artifacts
+from search.observe.keep import kept_models
 from search.record import attrs
 from search.record.counts import requeued_numbers
 from search.record.trial_record import config_of
@@ -233,23 +233,18 @@ def stage_rows(
 
 def kept_model_rows(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
     """The trials whose model the study keeps (``search.observe.keep``), best first."""
-    holders = [t for t in trials if t.user_attrs.get(attrs.MODEL_ARTIFACT)]
-    if not holders:  # no read of the study's attributes for a study that keeps none
-        return []
-    removed = removed_artifacts(study)
+    kept = kept_models(study, trials)  # one read of the study's system attributes
+    by_number = {t.number: t for t in trials}
+    rows = [
+        by_number[n]
+        for n in kept
+        if n in by_number
+        and by_number[n].state == TrialState.COMPLETE
+        and by_number[n].value is not None
+    ]
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    kept = [
-        t
-        for t in holders
-        if t.state == TrialState.COMPLETE
-        and t.value is not None
-        and t.user_attrs[attrs.MODEL_ARTIFACT] not in removed
-    ]
-    kept.sort(key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
-    return [
-        {"trial": t.number, "value": t.value, "artifact": t.user_attrs[attrs.MODEL_ARTIFACT]}
-        for t in kept
-    ]
+    rows.sort(key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
+    return [{"trial": t.number, "value": t.value, "artifact": kept[t.number][0]} for t in rows]
 
 
 def read_trials(

@@ -22,15 +22,28 @@ import importlib
 import logging
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
 from search.record import attrs
+from search.record.trial_record import TrialRecord
 from search.record.trial_record import metrics_of
 from search.record.trial_record import outcome_of
 from search.record.trial_record import trial_summary
+from search.record.trial_record import write_record
+from search.worker.events import Claimed
+from search.worker.events import Closed
+from search.worker.events import Dropped
+from search.worker.events import HandedBack
+from search.worker.events import Reported
+from search.worker.events import Skipped
+from search.worker.events import StepLogged
+from search.worker.events import Subscriber
+from search.worker.events import Told
+from storage import compat
 from storage import redact_url
 from storage import sqlite_file
 
@@ -41,7 +54,14 @@ if TYPE_CHECKING:
     from search.spec.options import RunOptions
     from search.spec.study_spec import StudySpec
 
-__all__ = ["NO_RUN", "TrackingSettings", "Tracker", "TrialRun", "tracking_settings"]
+__all__ = [
+    "NO_RUN",
+    "TrackingSettings",
+    "TrackingSubscriber",
+    "Tracker",
+    "TrialRun",
+    "tracking_settings",
+]
 
 _logger = logging.getLogger(__name__)
 ENV_INIT_TIMEOUT = "SEARCH_WANDB_INIT_TIMEOUT"
@@ -291,8 +311,34 @@ class Tracker:
         self._on = False
         return NO_RUN
 
-    def start(self, trial_number: int, cfg: TrialConfig) -> TrialRun:
-        """The trial's run (``NO_RUN`` when W&B is off or fails to start)."""
+    def ready(self) -> bool:
+        """On, and wandb imported (without waiting for the import)."""
+        return self._on and self._wandb is not None and self._load_error is None
+
+    def run_path(self, run_id: str) -> str:
+        """The W&B path a run of this id gets: ``[entity/]project/run_id``."""
+        parts = (os.environ.get("WANDB_ENTITY"), self.settings.project, run_id)
+        return "/".join(p for p in parts if p)
+
+    def check_directory(self) -> None:
+        """Turn W&B off now (one warning) when its run directory cannot be written."""
+        if not self._on:
+            return
+        try:
+            self._runs_directory()
+        except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
+            self._fail(f"init ({self.settings.mode}, {self.settings.directory})", exc)
+
+    def _runs_directory(self) -> None:
+        # wandb falls back to a temporary directory it cannot write: check here instead.
+        runs = self.settings.directory / "wandb"
+        runs.mkdir(parents=True, exist_ok=True)
+        if not os.access(runs, os.W_OK):
+            raise PermissionError(f"{runs} is not writable")
+
+    def start(self, trial_number: int, cfg: TrialConfig, run_id: str | None = None) -> TrialRun:
+        """The trial's run (``NO_RUN`` when W&B is off or fails to start); ``run_id``: the
+        run's id, chosen by the caller (else W&B's)."""
         if not self._on:
             return NO_RUN
         if self._loading is None and self._wandb is None:
@@ -307,12 +353,9 @@ class Tracker:
             return self._fail("import", self._load_error or ImportError("wandb"))
         wandb = self._wandb
         try:
-            # wandb falls back to a temporary directory it cannot write: check here instead.
-            runs = self.settings.directory / "wandb"
-            runs.mkdir(parents=True, exist_ok=True)
-            if not os.access(runs, os.W_OK):
-                raise PermissionError(f"{runs} is not writable")
+            self._runs_directory()
             run = wandb.init(
+                id=run_id,
                 project=self.settings.project,
                 group=self.study_name,
                 job_type=cfg.model,
@@ -326,3 +369,74 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - W&B never fails a trial
             return self._fail(f"init ({self.settings.mode}, {self.settings.directory})", exc)
         return TrialRun(self, run, trial_number)
+
+
+class TrackingSubscriber(Subscriber):
+    """One W&B run per trial of this worker, from its trial events (``search.worker.events``).
+
+    Runs start, log and finish on the worker's event thread, never on the trial step. The
+    trial names its run (``wandb_run_id``, ``wandb_run_path``): offline (the default without a
+    key), in its first record, the id being chosen before the run starts (only once wandb is
+    imported and its directory writable, so a broken W&B names no run); online, once
+    ``wandb.init`` returned, while the trial still runs (a trial that ended first, e.g. a
+    preflight skip, is named only in its run's summary).
+    """
+
+    def __init__(self, settings: TrackingSettings, study_name: str) -> None:
+        self.tracker = Tracker(settings, study_name)
+        self.tracker.prepare()  # imports wandb on a thread while the worker starts
+        self.tracker.check_directory()
+        self._planned: dict[int, str] = {}  # trial number -> the run id in its first record
+        self._runs: dict[int, TrialRun] = {}
+
+    def trial_attrs(self, event: Claimed) -> dict[str, Any]:
+        if not self.tracker.ready() or self.tracker.settings.mode != "offline":
+            return {}
+        run_id = uuid.uuid4().hex[:12]
+        self._planned[event.number] = run_id
+        return {attrs.WANDB_RUN_ID: run_id, attrs.WANDB_RUN_PATH: self.tracker.run_path(run_id)}
+
+    def on_claimed(self, event: Claimed) -> None:
+        planned = self._planned.pop(event.number, None)
+        run = self.tracker.start(event.number, event.config, run_id=planned)
+        if not run.active:
+            return
+        self._runs[event.number] = run
+        if planned is None:  # name the run on the trial while it runs (not once it is told)
+            try:
+                storage = compat.study_storage(event.study)
+                write_record(storage, event.trial_id, TrialRecord(user=run.attrs()))
+            except Exception as exc:  # noqa: BLE001 - told already: its run keeps the number
+                _logger.debug("trial %d not named its W&B run: %r", event.number, exc)
+
+    def on_step(self, event: StepLogged) -> None:
+        run = self._runs.get(event.number)
+        if run is not None:
+            run.log_step(event.step, event.values)
+
+    def on_reported(self, event: Reported) -> None:
+        run = self._runs.get(event.number)
+        if run is not None and not event.partial:
+            run.log_epoch(event.step, event.metrics)
+
+    def on_skipped(self, event: Skipped) -> None:
+        self._finish(event.number, event.frozen)
+
+    def on_told(self, event: Told) -> None:
+        self._finish(event.number, event.frozen)
+
+    def on_handed_back(self, event: HandedBack) -> None:
+        self._finish(event.number, None, outcome=attrs.OUTCOME_HANDED_BACK)
+
+    def on_dropped(self, event: Dropped) -> None:
+        error = "failed as stale and re-queued elsewhere"
+        self._finish(event.number, None, outcome=attrs.OUTCOME_FAILED, error=error)
+
+    def on_closed(self, event: Closed) -> None:
+        for number in list(self._runs):
+            self._finish(number, None, outcome=attrs.OUTCOME_HANDED_BACK)
+
+    def _finish(self, number: int, frozen: FrozenTrial | None, **why: str) -> None:
+        run = self._runs.pop(number, None)
+        if run is not None:
+            run.finish(frozen, **why)

@@ -37,7 +37,8 @@ WORKER = "worker"
 HANDED_BACK = "handed_back"  # True: given back on SIGTERM/SIGINT and re-queued
 WANDB_RUN_ID = "wandb_run_id"  # the trial's W&B run (search.observe.tracking)
 WANDB_RUN_PATH = "wandb_run_path"  # its W&B path: [entity/]project/run_id
-# artifact id of the trial's saved model (top K; search.observe.keep)
+# artifact id of the trial's saved model (top K; search.observe.keep), on studies run before
+# issue 15 (a model is now uploaded after its trial is told: MODEL_KEPT_PREFIX)
 MODEL_ARTIFACT = "model_artifact"
 MODEL_ARTIFACT_STORE = "model_artifact_store"  # the store holding it: a directory or a URL
 STAGE = "stage"  # the spec stage the trial ran in (search.sampling.stages); absent: single stage
@@ -63,6 +64,8 @@ STUDY_MODELS = "models"  # the models searched, when --skip-unavailable left som
 STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.worker.study_store)
 # One key per kept model later removed (pushed out of the top K): prefix + artifact id -> trial.
 MODEL_REMOVED_PREFIX = "search:model_removed:"
+# One key per kept model: prefix + trial number -> {"artifact": id, "store": directory or URL}.
+MODEL_KEPT_PREFIX = "search:model_kept:"
 STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
 
 # Vocabularies.
