@@ -28,11 +28,15 @@ from search.cli.run_options import StorageOpt
 from search.cli.run_options import with_run_args
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import optuna
+    from optuna.storages import BaseStorage
     from rich.progress import TaskID
 
     from search.spec.options import RunOptions
     from search.spec.study_spec import StudySpec
+    from search.worker.events import Subscriber
     from search.worker.runner import RunSummary
 
 # Each command imports what it runs inside its function (lazy, on purpose): ``search --help``
@@ -93,6 +97,7 @@ USER_ERRORS = (
     ("search.spec.model_resolve", "ModelsUnavailableError"),
     ("storage", "StorageError"),
     ("search.sampling.refine", "RefineError"),
+    ("search.worker.events", "CallbackError"),
 )
 
 
@@ -127,6 +132,7 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
     from search.spec.load import resolve_spec
     from search.spec.options import study_name_for
     from search.spec.space_check import check_stored_space
+    from search.spec.space_check import missing_sqlite
 
     with _user_errors():
         spec = resolve_spec(args.study, str(args.spec) if args.spec else None)
@@ -136,16 +142,25 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
             from storage import check_password
 
             check_password(opts.storage_url)
+        callbacks = _callbacks(args.callback or [])  # a bad one: exit 2 before any work
         name = study_name_for(spec, opts)
-        check_stored_space(opts.storage_url, name, spec, force=args.force_space)
+        from storage import create_storage
+
+        # One storage for the whole run: the checks read it, the worker runs on it. A missing
+        # SQLite file holds no study to check; the worker creates it.
+        storage = None if missing_sqlite(opts.storage_url) else create_storage(opts.storage_url)
+        check_stored_space(opts.storage_url, name, spec, force=args.force_space, storage=storage)
         from search.spec.model_resolve import check_before_run
 
-        check_before_run(spec, opts, name)  # missing weights: exit 2 in seconds, no study
+        # Missing weights: exit 2 in seconds, no study.
+        check_before_run(spec, opts, name, storage=storage)
         check_device_available(opts.device)  # imports torch for a cuda device: last
+        from search.observe.subscribers import standard_subscribers
         from storage import redact_url
 
         console.print(f"study [bold]{name}[/] in {redact_url(opts.storage_url)}", highlight=False)
-        summary = _run_with_progress(spec, opts)
+        subscribers = [*standard_subscribers(spec, opts), *callbacks]
+        summary = _run_with_progress(spec, opts, storage, subscribers)
     from search.observe.report import study_report
     from search.observe.report_view import report_view
 
@@ -168,7 +183,19 @@ def _storage_from_env(option: str | None) -> bool:
     return storage_url_source(option) not in ("option", "default")
 
 
-def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
+def _callbacks(refs: list[str]) -> list[Subscriber]:
+    """The ``--callback`` subscribers, loaded (a bad one: ``CallbackError``, exit 2)."""
+    from search.worker.events import load_subscriber
+
+    return [load_subscriber(ref) for ref in refs]
+
+
+def _run_with_progress(
+    spec: StudySpec,
+    opts: RunOptions,
+    storage: BaseStorage | None = None,
+    subscribers: Sequence[Subscriber] = (),
+) -> RunSummary:
     import optuna
     from rich.progress import BarColumn
     from rich.progress import MofNCompleteColumn
@@ -219,7 +246,13 @@ def _run_with_progress(spec: StudySpec, opts: RunOptions) -> RunSummary:
             )
 
         summary = run_study(
-            spec, opts, on_trial=on_trial, on_progress=on_progress, check_data=False
+            spec,
+            opts,
+            storage=storage,
+            subscribers=subscribers,
+            on_trial=on_trial,
+            on_progress=on_progress,
+            check_data=False,
         )
     if summary.stopped_by in ("sigterm", "sigint"):
         what = "interrupted" if summary.stopped_by == "sigint" else "terminated"

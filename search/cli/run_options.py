@@ -119,6 +119,16 @@ class RunArgs:
         ),
     ] = None
     objective: Annotated[str, typer.Option("--objective", hidden=True)] = DEFAULT_OBJECTIVE
+    callback: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--callback",
+            help="Observe this worker's trials with your own code, MODULE:NAME (repeatable): "
+            "a search.worker.events.Subscriber subclass or instance, or a function "
+            "fn(study, frozen_trial) called after each trial this worker told, like Optuna's "
+            "optimize callbacks. Called on the worker's event thread, never delaying a trial.",
+        ),
+    ] = None
 
 
 WORKER_ONLY = frozenset({"gpu"})

@@ -215,23 +215,32 @@ def recorded_models(storage: optuna.storages.BaseStorage, name: str) -> list[str
     return [str(m) for m in models] if isinstance(models, list) else None
 
 
-def check_before_run(spec: StudySpec, opts: RunOptions, name: str) -> list[str]:
+def check_before_run(
+    spec: StudySpec,
+    opts: RunOptions,
+    name: str,
+    *,
+    storage: optuna.storages.BaseStorage | None = None,
+) -> list[str]:
     """``searched_models`` for the CLI, before the training stack loads (stops in seconds).
 
-    Reads the study's recorded models when its storage can hold it (a missing SQLite file is
-    not created here).
+    Reads the study's recorded models from ``storage`` (the run's, opened once by the
+    caller), else from a storage opened here when it can hold the study (a missing SQLite
+    file is not created here).
     """
     if opts.tiny or (opts.objective != DEFAULT_OBJECTIVE and not opts.skip_unavailable):
         return list(spec.models)
+    if storage is not None:
+        return searched_models(spec, opts, recorded_models(storage, name))
     recorded = None
     if not missing_sqlite(opts.storage_url):
         from storage import create_storage  # lazy: storage imports optuna and SQLAlchemy
 
-        storage = create_storage(opts.storage_url, heartbeat_interval=None)
+        opened = create_storage(opts.storage_url, heartbeat_interval=None)
         try:
-            recorded = recorded_models(storage, name)
+            recorded = recorded_models(opened, name)
         finally:
-            engine = getattr(storage, "engine", None)
+            engine = getattr(opened, "engine", None)
             if engine is not None:
                 engine.dispose()  # the run opens its own storage
     return searched_models(spec, opts, recorded)

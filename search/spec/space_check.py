@@ -20,11 +20,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from typing import Any
 
 from search.record.attrs import STUDY_SPEC
 from search.spec.study_spec import SpecError
 from search.spec.study_spec import StudySpec
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
 
 _ABSENT = object()
 CONDITIONAL_PARAMS = ("batch_size", "max_len")  # choices that depend on the model
@@ -200,34 +204,45 @@ def compare_stored_space(
     return True
 
 
-def check_stored_space(storage_url: str, study_name: str, spec: StudySpec, *, force: bool) -> None:
+def check_stored_space(
+    storage_url: str,
+    study_name: str,
+    spec: StudySpec,
+    *,
+    force: bool,
+    storage: BaseStorage | None = None,
+) -> None:
     """Compare an existing study's stored spec with ``spec`` (see ``compare_stored_space``).
 
-    Opens the storage only when it can hold the study (a missing SQLite file cannot, and is
-    not created here). With ``force`` and a differing space, the study stores the new spec.
-    A study sampled with per-model parameter names is refused without ``force``
-    (``check_param_names``).
+    ``storage``: the run's storage, opened once by the caller (``search run`` passes it on to
+    the worker); None: opened here and closed again, only when it can hold the study (a
+    missing SQLite file cannot, and is not created here). With ``force`` and a differing
+    space, the study stores the new spec. A study sampled with per-model parameter names is
+    refused without ``force`` (``check_param_names``).
     """
-    if missing_sqlite(storage_url):
-        return
-    from storage import create_storage  # lazy: storage imports optuna and SQLAlchemy
-
-    storage = create_storage(storage_url, heartbeat_interval=None)
-    try:
-        try:
-            study_id = storage.get_study_id_from_name(study_name)
-        except KeyError:
+    if storage is None:
+        if missing_sqlite(storage_url):
             return
-        stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
-        changed = compare_stored_space(study_name, stored, spec, force=force)
-        trials = storage.get_all_trials(study_id, deepcopy=False)
-        check_param_names(study_name, (n for t in trials for n in t.params), spec, force=force)
-        if changed:
-            storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
-    finally:
-        engine = getattr(storage, "engine", None)
-        if engine is not None:
-            engine.dispose()  # the run opens its own storage
+        from storage import create_storage  # lazy: storage imports optuna and SQLAlchemy
+
+        opened = create_storage(storage_url, heartbeat_interval=None)
+        try:
+            check_stored_space(storage_url, study_name, spec, force=force, storage=opened)
+        finally:
+            engine = getattr(opened, "engine", None)
+            if engine is not None:
+                engine.dispose()
+        return
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
+    changed = compare_stored_space(study_name, stored, spec, force=force)
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    check_param_names(study_name, (n for t in trials for n in t.params), spec, force=force)
+    if changed:
+        storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
 
 
 def missing_sqlite(url: str) -> bool:
