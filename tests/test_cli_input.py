@@ -7,15 +7,14 @@ or the CLI's own checks; ``search spec init`` writes a spec that runs on the dem
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from _cli import run_search
 from typer.testing import CliRunner
 
 from search.cli import app
@@ -31,7 +30,6 @@ from search.train.data import KO_DEMO_DIR
 from search.train.data import MAX_LINE_BYTES
 
 runner = CliRunner()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def _init(path: Path) -> Path:
@@ -168,9 +166,7 @@ def test_bad_spec_is_one_line_exit_2_nothing_written(
 def test_duplicate_model_is_one_line_exit_2(tmp_path: Path) -> None:
     spec = _init(tmp_path / "dup.yaml")
     text = spec.read_text(encoding="utf-8")
-    spec.write_text(
-        text.replace("models:\n", "models:\n  ko-simcse: {amp: false}\n", 1)
-    )
+    spec.write_text(text.replace("models:\n", "models:\n  ko-simcse: {amp: false}\n", 1))
     assert text.count("ko-simcse:") + 1 == spec.read_text(encoding="utf-8").count("ko-simcse:")
     db = tmp_path / "s.db"
     result = runner.invoke(app, ["worker", "--spec", str(spec), "--storage", f"sqlite:///{db}"])
@@ -293,14 +289,7 @@ def test_optuna_really_refuses_changed_choices(tmp_path: Path) -> None:
 
 def _search(*args: str, cwd: Path, importtime: bool = False) -> subprocess.CompletedProcess[str]:
     flags = ["-X", "importtime"] if importtime else []
-    return subprocess.run(
-        [sys.executable, *flags, "-m", "search.cli", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_search(*args, cwd=cwd, env={"COLUMNS": "200"}, python_flags=flags)
 
 
 def _imported(stderr: str) -> set[str]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
+from _cli import run_search
 from test_model_facts import MINILM
 from test_model_facts import write_spec
 
@@ -32,19 +31,11 @@ def _search(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     """``search ARGS`` offline, with an empty Hugging Face cache."""
     hf_home = cwd / "hf-home"
     hf_home.mkdir(exist_ok=True)
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+    # The empty cache is the one read, not a hub cache of the developer's.
+    hub = str(hf_home / "hub")
+    full = {"HF_HUB_CACHE": hub, "HUGGINGFACE_HUB_CACHE": hub, **env}
     full |= {"HF_HOME": str(hf_home), "SEARCH_CACHE": str(cwd / "cache")}
-    full["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(ROOT)])
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
-        full.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_search(*args, cwd=cwd, env=full, timeout=600)
 
 
 def _studies(db: Path) -> list[str]:

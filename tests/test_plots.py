@@ -6,10 +6,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _cli import run_search
 from _finished_study import BEST
 from _finished_study import MODELS
 from _finished_study import finished_study
@@ -36,15 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, cwd: Path, pythonpath: str = str(ROOT)) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_search(*args, cwd=cwd, env={"PYTHONPATH": pythonpath}, timeout=120)
 
 
 def _check_pngs(out: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
+from _cli import run_search
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -109,29 +109,6 @@ def procs() -> Iterator[list[Proc]]:
             proc.kill_group()
 
 
-@pytest.fixture
-def own_db(pg_url: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    name = f"search_proxy_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = sqlalchemy.engine.make_url(pg_url).set(database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-
-
 def _wait_for(what: str, check: object, timeout: float, every: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,9 +145,9 @@ def _trials(db: str, study: str) -> list[FrozenTrial]:
 
 @pytest.mark.postgres
 def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_killed(
-    own_db: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    proxy, url = _start_proxy(procs, tmp_path, own_db)
+    proxy, url = _start_proxy(procs, tmp_path, pg_db)
     study, budget = f"proxy-{uuid.uuid4().hex[:8]}", 5
     args = ["-m", "search.cli", "worker", "--spec", str(SPEC), "--device", "cpu", "--tiny"]
     args += ["--n-trials", str(budget), "--study-name", study]
@@ -183,7 +160,7 @@ def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_kille
 
     def victim_running() -> FrozenTrial | None:
         assert victim.popen.poll() is None, victim.stderr()
-        for trial in _trials(own_db, study):
+        for trial in _trials(pg_db, study):
             worker = str(trial.user_attrs.get(attrs.WORKER, ""))
             if trial.state == TrialState.RUNNING and worker.endswith(f":{victim.pid}"):
                 return trial
@@ -196,7 +173,7 @@ def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_kille
     for proc in survivors:
         assert proc.finish() == 0, proc.stderr()[-3000:]
         assert "Traceback" not in proc.stderr(), proc.stderr()
-    trials = _trials(own_db, study)
+    trials = _trials(pg_db, study)
     assert spent_count(trials) == budget  # exact: nothing RUNNING, nothing spent twice
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.state for t in trials].count(TrialState.COMPLETE) == budget
@@ -215,9 +192,9 @@ def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_kille
 
 @pytest.mark.postgres
 def test_a_killed_lock_holder_releases_the_lock_on_the_proxy(
-    own_db: str, tmp_path: Path, procs: list[Proc]
+    pg_db: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    _, url = _start_proxy(procs, tmp_path, own_db)
+    _, url = _start_proxy(procs, tmp_path, pg_db)
     holder = Proc(["-c", HOLDER, url], tmp_path, "holder")
     procs.append(holder)
     _wait_for("the holder to take the lock", lambda: "held" in holder.stdout(), 60)
@@ -237,11 +214,12 @@ def test_a_killed_lock_holder_releases_the_lock_on_the_proxy(
 
 def test_an_unreachable_proxy_is_one_line_and_exit_2(tmp_path: Path) -> None:
     url = f"grpc://127.0.0.1:{_free_port()}"  # nothing listens there
-    done = subprocess.run(
-        [sys.executable, "-m", "search.cli", "storage", "check", "--storage", url],
-        env={**os.environ, **ENV, "SEARCH_CONNECT_TIMEOUT": "1"},
-        capture_output=True,
-        text=True,
+    done = run_search(
+        "storage",
+        "check",
+        "--storage",
+        url,
+        env={**ENV, "SEARCH_CONNECT_TIMEOUT": "1"},
         timeout=60,
     )
     assert done.returncode == 2, done.stderr

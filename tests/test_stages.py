@@ -8,14 +8,12 @@ real-OOM record for bge-m3-ko at batch 64 x 384), so three stages finish in seco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+from _cli import run_search
 from optuna.trial import TrialState
 
 from search.observe.report import study_report
@@ -117,12 +115,7 @@ def test_a_bad_stage_is_one_line_naming_the_field(
 
 def test_a_bad_stage_is_exit_2_from_spec_check(tmp_path: Path) -> None:
     path = _write(tmp_path, "  - {name: a, models: [nope], n_trials: 2}\n  - {name: b}")
-    run = subprocess.run(
-        [sys.executable, "-m", "search.cli", "spec", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_search("spec", "check", str(path), timeout=120)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "stages.0.models" in run.stderr and "Traceback" not in run.stderr
 
@@ -183,26 +176,11 @@ def test_the_current_stage_is_the_first_with_budget_left(tmp_path: Path) -> None
 def test_a_tiny_staged_run_finishes_three_stages_in_order_and_reports_them(
     tmp_path: Path,
 ) -> None:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)]),
-    }
-    for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
-        env.pop(name, None)
     url = f"sqlite:///{tmp_path}/staged.db"
     spec = _write(tmp_path)
     args = ["--spec", str(spec), "--storage", url, "--device", "cpu", "--tiny", "--seed", "1"]
     args += ["--study-name", "staged", "--objective", "stage_objective:train", "--no-preflight"]
-    run = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_search("run", *args, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "per model per stage" in run.stdout
 

@@ -7,14 +7,12 @@ the runner, the storage and the record are real, only training is skipped.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from _cli import run_search
 from _factories import bge_cuda_config
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
@@ -252,15 +250,7 @@ def test_name_metric_names_an_unnamed_study_once() -> None:
 
 
 def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)]),
-        "SEARCH_CACHE": str(tmp_path / "cache"),
-    }
-    for name in ("SEARCH_STORAGE", "SEARCH_STORAGE_FILE"):
-        env.pop(name, None)
+    env = {"SEARCH_CACHE": str(tmp_path / "cache")}
     url = f"sqlite:///{tmp_path}/record.db"
     # After trial 3's real OOM every config is a frontier skip, which spends no budget: the
     # run ends on the skip bound, kept short here (1 x the budget of 5).
@@ -272,14 +262,7 @@ def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: P
     spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
     args = ["--spec", str(spec), "--storage", url, "--device", "cpu"]
     args += ["--n-trials", "5", "--study-name", "rec", "--objective", "record_objective:train"]
-    run = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_search("run", *args, cwd=tmp_path, env=env)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "does not fit the device" in run.stdout + run.stderr
     study = optuna.load_study(study_name="rec", storage=url)
@@ -307,15 +290,7 @@ def test_a_run_writes_flat_user_attrs_and_the_config_as_system_attrs(tmp_path: P
     assert trial_summary(frontier) == (
         f"skipped: dominated by OOM trial {oom.number} — multilingual-minilm b32 len128"
     )
-    report = subprocess.run(
-        [sys.executable, "-m", "search.cli", "report", "--study", "rec", "--storage", url]
-        + ["--json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = run_search("report", "--study", "rec", "--storage", url, "--json", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     (row,) = json.loads(report.stdout)["models"]
     assert row["best_config"] == complete.system_attrs[attrs.SYSTEM_CONFIG]
