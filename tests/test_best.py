@@ -18,6 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from search.cli import app
+from search.observe.keep import kept_models
+from search.observe.subscribers import standard_subscribers
 from search.record import attrs
 from search.spec.load import load_spec
 from search.spec.options import DEFAULT_CACHE
@@ -69,7 +71,8 @@ def study_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         worker="best-test",
         use_estimate=False,
     )
-    summary = run_study(load_spec(_spec(tmp / "best.yaml", 1)), opts)
+    spec = load_spec(_spec(tmp / "best.yaml", 1))
+    summary = run_study(spec, opts, subscribers=standard_subscribers(spec, opts))
     assert summary.trials_run == 3
     return tmp / "best.db"
 
@@ -92,6 +95,11 @@ def _best(db: Path) -> optuna.trial.FrozenTrial:
     return optuna.load_study(study_name="best-tiny", storage=_url(db)).best_trial
 
 
+def _kept(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """The artifact id of the trial's kept model (uploaded after its tell: a study attribute)."""
+    return kept_models(study)[trial.number][0]
+
+
 def _check_loads(out: Path, trial: optuna.trial.FrozenTrial) -> dict[str, object]:
     from sentence_transformers import SentenceTransformer
 
@@ -105,11 +113,12 @@ def _check_loads(out: Path, trial: optuna.trial.FrozenTrial) -> dict[str, object
 
 @pytest.mark.train
 def test_best_prints_the_best_trial(study_db: Path) -> None:
-    best = _best(study_db)
+    study = optuna.load_study(study_name="best-tiny", storage=_url(study_db))
+    best = study.best_trial
     result = runner.invoke(app, ["best", "--study", "best-tiny", "--storage", _url(study_db)])
     assert result.exit_code == 0, result.output
     assert f"best trial {best.number} of study best-tiny: multilingual-e5-small" in result.output
-    assert best.user_attrs[attrs.MODEL_ARTIFACT] in result.output
+    assert _kept(study, best) in result.output
     assert f"lr: {best.params['lr']}" in result.output
 
     as_json = runner.invoke(
@@ -117,7 +126,7 @@ def test_best_prints_the_best_trial(study_db: Path) -> None:
     )
     data = json.loads(as_json.stdout)
     assert data["trial"] == best.number and data["value"] == pytest.approx(best.value)
-    assert data["artifact"]["id"] == best.user_attrs[attrs.MODEL_ARTIFACT]
+    assert data["artifact"]["id"] == _kept(study, best)
     assert [h["ndcg@10"] for h in data["history"]][-1] == pytest.approx(best.value)
 
 
@@ -139,7 +148,7 @@ def test_export_retrains_when_no_model_was_kept(study_db: Path, tmp_path: Path) 
     _copy_db(study_db, db)
     study = optuna.load_study(study_name="best-tiny", storage=_url(db))
     best = study.best_trial
-    artifact = best.user_attrs[attrs.MODEL_ARTIFACT]
+    artifact = _kept(study, best)
     study._storage.set_study_system_attr(
         study._study_id, attrs.MODEL_REMOVED_PREFIX + artifact, best.number
     )
@@ -163,7 +172,7 @@ def test_export_refuses_a_retrain_off_tolerance(study_db: Path, tmp_path: Path) 
     study = optuna.load_study(study_name="best-tiny", storage=_url(db))
     best = study.best_trial
     study._storage.set_study_system_attr(
-        study._study_id, attrs.MODEL_REMOVED_PREFIX + best.user_attrs[attrs.MODEL_ARTIFACT], 0
+        study._study_id, attrs.MODEL_REMOVED_PREFIX + _kept(study, best), 0
     )
     out = tmp_path / "model"
     # The training data changed since the trial: other pairs give another value.
@@ -216,7 +225,7 @@ def test_retrain_builds_a_tiny_replica_that_left_the_cache(study_db: Path, tmp_p
     study = optuna.load_study(study_name="best-tiny", storage=_url(db))
     best = study.best_trial
     study._storage.set_study_system_attr(
-        study._study_id, attrs.MODEL_REMOVED_PREFIX + best.user_attrs[attrs.MODEL_ARTIFACT], 0
+        study._study_id, attrs.MODEL_REMOVED_PREFIX + _kept(study, best), 0
     )
     config = best.system_attrs[attrs.SYSTEM_CONFIG]
     gone = tmp_path / "cache" / "tiny" / Path(config["model_path"]).name

@@ -28,6 +28,7 @@ import optuna
 import pytest
 from _factories import ci
 
+from search.observe.subscribers import standard_subscribers
 from search.record import attrs
 from search.record.counts import is_skip
 from search.spec.load import load_spec
@@ -131,7 +132,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         study_name="dash",
         worker="dash-test",
     )
-    summary = run_study(spec, opts)
+    summary = run_study(spec, opts, subscribers=standard_subscribers(spec, opts))  # notes
     published = _search("report", "--study", "dash", "--storage", url, "--publish", cwd=tmp)
     return {"tmp": tmp, "url": url, "study": summary.study, "published": published}
 

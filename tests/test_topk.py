@@ -1,10 +1,11 @@
 """The top-K rule: after 20 tiny trials exactly K models are kept, those of the K best trials.
 
 The trials are real (``run_study`` on a tiny replica, a few training pairs, one epoch), so
-each one saves a real sentence-transformers directory in its own process and the worker
-uploads and removes real artifacts in the study's directory beside the SQLite file. A second
-test plays two workers on one study in the order that could break the rule: both upload before
-either tells, one prunes on a stale view, then both prune at the same moment.
+each one saves a real sentence-transformers directory in its own process and the worker's
+keep subscriber uploads and removes real artifacts in the study's directory beside the SQLite
+file. A second test plays two workers on one study in the order that could break the rule:
+both tell before either uploads, one prunes before the other's upload is recorded, then both
+prune at the same moment.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from search.observe.keep import ModelKeeper
 from search.observe.keep import extract_model
 from search.observe.keep import keeper_for
 from search.observe.keep import kept_models
+from search.observe.keep import model_artifacts
 from search.observe.keep import open_store
 from search.observe.keep import removed_artifacts
 from search.observe.keep import store_location
 from search.observe.report import study_report
 from search.observe.report_view import report_text
-from search.record import attrs
+from search.observe.subscribers import standard_subscribers
 from search.spec.load import load_spec
 from search.spec.options import DEFAULT_CACHE
 from search.spec.options import RunOptions
@@ -84,7 +86,8 @@ def _opts(tmp_path: Path) -> RunOptions:
 
 @pytest.mark.train
 def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
-    summary = run_study(load_spec(_spec(tmp_path, K)), _opts(tmp_path))
+    spec, opts = load_spec(_spec(tmp_path, K)), _opts(tmp_path)
+    summary = run_study(spec, opts, subscribers=standard_subscribers(spec, opts))
     study = summary.study
     complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert summary.trials_run == N and len(complete) == N
@@ -96,11 +99,9 @@ def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
     assert {location for _, location in kept.values()} == {str(store_dir.resolve())}
     # The directory holds exactly the K kept models (every other upload was removed).
     assert sorted(p.name for p in store_dir.iterdir()) == sorted(a for a, _ in kept.values())
-    uploaded = [t for t in study.get_trials() if t.user_attrs.get(attrs.MODEL_ARTIFACT)]
+    uploaded = model_artifacts(study)  # recorded as study system attributes, after the tell
     assert len(uploaded) > K  # the rule was exercised: some models were pushed out
-    assert removed_artifacts(study) == {
-        t.user_attrs[attrs.MODEL_ARTIFACT] for t in uploaded if t.number not in kept
-    }
+    assert removed_artifacts(study) == {a for n, (a, _) in uploaded.items() if n not in kept}
 
     # The report lists them, best first (the lean RDB read and Optuna's agree).
     report = study_report(study, storage=create_storage(_opts(tmp_path).storage_url))
@@ -123,20 +124,35 @@ def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
 def _saved(keeper: ModelKeeper, number: int) -> None:
     """What a trial's process leaves in its save_dir (a stand-in: the keeper checks the files)."""
     cfg = keeper.prepare(trial_config(), number)
-    assert cfg.save_dir is not None
+    assert cfg.save_dir is not None and not Path(cfg.save_dir).exists()  # a path, no I/O
+    Path(cfg.save_dir).mkdir()  # the trial's process creates it when it saves
     (Path(cfg.save_dir) / "modules.json").write_text("[]")
     (Path(cfg.save_dir) / "model.safetensors").write_bytes(b"\0" * 1024)
 
 
-def _finish(keeper: ModelKeeper, value: float) -> optuna.trial.Trial:
+def _trained(keeper: ModelKeeper) -> optuna.trial.Trial:
     trial = keeper.study.ask()
     _saved(keeper, trial.number)
-    keeper.keep(trial, TrialOutcome(status="complete", metrics={"ndcg@10": value}), "ndcg@10")
+    return trial
+
+
+def _keep(keeper: ModelKeeper, trial: optuna.trial.Trial, value: float) -> None:
+    """What the keep subscriber does once the trial is told: upload if it enters the top K."""
+    keeper.keep(
+        trial.number, TrialOutcome(status="complete", metrics={"ndcg@10": value}), "ndcg@10"
+    )
+
+
+def _finish(keeper: ModelKeeper, value: float) -> optuna.trial.Trial:
+    trial = _trained(keeper)
+    keeper.study.tell(trial, value)
+    _keep(keeper, trial, value)
     return trial
 
 
 def test_two_workers_finishing_together_leave_exactly_k(tmp_path: Path) -> None:
-    """Both upload before either tells, one prunes on a stale view, both prune at once."""
+    """Both tell before either uploads, one prunes before the other's upload is recorded,
+    both prune at once."""
     url, store = f"sqlite:///{tmp_path}/race.db", tmp_path / "store"
     optuna.create_study(study_name="race", storage=url, direction="maximize")
     a, b = (
@@ -144,17 +160,18 @@ def test_two_workers_finishing_together_leave_exactly_k(tmp_path: Path) -> None:
         for _ in range(2)
     )
     for value in (0.5, 0.6, 0.7):  # three earlier trials, one worker after the other
-        trial = _finish(a, value)
-        a.study.tell(trial, value)
+        _finish(a, value)
         a.prune()
-    lost = _finish(a, 0.95)  # uploaded, then failed as stale: its model must go too
+    lost = _trained(a)  # a model uploaded for a trial that did not complete must go too
     a.study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    _keep(a, lost, 0.95)
 
-    first = _finish(a, 0.9)  # both enter the top 2 while neither is told yet
-    second = _finish(b, 0.8)
-    a.study.tell(first, 0.9)
-    a.prune()  # stale: does not see the second as complete yet
+    first, second = _trained(a), _trained(b)
+    a.study.tell(first, 0.9)  # both told, neither uploaded yet: both enter the top 2
     b.study.tell(second, 0.8)
+    _keep(a, first, 0.9)
+    a.prune()  # before the second's upload is recorded: it does not see that model
+    _keep(b, second, 0.8)
     barrier = threading.Barrier(2)
 
     def prune(keeper: ModelKeeper) -> None:
