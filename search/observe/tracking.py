@@ -1,11 +1,13 @@
 """One Weights & Biases run per trial: a thin layer on ``wandb`` that never fails a trial.
 
-The worker owns the run (not the trial's process): it starts the run when a trial has passed
-sampling and preflight, logs what the trial process streams over its pipe (per-step loss,
-learning rate and memory, per-epoch metrics), and finishes it from the trial's record once
-Optuna has been told. So a preflight skip (``oom: predicted`` / ``frontier``, no process) and
-a process killed by the kernel still get a run with their outcome, and ``wandb``'s service
-starts once per worker instead of once per trial (BENCHMARKS.md, "W&B overhead").
+The worker owns the run (not the trial's process): its :class:`TrackingSubscriber`, on the
+worker's event thread (``search.worker.events``, never on the trial step), starts the run when
+a trial has passed sampling and preflight, logs what the trial process streams over its pipe
+(per-step loss, learning rate and memory, per-epoch metrics), and finishes it from the trial's
+record once Optuna has been told. So a preflight skip (``oom: predicted`` / ``frontier``, no
+process) and a process killed by the kernel still get a run with their outcome, and
+``wandb``'s service starts once per worker instead of once per trial (BENCHMARKS.md, "W&B
+overhead").
 
 Mode: ``$WANDB_MODE`` when set, else online with ``$WANDB_API_KEY``, else offline under the
 study's directory (beside the SQLite file, else ``$SEARCH_CACHE``), to ``wandb sync`` later.
