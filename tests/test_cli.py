@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from _cli import run_search
 from typer.testing import CliRunner
 
 from search.cli import app
@@ -114,15 +113,7 @@ def test_report_of_a_missing_study_is_exit_2(tmp_path: Path) -> None:
 
 
 def _search(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_search(*args, cwd=cwd, timeout=600)
 
 
 @pytest.mark.train

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cli import run_search
 from _factories import trial_config
 
 from search.record.config import TrialConfig
@@ -369,8 +370,6 @@ def test_the_large_batch_study_differs_from_ko_retrieval_only_for_bge_m3_ko() ->
 def test_search_run_resolves_auto_to_a_mini_batch_that_fits(tmp_path: Any) -> None:
     """``gradient_cache: auto`` end to end: ``search run`` under a memory limit where the plain
     batch of 128 does not fit resolves the cache in the preflight, trains, and records it."""
-    import subprocess
-    import sys
 
     import optuna
 
@@ -399,20 +398,9 @@ pruner: {{type: none}}
         encoding="utf-8",
     )
     db = tmp_path / "a.db"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", "--spec", str(spec), "--tiny"]
-        + ["--device", "cpu", "--memory-limit", "400MiB", "--storage", f"sqlite:///{db}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    args = ["--spec", str(spec), "--tiny", "--device", "cpu", "--memory-limit", "400MiB"]
+    args += ["--storage", f"sqlite:///{db}"]
+    done = run_search("run", *args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     study = optuna.load_study(study_name="auto-cache-tiny", storage=f"sqlite:///{db}")
     (trial,) = study.get_trials()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from _cli import run_search
 from optuna.trial import TrialState
 
 from search.record import attrs
@@ -172,14 +171,9 @@ def test_a_space_where_nothing_fits_stops_on_the_skip_bound_with_one_line(
 ) -> None:
     spec = _spec(tmp_path, "nothing-fits", batch="[8, 64]", max_len="[32, 256]", n=2, bound=2)
     db = tmp_path / "n.db"
-    done = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", "--spec", str(spec), "--tiny"]
-        + ["--device", "cpu", "--memory-limit", "32MiB", "--storage", f"sqlite:///{db}"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
+    args = ["--spec", str(spec), "--tiny", "--device", "cpu", "--memory-limit", "32MiB"]
+    args += ["--storage", f"sqlite:///{db}"]
+    done = run_search("run", *args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
