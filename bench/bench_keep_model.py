@@ -83,8 +83,8 @@ def main() -> None:
             value = 0.5 + 0.01 * i  # each round beats the last: upload, then remove the last
             outcome = TrialOutcome(status="complete", metrics={"ndcg@10": value})
             start = time.perf_counter()
-            artifact = keeper.keep(trial, outcome, "ndcg@10")
-            study.tell(trial, value)
+            study.tell(trial, value)  # the keep subscriber uploads after the tell (issue 15)
+            artifact = keeper.keep(trial.number, outcome, "ndcg@10")
             keeper.prune()
             worker_side.append(time.perf_counter() - start)
             assert artifact is not None

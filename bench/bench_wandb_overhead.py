@@ -1,8 +1,10 @@
 """What one W&B run per trial costs a worker: tiny trials with W&B offline vs off, paired rounds.
 
 Each round runs the same tiny study twice, each time as a fresh worker process (what
-``search worker`` is): ``run_study`` on its own SQLite file, ``--tiny`` replicas of ko-simcse
-trained for real on the shipped demo data (2 epochs), a seeded random sampler, no pruner.
+``search worker`` is): ``run_study`` with the CLI's observers (its W&B runs come from the
+tracking subscriber, on the worker's event thread) on its own SQLite file, ``--tiny`` replicas
+of ko-simcse trained for real on the shipped demo data (2 epochs), a seeded random sampler, no
+pruner.
 One side has ``--no-wandb``, the other ``--wandb`` with ``WANDB_MODE=offline``: the worker
 imports wandb, starts its service once, and per trial opens a run, logs every training step
 (streamed from the trial process over its pipe) and every epoch, and finishes it with the
@@ -64,6 +66,7 @@ pruner: {{type: none}}
 
 def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
     """One worker process: warm the trial server, then time ``run_study`` (prints JSON)."""
+    from search.observe.subscribers import standard_subscribers
     from search.spec.load import load_spec
     from search.spec.options import DEFAULT_CACHE
     from search.spec.options import RunOptions
@@ -84,7 +87,12 @@ def _worker(spec_path: str, db: str, n: int, wandb_on: bool) -> None:
     spec = load_spec(spec_path)
     ends: list[float] = []
     start = time.perf_counter()
-    summary = run_study(spec, opts, on_trial=lambda _: ends.append(time.perf_counter()))
+    summary = run_study(
+        spec,
+        opts,
+        subscribers=standard_subscribers(spec, opts),
+        on_trial=lambda _: ends.append(time.perf_counter()),
+    )
     wall = time.perf_counter() - start
     trials = summary.study.get_trials()
     runs = sum(1 for t in trials if "wandb_run_id" in t.user_attrs)
