@@ -1,11 +1,10 @@
 """Worker-hours to a near-best config: old random sweep vs TPE vs the staged strategy (surrogate).
 
-Real Optuna studies in memory, driven by the service's own pieces
-(``search.worker.budget.claim_trial`` with free skips, ``search.sampling.space.sample_params`` /
-``build_config``, ``search.sampling.sampler``'s sampler, ``search.sampling.pruners``,
-``search.memory.preflight`` with the OOM frontier, ``search.sampling.stages``' stage plan and
-refine seeds, ``search.record.trial_record``); only the training is replaced by a
-surrogate of the ko-retrieval space on a 24 GiB GPU:
+Real Optuna studies in memory, each run by the service's own trial step
+(``search.worker.worker.Worker.open`` + ``Worker.step``: the claim with free skips and the
+stage plan, ``search.sampling``'s sampler and space, the feasible draws, the preflight with the
+OOM frontier, the trial record, the tell); only the training is replaced, by a surrogate
+trainer (``trainer=``) of the ko-retrieval space on a 24 GiB GPU:
 
 * **score** (nDCG@10 after training): each model's ceiling from the published Korean figures in
   DESIGN.md (mean of Ko-StrategyQA and AutoRAGRetrieval: bge-m3-ko 0.835, multilingual-e5-small
@@ -29,10 +28,11 @@ Strategies (same budget of trained trials; skips are free, up to the skip bound)
 
 * **(a) random**: the old W&B sweep: random sampling of the flat space (no per-model
   conditions; per-model checkpointing kept), no preflight, no frontier, no pruner, no
-  fail-fast: OOMs cost their time.
+  fail-fast: OOMs cost their time. Run through the same step, with the preflight off
+  (``use_estimate`` / ``use_frontier`` False), ``NopPruner`` and no baseline trials.
 * **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
   frontier (and, where the tree has it, the sampler drawing only shapes the preflight lets
-  run: ``search.memory.feasible``, as the runner sets it), median pruner on the per-epoch reports
+  run: ``search.memory.feasible``, as the worker sets it), median pruner on the per-epoch reports
   (``PrunerSection()``'s defaults, no ``eval_every_steps``).
 * (``--shared-lr``: one learning-rate optimum for all models, the sensitivity case where the
   baseline stage's lessons about lr carry over to the big model.)
@@ -65,38 +65,28 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 
 from search.memory.device import DeviceInfo  # noqa: E402
 from search.memory.estimate import estimate_peak_memory  # noqa: E402
-from search.memory.preflight import preflight  # noqa: E402
-from search.record import attrs  # noqa: E402
 from search.record.config import TrialConfig  # noqa: E402
 from search.record.models import MODELS  # noqa: E402
-from search.record.trial_record import write_record  # noqa: E402
-from search.sampling.pruners import make_pruner  # noqa: E402
-from search.sampling.sampler import make_sampler  # noqa: E402
 from search.sampling.space import SampledParams  # noqa: E402
 from search.sampling.space import build_config  # noqa: E402
-from search.sampling.space import sample_params  # noqa: E402
 from search.spec.load import resolve_spec  # noqa: E402
+from search.spec.options import RunOptions  # noqa: E402
 from search.spec.study_spec import PrunerSection  # noqa: E402
 from search.spec.study_spec import SamplerSection  # noqa: E402
 from search.spec.study_spec import StudySpec  # noqa: E402
 from search.worker.budget import SkipBoundError  # noqa: E402
-from search.worker.budget import claim_trial  # noqa: E402
-from search.worker.budget import ensure_budget  # noqa: E402
 from search.worker.isolation import TrialOutcome  # noqa: E402
-from search.worker.records import claimed_record  # noqa: E402
-from search.worker.records import outcome_record  # noqa: E402
-from search.worker.records import skip_record  # noqa: E402
+from search.worker.trainer import TrainHooks  # noqa: E402
+from search.worker.worker import Worker  # noqa: E402
 
 GIB = 2**30
 DEVICE = DeviceInfo(
@@ -218,117 +208,64 @@ def strategy_spec(kind: str, pruner: str | None = None) -> StudySpec:
     return spec
 
 
-def _config_for(spec: StudySpec) -> Any:
-    """The runner's ``_config_for``: a shape's config, other settings mid-range."""
-    space = spec.space
-    mid = {
-        "lr": math.sqrt(space.lr.low * space.lr.high),
-        "temperature": math.sqrt(space.temperature.low * space.temperature.high),
-        "warmup_ratio": (space.warmup_ratio.low + space.warmup_ratio.high) / 2,
-        "weight_decay": (space.weight_decay.low + space.weight_decay.high) / 2,
-    }
-
-    def config_for(model: str, batch_size: int, max_len: int) -> TrialConfig:
-        params = SampledParams(model=model, batch_size=batch_size, max_len=max_len, **mid)
-        return build_config(spec, params, model_path="x", device="cuda")
-
-    return config_for
-
-
-def _stage_plan(spec: StudySpec, study: optuna.Study, budget: int, seed: int) -> Any:
-    from search.sampling.stages import StagePlan
-
-    return StagePlan(
-        spec,
-        study.sampler,
-        budget,
-        config_for=_config_for(spec),
-        device_total_bytes=DEVICE.total_bytes,
-        seed=seed,
-    )
-
-
-def _draw_what_fits(spec: StudySpec, study: optuna.Study) -> None:
-    """The runner's ``_draw_what_fits``: the sampler draws among the shapes that pass the
-    preflight on this device (``search.memory.feasible``), when the sampler supports it."""
-    try:
-        from search.memory.feasible import feasibility
-    except ImportError:  # a tree from before the feasible grid
-        return
-    if not hasattr(study.sampler, "feasible"):
-        return
-    choices = {model: spec.space.choices_for(model) for model in spec.models}
-    study.sampler.feasible = feasibility(
-        choices, _config_for(spec), lambda model: MODELS[model], DEVICE
-    )
-
-
 def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = None) -> Result:
-    """One study of ``kind`` with ``budget`` trained trials; hours until ``target`` is held."""
+    """One study of ``kind`` with ``budget`` trained trials; hours until ``target`` is held.
+
+    The study is the service's (``Worker.open`` on an in-memory storage, ``Worker.step`` per
+    trial); the surrogate trains each config the step hands it and adds up its hours.
+    """
     spec = strategy_spec(kind, pruner)
     rng = random.Random(f"{kind}/{seed}")  # the surrogate's noise and OOM points
-    staged = bool(spec.stages)
-    study = optuna.create_study(
-        direction="maximize",
-        sampler=make_sampler(spec, seed=seed),
-        pruner=optuna.pruners.NopPruner() if kind == "random" else make_pruner(spec),
-    )
-    ensure_budget(study, budget)
-    if kind != "random":
-        _draw_what_fits(spec, study)
-    if kind != "random":  # the runner's baselines: one trial per (first-stage) model
-        first = spec.stages[0].models if staged and spec.stages[0].models else spec.models
-        for model in first:
-            user = {attrs.STAGE: spec.stages[0].name} if staged else None
-            study.enqueue_trial({"model": model}, user_attrs=user)
-    plan = _stage_plan(spec, study, budget, seed) if staged else None
     service = kind != "random"
-    hours, reached = 0.0, False
+    opts = RunOptions(
+        storage_url="inmemory",
+        n_trials=budget,
+        seed=seed,
+        device="cuda",
+        use_estimate=service,  # (a): no preflight, no frontier (and so no feasible draws)
+        use_frontier=service,
+        study_name=f"{kind}-{seed}",
+        worker=kind,
+    )
+    spent = {"hours": 0.0}
+    trained: list[TrialConfig] = []
+
+    def trainer(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
+        trained.append(cfg)
+        cost, outcome = simulate(cfg, hooks, service=service, rng=rng)
+        spent["hours"] += cost
+        return outcome
+
     counts = {"skips": 0, "ooms": 0, "pruned": 0}
-    max_skips = spec.study.max_skips_per_trial * budget
-    while True:
-        try:
-            trial = claim_trial(study, budget, wait=False, max_skips=max_skips, before_ask=plan)
-        except SkipBoundError:
-            break
-        if trial is None:
-            break
-        params = sample_params(trial, spec)
-        cfg = build_config(spec, params, model_path="x", device="cuda", seed_offset=trial.number)
-        if spec.training.eval_every_steps:  # the runner's copy of the setting
-            every = spec.training.eval_every_steps
-            cfg = TrialConfig.from_json({**cfg.to_json(), "eval_every_steps": every})
-        decision = preflight(
-            cfg,
-            MODELS[cfg.model],
-            DEVICE,
-            study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)),
-            use_estimate=service,
-            use_frontier=service,
-        )
-        record = claimed_record(
-            cfg, DEVICE, host="surrogate", gpu="0", worker=kind,
-            memory_estimate_mb=decision.estimate.total_mb,
-        )  # fmt: skip
-        if decision.skip:
-            record.update(skip_record(decision, 0.002))
-            write_record(study._storage, trial._trial_id, record)
-            study.tell(trial, state=TrialState.PRUNED)
-            counts["skips"] += 1
-            continue
-        write_record(study._storage, trial._trial_id, record)
-        cost, outcome = simulate(trial, cfg, service=service, rng=rng)
-        hours += cost
-        told = outcome_record(outcome, "ndcg@10", cost * 3600)
-        write_record(study._storage, trial._trial_id, told)
-        if outcome.status == "complete":
-            study.tell(trial, outcome.value)
-            if true_score(cfg) >= target and not reached:
-                return Result(hours, True, _trained(study), **counts)
-        else:
-            counts["ooms" if outcome.status == "oom" else "pruned"] += 1
-            study.tell(trial, state=TrialState.PRUNED)
-    return Result(hours, reached, _trained(study), **counts)
+    worker = Worker.open(
+        spec,
+        opts,
+        storage=optuna.storages.InMemoryStorage(),
+        check_data=False,
+        device=DEVICE,
+        facts={model: MODELS[model] for model in spec.models},
+        model_paths=dict.fromkeys(spec.models, "x"),
+        trainer=trainer,
+        pruner=None if service else optuna.pruners.NopPruner(),
+        baselines=service,  # (a), the old sweep, had no baseline trials
+        warm=False,
+    )
+    with worker:
+        while True:
+            try:
+                step = worker.step(wait=False)
+            except SkipBoundError:
+                break
+            if step.stopped:
+                break
+            if step.outcome == "skipped":
+                counts["skips"] += 1
+            elif step.outcome == "complete":
+                if true_score(trained[-1]) >= target:
+                    return Result(spent["hours"], True, _trained(worker.study), **counts)
+            else:
+                counts["ooms" if step.outcome == "oom" else "pruned"] += 1
+        return Result(spent["hours"], False, _trained(worker.study), **counts)
 
 
 def _trained(study: optuna.Study) -> int:
@@ -338,9 +275,11 @@ def _trained(study: optuna.Study) -> int:
 
 
 def simulate(
-    trial: optuna.Trial, cfg: TrialConfig, *, service: bool, rng: random.Random
+    cfg: TrialConfig, hooks: TrainHooks, *, service: bool, rng: random.Random
 ) -> tuple[float, TrialOutcome]:
-    """Train ``cfg`` on the surrogate: (worker-hours spent, outcome), reporting to the pruner."""
+    """Train ``cfg`` on the surrogate: (worker-hours spent, outcome), reporting to the pruner
+    through the step's hooks (``report_partial`` for the sooner sample evaluations, ``report``
+    at each epoch's end, on the examples axis)."""
     load, train = load_hours(cfg), train_hours(cfg)
     if true_peak_bytes(cfg) > DEVICE.total_bytes:
         steps = PAIRS * EPOCHS / cfg.batch_size
@@ -362,10 +301,13 @@ def simulate(
         f = step / total
         value = curve(final, f, 0.01 if sooner else 0.002, rng)
         spent = load + f * train + (SAMPLE_EVAL_S / 3600 if sooner else 0.0)
-        trial.report(value, step)
-        if not sooner:
-            history.append({"ndcg@10": value, "examples_seen": float(step)})
-        if trial.should_prune():
+        if sooner:
+            prune = hooks.report_partial(step, {"ndcg@10": value})
+        else:
+            metrics = {"ndcg@10": value, "examples_seen": float(step)}
+            history.append(metrics)
+            prune = hooks.report(step // PAIRS, metrics)
+        if prune:
             metrics = history[-1] if history else {}
             return spent, TrialOutcome(status="pruned", metrics=metrics, history=history)
     value = history[-1]["ndcg@10"]
