@@ -1,14 +1,16 @@
 """How many workers one PostgreSQL study holds: N workers, straight on the database and through
 ``search proxy``.
 
-Each worker is a process running the service's storage path as ``search worker`` does
-(``search.worker.runner.run_study``): ``create_storage``, ``open_study``, ``ensure_budget``, the
-stale-trial watcher thread (``watch_stale``), ``claim_trial`` under the study's budget lock,
-the heartbeat thread, the trial record in one transaction (``write_record``) before and after
-"training", and ``study.tell``. Training is ``time.sleep(--seconds)``: no torch, no trial
-child, so a worker costs tens of MB and a 2-core machine can run many. The sampler is
+Each worker is a process running the service's trial step as ``search worker`` does
+(``search.worker.worker.Worker.open`` on ``create_storage``'s storage, then ``Worker.step``
+until the budget is spent): the study opened with its budget, the stale-trial watcher thread,
+the claim under the study's budget lock, sampling the ko-retrieval space, the preflight, the
+trial record before and after "training" under the heartbeat thread, and the tell. Training is
+the step's ``trainer``: ``time.sleep(--seconds)`` in-process, no trial child. The sampler is
 ``RandomSampler`` (the budget lock's cost, not TPE's fit time: that one is measured in
-``bench_storage_latency.py``). The budget is ``--per-worker`` trials per worker.
+``bench_storage_latency.py``), the spec has no stages, no baseline trials are enqueued and the
+preflight's estimate and frontier are off (a fake 24 GiB GPU: nothing is skipped). The budget is
+``--per-worker`` trials per worker.
 
 For each N and mode (``direct``: ``postgresql://``; ``proxy``: ``grpc://`` to a
 ``search proxy`` process started for the run) on a fresh database:
@@ -16,8 +18,10 @@ For each N and mode (``direct``: ``postgresql://``; ``proxy``: ``grpc://`` to a
 * trials/s from the barrier (every worker imported and waiting, the database's tables
   created) to the last worker's exit,
   against the ideal ``N / seconds`` (the anchor, same run): the ratio is the efficiency;
-* claim latency (``claim_trial`` returning a trial: lock wait + stale sweep + count + ask +
-  first heartbeat) and tell latency (record + ``study.tell``), p50 / p99 over all trials;
+* claim latency (the step's claim returning a trial: lock wait + stale sweep + the trial
+  list's one read + ask + first heartbeat), start latency (claimed to training: sampling, the
+  preflight, the first record) and tell latency (training's end to the step's return: record +
+  ``study.tell``), p50 / p99 over all trials;
 * the budget lock: wait and hold per take (claims and the watchers' sweeps), p50 / p99, and
   its utilisation (sum of holds / wall time);
 * peak database connections (``pg_stat_activity`` of the run's database, polled every 0.1 s);
@@ -63,7 +67,7 @@ CONNECTIONS_PER_WORKER = 3  # direct: what a worker holds at peak (measured at N
 
 
 def worker_main(argv: list[str]) -> int:
-    """One worker: the service's claim/heartbeat/record/tell loop, sleeping for training."""
+    """One worker: the service's trial step until the budget is spent, sleeping for training."""
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("study")
@@ -74,6 +78,7 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--grace", type=int, default=20)
     args = parser.parse_args(argv)
 
+    import random
     import resource
     from collections.abc import Iterator
     from contextlib import contextmanager
@@ -81,20 +86,24 @@ def worker_main(argv: list[str]) -> int:
     import optuna
 
     import search.worker.budget as budget_module
-    from search.record.trial_record import TrialRecord
-    from search.record.trial_record import write_record
-    from search.worker.budget import claim_trial
-    from search.worker.budget import ensure_budget
-    from search.worker.budget import watch_stale
-    from search.worker.study_store import open_study
+    import search.worker.step as step_module
+    from search.memory.device import DeviceInfo
+    from search.record.config import TrialConfig
+    from search.record.models import MODELS
+    from search.spec.load import resolve_spec
+    from search.spec.options import RunOptions
+    from search.worker.isolation import TrialOutcome
+    from search.worker.trainer import TrainHooks
+    from search.worker.worker import Worker
     from storage import create_storage
-    from storage import heartbeat
     from storage import named_lock
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     waits: list[float] = []
     holds: list[float] = []
     sweeps: list[float] = []
+    claims: list[float] = []
+    marks: dict[str, float] = {}
 
     @contextmanager
     def timed_lock(storage: Any, name: str, **kwargs: Any) -> Iterator[None]:
@@ -112,45 +121,69 @@ def worker_main(argv: list[str]) -> int:
                     sweeps.append(held)  # the watcher's sweep (adopt, stale query, fail)
 
     budget_module.named_lock = timed_lock  # type: ignore[assignment]
+    step_claim = step_module.claim
+
+    def timed_claim(*a: Any, **kw: Any) -> Any:
+        """The step's claim, timed (a hook for this benchmark only)."""
+        asked = time.perf_counter()
+        taken = step_claim(*a, **kw)
+        marks["claimed"] = time.perf_counter()
+        if taken is not None:
+            claims.append(marks["claimed"] - asked)
+        return taken
+
+    step_module.claim = timed_claim  # type: ignore[assignment]
+
+    def sleep_trainer(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
+        """The "training": a sleep, in this process."""
+        marks["training"] = time.perf_counter()
+        time.sleep(args.seconds)
+        marks["trained"] = time.perf_counter()
+        score = {"ndcg@10": random.random()}
+        return TrialOutcome("complete", metrics=score, history=[score], peak_memory_mb=1.0)
+
+    spec = resolve_spec("ko-retrieval", None)
+    spec = spec.model_copy(update={"stages": []})
+    opts = RunOptions(
+        storage_url=args.url,
+        n_trials=args.budget,
+        device="cuda",
+        use_estimate=False,
+        use_frontier=False,
+        study_name=args.study,
+    )
+    gpu = DeviceInfo("cuda:0", "cuda:0 (fake, 24 GiB)", 24 * 2**30, 24 * 2**30)
 
     (args.barrier / str(os.getpid())).touch()
     while not (args.barrier / "go").exists():
         time.sleep(0.02)
     storage = create_storage(args.url, heartbeat_interval=args.heartbeat, grace_period=args.grace)
-
-    def init(study: optuna.Study) -> None:
-        ensure_budget(study, args.budget)
-
-    study, _ = open_study(
-        storage,
-        args.study,
-        direction="maximize",
-        sampler=optuna.samplers.RandomSampler(),
-        pruner=None,
-        on_create=init,
-    )
-    budget = ensure_budget(study, args.budget)
-    claims: list[float] = []
+    starts: list[float] = []
     tells: list[float] = []
-    with watch_stale(study):
+    with Worker.open(
+        spec,
+        opts,
+        storage=storage,
+        check_data=False,
+        device=gpu,
+        facts={model: MODELS[model] for model in spec.models},
+        model_paths=dict.fromkeys(spec.models, "x"),
+        trainer=sleep_trainer,
+        sampler=optuna.samplers.RandomSampler(),
+        pruner=optuna.pruners.NopPruner(),
+        baselines=False,
+        warm=False,
+    ) as worker:
         while True:
-            asked = time.perf_counter()
-            trial = claim_trial(study, budget, poll_interval=0.5)
-            if trial is None:
+            result = worker.step()
+            if result.stopped:
                 break
-            claims.append(time.perf_counter() - asked)
-            with heartbeat(study, trial):
-                x = trial.suggest_float("x", 0.0, 1.0)
-                first = {"worker": str(os.getpid()), "model": "fake", "batch_size": 32}
-                write_record(storage, trial._trial_id, TrialRecord(user=first, system={}))
-                time.sleep(args.seconds)
-            told = time.perf_counter()
-            outcome = {"outcome": "complete", "seconds": args.seconds, "peak_memory_mb": 1.0}
-            write_record(storage, trial._trial_id, TrialRecord(user=outcome, system={}))
-            study.tell(trial, x)
-            tells.append(time.perf_counter() - told)
+            if result.trained is not None:
+                starts.append(marks["training"] - marks["claimed"])
+                tells.append(time.perf_counter() - marks["trained"])
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    summary = {"claims": claims, "tells": tells, "waits": waits, "holds": holds, "sweeps": sweeps}
+    summary = {"claims": claims, "starts": starts, "tells": tells}
+    summary |= {"waits": waits, "holds": holds, "sweeps": sweeps}
     print(json.dumps({**summary, "end": time.time(), "rss_mb": rss_kb / 1024}), flush=True)
     return 0
 
@@ -326,6 +359,7 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
     claims = [x for r in results for x in r["claims"]]
+    starts = [x for r in results for x in r["starts"]]
     tells = [x for r in results for x in r["tells"]]
     waits = [x for r in results for x in r["waits"]]
     holds = [x for r in results for x in r["holds"]]
@@ -343,6 +377,8 @@ def run_one(admin_url: str, mode: str, n: int, args: argparse.Namespace) -> dict
         "ideal_per_s": n / args.seconds,
         "claim_p50_ms": 1000 * _pct(claims, 0.5),
         "claim_p99_ms": 1000 * _pct(claims, 0.99),
+        "start_p50_ms": 1000 * _pct(starts, 0.5),
+        "start_p99_ms": 1000 * _pct(starts, 0.99),
         "tell_p50_ms": 1000 * _pct(tells, 0.5),
         "tell_p99_ms": 1000 * _pct(tells, 0.99),
         "lock_takes": len(holds),
@@ -403,8 +439,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     header = (
         f"{'mode':>6} {'N':>4} {'trials/s':>8} {'ideal':>6} {'ratio':>5} {'claim p50/p99 ms':>17}"
-        f" {'tell p50/p99 ms':>16} {'lock hold p50/p99 ms':>20} {'lock busy':>9}"
-        f" {'peak conns':>10} {'RSS/worker':>10} {'exact':>5}"
+        f" {'start p50/p99 ms':>16} {'tell p50/p99 ms':>16} {'lock hold p50/p99 ms':>20}"
+        f" {'lock busy':>9} {'peak conns':>10} {'RSS/worker':>10} {'exact':>5}"
     )
     print(header)
     for r in rows:
@@ -412,6 +448,7 @@ def main() -> int:
             f"{r['mode']:>6} {r['n']:>4} {r['trials_per_s']:>8.2f} {r['ideal_per_s']:>6.1f}"
             f" {r['trials_per_s'] / r['ideal_per_s']:>5.2f}"
             f" {r['claim_p50_ms']:>8.0f}/{r['claim_p99_ms']:<8.0f}"
+            f" {r['start_p50_ms']:>7.0f}/{r['start_p99_ms']:<8.0f}"
             f" {r['tell_p50_ms']:>7.0f}/{r['tell_p99_ms']:<8.0f}"
             f" {r['lock_hold_p50_ms']:>10.1f}/{r['lock_hold_p99_ms']:<9.1f}"
             f" {r['lock_busy']:>9.2f} {r['peak_connections']:>10} {r['worker_rss_mb']:>8.0f}MB"
