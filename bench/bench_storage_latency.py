@@ -1,15 +1,17 @@
 """Storage latency as a study grows: ask+tell at 100 and at 10,000 finished trials, and report.
 
-One PostgreSQL study is filled with realistic finished trials (the ko-retrieval space's params,
-the trial record the runner writes: search.record.trial_record's user and system attributes), then,
-at 100 and again at 10,000 finished trials, a fresh worker process measures one trial's
-storage round trip the way ``search worker`` does it: ``claim_trial`` (budget lock, stale
-check, count, ``ask``, first heartbeat) + sampling the conditional space + the runner's
-first record (``write_record``) + ``tell``. The sampler is ``RandomSampler`` so the figure is
-the storage's, not TPE's (TPE's own cost grows with the trials it learns from, whatever the
-storage). Plain Optuna's ``ask`` + ``tell`` on the same storage is measured beside it. The
-first calls of a process, which load the study into Optuna's cache, are timed separately as
-the warm-up.
+One PostgreSQL study is filled with realistic finished trials (the ko-retrieval space's params
+and the trial record the service writes: 50 template trials run by the service's trial step,
+``search.worker.worker.Worker.step``, on an in-memory study, copied in bulk), then, at 100 and
+again at 10,000 finished trials, a fresh worker process measures one trial's round trip the
+way ``search worker`` runs it: one ``Worker.step`` (the claim under the budget lock: stale
+check, the trial list's one read, ``ask``, first heartbeat; sampling the conditional space; the
+first record; "training" that returns at once; the outcome record; ``tell``). The sampler is
+``RandomSampler`` and the preflight's estimate and frontier are off, so the figure is the
+storage's, not TPE's nor the frontier's (both grow with the trials they read, whatever the
+storage; the preflight's is measured in ``bench_feasible_grid.py``). Plain Optuna's ``ask`` +
+``tell`` on the same storage is measured beside it. The first calls of a process, which load
+the study into Optuna's cache, are timed separately as the warm-up.
 
 Then ``search report --study NAME --json`` runs as a command at 10,000 trials (whole process:
 interpreter start, imports, loading every trial, the per-model table).
@@ -39,6 +41,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,28 +49,27 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 import sqlalchemy  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
-from optuna.storages._rdb import models  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 
 from search.memory.device import DeviceInfo  # noqa: E402
 from search.observe.report import study_report  # noqa: E402
-from search.record.trial_record import write_record  # noqa: E402
-from search.sampling.space import build_config  # noqa: E402
+from search.record.config import TrialConfig  # noqa: E402
+from search.record.models import MODELS  # noqa: E402
 from search.sampling.space import sample_params  # noqa: E402
 from search.spec.load import resolve_spec  # noqa: E402
-from search.worker.budget import claim_trial  # noqa: E402
+from search.spec.options import RunOptions  # noqa: E402
+from search.spec.study_spec import StudySpec  # noqa: E402
 from search.worker.isolation import TrialOutcome  # noqa: E402
-from search.worker.records import claimed_record  # noqa: E402
-from search.worker.records import outcome_record  # noqa: E402
+from search.worker.trainer import TrainHooks  # noqa: E402
+from search.worker.worker import Worker  # noqa: E402
 from storage import ResilientRDBStorage  # noqa: E402
 from storage import create_storage  # noqa: E402
 from storage import redact_url  # noqa: E402
+from storage.compat import study_id  # noqa: E402
+from storage.compat import tables as models  # noqa: E402  (Optuna's schema)
 
 DEFAULT_URL = os.environ.get(
     "SEARCH_BENCH_PG_URL",
-    os.environ.get(
-        "SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"
-    ),
+    os.environ.get("SEARCH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/search_test"),
 )
 BUDGET = 10**9  # the budget never binds here
 
@@ -75,43 +77,72 @@ BUDGET = 10**9  # the budget never binds here
 H100 = DeviceInfo("cuda:0", "cuda:0 (NVIDIA H100, 80 GiB)", 81559 * 2**20, 80000 * 2**20)
 
 
-def _templates(spec: object, n: int) -> list[optuna.trial.FrozenTrial]:
-    """``n`` finished trials recorded as the runner records them, sampled in memory."""
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+def _spec() -> StudySpec:
+    """The ko-retrieval spec, one stage (the sampler draws every trial)."""
+    return resolve_spec("ko-retrieval", None).model_copy(update={"stages": []})
+
+
+def _open_worker(
+    spec: StudySpec,
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    budget: int,
+    trainer: Any,
+    sampler: optuna.samplers.BaseSampler,
+) -> Worker:
+    """A worker on ``name`` as ``search worker`` opens it, with the bench's device, models,
+    trainer and sampler, the preflight's estimate and frontier off (nothing is skipped)."""
+    opts = RunOptions(
+        storage_url="bench",
+        n_trials=budget,
+        device="cuda:0",
+        use_estimate=False,
+        use_frontier=False,
+        study_name=name,
+        worker="gpu-host-1:4242",
+    )
+    return Worker.open(
+        spec,
+        opts,
+        storage=storage,
+        check_data=False,
+        device=H100,
+        facts={model: MODELS[model] for model in spec.models},
+        model_paths=dict.fromkeys(spec.models, "x"),
+        trainer=trainer,
+        sampler=sampler,
+        pruner=optuna.pruners.NopPruner(),
+        baselines=False,
+        warm=False,
+    )
+
+
+def _templates(spec: StudySpec, n: int) -> list[optuna.trial.FrozenTrial]:
+    """``n`` finished trials as the service records them: run by its step, in memory."""
     rng = random.Random(0)
-    for i in range(n):
-        trial = study.ask()
-        params = sample_params(trial, spec)  # type: ignore[arg-type]
-        cfg = build_config(spec, params, device="cuda:0", seed_offset=i)  # type: ignore[arg-type]
-        record = claimed_record(
-            cfg,
-            H100,
-            host="gpu-host-1",
-            gpu="0",
-            worker="gpu-host-1:4242",
-            memory_estimate_mb=rng.uniform(2000, 70000),
-        )
+    count = {"trained": 0}
+
+    def trainer(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
+        """Every 7th an OOM, else complete with random metrics, one report each."""
+        i = count["trained"]
+        count["trained"] += 1
         value = rng.uniform(0.2, 0.8)
         metrics = {"ndcg@10": value, "mrr@10": value * 0.9, "recall@10": value * 1.1}
-        oom = i % 7 == 0
-        outcome = TrialOutcome(
-            "oom" if oom else "complete",
-            metrics={} if oom else metrics,
-            history=[] if oom else [metrics],
-            phase="backward" if oom else None,
-            peak_memory_mb=rng.uniform(2000, 70000),
-        )
-        record.update(outcome_record(outcome, "ndcg@10", rng.uniform(60, 900)))
-        write_record(study._storage, trial._trial_id, record)
-        trial.report(value, 1)
-        if oom:
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
-    return study.trials
+        peak = rng.uniform(2000, 70000)
+        if i % 7 == 0:
+            return TrialOutcome("oom", phase="backward", oom_kind="real", peak_memory_mb=peak)
+        hooks.report(1, metrics)
+        return TrialOutcome("complete", metrics=metrics, history=[metrics], peak_memory_mb=peak)
+
+    storage = optuna.storages.InMemoryStorage()
+    sampler = optuna.samplers.RandomSampler(0)
+    with _open_worker(spec, storage, "templates", n, trainer, sampler) as worker:
+        while not worker.step(wait=False).stopped:
+            pass
+        return worker.study.get_trials()
 
 
-def fill(url: str, name: str, target: int, spec: object) -> float:
+def fill(url: str, name: str, target: int, spec: StudySpec) -> float:
     """Add finished trials until the study has ``target``; return the seconds it took.
 
     Rows go in with bulk Core inserts (``study.add_trials`` takes minutes for 10,000); the
@@ -125,7 +156,7 @@ def fill(url: str, name: str, target: int, spec: object) -> float:
     started = time.perf_counter()
     for low in range(have, target, 1000):
         high = min(target, low + 1000)
-        _bulk_insert(storage, study._study_id, [templates[i % 50] for i in range(low, high)], low)
+        _bulk_insert(storage, study_id(study), [templates[i % 50] for i in range(low, high)], low)
     return time.perf_counter() - started
 
 
@@ -188,27 +219,28 @@ def _bulk_insert(
                 conn.execute(sqlalchemy.insert(tables[table]), batch)
 
 
+def instant(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
+    """The measured trials' "training": complete at once."""
+    return TrialOutcome("complete", metrics={"ndcg@10": 0.5}, peak_memory_mb=1.0)
+
+
 def measure(url: str, name: str, samples: int) -> dict[str, float]:
     """In this (fresh) process: warm-up, then median service and plain round trips (ms)."""
-    spec = resolve_spec("ko-retrieval", None)
+    spec = _spec()
     started = time.perf_counter()  # what `search report` does after its imports
     store = create_storage(url)
     study_report(optuna.load_study(study_name=name, storage=store), storage=store)
     report_s = time.perf_counter() - started
     storage = create_storage(url, heartbeat_interval=30)
     sampler = optuna.samplers.RandomSampler()
-    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    worker = _open_worker(spec, storage, name, BUDGET, instant, sampler)
+    study = worker.study
     warnings.filterwarnings("ignore", message="Heartbeat of storage")
 
     def service_round() -> float:
         started = time.perf_counter()
-        trial = claim_trial(study, BUDGET)
-        assert trial is not None
-        params = sample_params(trial, spec)  # type: ignore[arg-type]
-        cfg = build_config(spec, params, device="cuda:0", seed_offset=trial.number)  # type: ignore[arg-type]
-        record = claimed_record(cfg, H100, host="gpu-host-1", gpu="0", worker="gpu-host-1:4242")
-        write_record(storage, trial._trial_id, record)  # as the runner writes it
-        study.tell(trial, 0.5)
+        result = worker.step()
+        assert result.outcome == "complete", result
         return time.perf_counter() - started
 
     def plain_round() -> float:
@@ -218,9 +250,10 @@ def measure(url: str, name: str, samples: int) -> dict[str, float]:
         study.tell(trial, 0.5)
         return time.perf_counter() - started
 
-    warm = service_round()
-    service = [service_round() for _ in range(samples)]
-    plain = [plain_round() for _ in range(samples)]
+    with worker:
+        warm = service_round()
+        service = [service_round() for _ in range(samples)]
+        plain = [plain_round() for _ in range(samples)]
     return {
         "report_s": report_s,
         "warmup_ms": warm * 1e3,
@@ -277,7 +310,7 @@ def main() -> None:
         print(json.dumps(measure(args.url, args.measure, args.samples)))
         return
 
-    spec = resolve_spec("ko-retrieval", None)
+    spec = _spec()
     name = f"bench-latency-{uuid.uuid4().hex[:8]}"
     optuna.create_study(
         study_name=name, storage=create_storage(args.url, heartbeat_interval=None),
@@ -290,14 +323,14 @@ def main() -> None:
         results[size] = _measure_in_fresh_process(args.url, name, args.samples)
         r = results[size]
         print(
-            f"{size:>6} finished trials (filled in {filled:.1f} s): claim+attrs+tell "
+            f"{size:>6} finished trials (filled in {filled:.1f} s): one step "
             f"{r['service_ms']:.1f} ms, plain ask+tell {r['plain_ms']:.1f} ms, "
             f"first call (cache warm-up) {r['warmup_ms']:.0f} ms; report in-process "
             f"(fresh storage, load, table) {r['report_s']:.2f} s"
         )
     report_s = _report_seconds(args.url, name)
     small, large = results[args.small], results[args.large]
-    print(f"service latency ratio {args.large} / {args.small}: "
+    print(f"service (step) latency ratio {args.large} / {args.small}: "
           f"{large['service_ms'] / small['service_ms']:.2f} (target <= 2)")  # fmt: skip
     print(f"plain Optuna latency ratio {args.large} / {args.small}: "
           f"{large['plain_ms'] / small['plain_ms']:.2f}")  # fmt: skip
