@@ -85,9 +85,7 @@ def serve(
         print(warning, file=sys.stderr, flush=True)
     shown = f"[{host}]" if ":" in host else host
     where = f"artifacts in {directory}" if directory else "no artifact store (--artifacts DIR)"
-    print(
-        f"optuna-dashboard for {redact_url(url)} on http://{shown}:{port} ({where})", flush=True
-    )
+    print(f"optuna-dashboard for {redact_url(url)} on http://{shown}:{port} ({where})", flush=True)
     try:
         optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=store)
     except OSError as exc:

@@ -179,9 +179,7 @@ def plot_data(
         spec: The stored spec (the study's ``spec`` attribute): model order and grid axes.
         skip: Trial numbers to leave out (failed trials that were re-run).
     """
-    points = [
-        p for t in trials if t.number not in skip and (p := trial_point(t)) is not None
-    ]
+    points = [p for t in trials if t.number not in skip and (p := trial_point(t)) is not None]
     models = list((spec or {}).get("models") or {}) if isinstance(spec, dict) else []
     for p in points:
         if p.model not in models:
@@ -282,9 +280,7 @@ def oom_rate(data: PlotData, model: str) -> dict[str, float]:
     done = [p for p in data.of_model(model) if p.outcome != RUNNING]
     if not done:
         return {kind: 0.0 for kind in attrs.OOM_KINDS}
-    return {
-        kind: sum(p.oom_kind == kind for p in done) / len(done) for kind in attrs.OOM_KINDS
-    }
+    return {kind: sum(p.oom_kind == kind for p in done) / len(done) for kind in attrs.OOM_KINDS}
 
 
 def memory_xy(points: Sequence[TrialPoint]) -> tuple[list[float], list[float]]:
