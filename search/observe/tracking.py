@@ -317,6 +317,12 @@ class Tracker:
         """On, and wandb imported (without waiting for the import)."""
         return self._on and self._wandb is not None and self._load_error is None
 
+    def wait_ready(self, timeout: float) -> bool:
+        """``ready()``, after waiting at most ``timeout`` s for the import ``prepare`` began."""
+        if self._on and self._loading is not None:
+            self._loading.join(timeout)
+        return self.ready()
+
     def run_path(self, run_id: str) -> str:
         """The W&B path a run of this id gets: ``[entity/]project/run_id``."""
         parts = (os.environ.get("WANDB_ENTITY"), self.settings.project, run_id)
@@ -392,7 +398,9 @@ class TrackingSubscriber(Subscriber):
         self._runs: dict[int, TrialRun] = {}
 
     def trial_attrs(self, event: Claimed) -> dict[str, Any]:
-        if not self.tracker.ready() or self.tracker.settings.mode != "offline":
+        # Offline, the first claim waits for wandb's import (begun at the worker's start, at
+        # most the init timeout): a busy machine must not leave a fast trial without its run.
+        if self.tracker.settings.mode != "offline" or not self.tracker.wait_ready(_init_timeout()):
             return {}
         run_id = uuid.uuid4().hex[:12]
         self._planned[event.number] = run_id
