@@ -222,6 +222,20 @@ def test_a_bad_callback_is_one_line_and_exit_2_before_any_study(tmp_path: Path) 
     assert not (tmp_path / "c.db").exists()
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "inf"])
+def test_a_bad_flush_bound_is_one_line_and_exit_2_before_any_study(
+    tmp_path: Path, value: str
+) -> None:
+    done = run_search(
+        "run", "--spec", str(SPEC), "--storage", f"sqlite:///{tmp_path}/c.db", cwd=tmp_path,
+        env={"SEARCH_EVENTS_FLUSH_S": value},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"$SEARCH_EVENTS_FLUSH_S must be a number of seconds >= 0, not {value!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
 # ------------------------------------------------------------------ the step, in-process
 
 

@@ -98,6 +98,7 @@ USER_ERRORS = (
     ("storage", "StorageError"),
     ("search.sampling.refine", "RefineError"),
     ("search.worker.events", "CallbackError"),
+    ("search.worker.dispatch", "FlushSettingError"),
 )
 
 
@@ -143,6 +144,9 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
 
             check_password(opts.storage_url)
         callbacks = _callbacks(args.callback or [])  # a bad one: exit 2 before any work
+        from search.worker.dispatch import flush_seconds
+
+        flush_seconds()  # a bad $SEARCH_EVENTS_FLUSH_S: exit 2 before any work
         name = study_name_for(spec, opts)
         from storage import create_storage
 

@@ -25,7 +25,14 @@ from search.worker.events import Claimed
 from search.worker.events import Event
 from search.worker.events import Subscriber
 
-__all__ = ["ENV_FLUSH", "EventDispatcher", "FLUSH_AFTER_SIGNAL_S", "FLUSH_S", "flush_seconds"]
+__all__ = [
+    "ENV_FLUSH",
+    "EventDispatcher",
+    "FLUSH_AFTER_SIGNAL_S",
+    "FLUSH_S",
+    "FlushSettingError",
+    "flush_seconds",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,15 +43,28 @@ MAX_QUEUE = 10_000  # events waiting for a slow subscriber before new ones are d
 _STOP = object()
 
 
+class FlushSettingError(ValueError):
+    """``$SEARCH_EVENTS_FLUSH_S`` is not a number of seconds (one line, exit 2)."""
+
+
 def flush_seconds(*, signalled: bool = False) -> float:
     """How long :meth:`EventDispatcher.close` waits: ``$SEARCH_EVENTS_FLUSH_S`` or the default
-    (at most :data:`FLUSH_AFTER_SIGNAL_S` after a signal)."""
+    (at most :data:`FLUSH_AFTER_SIGNAL_S` after a signal).
+
+    Raises:
+        FlushSettingError: The variable is set to something other than a finite number >= 0
+            (``Worker.open`` asks first, so a worker never starts with it).
+    """
     text = os.environ.get(ENV_FLUSH, "").strip()
-    try:
-        seconds = max(0.0, float(text)) if text else FLUSH_S
-    except ValueError:
-        _logger.warning("$%s=%r is not a number of seconds; using %g", ENV_FLUSH, text, FLUSH_S)
+    if not text:
         seconds = FLUSH_S
+    else:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float("nan")
+        if not 0.0 <= seconds < float("inf"):
+            raise FlushSettingError(f"${ENV_FLUSH} must be a number of seconds >= 0, not {text!r}")
     return min(seconds, FLUSH_AFTER_SIGNAL_S) if signalled else seconds
 
 

@@ -146,6 +146,7 @@ class Worker:
             baselines: Enqueue one baseline trial per (first-stage) model in a new study.
             warm: Start the trial process server now (only for the default trainer).
         """
+        flush_seconds()  # a bad $SEARCH_EVENTS_FLUSH_S stops here, before any work
         if check_data:  # False when the caller (the CLI) has just checked the same files
             validate_data(
                 spec.resolve_path(spec.data.train),
