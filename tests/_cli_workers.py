@@ -153,11 +153,12 @@ def stop_all(workers: Sequence[WorkerProcess]) -> None:
     """Kill whatever a test left running, trial children and process servers included (a
     failed assertion must not leave workers behind)."""
     for worker in workers:
-        if worker.alive() or _group_alive(worker.pid):
+        if worker.alive() or group_alive(worker.pid):
             worker.kill_group()
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is left."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -179,13 +180,19 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, every: floa
 _stores: dict[str, optuna.storages.BaseStorage] = {}
 
 
-def study_trials(url: str, study: str) -> list[FrozenTrial]:
-    """The study's trials as stored now (none while it does not exist yet)."""
-    store = _stores.get(url) or _stores.setdefault(
+def storage_of(url: str) -> optuna.storages.BaseStorage:
+    """One storage per URL for the test's reads (no heartbeat), opened on first use."""
+    return _stores.get(url) or _stores.setdefault(
         url, create_storage(url, heartbeat_interval=None)
     )
+
+
+def study_trials(url: str, study: str) -> list[FrozenTrial]:
+    """The study's trials as stored now (none while it does not exist yet)."""
     try:
-        return optuna.load_study(study_name=study, storage=store).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=study, storage=storage_of(url)).get_trials(
+            deepcopy=False
+        )
     except KeyError:
         return []
 

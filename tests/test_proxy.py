@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 from _cli import run_search
+from _cli_workers import wait_for
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -109,16 +110,6 @@ def procs() -> Iterator[list[Proc]]:
             proc.kill_group()
 
 
-def _wait_for(what: str, check: object, timeout: float, every: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()  # type: ignore[operator]
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def _start_proxy(procs: list[Proc], tmp: Path, db: str) -> tuple[Proc, str]:
     port = _free_port()
     args = ["-m", "search.cli", "proxy", "--host", "127.0.0.1", "--port", str(port)]
@@ -129,7 +120,7 @@ def _start_proxy(procs: list[Proc], tmp: Path, db: str) -> tuple[Proc, str]:
         assert proxy.popen.poll() is None, proxy.stderr()
         return "search proxy:" in proxy.stdout()
 
-    _wait_for("the proxy to listen", listening, 60)
+    wait_for("the proxy to listen", listening, 60)
     return proxy, f"grpc://127.0.0.1:{port}"
 
 
@@ -166,7 +157,7 @@ def test_three_workers_through_the_proxy_spend_the_budget_exactly_with_one_kille
                 return trial
         return None
 
-    running = _wait_for("a running trial of the victim", victim_running, 120, every=0.1)
+    running = wait_for("a running trial of the victim", victim_running, 120, every=0.1)
     assert isinstance(running, FrozenTrial)
     os.killpg(victim.pid, signal.SIGKILL)  # the worker and its trial child
     victim.popen.wait(10)
@@ -197,7 +188,7 @@ def test_a_killed_lock_holder_releases_the_lock_on_the_proxy(
     _, url = _start_proxy(procs, tmp_path, pg_db)
     holder = Proc(["-c", HOLDER, url], tmp_path, "holder")
     procs.append(holder)
-    _wait_for("the holder to take the lock", lambda: "held" in holder.stdout(), 60)
+    wait_for("the holder to take the lock", lambda: "held" in holder.stdout(), 60)
     store = create_storage(url, heartbeat_interval=None)
     taken = threading.Event()
 

@@ -26,6 +26,9 @@ import optuna
 import pytest
 from _cli import run_search
 from _cli import search_env
+from _cli_workers import storage_of
+from _cli_workers import study_trials
+from _cli_workers import wait_for
 from _factories import trial_config
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
@@ -397,35 +400,8 @@ def procs() -> Iterator[list[Proc]]:
         proc.kill()
 
 
-def _trials(url: str, study: str) -> list[FrozenTrial]:
-    try:
-        loaded = optuna.load_study(study_name=study, storage=_store(url))
-    except KeyError:
-        return []
-    return loaded.get_trials(deepcopy=False)
-
-
-_stores: dict[str, Any] = {}
-
-
-def _store(url: str) -> Any:
-    if url not in _stores:
-        _stores[url] = create_storage(url, heartbeat_interval=None)
-    return _stores[url]
-
-
 def _of(trials: list[FrozenTrial], proc: Proc) -> list[FrozenTrial]:
     return [t for t in trials if str(t.user_attrs.get(attrs.WORKER, "")).endswith(f":{proc.pid}")]
-
-
-def _wait_for(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _wait_all(procs: list[Proc], timeout: float) -> None:
@@ -452,7 +428,7 @@ def test_a_hanging_subscriber_delays_no_claim_and_the_budget_is_exact(
     # trial as stale, under the budget lock, and tells its observers after releasing it.
     doomed = Proc(tmp_path, "doomed", pg_db, study, SEARCH_TEST_EPOCH_S="60")
     procs.append(doomed)
-    _wait_for("the doomed worker's trial", lambda: _of(_trials(pg_db, study), doomed), 240)
+    wait_for("the doomed worker's trial", lambda: _of(study_trials(pg_db, study), doomed), 240)
     plain = Proc(tmp_path, "plain", pg_db, study)
     hanging = Proc(
         tmp_path, "hanging", pg_db, study, "--callback", "hang_subscriber:Hang",
@@ -465,7 +441,7 @@ def test_a_hanging_subscriber_delays_no_claim_and_the_budget_is_exact(
     assert plain.popen.returncode == 0, plain.stderr()
     assert hanging.popen.returncode == 0, hanging.stderr()
 
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == N  # exactly the budget
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
@@ -508,7 +484,9 @@ def test_a_hanging_subscriber_delays_no_claim_and_the_budget_is_exact(
     assert "Hang busy with a" in hanging.stderr()
     assert "Traceback" not in plain.stderr() + hanging.stderr()
     # Meanwhile the plain worker's own observer wrote each of its trials' dashboard note.
-    system = _store(pg_db).get_study_system_attrs(_store(pg_db).get_study_id_from_name(study))
+    system = storage_of(pg_db).get_study_system_attrs(
+        storage_of(pg_db).get_study_id_from_name(study)
+    )
     for trial in _of(trials, plain):
         keys = compat.dashboard_note_keys(compat.trial_id(trial))
         assert keys is not None and keys[1] in system, trial.number

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,13 +21,16 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from _cli_workers import copies_of
+from _cli_workers import group_alive
+from _cli_workers import study_trials
+from _cli_workers import wait_for
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search.record import attrs
 from search.record.counts import spent_count
 from search.worker.budget import HANDED_BACK
-from search.worker.budget import RETRY_HISTORY
 from storage import create_storage
 
 pytestmark = [
@@ -93,16 +95,8 @@ def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
     for proc in started:
-        if proc.popen.poll() is None or _group_alive(proc.pid):
+        if proc.popen.poll() is None or group_alive(proc.pid):
             proc.kill_group()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _cli(
@@ -125,33 +119,8 @@ def _cli(
     return proc
 
 
-_stores: dict[str, optuna.storages.BaseStorage] = {}
-
-
-def _trials(url: str, study: str) -> list[FrozenTrial]:
-    store = _stores.get(url) or _stores.setdefault(
-        url, create_storage(url, heartbeat_interval=None)
-    )
-    try:
-        return optuna.load_study(study_name=study, storage=store).get_trials(deepcopy=False)
-    except KeyError:
-        return []
-
-
-def _wait_for(
-    what: str, check: Callable[[], object], timeout: float, every: float = 0.2
-) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def _running_of(url: str, study: str, proc: Proc) -> FrozenTrial | None:
-    for trial in _trials(url, study):
+    for trial in study_trials(url, study):
         worker = str(trial.user_attrs.get(attrs.WORKER, ""))
         if trial.state == TrialState.RUNNING and worker.endswith(f":{proc.pid}"):
             return trial
@@ -163,7 +132,7 @@ def _wait_running(url: str, study: str, proc: Proc, timeout: float = 150) -> Fro
         assert proc.popen.poll() is None, proc.stderr()
         return _running_of(url, study, proc)
 
-    trial = _wait_for(f"a running trial of pid {proc.pid}", check, timeout)
+    trial = wait_for(f"a running trial of pid {proc.pid}", check, timeout)
     assert isinstance(trial, FrozenTrial)
     return trial
 
@@ -179,7 +148,7 @@ def _children_gone(tmp: Path) -> None:
     """Every training child the objective recorded has exited."""
     for pid_file in (tmp / "children").iterdir():
         pid = int(pid_file.name)
-        _wait_for(f"training child {pid} to exit", lambda p=pid: not _alive(p), 10)
+        wait_for(f"training child {pid} to exit", lambda p=pid: not _alive(p), 10)
 
 
 def _alive(pid: int) -> bool:
@@ -201,10 +170,6 @@ def _no_traceback(*procs: Proc) -> None:
 def finished_count_of(trials: list[FrozenTrial]) -> int:
     """The study's finished trials as the budget counts them."""
     return spent_count(trials) - sum(t.state == TrialState.RUNNING for t in trials)
-
-
-def _copies_of(trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
-    return [t for t in trials if number in t.system_attrs.get(RETRY_HISTORY, ())]
 
 
 def _terminate_backends(pg_url: str, database: str) -> int:
@@ -240,10 +205,10 @@ def test_a_paused_worker_drops_its_stale_trial_and_goes_on(
         def failed() -> bool:
             return any(
                 t.number == trial.number and t.state == TrialState.FAIL
-                for t in _trials(pg_db, study)
+                for t in study_trials(pg_db, study)
             )
 
-        _wait_for(f"trial {trial.number} to be failed as stale", failed, 60)
+        wait_for(f"trial {trial.number} to be failed as stale", failed, 60)
     finally:
         os.kill(paused.pid, signal.SIGCONT)
     resumed = datetime.now()
@@ -254,11 +219,11 @@ def test_a_paused_worker_drops_its_stale_trial_and_goes_on(
         f"trial {trial.number} was failed as stale and re-queued elsewhere; dropping its result"
         in paused.stderr()
     )
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     assert finished_count_of(trials) == 6
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    copies = _copies_of(trials, trial.number)
+    copies = copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.COMPLETE
     assert copies[0].params == trial.params
     # The paused worker went on with a next trial after it woke up.
@@ -294,10 +259,10 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     seen: list[FrozenTrial] = []
 
     def requeued() -> bool:
-        seen[:] = _trials(pg_db, study)
-        return bool(_copies_of(seen, number))
+        seen[:] = study_trials(pg_db, study)
+        return bool(copies_of(seen, number))
 
-    _wait_for(f"trial {number} to be re-queued", requeued, 60, every=0.1)
+    wait_for(f"trial {number} to be re-queued", requeued, 60, every=0.1)
     print(f"trial {number} re-queued {time.monotonic() - killed:.1f} s after the kill")
     # Re-queued while the survivors' own (60 s) trials still ran, as seen with the copy.
     busy = {t.number: t.state for t in seen if t.number in {r.number for r in running[1:]}}
@@ -314,13 +279,13 @@ def test_a_killed_workers_trial_is_requeued_while_survivors_are_busy(
     for proc in survivors:
         assert _finish(proc, 60) == 0, proc.stderr()
     _no_traceback(*survivors)
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert sorted(t.number for t in handed) == sorted(r.number for r in running[1:])
     for proc, trial in zip(survivors, running[1:], strict=True):
         assert f"terminated: trial {trial.number} handed back and re-queued" in proc.stdout()
-        assert len(_copies_of(trials, trial.number)) == 1
+        assert len(copies_of(trials, trial.number)) == 1
     assert finished_count_of(trials) == 0  # nothing finished, nothing spent twice
     _children_gone(tmp_path)
     # The dashboard tells why the dead worker's trial failed (the survivor that failed it wrote
@@ -351,11 +316,11 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
                 return proc, trial
         return None
 
-    found = _wait_for("a running trial", one_running, 150)
+    found = wait_for("a running trial", one_running, 150)
     assert isinstance(found, tuple)
     busy, trial = found
     idle = pair[1] if busy is pair[0] else pair[0]
-    _wait_for("the idle worker to poll", lambda: "waiting for the running" in idle.stderr(), 150)
+    wait_for("the idle worker to poll", lambda: "waiting for the running" in idle.stderr(), 150)
     os.kill(idle.pid, signal.SIGTERM)
     assert _finish(idle, 15) == 0, idle.stderr()
     assert "terminated: no trial was running" in idle.stdout()
@@ -373,7 +338,7 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     _no_traceback(idle, busy)
     assert f"terminated: trial {trial.number} handed back and re-queued" in busy.stdout()
     _children_gone(tmp_path)
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert [t.number for t in handed] == [trial.number]
@@ -385,12 +350,12 @@ def test_sigterm_idle_poller_exits_0_and_six_sigterms_hand_back_once(
     system = noted._storage.get_study_system_attrs(noted._study_id)
     note = get_note_from_system_attrs(system, handed[0]._trial_id)["body"]
     assert note.startswith("handed back"), note
-    copies = _copies_of(trials, trial.number)
+    copies = copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.WAITING
     # The budget is exact: a next worker runs the re-queued copy, and that is the one trial.
     last = _cli(procs, tmp_path, "last", "worker", pg_db, study, 1, epochs=1, epoch_s=0.1)
     assert _finish(last) == 0, last.stderr()
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     assert finished_count_of(trials) == 1
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert [t.number for t in done] == [copies[0].number]
@@ -411,14 +376,14 @@ def test_terminating_every_connection_twice_loses_nothing(
     for target in (1, 3):
 
         def reached(target: int = target) -> bool:
-            return finished_count_of(_trials(pg_db, study)) >= target
+            return finished_count_of(study_trials(pg_db, study)) >= target
 
-        _wait_for(f"{target} finished trials", reached, 150)
+        wait_for(f"{target} finished trials", reached, 150)
         assert _terminate_backends(pg_url, database) > 0
     for proc in workers:
         assert _finish(proc) == 0, proc.stderr()
     _no_traceback(*workers)
-    trials = _trials(pg_db, study)
+    trials = study_trials(pg_db, study)
     assert finished_count_of(trials) == 6
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
@@ -433,17 +398,17 @@ def test_sigint_on_search_run_hands_the_trial_back_and_says_so(
     url = f"sqlite:///{tmp_path}/run.db"
     run = _cli(procs, tmp_path, "run", "run", url, "ctrl-c", 2, epochs=120, epoch_s=0.5)
     trial = _wait_running(url, "ctrl-c", run)
-    _wait_for("the training child", lambda: any((tmp_path / "children").iterdir()), 60)
+    wait_for("the training child", lambda: any((tmp_path / "children").iterdir()), 60)
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
     assert _finish(run, 30) == 130, run.stderr()
     _no_traceback(run)
     assert f"interrupted: trial {trial.number} handed back and re-queued" in run.stdout()
     _children_gone(tmp_path)
-    trials = _trials(url, "ctrl-c")
+    trials = study_trials(url, "ctrl-c")
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert [t.number for t in handed] == [trial.number]
-    copies = _copies_of(trials, trial.number)
+    copies = copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.WAITING
 
 
@@ -460,7 +425,7 @@ def test_workers_on_one_sqlite_file_create_the_study_once_and_finish_exactly_n(
     _no_traceback(*workers)
     store = create_storage(url, heartbeat_interval=None)
     assert [s.study_name for s in optuna.get_all_study_summaries(store)] == ["shared"]
-    trials = _trials(url, "shared")
+    trials = study_trials(url, "shared")
     assert finished_count_of(trials) == 5
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     # One baseline per model was enqueued, once (the spec has one model).
