@@ -193,10 +193,11 @@ class Worker:
             events=EventDispatcher(subscribers),
         )
         worker.stage_plan = worker._make_stage_plan()
-        if worker.grid_choices() is not None and isinstance(study.sampler, ConditionalSampler):
+        choices = worker.grid_choices()
+        if choices is not None and isinstance(study.sampler, ConditionalSampler):
             # Outside a step (nothing pinned) the sampler asks the study itself.
             study.sampler.feasible = feasibility(
-                worker.grid_choices() or {},
+                choices,
                 worker.config_for,
                 worker.arch_of,
                 worker.device,
