@@ -1,86 +1,118 @@
-"""Worker-hours to a near-best config: old random sweep vs TPE vs the staged strategy (surrogate).
+"""Worker-hours to a near-best config: random sweeps vs TPE vs the staged strategy, per world.
 
 Real Optuna studies in memory, each run by the service's own trial step
 (``search.worker.worker.Worker.open`` + ``Worker.step``: the claim with free skips and the
-stage plan, ``search.sampling``'s sampler and space, the feasible draws, the preflight with the
-OOM frontier, the trial record, the tell); only the training is replaced, by a surrogate
-trainer (``trainer=``) of the ko-retrieval space on a 24 GiB GPU:
+stage plan, the sampler and space, the feasible draws, the preflight with the OOM frontier,
+the trial record, the tell); only the training is replaced, by a surrogate trainer
+(``bench/surrogate_ko.py``: score surface, learning curve with eval noise, time, memory).
 
-* **score** (nDCG@10 after training): each model's ceiling from the published Korean figures in
-  DESIGN.md (mean of Ko-StrategyQA and AutoRAGRetrieval: bge-m3-ko 0.835, multilingual-e5-small
-  0.777, multilingual-minilm 0.441; ko-simcse has none published: 0.70 assumed), minus
-  quadratic penalties in log learning rate (0.06 per decade squared, around a per-model
-  optimum), log temperature, warmup and weight decay, plus a small gain for larger batches
-  (more in-batch negatives) and a loss for short ``max_len``. Assumed shapes, not fitted.
-* **learning curve**: at a fraction ``f`` of training the score is
-  ``final - 0.15 (1 - f)^1.5`` plus noise (sd 0.01 on the fixed eval sample, 0.002 on the
-  full eval), so rankings at the same step mostly hold (kind to pruning).
-* **time**: ``6 x non-embedding parameters x tokens`` per training example (query 24 tokens,
-  passages ``min(max_len, 170)``, one hard negative), 50,000 pairs, 2 epochs, at 40 TFLOP/s;
-  gradient checkpointing x1.33; a load of 36 s (72 s for bge-m3-ko); 5 s per sample eval.
-  bge-m3-ko trains in about 0.6 h, the small models in about 0.04 h.
-* **memory**: ``search.memory.estimate`` (CUDA, AMP) times a fixed per-config factor
-  (lognormal, sd 0.1: the estimate's error), against 24 GiB. A real OOM costs the load plus
-  one step with the service's fail-fast first step, and the load plus a random part of the
-  first epoch without it (the old sweep: the longest batch turns up anywhere).
+Surrogate (default world): each model's ceiling from the published Korean figures in DESIGN.md
+(mean of Ko-StrategyQA and AutoRAGRetrieval: bge-m3-ko 0.835, multilingual-e5-small 0.777,
+multilingual-minilm 0.441; ko-simcse 0.70 assumed), minus quadratic penalties in log learning
+rate (per-model optimum), log temperature (0.03), warm-up (0.1) and weight decay (0.01), plus
+0.004 per doubling of the batch and a loss for short ``max_len``. At a fraction ``f`` of
+training a config scores ``final - amp (1 - f)^pow`` (amp 0.15, pow 1.5, each times a
+lognormal factor per config, sd 0.3) plus the eval's noise (sd 0.01 on the fixed eval sample of
+the sooner reports, 0.002 on the full eval at each epoch's end); the bench prints the world's
+Spearman of the sample eval at 10/25/50% of training against the final score, to compare with
+a real-run calibration. Time: ``6 x non-embedding parameters x tokens`` per example, 50,000
+pairs, 2 epochs, 40 TFLOP/s, checkpointing x1.33, load 36 s (72 s bge-m3-ko), 5 s per sample
+eval. Memory: ``search.memory.estimate`` times a per-shape lognormal factor (sd 0.1) against
+24 GiB; a real OOM costs the load plus one step with the service's fail-fast, the load plus a
+random part of the first epoch without. Every random draw is keyed by (world, seed, config,
+step), never by the strategy (common random numbers): comparisons within a seed are paired.
+
+Worlds (``--world NAME[,NAME]`` or ``all``; what each changes, and why a Korean retrieval team
+could be in it):
+
+* ``default``: as above.
+* ``per-model-optima``: temperature, warm-up, weight decay and lr optima differ per model
+  (bge-m3-ko: lr 1.2e-5, temperature 0.05, warm-up 0.05, wd 0.05): a big multilingual
+  model fine-tuned on Korean pairs rarely wants the small models' settings.
+* ``big-not-best``: bge-m3-ko's ceiling 0.76, below e5-small's 0.777: a domain (legal,
+  medical) where the big model's pre-training does not transfer.
+* ``slow-big``: bge-m3-ko's curve starts lower (amp 0.33, pow 2): its early sample evals
+  are a few points below e5-small's although it ends best (a large model with a long warm-up).
+* ``crossing``: curve shapes vary widely per config (amp sd 0.5, pow sd 0.6) and the sample
+  eval is noisier (sd 0.025): a small eval sample, curves that cross.
+* ``gpu16`` / ``gpu80``: a 16 / 80 GiB device; in gpu80 bge-m3-ko gains 0.015 per batch
+  doubling and from long inputs, so shapes beyond 64x384 score higher and fit (an A100-80).
+* ``pairs5k`` / ``pairs500k``: 5,000 / 500,000 training pairs: time x0.1 / x10, and the
+  spec's eval points (every 5,000 examples, warm-up 10,000) move on the curve.
+* ``optimistic-estimate``: true peaks 25% above the service's estimate (another attention
+  kernel, fragmentation).
+* ``band0.5`` / ``band2``: the target within 0.5% / 2% of the best (default 1%), same noise
+  as ``default``.
+* ``border-best``: a 16 GiB device where bge-m3-ko's best shape, 64x384, is a border pair
+  (estimate 18.1 GiB, fits only within the estimate's band; true peak x0.85) and beats its
+  other shapes by more than 1%.
 
 Strategies (same budget of trained trials; skips are free, up to the skip bound):
 
-* **(a) random**: the old W&B sweep: random sampling of the flat space (no per-model
-  conditions; per-model checkpointing kept), no preflight, no frontier, no pruner, no
-  fail-fast: OOMs cost their time. Run through the same step, with the preflight off
-  (``use_estimate`` / ``use_frontier`` False), ``NopPruner`` and no baseline trials.
-* **(b) tpe**: the service before issue 9: TPE over the conditional space, preflight and
-  frontier (and, where the tree has it, the sampler drawing only shapes the preflight lets
-  run: ``search.memory.feasible``, as the worker sets it), median pruner on the per-epoch reports
-  (``PrunerSection()``'s defaults, no ``eval_every_steps``).
-* (``--shared-lr``: one learning-rate optimum for all models, the sensitivity case where the
-  baseline stage's lessons about lr carry over to the big model.)
-* **(c) staged**: the shipped ko-retrieval spec as a user runs it: its stages (baseline small
-  models; big-safe seeded at the frontier with the baseline's best settings and a
-  learning-rate ladder; refine around the top 3), its ``training.eval_every_steps`` (sooner
-  reports on the examples axis) and its pruner, with the same preflight and feasible draws as
-  (b). ``--staged-pruner`` swaps only the pruner's type (a sensitivity run).
+* ``random`` (a): the W&B random sweep as a user runs it: the flat space (no conditions), no
+  preflight, frontier or baselines, no pruner, per-epoch evals only, OOMs cost their time.
+* ``random-hb`` (a-hb): the same with W&B's Hyperband early termination (``early_terminate:
+  {type: hyperband, min_iter: 2, eta: 3}``; :class:`WandbHyperband`, a port of wandb/sweeps'
+  ``hyperband_stopping.py``), an iteration being each logged value of the metric: the sample
+  eval every ``training.eval_every_steps`` examples (and the epoch's full eval), so bands at the
+  2nd, 6th and 18th of 20 reports. ``random-hb-alt``: ``min_iter: 4`` (bands 4, 12), the
+  sensitivity alternative.
+* ``tpe`` (b): plain ``optuna.samplers.TPESampler(seed=seed)`` (Optuna's defaults) given to
+  ``Worker.open(sampler=...)``: the service does not wrap it, so the conditional space falls
+  back to per-model branch names and there are no feasible draws; the preflight, frontier and
+  baselines are the service's; the shipped pruner and sooner reports (as (c)), no stages.
+* ``tpe-big`` (b2): the same on bge-m3-ko alone.
+* ``staged`` (c): the shipped ko-retrieval spec as is.
+* ``staged-device``: (c) with the big-safe stage's ``conditions: device``; ``staged-border``:
+  (c) with ``sampler.border_probability: 0.1`` (only where the spec has these settings).
 
-Prints per strategy the median (and mean) worker-hours until the study first holds a complete
-trial within 1% of the best reachable score (the best surrogate score over every config of the
-flat space that fits 24 GiB), in how many seeds it got there within the budget (a seed that
-never does counts its whole budget's hours: a lower bound), and the ratios c/a and c/b of the
-medians (targets: c <= a/3, c <= b).
+Per world and strategy: the median worker-hours until the study first holds a complete trial
+within the world's band of the best reachable score (the best true score over the flat space's
+configs that truly fit the device, per seed), with a bootstrap 90% interval over seeds (a seed
+that never gets there counts its whole budget's hours: a lower bound), the share of seeds that
+never get there, the median final best (the true score of the complete trial with the best
+reported value: what a team keeps), and the paired ratios of medians c/b, c/b2, c/(a-hb), c/a
+(bootstrap over seeds, the same seeds for both). Seeds: ``--seeds-set tune`` (0-29) or
+``heldout`` (1000-1059, the default, never used for tuning).
 
 Run::
 
-    python bench/bench_search_efficiency.py                  # 20 seeds, budget 60
-    python bench/bench_search_efficiency.py --seeds 5 --budget 40
+    python bench/bench_search_efficiency.py --world all --jobs 2          # held-out seeds
+    python bench/bench_search_efficiency.py --world default --seeds-set tune
+    python bench/bench_search_efficiency.py --quick                       # 3 seeds, 2 worlds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import multiprocessing
 import random
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import optuna  # noqa: E402
+import surrogate_ko as sk  # noqa: E402
+from optuna.trial import FrozenTrial  # noqa: E402
 
 from search.memory.device import DeviceInfo  # noqa: E402
-from search.memory.estimate import estimate_peak_memory  # noqa: E402
 from search.record.config import TrialConfig  # noqa: E402
+from search.record.counts import spent_count  # noqa: E402
 from search.record.models import MODELS  # noqa: E402
-from search.sampling.space import SampledParams  # noqa: E402
-from search.sampling.space import build_config  # noqa: E402
 from search.spec.load import resolve_spec  # noqa: E402
 from search.spec.options import RunOptions  # noqa: E402
-from search.spec.study_spec import PrunerSection  # noqa: E402
 from search.spec.study_spec import SamplerSection  # noqa: E402
 from search.spec.study_spec import StudySpec  # noqa: E402
 from search.worker.budget import SkipBoundError  # noqa: E402
@@ -88,135 +120,141 @@ from search.worker.isolation import TrialOutcome  # noqa: E402
 from search.worker.trainer import TrainHooks  # noqa: E402
 from search.worker.worker import Worker  # noqa: E402
 
-GIB = 2**30
-DEVICE = DeviceInfo(
-    name="cuda:0", label="cuda:0 (surrogate, 24 GiB)", total_bytes=24 * GIB, free_bytes=24 * GIB
-)
-CEILING = {  # DESIGN.md: mean nDCG@10 of Ko-StrategyQA and AutoRAGRetrieval; ko-simcse assumed
-    "bge-m3-ko": (0.796 + 0.874) / 2,
-    "multilingual-e5-small": (0.752 + 0.801) / 2,
-    "multilingual-minilm": (0.459 + 0.423) / 2,
-    "ko-simcse": 0.70,
-}
-LR_OPT = {
-    "bge-m3-ko": 2e-5,
-    "multilingual-e5-small": 6e-5,
-    "multilingual-minilm": 8e-5,
-    "ko-simcse": 4e-5,
-}
-PAIRS, EPOCHS, FLOPS = 50_000, 2, 40e12
-Q_TOKENS, P_TOKENS, HARD_NEGATIVES = 24, 170, 1
-SAMPLE_EVAL_S = 5.0
-TARGET = 0.99  # within 1% of the best reachable score
+SEED_SETS = {"tune": list(range(0, 30)), "heldout": list(range(1000, 1060))}
+BASELINES = ("random", "random-hb", "random-hb-alt", "tpe", "tpe-big")
+STAGED = ("staged", "staged-device", "staged-border")
+STRATEGIES = BASELINES + STAGED
+RATIOS = (("tpe", "c/b"), ("tpe-big", "c/b2"), ("random-hb", "c/(a-hb)"), ("random", "c/a"))
+HYPERBAND = {"random-hb": (2, 3.0), "random-hb-alt": (4, 3.0)}  # (min_iter, eta)
+BORDER_PROBABILITY = 0.1
+QUICK_WORLDS = ("default", "slow-big")
+BIG = "bge-m3-ko"
 
 
-def true_score(cfg: TrialConfig) -> float:
-    """The surrogate's nDCG@10 of a config after full training (see the module docstring)."""
-    penalty = 0.06 * math.log10(cfg.lr / LR_OPT[cfg.model]) ** 2
-    penalty += 0.03 * math.log10(cfg.temperature / 0.03) ** 2
-    penalty += 0.02 * ((cfg.warmup_ratio - 0.1) / 0.1) ** 2
-    penalty += 0.004 * abs(cfg.weight_decay - 0.01) / 0.1
-    bonus = 0.012 * math.log2(cfg.batch_size / 32) / 3
-    short = 0.03 * math.exp(-(cfg.max_len - 64) / 100)
-    return CEILING[cfg.model] - penalty + bonus - short
+class WandbHyperband(optuna.pruners.BasePruner):
+    """W&B sweeps' Hyperband early termination (wandb/sweeps ``hyperband_stopping.py``,
+    ``min_iter`` form, ``strict`` as its schema's default), as an Optuna pruner.
 
+    Bands at ``min_iter x eta^k`` iterations (an iteration: each reported value, in step
+    order). At its latest band ``b`` (``b <= len(history)``) a run stops when its value at
+    iteration ``b`` is worse than the ``int(n / eta)``-th best of the ``n`` runs of the sweep
+    (any state, itself included) that reached ``b``: the top ``1/eta`` go on. W&B's controller
+    checks runs periodically; here each report is checked (the same decisions when runs go one
+    at a time, as here).
+    """
 
-def _non_embedding_params(model: str) -> float:
-    info = MODELS[model]
-    return float(info.n_params - (info.vocab + info.max_positions) * info.hidden)
+    def __init__(self, min_iter: int = 2, eta: float = 3.0) -> None:
+        self.bands = [int(min_iter * eta**k) for k in range(100) if min_iter * eta**k < 1e9]
+        self.eta = eta
 
-
-def train_hours(cfg: TrialConfig) -> float:
-    """Hours of one full training run (without load and evaluation)."""
-    tokens = min(cfg.max_len, Q_TOKENS) + (1 + HARD_NEGATIVES) * min(cfg.max_len, P_TOKENS)
-    seconds = 6 * _non_embedding_params(cfg.model) * tokens * PAIRS * EPOCHS / FLOPS
-    seconds *= 1.33 if cfg.gradient_checkpointing else 1.0
-    seconds *= 1.0 - 0.1 * math.log2(cfg.batch_size / 32) / 3  # bigger batches run a bit faster
-    return seconds / 3600
-
-
-def load_hours(cfg: TrialConfig) -> float:
-    return (72.0 if cfg.model == "bge-m3-ko" else 36.0) / 3600
-
-
-def true_peak_bytes(cfg: TrialConfig) -> float:
-    """The estimate times a fixed per-config factor: the estimate's own error."""
-    rng = random.Random(f"{cfg.model}/{cfg.batch_size}/{cfg.max_len}/{cfg.gradient_checkpointing}")
-    factor = math.exp(rng.gauss(0.0, 0.1))
-    return estimate_peak_memory(MODELS[cfg.model], cfg, device_type="cuda").total_bytes * factor
-
-
-def curve(final: float, f: float, noise: float, rng: random.Random) -> float:
-    return final - 0.15 * (1.0 - f) ** 1.5 + rng.gauss(0.0, noise)
-
-
-def best_reachable(spec: StudySpec) -> float:
-    """The best surrogate score over the flat space's configs that fit the device."""
-    best = -1.0
-    for model in spec.models:
-        for batch in spec.space.batch_size:
-            for max_len in spec.space.max_len:
-                if max_len > MODELS[model].max_tokens:
-                    continue
-                params = SampledParams(
-                    model=model,
-                    batch_size=batch,
-                    max_len=max_len,
-                    lr=LR_OPT[model],
-                    temperature=0.03,
-                    warmup_ratio=0.1,
-                    weight_decay=0.01,
-                )
-                cfg = build_config(spec, params, model_path="x", device="cuda")
-                if true_peak_bytes(cfg) <= DEVICE.total_bytes:
-                    best = max(best, true_score(cfg))
-    return best
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        history = [v for _, v in sorted(trial.intermediate_values.items())]
+        passed = [b for b in self.bands if b <= len(history)]
+        if not passed:
+            return False
+        band = passed[-1]
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        values = [sign * history[band - 1]]
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number:
+                continue
+            theirs = [v for _, v in sorted(other.intermediate_values.items())]
+            if len(theirs) >= band:
+                values.append(sign * theirs[band - 1])
+        threshold = sorted(values)[int((1.0 / self.eta) * len(values))]
+        return sign * history[band - 1] > threshold
 
 
 @dataclass
 class Result:
-    hours: float  # worker-hours until the target (or the whole budget's when not reached)
-    reached: bool
+    """One study: hours to the target (None: never), its whole hours, its final best."""
+
+    world: str
+    strategy: str
+    seed: int
+    hours_to_target: float | None
+    hours: float
+    final_best: float  # true score of the complete trial with the best reported value
     trained: int
     skips: int
     ooms: int
     pruned: int
 
+    @property
+    def cost(self) -> float:
+        """Hours to the target, or the whole budget's (a lower bound) when never reached."""
+        return self.hours if self.hours_to_target is None else self.hours_to_target
 
-def strategy_spec(kind: str, pruner: str | None = None) -> StudySpec:
-    """The shipped ko-retrieval spec, shaped for one strategy.
 
-    (c) is the spec as shipped (its stages, ``training.eval_every_steps`` and pruner);
-    ``pruner`` replaces (c)'s pruner type (a sensitivity run), keeping the shipped settings.
-    (b) drops the stages and the sooner reports and uses the median pruner as it was before
-    issue 9 (``PrunerSection()``'s defaults, per-epoch reports). (a) drops the conditions too.
-    """
+def has_device_conditions() -> bool:
+    """Whether the product's stages accept ``conditions: device`` (helper S2, issue 16)."""
+    from search.spec.study_spec import StageSection
+
+    return "device" in str(StageSection.model_fields["conditions"].annotation)
+
+
+def has_border_probability() -> bool:
+    return "border_probability" in SamplerSection.model_fields
+
+
+def available(strategy: str) -> bool:
+    if strategy == "staged-device":
+        return has_device_conditions()
+    if strategy == "staged-border":
+        return has_border_probability()
+    return strategy in STRATEGIES
+
+
+def flat_spec() -> StudySpec:
+    """The shipped spec's models and ranges, no conditions, no stages (the W&B sweep's)."""
     spec = resolve_spec("ko-retrieval", None)
-    if kind == "random":
-        space = spec.space.model_copy(update={"conditions": {}})
-        return spec.model_copy(
-            update={"space": space, "stages": [], "sampler": SamplerSection(type="random")}
-        )
-    if kind == "tpe":
-        training = spec.training.model_copy(update={"eval_every_steps": None})
-        return spec.model_copy(
-            update={"stages": [], "training": training, "pruner": PrunerSection()}
-        )
-    if pruner is not None and pruner != spec.pruner.type:
-        section = spec.pruner.model_copy(update={"type": pruner})
-        return spec.model_copy(update={"pruner": section})
+    space = spec.space.model_copy(update={"conditions": {}})
+    return spec.model_copy(
+        update={"space": space, "stages": [], "sampler": SamplerSection(type="random")}
+    )
+
+
+def strategy_spec(strategy: str) -> StudySpec:
+    """The spec each strategy runs (see the module docstring)."""
+    spec = resolve_spec("ko-retrieval", None)
+    if strategy == "random":
+        flat = flat_spec()
+        training = flat.training.model_copy(update={"eval_every_steps": None})
+        return flat.model_copy(update={"training": training})
+    if strategy.startswith("random-hb"):
+        return flat_spec()
+    if strategy in ("tpe", "tpe-big"):
+        spec = spec.model_copy(update={"stages": []})
+        if strategy == "tpe-big":
+            conditions = {BIG: spec.space.conditions[BIG]} if BIG in spec.space.conditions else {}
+            space = spec.space.model_copy(update={"conditions": conditions})
+            spec = spec.model_copy(update={"models": {BIG: spec.models[BIG]}, "space": space})
+        return spec
+    if strategy == "staged-device":
+        stages = [
+            s.model_copy(update={"conditions": "device"}) if BIG in (s.models or []) else s
+            for s in spec.stages
+        ]
+        return spec.model_copy(update={"stages": stages})
+    if strategy == "staged-border":
+        sampler = spec.sampler.model_copy(update={"border_probability": BORDER_PROBABILITY})
+        return spec.model_copy(update={"sampler": sampler})
+    if strategy != "staged":
+        raise ValueError(f"unknown strategy {strategy!r}")
     return spec
 
 
-def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = None) -> Result:
-    """One study of ``kind`` with ``budget`` trained trials; hours until ``target`` is held.
-
-    The study is the service's (``Worker.open`` on an in-memory storage, ``Worker.step`` per
-    trial); the surrogate trains each config the step hands it and adds up its hours.
-    """
-    spec = strategy_spec(kind, pruner)
-    rng = random.Random(f"{kind}/{seed}")  # the surrogate's noise and OOM points
-    service = kind != "random"
+def run(w: sk.World, strategy: str, seed: int, budget: int, target: float) -> Result:
+    """One study of ``strategy`` in world ``w``: ``budget`` trained trials through the
+    service's step (``Worker.open`` on an in-memory storage, ``Worker.step`` per trial)."""
+    spec = strategy_spec(strategy)
+    service = not strategy.startswith("random")
+    pruner: optuna.pruners.BasePruner | None = None
+    if strategy == "random":
+        pruner = optuna.pruners.NopPruner()
+    elif strategy in HYPERBAND:
+        pruner = WandbHyperband(*HYPERBAND[strategy])
+    sampler = optuna.samplers.TPESampler(seed=seed) if strategy.startswith("tpe") else None
     opts = RunOptions(
         storage_url="inmemory",
         n_trials=budget,
@@ -224,30 +262,39 @@ def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = N
         device="cuda",
         use_estimate=service,  # (a): no preflight, no frontier (and so no feasible draws)
         use_frontier=service,
-        study_name=f"{kind}-{seed}",
-        worker=kind,
+        study_name=f"{strategy}-{seed}",
+        worker=strategy,
+    )
+    device = DeviceInfo(
+        name="cuda:0",
+        label=f"cuda:0 (surrogate, {w.device_gib:g} GiB)",
+        total_bytes=int(w.device_bytes),
+        free_bytes=int(w.device_bytes),
     )
     spent = {"hours": 0.0}
     trained: list[TrialConfig] = []
 
     def trainer(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
         trained.append(cfg)
-        cost, outcome = simulate(cfg, hooks, service=service, rng=rng)
+        cost, outcome = sk.simulate(w, seed, cfg, hooks, fail_fast=service)
         spent["hours"] += cost
         return outcome
 
     counts = {"skips": 0, "ooms": 0, "pruned": 0}
+    reached: float | None = None
+    best_value, best_true = -math.inf, float("nan")
     worker = Worker.open(
         spec,
         opts,
         storage=optuna.storages.InMemoryStorage(),
         check_data=False,
-        device=DEVICE,
+        device=device,
         facts={model: MODELS[model] for model in spec.models},
         model_paths=dict.fromkeys(spec.models, "x"),
         trainer=trainer,
-        pruner=None if service else optuna.pruners.NopPruner(),
-        baselines=service,  # (a), the old sweep, had no baseline trials
+        sampler=sampler,
+        pruner=pruner,
+        baselines=service,  # the W&B sweep has no baseline trials
         warm=False,
     )
     with worker:
@@ -261,126 +308,214 @@ def run(kind: str, seed: int, budget: int, target: float, pruner: str | None = N
             if step.outcome == "skipped":
                 counts["skips"] += 1
             elif step.outcome == "complete":
-                if true_score(trained[-1]) >= target:
-                    return Result(spent["hours"], True, _trained(worker.study), **counts)
+                cfg = trained[-1]
+                score = sk.true_score(w, cfg)
+                if reached is None and score >= target:
+                    reached = spent["hours"]
+                value = worker.study.trials[-1].value
+                if value is not None and value > best_value:
+                    best_value, best_true = value, score
             else:
                 counts["ooms" if step.outcome == "oom" else "pruned"] += 1
-        return Result(spent["hours"], False, _trained(worker.study), **counts)
+        n_trained = spent_count(worker.study.get_trials(deepcopy=False))
+    return Result(w.name, strategy, seed, reached, spent["hours"], best_true, n_trained, **counts)
 
 
-def _trained(study: optuna.Study) -> int:
-    from search.record.counts import spent_count
-
-    return spent_count(study.get_trials(deepcopy=False))
-
-
-def simulate(
-    cfg: TrialConfig, hooks: TrainHooks, *, service: bool, rng: random.Random
-) -> tuple[float, TrialOutcome]:
-    """Train ``cfg`` on the surrogate: (worker-hours spent, outcome), reporting to the pruner
-    through the step's hooks (``report_partial`` for the sooner sample evaluations, ``report``
-    at each epoch's end, on the examples axis)."""
-    load, train = load_hours(cfg), train_hours(cfg)
-    if true_peak_bytes(cfg) > DEVICE.total_bytes:
-        steps = PAIRS * EPOCHS / cfg.batch_size
-        if service:  # fail-fast: the worst-case batch is the first step
-            cost = load + train / steps
-        else:  # the longest batch turns up anywhere in the first epoch
-            cost = load + rng.random() * train / EPOCHS
-        error = "OutOfMemoryError: CUDA out of memory (surrogate)"
-        return cost, TrialOutcome(status="oom", oom_kind="real", phase="forward", error=error)
-    final = true_score(cfg)
-    total = PAIRS * EPOCHS
-    points = [(e * PAIRS, False) for e in range(1, EPOCHS + 1)]
-    if cfg.eval_every_steps:
-        every = cfg.eval_every_steps
-        points += [(s, True) for s in range(every, total, every) if s % PAIRS]
-    spent = load
-    history: list[dict[str, float]] = []
-    for step, sooner in sorted(points):
-        f = step / total
-        value = curve(final, f, 0.01 if sooner else 0.002, rng)
-        spent = load + f * train + (SAMPLE_EVAL_S / 3600 if sooner else 0.0)
-        if sooner:
-            prune = hooks.report_partial(step, {"ndcg@10": value})
-        else:
-            metrics = {"ndcg@10": value, "examples_seen": float(step)}
-            history.append(metrics)
-            prune = hooks.report(step // PAIRS, metrics)
-        if prune:
-            metrics = history[-1] if history else {}
-            return spent, TrialOutcome(status="pruned", metrics=metrics, history=history)
-    value = history[-1]["ndcg@10"]
-    return spent, TrialOutcome(
-        status="complete", value=value, metrics=history[-1], history=history
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument(
-        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1"
-    )
-    parser.add_argument("--budget", type=int, default=60, help="trained trials per study")
-    parser.add_argument("--strategies", default="random,tpe,staged")
-    parser.add_argument(
-        "--staged-pruner",
-        default=None,
-        choices=["median", "successive_halving", "hyperband", "none"],
-        help="(c)'s pruner type on the sooner reports (default: the shipped spec's)",
-    )
-    parser.add_argument(
-        "--shared-lr",
-        action="store_true",
-        help="sensitivity: one learning-rate optimum (3e-5) for every model, so what the small "
-        "models teach about lr holds for bge-m3-ko (default: an optimum per model)",
-    )
-    args = parser.parse_args()
+def _run_task(task: tuple[str, str, int, int, float]) -> Result:
+    name, strategy, seed, budget, target = task
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
-    if args.shared_lr:
-        LR_OPT.update(dict.fromkeys(LR_OPT, 3e-5))
-    flat = strategy_spec("random")
-    best = best_reachable(flat)
-    target = TARGET * best
-    print(
-        f"# surrogate ko-retrieval on a 24 GiB GPU: best reachable nDCG@10 {best:.4f}, target "
-        f">= {target:.4f}; {args.seeds} seeds"
-        + (f" ({args.first_seed}..{args.first_seed + args.seeds - 1})" if args.first_seed else "")
-        + f", budget {args.budget} trained trials per study; "
-        f"lr optimum {'shared' if args.shared_lr else 'per model'}; "
-        f"(c) pruner {strategy_spec('staged', args.staged_pruner).pruner.type}"
+    return run(sk.world(name), strategy, seed, budget, target)
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def _quantiles(xs: Sequence[float]) -> tuple[float, float]:
+    s = sorted(x for x in xs if math.isfinite(x))
+    if not s:
+        return math.nan, math.nan
+    return s[int(0.05 * (len(s) - 1))], s[int(math.ceil(0.95 * (len(s) - 1)))]
+
+
+def bootstrap_median(xs: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """90% percentile interval of the median (seeds resampled)."""
+    rng = random.Random(seed)
+    n = len(xs)
+    meds = [statistics.median(xs[rng.randrange(n)] for _ in range(n)) for _ in range(reps)]
+    return _quantiles(meds)
+
+
+def paired_ratio(
+    num: Sequence[float], den: Sequence[float], reps: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """median(num) / median(den) and its 90% interval, the same seeds resampled for both."""
+    rng = random.Random(seed)
+    n = len(num)
+    ratios = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(
+            statistics.median(num[i] for i in idx) / statistics.median(den[i] for i in idx)
+        )
+    lo, hi = _quantiles(ratios)
+    return statistics.median(num) / statistics.median(den), lo, hi
+
+
+def summarize(results: list[Result]) -> dict[str, object]:
+    costs = [r.cost for r in results]
+    lo, hi = bootstrap_median(costs)
+    finals = [r.final_best for r in results]
+    return {
+        "median_hours": statistics.median(costs),
+        "ci90": [lo, hi],
+        "never": sum(r.hours_to_target is None for r in results) / len(results),
+        "median_final_best": statistics.median(finals),
+        "trained": statistics.mean(r.trained for r in results),
+        "skips": statistics.mean(r.skips for r in results),
+        "ooms": statistics.mean(r.ooms for r in results),
+        "pruned": statistics.mean(r.pruned for r in results),
+        "budget_hours": statistics.median(r.hours for r in results),
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_worlds(text: str) -> list[str]:
+    """``NAME[,NAME...]`` or ``all`` as world names; ArgumentTypeError names a bad one."""
+    names = list(sk.WORLDS) if text.strip() == "all" else [n.strip() for n in text.split(",")]
+    bad = [n for n in names if n not in sk.WORLDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown world {', '.join(map(repr, bad)) or repr(text)}; "
+            f"known: {', '.join(sk.WORLDS)} (or all)"
+        )
+    return names
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if n not in STRATEGIES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {', '.join(map(repr, bad))}; known: {', '.join(STRATEGIES)}"
+        )
+    return names
+
+
+def world_header(w: sk.World, flat: StudySpec) -> str:
+    rho = sk.rank_correlations(w, flat)
+    corr = ", ".join(
+        f"{int(f * 100)}% {rho['all'][f]:.2f}/{rho['within'][f]:.2f}" for f in rho["all"]
     )
-    results: dict[str, list[Result]] = {}
-    for kind in args.strategies.split(","):
-        started = time.monotonic()
-        results[kind] = [
-            run(kind, seed, args.budget, target, args.staged_pruner)
-            for seed in range(args.first_seed, args.first_seed + args.seeds)
-        ]
-        rs = results[kind]
-        hours = [r.hours for r in rs]
-        print(
-            f"{kind:7s} worker-hours to target: median {statistics.median(hours):.2f}, mean "
-            f"{statistics.mean(hours):.2f}; reached {sum(r.reached for r in rs)}/{len(rs)}; per "
-            f"study mean trained {statistics.mean(r.trained for r in rs):.1f}, skips "
-            f"{statistics.mean(r.skips for r in rs):.1f}, real OOMs "
-            f"{statistics.mean(r.ooms for r in rs):.1f}, pruned "
-            f"{statistics.mean(r.pruned for r in rs):.1f} ({time.monotonic() - started:.0f} s)",
-            flush=True,
+    return (
+        f"## world {w.name}: {w.summary}\n"
+        f"# {w.device_gib:g} GiB, {w.pairs} pairs, target {w.target:g} x best; sample-eval sd "
+        f"{w.sample_sd:g}, full-eval sd {w.full_sd:g}; Spearman of the sample eval vs the "
+        f"final score (all models / within a model, 400 random configs): {corr}"
+    )
+
+
+def table(w: sk.World, by: dict[str, list[Result]], best: list[float]) -> list[str]:
+    lines = [
+        f"best reachable (median over seeds) {statistics.median(best):.4f}",
+        "",
+        "| strategy | median h to target [90% CI] | never | median final best | trained | "
+        "skips | real OOMs | pruned | budget h |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for strategy, rs in by.items():
+        s = summarize(rs)
+        lo, hi = s["ci90"]  # type: ignore[misc]
+        lines.append(
+            f"| {strategy} | {s['median_hours']:.2f} [{lo:.2f}, {hi:.2f}] | "
+            f"{s['never']:.0%} | {s['median_final_best']:.4f} | {s['trained']:.1f} | "
+            f"{s['skips']:.1f} | {s['ooms']:.1f} | {s['pruned']:.1f} | {s['budget_hours']:.1f} |"
         )
-    if {"random", "tpe", "staged"} <= results.keys():
-        med = {k: statistics.median(r.hours for r in v) for k, v in results.items()}
-        paired = [
-            c.hours / b.hours for c, b in zip(results["staged"], results["tpe"], strict=True)
+    lines.append("")
+    for staged in [s for s in STAGED if s in by]:
+        parts = []
+        for base, label in RATIOS:
+            if base in by:
+                r, lo, hi = paired_ratio([x.cost for x in by[staged]], [x.cost for x in by[base]])
+                name = label if staged == "staged" else label.replace("c/", f"{staged}/")
+                parts.append(f"{name} {r:.3f} [{lo:.3f}, {hi:.3f}]")
+        if parts:
+            lines.append(f"paired ratios of medians (90% CI): {'; '.join(parts)}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--world", type=parse_worlds, default=["default"], help="NAME[,...]|all")
+    parser.add_argument("--seeds-set", choices=sorted(SEED_SETS), default="heldout")
+    parser.add_argument("--seeds", type=int, default=None, help="only the first N of the set")
+    parser.add_argument("--budget", type=int, default=60, help="trained trials per study")
+    parser.add_argument(
+        "--strategies",
+        type=parse_strategies,
+        default=None,
+        help=f"comma-separated (default: every available one of {', '.join(STRATEGIES)})",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="processes (at most 2 here)")
+    parser.add_argument("--json", type=Path, default=None, help="write everything there")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables there")
+    parser.add_argument("--quick", action="store_true", help="3 seeds, worlds default,slow-big")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    worlds = list(QUICK_WORLDS) if args.quick else args.world
+    seeds = SEED_SETS[args.seeds_set][: 3 if args.quick else args.seeds]
+    strategies = args.strategies or [s for s in STRATEGIES if available(s)]
+    missing = [s for s in strategies if not available(s)]
+    if missing:
+        parser.error(f"strategy {', '.join(missing)}: the product's spec lacks the setting")
+    flat = flat_spec()
+    started = time.monotonic()
+    out: list[str] = [
+        f"# surrogate ko-retrieval, {len(seeds)} {args.seeds_set} seeds "
+        f"({seeds[0]}..{seeds[-1]}), budget {args.budget} trained trials per study, "
+        f"strategies {', '.join(strategies)}; ratios: staged over each baseline"
+    ]
+    print(out[0], flush=True)
+    everything: dict[str, object] = {"seeds_set": args.seeds_set, "seeds": seeds, "worlds": {}}
+    for name in worlds:
+        w = sk.world(name)
+        t0 = time.monotonic()
+        header = world_header(w, flat)
+        print(header, flush=True)
+        best = [sk.best_config_score(w, seed, flat) for seed in seeds]
+        tasks = [
+            (name, strategy, seed, args.budget, w.target * b)
+            for strategy in strategies
+            for seed, b in zip(seeds, best, strict=True)
         ]
-        print(
-            f"ratio c/a {med['staged'] / med['random']:.3f} (target <= 0.333), c/b "
-            f"{med['staged'] / med['tpe']:.3f} (target <= 1); paired c/b per seed: median "
-            f"{statistics.median(paired):.3f}"
-        )
+        if args.jobs > 1:
+            with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+                results = pool.map(_run_task, tasks, chunksize=1)
+        else:
+            results = [_run_task(t) for t in tasks]
+        by = {s: [r for r in results if r.strategy == s] for s in strategies}
+        lines = table(w, by, best)
+        lines.append(f"({time.monotonic() - t0:.0f} s)")
+        print("\n".join(lines), flush=True)
+        out += ["", header, *lines]
+        everything["worlds"][name] = {  # type: ignore[index]
+            "world": {k: (str(v) if k == "peak_override" else v) for k, v in asdict(w).items()},
+            "best_reachable": best,
+            "summary": {s: summarize(rs) for s, rs in by.items()},
+            "results": [asdict(r) for r in results],
+        }
+    total = f"total {time.monotonic() - started:.0f} s"
+    print(total)
+    out.append(total)
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text("\n".join(out) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
