@@ -24,7 +24,14 @@ skipped as before (recorded, free, counted against the skip bound): a space wher
 still stops on the bound with its one line.
 
 Workers on different devices share a study: each asks about its own device, so a 24 GiB worker
-draws from its own region while an 80 GiB one draws larger configs.
+draws from its own region while an 80 GiB one draws larger configs. A stage with ``conditions:
+device`` (``search.spec.stage_check``) has the grid ask about the space's full choices for its
+models (``grid_choices_for``), so it widens to what each device fits; a frontier seed of such a
+stage is one the preflight lets run (``preflight_fits``).
+
+With ``sampler.border_probability`` above 0, that share of trials draws among a model's border
+pairs instead of its sure ones (``search.sampling.sampler``): the price is a real OOM when the
+estimate was right, the gain a config the sure pairs never reach.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
     "feasible_grid",
     "feasibility",
     "grid_decision",
+    "preflight_fits",
 ]
 
 # ``{model: {(batch_size, max_len) the preflight lets run: True when it fits without the band}}``.
@@ -126,6 +134,24 @@ def feasible_grid(
                     sure = estimate.total_bytes <= device.free_bytes or estimate.total_mb <= proven
                     grid[model][batch, max_len] = sure or not use_estimate
     return grid
+
+
+def preflight_fits(
+    cfg: TrialConfig,
+    arch: ModelInfo,
+    device: DeviceInfo,
+    trials: Sequence[FrozenTrial],
+    *,
+    use_estimate: bool = True,
+    use_frontier: bool = True,
+) -> bool:
+    """Whether the preflight lets ``cfg`` run on ``device`` given the study's ``trials`` (the
+    grid's membership for one config: a frontier seed must pass it, sure or border)."""
+    trials = evidence([t for t in trials if t.state in PREFLIGHT_STATES])
+    decision = preflight(
+        cfg, arch, device, trials, use_estimate=use_estimate, use_frontier=use_frontier
+    )
+    return not decision.skip
 
 
 def grid_decision(decisions: Decisions, cfg: TrialConfig) -> PreflightDecision | None:

@@ -25,6 +25,18 @@ pair, which fits only within the band, is left to the deliberate probes: big-saf
 seeds, ``search refine``, enqueued configs). Skips then come only from what the grid cannot know
 (a pair ruled out by another worker's OOM since the trial began, an enqueued config).
 
+Border pairs with a small probability (``sampler.border_probability``, default 0): that share of
+the trials whose model has both sure and border pairs draws ``batch_size`` / ``max_len`` (or
+rounds TPE's proposal) among its border pairs instead. Whether a trial does is a coin of its own,
+seeded by the sampler's seed and the trial's number, so it does not depend on which worker
+samples it or in what order. The price is a real OOM when the estimate was right; the gain, a
+best config at the border that no sure draw reaches (``bench/bench_oom_budget.py
+--border-probability``).
+
+A stage with ``conditions: device`` (``search.spec.stage_check``) lets its models draw any of the
+space's ``batch_size`` / ``max_len`` choices, narrowed by the grid to what the worker's device
+fits; a worker without a grid keeps them to the space's conditions.
+
 Example:
     >>> import optuna
     >>> from search.sampling.space import sample_params
@@ -44,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -65,6 +78,7 @@ from search.record import attrs
 from search.record.counts import is_skip
 from search.sampling import pruners
 from search.spec.space_check import CONDITIONAL_PARAMS
+from search.spec.stage_check import DEVICE
 from search.spec.stage_check import stage_choices
 from storage import compat
 
@@ -131,8 +145,9 @@ class ConditionalSampler(BaseSampler):
     In a staged search (``search.sampling.stages``) the trial's stage (its user attribute
     ``stage``, else ``stage``, set by the worker under the budget lock before it asks) narrows the
     choices further: ``model`` to the stage's models (a proposal outside them is dropped and
-    drawn uniformly among them) and ``batch_size`` / ``max_len`` to the stage's conditions.
-    The distributions stay the same in every stage.
+    drawn uniformly among them) and ``batch_size`` / ``max_len`` to the stage's conditions
+    (``conditions: device``: the space's full choices, narrowed by the grid; without a grid, the
+    space's conditions). The distributions stay the same in every stage.
 
     Args:
         base: The sampler that proposes values.
@@ -144,6 +159,8 @@ class ConditionalSampler(BaseSampler):
             weights are here), in every stage; None: all.
         n_startup_trials: Trained trials (skips excluded) before ``base`` proposes anything;
             until then every value is drawn at random.
+        border_probability: The share of trials (per trial, seeded by ``seed`` and the trial's
+            number) that draw among the model's border pairs instead of its sure ones.
 
     Attributes:
         feasible: Set by the worker (``search.memory.feasible.feasibility``): the study's grid of
@@ -160,8 +177,13 @@ class ConditionalSampler(BaseSampler):
         stages: Mapping[str, Mapping[str, Any]] | None = None,
         models: Sequence[str] | None = None,
         n_startup_trials: int = 0,
+        border_probability: float = 0.0,
     ) -> None:
         self._base = base
+        self._border_p = border_probability
+        # The border coins' seed: the sampler's, else one of this sampler's own.
+        self._coin_seed = seed if seed is not None else random.SystemRandom().getrandbits(64)
+        self._coins: dict[int, bool] = {}  # trial number: draws among its border pairs
         self._n_startup = n_startup_trials
         self._startup_done = False  # trained trials only grow: checked until reached
         self._choices = {name: dict(per) for name, per in choices.items()}
@@ -224,7 +246,9 @@ class ConditionalSampler(BaseSampler):
         """The choices of ``name`` for ``model``, or None for an unconditional parameter."""
         stage = self._stage_of(trial) if trial is not None else None
         if stage is not None and isinstance(model, str) and model in stage.get(name, {}):
-            return tuple(stage[name][model])
+            # ``conditions: device`` widens only where a grid narrows to what the device fits.
+            if stage.get("conditions") != DEVICE or self._has_grid():
+                return tuple(stage[name][model])
         per_model = self._choices.get(name)
         if per_model is None or not isinstance(model, str) or model not in per_model:
             return None
@@ -257,11 +281,24 @@ class ConditionalSampler(BaseSampler):
             for pair, fits in grid.get(model, {}).items()
             if pair[0] in batches and pair[1] in lengths
         }
-        return (
-            {pair for pair, fits in pairs.items() if fits}
-            if sure and any(pairs.values())
-            else set(pairs)
-        )
+        if not sure:
+            return set(pairs)
+        sure_pairs = {pair for pair, fits in pairs.items() if fits}
+        border = set(pairs) - sure_pairs
+        if sure_pairs and border and self.border_trial(trial):
+            return border
+        return sure_pairs or border
+
+    def border_trial(self, trial: FrozenTrial) -> bool:
+        """Whether ``trial`` draws among its model's border pairs (``border_probability``):
+        a coin of the trial's own, seeded by the sampler's seed and the trial's number."""
+        if self._border_p <= 0:
+            return False
+        coin = self._coins.get(trial.number)
+        if coin is None:
+            rng = random.Random(f"border:{self._coin_seed}:{trial.number}")
+            coin = self._coins[trial.number] = rng.random() < self._border_p
+        return coin
 
     def feasible_models(
         self, study: Study, trial: FrozenTrial, models: Sequence[str] | None
@@ -428,6 +465,7 @@ def make_sampler(
         stage_choices(spec) if spec.stages else None,
         models,
         spec.sampler.n_startup_trials if spec.sampler.type != "random" else 0,
+        spec.sampler.border_probability,
     )
 
 

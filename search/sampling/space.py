@@ -36,6 +36,7 @@ from search.record.config import TrialConfig
 from search.sampling.sampler import ConditionalSampler
 from search.spec.model_facts import model_settings
 from search.spec.space_check import int_range
+from search.spec.stage_check import grid_choices_for
 
 if TYPE_CHECKING:
     import optuna
@@ -97,10 +98,13 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> SampledParams:
     choices = spec.space.choices_for(model)
     space = spec.space
     if _keeps_conditions(trial):
+        # The sampler keeps draws to the trial's stage; an enqueued value may be any choice the
+        # model has in some stage (a ``conditions: device`` stage: the space's full choices).
+        wide = grid_choices_for(spec, model)
         batch_size = _suggest_shared(
-            trial, "batch_size", model, choices["batch_size"], list(space.batch_size)
+            trial, "batch_size", model, wide["batch_size"], list(space.batch_size)
         )
-        max_len = _suggest_shared(trial, "max_len", model, choices["max_len"], list(space.max_len))
+        max_len = _suggest_shared(trial, "max_len", model, wide["max_len"], list(space.max_len))
     else:
         batch_size = _suggest_branch(trial, "batch_size", model, choices["batch_size"])
         max_len = _suggest_branch(trial, "max_len", model, choices["max_len"])

@@ -113,6 +113,7 @@ def frontier_seeds(
     *,
     config_for: Callable[[str, int, int], TrialConfig],
     device_total_bytes: int,
+    fits: Callable[[TrialConfig], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """What a ``frontier`` stage tries first: per model, its largest safe shape, with the best
     training settings of the earlier stages and a learning-rate ladder.
@@ -122,7 +123,9 @@ def frontier_seeds(
     of the study rules out on this device (``search.memory.frontier.find_frontier_oom``) is passed
     over; a model whose every shape is ruled out gets no seed. ``config_for(model, batch,
     max_len)`` builds the effective config the frontier compares (the runner's
-    ``build_config``).
+    ``build_config``). ``fits`` (the worker's preflight, ``search.memory.feasible.preflight_fits``;
+    None: not asked) passes over a shape the worker's preflight would skip, e.g. beyond its
+    device in a ``conditions: device`` stage.
 
     Settings: the best completed trial of the other stages (``transfer_source``) lends its
     temperature, warm-up and weight decay, which belong to the data and the loss more than to
@@ -147,7 +150,9 @@ def frontier_seeds(
         )
         for batch, length in ordered:
             cfg = config_for(model, batch, length)
-            if find_frontier_oom(trials, cfg, device_total_bytes) is None:
+            if find_frontier_oom(trials, cfg, device_total_bytes) is None and (
+                fits is None or fits(cfg)
+            ):
                 shapes.append({"model": model, "batch_size": batch, "max_len": length})
                 break
     source = transfer_source(spec, stage, trials)
@@ -195,6 +200,8 @@ class StagePlan:
         config_for: ``(model, batch, max_len) -> TrialConfig`` for frontier checks.
         device_total_bytes: Memory a trial may use on this worker's device.
         seed: Seed of the refine draws.
+        fits: ``(config, trials) -> bool``: whether this worker's preflight lets a frontier
+            seed run (``frontier_seeds``); None: not asked.
     """
 
     def __init__(
@@ -206,8 +213,10 @@ class StagePlan:
         config_for: Callable[[str, int, int], TrialConfig],
         device_total_bytes: int,
         seed: int | None = None,
+        fits: Callable[[TrialConfig, Sequence[FrozenTrial]], bool] | None = None,
     ) -> None:
         self._spec = spec
+        self._fits = fits
         self._sampler = sampler
         self._budget = budget
         self._config_for = config_for
@@ -278,12 +287,14 @@ class StagePlan:
 
     def seeds(self, stage: StageSection, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
         """What a ``frontier`` stage enqueues when it starts (``frontier_seeds``)."""
+        fits = self._fits
         return frontier_seeds(
             self._spec,
             stage,
             trials,
             config_for=self._config_for,
             device_total_bytes=self._device_total_bytes,
+            fits=None if fits is None else (lambda cfg: fits(cfg, trials)),
         )
 
 

@@ -17,8 +17,10 @@ import yaml
 from pydantic import ValidationError
 
 from search.spec.model_facts import resolve_facts
+from search.spec.stage_check import DEVICE
 from search.spec.stage_check import StageError
 from search.spec.stage_check import check_stages
+from search.spec.stage_check import stage_models
 from search.spec.study_spec import SpecError
 from search.spec.study_spec import StudySpec
 from search.spec.study_spec import shipped_spec_path
@@ -94,6 +96,16 @@ def _check_positions(spec: StudySpec, path: Path) -> None:
             field, choices = "space.max_len", spec.space.max_len
             fix = f"drop it, or give {model} its own space.conditions.{model}.max_len"
         over = [x for x in choices if x > limit]
+        wide = [i for i, s in enumerate(spec.stages) if s.conditions == DEVICE]
+        wide = [i for i in wide if model in stage_models(spec, spec.stages[i])]
+        long = [x for x in spec.space.max_len if x > limit]
+        if not over and wide and long:  # a ``conditions: device`` stage draws any space.max_len
+            raise SpecError(
+                f"{path}: field stages.{wide[0]}.conditions (value: {DEVICE!r}): widens {model} "
+                f"to space.max_len {long[0]}, but it takes at most {limit} tokens (its position "
+                f"embeddings); leave {model} out of that stage's models, or drop {long[0]} from "
+                "space.max_len"
+            )
         if over:
             raise SpecError(
                 f"{path}: field {field} (value: {over[0]}): {model} takes at most {limit} tokens "

@@ -1,6 +1,13 @@
 """A spec's ``stages:``: their check against the spec's models, space and budget, and what each
 stage samples (its models and their ``batch_size`` / ``max_len`` choices).
 
+A stage's ``conditions: device`` widens its models to the space's full ``batch_size`` /
+``max_len`` choices (``space.conditions`` ignored for them): the sampler then draws among the
+pairs each worker's feasible grid lets run on its own device (``search.memory.feasible``; without
+a grid, e.g. ``--no-estimate --no-frontier``, the space's conditions hold), and a ``frontier``
+seed starts at the largest such pair (``search.sampling.stages.frontier_seeds``). A 24 GiB
+worker and an 80 GiB one of the same study each widen to what their own device fits.
+
 Spec-level facts shared by the spec loader (``search.spec.load``), the stages at run time
 (``search.sampling.stages``), the sampler and ``search refine``.
 """
@@ -16,10 +23,20 @@ if TYPE_CHECKING:
     from search.spec.study_spec import StageSection
     from search.spec.study_spec import StudySpec
 
-__all__ = ["StageChoices", "StageError", "check_stages", "stage_choices", "stage_models"]
+__all__ = [
+    "DEVICE",
+    "StageChoices",
+    "StageError",
+    "check_stages",
+    "grid_choices_for",
+    "stage_choices",
+    "stage_models",
+]
 
-# {stage: {"model": models, "batch_size": {model: choices}, "max_len": {model: choices}}}
+# {stage: {"model": models, "batch_size": {model: choices}, "max_len": {model: choices},
+#  "conditions": DEVICE or "spec"}}
 StageChoices = dict[str, Any]
+DEVICE = "device"  # a stage's ``conditions: device``: what each worker's device fits
 
 
 class StageError(ValueError):
@@ -48,7 +65,8 @@ def check_stages(spec: StudySpec) -> None:
         for model in models:
             if model not in spec.models:
                 raise _fail(i, "models", model, f"not in models ({', '.join(spec.models)})")
-        for model, cond in stage.conditions.items():
+        own = stage.conditions if isinstance(stage.conditions, dict) else {}  # device: none
+        for model, cond in own.items():
             if model not in models:
                 raise _fail(i, "conditions", model, "not one of the stage's models")
             for field in CONDITIONAL_PARAMS:
@@ -90,7 +108,9 @@ def stage_models(spec: StudySpec, stage: StageSection) -> list[str]:
 
 
 def stage_choices(spec: StudySpec) -> dict[str, StageChoices]:
-    """Per stage: its models and each model's ``batch_size`` / ``max_len`` choices.
+    """Per stage: its models, each model's ``batch_size`` / ``max_len`` choices, and
+    ``conditions``: ``device`` (the choices are the space's full ones, for the sampler to narrow
+    to what the worker's device fits) or ``spec`` (the stage's or the space's conditions).
 
     >>> from search.spec.load import load_spec
     >>> from search.spec.study_spec import shipped_spec_path
@@ -101,12 +121,32 @@ def stage_choices(spec: StudySpec) -> dict[str, StageChoices]:
     out: dict[str, StageChoices] = {}
     for stage in spec.stages:
         models = stage_models(spec, stage)
-        entry: StageChoices = {"model": tuple(models)}
+        device = stage.conditions == DEVICE
+        entry: StageChoices = {"model": tuple(models), "conditions": DEVICE if device else "spec"}
         for field in CONDITIONAL_PARAMS:
             per: dict[str, tuple[int, ...]] = {}
             for model in models:
-                own = getattr(stage.conditions.get(model), field, None)
-                per[model] = tuple(own or spec.space.choices_for(model)[field])
+                if isinstance(stage.conditions, dict):
+                    own = getattr(stage.conditions.get(model), field, None)
+                    per[model] = tuple(own or spec.space.choices_for(model)[field])
+                else:
+                    per[model] = tuple(getattr(spec.space, field))
             entry[field] = per
         out[stage.name] = entry
     return out
+
+
+def grid_choices_for(spec: StudySpec, model: str) -> dict[str, list[int]]:
+    """The ``batch_size`` / ``max_len`` choices a worker's feasible grid asks about for
+    ``model``: the space's (under its conditions), or all of the space's choices when a
+    ``conditions: device`` stage samples the model.
+
+    >>> from search.spec.load import load_spec
+    >>> from search.spec.study_spec import shipped_spec_path
+    >>> grid_choices_for(load_spec(shipped_spec_path("ko-retrieval")), "bge-m3-ko")
+    {'batch_size': [32, 64], 'max_len': [256, 384]}
+    """
+    wide = any(s.conditions == DEVICE and model in stage_models(spec, s) for s in spec.stages)
+    if wide:
+        return {"batch_size": list(spec.space.batch_size), "max_len": list(spec.space.max_len)}
+    return dict(spec.space.choices_for(model))

@@ -145,6 +145,16 @@ class SpaceSection(_Strict):
     weight_decay: FloatRange
     conditions: dict[str, Condition] = Field(default_factory=dict)
 
+    @field_validator("conditions", mode="before")
+    @classmethod
+    def _not_device(cls, v: object) -> object:
+        if v == "device":  # a stage's opt-in (stages.N.conditions), not the space's default
+            raise ValueError(
+                "device is for a stage's conditions (stages.N.conditions: device); "
+                "space.conditions maps models to their batch_size / max_len"
+            )
+        return v
+
     @field_validator("lr", "temperature")
     @classmethod
     def _positive_range(cls, v: FloatRange) -> FloatRange:
@@ -226,13 +236,21 @@ class DataSection(_Strict):
 
 
 class SamplerSection(_Strict):
-    """Optuna sampler; TPE is multivariate and grouped so conditional branches are learned."""
+    """Optuna sampler; TPE is multivariate and grouped so conditional branches are learned.
+
+    ``border_probability``: the share of trials whose ``batch_size`` / ``max_len`` are drawn
+    (or TPE's proposal rounded) among the model's border pairs on the worker's device (they fit
+    only within the memory estimate's band) instead of its sure pairs; 0 (default): border
+    pairs are left to deliberate probes (``search.sampling.sampler``). Per trial, deterministic
+    under ``seed``.
+    """
 
     type: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = Field(default=8, ge=0)
     multivariate: bool = True
     group: bool = True
     seed: int | None = None
+    border_probability: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 class PrunerSection(_Strict):
@@ -274,7 +292,9 @@ class StageSection(_Strict):
     (search.sampling.stages).
 
     ``models``: the models it samples (default: all); ``conditions``: its own restriction of
-    ``batch_size`` / ``max_len`` per model (subsets of the space's conditions); ``n_trials``:
+    ``batch_size`` / ``max_len`` per model (subsets of the space's conditions), or ``device``:
+    its models may draw any of the space's ``batch_size`` / ``max_len`` (beyond
+    ``space.conditions``) that the worker's device fits (search.spec.stage_check); ``n_trials``:
     its share of the study's budget (the last stage may leave it out: it runs until the study's
     budget is spent); ``seed``: what is enqueued when it starts: ``none``, ``frontier`` (per
     model, its largest config that no real OOM of the study rules out), ``top_k`` (before each
@@ -284,10 +304,20 @@ class StageSection(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[str] | None = Field(default=None, min_length=1)
-    conditions: dict[str, Condition] = Field(default_factory=dict)
+    conditions: dict[str, Condition] | Literal["device"] = Field(default_factory=dict)
     n_trials: int | None = Field(default=None, ge=1)
     seed: Literal["none", "frontier", "top_k"] = "none"
     top_k: int = Field(default=3, ge=1)
+
+    @field_validator("conditions", mode="before")
+    @classmethod
+    def _device_or_mapping(cls, v: object) -> object:
+        if isinstance(v, str) and v != "device":
+            raise ValueError(
+                "expected device (widen to what each worker's device fits) or a mapping of "
+                "models to their batch_size / max_len"
+            )
+        return v
 
 
 class StudySpec(_Strict):

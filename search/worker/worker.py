@@ -29,6 +29,7 @@ from search.memory.feasible import Decisions
 from search.memory.feasible import FeasibleGrid
 from search.memory.feasible import feasibility
 from search.memory.feasible import feasible_grid
+from search.memory.feasible import preflight_fits
 from search.record import attrs
 from search.record.config import TrialConfig
 from search.record.models import ModelInfo
@@ -44,6 +45,7 @@ from search.spec.model_resolve import recorded_models
 from search.spec.model_resolve import searched_models
 from search.spec.options import RunOptions
 from search.spec.options import study_name_for
+from search.spec.stage_check import grid_choices_for
 from search.spec.stage_check import stage_models
 from search.spec.study_spec import StudySpec
 from search.train.data import validate_data
@@ -284,7 +286,18 @@ class Worker:
             return None
         if not (opts.use_estimate or opts.use_frontier):
             return None
-        return {m: dict(self.spec.space.choices_for(m)) for m in self.model_paths}
+        return {m: grid_choices_for(self.spec, m) for m in self.model_paths}
+
+    def preflight_fits(self, cfg: TrialConfig, trials: Sequence[FrozenTrial]) -> bool:
+        """Whether this worker's preflight lets ``cfg`` run given ``trials`` (a frontier seed)."""
+        return preflight_fits(
+            cfg,
+            self.arch_of(cfg.model),
+            self.device,
+            trials,
+            use_estimate=self.opts.use_estimate,
+            use_frontier=self.opts.use_frontier,
+        )
 
     def feasible_grid(
         self, trials: Sequence[FrozenTrial], decisions: Decisions
@@ -317,6 +330,7 @@ class Worker:
             config_for=self.config_for,
             device_total_bytes=self.device.total_bytes,
             seed=self.opts.seed,
+            fits=self.preflight_fits if self.grid_choices() is not None else None,
         )
 
     def on_requeued(self, stale: list[StaleTrial]) -> None:
