@@ -16,7 +16,10 @@ import pytest
 import torch
 from _factories import trial_config
 
+from search.record import attrs
 from search.record.models import MODELS
+from search.sampling.peer_pruner import PeerMedianPruner
+from search.sampling.peer_pruner import read_record
 from search.sampling.pruners import pruner_from_section
 from search.spec.load import load_spec
 from search.spec.options import DEFAULT_CACHE
@@ -56,6 +59,11 @@ SOONER = [16, 32, 48, 64]
             {"_min_resource": 32, "_max_resource": 640, "_reduction_factor": 3},
         ),
         (PrunerSection(type="none"), optuna.pruners.NopPruner, {}),
+        (
+            PrunerSection(type="peer_median", n_startup_trials=3, warmup_share=0.25),
+            PeerMedianPruner,
+            {"n_startup_trials": 3, "warmup_share": 0.25, "peers": "model", "noise_z": 1.0},
+        ),
     ],
 )
 def test_each_pruner_type_builds(section: PrunerSection, kind: type, checks: dict) -> None:
@@ -117,10 +125,14 @@ def test_train_reports_sooner_on_the_examples_axis(tmp_path: Path) -> None:
 
         def report_partial(step: int, metrics: dict[str, float]) -> bool:
             assert 0.0 <= metrics["ndcg@10"] <= 1.0
+            assert 0.0 <= metrics["ndcg@10_se"] <= 0.5  # the sample's noise, 20 queries
+            assert metrics[attrs.REPORT_EXAMPLES_TOTAL] == 2 * N_TRAIN  # the run's total
             sooner.append(step)  # noqa: B023 - read in this iteration
             return False
 
         def report(epoch: int, metrics: dict[str, float]) -> bool:
+            assert 0.0 <= metrics["ndcg@10_se"] <= 0.5
+            assert metrics[attrs.REPORT_EXAMPLES_TOTAL] == 2 * N_TRAIN
             epochs.append(metrics["examples_seen"])  # noqa: B023
             return False
 
@@ -129,6 +141,9 @@ def test_train_reports_sooner_on_the_examples_axis(tmp_path: Path) -> None:
         assert sooner == SOONER, batch
         assert epochs == [40.0, 80.0], batch
         assert [h["examples_seen"] for h in result.history] == [40.0, 80.0]  # epochs only
+        # The standard errors and the total go to the reports only, not to the record's metrics.
+        assert not [k for h in result.history for k in h if k.endswith("_se")]
+        assert "ndcg@10_se" not in result.metrics and "examples_total" not in result.metrics
 
 
 @pytest.mark.train
@@ -165,3 +180,8 @@ pruner: {{type: successive_halving, min_resource: 16}}
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == [16, 32, 40, 48, 64, 80]
     assert trial.value == trial.intermediate_values[80]  # the last full evaluation
+    # What the peer median pruner reads: the run's total, and each report's standard error.
+    total, se = read_record(trial)
+    assert total == 2 * N_TRAIN
+    assert sorted(se, key=int) == ["16", "32", "40", "48", "64", "80"]
+    assert all(0.0 <= v <= 0.5 for v in se.values()) and any(v > 0 for v in se.values())

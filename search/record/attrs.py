@@ -52,8 +52,15 @@ SYSTEM_CONFIG = "search:config"  # the effective TrialConfig: {"model": ..., "lr
 SYSTEM_METRICS = "search:metrics"  # last epoch's metrics: {"ndcg@10": ..., "mrr@10": ...}
 SYSTEM_HISTORY = "search:history"  # every epoch's metrics: [{"ndcg@10": ...}, ...]
 SYSTEM_ERROR = "search:error"  # the whole error line when the user attr ERROR was cut short
+# What the pruner needs of a running trial's reports (search.sampling.peer_pruner), one JSON
+# object rewritten per report: {"examples_total": int, "se": {"<step>": SE of the metric}}.
+SYSTEM_PRUNING = "search:pruning"
 RETRY_HISTORY = "retry_history"  # Optuna's (RetryHeartbeatStaleTrialCallback): failed numbers
 FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a re-queued one
+
+# Keys of a report's metrics (``TrainHooks.report`` / ``report_partial``), besides the metrics.
+REPORT_EXAMPLES_TOTAL = "examples_total"  # the run's nominal total: epochs x training examples
+SE_SUFFIX = "_se"  # "ndcg@10_se": the standard error over queries of the mean "ndcg@10"
 
 # Study user attributes.
 STUDY_N_TRIALS = "n_trials"  # the study's global budget of finished trials

@@ -259,12 +259,20 @@ class PrunerSection(_Strict):
 
     ``median``: ``n_startup_trials``, ``n_warmup_steps``. ``successive_halving``:
     ``min_resource``, ``reduction_factor``, ``min_early_stopping_rate``. ``hyperband``:
-    ``min_resource``, ``max_resource``, ``reduction_factor``.
+    ``min_resource``, ``max_resource``, ``reduction_factor``. ``peer_median``
+    (search.sampling.peer_pruner): a trial is pruned at step s only past its warm-up,
+    ``warmup_share`` of its own total training (``n_warmup_steps`` when it did not report its
+    total), when at least ``n_startup_trials`` completed ``peers`` reported at s (``model``:
+    trials of its model; ``stage``: of its stage; ``study``: all), and when it is behind their
+    median by more than ``noise_z`` x its report's standard error.
     """
 
-    type: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    type: Literal["median", "successive_halving", "hyperband", "peer_median", "none"] = "median"
     n_startup_trials: int = Field(default=4, ge=0)
     n_warmup_steps: int = Field(default=0, ge=0)
+    peers: Literal["model", "stage", "study"] = "model"  # peer_median: who a trial is held to
+    warmup_share: float = Field(default=0.2, ge=0.0, lt=1.0, allow_inf_nan=False)  # peer_median
+    noise_z: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # peer_median
     min_resource: int | None = Field(default=None, ge=1)  # examples seen; None: Optuna's "auto"
     max_resource: int | None = Field(default=None, ge=1)  # examples seen; None: "auto"
     reduction_factor: int = Field(default=3, ge=2)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
+from search.record.attrs import REPORT_EXAMPLES_TOTAL
 from search.record.config import TrialConfig
 from search.record.precision import CPU_BF16_MIN_HIDDEN  # noqa: F401 - re-exported
 from search.record.precision import autocast as precision_autocast
@@ -51,6 +52,7 @@ from search.train.export import save_trial_model
 from search.train.losses import CachedInfoNCELoss
 from search.train.losses import InfoNCELoss
 from search.train.metrics import evaluate
+from search.train.metrics import without_se
 from search.train.partial_eval import ExamplesAxis
 from search.train.partial_eval import eval_sample
 
@@ -69,8 +71,10 @@ class TrainResult:
     """What one training run measured.
 
     Args:
-        metrics: The last evaluated epoch's retrieval metrics, plus ``loss`` (mean train loss).
-        history: One dict per epoch: ``epoch`` (1-based), ``loss`` and the metrics.
+        metrics: The last evaluated epoch's retrieval metrics, plus ``loss`` (mean train loss)
+            and ``examples_seen``; the standard errors (``ndcg@10_se``) go to the reports only.
+        history: One dict per epoch: ``epoch`` (1-based), ``loss``, ``examples_seen`` and the
+            metrics (without their standard errors).
         peak_memory_mb: CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' peak RSS.
         seconds: Wall seconds of the whole run (load, tokenisation, training, evaluation).
         samples_per_s: Training examples per second over the training steps only.
@@ -369,6 +373,11 @@ def train(
             ``optuna.TrialPruned``. Epoch reports carry ``metrics["examples_seen"]``, the
             same axis (``epoch x`` training examples).
 
+    Both kinds of report also carry each metric's standard error over the evaluated queries
+    (``ndcg@10_se``, ``search.train.metrics``) and ``metrics["examples_total"]``, the run's
+    nominal total on the examples axis (``epochs x`` training examples): the pruner's noise
+    and warm-up (``search.sampling.peer_pruner``).
+
     Returns:
         The last epoch's metrics, the per-epoch history, peak memory, time and throughput.
 
@@ -426,6 +435,7 @@ def train(
     trained = 0
     # Prune sooner: one step axis for every trial, training examples seen (partial_eval).
     axis = ExamplesAxis(len(data), cfg.eval_every_steps if report_partial else None)
+    total = {REPORT_EXAMPLES_TOTAL: float(cfg.epochs * len(data))}  # in every report
     sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
     for epoch in range(1, cfg.epochs + 1):
         batches = _epoch_batches(data, cfg.batch_size, generator)
@@ -472,7 +482,7 @@ def train(
                         model, sample, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE
                     )
                 model.train()
-                if report_partial(point, sooner):
+                if report_partial(point, {**sooner, **total}):
                     raise optuna.TrialPruned(f"pruned at {point} training examples")
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the queued kernels in this epoch's time
@@ -485,8 +495,10 @@ def train(
         model.train()
         metrics["loss"] = loss_sum.item() / len(batches)
         metrics["examples_seen"] = float(axis.epoch_end(epoch))  # the pruner's step axis
+        reported = {**metrics, **total}
+        metrics = without_se(metrics)
         history.append({"epoch": float(epoch), **metrics})
-        if report is not None and report(epoch, dict(metrics)):
+        if report is not None and report(epoch, reported):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time

@@ -2,7 +2,9 @@
 
 Definitions are those of BEIR and sentence-transformers' ``InformationRetrievalEvaluator`` with
 binary relevance; documents with equal scores rank by ascending column index, as that
-evaluator breaks ties by ascending corpus id.
+evaluator breaks ties by ascending corpus id. Each mean comes with its standard error over
+the queries (``ndcg@10_se``): the evaluation's own noise, which the pruner allows for
+(``search.sampling.peer_pruner``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from search.record.attrs import SE_SUFFIX
+
 if TYPE_CHECKING:
     from search.train.data import EvalSet
     from search.train.encoder import BiEncoder
 
 _QUERY_CHUNK = 256  # queries ranked at once: bounds the (chunk, n_rel, n_docs) comparison
+
+
+def se_key(metric: str) -> str:
+    """The key of ``metric``'s standard error: ``ndcg@10`` -> ``ndcg@10_se``."""
+    return metric + SE_SUFFIX
+
+
+def without_se(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` less the standard errors (what a run's final metrics and history keep)."""
+    return {k: v for k, v in metrics.items() if not k.endswith(SE_SUFFIX)}
+
+
+def _mean_and_se(per_query: Tensor) -> tuple[float, float]:
+    """Mean over queries and its standard error ``sd / sqrt(n)`` (``sd`` with ddof 0: exactly
+    the bootstrap standard error of the mean, without resampling)."""
+    n = per_query.numel()
+    return per_query.mean().item(), (per_query.std(correction=0) / math.sqrt(n)).item()
 
 
 def _ranks_of_relevant(scores: Tensor, relevant: Sequence[set[int]]) -> Tensor:
@@ -53,7 +74,8 @@ def _ranks_of_relevant(scores: Tensor, relevant: Sequence[set[int]]) -> Tensor:
 def retrieval_metrics(
     scores: Tensor, relevant: Sequence[set[int]], *, k_values: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Mean nDCG@k, MRR@k and recall@k over queries, with binary relevance.
+    """Mean nDCG@k, MRR@k and recall@k over queries, with binary relevance, and the standard
+    error of each mean over the queries (``sd / sqrt(n)``, ddof 0: the bootstrap SE).
 
     Example:
         >>> import torch
@@ -61,6 +83,11 @@ def retrieval_metrics(
         >>> m = retrieval_metrics(scores, [{2}], k_values=(1, 10))
         >>> m["mrr@10"], m["recall@1"], round(m["ndcg@10"], 4)  # 1/3, 0, 1/log2(4)
         (0.3333333333333333, 0.0, 0.5)
+        >>> m["ndcg@10_se"]  # one query: no spread
+        0.0
+        >>> m = retrieval_metrics(torch.eye(2)[[0, 0]], [{0}, {1}], k_values=(1,))
+        >>> m["recall@1"], m["recall@1_se"]  # per query 1 and 0: sd 0.5, over sqrt(2)
+        (0.5, 0.35355339059327373)
 
     Args:
         scores: Similarity of each query to each document, ``(n_queries, n_docs)``.
@@ -68,7 +95,8 @@ def retrieval_metrics(
         k_values: Cut-offs; each gives ``ndcg@k``, ``mrr@k`` and ``recall@k``.
 
     Returns:
-        The metrics by name, e.g. ``{"ndcg@10": ..., "mrr@10": ..., "recall@1": ...}``.
+        The metrics by name, e.g. ``{"ndcg@10": ..., "mrr@10": ..., "recall@1": ...}``, and
+        their standard errors under :func:`se_key` (``"ndcg@10_se"``, ...).
     """
     if scores.dim() != 2 or scores.shape[0] != len(relevant):
         raise ValueError(
@@ -95,10 +123,14 @@ def retrieval_metrics(
             dtype=torch.float64,
         )
         dcg = (gains * in_top).sum(dim=1)
-        metrics[f"ndcg@{k}"] = (dcg / ideal).mean().item()
         mrr = torch.where(first < k, 1.0 / (first + 1.0), torch.zeros_like(first))
-        metrics[f"mrr@{k}"] = mrr.mean().item()
-        metrics[f"recall@{k}"] = (in_top.sum(dim=1) / n_relevant).mean().item()
+        per_query = {
+            f"ndcg@{k}": dcg / ideal,
+            f"mrr@{k}": mrr,
+            f"recall@{k}": in_top.sum(dim=1) / n_relevant,
+        }
+        for name, values in per_query.items():
+            metrics[name], metrics[se_key(name)] = _mean_and_se(values)
     return metrics
 
 
@@ -125,7 +157,8 @@ def evaluate(
         device: Where the score matrix is computed (default: where the embeddings are).
 
     Returns:
-        The metrics by name (``ndcg@10``, ``mrr@10``, ``recall@1``, ``recall@5``, ...).
+        The metrics by name (``ndcg@10``, ``mrr@10``, ``recall@1``, ``recall@5``, ...), with
+        their standard errors (``ndcg@10_se``, ...; :func:`retrieval_metrics`).
     """
     doc_ids = list(eval_set.corpus)
     column = {doc_id: i for i, doc_id in enumerate(doc_ids)}

@@ -47,8 +47,10 @@ from search.record.counts import is_skip
 from search.record.counts import spent_count
 from search.record.errors import RunError
 from search.record.models import ModelInfo
+from search.record.trial_record import TrialRecord
 from search.record.trial_record import error_of
 from search.record.trial_record import write_record
+from search.sampling.peer_pruner import pruning_record
 from search.sampling.sampler import ConditionalSampler
 from search.sampling.space import build_config
 from search.sampling.space import sample_params
@@ -330,20 +332,34 @@ def _run_trial(
 
 
 def _hooks(worker: StepWorker, trial: optuna.trial.Trial, stop: Callable[[], bool]) -> TrainHooks:
-    """The trainer's reports go to the pruner (and, as events, to the observers)."""
+    """The trainer's reports go to the pruner (and, as events, to the observers).
+
+    Each report's noise and the run's total (``ndcg@10_se``, ``examples_total``) are kept in
+    the trial's ``search:pruning`` system attribute for the pruner (``peer_pruner``): one
+    write per report that brings either, none otherwise.
+    """
     study, events, metric = worker.study, worker.events, worker.spec.study.metric
+    tid = compat.trial_id(trial)
+    record: dict[str, Any] | None = None
+
+    def tell_pruner(step: int, metrics: dict[str, float]) -> bool:
+        nonlocal record
+        trial.report(metrics[metric], step)
+        folded = pruning_record(record, step, metrics, metric)
+        if folded is not None:
+            record = folded
+            write_record(worker.storage, tid, TrialRecord(system={attrs.SYSTEM_PRUNING: record}))
+        return trial.should_prune()
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:
         events.emit(Reported(study, trial.number, epoch, dict(metrics)))
         # One step axis for all trials: training examples seen (search.train.partial_eval);
         # an objective that does not say (a fake one) reports on its epochs.
-        trial.report(metrics[metric], int(metrics.get("examples_seen", epoch)))
-        return trial.should_prune()
+        return tell_pruner(int(metrics.get("examples_seen", epoch)), metrics)
 
     def report_partial(examples_seen: int, metrics: dict[str, float]) -> bool:
         events.emit(Reported(study, trial.number, examples_seen, dict(metrics), partial=True))
-        trial.report(metrics[metric], examples_seen)  # the eval sample's score
-        return trial.should_prune()
+        return tell_pruner(examples_seen, metrics)  # the eval sample's score
 
     def on_step(step: int, values: dict[str, float]) -> None:
         events.emit(StepLogged(study, trial.number, step, dict(values)))
