@@ -79,24 +79,24 @@ def test_the_coin_is_the_trials_own_not_the_order_of_the_draws() -> None:
     assert ahead == behind and 0 < sum(ahead) < 20
 
 
-def _spec_file(tmp_path: Path, line: str) -> Path:
+def _spec_file(tmp_path: Path, value: str) -> Path:
     text = shipped_spec_path("ko-retrieval").read_text(encoding="utf-8")
-    old = "  n_startup_trials: 8\n"
+    old = "  border_probability: 0.0"  # the shipped spec's, with its comment
     assert text.count(old) == 1
     path = tmp_path / "spec.yaml"
-    path.write_text(text.replace(old, old + line), encoding="utf-8")
+    path.write_text(text.replace(old, f"  border_probability: {value}"), encoding="utf-8")
     return path
 
 
 def test_a_border_probability_loads(tmp_path: Path) -> None:
-    spec = load_spec(_spec_file(tmp_path, "  border_probability: 0.1\n"))
+    spec = load_spec(_spec_file(tmp_path, "0.1"))
     assert spec.sampler.border_probability == 0.1
     assert load_spec(shipped_spec_path("ko-retrieval")).sampler.border_probability == 0.0
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", ".nan", "often"])
 def test_a_bad_border_probability_is_one_line(tmp_path: Path, value: str) -> None:
-    path = _spec_file(tmp_path, f"  border_probability: {value}\n")
+    path = _spec_file(tmp_path, value)
     with pytest.raises(SpecError) as err:
         load_spec(path)
     message = str(err.value)
