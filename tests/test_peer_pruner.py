@@ -34,6 +34,7 @@ from search.train.metrics import retrieval_metrics
 from search.worker.isolation import TrialOutcome
 from search.worker.trainer import TrainHooks
 from search.worker.worker import Worker
+from storage import compat
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -106,6 +107,47 @@ def test_a_slow_starting_big_model_is_held_to_its_own_peers() -> None:
     # One that keeps up with its peers is not, however far below the small models it is.
     level = _running("big", _curve(0.20, 0.065), se=0.01)
     assert not pruner.prune(_study(SMALL + peers), level)
+
+
+def _world(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """8 small-model trials that start fast and plateau (0.50 -> 0.55..0.564), then 5
+    big-model trials that start slow (0.20) and mostly end higher (0.50..0.70; the 4th is the
+    study's best), each reporting every 10k of 100k examples with an SE of 0.02 through
+    Optuna's trial API, as the worker's hooks do."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    storage = compat.study_storage(study)
+    runs = [("small", 0.50, 0.05 + 0.002 * i) for i in range(8)]
+    runs += [("big", 0.20, gain) for gain in (0.40, 0.45, 0.42, 0.50, 0.30)]
+    for model, start, gain in runs:
+        study.enqueue_trial({"model": model})
+        trial = study.ask()
+        trial.suggest_categorical("model", MODELS)  # the enqueued model
+        record = None
+        for step in range(10_000, 100_001, 10_000):
+            value = start + gain * step / 100_000
+            trial.report(value, step)
+            report = {"ndcg@10_se": 0.02, attrs.REPORT_EXAMPLES_TOTAL: 1e5}
+            record = pruning_record(record, step, report, "ndcg@10") or record
+            storage.set_trial_system_attr(compat.trial_id(trial), attrs.SYSTEM_PRUNING, record)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+    return study
+
+
+def test_the_slow_starting_big_model_world_keeps_its_best_model() -> None:
+    median = _world(optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=10_000))
+    big = [t for t in median.trials if t.params["model"] == "big"]
+    assert [t.state for t in big] == [TrialState.PRUNED] * 5  # the big model is lost
+    assert median.best_value == pytest.approx(0.564)  # a small model wins
+    peer = _world(PeerMedianPruner(peers="model", n_startup_trials=3, warmup_share=0.2))
+    big = [t for t in peer.trials if t.params["model"] == "big"]
+    assert [t.state for t in big] == [TrialState.COMPLETE] * 4 + [TrialState.PRUNED]
+    assert peer.best_trial.number == big[3].number and peer.best_value == pytest.approx(0.70)
+    assert big[4].last_step == 20_000  # behind its own peers by > 1 SE, past the warm-up
+    assert all(t.state == TrialState.COMPLETE for t in peer.trials if t not in big)
 
 
 NOISE = [(0.02, 1.0, True), (0.04, 1.0, False), (0.02, 2.0, False), (0.0, 1.0, True)]
