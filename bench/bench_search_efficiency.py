@@ -11,16 +11,17 @@ Surrogate (default world): each model's ceiling from the published Korean figure
 multilingual-minilm 0.441; ko-simcse 0.70 assumed), minus quadratic penalties in log learning
 rate (per-model optimum), log temperature (0.03), warm-up (0.1) and weight decay (0.01), plus
 0.004 per doubling of the batch and a loss for short ``max_len``. At a fraction ``f`` of
-training a config scores ``final - amp (1 - f)^pow`` (amp 0.15, pow 1.5, each times a
-lognormal factor per config, sd 0.3) plus the eval's noise (sd 0.01 on the fixed eval sample of
-the sooner reports, 0.002 on the full eval at each epoch's end); the bench prints the world's
-Spearman of the sample eval at 10/25/50% of training against the final score, to compare with
-a real-run calibration. Time: ``6 x non-embedding parameters x tokens`` per example, 50,000
-pairs, 2 epochs, 40 TFLOP/s, checkpointing x1.33, load 36 s (72 s bge-m3-ko), 5 s per sample
-eval. Memory: ``search.memory.estimate`` times a per-shape lognormal factor (sd 0.1) against
-24 GiB; a real OOM costs the load plus one step with the service's fail-fast, the load plus a
-random part of the first epoch without. Every random draw is keyed by (world, seed, config,
-step), never by the strategy (common random numbers): comparisons within a seed are paired.
+training a config scores ``final - amp (1 - f)^pow`` (amp 0.15 and pow 1.5 times lognormal
+factors per config, sd 0.15 and 0.1: ``surrogate_ko.AMP_SD`` / ``POW_SD``, provisional) plus
+the eval's noise (sd 0.01 on the fixed eval sample of the sooner reports, 0.002 on the full
+eval at each epoch's end); the bench prints the world's Spearman of the eval at 10/25/50% of
+training against the final score, to compare with a real-run calibration. Time: ``6 x
+non-embedding parameters x tokens`` per example, 50,000 pairs, 2 epochs, 40 TFLOP/s,
+checkpointing x1.33, load 36 s (72 s bge-m3-ko), 5 s per sample eval. Memory:
+``search.memory.estimate`` times a per-shape lognormal factor (sd 0.1) against 24 GiB; a real
+OOM costs the load plus one step with the service's fail-fast, the load plus a random part of
+the first epoch without. Every random draw is keyed by (world, seed, config, step), never by
+the strategy (common random numbers): comparisons within a seed are paired.
 
 Worlds (``--world NAME[,NAME]`` or ``all``; what each changes, and why a Korean retrieval team
 could be in it):
@@ -147,6 +148,7 @@ class WandbHyperband(optuna.pruners.BasePruner):
     def __init__(self, min_iter: int = 2, eta: float = 3.0) -> None:
         self.bands = [int(min_iter * eta**k) for k in range(100) if min_iter * eta**k < 1e9]
         self.eta = eta
+        self._done: dict[int, list[float]] = {}  # finished trials' histories, read once
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         history = [v for _, v in sorted(trial.intermediate_values.items())]
@@ -159,7 +161,11 @@ class WandbHyperband(optuna.pruners.BasePruner):
         for other in study.get_trials(deepcopy=False):
             if other.number == trial.number:
                 continue
-            theirs = [v for _, v in sorted(other.intermediate_values.items())]
+            theirs = self._done.get(other.number)
+            if theirs is None:
+                theirs = [v for _, v in sorted(other.intermediate_values.items())]
+                if other.state.is_finished():  # its history no longer changes
+                    self._done[other.number] = theirs
             if len(theirs) >= band:
                 values.append(sign * theirs[band - 1])
         threshold = sorted(values)[int((1.0 / self.eta) * len(values))]
@@ -275,12 +281,14 @@ def run(w: sk.World, strategy: str, seed: int, budget: int, target: float) -> Re
         free_bytes=int(w.device_bytes),
     )
     spent = {"hours": 0.0}
+    last = {"value": -math.inf}
     trained: list[TrialConfig] = []
 
     def trainer(cfg: TrialConfig, hooks: TrainHooks) -> TrialOutcome:
         trained.append(cfg)
         cost, outcome = sk.simulate(w, seed, cfg, hooks, fail_fast=service)
         spent["hours"] += cost
+        last["value"] = outcome.value if outcome.value is not None else -math.inf
         return outcome
 
     counts = {"skips": 0, "ooms": 0, "pruned": 0}
@@ -315,8 +323,8 @@ def run(w: sk.World, strategy: str, seed: int, budget: int, target: float) -> Re
                 score = sk.true_score(w, cfg)
                 if reached is None and score >= target:
                     reached = spent["hours"]
-                value = worker.study.trials[-1].value
-                if value is not None and value > best_value:
+                value = last["value"]  # the complete trial's value: its last full eval
+                if value > best_value:
                     best_value, best_true = value, score
             else:
                 counts["ooms" if step.outcome == "oom" else "pruned"] += 1
@@ -410,7 +418,8 @@ def parse_strategies(text: str) -> list[str]:
 def world_header(w: sk.World, flat: StudySpec) -> str:
     rho = sk.rank_correlations(w, flat)
     corr = ", ".join(
-        f"{int(f * 100)}% {rho['all'][f]:.2f}/{rho['within'][f]:.2f}" for f in rho["all"]
+        f"{int(f * 100)}% {rho['all'][f]:.2f}/{rho['within'][f]:.2f}/{rho['within_full'][f]:.2f}"
+        for f in rho["all"]
     )
     at_opt = {m: sk.optimum_config(w, m, flat) for m in (BIG, "multilingual-e5-small")}
     early = ", ".join(
@@ -420,8 +429,9 @@ def world_header(w: sk.World, flat: StudySpec) -> str:
     return (
         f"## world {w.name}: {w.summary}\n"
         f"# {w.device_gib:g} GiB, {w.pairs} pairs, target {w.target:g} x best; sample-eval sd "
-        f"{w.sample_sd:g}, full-eval sd {w.full_sd:g}; Spearman of the sample eval vs the "
-        f"final score (all models / within a model, 400 random configs): {corr}; mean curve of "
+        f"{w.sample_sd:g}, full-eval sd {w.full_sd:g}; Spearman vs the final score, 400 random "
+        f"configs (sample eval all models / sample eval within a model / full eval within a "
+        f"model): {corr}; mean curve of "
         f"bge-m3-ko / e5-small at their optima (64x384, no noise): {early}"
     )
 

@@ -46,8 +46,8 @@ TOTAL_KEY: str = getattr(attrs, "REPORT_EXAMPLES_TOTAL", "examples_total")
 # eval sample (the sooner reports), FULL_SD on the full eval set (each epoch's end).
 CURVE_AMP = 0.15
 CURVE_POW = 1.5
-AMP_SD = 0.3
-POW_SD = 0.3
+AMP_SD = 0.15
+POW_SD = 0.1
 SAMPLE_SD = 0.01
 FULL_SD = 0.002
 EPOCHS, FLOPS = 2, 40e12
@@ -384,8 +384,10 @@ def _spearman(a: list[float], b: list[float]) -> float:
 def rank_correlations(
     w: World, flat: StudySpec, fractions: tuple[float, ...] = (0.1, 0.25, 0.5), n: int = 400
 ) -> dict[str, dict[float, float]]:
-    """Spearman of the sample eval at each fraction of training vs the final true score, over
-    ``n`` random configs of the flat space: across all models, and within each model (mean)."""
+    """Spearman of the eval at each fraction of training vs the final true score, over ``n``
+    random configs of the flat space: the sample eval across all models (``all``) and within
+    each model (``within``, the mean over models); the full eval within each model
+    (``within_full``)."""
     rng = random.Random(f"{w.noise_key}|calibration")
     space = flat.space
     configs: list[TrialConfig] = []
@@ -408,13 +410,15 @@ def rank_correlations(
         configs.append(build_config(flat, params, model_path="x", device="cuda"))
     final = [true_score(w, c) for c in configs]
     total = w.pairs * EPOCHS
-    out: dict[str, dict[float, float]] = {"all": {}, "within": {}}
+    out: dict[str, dict[float, float]] = {"all": {}, "within": {}, "within_full": {}}
     for f in fractions:
-        early = [curve_value(w, 0, c, round(f * total), True) for c in configs]
-        out["all"][f] = _spearman(early, final)
-        per = []
-        for model in flat.models:
-            idx = [i for i, c in enumerate(configs) if c.model == model]
-            per.append(_spearman([early[i] for i in idx], [final[i] for i in idx]))
-        out["within"][f] = float(np.mean(per))
+        for key, sample in (("within", True), ("within_full", False)):
+            early = [curve_value(w, 0, c, round(f * total), sample) for c in configs]
+            if sample:
+                out["all"][f] = _spearman(early, final)
+            per = []
+            for model in flat.models:
+                idx = [i for i, c in enumerate(configs) if c.model == model]
+                per.append(_spearman([early[i] for i in idx], [final[i] for i in idx]))
+            out[key][f] = float(np.mean(per))
     return out
