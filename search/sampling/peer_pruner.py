@@ -27,9 +27,10 @@ value at ``s``, not the trial's best so far: a sample evaluation scores higher t
 one (fewer distractors), so a best-so-far would mix the two; the noise allowance does the
 smoothing instead.
 
-Cost: one read of the completed trials per call (Optuna's pruners read as much); the trial's
-own record (``search:pruning``, a system attribute: one storage read) is read only when it is
-behind the median, the one case that needs its total and its SE.
+Cost: one read of the completed trials per call (Optuna's pruners read as much), grouped by
+peer key again only when a trial completed since the last call; the trial's own record
+(``search:pruning``, a system attribute: one storage read) is read only when it is behind the
+median, the one case that needs its total and its SE.
 
 The record is written by the worker's report hooks (``search.worker.step``), one write per
 report: :func:`pruning_record` folds a report into it.
@@ -166,6 +167,8 @@ class PeerMedianPruner(optuna.pruners.BasePruner):
         self.warmup_share = warmup_share
         self.n_warmup_steps = n_warmup_steps
         self.noise_z = noise_z
+        # The completed trials by peer key, as of (study name, number of completed trials).
+        self._groups: tuple[tuple[str, int], dict[object, list[FrozenTrial]]] = (("", -1), {})
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """True when ``trial``'s last report is past its warm-up and behind its peers'
@@ -176,12 +179,11 @@ class PeerMedianPruner(optuna.pruners.BasePruner):
         value = trial.intermediate_values[step]
         if math.isnan(value):
             return self._past_warmup(step, read_record(trial)[0])
-        peers, key = self.peers, _peer_key(trial, self.peers)
         values = []
-        for peer in study.get_trials(deepcopy=False, states=_COMPLETE):
+        for peer in self._peers_of(study, _peer_key(trial, self.peers)):
             at = peer.intermediate_values.get(step)
-            if at is not None and at == at and (peers == "study" or _peer_key(peer, peers) == key):
-                values.append(at)  # (at == at: not NaN)
+            if at is not None and at == at:  # not NaN
+                values.append(at)
         if len(values) < max(self.n_startup_trials, 1):
             return False
         values.sort()
@@ -195,6 +197,21 @@ class PeerMedianPruner(optuna.pruners.BasePruner):
             return False
         se = se_by_step.get(str(step), 0.0)
         return behind > self.noise_z * (se if isinstance(se, (int, float)) else 0.0)
+
+    def _peers_of(self, study: optuna.Study, key: object) -> list[FrozenTrial]:
+        """The completed trials that share ``key``, grouped again only when a trial completed
+        since the last call (a completed trial never changes)."""
+        completed = study.get_trials(deepcopy=False, states=_COMPLETE)
+        stamp = (study.study_name, len(completed))
+        if self._groups[0] != stamp:
+            self._groups = (stamp, {})
+        groups = self._groups[1]
+        group = groups.get(key)
+        if group is None:
+            peers = self.peers
+            group = [t for t in completed if peers == "study" or _peer_key(t, peers) == key]
+            groups[key] = group
+        return group
 
     def _past_warmup(self, step: int, total: int | None) -> bool:
         """The warm-up is ``warmup_share`` of the total, else ``n_warmup_steps`` examples."""
