@@ -25,7 +25,7 @@ from search.worker.trainer import TrainHooks  # noqa: E402
 
 def test_quick_mode_runs_every_available_strategy(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--budget", "12", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--budget", "8", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["seeds_set"] == "heldout" and data["seeds"] == [1000, 1001, 1002]
     assert list(data["worlds"]) == list(bench.QUICK_WORLDS)
@@ -33,7 +33,7 @@ def test_quick_mode_runs_every_available_strategy(tmp_path: Path) -> None:
         strategies = [s for s in bench.STRATEGIES if bench.available(s)]
         assert list(entry["summary"]) == strategies, name
         assert len(entry["results"]) == 3 * len(strategies)
-        assert all(r["trained"] <= 12 for r in entry["results"])
+        assert all(r["trained"] <= 8 for r in entry["results"])
 
 
 def test_every_documented_world_is_accepted() -> None:
