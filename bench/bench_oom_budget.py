@@ -10,6 +10,10 @@ in its own SQLite study, through ``search.worker.runner.run_study``:
   turns up). Trials still run in a child process, so the sweep survives its OOMs.
 * **service** - the shipped spec and the default run: per-model conditions, the preflight
   estimate, the OOM frontier and the worst-case first step.
+* **border** - the service with ``sampler.border_probability`` set to ``--border-probability``
+  (default 0.1): that share of trials draws among a model's border configs (estimated above the
+  limit, run only thanks to the estimate's band) instead of its sure ones. ``--sides
+  service,border`` compares drawing border configs with a small probability against never.
 
 Data: KLUE-NLI turned into retrieval pairs (``search.train.nli_retrieval``), with each passage
 lengthened by a random number of other premises (a long-tailed count), so that passage lengths
@@ -25,12 +29,17 @@ Run::
     python bench/bench_oom_budget.py --trials 40 --memory-limit 1.5GiB
     python bench/bench_oom_budget.py --seeds 1-5            # paired, one study pair per seed
     python bench/bench_oom_budget.py --calibrate ko-simcse,bge-m3-ko   # CPU estimate vs peaks
+    python bench/bench_oom_budget.py --sides service,border --border-probability 0.1 --seeds 1,2
 
 Prints per side: trials by outcome, trained trials (what spends the budget: preflight skips
 are recorded but free, ``search.worker.budget``), worker-seconds, seconds lost to OOM and their
-share, the best nDCG@10; then the ratio service share / naive share (targets: service < 2 %, ratio
-< 0.1). Over several seeds it ends with one line per seed and the verdict: in how many seeds
-the service's best nDCG@10 is at least the naive sweep's (target: all), and its worst OOM share.
+share, the best nDCG@10, and ``above``: the trials estimated above the limit (border configs,
+which only the band lets run) with their best nDCG@10 (``best_above``: what the border region
+scores here); then the ratio service share / naive share (targets: service < 2 %, ratio < 0.1).
+Over several seeds it ends with one line per seed and the verdict: in how many seeds the
+service's best nDCG@10 is at least the naive sweep's (target: all), and its worst OOM share;
+with the border side, per seed its best and OOM share against the service's, and the verdict:
+in how many seeds drawing border configs found a better best, and what it cost in OOM share.
 """
 
 from __future__ import annotations
@@ -124,6 +133,9 @@ def bench_spec(mode: str, train_path: Path, eval_dir: Path, args: argparse.Names
     if mode == "naive":
         update["space"] = spec.space.model_copy(update={"conditions": {}})
         update["models"] = {name: ModelEntry() for name in spec.models}
+    if mode == "border":
+        p = {"border_probability": args.border_probability}
+        update["sampler"] = spec.sampler.model_copy(update=p)
     return spec.model_copy(update=update)
 
 
@@ -166,6 +178,14 @@ def run_side(mode: str, spec: Any, work: Path, args: argparse.Namespace) -> dict
         counts[key] = counts.get(key, 0) + 1
     best = max((t.value for t in trials if t.value is not None), default=None)
     share = seconds["oom"] / seconds["total"] if seconds["total"] else 0.0
+    # Border configs: estimated above the memory the trial was allowed (the band let them run).
+    above = [
+        t
+        for t in trials
+        if not is_skip(t)
+        and float(t.user_attrs.get(attrs.MEMORY_ESTIMATE_MB, 0.0))
+        > float(t.user_attrs.get(attrs.DEVICE_MEMORY_MB, float("inf")))
+    ]
     return {
         "mode": mode,
         "trials": len(trials),
@@ -175,6 +195,9 @@ def run_side(mode: str, spec: Any, work: Path, args: argparse.Namespace) -> dict
         "oom_s": round(seconds["oom"], 2),
         "oom_share": share,
         "best_ndcg@10": best,
+        "above": len(above),
+        "above_oom": sum(bool(t.user_attrs.get(attrs.OOM)) for t in above),
+        "best_above": max((t.value for t in above if t.value is not None), default=None),
         "wall_s": round(wall, 1),
     }
 
@@ -254,7 +277,15 @@ def main() -> None:
         "--seeds", default=None, help="several paired runs, e.g. 1-5 or 1,3 (overrides --seed)"
     )
     parser.add_argument("--work", type=Path, default=None, help="folder for data and studies")
-    parser.add_argument("--sides", default="naive,service", help="comma-separated sides to run")
+    parser.add_argument(
+        "--sides", default="naive,service", help="comma-separated sides: naive, service, border"
+    )
+    parser.add_argument(
+        "--border-probability",
+        type=float,
+        default=0.1,
+        help="the border side's sampler.border_probability",
+    )
     parser.add_argument(
         "--calibrate",
         default=None,
@@ -286,6 +317,8 @@ def main() -> None:
         per_seed.append((seed, run_pair(seed_work, args)))
     if len(per_seed) > 1:
         summarize(per_seed)
+    else:
+        summarize_border(per_seed)
 
 
 def _seeds(text: str) -> list[int]:
@@ -318,6 +351,36 @@ def summarize(per_seed: list[tuple[int, dict[str, dict[str, Any]]]]) -> None:
             f"service best >= naive best in {wins}/{len(shares)} seeds (target: all); "
             f"service OOM share at most {max(shares):.2%} (target < 2%)"
         )
+    summarize_border(per_seed)
+
+
+def summarize_border(per_seed: list[tuple[int, dict[str, dict[str, Any]]]]) -> None:
+    """Border side against the service (never border), paired per seed: best and OOM share."""
+    rows = [
+        (s, r["service"], r["border"]) for s, r in per_seed if {"service", "border"} <= r.keys()
+    ]
+    if not rows:
+        return
+    better = worse = 0
+    for seed, service, border in rows:
+        sb, bb = service["best_ndcg@10"] or 0.0, border["best_ndcg@10"] or 0.0
+        better, worse = better + (bb > sb), worse + (bb < sb)
+        print(
+            f"seed {seed}: best nDCG@10 never-border {sb:.4f} vs border {bb:.4f} "
+            f"({bb - sb:+.4f}); "
+            f"OOM share {service['oom_share']:.2%} vs {border['oom_share']:.2%}; trials above the "
+            f"limit {service['above']} vs {border['above']} ({border['above_oom']} OOM, best "
+            f"{_score(border['best_above'])})"
+        )
+    shares = [b["oom_share"] for _, _, b in rows]
+    print(
+        f"border best > never-border best in {better}/{len(rows)} seeds, < in {worse}; "
+        f"border OOM share mean {sum(shares) / len(shares):.2%}, at most {max(shares):.2%}"
+    )
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def run_pair(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -325,10 +388,12 @@ def run_pair(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for db in work.glob("*.db"):
         db.unlink()  # each run starts from empty studies
     train_path, eval_dir = prepare_data(work, seed=args.seed)
+    border = f", border side: border_probability {args.border_probability}"
     print(
         f"# {args.trials} trials per side, --memory-limit {args.memory_limit}, CPU "
         f"({os.cpu_count()} cores, 1 torch thread), tiny replicas, epochs={args.epochs}, "
         f"max_train_samples={args.max_train_samples}, seed={args.seed}"
+        + (border if "border" in args.sides.split(",") else "")
     )
     results = {}
     for mode in args.sides.split(","):
@@ -340,6 +405,7 @@ def run_pair(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             f"outcomes={res['outcomes']} "
             f"worker_s={res['worker_s']} oom_s={res['oom_s']} "
             f"oom_share={res['oom_share']:.2%} best_ndcg@10={res['best_ndcg@10']} "
+            f"above={res['above']} (oom {res['above_oom']}, best {_score(res['best_above'])}) "
             f"wall_s={res['wall_s']}",
             flush=True,
         )
