@@ -282,6 +282,7 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
     tmp_path: Path,
 ) -> None:
     from search.sampling.stages import LR_LADDER
+    from search.sampling.stages import SETTINGS
     from search.sampling.stages import frontier_seeds
 
     spec = load_spec(_write(tmp_path))
@@ -317,11 +318,19 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
             )
         )
     seeds = frontier_seeds(spec, big, trials, **kw)  # type: ignore[arg-type]
-    # The best earlier trial's settings at the largest safe shape; its lr down a ladder,
-    # middle first (bigger encoders fine-tune best at lower rates).
-    assert LR_LADDER == (0.5, 1.0, 0.25)
+    # At the largest safe shape: the best earlier trial's lr on a ladder (x1/2, x1, x1/4:
+    # bigger encoders fine-tune best at lower rates), seed i with the settings of the i-th
+    # best earlier trial (a prior, not one trial's settings taken as a fact).
+    assert LR_LADDER[:3] == (0.5, 1.0, 0.25) and big.seeds == 3
     shape = {"model": "bge-m3-ko", "batch_size": 64, "max_len": 384}
-    assert seeds == [{**shape, **best, "lr": pytest.approx(8e-5 * f)} for f in LR_LADDER]
+    settings = [
+        {k: trials[i].system_attrs[attrs.SYSTEM_CONFIG][k] for k in SETTINGS} for i in range(3)
+    ]
+    assert seeds == [
+        {**shape, "lr": pytest.approx(8e-5 * f), **settings[i]}
+        for i, f in enumerate(LR_LADDER[:3])
+    ]
+    assert len({s["temperature"] for s in seeds}) == 3
 
     # The stage enqueues them one at a time: after the first seed runs out of memory for
     # real, the next seed moves to the next shape that no OOM rules out.
@@ -350,5 +359,6 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
     plan(study, study.get_trials())
     (second,) = study.get_trials(states=(TrialState.WAITING,))
     assert second.system_attrs["fixed_params"] == {
-        "model": "bge-m3-ko", "batch_size": 64, "max_len": 256, **best, "lr": pytest.approx(8e-5)
+        "model": "bge-m3-ko", "batch_size": 64, "max_len": 256, "lr": pytest.approx(8e-5),
+        **settings[1],
     }  # fmt: skip

@@ -20,6 +20,16 @@ Around each of the top K completed trials, in this order (round-robin over the K
    within ``STEP`` of their range around the trial's (every setting moves, so a top trial
    with a poor warm-up can still be refined into a good one).
 
+When single moves stall (the refine stage's last finished trials, ``STALL`` or more in a row,
+did not improve on the study's best before each: ``stall_length``), joint moves come first
+around each top trial (``_joint``), one more for each further ``STALL`` trials without a new
+best (counted in a fixed order, tried ones included, so a stall that lasts gets a few of them,
+not only them): towards where the top trials' differences point (from each other top trial of
+the same model through the trial, as far again), then two, then three of the learning rate,
+temperature and warm-up moved together by a single move's step each; after them, the list
+above. Settings that interact (learning rate and warm-up, temperature and batch) can hold a
+trial in a spot that no single move leaves.
+
 A candidate is kept only if it is new (no trial of the study, queued ones included, has the
 same parameters) and no real OOM of the study rules it out (``search.memory.frontier``:
 ``find_frontier_oom`` on the trial's recorded config with the candidate's values).
@@ -32,6 +42,7 @@ ones), like any other trials.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -45,6 +56,7 @@ from search.memory.frontier import find_frontier_oom
 from search.record import attrs
 from search.record.config import TrialConfig
 from search.record.counts import budget_lock_name
+from search.record.counts import is_skip
 from search.record.counts import spent_count
 from search.record.trial_record import config_of
 from search.spec.stage_check import stage_choices
@@ -59,12 +71,21 @@ if TYPE_CHECKING:
 
 FACTOR = 2.0  # learning rate and temperature move within this factor of the best trial's
 STEP = 0.25  # warm-up and weight decay move within this fraction of their range
+STALL = 3  # refine trials in a row without a new best per joint move (``stall_length``)
+JOINT = ("lr", "temperature", "warmup_ratio")  # the settings joint moves move together
 
 
 PARAMS = ("model", "batch_size", "max_len", "lr", "temperature", "warmup_ratio", "weight_decay")
 REFINE_STAGE = "refine"  # the stage recorded on trials enqueued by ``search refine``
 _DRAWS = 64  # random draws per top trial before giving up on finding new candidates
 _MIB = 1024**2
+
+
+# Joint moves of one top trial: the other top trials' configs, the completed trials' configs and
+# values, the configs tried so far.
+_Joint = tuple[
+    Sequence[dict[str, Any]], Sequence[tuple[dict[str, Any], float]], set[tuple[Any, ...]]
+]
 
 
 class RefineError(ValueError):
@@ -130,10 +151,126 @@ def _clip(value: float, low: float, high: float) -> float:
     return min(max(value, low), high)
 
 
-def _around(
-    best: dict[str, Any], spec: StudySpec, stage: str | None, rng: random.Random
+def stall_length(trials: Sequence[FrozenTrial], stage: str, *, maximize: bool) -> int:
+    """How many of the last finished trials of ``stage`` (skips excluded), in a row, did not
+    beat the best COMPLETE trial numbered before each of them."""
+    own = [
+        t
+        for t in trials
+        if t.user_attrs.get(attrs.STAGE) == stage and t.state.is_finished() and not is_skip(t)
+    ]
+    own.sort(key=lambda t: t.number, reverse=True)
+    sign = 1.0 if maximize else -1.0
+    for i, t in enumerate(own):
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+            before = top_trials([u for u in trials if u.number < t.number], 1, maximize=maximize)
+            if not before or sign * (t.value - float(before[0].value or 0.0)) > 0:
+                return i
+    return len(own)
+
+
+def _coords(config: dict[str, Any]) -> dict[str, float]:
+    """The settings on the scales refine moves them on (log for lr and temperature)."""
+    return {
+        k: math.log(float(config[k])) if k in ("lr", "temperature") else float(config[k])
+        for k in PARAMS[3:]
+    }
+
+
+def _settings(coords: dict[str, float], spec: StudySpec) -> dict[str, float]:
+    out = {}
+    for k, v in coords.items():
+        r = getattr(spec.space, k)
+        out[k] = _clip(math.exp(v) if k in ("lr", "temperature") else v, r.low, r.high)
+    return out
+
+
+def _vertex(
+    base: dict[str, Any], done: Sequence[tuple[dict[str, Any], float]], spec: StudySpec
+) -> dict[str, Any] | None:
+    """``base`` with each setting at the top of the parabola through ``base`` and its single
+    moves of that setting (completed trials of its shape that differ from it in that setting
+    only; on the scale refine moves it on), kept between those points; None when no setting
+    has a parabola that opens downwards (for the better direction)."""
+    centre = _coords(base)
+    maximize = spec.study.direction == "maximize"
+    shape = (base["model"], int(base["batch_size"]), int(base["max_len"]))
+    points: dict[str, list[tuple[float, float]]] = {k: [] for k in centre}
+    for config, value in done:
+        if (config.get("model"), config.get("batch_size"), config.get("max_len")) != shape:
+            continue
+        try:
+            coords = _coords(config)
+        except (KeyError, TypeError, ValueError):
+            continue
+        moved = [k for k in centre if abs(coords[k] - centre[k]) > 1e-9]
+        if len(moved) == 1:
+            points[moved[0]].append((coords[moved[0]], value if maximize else -value))
+        elif not moved:
+            points["lr"].append((centre["lr"], value if maximize else -value))
+    target = dict(centre)
+    for k, pts in points.items():
+        xs = sorted({x for x, _ in pts})
+        if k == "lr":  # the centre's own value(s), recorded under lr
+            centre_ys = [y for x, y in pts if abs(x - centre[k]) <= 1e-9]
+        else:
+            centre_ys = [y for x, y in points["lr"] if abs(x - centre["lr"]) <= 1e-9]
+        if not centre_ys:
+            continue
+        left = [(x, y) for x, y in pts if x < centre[k] - 1e-9]
+        right = [(x, y) for x, y in pts if x > centre[k] + 1e-9]
+        if not left or not right:
+            continue
+        (x0, y0) = max(left)  # the nearest on each side
+        (x2, y2) = min(right)
+        x1, y1 = centre[k], max(centre_ys)
+        denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+        a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+        b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+        if a >= 0 or len(xs) < 2:
+            continue
+        target[k] = min(max(-b / (2 * a), x0), x2)
+    if target == centre:
+        return None
+    return {**base, **_settings(target, spec)}
+
+
+def _joint(
+    base: dict[str, Any],
+    others: Sequence[dict[str, Any]],
+    done: Sequence[tuple[dict[str, Any], float]],
+    spec: StudySpec,
 ) -> Iterator[dict[str, Any]]:
-    """Candidates around one trial's config, in the order of the module docstring."""
+    """Joint moves around ``base``, in the module docstring's order; ``others``: the other top
+    trials' configs; ``done``: the completed trials' configs and values."""
+    vertex = _vertex(base, done, spec)
+    if vertex is not None:
+        yield vertex
+    centre = _coords(base)
+    for other in others:
+        if other.get("model") == base["model"]:
+            away = _coords(other)
+            moved = {k: v + (v - away[k]) for k, v in centre.items()}
+            yield {**base, **_settings(moved, spec)}
+    step = {"lr": math.log(FACTOR), "temperature": math.log(FACTOR)}
+    step["warmup_ratio"] = STEP * (spec.space.warmup_ratio.high - spec.space.warmup_ratio.low)
+    for size in (2, 3):
+        for names in itertools.combinations(JOINT, size):
+            for signs in itertools.product((-1, 1), repeat=size):
+                move = dict(zip(names, signs, strict=True))
+                moved = {k: v + move.get(k, 0) * step.get(k, 0.0) for k, v in centre.items()}
+                yield {**base, **_settings(moved, spec)}
+
+
+def _around(
+    best: dict[str, Any],
+    spec: StudySpec,
+    stage: str | None,
+    rng: random.Random,
+    joint: _Joint | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Candidates around one trial's config, in the order of the module docstring; ``joint``:
+    joint moves first, until as many as the stall allows have been tried."""
     model = str(best["model"])
     if model not in spec.models:
         return
@@ -146,6 +283,12 @@ def _around(
         base["batch_size"] = min(choices["batch_size"], key=lambda c: abs(c - base["batch_size"]))
         base["max_len"] = min(choices["max_len"], key=lambda c: abs(c - base["max_len"]))
         yield dict(base)  # the trial's values, moved into this stage's choices
+    if joint is not None:
+        others, done, tried = joint
+        for move in _joint(base, others, done, spec):
+            if params_key(move) not in tried:
+                yield move
+                break
     batches = _neighbours(base["batch_size"], choices["batch_size"])
     lengths = _neighbours(base["max_len"], choices["max_len"])
     space = spec.space
@@ -195,6 +338,7 @@ def refine_candidates(
     stage: str | None = None,
     device_total_bytes: int | None = None,
     start: int = 0,
+    stall: str | None = None,
 ) -> list[dict[str, Any]]:
     """Up to ``n`` new configs around the ``top_k`` best trials (see the module docstring).
 
@@ -210,6 +354,8 @@ def refine_candidates(
             real OOM of a dominated config rules a candidate out).
         start: Begin the round-robin with the ``start``-th best (modulo ``top_k``), so that
             one config at a time still turns around the top K.
+        stall: The stage whose trials tell whether single moves stalled (``stall_length``);
+            default ``stage``, else ``REFINE_STAGE``.
 
     Returns:
         Fixed parameters for ``study.enqueue_trial``: every sampled parameter.
@@ -220,15 +366,23 @@ def refine_candidates(
     tops = top_trials(trials, top_k, maximize=maximize)
     seen = tried_keys(trials)
     finished = [t for t in trials if t.state.is_finished()]
+    length = stall_length(trials, stall or stage or REFINE_STAGE, maximize=maximize)
+    allowed = length >= STALL and length % STALL == 0
+    done = [
+        (config_of(t) or {}, float(t.value or 0.0))
+        for t in top_trials(trials, len(trials), maximize=maximize)
+    ]
+    configs = [config_of(t) or {} for t in tops]
     streams = []
-    for t in tops:
-        config = config_of(t) or {}
+    for i, t in enumerate(tops):
+        config = configs[i]
+        joint = (configs[:i] + configs[i + 1 :], done, seen) if allowed else None
         if device_total_bytes is None:
             memory = t.user_attrs.get(attrs.DEVICE_MEMORY_MB)
             device = int(float(memory) * _MIB) if isinstance(memory, (int, float)) else 0
         else:
             device = device_total_bytes
-        streams.append((config, device, _around(config, spec, stage, rng)))
+        streams.append((config, device, _around(config, spec, stage, rng, joint)))
     if streams:
         first = start % len(streams)
         streams = streams[first:] + streams[:first]

@@ -307,7 +307,10 @@ class StageSection(_Strict):
     budget is spent); ``seed``: what is enqueued when it starts: ``none``, ``frontier`` (per
     model, its largest config that no real OOM of the study rules out), ``top_k`` (before each
     of its trials, the next config around the study's ``top_k`` best trials so far,
-    ``search.sampling.refine``).
+    ``search.sampling.refine``); ``seeds``: a ``frontier`` stage's learning-rate rungs per model
+    (at most its share); ``give_back``: the stage ends once it has ``seeds`` finished trials per
+    model and its best is not better than the earlier stages' best, its unspent share going to
+    the next stage (unset: on for ``frontier`` stages, off for the others).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -316,6 +319,8 @@ class StageSection(_Strict):
     n_trials: int | None = Field(default=None, ge=1)
     seed: Literal["none", "frontier", "top_k"] = "none"
     top_k: int = Field(default=3, ge=1)
+    seeds: int = Field(default=3, ge=1)
+    give_back: bool | None = None
 
     @field_validator("conditions", mode="before")
     @classmethod
