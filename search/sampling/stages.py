@@ -267,9 +267,16 @@ def stage_draw(
             n_startup_trials=0,
             multivariate=True,
         )
-    local = optuna.create_study(
-        storage=optuna.storages.InMemoryStorage(), direction=spec.study.direction, sampler=sampler
-    )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))  # no "study created"
+    try:
+        local = optuna.create_study(
+            storage=optuna.storages.InMemoryStorage(),
+            direction=spec.study.direction,
+            sampler=sampler,
+        )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for t in own:
         params = {k: min(max(float(t.params[k]), d.low), d.high) for k, d in dists.items()}
         local.add_trial(
