@@ -25,9 +25,9 @@ still stops on the bound with its one line.
 
 Workers on different devices share a study: each asks about its own device, so a 24 GiB worker
 draws from its own region while an 80 GiB one draws larger configs. A stage with ``conditions:
-device`` (``search.spec.stage_check``) has the grid ask about the space's full choices for its
-models (``grid_choices_for``), so it widens to what each device fits; a frontier seed of such a
-stage is one the preflight lets run (``preflight_fits``).
+device`` has the grid ask about the space's full choices for its models
+(``search.spec.stage_check.grid_choices_for``), so it widens to what each device fits. A
+``frontier`` seed, in any stage, is a shape this worker's preflight lets run (``preflight_fits``).
 
 With ``sampler.border_probability`` above 0, that share of trials draws among a model's border
 pairs instead of its sure ones (``search.sampling.sampler``): the price is a real OOM when the
