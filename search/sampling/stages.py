@@ -71,6 +71,7 @@ MIN_LR_GAP = math.log(2.0) / 2
 # the best one (the ladder's centre), the settings of the top ones (``SETTINGS``).
 TRANSFER_PARAMS = ("lr", "temperature", "warmup_ratio", "weight_decay")
 SETTINGS = ("temperature", "warmup_ratio", "weight_decay")
+SHAPE = ("model", "batch_size", "max_len")  # what a stage draw takes from the stage's best
 
 
 def stage_of(trial: FrozenTrial) -> str | None:
@@ -229,7 +230,12 @@ def frontier_seeds(
 
 
 def stage_draw(
-    spec: StudySpec, stage: StageSection, trials: Sequence[FrozenTrial], seed: int | None
+    spec: StudySpec,
+    stage: StageSection,
+    trials: Sequence[FrozenTrial],
+    seed: int | None,
+    *,
+    fits: Callable[[str, int, int], bool] | None = None,
 ) -> dict[str, Any] | None:
     """A frontier stage's next config after its seeds: TPE on the stage's own trials only.
 
@@ -238,7 +244,9 @@ def stage_draw(
     draws the learning rate, temperature, warm-up and weight decay from a TPE fed only the
     stage's trained trials (the seeds, which carry the transfer, and the draws since), at the
     shape of the stage's best trial. Deterministic under ``seed`` and the trials; None before
-    the stage has a completed trial (the study's sampler draws then).
+    the stage has a completed trial (the study's sampler draws then). ``fits(model, batch,
+    max_len)``: this worker's preflight; the shape is the best trial's of those it lets run
+    (workers on different devices: each at its own best; None when none fits).
     """
     import optuna
     from optuna.distributions import FloatDistribution
@@ -252,10 +260,11 @@ def stage_draw(
         and not is_skip(t)
         and all(isinstance(t.params.get(k), (int, float)) for k in TRANSFER_PARAMS)
     ]
-    best = top_trials(own, 1, maximize=spec.study.direction == "maximize")
+    shapes = [t for t in own if fits is None or fits(*(t.params[k] for k in SHAPE))]
+    best = top_trials(shapes, 1, maximize=spec.study.direction == "maximize")
     if not best:
         return None
-    shape = {k: best[0].params[k] for k in ("model", "batch_size", "max_len")}
+    shape = {k: best[0].params[k] for k in SHAPE}
     dists = {}
     for k in TRANSFER_PARAMS:
         r = getattr(spec.space, k)
@@ -466,7 +475,14 @@ class StagePlan:
         share = stage_shares(self._spec, self._budget)[self._spec.stages.index(stage)]
         seeds = self.seeds(stage, trials)[: max(share, 1)]
         if done >= len(seeds):
-            draw = stage_draw(self._spec, stage, trials, self._seed)
+            fits, config_for = self._fits, self._config_for
+            draw = stage_draw(
+                self._spec,
+                stage,
+                trials,
+                self._seed,
+                fits=None if fits is None else (lambda *s: fits(config_for(*s), trials)),
+            )
             if draw is not None:
                 self._enqueue(study, draw, stage)
             return
