@@ -8,6 +8,7 @@ real-OOM record for bge-m3-ko at batch 64 x 384), so three stages finish in seco
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,6 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
     tmp_path: Path,
 ) -> None:
     from search.sampling.stages import LR_LADDER
-    from search.sampling.stages import SETTINGS
     from search.sampling.stages import frontier_seeds
 
     spec = load_spec(_write(tmp_path))
@@ -319,18 +319,22 @@ def test_the_frontier_seeds_carry_the_baseline_settings_and_a_learning_rate_ladd
         )
     seeds = frontier_seeds(spec, big, trials, **kw)  # type: ignore[arg-type]
     # At the largest safe shape: the best earlier trial's lr on a ladder (x1/2, x1, x1/4:
-    # bigger encoders fine-tune best at lower rates), seed i with the settings of the i-th
-    # best earlier trial (a prior, not one trial's settings taken as a fact).
+    # bigger encoders fine-tune best at lower rates), the first seed with the best trial's
+    # settings, the others with the centre of the top 3 trials' (a prior, not a fact).
     assert LR_LADDER[:3] == (0.5, 1.0, 0.25) and big.seeds == 3
     shape = {"model": "bge-m3-ko", "batch_size": 64, "max_len": 384}
-    settings = [
-        {k: trials[i].system_attrs[attrs.SYSTEM_CONFIG][k] for k in SETTINGS} for i in range(3)
-    ]
+    tops = [trials[i].system_attrs[attrs.SYSTEM_CONFIG] for i in range(3)]
+    centre = {
+        "temperature": pytest.approx(math.exp(sum(math.log(c["temperature"]) for c in tops) / 3)),
+        "warmup_ratio": pytest.approx(sum(c["warmup_ratio"] for c in tops) / 3),
+        "weight_decay": pytest.approx(sum(c["weight_decay"] for c in tops) / 3),
+    }
+    settings = [{k: v for k, v in best.items() if k != "lr"}, centre, centre]
     assert seeds == [
         {**shape, "lr": pytest.approx(8e-5 * f), **settings[i]}
         for i, f in enumerate(LR_LADDER[:3])
     ]
-    assert len({s["temperature"] for s in seeds}) == 3
+    assert seeds[1]["temperature"] != best["temperature"]
 
     # The stage enqueues them one at a time: after the first seed runs out of memory for
     # real, the next seed moves to the next shape that no OOM rules out.

@@ -143,7 +143,8 @@ def test_seeds_take_settings_from_several_trials_and_differ_when_the_top_trials_
     spec = _spec(tmp_path, extra=", seeds: 3")
     big = spec.stages[1]
     kw: dict[str, Any] = {"config_for": _config_for, "device_total_bytes": 2**34}
-    # Three top trials with different settings: seed i takes the i-th best's settings.
+    # Three top trials with different settings: the first seed takes the best's, the others
+    # their centre (geometric mean of the temperatures, means of warm-up and weight decay).
     overs: list[dict[str, Any]] = [
         {"temperature": 0.02, "warmup_ratio": 0.05, "weight_decay": 0.02},
         {"temperature": 0.05, "warmup_ratio": 0.15, "weight_decay": 0.08},
@@ -156,7 +157,12 @@ def test_seeds_take_settings_from_several_trials_and_differ_when_the_top_trials_
         ]
     )
     seeds = frontier_seeds(spec, big, trials, **kw)
-    assert [{k: s[k] for k in SETTINGS} for s in seeds] == overs
+    centre = {
+        "temperature": pytest.approx((0.02 * 0.05 * 0.03) ** (1 / 3)),
+        "warmup_ratio": pytest.approx(0.2 / 3),
+        "weight_decay": pytest.approx(0.1 / 3),
+    }
+    assert [{k: s[k] for k in SETTINGS} for s in seeds] == [overs[0], centre, centre]
     # Top trials that share their settings (refine moved only the lr): the seeds still differ,
     # the best's settings moved jointly for the others.
     same = _numbered(

@@ -71,6 +71,7 @@ MIN_LR_GAP = math.log(2.0) / 2
 # the best one (the ladder's centre), the settings of the top ones (``SETTINGS``).
 TRANSFER_PARAMS = ("lr", "temperature", "warmup_ratio", "weight_decay")
 SETTINGS = ("temperature", "warmup_ratio", "weight_decay")
+PRIOR_TOP = 3  # the earlier trials whose settings make the seeds' prior (``settings_prior``)
 SHAPE = ("model", "batch_size", "max_len")  # what a stage draw takes from the stage's best
 
 
@@ -190,9 +191,9 @@ def frontier_seeds(
     ``LR_LADDER`` both ways, clipped to the space, never within ``MIN_LR_GAP`` of an earlier
     seed's rate), since the learning rate is what transfers worst from small models to a big
     one, mostly downwards (bigger encoders fine-tune best at lower rates, e.g. 1e-5 to 3e-5 for
-    XLM-R-large-sized models against 5e-5 to 1e-4 for MiniLM-sized ones) but not always. Seed
-    ``i`` takes its temperature, warm-up and weight decay from the ``i``-th of the top trials
-    with distinct settings (``settings_prior``), so the seeds test the transfer instead of
+    XLM-R-large-sized models against 5e-5 to 1e-4 for MiniLM-sized ones) but not always. The
+    first seed takes the best trial's temperature, warm-up and weight decay, the others the
+    centre of the top trials' (``settings_prior``), so the seeds test the transfer instead of
     repeating one trial's settings. ``stage.seeds`` rungs per model (at most the stage's
     share); without such a trial, one seed per model with the shape only (the sampler draws
     the rest). Several models: the ladder turns round-robin over them.
@@ -334,10 +335,13 @@ def settings_prior(
 ) -> list[dict[str, float]]:
     """``n`` temperature / warm-up / weight-decay settings for a frontier stage's seeds.
 
-    The top completed trials of the other stages, best first, each with settings distinct from
-    those before it (a temperature a factor sqrt 2 apart, or a warm-up or weight decay an
-    eighth of its range apart); when fewer than ``n`` differ, the best one's settings moved
-    jointly (temperature x/÷ sqrt 2 with warm-up -/+ an eighth of its range) fill the rest.
+    The first seed takes the best completed trial's of the other stages; the others the centre
+    of the top ``PRIOR_TOP`` trials with distinct settings (each a temperature a factor sqrt 2,
+    or a warm-up or weight decay an eighth of its range, from those before it): the geometric
+    mean of their temperatures, the means of their warm-ups and weight decays, a robust guess
+    where one trial's settings are noisy or belong to its model. When the top trials agree
+    (one distinct setting), the best one's settings moved jointly (temperature x/÷ sqrt 2 with
+    warm-up -/+ an eighth of its range) fill the rest.
     """
     maximize = spec.study.direction == "maximize"
     others = [t for t in trials if stage_of(t) != stage.name]
@@ -354,7 +358,7 @@ def settings_prior(
 
     out: list[dict[str, float]] = []
     for t in top_trials(others, len(others), maximize=maximize):
-        if len(out) >= n:
+        if len(out) >= PRIOR_TOP:
             break
         params = {**(config_of(t) or {}), **t.params}
         if not all(isinstance(params.get(k), (int, float)) for k in SETTINGS):
@@ -362,8 +366,15 @@ def settings_prior(
         settings = {k: float(params[k]) for k in SETTINGS}
         if all(distinct(settings, o) for o in out):
             out.append(settings)
-    if not out:
+    if not out or n < 1:
         return []
+    if len(out) > 1:
+        mean = {
+            "temperature": math.exp(sum(math.log(o["temperature"]) for o in out) / len(out)),
+            "warmup_ratio": sum(o["warmup_ratio"] for o in out) / len(out),
+            "weight_decay": sum(o["weight_decay"] for o in out) / len(out),
+        }
+        return [out[0]] + [dict(mean) for _ in range(n - 1)]
     centre = out[0]
     k = 1
     while len(out) < n:
