@@ -223,6 +223,8 @@ def frontier_seeds(
     space = spec.space
     rates = lr_ladder(float(source["lr"]), space.lr.low, space.lr.high, stage.seeds)
     priors = settings_prior(spec, stage, trials, len(rates))
+    if len(priors) < len(rates):  # the source's settings, where no prior could be built
+        priors += [{k: float(source[k]) for k in SETTINGS}] * (len(rates) - len(priors))
     out: list[dict[str, Any]] = []
     for lr, settings in zip(rates, priors, strict=True):
         for shape in shapes:
