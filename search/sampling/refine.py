@@ -42,6 +42,7 @@ ones), like any other trials.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import random
@@ -161,10 +162,18 @@ def stall_length(trials: Sequence[FrozenTrial], stage: str, *, maximize: bool) -
     ]
     own.sort(key=lambda t: t.number, reverse=True)
     sign = 1.0 if maximize else -1.0
+    # The best value so far after each completed trial, by number (one pass, not one per trial).
+    done = top_trials(trials, len(trials), maximize=maximize)
+    done.sort(key=lambda t: t.number)
+    numbers = [t.number for t in done]
+    best_so_far: list[float] = []
+    for t in done:
+        value = sign * float(t.value or 0.0)
+        best_so_far.append(max(value, best_so_far[-1]) if best_so_far else value)
     for i, t in enumerate(own):
         if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-            before = top_trials([u for u in trials if u.number < t.number], 1, maximize=maximize)
-            if not before or sign * (t.value - float(before[0].value or 0.0)) > 0:
+            before = bisect.bisect_left(numbers, t.number)  # completed trials numbered before
+            if before == 0 or sign * t.value > best_so_far[before - 1]:
                 return i
     return len(own)
 
