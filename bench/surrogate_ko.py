@@ -109,7 +109,7 @@ class World:
 
 
 _BGE = "bge-m3-ko"
-DEFAULT = World("default", "calibrated shapes; one optimum of temperature, warm-up, wd")
+DEFAULT = World("default", "one optimum of temperature, warm-up, wd; provisional curve spread")
 WORLDS: dict[str, World] = {
     w.name: w
     for w in [
