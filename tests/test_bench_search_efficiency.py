@@ -85,7 +85,7 @@ def test_noise_is_common_to_strategies() -> None:
     assert runs[0] == runs[1] and len(runs[0]) == 20
     kind, step, metrics = runs[0][0]
     assert (kind, step) == ("sample", 5000)
-    assert metrics[sk.SE_KEY] == w.sample_sd and metrics[sk.TOTAL_KEY] == 100_000
+    assert metrics[sk.SE_KEY] == w.se_ratio * w.sample_sd and metrics[sk.TOTAL_KEY] == 100_000
     # band worlds share the default's noise: only the target differs
     d, b = sk.world("default"), sk.world("band2")
     assert sk.curve_value(d, 3, cfg, 5000, True) == sk.curve_value(b, 3, cfg, 5000, True)
