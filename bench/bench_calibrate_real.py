@@ -37,8 +37,9 @@ Run::
     python bench/bench_calibrate_real.py --quick --json /tmp/quick.json   # 2 tiny configs
 
 Runs go to ``--procs`` spawned worker processes (one thread each, one run at a time each);
-``--quick`` runs in this process. ``--runs-log`` appends each finished run as a JSON line;
-``--from-runs`` summarises such a log without training.
+``--quick`` runs in this process. ``--runs-log`` appends each finished run as a JSON line
+and skips the runs already in it (a cut-short run resumes; more ``--pairs`` add only the
+sample runs); ``--from-runs`` summarises such a log without training.
 """
 
 from __future__ import annotations
@@ -467,6 +468,14 @@ def print_report(rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
     )
 
 
+def _logged(log: Path | None) -> dict[tuple[int, str], dict[str, Any]]:
+    """The runs already in ``log`` by (config id, mode); none when it does not exist."""
+    if log is None or not log.exists():
+        return {}
+    runs = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line]
+    return {(r["id"], r["mode"]): r for r in runs}
+
+
 def _commit() -> str:
     out = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
@@ -501,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned runs inherit it
 
     started = time.perf_counter()
+    commit = _commit()  # the tree the runs start from
     if args.from_runs is not None:
         lines = args.from_runs.read_text(encoding="utf-8").splitlines()
         runs = [json.loads(line) for line in lines if line.strip()]
@@ -531,7 +541,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'fp32' if args.fp32 else 'amp (bf16 where the CPU has it)'}",
                 flush=True,
             )
-            runs = run_all(jobs, args.procs, args.runs_log)
+            done = _logged(args.runs_log)  # resume: a run already in the log is not rerun
+            for job in jobs:
+                old = done.get((job["config"]["id"], job["mode"]))
+                if old is not None and old["config"] != job["config"]:
+                    sys.exit(f"{args.runs_log}: run {old['config']['id']} has another config")
+            jobs = [j for j in jobs if (j["config"]["id"], j["mode"]) not in done]
+            print(f"{len(done)} runs from {args.runs_log}, {len(jobs)} to run", flush=True)
+            runs = [*done.values(), *run_all(jobs, args.procs, args.runs_log)]
     wall = time.perf_counter() - started
     rows = table(runs)
     summary = summarise(runs)
@@ -540,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         out = {
             **summary,
-            "commit": _commit(),
+            "commit": commit,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "wall_s": wall,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
