@@ -82,6 +82,8 @@ Run::
     python bench/bench_search_efficiency.py --world all --jobs 2          # held-out seeds
     python bench/bench_search_efficiency.py --world default --seeds-set tune
     python bench/bench_search_efficiency.py --quick                       # 3 seeds, 2 worlds
+    python bench/bench_search_efficiency.py --pruner warmup_share=0.2     # pruner sensitivity
+    python bench/bench_search_efficiency.py --world all --blocks 20       # per-block ratios
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ from search.record.counts import spent_count  # noqa: E402
 from search.record.models import MODELS  # noqa: E402
 from search.spec.load import resolve_spec  # noqa: E402
 from search.spec.options import RunOptions  # noqa: E402
+from search.spec.study_spec import PrunerSection  # noqa: E402
 from search.spec.study_spec import SamplerSection  # noqa: E402
 from search.spec.study_spec import StudySpec  # noqa: E402
 from search.worker.budget import SkipBoundError  # noqa: E402
@@ -223,10 +226,29 @@ def flat_spec() -> StudySpec:
     )
 
 
+# ``--pruner KEY=VALUE,...``: the shipped pruner section changed for every service strategy
+# (tpe, tpe-big, staged*), a sensitivity run; set before the worker processes fork.
+PRUNER_OVERRIDES: dict[str, str] = {}
+
+
+def parse_pruner(text: str) -> dict[str, str]:
+    """``warmup_share=0.4,noise_z=0.6`` -> a dict, checked against the spec's pruner section."""
+    pairs = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    if not pairs or len(pairs) != len([i for i in text.split(",") if i]):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE], got {text!r}")
+    unknown = sorted(set(pairs) - set(PrunerSection.model_fields))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"pruner has no setting {', '.join(unknown)}")
+    return pairs
+
+
 @functools.cache
 def strategy_spec(strategy: str) -> StudySpec:
     """The spec each strategy runs (see the module docstring); read once per process."""
     spec = resolve_spec("ko-retrieval", None)
+    if PRUNER_OVERRIDES and not strategy.startswith("random"):
+        section = {**spec.pruner.model_dump(), **PRUNER_OVERRIDES}
+        spec = spec.model_copy(update={"pruner": PrunerSection.model_validate(section)})
     if strategy == "random":
         flat = flat_spec()
         training = flat.training.model_copy(update={"eval_every_steps": None})
@@ -466,6 +488,24 @@ def table(w: sk.World, by: dict[str, list[Result]], best: list[float]) -> list[s
     return lines
 
 
+def block_ratios(by: dict[str, list[Result]], seeds: Sequence[int], size: int) -> list[str]:
+    """staged's paired ratios of medians per block of ``size`` consecutive seeds."""
+    if "staged" not in by:
+        return []
+    lines = []
+    for start in range(0, len(seeds), size):
+        idx = range(start, min(start + size, len(seeds)))
+        parts = []
+        for base, label in RATIOS:
+            if base in by:
+                num = [by["staged"][i].cost for i in idx]
+                den = [by[base][i].cost for i in idx]
+                parts.append(f"{label} {statistics.median(num) / statistics.median(den):.3f}")
+        block = f"seeds {seeds[idx[0]]}..{seeds[idx[-1]]}"
+        lines.append(f"block {block}: {'; '.join(parts)}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--world", type=parse_worlds, default=["default"], help="NAME[,...]|all")
@@ -482,7 +522,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write everything there")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables there")
     parser.add_argument("--quick", action="store_true", help="3 seeds, worlds default,slow-big")
+    parser.add_argument(
+        "--pruner",
+        type=parse_pruner,
+        default={},
+        help="sensitivity: KEY=VALUE,... replaces the shipped pruner's settings for the "
+        "service strategies (e.g. warmup_share=0.2,noise_z=0.6)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="also print the paired ratios per block of this many consecutive seeds",
+    )
     args = parser.parse_args(argv)
+    PRUNER_OVERRIDES.clear()
+    PRUNER_OVERRIDES.update(args.pruner)
+    strategy_spec.cache_clear()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
     worlds = list(QUICK_WORLDS) if args.quick else args.world
@@ -518,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = [_run_task(t) for t in tasks]
         by = {s: [r for r in results if r.strategy == s] for s in strategies}
         lines = table(w, by, best)
+        if args.blocks > 1:
+            lines += block_ratios(by, seeds, args.blocks)
         lines.append(f"({time.monotonic() - t0:.0f} s)")
         print("\n".join(lines), flush=True)
         out += ["", header, *lines]

@@ -94,7 +94,9 @@ def test_a_slow_starting_big_model_is_held_to_its_own_peers() -> None:
     big = _running("big", _curve(0.20, 0.05), se=0.01)  # 0.35 at 30k: far below the small ones
     pruner = PeerMedianPruner(peers="model", n_startup_trials=3, warmup_share=0.2, noise_z=1.0)
     # Against all trials (Optuna's median, or peers: study) the big model is pruned at once.
-    assert PeerMedianPruner(peers="study", n_startup_trials=3).prune(_study(SMALL), big)
+    assert PeerMedianPruner(peers="study", n_startup_trials=3, warmup_share=0.2).prune(
+        _study(SMALL), big
+    )
     median = optuna.pruners.MedianPruner(n_startup_trials=3)
     assert median.prune(_study(SMALL), big)
     # Held to its own model: no pruning while it has fewer than 3 completed peers.
@@ -160,7 +162,7 @@ def test_behind_by_less_than_z_standard_errors_is_not_pruned(
 ) -> None:
     peers = [_done("small", {30_000: v}) for v in (0.50, 0.52, 0.54)]  # median 0.52
     trial = _running("small", {30_000: 0.49}, se=se)  # behind by 0.03
-    pruner = PeerMedianPruner(n_startup_trials=3, noise_z=z)
+    pruner = PeerMedianPruner(n_startup_trials=3, warmup_share=0.2, noise_z=z)
     assert pruner.prune(_study(peers), trial) is pruned
 
 
@@ -197,7 +199,7 @@ def test_without_a_total_the_warmup_is_n_warmup_steps() -> None:
 
 def test_minimize_flips_the_direction() -> None:
     peers = [_done("small", {30_000: v}) for v in (1.0, 1.1, 1.2)]  # median 1.1
-    pruner = PeerMedianPruner(n_startup_trials=3, noise_z=1.0)
+    pruner = PeerMedianPruner(n_startup_trials=3, warmup_share=0.2, noise_z=1.0)
     study = _study(peers, "minimize")
     assert pruner.prune(study, _running("small", {30_000: 1.2}, se=0.05))  # worse by 0.1
     assert not pruner.prune(study, _running("small", {30_000: 1.14}, se=0.05))  # within 1 SE
@@ -208,8 +210,8 @@ def test_peers_by_stage_and_by_study() -> None:
     baseline = [_done("small", {30_000: 0.6}, stage="baseline") for _ in range(3)]
     big_safe = [_done("big", {30_000: 0.3 + 0.01 * i}, stage="big-safe") for i in range(2)]
     trial = _running("big", {30_000: 0.25}, stage="big-safe")
-    by_stage = PeerMedianPruner(peers="stage", n_startup_trials=3, noise_z=0.0)
-    by_study = PeerMedianPruner(peers="study", n_startup_trials=3, noise_z=0.0)
+    by_stage = PeerMedianPruner(peers="stage", n_startup_trials=3, warmup_share=0.2, noise_z=0.0)
+    by_study = PeerMedianPruner(peers="study", n_startup_trials=3, warmup_share=0.2, noise_z=0.0)
     study = _study(baseline + big_safe)
     assert not by_stage.prune(study, trial)  # 2 big-safe peers: not yet a reference
     assert by_study.prune(study, trial)  # the baseline's 0.6 would prune it

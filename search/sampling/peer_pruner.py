@@ -147,7 +147,7 @@ class PeerMedianPruner(optuna.pruners.BasePruner):
         *,
         peers: Peers = "model",
         n_startup_trials: int = 3,
-        warmup_share: float = 0.2,
+        warmup_share: float = 0.4,
         n_warmup_steps: int = 0,
         noise_z: float = 1.0,
     ) -> None:

@@ -271,7 +271,7 @@ class PrunerSection(_Strict):
     n_startup_trials: int = Field(default=4, ge=0)
     n_warmup_steps: int = Field(default=0, ge=0)
     peers: Literal["model", "stage", "study"] = "model"  # peer_median: who a trial is held to
-    warmup_share: float = Field(default=0.2, ge=0.0, lt=1.0, allow_inf_nan=False)  # peer_median
+    warmup_share: float = Field(default=0.4, ge=0.0, lt=1.0, allow_inf_nan=False)  # peer_median
     noise_z: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # peer_median
     min_resource: int | None = Field(default=None, ge=1)  # examples seen; None: Optuna's "auto"
     max_resource: int | None = Field(default=None, ge=1)  # examples seen; None: "auto"
