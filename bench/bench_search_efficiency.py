@@ -239,6 +239,14 @@ def parse_pruner(text: str) -> dict[str, str]:
     unknown = sorted(set(pairs) - set(PrunerSection.model_fields))
     if unknown:
         raise argparse.ArgumentTypeError(f"pruner has no setting {', '.join(unknown)}")
+    try:
+        PrunerSection.model_validate({**PrunerSection().model_dump(), **pairs})
+    except ValueError as exc:  # pydantic's ValidationError: its first error, one line
+        errors = getattr(exc, "errors", list)()
+        first = errors[0] if errors else {"loc": ("?",), "msg": str(exc)}
+        raise argparse.ArgumentTypeError(
+            f"pruner.{first['loc'][0]} (value: {pairs.get(str(first['loc'][0]))}): {first['msg']}"
+        ) from None
     return pairs
 
 

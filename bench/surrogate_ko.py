@@ -36,7 +36,7 @@ GIB = 2**30
 METRIC = "ndcg@10"
 # Helper P's keys (issue 16): the report's standard error and the run's total examples. From the
 # product when it has them (search.record.attrs), else the names P fixed.
-SE_KEY = METRIC + getattr(attrs, "SE_SUFFIX", "_se")
+SE_KEY = attrs.se_key(METRIC)
 TOTAL_KEY: str = getattr(attrs, "REPORT_EXAMPLES_TOTAL", "examples_total")
 
 # --- the default world's calibration ----------------------------------------------------------

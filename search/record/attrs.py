@@ -62,6 +62,12 @@ FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a
 REPORT_EXAMPLES_TOTAL = "examples_total"  # the run's nominal total: epochs x training examples
 SE_SUFFIX = "_se"  # "ndcg@10_se": the standard error over queries of the mean "ndcg@10"
 
+
+def se_key(metric: str) -> str:
+    """The key of ``metric``'s standard error in a report: ``ndcg@10`` -> ``ndcg@10_se``."""
+    return metric + SE_SUFFIX
+
+
 # Study user attributes.
 STUDY_N_TRIALS = "n_trials"  # the study's global budget of finished trials
 STUDY_SPEC = "spec"  # the resolved study spec, secrets excluded

@@ -61,9 +61,9 @@ from optuna.trial import TrialState
 
 from search.record.attrs import MODEL
 from search.record.attrs import REPORT_EXAMPLES_TOTAL
-from search.record.attrs import SE_SUFFIX
 from search.record.attrs import STAGE
 from search.record.attrs import SYSTEM_PRUNING
+from search.record.attrs import se_key
 
 __all__ = ["PeerMedianPruner", "Peers", "SYSTEM_PRUNING", "pruning_record", "read_record"]
 
@@ -99,7 +99,7 @@ def pruning_record(
     if total is not None and math.isfinite(total) and total > 0:
         changed |= new.get(REPORT_EXAMPLES_TOTAL) != int(total)
         new[REPORT_EXAMPLES_TOTAL] = int(total)
-    se = metrics.get(metric + SE_SUFFIX)
+    se = metrics.get(se_key(metric))
     if se is not None and math.isfinite(se) and se >= 0:
         changed |= se_map.get(str(step)) != float(se)
         se_map[str(step)] = float(se)

@@ -377,10 +377,14 @@ def refine_candidates(
     finished = [t for t in trials if t.state.is_finished()]
     length = stall_length(trials, stall or stage or REFINE_STAGE, maximize=maximize)
     allowed = length >= STALL and length % STALL == 0
-    done = [
-        (config_of(t) or {}, float(t.value or 0.0))
-        for t in top_trials(trials, len(trials), maximize=maximize)
-    ]
+    done = (  # the completed trials' configs and values, for joint moves only
+        [
+            (config_of(t) or {}, float(t.value or 0.0))
+            for t in top_trials(trials, len(trials), maximize=maximize)
+        ]
+        if allowed
+        else []
+    )
     configs = [config_of(t) or {} for t in tops]
     streams = []
     for i, t in enumerate(tops):

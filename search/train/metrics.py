@@ -18,17 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from search.record.attrs import SE_SUFFIX
+from search.record.attrs import se_key
 
 if TYPE_CHECKING:
     from search.train.data import EvalSet
     from search.train.encoder import BiEncoder
 
 _QUERY_CHUNK = 256  # queries ranked at once: bounds the (chunk, n_rel, n_docs) comparison
-
-
-def se_key(metric: str) -> str:
-    """The key of ``metric``'s standard error: ``ndcg@10`` -> ``ndcg@10_se``."""
-    return metric + SE_SUFFIX
 
 
 def without_se(metrics: dict[str, float]) -> dict[str, float]:
@@ -96,7 +92,7 @@ def retrieval_metrics(
 
     Returns:
         The metrics by name, e.g. ``{"ndcg@10": ..., "mrr@10": ..., "recall@1": ...}``, and
-        their standard errors under :func:`se_key` (``"ndcg@10_se"``, ...).
+        their standard errors under ``search.record.attrs.se_key`` (``"ndcg@10_se"``, ...).
     """
     if scores.dim() != 2 or scores.shape[0] != len(relevant):
         raise ValueError(
