@@ -6,12 +6,14 @@ user's spec entry would load it. Its facts come from its own ``config.json``
 (``search.spec.model_facts``), as a trial's preflight reads them.
 
 For each point of a grid (batch x max_len x checkpointing x hard negatives) one isolated trial
-(``search.worker.isolation.run_isolated``: the forkserver child a worker runs, with its fixed
-malloc mmap threshold) loads the model with ``BiEncoder.from_config`` and runs ``STEPS`` worst-case
-steps, queries, positives and negatives all at ``max_len``, through ``search.train.loop``'s own
-``make_optimizer`` / ``make_scaler`` / ``train_step``: what is measured is what trains. The
-measured peak is the child's ``VmHWM`` above its resident memory after imports, as the worker
-records it; the estimate is ``estimate_peak_memory(..., device_type="cpu")``.
+(``search.worker.isolation.run_isolated``: the forkserver child a worker runs, here with
+glibc's malloc mmap threshold fixed at 1 MiB, the calibration's: a trial keeps glibc's own
+dynamic threshold, whose retained heap makes peaks differ between identical runs) loads the
+model with ``BiEncoder.from_config`` and runs ``STEPS`` worst-case steps, queries, positives
+and negatives all at ``max_len``, through ``search.train.loop``'s own ``make_optimizer`` /
+``make_scaler`` / ``train_step``: what is measured is what trains. The measured peak is the
+child's ``VmHWM`` above its resident memory after imports, as the worker records it; the
+estimate is ``estimate_peak_memory(..., device_type="cpu")``.
 
 Then the preflight's rule over the grid: a config is skipped when the estimate's lowest
 plausible value, ``estimate x (1 - band)`` (``search.memory.preflight.ESTIMATE_BAND``), exceeds the
@@ -24,8 +26,10 @@ Run::
 
     python bench/bench_estimate_real.py                 # the default grid (36 points)
     python bench/bench_estimate_real.py --batches 16 --lens 64,128 --json real.json
-    # glibc's dynamic mmap threshold instead of the trial's fixed one (the cost and the spread):
-    SEARCH_MALLOC_MMAP_THRESHOLD=0 python bench/bench_estimate_real.py --batches 16 --lens 64
+    # What the fixed threshold costs against glibc's own (a trial's default), paired: both
+    # sides alternate per point, 3 rounds; CPU seconds of the steps and peaks per side.
+    python bench/bench_estimate_real.py --batches 16 --lens 128 --negatives 1 \
+        --mmap-thresholds 0,1048576 --rounds 3
 
 Points whose estimate is above ``--max-estimate-gib`` are not run (listed as ``not run``): the
 machine's memory is shared.
@@ -59,6 +63,7 @@ TARGET = 0.15  # estimate within 15% of the measured peak (issue 10)
 STEPS = 2  # the fail-fast step, then one that holds AdamW's moments (the steady state)
 OBJECTIVE = "bench_estimate_real:step_real"
 NAME = "all-minilm-l6-v2"
+CALIBRATION_THRESHOLD = 1 * MIB  # search.worker.isolation.MALLOC_MMAP_THRESHOLD
 
 
 def model_dir() -> Path:
@@ -103,6 +108,7 @@ class Point:
     seconds: float = 0.0
     steps_cpu_s: float | None = None
     error: str | None = None
+    mmap_threshold: int = CALIBRATION_THRESHOLD  # 0: glibc's own dynamic threshold
 
     @property
     def ratio(self) -> float | None:
@@ -200,7 +206,9 @@ def measure(point: Point, cfg: Any, timeout: float) -> None:
     """Run ``point`` in an isolated trial and fill in its measured peak."""
     from search.worker.isolation import run_isolated
 
-    outcome = run_isolated(cfg, objective=OBJECTIVE, timeout=timeout)
+    outcome = run_isolated(
+        cfg, objective=OBJECTIVE, timeout=timeout, mmap_threshold=point.mmap_threshold
+    )
     point.seconds = outcome.seconds
     point.error = outcome.error
     point.status = {"complete": "ok", "oom": "OOM"}.get(outcome.status, outcome.status)
@@ -212,7 +220,8 @@ def measure(point: Point, cfg: Any, timeout: float) -> None:
 
 
 HEADER = (
-    f"{'batch':>5} {'len':>4} {'ckpt':<4} {'neg':>3} {'amp':<3} {'measured':>9} {'step1':>8} "
+    f"{'mmap':>5} {'batch':>5} {'len':>4} {'ckpt':<4} {'neg':>3} {'amp':<3} {'measured':>9} "
+    f"{'step1':>8} "
     f"{'estimate':>9} {'ratio':>6} {'low':>8} {'seconds':>8} {'cpu_s':>7}"
 )
 
@@ -220,6 +229,7 @@ HEADER = (
 def format_point(p: Point, band: float) -> str:
     """One table row (MiB; ``low`` = estimate x (1 - band), the preflight's lowest value)."""
     head = (
+        f"{_threshold(p.mmap_threshold):>5} "
         f"{p.batch:>5} {p.max_len:>4} {'on' if p.ckpt else 'off':<4} {p.negatives:>3} "
         f"{'on' if p.amp else 'off':<3} "
     )
@@ -230,6 +240,37 @@ def format_point(p: Point, band: float) -> str:
         f"{p.measured_mb:>9.0f} {p.step1_mb or 0:>8.0f} {p.estimate_mb:>9.0f} {p.ratio:>6.3f} "
         f"{low:>8.0f} {p.seconds:>8.1f} {_seconds(p.steps_cpu_s):>7}"
     )
+
+
+def _threshold(value: int) -> str:
+    """``glibc`` (its own dynamic threshold), else the fixed one: ``1M``."""
+    if value <= 0:
+        return "glibc"
+    return f"{value / MIB:g}M" if value % (MIB // 4) == 0 else str(value)
+
+
+def paired_lines(points: list[Point]) -> list[str]:
+    """Per config, the median CPU seconds of the steps and peak per threshold, and the CPU ratio
+    of each fixed threshold to glibc's own (measured alternately in the same run)."""
+    import statistics
+
+    groups: dict[tuple[Any, ...], dict[int, list[Point]]] = {}
+    for p in points:
+        if p.steps_cpu_s is not None:
+            key = (p.batch, p.max_len, p.ckpt, p.negatives, p.amp)
+            groups.setdefault(key, {}).setdefault(p.mmap_threshold, []).append(p)
+    lines = []
+    for (batch, length, ckpt, neg, amp), sides in groups.items():
+        cpu = {t: statistics.median(p.steps_cpu_s or 0.0 for p in ps) for t, ps in sides.items()}
+        peak = {t: [round(p.measured_mb or 0) for p in ps] for t, ps in sides.items()}
+        cells = [
+            f"{_threshold(t)}: cpu {cpu[t]:.1f} s (n={len(sides[t])}), peaks {peak[t]} MiB"
+            + (f", x{cpu[t] / cpu[0]:.2f} of glibc's" if 0 in cpu and t != 0 else "")
+            for t in sorted(sides)
+        ]
+        shape = f"{batch} x {length}, ckpt {'on' if ckpt else 'off'}, neg {neg}, amp {amp}"
+        lines.append(f"{shape}: " + "; ".join(cells))
+    return lines
 
 
 def _seconds(value: float | None) -> str:
@@ -300,6 +341,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-estimate-gib", type=float, default=6.0)
     parser.add_argument("--budgets", default="1,2,4", help="free memory values (GiB)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
+    parser.add_argument(
+        "--mmap-thresholds",
+        default=os.environ.get("SEARCH_MALLOC_MMAP_THRESHOLD") or str(CALIBRATION_THRESHOLD),
+        help="glibc malloc mmap thresholds (bytes) to fix in the trial's child, alternated per "
+        "point; 0: glibc's own dynamic threshold (a trial's default). Default: "
+        "$SEARCH_MALLOC_MMAP_THRESHOLD, else 1 MiB (the calibration's)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per point and side")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--from-json",
@@ -324,11 +373,12 @@ def main(argv: list[str] | None = None) -> None:
         rescore(args.from_json, directory, arch, band, _csv(args.budgets, float))
         return
     warm_up(OBJECTIVE)
+    thresholds = _csv(args.mmap_thresholds)
     print(
         f"{NAME} from {directory} ({arch.num_layers} layers, hidden {arch.hidden}, facts "
         f"{arch.source}); {STEPS} worst-case steps per point; MiB; ratio = estimate / "
-        f"measured; band {band}; malloc mmap threshold "
-        f"{os.environ.get('SEARCH_MALLOC_MMAP_THRESHOLD', 'fixed (search.worker.isolation)')}"
+        f"measured; band {band}; malloc mmap threshold (mmap) "
+        f"{', '.join(_threshold(t) for t in thresholds)}, {args.rounds} round(s)"
     )
     print(HEADER, flush=True)
     grid = [
@@ -344,18 +394,28 @@ def main(argv: list[str] | None = None) -> None:
     for batch, max_len, ckpt, neg, amp in grid:
         cfg = trial_config(directory, batch, max_len, bool(ckpt), neg, bool(amp))
         est = estimate_peak_memory(arch, cfg, device_type="cpu").total_mb
-        point = Point(batch, max_len, bool(ckpt), neg, bool(amp), est)
-        if est <= args.max_estimate_gib * 1024:
-            measure(point, cfg, args.timeout)
-        points.append(point)
-        print(format_point(point, band), flush=True)
-        if args.json is not None:  # after every point: a long grid can be stopped
-            rows = [asdict(p) | {"ratio": p.ratio} for p in points]
-            seconds = time.perf_counter() - started
-            payload = {"band": band, "steps": STEPS, "seconds": seconds, "points": rows}
-            args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    for line in summarize(points, band, _csv(args.budgets, float)):
-        print(line)
+        for _round in range(args.rounds):
+            for threshold in thresholds:  # alternated: both sides see the same machine load
+                point = Point(batch, max_len, bool(ckpt), neg, bool(amp), est)
+                point.mmap_threshold = threshold
+                if est <= args.max_estimate_gib * 1024:
+                    measure(point, cfg, args.timeout)
+                points.append(point)
+                print(format_point(point, band), flush=True)
+                if args.json is not None:  # after every point: a long grid can be stopped
+                    rows = [asdict(p) | {"ratio": p.ratio} for p in points]
+                    seconds = time.perf_counter() - started
+                    payload = {"band": band, "steps": STEPS, "seconds": seconds, "points": rows}
+                    args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    for threshold in thresholds:
+        print(f"malloc mmap threshold {_threshold(threshold)}:")
+        side = [p for p in points if p.mmap_threshold == threshold]
+        for line in summarize(side, band, _csv(args.budgets, float)):
+            print("  " + line)
+    if len(thresholds) > 1:
+        print("CPU seconds of the steps (median) and peaks, per threshold:")
+        for line in paired_lines(points):
+            print("  " + line)
     total = time.perf_counter() - started
     print(f"total runtime {total:.0f} s ({len(points)} points)")
 

@@ -24,6 +24,7 @@ from search.train.losses import CachedInfoNCELoss
 from search.train.losses import InfoNCELoss
 from search.train.losses.cached_infonce import mini_batches
 from search.train.tiny import build_tiny_replica
+from search.worker.isolation import MALLOC_MMAP_THRESHOLD
 from search.worker.isolation import run_isolated
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -232,7 +233,12 @@ def test_a_cached_batch_of_256_fits_where_the_plain_one_runs_out_of_memory(
     base = _cfg(setup, max_len=64, **paths)
 
     def added_mb(cfg: TrialConfig, limit: int | None) -> tuple[str, float]:
-        out = run_isolated(cfg, memory_limit_bytes=limit, objective=f"{HERE}:one_thread_train")
+        out = run_isolated(
+            cfg,
+            memory_limit_bytes=limit,
+            objective=f"{HERE}:one_thread_train",
+            mmap_threshold=MALLOC_MMAP_THRESHOLD,  # peaks compared: the reproducible ones
+        )
         if out.status != "complete":
             return out.status, float("nan")
         assert out.peak_memory_mb is not None and out.baseline_memory_mb is not None

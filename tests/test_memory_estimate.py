@@ -177,9 +177,10 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
     # Bounds: above NO_WRONG_SKIP the preflight would skip this config at a free memory it fits
     # in (the error that removes configs from the search for good); below TARGET_LOW the
     # estimate misses the 15% target on the low side. The measurement is stable since
-    # trials run with a fixed malloc mmap threshold (search.worker.isolation): before, glibc's
-    # dynamic threshold kept a history-dependent part of the freed activations resident and one
-    # checkpointed config measured 264-375 MiB over identical runs (0.83 in CI).
+    # this calibration fixes the child's malloc mmap threshold (search.worker.isolation; a
+    # user's trial keeps glibc's own): glibc's dynamic threshold keeps a history-dependent part
+    # of the freed activations resident, and one checkpointed config measured 264-375 MiB over
+    # identical runs (0.83 in CI).
     import json
     import os
 
@@ -187,6 +188,7 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
 
     from search.train.tiny import build_tiny_replica
     from search.train.tiny import tiny_info
+    from search.worker.isolation import MALLOC_MMAP_THRESHOLD
     from search.worker.isolation import run_isolated
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -210,7 +212,7 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
         eval_dir=str(eval_dir),
         pooling="mean",
     )
-    out = run_isolated(cfg)
+    out = run_isolated(cfg, mmap_threshold=MALLOC_MMAP_THRESHOLD)
     assert out.status == "complete", out.error
     assert out.peak_memory_mb is not None and out.baseline_memory_mb is not None
     measured = (out.peak_memory_mb - out.baseline_memory_mb) * 2**20

@@ -25,6 +25,7 @@ from search.sampling.space import build_config
 from search.spec.load import load_spec
 from search.spec.model_facts import resolve_facts
 from search.train.nli_retrieval import klue_nli_to_retrieval
+from search.worker.isolation import MALLOC_MMAP_THRESHOLD
 from search.worker.isolation import run_isolated
 
 NAME = "all-minilm-l6-v2"
@@ -104,7 +105,7 @@ def test_real_minilm_trains_on_klue_nli_and_its_estimate_holds(
 
     decision = preflight(cfg, arch, device_info("cpu"), [])
     assert not decision.skip, decision.reason
-    out = run_isolated(cfg)
+    out = run_isolated(cfg, mmap_threshold=MALLOC_MMAP_THRESHOLD)  # the calibration's
     assert out.status == "complete", out.error
     trained = out.metrics["ndcg@10"]
     print(f"\nnDCG@10 untrained {untrained:.4f} -> trained {trained:.4f}")

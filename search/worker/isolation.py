@@ -18,7 +18,9 @@ a bool (prune?), ``("partial", examples_seen, metrics)`` for a sooner evaluation
 the eval set (``report_partial``; answered like a report, not kept in the history), ``("step",
 step, values)`` after each training step when the worker tracks the trial (``on_step``; not
 answered), then one final ``("result", dict)``, ``("pruned",
-dict)`` or ``("error", dict)``.
+dict)`` or ``("error", dict)``; each final dict also carries the objective's seconds per phase
+(``timings``, from the clock lent to an objective that takes ``clock``) and when it was called
+and ended (``called_at``, ``ended_at``: ``time.monotonic()``, one clock for the whole host).
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ from search.record.config import DEFAULT_OBJECTIVE
 from search.record.config import TrialConfig
 from search.record.precision import device_type
 
-__all__ = ["TrialOutcome", "run_isolated", "warm_up"]
+__all__ = [
+    "MALLOC_MMAP_THRESHOLD",
+    "MMAP_THRESHOLD_ENV",
+    "TrialOutcome",
+    "mmap_threshold_from_env",
+    "run_isolated",
+    "warm_up",
+]
 
 MIB = 1024**2
 # Imported once by the forkserver; a module that fails to import is skipped there. "__main__"
@@ -90,6 +99,12 @@ class TrialOutcome:
         exitcode: The child's exit code (negative: killed by that signal).
         baseline_memory_mb: The child's resident memory after imports, before the trial
             (``peak_memory_mb - baseline_memory_mb`` is what the trial added on CPU).
+        timings: Wall seconds per phase (``search.record.attrs.TIMING_PHASES``): ``start``
+            (from starting the child to calling the objective) and the objective's own
+            (``load``, ``tokenise``, ``train``, ``evaluate``, ``save``: what it measured up to
+            its end, also when pruned or failed). Empty when the child sent no final message.
+        ended_at: ``time.monotonic()`` when the objective returned or raised (one clock for
+            every process of the host), or None.
     """
 
     status: str
@@ -103,6 +118,8 @@ class TrialOutcome:
     seconds: float = 0.0
     exitcode: int | None = None
     baseline_memory_mb: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    ended_at: float | None = None
 
 
 # --------------------------------------------------------------------------- the child side
@@ -122,20 +139,27 @@ def _status_kib(field_name: str) -> int | None:
 # glibc malloc serves a request from mmap (unmapped when freed) only above its mmap threshold;
 # freed memory below it stays resident in the heap. The threshold is dynamic by default: each
 # free of an mmapped chunk raises it to that chunk's size (up to 32 MiB), so which freed
-# activations stay resident depends on the order of the trial's allocations. One checkpointed
-# tiny config (32 x 128) peaked at 264-375 MiB over identical runs (the CI failure of the
-# memory-estimate test), and the retained heap was up to half of a checkpointed peak. Fixed at
-# 1 MiB (which also stops the dynamic rise), the same config peaks at 148 MiB in every run.
-# $SEARCH_MALLOC_MMAP_THRESHOLD (bytes) overrides it; 0 keeps glibc's dynamic threshold.
+# activations stay resident depends on the order of the trial's allocations: one checkpointed
+# tiny config (32 x 128) peaked at 264-375 MiB over identical runs, 148 MiB in every run with the
+# threshold fixed at 1 MiB. Fixing it costs page faults on every large tensor (real
+# all-MiniLM-L6-v2, 16 x 128: +17% CPU time per step, +47% with checkpointing; BENCHMARKS.md), so
+# a trial keeps glibc's own behaviour and only the estimate's calibration (its tests,
+# bench_estimate_real) fixes it: ``run_isolated(mmap_threshold=MALLOC_MMAP_THRESHOLD)`` or
+# $SEARCH_MALLOC_MMAP_THRESHOLD=<bytes> (0 or unset: glibc's dynamic threshold).
 MALLOC_MMAP_THRESHOLD = 1 * MIB
+MMAP_THRESHOLD_ENV = "SEARCH_MALLOC_MMAP_THRESHOLD"
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
-def _fix_malloc_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold at :data:`MALLOC_MMAP_THRESHOLD` (True when it was set)."""
-    value = os.environ.get("SEARCH_MALLOC_MMAP_THRESHOLD", "").strip()
-    threshold = int(value) if value.isdigit() else MALLOC_MMAP_THRESHOLD
-    if threshold == 0:
+def mmap_threshold_from_env(env: Mapping[str, str]) -> int:
+    """The fixed threshold ``env`` asks for (bytes; 0: glibc's own dynamic threshold)."""
+    value = env.get(MMAP_THRESHOLD_ENV, "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+def _fix_malloc_mmap_threshold(threshold: int) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (True when it was set; 0: leave it)."""
+    if threshold <= 0:
         return False
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
@@ -218,6 +242,7 @@ def _result_dict(result: Any) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in dict(get("metrics", {}) or {}).items()},
         "history": [dict(h) for h in (get("history", []) or [])],
         "peak_memory_mb": get("peak_memory_mb", None),
+        "timings": {k: float(v) for k, v in dict(get("timings", {}) or {}).items()},
     }
     return out
 
@@ -237,6 +262,7 @@ def _child_main(
     memory_limit: int | None,
     env: dict[str, str],
     stream_steps: bool = False,
+    mmap_threshold: int = 0,
 ) -> None:
     """Entry point of the child: run the objective and send what became of it."""
     # Ctrl-C reaches the whole process group: the worker decides what becomes of the trial
@@ -246,20 +272,23 @@ def _child_main(
     # collection would touch (and so copy) every page of the inherited heap, 1-2 s per trial.
     gc.freeze()
     _apply_env(env)
-    # A trial's CPU memory must not depend on its allocation history (see the constant).
-    _fix_malloc_mmap_threshold()
+    # Only where asked (the estimate's calibration): the threshold's cost, see the constant.
+    _fix_malloc_mmap_threshold(mmap_threshold)
     _quiet_libraries()
     # Imported here, in the child, once its environment is set (they import torch).
     import optuna
 
     from search.memory.oom import is_oom_error
     from search.memory.oom import release_device_memory
+    from search.train.phase_clock import PhaseClock
 
     phase: list[str | None] = [None]
     lift: Callable[[], None] = lambda: None  # noqa: E731
     cfg = TrialConfig.from_json(cfg_json)
     kind = "cpu"
     baseline = _rss_mb()
+    clock = PhaseClock()  # lent to an objective that takes it (search.train.loop.train)
+    called_at: float | None = None
     final: tuple[str, dict[str, Any]]
 
     def on_phase(name: str) -> None:
@@ -285,10 +314,13 @@ def _child_main(
             extra["on_step"] = on_step
         if _accepts(fn, "report_partial"):  # the objective decides (cfg.eval_every_steps)
             extra["report_partial"] = report_partial
+        if _accepts(fn, "clock"):
+            extra["clock"] = clock
         kind = device_type(cfg.device)
         baseline = _rss_mb()
         if memory_limit is not None:
             lift = _set_memory_limit(memory_limit, cfg.device)
+        called_at = time.monotonic()
         result = fn(cfg, report=report, on_phase=on_phase, **extra)
         lift()
         final = ("result", _result_dict(result))
@@ -298,8 +330,12 @@ def _child_main(
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
         lift()
         final = ("error", {"error": _one_line(exc), "oom": is_oom_error(exc)})
+    ended_at = time.monotonic()
+    measured = clock.stop()  # what the objective measured up to its end, however it ended
     # The traceback (and the tensors its frames hold) is gone here: free before sending.
     release_device_memory()
+    final[1]["timings"] = measured or final[1].get("timings") or {}
+    final[1]["called_at"], final[1]["ended_at"] = called_at, ended_at
     final[1].setdefault("peak_memory_mb", None)
     final[1]["child_peak_mb"] = _peak_mb(kind)
     final[1]["baseline_mb"] = baseline
@@ -404,6 +440,7 @@ def run_isolated(
     stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     report_partial: Report | None = None,
+    mmap_threshold: int | None = None,
 ) -> TrialOutcome:
     """Run ``objective(cfg, report=..., on_phase=...)`` in a child process and say how it ended.
 
@@ -431,6 +468,10 @@ def run_isolated(
         report_partial: Called with ``(examples_seen, metrics)`` for each sooner evaluation
             on the eval sample (``training.eval_every_steps``); True prunes the trial. None:
             such reports are answered "go on" and dropped.
+        mmap_threshold: Fix glibc's malloc mmap threshold in the child at this many bytes
+            (:data:`MALLOC_MMAP_THRESHOLD` makes CPU peaks reproducible: the memory estimate's
+            calibration); 0: glibc's own dynamic threshold; None: $SEARCH_MALLOC_MMAP_THRESHOLD,
+            else glibc's own (a trial's default: no page-fault tax).
 
     Returns:
         The outcome; ``seconds`` is the wall time including the child's start.
@@ -441,6 +482,8 @@ def run_isolated(
     if memory_limit_bytes is not None and memory_limit_bytes <= 0:
         raise ValueError(f"memory_limit_bytes must be positive, but got {memory_limit_bytes=}.")
     ctx = _get_context(module)
+    if mmap_threshold is None:
+        mmap_threshold = mmap_threshold_from_env(os.environ)
     start = time.monotonic()
     kills_before = _oom_kill_count()
     host_total = psutil.virtual_memory().total
@@ -455,6 +498,7 @@ def run_isolated(
             memory_limit_bytes,
             dict(os.environ),
             on_step is not None,
+            mmap_threshold,
         ),
         name=f"trial-{cfg.model}",
         daemon=True,
@@ -529,6 +573,10 @@ def run_isolated(
     kind, data = final
     outcome.phase = data.get("phase") or outcome.phase
     outcome.baseline_memory_mb = data.get("baseline_mb")
+    outcome.ended_at = data.get("ended_at")
+    called_at = data.get("called_at")
+    if called_at is not None:  # the objective was called: the child's start, then its phases
+        outcome.timings = {"start": max(0.0, called_at - start), **data.get("timings", {})}
     peak = data.get("peak_memory_mb")
     outcome.peak_memory_mb = float(peak) if peak is not None else data.get("child_peak_mb")
     if kind == "result":
