@@ -260,13 +260,17 @@ def study_note(report: dict[str, Any], *, metric: str = "ndcg@10") -> str:
         f"page (`search report --study {study} --publish`).",
         "",
         f"| model | trials | complete | pruned | OOM | failed | OOM rate | s lost to OOM "
-        f"| best {metric} | best trial | median peak MB | best config |",
-        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|---|",  # centred: cells stay apart
+        f"| training share | best {metric} | best trial | median peak MB | best config |",
+        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|:-:|---|",  # centred: cells stay apart
     ]
+    share = report.get("train_share")
+    if share is not None:  # the trials that recorded their phases (older ones left out)
+        lines[-2:-2] = [f"Worker time in training steps: {share:.0%}.", ""]
     for m in models:
         lines.append(
             f"| {m['model']} | {m['trials']} | {m['complete']} | {m['pruned_early']} "
             f"| {_oom_cell(m)} | {m['failed']} | {m['oom_rate']:.0%} | {m['oom_seconds']:.1f} "
+            f"| {_fmt(m.get('train_share'), '.0%')} "
             f"| {_fmt(m.get('best_value'), '.4f')} | {_fmt(m.get('best_trial'), 'd')} "
             f"| {_fmt(m.get('median_peak_memory_mb'), '.0f')} | {_config(m.get('best_config'))} |"
         )

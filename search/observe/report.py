@@ -22,6 +22,7 @@ from search.record.trial_record import config_of
 from search.record.trial_record import is_oom
 from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
+from search.record.trial_record import timings_of
 from search.sampling.stages import gain
 from search.sampling.stages import stage_of
 from storage import compat
@@ -52,6 +53,11 @@ class ModelRow:
     best_trial_id: int | None = None
     best_config: dict[str, Any] | None = None
     median_peak_memory_mb: float | None = None
+    # Worker time spent in training steps: the trials that recorded their phases (older ones
+    # are left out, not counted as 0): their train seconds, and their whole seconds.
+    train_seconds: float = 0.0
+    timed_seconds: float = 0.0
+    train_share: float | None = None
 
     @property
     def pruned_oom(self) -> int:
@@ -99,11 +105,21 @@ def model_rows(trials: Sequence[FrozenTrial], *, direction: str = "maximize") ->
         peak = ua.get(attrs.PEAK_MEMORY_MB)
         if peak is not None and not is_oom(ua):
             peaks.setdefault(name, []).append(float(peak))
+        timings = timings_of(t)
+        if attrs.TRAIN_PHASE in timings and seconds > 0:
+            row.train_seconds += timings[attrs.TRAIN_PHASE]
+            row.timed_seconds += seconds
     for name, row in rows.items():
         row.oom_rate = row.pruned_oom / row.trials if row.trials else 0.0
+        row.train_share = train_share(row.train_seconds, row.timed_seconds)
         if peaks.get(name):
             row.median_peak_memory_mb = statistics.median(peaks[name])
     return list(rows.values())
+
+
+def train_share(train_seconds: float, timed_seconds: float) -> float | None:
+    """Share of the timed trials' wall time spent in training steps (None: none timed)."""
+    return train_seconds / timed_seconds if timed_seconds > 0 else None
 
 
 # The user attributes a report reads (the config only of each model's best trial).
@@ -173,6 +189,10 @@ def study_report(
         "skipped": sum(r.oom_predicted + r.oom_frontier for r in rows),
         "worker_seconds": total_seconds,
         "oom_seconds": sum(r.oom_seconds for r in rows),
+        # Share of the worker time of the trials that recorded their phases spent training.
+        "train_share": train_share(
+            sum(r.train_seconds for r in rows), sum(r.timed_seconds for r in rows)
+        ),
         "best": _overall_best(study, rows, trials, storage, maximize=direction == "maximize"),
         "models": [
             {**_without(asdict(r), "best_trial_id"), "pruned_oom": r.pruned_oom} for r in rows
@@ -254,7 +274,11 @@ def read_trials(
     if isinstance(storage, optuna.storages.RDBStorage):
         study_id = storage.get_study_id_from_name(study.study_name)
         return read_summary_trials(
-            storage.engine, study_id, SUMMARY_KEYS, ("model",), (attrs.RETRY_HISTORY,)
+            storage.engine,
+            study_id,
+            SUMMARY_KEYS,
+            ("model",),
+            (attrs.RETRY_HISTORY, attrs.SYSTEM_TIMINGS),
         )
     return study.get_trials(deepcopy=False)
 

@@ -83,14 +83,27 @@ def _table(title: str) -> Table:
                  show_edge=False, pad_edge=False)  # fmt: skip
 
 
+def _share(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) else "-"
+
+
 def outcomes_table(report: dict[str, Any]) -> Table:
-    """Trials per model by outcome, OOM by kind, OOM rate and the seconds OOMs cost."""
+    """Trials per model by outcome, OOM by kind, OOM rate, the seconds OOMs cost, and the share
+    of worker time spent in training steps (per model and, in the title, study-wide)."""
     n = report.get("trials", 0)
-    table = _table(f"study {report['study']}: {n} trial{'' if n == 1 else 's'}")
-    table.caption = "OOM r/h/p/f: real (device), host (RAM), predicted (preflight), frontier"
+    title = f"study {report['study']}: {n} trial{'' if n == 1 else 's'}"
+    share = report.get("train_share")
+    if share is not None:
+        title += f", {share:.0%} of worker time in training steps"
+    table = _table(title)
+    table.caption = (
+        "OOM r/h/p/f: real (device), host (RAM), predicted (preflight), frontier. train: share "
+        "of the worker time in training steps (trials that recorded their phases)"
+    )
     table.caption_justify = "left"
     table.add_column("model")
-    for col in ("trials", "complete", "pruned", "OOM r/h/p/f", "failed", "OOM rate", "OOM s"):
+    columns = ("trials", "complete", "pruned", "OOM r/h/p/f", "failed", "OOM rate", "OOM s")
+    for col in (*columns, "train"):
         table.add_column(col, justify="right")
     for r in report["models"]:
         table.add_row(
@@ -102,6 +115,7 @@ def outcomes_table(report: dict[str, Any]) -> Table:
             str(r["failed"]),
             f"{r['oom_rate']:.0%}",
             f"{r['oom_seconds']:.1f}",
+            _share(r.get("train_share")),
         )
     return table
 

@@ -55,6 +55,9 @@ SYSTEM_ERROR = "search:error"  # the whole error line when the user attr ERROR w
 # What the pruner needs of a running trial's reports (search.sampling.peer_pruner), one JSON
 # object rewritten per report: {"examples_total": int, "se": {"<step>": SE of the metric}}.
 SYSTEM_PRUNING = "search:pruning"
+# Where the trial's wall time went, seconds per phase (TIMING_PHASES; rounded to ms): a phase
+# not measured is absent (a killed child reports none of its own, an older study no key).
+SYSTEM_TIMINGS = "search:timings"
 RETRY_HISTORY = "retry_history"  # Optuna's (RetryHeartbeatStaleTrialCallback): failed numbers
 FAILED_TRIAL = "failed_trial"  # Optuna's: the number of the original trial of a re-queued one
 
@@ -99,3 +102,11 @@ OUTCOMES = (
 OOM_KINDS = ("real", "host", "predicted", "frontier")
 SKIP_KINDS = ("predicted", "frontier")  # preflight skips: recorded, never trained, free
 PHASES = ("load", "forward", "backward", "optimizer", "eval")
+# The phases of a trial's wall time (SYSTEM_TIMINGS), in the order they run. prepare: the
+# worker before the child (sample, preflight, the claimed record); start: from starting the
+# child to calling the objective (fork, environment, imports); load: the model; tokenise: reading
+# and tokenising the data; train: the optimizer steps; evaluate: every evaluation, sooner ones
+# included, with the pruner's answer; save: saving a kept model; record: the worker after the
+# objective ended (the child's exit, the outcome's record) up to writing it.
+TIMING_PHASES = ("prepare", "start", "load", "tokenise", "train", "evaluate", "save", "record")
+TRAIN_PHASE = "train"

@@ -33,6 +33,8 @@ __all__ = [
     "name_metric",
     "outcome_of",
     "short_error",
+    "slowest_phase",
+    "timings_of",
     "trial_summary",
     "write_record",
 ]
@@ -123,6 +125,28 @@ def device_kind_of(user_attrs: Mapping[str, Any]) -> str | None:
     return label.split()[0].split(":")[0]
 
 
+def timings_of(trial: FrozenTrial) -> dict[str, float]:
+    """Seconds per phase of the trial (``search:timings``); empty for older studies."""
+    timings = trial.system_attrs.get(attrs.SYSTEM_TIMINGS)
+    if not isinstance(timings, dict):
+        return {}
+    return {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
+
+
+def slowest_phase(trial: FrozenTrial) -> str | None:
+    """``slowest: evaluate 4.2 s of 9.8 s`` (of the trial's ``seconds``), or None.
+
+    None when the child measured nothing (a killed child, a study from before issue 17).
+    """
+    timings = timings_of(trial)
+    if not set(timings) - {"prepare", "record"}:
+        return None
+    name = max(timings, key=lambda k: timings[k])
+    total = trial.user_attrs.get(attrs.SECONDS)
+    of = f" of {float(total):.1f} s" if isinstance(total, (int, float)) else ""
+    return f"slowest: {name} {timings[name]:.1f} s{of}"
+
+
 def is_oom(user_attrs: Mapping[str, Any]) -> bool:
     """Whether the trial ran out of memory or was skipped for memory."""
     return user_attrs.get(attrs.OOM) is True or user_attrs.get(attrs.OUTCOME) == attrs.OUTCOME_OOM
@@ -207,8 +231,16 @@ def trial_summary(
         requeued_as: Number of the trial that re-runs a handed-back or stale one.
 
     Returns:
-        One line.
+        One line; a trained trial's ends with its slowest phase (``slowest_phase``).
     """
+    line = _summary(trial, metric=metric, pruner=pruner, requeued_as=requeued_as)
+    slowest = slowest_phase(trial)
+    return f"{line} — {slowest}" if slowest else line
+
+
+def _summary(
+    trial: FrozenTrial, *, metric: str | None, pruner: str | None, requeued_as: int | None
+) -> str:
     ua = trial.user_attrs
     outcome = outcome_of(trial)
     what = _what(trial)

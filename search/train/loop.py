@@ -55,6 +55,7 @@ from search.train.metrics import evaluate
 from search.train.metrics import without_se
 from search.train.partial_eval import ExamplesAxis
 from search.train.partial_eval import eval_sample
+from search.train.phase_clock import PhaseClock
 
 # -----------------------------------------------------------------------------
 # Defaults that are not hyperparameters of the study.
@@ -78,6 +79,9 @@ class TrainResult:
         peak_memory_mb: CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' peak RSS.
         seconds: Wall seconds of the whole run (load, tokenisation, training, evaluation).
         samples_per_s: Training examples per second over the training steps only.
+        timings: Wall seconds per phase of the run (``load``, ``tokenise``, ``train``,
+            ``evaluate``, ``save``; ``search.train.phase_clock``), CUDA synchronised at the end
+            of each epoch's steps.
     """
 
     metrics: dict[str, float]
@@ -85,6 +89,7 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     seconds: float = 0.0
     samples_per_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -353,6 +358,7 @@ def train(
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     report_partial: Callable[[int, dict[str, float]], bool] | None = None,
+    clock: PhaseClock | None = None,
 ) -> TrainResult:
     """Train the bi-encoder of ``cfg`` and evaluate it after each epoch.
 
@@ -372,6 +378,9 @@ def train(
             (``search.train.partial_eval``); returning True stops the run with
             ``optuna.TrialPruned``. Epoch reports carry ``metrics["examples_seen"]``, the
             same axis (``epoch x`` training examples).
+        clock: Timed as the run goes (``load``, ``tokenise``, ``train``, ``evaluate``,
+            ``save``): a caller that lends it keeps what was measured when the run raises
+            (the trial's child process does). Default: a clock of its own.
 
     Both kinds of report also carry each metric's standard error over the evaluated queries
     (``ndcg@10_se``, ``search.train.metrics``) and ``metrics["examples_total"]``, the run's
@@ -385,6 +394,7 @@ def train(
         optuna.TrialPruned: ``report`` asked to stop.
     """
     started = time.perf_counter()
+    clock = clock if clock is not None else PhaseClock()
     _check_config(cfg)
     phase = ""
 
@@ -396,6 +406,7 @@ def train(
                 on_phase(name)
 
     # Data, seeds and device.
+    clock.enter("tokenise")
     if train_examples is None:
         train_examples = load_train(cfg.train_path, max_samples=cfg.max_train_samples)
     if eval_set is None:
@@ -409,6 +420,7 @@ def train(
 
     # Model, tokenised data, loss (the encoder enables gradient checkpointing from cfg).
     enter("load")
+    clock.enter("load")
     model = BiEncoder.from_config(cfg).to(device)
     model.train()
     amp_dtype = autocast_dtype(device, cfg.amp, hidden=model.embedding_dim)
@@ -416,9 +428,11 @@ def train(
     def autocast() -> AbstractContextManager[object]:
         return precision_autocast(device, amp_dtype)
 
+    clock.enter("tokenise")
     data = _build_dataset(
         model, train_examples, max_len=cfg.max_len, hard_negatives=cfg.hard_negatives
     )
+    clock.enter("train")
 
     # Optimizer and schedule: AdamW, linear warmup then linear decay to 0.
     generator = torch.Generator().manual_seed(cfg.seed)  # data order of every epoch
@@ -438,6 +452,7 @@ def train(
     total = {REPORT_EXAMPLES_TOTAL: float(cfg.epochs * len(data))}  # in every report
     sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
     for epoch in range(1, cfg.epochs + 1):
+        clock.enter("train")
         batches = _epoch_batches(data, cfg.batch_size, generator)
         loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
         epoch_start = time.perf_counter()
@@ -476,6 +491,7 @@ def train(
             seen_in_epoch += n
             point = axis.due(epoch, seen_in_epoch)
             if point is not None and sample is not None and report_partial is not None:
+                clock.enter("evaluate")
                 enter("eval")  # score the fixed eval sample; the pruner may stop the run
                 with autocast():
                     sooner = evaluate(
@@ -484,11 +500,13 @@ def train(
                 model.train()
                 if report_partial(point, {**sooner, **total}):
                     raise optuna.TrialPruned(f"pruned at {point} training examples")
+                clock.enter("train")
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the queued kernels in this epoch's time
         train_seconds += time.perf_counter() - epoch_start
 
         # Evaluate, record, let the pruner decide.
+        clock.enter("evaluate")
         enter("eval")
         with autocast():
             metrics = evaluate(model, eval_set, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE)
@@ -502,6 +520,7 @@ def train(
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time
+        clock.enter("save")
         save_trial_model(model, cfg, history)
     return TrainResult(
         metrics=metrics,
@@ -509,4 +528,5 @@ def train(
         peak_memory_mb=peak_memory_mb(device),
         seconds=time.perf_counter() - started,
         samples_per_s=trained / train_seconds if train_seconds > 0 else 0.0,
+        timings=clock.stop(),
     )

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from search.record.config import TrialConfig
     from search.worker.isolation import TrialOutcome
 
-__all__ = ["claimed_record", "outcome_record", "skip_record"]
+__all__ = ["claimed_record", "outcome_record", "skip_record", "trial_timings"]
 
 
 def _gpu_name(device: DeviceInfo) -> str | None:
@@ -95,14 +95,31 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def outcome_record(outcome: TrialOutcome, metric: str, seconds: float) -> TrialRecord:
+def trial_timings(outcome: TrialOutcome, *, prepare: float, record: float) -> dict[str, float]:
+    """Seconds per phase of a trained trial, in ``attrs.TIMING_PHASES`` order, rounded to ms.
+
+    ``prepare`` and ``record`` are the worker's, the others the child's (``outcome.timings``;
+    an objective's own extra phases follow).
+    """
+    seconds = {"prepare": prepare, **outcome.timings, "record": record}
+    order = [k for k in attrs.TIMING_PHASES if k in seconds]
+    order += [k for k in seconds if k not in attrs.TIMING_PHASES]
+    return {k: round(max(0.0, float(seconds[k])), 3) for k in order}
+
+
+def outcome_record(
+    outcome: TrialOutcome, metric: str, seconds: float, timings: dict[str, float] | None = None
+) -> TrialRecord:
     """An isolated run's outcome; ``TrialRecord.user[OUTCOME]`` also says how to tell it.
 
     ``complete`` is told with the metric's value, ``pruned`` and ``oom`` as PRUNED (an OOM is
     an answer about memory: TPE learns from PRUNED trials, README), ``failed`` as FAIL.
+    ``timings`` (``trial_timings``) is kept as the system attribute ``search:timings``.
     """
     user: dict[str, Any] = {attrs.SECONDS: round(seconds, 3)}  # ms: a short cell
     system: dict[str, Any] = {}
+    if timings:
+        system[attrs.SYSTEM_TIMINGS] = dict(timings)
     if outcome.peak_memory_mb is not None:
         user[attrs.PEAK_MEMORY_MB] = outcome.peak_memory_mb
     if outcome.metrics:

@@ -74,6 +74,7 @@ from search.worker.isolation import TrialOutcome
 from search.worker.records import claimed_record
 from search.worker.records import outcome_record
 from search.worker.records import skip_record
+from search.worker.records import trial_timings
 from search.worker.trainer import Trainer
 from search.worker.trainer import TrainHooks
 from storage import compat
@@ -321,12 +322,20 @@ def _run_trial(
         events.emit(claimed)
         if stop():
             raise _Interrupted()
+        trains_at = time.monotonic()
         outcome = worker.trainer(events.training_config(claimed, cfg), _hooks(worker, trial, stop))
+        returned_at = time.monotonic()
     # A child killed or failed by the same signal (Ctrl-C reaches the whole process group)
     # is an interruption too, not the trial's failure.
     if outcome.status == "stopped" or (stop() and outcome.status in ("killed", "failed")):
         raise _Interrupted()
-    frozen = _tell(worker, trial, outcome, time.monotonic() - started)
+    now = time.monotonic()
+    # The worker's own phases around the child's: before it (sample, preflight, the claimed
+    # record) and after the objective ended (the child's exit, the heartbeat's end) up to now.
+    timings = trial_timings(
+        outcome, prepare=trains_at - started, record=now - (outcome.ended_at or returned_at)
+    )
+    frozen = _tell(worker, trial, outcome, now - started, timings)
     events.emit(Told(study, trial.number, tid, frozen, outcome, cfg))
     return frozen, outcome
 
@@ -368,11 +377,19 @@ def _hooks(worker: StepWorker, trial: optuna.trial.Trial, stop: Callable[[], boo
 
 
 def _tell(
-    worker: StepWorker, trial: optuna.trial.Trial, outcome: TrialOutcome, seconds: float
+    worker: StepWorker,
+    trial: optuna.trial.Trial,
+    outcome: TrialOutcome,
+    seconds: float,
+    timings: dict[str, float] | None = None,
 ) -> FrozenTrial:
-    """Record the trained trial's outcome and finish it."""
+    """Record the trained trial's outcome (and where its time went) and finish it.
+
+    The outcome's write and ``study.tell`` come after ``seconds`` and ``timings`` were read,
+    so neither counts them (a finished trial's attributes cannot be set any more).
+    """
     metric = worker.spec.study.metric
-    record = outcome_record(outcome, metric, seconds)
+    record = outcome_record(outcome, metric, seconds, timings)
     write_record(worker.storage, compat.trial_id(trial), record)
     told = record.user[attrs.OUTCOME]
     if told == attrs.OUTCOME_COMPLETE:
