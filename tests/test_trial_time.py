@@ -181,9 +181,8 @@ sampler: {{type: random}}
     assert report["train_share"] == row["train_share"]
     assert f"{row['train_share']:.0%} of worker time in training steps" in report_text(report)
     slowest = max(timings, key=lambda k: timings[k])
-    assert trial_summary(trial).endswith(
-        f" — slowest: {slowest} {timings[slowest]:.1f} s of {seconds:.1f} s"
-    )
+    note = f" — slowest: {slowest} {timings[slowest]:.1f} s of {seconds:.1f} s — {MODEL} b16"
+    assert note in trial_summary(trial)
 
 
 # ------------------------------------------------ report and notes from stored trials
@@ -235,8 +234,11 @@ def test_the_report_shares_training_time_per_model_and_study_wide() -> None:
 def test_the_dashboard_note_names_the_slowest_phase() -> None:
     trials = _stored_study().get_trials()
     assert slowest_phase(trials[0]) == "slowest: evaluate 4.2 s of 9.8 s"
-    assert trial_summary(trials[0]).endswith(" — a — slowest: evaluate 4.2 s of 9.8 s")
+    assert (
+        trial_summary(trials[0])
+        == "complete — ndcg@10 0.10 — slowest: evaluate 4.2 s of 9.8 s — a"
+    )
     assert slowest_phase(trials[1]) is None and "slowest" not in trial_summary(trials[1])
-    # Only the worker's own phases (a killed child measured nothing): no slowest phase.
-    worker_only = _trial(4, "a", 9.8, {"prepare": 0.1, "record": 9.0})
+    # Only the worker's own phases (a killed child, a fake objective): no slowest phase.
+    worker_only = _trial(4, "a", 9.8, {"prepare": 0.1, "start": 0.2, "record": 9.0})
     assert slowest_phase(worker_only) is None

@@ -136,10 +136,11 @@ def timings_of(trial: FrozenTrial) -> dict[str, float]:
 def slowest_phase(trial: FrozenTrial) -> str | None:
     """``slowest: evaluate 4.2 s of 9.8 s`` (of the trial's ``seconds``), or None.
 
-    None when the child measured nothing (a killed child, a study from before issue 17).
+    None unless the objective timed its own phases (``load``...): not for a killed child, an
+    objective without the clock (a test's fake) nor a study from before issue 17.
     """
     timings = timings_of(trial)
-    if not set(timings) - {"prepare", "record"}:
+    if not set(timings) - {"prepare", "start", "record"}:
         return None
     name = max(timings, key=lambda k: timings[k])
     total = trial.user_attrs.get(attrs.SECONDS)
@@ -231,11 +232,15 @@ def trial_summary(
         requeued_as: Number of the trial that re-runs a handed-back or stale one.
 
     Returns:
-        One line; a trained trial's ends with its slowest phase (``slowest_phase``).
+        One line; a trained trial's names its slowest phase (``slowest_phase``) just before
+        what it trained (the line still ends with the model and shape).
     """
     line = _summary(trial, metric=metric, pruner=pruner, requeued_as=requeued_as)
     slowest = slowest_phase(trial)
-    return f"{line} — {slowest}" if slowest else line
+    if not slowest:
+        return line
+    at = line.rfind(f" — {_what(trial)}")
+    return f"{line[:at]} — {slowest}{line[at:]}" if at >= 0 else f"{line} — {slowest}"
 
 
 def _summary(
