@@ -142,8 +142,9 @@ def _status_kib(field_name: str) -> int | None:
 # activations stay resident depends on the order of the trial's allocations: one checkpointed
 # tiny config (32 x 128) peaked at 264-375 MiB over identical runs, 148 MiB in every run with the
 # threshold fixed at 1 MiB. Fixing it costs page faults on every large tensor (real
-# all-MiniLM-L6-v2, 16 x 128: +17% CPU time per step, +47% with checkpointing; BENCHMARKS.md), so
-# a trial keeps glibc's own behaviour and only the estimate's calibration (its tests,
+# all-MiniLM-L6-v2, 16 x 128, a hard negative: x1.22 the CPU seconds of the steps, x1.33 with
+# checkpointing; paired medians of 3, bench_estimate_real --mmap-thresholds 0,1048576), so a
+# trial keeps glibc's own behaviour and only the estimate's calibration (its tests,
 # bench_estimate_real) fixes it: ``run_isolated(mmap_threshold=MALLOC_MMAP_THRESHOLD)`` or
 # $SEARCH_MALLOC_MMAP_THRESHOLD=<bytes> (0 or unset: glibc's dynamic threshold).
 MALLOC_MMAP_THRESHOLD = 1 * MIB
