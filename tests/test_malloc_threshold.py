@@ -84,3 +84,14 @@ def test_the_calibration_opts_in_to_the_fixed_threshold(monkeypatch: pytest.Monk
     monkeypatch.setenv(MMAP_THRESHOLD_ENV, str(MALLOC_MMAP_THRESHOLD))
     assert _mmapped() == 1.0
     assert _mmapped(mmap_threshold=0) == 0.0  # the explicit argument wins over the variable
+
+
+def test_a_cpu_memory_limit_fixes_it_unless_the_variable_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under --memory-limit on CPU the estimate decides what runs, so the child runs the peak
+    # the estimate predicts (the fixed threshold's).
+    assert trial_config().device == "cpu"
+    assert _mmapped(memory_limit_bytes=2**30) == 1.0
+    monkeypatch.setenv(MMAP_THRESHOLD_ENV, "0")
+    assert _mmapped(memory_limit_bytes=2**30) == 0.0

@@ -24,9 +24,11 @@ The estimate is a sum of named parts, so a skipped trial can say what did not fi
   ``b x b*(1 + negatives)`` score matrix (fp32 scores, their softmax, their gradient).
 * **overhead**: the backward pass's working set (about one layer's activations, as gradients),
   and on CUDA the context and cuBLAS/cuDNN workspaces plus a share for the caching allocator's
-  fragmentation. On CPU the trial runs with a fixed malloc mmap threshold
-  (``search.worker.isolation.MALLOC_MMAP_THRESHOLD``): freed activations go back to the system, so
-  the peak is the live tensors plus a fixed cost, the same in every run.
+  fragmentation. On CPU the estimate models the live peak, measured with glibc's mmap threshold
+  fixed (``search.worker.isolation.MALLOC_MMAP_THRESHOLD``: freed activations go back to the
+  system, so the peak is the live tensors plus a fixed cost, the same in every run). A trial
+  fixes it only under a CPU ``--memory-limit``; otherwise it keeps glibc's own threshold and
+  its resident peak can be higher (README, "Capped").
 
 CPU (fp32, the trial's resident memory above the worker process's baseline) is calibrated on
 measured peaks of tiny replicas and of the real all-MiniLM-L6-v2 on this machine (see
@@ -71,9 +73,9 @@ CPU_CALIBRATION: dict[str, float] = {
     # live heap, mallinfo2, is the stored activations within 3%). With checkpointing the live
     # peak is the layer inputs plus 1.04-1.16 x the largest layer (24 tiny configs, 8-64 x
     # 64-256, mallinfo2 after every aten op): the recomputed layer plus 0.1. Freed heap that
-    # glibc keeps resident is not counted: a trial runs with a fixed mmap threshold
+    # glibc keeps resident is not counted: the calibration runs with a fixed mmap threshold
     # (search.worker.isolation.MALLOC_MMAP_THRESHOLD), which returns freed activations to the
-    # system.
+    # system; so does a trial under a CPU --memory-limit.
     "working_set": 0.0,
     "working_set_checkpointing": 0.1,
     # h-sized tensors stored per token and layer, counted with saved_tensors_hooks on tiny

@@ -158,6 +158,16 @@ def mmap_threshold_from_env(env: Mapping[str, str]) -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _default_mmap_threshold(cfg: TrialConfig, memory_limit_bytes: int | None) -> int:
+    """$SEARCH_MALLOC_MMAP_THRESHOLD when set; else fixed under a CPU memory limit, where the
+    preflight's estimate (calibrated on the fixed threshold) decides what runs; else 0."""
+    if MMAP_THRESHOLD_ENV in os.environ:
+        return mmap_threshold_from_env(os.environ)
+    if memory_limit_bytes is not None and device_type(cfg.device) == "cpu":
+        return MALLOC_MMAP_THRESHOLD
+    return 0
+
+
 def _fix_malloc_mmap_threshold(threshold: int) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes (True when it was set; 0: leave it)."""
     if threshold <= 0:
@@ -471,8 +481,10 @@ def run_isolated(
             such reports are answered "go on" and dropped.
         mmap_threshold: Fix glibc's malloc mmap threshold in the child at this many bytes
             (:data:`MALLOC_MMAP_THRESHOLD` makes CPU peaks reproducible: the memory estimate's
-            calibration); 0: glibc's own dynamic threshold; None: $SEARCH_MALLOC_MMAP_THRESHOLD,
-            else glibc's own (a trial's default: no page-fault tax).
+            calibration); 0: glibc's own dynamic threshold; None: $SEARCH_MALLOC_MMAP_THRESHOLD
+            when set, else fixed under a CPU ``memory_limit_bytes`` (the estimate that decides
+            what runs under the cap predicts the fixed threshold's peak), else glibc's own (a
+            trial's default: no page-fault tax).
 
     Returns:
         The outcome; ``seconds`` is the wall time including the child's start.
@@ -484,7 +496,7 @@ def run_isolated(
         raise ValueError(f"memory_limit_bytes must be positive, but got {memory_limit_bytes=}.")
     ctx = _get_context(module)
     if mmap_threshold is None:
-        mmap_threshold = mmap_threshold_from_env(os.environ)
+        mmap_threshold = _default_mmap_threshold(cfg, memory_limit_bytes)
     start = time.monotonic()
     kills_before = _oom_kill_count()
     host_total = psutil.virtual_memory().total
