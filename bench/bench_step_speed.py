@@ -53,6 +53,15 @@ def _bernoulli_dropout(x: Any, p: float, training: bool) -> Any:
     return F.dropout(x, p, training)
 
 
+def _apart(embed: Any) -> Any:
+    """``embed_batches`` that packs each batch alone (queries and passages in two passes)."""
+
+    def apart(batches: Any) -> Any:
+        return [embed([batch])[0] for batch in batches]
+
+    return apart
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default="")
@@ -114,8 +123,7 @@ def main() -> None:
             padding_free=name != "hf",
         )
         if name == "padfree-apart":  # one packed pass per batch
-            one = model.embed_batches
-            model.embed_batches = lambda batches, one=one: [one([b])[0] for b in batches]  # type: ignore[method-assign]
+            model.embed_batches = _apart(model.embed_batches)  # type: ignore[method-assign]
         models[name] = model.train()
     optimizers = {n: loop.make_optimizer(m, cfg) for n, m in models.items()}
     dtype = torch.bfloat16 if args.precision == "bf16" else None
