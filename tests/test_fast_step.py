@@ -245,6 +245,7 @@ def test_training_follows_the_transformers_forward(
             padding_free=padding_free,
         )
         result = train(cfg, train_examples=examples, eval_set=eval_set)
+        assert result.padding_free == padding_free  # what ran, for the trial's record
         losses[padding_free] = [h["loss"] for h in result.history]
     assert losses[True][-1] < losses[True][0]  # it learns
     torch.testing.assert_close(

@@ -78,6 +78,8 @@ class TrainResult:
         peak_memory_mb: CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process' peak RSS.
         seconds: Wall seconds of the whole run (load, tokenisation, training, evaluation).
         samples_per_s: Training examples per second over the training steps only.
+        padding_free: Whether the encoder ran padding-free (``search.train.unpadded``): the
+            trial asked for it (``cfg.padding_free``) and its architecture has it.
     """
 
     metrics: dict[str, float]
@@ -85,6 +87,7 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     seconds: float = 0.0
     samples_per_s: float = 0.0
+    padding_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -509,4 +512,5 @@ def train(
         peak_memory_mb=peak_memory_mb(device),
         seconds=time.perf_counter() - started,
         samples_per_s=trained / train_seconds if train_seconds > 0 else 0.0,
+        padding_free=model.padding_free,
     )
