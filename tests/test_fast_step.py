@@ -251,3 +251,17 @@ def test_training_follows_the_transformers_forward(
     torch.testing.assert_close(
         torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_bf16_from_hidden_128_with_amx_else_256(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    from search.record import precision
+
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.uses_autocast("cpu", True, hidden=128) == amx
+    assert precision.uses_autocast("cpu", True, hidden=256)
+    assert not precision.uses_autocast("cpu", True, hidden=64)
+    assert not precision.uses_autocast("cpu", False, hidden=1024)
