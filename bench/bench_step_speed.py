@@ -15,7 +15,8 @@ current step (``hf``: transformers' forward on padded batches, queries and passa
 Candidates: ``hf``; ``padfree`` (``search.train.unpadded``: real tokens only, queries and
 passages in one pass, dropout masks by ``torch.rand``); ``padfree-bernoulli`` (the same with
 ``F.dropout``'s ``bernoulli_`` masks, to split the gains); ``padfree-apart`` (queries and
-passages in two passes, as transformers' forward runs them).
+passages in two passes, as transformers' forward runs them); ``padfree-noblocks`` (attention
+re-padded per whole batch instead of per block of rows sorted by length).
 
 Run::
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KLUE_JSON = ROOT.parent / "shared" / "data" / "klue-nli" / "klue-nli-v1.1_dev.json"
-CANDIDATES = ("hf", "padfree", "padfree-bernoulli", "padfree-apart")
+CANDIDATES = ("hf", "padfree", "padfree-bernoulli", "padfree-apart", "padfree-noblocks")
 
 
 def _bernoulli_dropout(x: Any, p: float, training: bool) -> Any:
@@ -149,9 +150,11 @@ def main() -> None:
         return sum(int(m.numel() if padded else m.sum()) for m in masks)
 
     def run(name: str, steps: list[loop.StepBatch]) -> float:
-        unpadded_dropout = unpadded.dropout
+        unpadded_dropout, block_rows = unpadded.dropout, unpadded.ATTENTION_BLOCK_ROWS
         if name == "padfree-bernoulli":
             unpadded.dropout = _bernoulli_dropout  # type: ignore[assignment]
+        if name == "padfree-noblocks":
+            unpadded.ATTENTION_BLOCK_ROWS = 1 << 20
         try:
             start = time.process_time()
             for batch in steps:
@@ -161,6 +164,7 @@ def main() -> None:
             return time.process_time() - start
         finally:
             unpadded.dropout = unpadded_dropout  # type: ignore[assignment]
+            unpadded.ATTENTION_BLOCK_ROWS = block_rows
 
     for name in names:  # warm-up round (allocator, oneDNN primitives), not counted
         run(name, batches[: args.steps])

@@ -61,7 +61,7 @@ def _pair(path: Path, pooling: str, **cfg: object) -> tuple[BiEncoder, BiEncoder
 
 def _batch(encoder: BiEncoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths, right-padded, the last row a single token."""
-    batch = encoder.tokenize(SENTENCES[:4], kind="passage", max_len=24)
+    batch = encoder.tokenize(SENTENCES[:5], kind="passage", max_len=24)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert len(set(mask.sum(dim=1).tolist())) > 1  # padding in some rows
     mask[-1] = 0
@@ -84,9 +84,15 @@ def _embed_and_grads(
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+@pytest.mark.parametrize("block_rows", [1, 3, 8])  # attention blocks of sorted rows
 def test_same_embeddings_and_gradients_in_fp32(
-    replicas: dict[str, Path], family: str, pooling: str
+    replicas: dict[str, Path],
+    family: str,
+    pooling: str,
+    block_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(unpadded, "ATTENTION_BLOCK_ROWS", block_rows)
     slow, fast = _pair(replicas[family], pooling)
     slow.eval(), fast.eval()  # dropout off: the same function
     ids, mask = _batch(slow)

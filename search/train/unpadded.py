@@ -3,7 +3,8 @@
 A batch right-padded to its longest row wastes the padded positions' share of every token-wise
 layer (embeddings, QKV, attention output, FFN, LayerNorms, dropout). Here the real tokens of
 one or more batches are packed into one ``(n_tokens, hidden)`` tensor; only attention, which
-mixes tokens of a row, sees rows again: re-padded per batch for PyTorch's
+mixes tokens of a row, sees rows again: sorted by length and re-padded per block of a few
+rows (so that attention's padding follows the rows' lengths too) for PyTorch's
 ``scaled_dot_product_attention`` with a key padding mask, or, on CUDA without attention
 dropout, packed as they are for ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's
 variable-length kernel). The same idea as "Packing with FlashAttention" (Kundu et al. 2024)
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "ATTENTION_BLOCK_ROWS",
     "SUPPORTED_MODEL_TYPES",
     "Packed",
     "dropout",
@@ -88,32 +90,40 @@ def supports(model: Any) -> bool:
 
 @dataclass(frozen=True)
 class Packed:
-    """The real tokens of one or more right-padded batches, concatenated batch after batch.
+    """The real tokens of one or more padded batches, concatenated batch after batch.
+
+    Within a batch the rows are sorted longest first and cut into attention blocks of
+    ``block_rows`` rows, each re-padded only to its own longest row: attention's padded work
+    (``rows x width^2``) follows the rows' lengths instead of the batch's longest.
 
     Args:
         input_ids: ``(n_tokens,)`` token ids.
         positions: ``(n_tokens,)`` each token's column in its padded row (BERT's position).
         ranks: ``(n_tokens,)`` each token's place among its row's real tokens (RoBERTa counts
             positions so: the same as ``positions`` when padded on the right).
-        flat_index: ``(n_tokens,)`` each token's place in its batch flattened to
-            ``rows * width`` (where re-padding puts it back).
-        row_of_token: ``(n_tokens,)`` each token's row, over all batches.
+        row_of_token: ``(n_tokens,)`` each token's row (in packed row order, over all batches).
         cu_seqlens: ``(n_rows + 1,)`` int32 row offsets into the tokens (FlashAttention's).
-        lengths: ``(n_rows,)`` tokens per row.
-        groups: Per batch ``(rows, width, first token, first row, tokens)``.
-        key_masks: Per batch its ``(rows, width)`` boolean attention mask.
+        lengths: ``(n_rows,)`` tokens per row, in packed row order.
+        blocks: Per attention block ``(rows, width, first token, tokens)``.
+        block_index: Per block ``(tokens,)``: each token's place in the block's
+            ``rows * width`` padded layout.
+        block_keys: Per block its ``(rows, width)`` boolean key mask.
+        batches: Per batch ``(first row, rows)`` in packed row order.
+        unsort: Per batch ``(rows,)``: the packed row of each of the batch's input rows.
         max_len: The longest row's length.
     """
 
     input_ids: Tensor
     positions: Tensor
     ranks: Tensor
-    flat_index: Tensor
     row_of_token: Tensor
     cu_seqlens: Tensor
     lengths: Tensor
-    groups: tuple[tuple[int, int, int, int, int], ...]
-    key_masks: tuple[Tensor, ...]
+    blocks: tuple[tuple[int, int, int, int], ...]
+    block_index: tuple[Tensor, ...]
+    block_keys: tuple[Tensor, ...]
+    batches: tuple[tuple[int, int], ...]
+    unsort: tuple[Tensor, ...]
     max_len: int
 
     @property
@@ -122,33 +132,53 @@ class Packed:
         return int(self.input_ids.shape[0])
 
 
-def pack(batches: Sequence[tuple[Tensor, Tensor]]) -> Packed:
-    """Pack right-padded ``(input_ids, attention_mask)`` batches into their real tokens.
+ATTENTION_BLOCK_ROWS = 8  # rows per attention block (sorted by length, padded per block)
+
+
+def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = None) -> Packed:
+    """Pack padded ``(input_ids, attention_mask)`` batches into their real tokens.
 
     Args:
         batches: ``(input_ids, attention_mask)`` pairs, ``(rows, width)`` each, a row's real
             tokens contiguous (padded on the right, or on the left); widths may differ.
+        block_rows: Rows per attention block (default ``ATTENTION_BLOCK_ROWS``).
 
     Returns:
         The packed tokens, on the batches' device.
     """
-    ids_parts, pos_parts, rank_parts, flat_parts, mask_parts, length_parts = [], [], [], [], [], []
-    groups, key_masks = [], []
+    block_rows = block_rows or ATTENTION_BLOCK_ROWS
+    ids_parts, pos_parts, rank_parts, row_parts, length_parts, unsort = [], [], [], [], [], []
+    blocks, block_index, block_keys, spans = [], [], [], []
     tokens = rows_before = 0
     for input_ids, attention_mask in batches:
         rows, width = input_ids.shape
-        mask = attention_mask.reshape(-1).bool()  # (rows * width,)
-        flat = mask.nonzero().squeeze(1)  # (n,) places of the real tokens
         lengths = attention_mask.sum(dim=1)  # (rows,)
-        ids_parts.append(input_ids.reshape(-1)[flat])
+        order = torch.argsort(lengths, descending=True, stable=True)  # longest row first
+        mask = attention_mask[order]  # (rows, width)
+        flat = mask.reshape(-1).nonzero().squeeze(1)  # (n,) real tokens, in sorted row order
+        rank = (mask.long().cumsum(dim=1) - 1).reshape(-1)[flat]  # (n,)
+        row = flat // width  # (n,) sorted row of each token
+        ids_parts.append(input_ids[order].reshape(-1)[flat])
         pos_parts.append(flat % width)
-        rank_parts.append((attention_mask.long().cumsum(dim=1) - 1).reshape(-1)[flat])
-        key_masks.append(attention_mask.bool())
-        flat_parts.append(flat)
-        mask_parts.append(flat // width + rows_before)
-        length_parts.append(lengths)
-        groups.append((rows, width, tokens, rows_before, int(flat.shape[0])))
-        tokens += int(flat.shape[0])
+        rank_parts.append(rank)
+        row_parts.append(row + rows_before)
+        sorted_lengths = lengths[order]
+        length_parts.append(sorted_lengths)
+        unsort.append(torch.argsort(order) + rows_before)
+        spans.append((rows_before, rows))
+        host_lengths = sorted_lengths.tolist()
+        offset = 0  # tokens of this batch in the blocks before
+        for first in range(0, rows, block_rows):
+            count = min(block_rows, rows - first)
+            block_width = max(int(host_lengths[first]), 1)  # its longest row (sorted)
+            n = int(sum(host_lengths[first : first + count]))
+            here = slice(offset, offset + n)
+            block_index.append((row[here] - first) * block_width + rank[here])
+            places = torch.arange(block_width, device=mask.device)
+            block_keys.append(places < sorted_lengths[first : first + count, None])
+            blocks.append((count, block_width, tokens + offset, n))
+            offset += n
+        tokens += offset
         rows_before += rows
     lengths = torch.cat(length_parts)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -156,12 +186,14 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]]) -> Packed:
         input_ids=torch.cat(ids_parts),
         positions=torch.cat(pos_parts),
         ranks=torch.cat(rank_parts),
-        flat_index=torch.cat(flat_parts),
-        row_of_token=torch.cat(mask_parts),
+        row_of_token=torch.cat(row_parts),
         cu_seqlens=cu_seqlens,
         lengths=lengths,
-        groups=tuple(groups),
-        key_masks=tuple(key_masks),
+        blocks=tuple(blocks),
+        block_index=tuple(block_index),
+        block_keys=tuple(block_keys),
+        batches=tuple(spans),
+        unsort=tuple(unsort),
         max_len=int(lengths.max()) if len(lengths) else 0,
     )
 
@@ -229,9 +261,10 @@ def _attention(
         assert isinstance(out, Tensor)  # no auxiliary outputs were asked for
         return out.reshape(n, heads * head_dim)
     outs = []
-    for (rows, width, first, _, count), keys in zip(packed.groups, packed.key_masks, strict=True):
+    for (rows, width, first, count), flat, keys in zip(
+        packed.blocks, packed.block_index, packed.block_keys, strict=True
+    ):
         part = qkv[first : first + count].reshape(count, 3 * heads * head_dim)
-        flat = packed.flat_index[first : first + count]
         padded = part.new_zeros(rows * width, part.shape[1]).index_copy(0, flat, part)
         padded = padded.view(rows, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = padded.unbind(0)  # (rows, heads, width, head_dim) each
@@ -312,4 +345,4 @@ def pool(hidden: Tensor, packed: Packed, pooling: str) -> list[Tensor]:
         sums = hidden.new_zeros((n_rows, hidden.shape[1]), dtype=torch.float32)
         sums = sums.index_add(0, packed.row_of_token, hidden.float())
         pooled = sums / packed.lengths.clamp(min=1)[:, None].float()
-    return [pooled[first_row : first_row + rows] for rows, _, _, first_row, _ in packed.groups]
+    return [pooled[rows] for rows in packed.unsort]  # each batch in its input order
