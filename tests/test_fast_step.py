@@ -271,3 +271,31 @@ def test_cpu_bf16_from_hidden_128_with_amx_else_256(
     assert precision.uses_autocast("cpu", True, hidden=256)
     assert not precision.uses_autocast("cpu", True, hidden=64)
     assert not precision.uses_autocast("cpu", False, hidden=1024)
+
+
+@pytest.mark.train
+def test_fail_fast_step_runs_the_padded_worst_case(
+    klue: tuple[list[TrainExample], EvalSet, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding-free, a batch padded to max_len would cost only its real tokens: the fail-fast
+    step runs transformers' forward at the padded shape, the other steps run padding-free."""
+    examples, eval_set, replica = klue
+    padded_shapes: list[tuple[int, int]] = []
+    hf_pooled = BiEncoder._hf_pooled
+
+    def recording(self: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padded_shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return hf_pooled(self, ids, mask)
+
+    monkeypatch.setattr(BiEncoder, "_hf_pooled", recording)
+    cfg = trial_config(
+        model="multilingual-minilm",
+        model_path=str(replica),
+        batch_size=8,
+        max_len=40,
+        hard_negatives=1,
+        fail_fast=True,
+    )
+    result = train(cfg, train_examples=examples[:32], eval_set=eval_set)
+    assert result.padding_free
+    assert padded_shapes == [(8, 40), (16, 40)]  # queries, then positives + negatives

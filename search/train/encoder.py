@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Literal
@@ -147,6 +149,20 @@ class BiEncoder(torch.nn.Module):
     def padding_free(self) -> bool:
         """Whether the forward runs on real tokens only (``search.train.unpadded``)."""
         return self._padding_free
+
+    @contextmanager
+    def padded_forward(self) -> Iterator[None]:
+        """Run transformers' forward on padded batches inside the block (padding-free or not).
+
+        The fail-fast step's worst case is a batch padded to ``max_len``: padding-free, that
+        padding would not be computed, and the step would not test the memory it is there to.
+        """
+        was = self._padding_free
+        self._padding_free = False
+        try:
+            yield
+        finally:
+            self._padding_free = was
 
     @property
     def pooling(self) -> str:
