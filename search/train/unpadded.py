@@ -132,7 +132,7 @@ class Packed:
         return int(self.input_ids.shape[0])
 
 
-ATTENTION_BLOCK_ROWS = 8  # rows per attention block (sorted by length, padded per block)
+ATTENTION_BLOCK_ROWS = 8  # rows per attention block on a CPU (sorted by length, padded per block)
 
 
 def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = None) -> Packed:
@@ -141,17 +141,18 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
     Args:
         batches: ``(input_ids, attention_mask)`` pairs, ``(rows, width)`` each, a row's real
             tokens contiguous (padded on the right, or on the left); widths may differ.
-        block_rows: Rows per attention block (default ``ATTENTION_BLOCK_ROWS``).
+        block_rows: Rows per attention block (default: ``ATTENTION_BLOCK_ROWS`` on a CPU; on
+            CUDA a whole batch, where one kernel launch beats several small ones).
 
     Returns:
         The packed tokens, on the batches' device.
     """
-    block_rows = block_rows or ATTENTION_BLOCK_ROWS
     ids_parts, pos_parts, rank_parts, row_parts, length_parts, unsort = [], [], [], [], [], []
     blocks, block_index, block_keys, spans = [], [], [], []
     tokens = rows_before = 0
     for input_ids, attention_mask in batches:
         rows, width = input_ids.shape
+        block = block_rows or (rows if input_ids.is_cuda else ATTENTION_BLOCK_ROWS)
         lengths = attention_mask.sum(dim=1)  # (rows,)
         order = torch.argsort(lengths, descending=True, stable=True)  # longest row first
         mask = attention_mask[order]  # (rows, width)
@@ -168,8 +169,8 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
         spans.append((rows_before, rows))
         host_lengths = sorted_lengths.tolist()
         offset = 0  # tokens of this batch in the blocks before
-        for first in range(0, rows, block_rows):
-            count = min(block_rows, rows - first)
+        for first in range(0, rows, block):
+            count = min(block, rows - first)
             block_width = max(int(host_lengths[first]), 1)  # its longest row (sorted)
             n = int(sum(host_lengths[first : first + count]))
             here = slice(offset, offset + n)
@@ -244,7 +245,7 @@ def _attention(
     """
     n, _, _, head_dim = qkv.shape
     drop = p if training else 0.0
-    if qkv.is_cuda and drop == 0.0 and _has_varlen():
+    if drop == 0.0 and _varlen_runs(qkv):
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = qkv.unbind(1)  # (n_tokens, heads, head_dim) each
@@ -283,7 +284,12 @@ def _attention(
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _has_varlen() -> bool:
+def _varlen_runs(qkv: Tensor) -> bool:
+    """Whether FlashAttention's varlen kernel takes ``qkv``: CUDA, fp16/bf16, Ampere or newer."""
+    if not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(qkv.device) < (8, 0):
+        return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
