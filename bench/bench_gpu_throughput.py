@@ -87,6 +87,7 @@ def run_ours(args: argparse.Namespace, padding_free: bool) -> dict[str, Any]:
 
     from search.record.config import TrialConfig
     from search.train import loop
+    from search.train import unpadded
     from search.train.data import EvalSet
     from search.train.data import load_eval
 
@@ -145,6 +146,7 @@ def run_ours(args: argparse.Namespace, padding_free: bool) -> dict[str, Any]:
         "tokens": tokens[0],
         "loss": result.metrics["loss"],
         "peak_mb": peak,
+        "varlen_errors": list(unpadded.VARLEN_ERRORS),  # varlen_attn fell back to SDPA
     }
 
 
@@ -309,6 +311,8 @@ def main() -> None:
                 f"loss {r['loss']:.3f}  peak {r['peak_mb']:.0f} MB",
                 flush=True,
             )
+            for error in r.get("varlen_errors", []):
+                print(f"  varlen_attn fell back to SDPA: {error}")
     for a, b in (("padfree", "sdpa"), ("padfree", "st"), ("sdpa", "st")):
         if a in runs and b in runs:
             for key in ("samples_per_s", "tokens_per_s"):

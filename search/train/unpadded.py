@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "ATTENTION_BLOCK_ROWS",
     "SUPPORTED_MODEL_TYPES",
+    "VARLEN_ERRORS",
     "Packed",
     "dropout",
     "pack",
@@ -133,6 +135,7 @@ class Packed:
 
 
 ATTENTION_BLOCK_ROWS = 8  # rows per attention block on a CPU (sorted by length, padded per block)
+VARLEN_ERRORS: list[str] = []  # why varlen_attn failed in this process (then SDPA runs instead)
 
 
 def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = None) -> Packed:
@@ -249,18 +252,24 @@ def _attention(
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = qkv.unbind(1)  # (n_tokens, heads, head_dim) each
-        out = varlen_attn(
-            q,
-            k,
-            v,
-            packed.cu_seqlens,
-            packed.cu_seqlens,
-            packed.max_len,
-            packed.max_len,
-            scale=scale,
-        )
-        assert isinstance(out, Tensor)  # no auxiliary outputs were asked for
-        return out.reshape(n, heads * head_dim)
+        try:
+            out = varlen_attn(
+                q,
+                k,
+                v,
+                packed.cu_seqlens,
+                packed.cu_seqlens,
+                packed.max_len,
+                packed.max_len,
+                scale=scale,
+            )
+        except RuntimeError as exc:  # a kernel this build or device lacks: SDPA from now on
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            VARLEN_ERRORS.append(f"{type(exc).__name__}: {first_line}")
+            warnings.warn(f"varlen_attn failed, SDPA instead: {VARLEN_ERRORS[-1]}", stacklevel=2)
+        else:
+            assert isinstance(out, Tensor)  # no auxiliary outputs were asked for
+            return out.reshape(n, heads * head_dim)
     outs = []
     for (rows, width, first, count), flat, keys in zip(
         packed.blocks, packed.block_index, packed.block_keys, strict=True
@@ -286,7 +295,7 @@ def _attention(
 
 def _varlen_runs(qkv: Tensor) -> bool:
     """Whether FlashAttention's varlen kernel takes ``qkv``: CUDA, fp16/bf16, Ampere or newer."""
-    if not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16):
+    if VARLEN_ERRORS or not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16):
         return False
     if torch.cuda.get_device_capability(qkv.device) < (8, 0):
         return False
