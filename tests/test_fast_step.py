@@ -140,10 +140,14 @@ def test_packed_batches_of_different_widths_embed_as_each_alone(
 
 def test_dropout_keeps_the_probability_and_the_mean() -> None:
     torch.manual_seed(0)
-    x = torch.ones(200_000)
-    out = unpadded.dropout(x, 0.1, True)
-    assert abs(float((out == 0).float().mean()) - 0.1) < 0.005
-    assert abs(float(out.mean()) - 1.0) < 0.01
+    x = torch.ones(3, 401, 167)  # an odd number of elements
+    for p in (0.1, 0.5):
+        out = unpadded.dropout(x, p, True)
+        assert out.shape == x.shape
+        assert abs(float((out == 0).float().mean()) - p) < 0.005
+        assert abs(float(out.mean()) - 1.0) < 0.01
+        dropped, kept = out.unique().tolist()  # zeros and the scaled ones, nothing else
+        assert dropped == 0.0 and kept == pytest.approx(1 / (1 - p))
     assert torch.equal(unpadded.dropout(x, 0.1, False), x)
 
 

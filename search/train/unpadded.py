@@ -12,8 +12,8 @@ and FlashAttention-2's ``unpad_input``, on the weights of a transformers ``BertM
 ``RobertaModel`` or ``XLMRobertaModel``: no new parameters, the same state dict.
 
 Dropout keeps its probabilities and places (embeddings, attention probabilities, the two
-residual branches); its masks come from ``torch.rand`` (exact probability, about 2.5x cheaper
-than ``bernoulli_`` on a CPU), so the random streams differ from transformers'. With
+residual branches); on a CPU its masks come from 32-bit halves of 64-bit random integers (about
+2.5x cheaper than ``bernoulli_``), so the random streams differ from transformers'. With
 gradient checkpointing on, each layer is recomputed in the backward pass (non-reentrant,
 replaying the same dropout masks).
 
@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -203,7 +204,7 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout (``F.dropout``'s semantics) with a mask drawn by ``torch.rand``.
+    """Inverted dropout (``F.dropout``'s semantics) with a cheaper mask on a CPU.
 
     Each element is zeroed with probability ``p`` and the rest scaled by ``1 / (1 - p)``.
     """
@@ -211,8 +212,22 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
-    keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return torch.where(_keep(x.shape, p, x.device), x * (1.0 / (1.0 - p)), 0.0)
+
+
+def _keep(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """A boolean mask, each element True with probability ``1 - p`` (to within ``2**-32``).
+
+    On a CPU two uniform 32-bit integers come from each 64-bit draw of the generator: about 1.5x
+    cheaper than ``torch.rand`` and 2.5x than ``bernoulli_`` (whole training step: 1.05x at
+    max_len 128 over ``torch.rand`` masks, ``bench/bench_step_speed.py``). Elsewhere
+    ``torch.rand``.
+    """
+    if device.type != "cpu":
+        return torch.rand(shape, device=device) >= p
+    n = math.prod(shape)
+    bits = torch.empty(((n + 1) // 2,), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return bits.view(torch.int32)[:n].view(shape) >= round(p * 2**32) - 2**31
 
 
 def _embed(model: Any, packed: Packed) -> Tensor:
