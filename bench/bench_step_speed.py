@@ -12,10 +12,9 @@ current step (``hf``: transformers' forward on padded batches, queries and passa
 - ``per token``: tokens fed to the encoder per second (padded tokens for ``hf``, real tokens
   only for the padding-free forward), the work-rate of the step.
 
-Candidates: ``hf``; ``padfree`` (``search.train.unpadded``: real tokens only, queries and
-passages in one pass, dropout masks by ``torch.rand``); ``padfree-bernoulli`` (the same with
-``F.dropout``'s ``bernoulli_`` masks, to split the gains); ``padfree-apart`` (queries and
-passages in two passes, as transformers' forward runs them); ``padfree-noblocks`` (attention
+Candidates: ``hf``; ``padfree`` (``search.train.unpadded``: real tokens only, attention per
+block of rows sorted by length, cheaper dropout masks); ``padfree-bernoulli`` (the same with
+``F.dropout``'s ``bernoulli_`` masks, to split the gains); ``padfree-noblocks`` (attention
 re-padded per whole batch instead of per block of rows sorted by length).
 
 Run::
@@ -45,22 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KLUE_JSON = ROOT.parent / "shared" / "data" / "klue-nli" / "klue-nli-v1.1_dev.json"
-CANDIDATES = ("hf", "padfree", "padfree-bernoulli", "padfree-apart", "padfree-noblocks")
+CANDIDATES = ("hf", "padfree", "padfree-bernoulli", "padfree-noblocks")
 
 
 def _bernoulli_dropout(x: Any, p: float, training: bool) -> Any:
     import torch.nn.functional as F
 
     return F.dropout(x, p, training)
-
-
-def _apart(embed: Any) -> Any:
-    """``embed_batches`` that packs each batch alone (queries and passages in two passes)."""
-
-    def apart(batches: Any) -> Any:
-        return [embed([batch])[0] for batch in batches]
-
-    return apart
 
 
 def main() -> None:
@@ -123,8 +113,6 @@ def main() -> None:
             normalize=cfg.normalize,
             padding_free=name != "hf",
         )
-        if name == "padfree-apart":  # one packed pass per batch
-            model.embed_batches = _apart(model.embed_batches)  # type: ignore[method-assign]
         models[name] = model.train()
     optimizers = {n: loop.make_optimizer(m, cfg) for n, m in models.items()}
     dtype = torch.bfloat16 if args.precision == "bf16" else None
