@@ -133,7 +133,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
     queries, passages = SENTENCES[:4], SENTENCES[4:8]
 
     def loss_and_grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = make_config("ko-simcse", path, gradient_checkpointing=checkpointing)
+        # transformers' forward, whose layer modules the hook sees (the padding-free forward's
+        # checkpointing: tests/test_fast_step.py)
+        cfg = make_config(
+            "ko-simcse", path, gradient_checkpointing=checkpointing, padding_free=False
+        )
         encoder = BiEncoder.from_config(cfg)
         model = encoder.model
         flag = getattr(model, "is_activation_checkpointing", None)

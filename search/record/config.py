@@ -57,6 +57,9 @@ class TrialConfig:
         save_dir: Save the trained encoder there as a sentence-transformers model (with
             ``search.json``) after the last evaluation (``search.train.export``); None: not saved.
             Set by the worker for one run only, never recorded in the trial's config.
+        padding_free: Run the encoder's token-wise layers on real tokens only
+            (``search.train.unpadded``) where the architecture is BERT, RoBERTa or XLM-R and
+            the attention is SDPA (the default); False: transformers' forward on padded batches.
     """
 
     model: str
@@ -87,6 +90,7 @@ class TrialConfig:
     eval_sample_queries: int = 200
     attn_implementation: str | None = None
     save_dir: str | None = None
+    padding_free: bool = True
 
     @property
     def gradient_cache_rows(self) -> int:

@@ -27,15 +27,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CPU_BF16_MIN_HIDDEN",
+    "CPU_BF16_MIN_HIDDEN_AMX",
     "autocast",
     "autocast_dtype",
+    "cpu_bf16_min_hidden",
+    "cpu_has_amx",
     "cpu_has_native_bf16",
     "device_type",
     "resolve_device",
     "uses_autocast",
 ]
 
-CPU_BF16_MIN_HIDDEN = 256  # measured on AMX: bf16/fp32 0.89x at H64, 1.09x H128, 1.53x H256
+# Smallest hidden size whose training step gains from bf16 autocast on a CPU (padding-free step,
+# L2 replicas, 5 paired rounds). AVX512-BF16 without AMX: bf16/fp32 0.72x at H64, 1.01x H128,
+# 1.33x H256; AMX: 1.00x at H64, 1.42x H128, 2.04x H256 (BENCHMARKS.md, "CPU precision").
+CPU_BF16_MIN_HIDDEN = 256
+CPU_BF16_MIN_HIDDEN_AMX = 128
 
 
 def device_type(name: str) -> str:
@@ -75,19 +82,33 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+@cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix units: bf16 pays from smaller matrices)."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def cpu_bf16_min_hidden() -> int:
+    """The hidden size from which bf16 autocast trains faster than fp32 on this CPU."""
+    return CPU_BF16_MIN_HIDDEN_AMX if cpu_has_amx() else CPU_BF16_MIN_HIDDEN
+
+
 def uses_autocast(kind: str, amp: bool, *, hidden: int) -> bool:
     """Whether a run on a ``kind`` device (``cuda``, ``cpu``...) trains under autocast.
 
     The rule: ``amp=False`` is always fp32. With ``amp=True`` accelerators always autocast;
     a CPU only when it has native bf16 (``cpu_has_native_bf16``) and the model's hidden size is
-    at least ``CPU_BF16_MIN_HIDDEN``: emulated bf16 is slower than fp32, and so is native bf16
-    on matrices too small to pay for the casts (BENCHMARKS.md, "CPU precision").
+    at least ``cpu_bf16_min_hidden()`` (128 with AMX, else 256): emulated bf16 is slower than
+    fp32, and so is native bf16 on matrices too small to pay for the casts (BENCHMARKS.md,
+    "CPU precision").
     """
     if not amp:
         return False
     if kind != "cpu":
         return True
-    return hidden >= CPU_BF16_MIN_HIDDEN and cpu_has_native_bf16()
+    return hidden >= cpu_bf16_min_hidden() and cpu_has_native_bf16()
 
 
 def autocast_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dtype | None:

@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Literal
@@ -34,6 +36,7 @@ from search.record.models import KNOWN_MODELS
 from search.record.models import OFFSET_POSITIONS
 from search.record.models import POOLINGS
 from search.record.models import attention_of
+from search.train import unpadded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -67,6 +70,9 @@ class BiEncoder(torch.nn.Module):
         normalize: L2-normalise the embeddings.
         query_prefix: Put before every query.
         passage_prefix: Put before every passage.
+        padding_free: Run the encoder on the real tokens only (``search.train.unpadded``)
+            where the architecture allows it (``unpadded.supports``); else, or when False,
+            transformers' own forward on the padded batch. The same embeddings either way.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class BiEncoder(torch.nn.Module):
         normalize: bool = False,
         query_prefix: str = "",
         passage_prefix: str = "",
+        padding_free: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -93,19 +100,21 @@ class BiEncoder(torch.nn.Module):
         self._pooling = pooling
         self._normalize = normalize
         self._prefixes = {"query": query_prefix, "passage": passage_prefix}
+        self._padding_free = padding_free and unpadded.supports(model)
 
     @classmethod
     def from_config(cls, cfg: TrialConfig) -> BiEncoder:
         """Load ``cfg.model_path`` with ``from_pretrained`` and set up the trial's encoder.
 
         The weights load in float32 (AMP casts per operation), with the attention ``cfg``
-        names (``attn_implementation``; by default SDPA where the architecture has it) and
-        non-reentrant gradient checkpointing when ``cfg`` asks. The
+        names (``attn_implementation``; by default SDPA where the architecture has it),
+        non-reentrant gradient checkpointing when ``cfg`` asks, and the padding-free forward
+        (``cfg.padding_free``) where the architecture has it. The
         model comes back in eval mode, as ``from_pretrained`` leaves it, and on the CPU.
 
         Args:
             cfg: The trial's config (``model``, ``model_path``, ``pooling``, ``normalize``,
-                prefixes, ``gradient_checkpointing``).
+                prefixes, ``gradient_checkpointing``, ``padding_free``).
 
         Returns:
             The encoder.
@@ -133,7 +142,27 @@ class BiEncoder(torch.nn.Module):
             normalize=cfg.normalize,
             query_prefix=cfg.query_prefix,
             passage_prefix=cfg.passage_prefix,
+            padding_free=cfg.padding_free and attention == "sdpa",
         )
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether the forward runs on real tokens only (``search.train.unpadded``)."""
+        return self._padding_free
+
+    @contextmanager
+    def padded_forward(self) -> Iterator[None]:
+        """Run transformers' forward on padded batches inside the block (padding-free or not).
+
+        The fail-fast step's worst case is a batch padded to ``max_len``: padding-free, that
+        padding would not be computed, and the step would not test the memory it is there to.
+        """
+        was = self._padding_free
+        self._padding_free = False
+        try:
+            yield
+        finally:
+            self._padding_free = was
 
     @property
     def pooling(self) -> str:
@@ -219,22 +248,44 @@ class BiEncoder(torch.nn.Module):
         Returns:
             ``(batch, hidden)`` float32 embeddings.
         """
+        return self.embed_batches([(input_ids, attention_mask)])[0]
+
+    def embed_batches(self, batches: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Embed several tokenised batches (queries, passages...), in one pass where it can.
+
+        Padding-free, the batches' real tokens go through the encoder together (one matmul
+        per weight instead of one per batch); otherwise each batch runs transformers' forward.
+
+        Args:
+            batches: ``(input_ids, attention_mask)`` pairs, ``(rows, seq)`` each, right-padded.
+
+        Returns:
+            One ``(rows, hidden)`` float32 embedding tensor per batch.
+        """
+        if self._padding_free:
+            packed = unpadded.pack(batches)
+            hidden = unpadded.packed_forward(self.model, packed)  # (n_tokens, hidden)
+            pooled = unpadded.pool(hidden, packed, self._pooling)
+        else:
+            pooled = [self._hf_pooled(ids, mask) for ids, mask in batches]
+        if self._normalize:
+            pooled = [F.normalize(p, p=2.0, dim=-1) for p in pooled]
+        return pooled
+
+    def _hf_pooled(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """transformers' forward on the padded batch, pooled in float32: ``(batch, hidden)``."""
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state  # (batch, seq, hidden)
         if self._pooling == "cls":
-            pooled = hidden[:, 0].float()  # (batch, hidden)
-        elif self._pooling == "last-token":
+            return hidden[:, 0].float()  # (batch, hidden)
+        if self._pooling == "last-token":
             # The last position whose mask is 1, whichever side the padding is on.
             positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
             last = (attention_mask.long() * positions).argmax(dim=1)  # (batch,)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-        else:
-            mask = attention_mask.unsqueeze(-1).float()  # (batch, seq, 1)
-            pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        if self._normalize:
-            pooled = F.normalize(pooled, p=2.0, dim=-1)
-        return pooled
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        mask = attention_mask.unsqueeze(-1).float()  # (batch, seq, 1)
+        return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
     @torch.no_grad()
     def encode(

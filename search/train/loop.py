@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Literal
@@ -82,6 +83,8 @@ class TrainResult:
         timings: Wall seconds per phase of the run (``load``, ``tokenise``, ``train``,
             ``evaluate``, ``save``; ``search.train.phase_clock``), CUDA synchronised at the end
             of each epoch's steps.
+        padding_free: Whether the encoder ran padding-free (``search.train.unpadded``): the
+            trial asked for it (``cfg.padding_free``) and its architecture has it.
     """
 
     metrics: dict[str, float]
@@ -90,6 +93,7 @@ class TrainResult:
     seconds: float = 0.0
     samples_per_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    padding_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,15 +265,36 @@ class StepBatch:
     Args:
         queries: ``(input_ids, attention_mask)``, ``(batch, seq_q)`` each.
         passages: The same for the ``batch`` positives followed by the hard negatives.
+        padded: Run transformers' forward on the padded batch even where the encoder is
+            padding-free: the fail-fast step's worst-case shape is its padding.
     """
 
     queries: tuple[Tensor, Tensor]
     passages: tuple[Tensor, Tensor]
+    padded: bool = False
 
     @property
     def size(self) -> int:
         """Queries in the batch."""
         return int(self.queries[0].shape[0])
+
+
+def _loss(
+    model: BiEncoder,
+    batch: StepBatch,
+    cfg: TrialConfig,
+    rows: int,
+    autocast: Callable[[], AbstractContextManager[object]],
+) -> Tensor:
+    """The batch's InfoNCE loss, through the gradient cache when ``rows`` (mini-batch rows)."""
+    if rows:
+        cached = CachedInfoNCELoss(model, cfg.temperature, mini_batch_size=rows, autocast=autocast)
+        return cached(batch.queries, batch.passages)
+    with autocast():
+        q_emb = model(*batch.queries)  # (batch, hidden)
+        p_emb = model(*batch.passages)  # (batch * (1 + k), hidden)
+        n = q_emb.shape[0]
+        return InfoNCELoss(cfg.temperature)(q_emb, p_emb[:n], p_emb[n:])
 
 
 def train_step(
@@ -313,18 +338,16 @@ def train_step(
 
     rows = cfg.gradient_cache_rows
     enter("forward")
-    if rows:
-        cached = CachedInfoNCELoss(model, cfg.temperature, mini_batch_size=rows, autocast=autocast)
-        loss = cached(batch.queries, batch.passages)
-    else:
-        with precision_autocast(device, amp_dtype):
-            q_emb = model(*batch.queries)  # (batch, hidden)
-            p_emb = model(*batch.passages)  # (batch * (1 + k), hidden)
-            n = q_emb.shape[0]
-            loss = InfoNCELoss(cfg.temperature)(q_emb, p_emb[:n], p_emb[n:])
+
+    def padded() -> AbstractContextManager[object]:  # the fail-fast step: the padded shape
+        return model.padded_forward() if batch.padded else nullcontext()
+
+    with padded():
+        loss = _loss(model, batch, cfg, rows, autocast)
 
     enter("backward")
-    scaler.scale(loss).backward()
+    with padded():  # the gradient cache's second pass
+        scaler.scale(loss).backward()
 
     # Optimizer: unscale, clip, step, schedule.
     enter("optimizer")
@@ -468,7 +491,8 @@ def train(
                 passages = torch.cat([data.positive[rows], neg[neg >= 0]])
                 q_ids, q_mask = data.queries.batch(data.query[rows], device)
                 p_ids, p_mask = data.passages.batch(passages, device)
-            batch = StepBatch((q_ids, q_mask), (p_ids, p_mask))
+            worst_case = epoch == 1 and step == 0 and cfg.fail_fast
+            batch = StepBatch((q_ids, q_mask), (p_ids, p_mask), padded=worst_case)
 
             # Forward (queries, then positives and hard negatives), backward, AdamW, schedule.
             lr = float(optimizer.param_groups[0]["lr"])  # this step's, before the schedule moves
@@ -529,4 +553,5 @@ def train(
         seconds=time.perf_counter() - started,
         samples_per_s=trained / train_seconds if train_seconds > 0 else 0.0,
         timings=clock.stop(),
+        padding_free=model.padding_free,
     )

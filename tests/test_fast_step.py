@@ -1,0 +1,305 @@
+"""The padding-free forward (search.train.unpadded) against transformers' forward.
+
+Same embeddings and gradients (fp32 tight, bf16 loose), with padding and a one-token row, for
+each pooling and each architecture family; the same dropout probability; checkpointing that
+replays the masks; transformers' forward kept for what it does not cover; and a tiny training
+run that follows the transformers forward's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from _factories import SENTENCES
+from _factories import trial_config
+from transformers import DistilBertConfig
+from transformers import DistilBertModel
+
+from search.record.config import TrialConfig
+from search.record.models import MODELS
+from search.train import unpadded
+from search.train.data import EvalSet
+from search.train.data import TrainExample
+from search.train.data import load_eval
+from search.train.data import load_train
+from search.train.encoder import BiEncoder
+from search.train.loop import train
+from search.train.nli_retrieval import klue_nli_to_retrieval
+from search.train.tiny import build_tiny_replica
+
+FAMILIES = ("ko-simcse", "multilingual-e5-small", "bge-m3-ko")  # RoBERTa, BERT, XLM-R
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    cache = tmp_path_factory.mktemp("tiny")
+    return {n: build_tiny_replica(MODELS[n], cache, SENTENCES * 5) for n in FAMILIES}
+
+
+def _pair(path: Path, pooling: str, **cfg: object) -> tuple[BiEncoder, BiEncoder]:
+    """The same weights behind transformers' forward and the padding-free one."""
+    config = trial_config(model="ko-simcse", model_path=str(path), pooling=pooling, **cfg)
+    slow = BiEncoder.from_config(TrialConfig(**(config.to_json() | {"padding_free": False})))
+    fast = BiEncoder.from_config(config)
+    fast.model.load_state_dict(slow.model.state_dict())
+    assert fast.padding_free and not slow.padding_free
+    return slow, fast
+
+
+def _batch(encoder: BiEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths, right-padded, the last row a single token."""
+    batch = encoder.tokenize(SENTENCES[:5], kind="passage", max_len=24)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert len(set(mask.sum(dim=1).tolist())) > 1  # padding in some rows
+    mask[-1] = 0
+    mask[-1, 0] = 1  # one real token
+    ids = torch.where(mask.bool(), ids, encoder.tokenizer.pad_token_id)
+    return ids, mask
+
+
+def _embed_and_grads(
+    encoder: BiEncoder, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    encoder.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        emb = encoder(ids, mask)  # (rows, hidden)
+    weights = torch.linspace(-1.0, 1.0, emb.numel()).view_as(emb)
+    (emb * weights).sum().backward()
+    grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+    return emb.detach(), grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+@pytest.mark.parametrize("block_rows", [1, 3, 8])  # attention blocks of sorted rows
+def test_same_embeddings_and_gradients_in_fp32(
+    replicas: dict[str, Path],
+    family: str,
+    pooling: str,
+    block_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(unpadded, "ATTENTION_BLOCK_ROWS", block_rows)
+    slow, fast = _pair(replicas[family], pooling)
+    slow.eval(), fast.eval()  # dropout off: the same function
+    ids, mask = _batch(slow)
+    emb, grads = _embed_and_grads(slow, ids, mask, None)
+    emb_fast, grads_fast = _embed_and_grads(fast, ids, mask, None)
+    torch.testing.assert_close(emb_fast, emb, atol=1e-5, rtol=1e-4)
+    assert set(grads_fast) == {n for n in grads if ".pooler." not in n}  # the pooler is unused
+    assert len(grads_fast) > 10
+    for name, grad in grads_fast.items():
+        torch.testing.assert_close(grad, grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_same_embeddings_and_gradients_in_bf16(replicas: dict[str, Path]) -> None:
+    slow, fast = _pair(replicas["multilingual-e5-small"], "mean")
+    slow.eval(), fast.eval()
+    ids, mask = _batch(slow)
+    emb, grads = _embed_and_grads(slow, ids, mask, torch.bfloat16)
+    emb_fast, grads_fast = _embed_and_grads(fast, ids, mask, torch.bfloat16)
+    torch.testing.assert_close(emb_fast, emb, atol=3e-2, rtol=3e-2)
+    names = sorted(grads_fast)
+    flat, flat_fast = (torch.cat([g[n].flatten() for n in names]) for g in (grads, grads_fast))
+    assert float(torch.cosine_similarity(flat, flat_fast, dim=0)) > 0.999
+    for name in names:  # each tensor, bar those whose gradient is rounding noise (key bias)
+        reference = float(grads[name].norm())
+        if reference > 1e-3 * float(flat.norm()):
+            assert float((grads_fast[name] - grads[name]).norm()) < 0.05 * reference, name
+
+
+def test_packed_batches_of_different_widths_embed_as_each_alone(
+    replicas: dict[str, Path],
+) -> None:
+    _, fast = _pair(replicas["ko-simcse"], "cls")
+    fast.eval()
+    q = fast.tokenize(SENTENCES[:3], kind="query", max_len=8)
+    p = fast.tokenize(SENTENCES[3:8], kind="passage", max_len=32)
+    with torch.no_grad():
+        together = fast.embed_batches(
+            [(q["input_ids"], q["attention_mask"]), (p["input_ids"], p["attention_mask"])]
+        )
+        apart = [fast(**q), fast(**p)]
+    assert q["input_ids"].shape[1] != p["input_ids"].shape[1]
+    for a, b in zip(together, apart, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_keeps_the_probability_and_the_mean() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(3, 401, 167)  # an odd number of elements
+    for p in (0.1, 0.5):
+        out = unpadded.dropout(x, p, True)
+        assert out.shape == x.shape
+        assert abs(float((out == 0).float().mean()) - p) < 0.005
+        assert abs(float(out.mean()) - 1.0) < 0.01
+        dropped, kept = out.unique().tolist()  # zeros and the scaled ones, nothing else
+        assert dropped == 0.0 and kept == pytest.approx(1 / (1 - p))
+    assert torch.equal(unpadded.dropout(x, 0.1, False), x)
+
+
+def test_train_mode_drops_out_at_the_configured_places(replicas: dict[str, Path]) -> None:
+    slow, fast = _pair(replicas["multilingual-e5-small"], "mean")
+    ids, mask = _batch(slow)
+    fast.train()
+    with torch.no_grad():
+        a, b = fast(ids, mask), fast(ids, mask)
+        fast.eval()
+        c, d = fast(ids, mask), fast(ids, mask)
+    assert not torch.allclose(a, b)  # different masks each call
+    torch.testing.assert_close(c, d)
+    for p in (0.0, 0.3):  # dropout off in the config: train mode is the eval function
+        for module in fast.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = p
+        fast.train()
+        with torch.no_grad():
+            e = fast(ids, mask)
+        assert torch.allclose(e, c, atol=1e-5) == (p == 0.0)
+
+
+def test_checkpointing_recomputes_each_layer_with_the_same_masks(
+    replicas: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = replicas["ko-simcse"]
+    calls: list[int] = []
+    layer = unpadded._layer
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return layer(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unpadded, "_layer", counted)
+    results = []
+    for checkpointing in (False, True):
+        config = trial_config(model="ko-simcse", model_path=str(path))
+        encoder = BiEncoder.from_config(
+            TrialConfig(**(config.to_json() | {"gradient_checkpointing": checkpointing}))
+        ).train()
+        assert encoder.padding_free
+        ids, mask = _batch(encoder)
+        calls.clear()
+        torch.manual_seed(3)
+        results.append(_embed_and_grads(encoder, ids, mask, None))
+        layers = encoder.model.config.num_hidden_layers
+        assert len(calls) == layers * (2 if checkpointing else 1)
+    (emb, grads), (emb_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(emb_ckpt, emb)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_other_architectures_and_eager_attention_run_transformers_forward(
+    replicas: dict[str, Path],
+) -> None:
+    config = DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    assert not unpadded.supports(DistilBertModel(config))
+    path = replicas["ko-simcse"]
+    base = trial_config(model="ko-simcse", model_path=str(path)).to_json()
+    assert not BiEncoder.from_config(TrialConfig(**(base | {"padding_free": False}))).padding_free
+    eager = BiEncoder.from_config(TrialConfig(**(base | {"attn_implementation": "eager"})))
+    assert not eager.padding_free  # the spec chose another attention: honour it
+
+
+@pytest.fixture(scope="module")
+def klue(
+    tmp_path_factory: pytest.TempPathFactory, klue_json: Path
+) -> tuple[list[TrainExample], EvalSet, Path]:
+    """KLUE-NLI as retrieval and a tiny MiniLM replica with dropout off (a deterministic run)."""
+    work = tmp_path_factory.mktemp("klue")
+    train_path, eval_dir = klue_nli_to_retrieval(klue_json, work / "data", eval_fraction=0.2)
+    examples = [e for e in load_train(train_path) if e.negatives][:192]
+    texts = [t for e in examples for t in (e.query, e.positive, *e.negatives)]
+    built = build_tiny_replica(MODELS["multilingual-minilm"], work / "replicas", texts)
+    replica = work / "no-dropout"
+    shutil.copytree(built, replica)
+    config = json.loads((replica / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (replica / "config.json").write_text(json.dumps(config))
+    full = load_eval(eval_dir)
+    qids = list(full.queries)[:16]
+    qrels = {q: full.qrels[q] for q in qids}
+    docs = {d for q in qids for d in qrels[q]} | set(list(full.corpus)[:32])
+    small = EvalSet({d: full.corpus[d] for d in docs}, {q: full.queries[q] for q in qids}, qrels)
+    return examples, small, replica
+
+
+@pytest.mark.train
+def test_training_follows_the_transformers_forward(
+    klue: tuple[list[TrainExample], EvalSet, Path],
+) -> None:
+    examples, eval_set, replica = klue
+    losses = {}
+    for padding_free in (False, True):
+        cfg = trial_config(
+            model="multilingual-minilm",
+            model_path=str(replica),
+            batch_size=16,
+            max_len=48,
+            lr=1e-3,
+            epochs=2,
+            hard_negatives=1,
+            padding_free=padding_free,
+        )
+        result = train(cfg, train_examples=examples, eval_set=eval_set)
+        assert result.padding_free == padding_free  # what ran, for the trial's record
+        losses[padding_free] = [h["loss"] for h in result.history]
+    assert losses[True][-1] < losses[True][0]  # it learns
+    torch.testing.assert_close(
+        torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_bf16_from_hidden_128_with_amx_else_256(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    from search.record import precision
+
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.uses_autocast("cpu", True, hidden=128) == amx
+    assert precision.uses_autocast("cpu", True, hidden=256)
+    assert not precision.uses_autocast("cpu", True, hidden=64)
+    assert not precision.uses_autocast("cpu", False, hidden=1024)
+
+
+@pytest.mark.train
+def test_fail_fast_step_runs_the_padded_worst_case(
+    klue: tuple[list[TrainExample], EvalSet, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding-free, a batch padded to max_len would cost only its real tokens: the fail-fast
+    step runs transformers' forward at the padded shape, the other steps run padding-free."""
+    examples, eval_set, replica = klue
+    padded_shapes: list[tuple[int, int]] = []
+    hf_pooled = BiEncoder._hf_pooled
+
+    def recording(self: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padded_shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return hf_pooled(self, ids, mask)
+
+    monkeypatch.setattr(BiEncoder, "_hf_pooled", recording)
+    cfg = trial_config(
+        model="multilingual-minilm",
+        model_path=str(replica),
+        batch_size=8,
+        max_len=40,
+        hard_negatives=1,
+        fail_fast=True,
+    )
+    result = train(cfg, train_examples=examples[:32], eval_set=eval_set)
+    assert result.padding_free
+    assert padded_shapes == [(8, 40), (16, 40)]  # queries, then positives + negatives
