@@ -168,6 +168,7 @@ sampler: {{type: random}}
     study = run_study(load_spec(path), opts).study
     (trial,) = study.get_trials()
     assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs[attrs.PADDING_FREE] is True  # what ran: a BERT replica, unpadded
     timings = trial.system_attrs[attrs.SYSTEM_TIMINGS]
     assert list(timings) == ["prepare", "start", "load", "tokenise", "train", "evaluate", "record"]
     seconds = trial.user_attrs[attrs.SECONDS]

@@ -22,6 +22,7 @@ MEMORY_ESTIMATE_BAND = "memory_estimate_band"  # skipped trials: the estimate's 
 FREE_MEMORY_MB = "free_memory_mb"  # skipped trials: the free memory it was compared with
 MODEL_FACTS = "model_facts"  # where the estimate's facts came from: config.json:DIR|hf-cache|table
 SECONDS = "seconds"  # wall seconds the trial's worker spent on it
+PADDING_FREE = "padding_free"  # True: the encoder ran on real tokens only (search.train.unpadded)
 OOM = "oom"  # True when the trial ended in (or was skipped for) OOM; same as outcome "oom"
 OOM_KIND = "oom_kind"  # "real" | "host" | "predicted" | "frontier"
 OOM_PHASE = "oom_phase"  # "load" | "forward" | "backward" | "optimizer" | "eval"

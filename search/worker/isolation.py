@@ -103,6 +103,8 @@ class TrialOutcome:
             (from starting the child to calling the objective) and the objective's own
             (``load``, ``tokenise``, ``train``, ``evaluate``, ``save``: what it measured up to
             its end, also when pruned or failed). Empty when the child sent no final message.
+        padding_free: Whether the encoder ran padding-free (a completed ``TrainResult``'s
+            ``padding_free``), None when the objective did not say.
         ended_at: ``time.monotonic()`` when the objective returned or raised (one clock for
             every process of the host), or None.
     """
@@ -119,6 +121,7 @@ class TrialOutcome:
     exitcode: int | None = None
     baseline_memory_mb: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    padding_free: bool | None = None
     ended_at: float | None = None
 
 
@@ -254,6 +257,7 @@ def _result_dict(result: Any) -> dict[str, Any]:
         "history": [dict(h) for h in (get("history", []) or [])],
         "peak_memory_mb": get("peak_memory_mb", None),
         "timings": {k: float(v) for k, v in dict(get("timings", {}) or {}).items()},
+        "padding_free": get("padding_free", None),
     }
     return out
 
@@ -597,6 +601,8 @@ def run_isolated(
         outcome.metrics = data["metrics"] or outcome.metrics
         outcome.history = data["history"] or outcome.history
         outcome.value = outcome.metrics.get("ndcg@10")
+        padding_free = data.get("padding_free")
+        outcome.padding_free = None if padding_free is None else bool(padding_free)
     elif kind == "pruned":
         outcome.status = "pruned"
     elif data.get("oom"):

@@ -122,6 +122,8 @@ def outcome_record(
         system[attrs.SYSTEM_TIMINGS] = dict(timings)
     if outcome.peak_memory_mb is not None:
         user[attrs.PEAK_MEMORY_MB] = outcome.peak_memory_mb
+    if outcome.padding_free is not None:  # what ran, beside what the config asked
+        user[attrs.PADDING_FREE] = outcome.padding_free
     if outcome.metrics:
         system[attrs.SYSTEM_METRICS] = dict(outcome.metrics)
         value = _finite(outcome.metrics.get(metric))
