@@ -121,3 +121,14 @@ def klue_json() -> Path:
             f"default ../shared/data)"
         )
     return KLUE_JSON
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _search_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run's token and data cache (``search.train.cache``) in a temporary directory of its
+    own: never the user's ``~/.cache/search``. Trial processes inherit the environment."""
+    directory = tmp_path_factory.mktemp("search-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SEARCH_CACHE", raising=False)
+        patch.setenv("SEARCH_CACHE_DIR", str(directory))
+        yield directory

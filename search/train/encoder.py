@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,6 +245,7 @@ class BiEncoder(torch.nn.Module):
         kind: Literal["query", "passage"],
         max_len: int,
         batch_size: int = 64,
+        tokens: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Embed many texts in eval mode, longest first, and return them in input order.
 
@@ -255,26 +257,40 @@ class BiEncoder(torch.nn.Module):
             kind: ``query`` or ``passage``.
             max_len: Truncation length in tokens.
             batch_size: Texts per forward pass.
+            tokens: ``tokenize(texts, kind=kind, max_len=max_len)``, computed once for many
+                calls (None: each batch is tokenised here). Each batch is cut to its longest
+                row, so the embeddings are the same either way.
 
         Returns:
             ``(len(texts), hidden)`` embeddings on the encoder's device.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, but got {batch_size=}.")
+        if tokens is not None and len(tokens["input_ids"]) != len(texts):
+            raise ValueError(
+                f"tokens must have one row per text, but got {len(tokens['input_ids'])} rows "
+                f"for {len(texts)} texts."
+            )
         device = self.device
         if not texts:
             return torch.empty((0, self.embedding_dim), device=device)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        lengths = tokens["attention_mask"].sum(dim=1) if tokens is not None else None
         was_training = self.training
         self.eval()
         try:
             chunks = []
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = self.tokenize([texts[i] for i in rows], kind=kind, max_len=max_len)
-                chunks.append(
-                    self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                )
+                if tokens is None or lengths is None:
+                    batch = self.tokenize([texts[i] for i in rows], kind=kind, max_len=max_len)
+                    ids, mask = batch["input_ids"], batch["attention_mask"]
+                else:  # right-padded rows cut to the batch's longest: what tokenize gives
+                    index = torch.tensor(rows)
+                    width = int(lengths[index].max())
+                    ids = tokens["input_ids"][index, :width]
+                    mask = tokens["attention_mask"][index, :width]
+                chunks.append(self(ids.to(device), mask.to(device)))
         finally:
             self.train(was_training)
         sorted_embeddings = torch.cat(chunks)  # (n, hidden), longest text first

@@ -43,10 +43,9 @@ from search.record.precision import autocast as precision_autocast
 from search.record.precision import autocast_dtype
 from search.record.precision import cpu_has_native_bf16  # noqa: F401 - re-exported
 from search.record.precision import resolve_device
+from search.train import token_cache
 from search.train.data import EvalSet
 from search.train.data import TrainExample
-from search.train.data import load_eval
-from search.train.data import load_train
 from search.train.encoder import BiEncoder
 from search.train.export import save_trial_model
 from search.train.losses import CachedInfoNCELoss
@@ -145,10 +144,46 @@ def _tokenize(
 def _build_dataset(
     encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int, hard_negatives: int
 ) -> _Dataset:
-    """Tokenise each distinct text once and index the examples into the tables."""
+    """Tokenise each distinct text once and index the examples into the tables.
+
+    The tables hold every hard negative of the data, whatever ``hard_negatives`` keeps, so
+    that trials differing only in it share one cache entry (``search.train.token_cache``,
+    keyed on the texts, the tokenizer, ``max_len`` and the prefixes); a batch takes the same
+    texts either way, so training is the same.
+    """
+    part = token_cache.encoder_key(encoder, max_len)
+    key = None
+    if part is not None:
+        key = {"kind": "train-tokens", "examples": token_cache.examples_digest(examples), **part}
+    tables = token_cache.cached_tensors(
+        key, lambda: _dataset_tables(encoder, examples, max_len=max_len)
+    )
+    k = min(hard_negatives, tables["negatives"].shape[1])
+    return _Dataset(
+        queries=_Tokens(
+            tables["queries.input_ids"],
+            tables["queries.attention_mask"],
+            tables["queries.lengths"],
+        ),
+        passages=_Tokens(
+            tables["passages.input_ids"],
+            tables["passages.attention_mask"],
+            tables["passages.lengths"],
+        ),
+        query=tables["query"],
+        positive=tables["positive"],
+        negatives=tables["negatives"][:, :k],
+    )
+
+
+def _dataset_tables(
+    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int
+) -> dict[str, Tensor]:
+    """The token tables of every distinct text and each example's rows in them (all of its
+    hard negatives; -1 where it has fewer than the most any example has)."""
     query_row: dict[str, int] = {}
     passage_row: dict[str, int] = {}
-    k = min(hard_negatives, max((len(e.negatives) for e in examples), default=0))
+    k = max((len(e.negatives) for e in examples), default=0)
     query, positive = [], []
     negatives = torch.full((len(examples), k), -1, dtype=torch.long)
     for i, example in enumerate(examples):
@@ -156,13 +191,19 @@ def _build_dataset(
         positive.append(passage_row.setdefault(example.positive, len(passage_row)))
         for j, text in enumerate(example.negatives[:k]):
             negatives[i, j] = passage_row.setdefault(text, len(passage_row))
-    return _Dataset(
-        queries=_tokenize(encoder, list(query_row), "query", max_len),
-        passages=_tokenize(encoder, list(passage_row), "passage", max_len),
-        query=torch.tensor(query, dtype=torch.long),
-        positive=torch.tensor(positive, dtype=torch.long),
-        negatives=negatives,
-    )
+    tables = {
+        "query": torch.tensor(query, dtype=torch.long),
+        "positive": torch.tensor(positive, dtype=torch.long),
+        "negatives": negatives,
+    }
+    for name, tokens in (
+        ("queries", _tokenize(encoder, list(query_row), "query", max_len)),
+        ("passages", _tokenize(encoder, list(passage_row), "passage", max_len)),
+    ):
+        tables[f"{name}.input_ids"] = tokens.input_ids
+        tables[f"{name}.attention_mask"] = tokens.attention_mask
+        tables[f"{name}.lengths"] = tokens.lengths
+    return tables
 
 
 def _epoch_batches(data: _Dataset, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -396,10 +437,13 @@ def train(
                 on_phase(name)
 
     # Data, seeds and device.
+    # Parsed and checked once per content of the files (search.train.token_cache).
     if train_examples is None:
-        train_examples = load_train(cfg.train_path, max_samples=cfg.max_train_samples)
+        train_examples = token_cache.load_train_cached(
+            cfg.train_path, max_samples=cfg.max_train_samples
+        )
     if eval_set is None:
-        eval_set = load_eval(cfg.eval_dir, cfg.eval_split)
+        eval_set = token_cache.load_eval_cached(cfg.eval_dir, cfg.eval_split)
     if not train_examples:
         raise ValueError("no training examples.")
     seed_everything(cfg.seed)
@@ -437,6 +481,16 @@ def train(
     axis = ExamplesAxis(len(data), cfg.eval_every_steps if report_partial else None)
     total = {REPORT_EXAMPLES_TOTAL: float(cfg.epochs * len(data))}  # in every report
     sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
+    # The eval set's (and sample's) token ids: once per worker, the encoding every evaluation.
+    eval_key = token_cache.encoder_key(model, cfg.max_len)
+    full_tokens = token_cache.cached_eval_tokens(
+        model, eval_set, max_len=cfg.max_len, encoder_part=eval_key
+    )
+    sample_tokens = (
+        token_cache.cached_eval_tokens(model, sample, max_len=cfg.max_len, encoder_part=eval_key)
+        if sample is not None
+        else None
+    )
     for epoch in range(1, cfg.epochs + 1):
         batches = _epoch_batches(data, cfg.batch_size, generator)
         loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
@@ -479,7 +533,11 @@ def train(
                 enter("eval")  # score the fixed eval sample; the pruner may stop the run
                 with autocast():
                     sooner = evaluate(
-                        model, sample, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE
+                        model,
+                        sample,
+                        max_len=cfg.max_len,
+                        batch_size=EVAL_BATCH_SIZE,
+                        tokens=sample_tokens,
                     )
                 model.train()
                 if report_partial(point, {**sooner, **total}):
@@ -491,7 +549,13 @@ def train(
         # Evaluate, record, let the pruner decide.
         enter("eval")
         with autocast():
-            metrics = evaluate(model, eval_set, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE)
+            metrics = evaluate(
+                model,
+                eval_set,
+                max_len=cfg.max_len,
+                batch_size=EVAL_BATCH_SIZE,
+                tokens=full_tokens,
+            )
         model.train()
         metrics["loss"] = loss_sum.item() / len(batches)
         metrics["examples_seen"] = float(axis.epoch_end(epoch))  # the pruner's step axis
