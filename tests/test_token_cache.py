@@ -279,23 +279,18 @@ def test_training_tokens_miss_for_another_tokenizer_max_len_prefix_or_data(
     path.write_text(path.read_text(encoding="utf-8").replace("의", "이", 1), encoding="utf-8")
     _tables(e5, demo)
     assert _hits()["miss"] == misses + 5 and _hits()["memory"] == 0
-    _tables(e5, demo, k=0)  # hard_negatives only slices the same tables: a hit
-    assert _hits()["memory"] == 1
 
 
-def test_hard_negatives_only_slice_the_shared_tables(
+def test_hard_negatives_miss_only_where_they_change_the_tables(
     replicas: dict[str, Path], demo: Path, cache_dir: Path
 ) -> None:
     encoder = _encoder(replicas["multilingual-e5-small"])
-    examples = load_train(demo / "train.jsonl")
-    with_neg = _build_dataset(encoder, examples, max_len=32, hard_negatives=1)
-    without = _build_dataset(encoder, examples, max_len=32, hard_negatives=0)
-    assert with_neg.negatives.shape[1] == 1 and without.negatives.shape == (len(examples), 0)
-    # A batch's passages are the same texts, whatever table row they sit in.
-    rows = torch.arange(len(examples))
-    ids, _ = without.passages.batch(without.positive[rows], torch.device("cpu"))
-    fresh = encoder.tokenize([e.positive for e in examples], kind="passage", max_len=32)
-    assert ids.equal(fresh["input_ids"])
+    most = max(len(e.negatives) for e in load_train(demo / "train.jsonl"))
+    _tables(encoder, demo, k=most)
+    _tables(encoder, demo, k=0)
+    assert _hits()["miss"] == 2
+    _tables(encoder, demo, k=most + 3)  # keeps as many negatives as there are: a hit
+    assert _hits() == {"memory": 1, "disk": 0, "miss": 2}
 
 
 def test_evaluation_from_cached_ids_gives_the_same_metrics(

@@ -24,6 +24,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -142,23 +143,28 @@ def _tokenize(
 
 
 def _build_dataset(
-    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int, hard_negatives: int
+    encoder: BiEncoder,
+    examples: Sequence[TrainExample],
+    *,
+    max_len: int,
+    hard_negatives: int,
+    encoder_part: Mapping[str, object] | None = None,
 ) -> _Dataset:
     """Tokenise each distinct text once and index the examples into the tables.
 
-    The tables hold every hard negative of the data, whatever ``hard_negatives`` keeps, so
-    that trials differing only in it share one cache entry (``search.train.token_cache``,
-    keyed on the texts, the tokenizer, ``max_len`` and the prefixes); a batch takes the same
-    texts either way, so training is the same.
+    The tables are cached across a worker's trials (``search.train.token_cache``), keyed on
+    the texts, the tokenizer, ``max_len``, the prefixes and the hard negatives kept.
+    ``encoder_part`` is ``token_cache.encoder_key(encoder, max_len)`` when the caller has it.
     """
-    part = token_cache.encoder_key(encoder, max_len)
+    k = min(hard_negatives, max((len(e.negatives) for e in examples), default=0))
+    part = encoder_part if encoder_part is not None else token_cache.encoder_key(encoder, max_len)
     key = None
     if part is not None:
-        key = {"kind": "train-tokens", "examples": token_cache.examples_digest(examples), **part}
+        examples_digest = token_cache.examples_digest(examples)
+        key = {"kind": "train-tokens", "examples": examples_digest, "negatives": k, **part}
     tables = token_cache.cached_tensors(
-        key, lambda: _dataset_tables(encoder, examples, max_len=max_len)
+        key, lambda: _dataset_tables(encoder, examples, max_len=max_len, k=k)
     )
-    k = min(hard_negatives, tables["negatives"].shape[1])
     return _Dataset(
         queries=_Tokens(
             tables["queries.input_ids"],
@@ -172,18 +178,17 @@ def _build_dataset(
         ),
         query=tables["query"],
         positive=tables["positive"],
-        negatives=tables["negatives"][:, :k],
+        negatives=tables["negatives"],
     )
 
 
 def _dataset_tables(
-    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int
+    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int, k: int
 ) -> dict[str, Tensor]:
-    """The token tables of every distinct text and each example's rows in them (all of its
-    hard negatives; -1 where it has fewer than the most any example has)."""
+    """The token tables of every distinct text and each example's rows in them (its first
+    ``k`` hard negatives; -1 where it has fewer)."""
     query_row: dict[str, int] = {}
     passage_row: dict[str, int] = {}
-    k = max((len(e.negatives) for e in examples), default=0)
     query, positive = [], []
     negatives = torch.full((len(examples), k), -1, dtype=torch.long)
     for i, example in enumerate(examples):
@@ -460,8 +465,14 @@ def train(
     def autocast() -> AbstractContextManager[object]:
         return precision_autocast(device, amp_dtype)
 
+    # Token ids: once per worker (search.train.token_cache), keyed on the tokenizer's state.
+    encoder_part = token_cache.encoder_key(model, cfg.max_len)
     data = _build_dataset(
-        model, train_examples, max_len=cfg.max_len, hard_negatives=cfg.hard_negatives
+        model,
+        train_examples,
+        max_len=cfg.max_len,
+        hard_negatives=cfg.hard_negatives,
+        encoder_part=encoder_part,
     )
 
     # Optimizer and schedule: AdamW, linear warmup then linear decay to 0.
@@ -482,12 +493,13 @@ def train(
     total = {REPORT_EXAMPLES_TOTAL: float(cfg.epochs * len(data))}  # in every report
     sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
     # The eval set's (and sample's) token ids: once per worker, the encoding every evaluation.
-    eval_key = token_cache.encoder_key(model, cfg.max_len)
     full_tokens = token_cache.cached_eval_tokens(
-        model, eval_set, max_len=cfg.max_len, encoder_part=eval_key
+        model, eval_set, max_len=cfg.max_len, encoder_part=encoder_part
     )
     sample_tokens = (
-        token_cache.cached_eval_tokens(model, sample, max_len=cfg.max_len, encoder_part=eval_key)
+        token_cache.cached_eval_tokens(
+            model, sample, max_len=cfg.max_len, encoder_part=encoder_part
+        )
         if sample is not None
         else None
     )

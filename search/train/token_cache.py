@@ -4,10 +4,10 @@ Three kinds of entries, each keyed on the digests of what it was computed from (
 files' bytes, the texts, the tokenizer's serialised state), never on paths or times:
 
 - the parsed and validated data (``load_train_cached``, ``load_eval_cached``): keyed on the
-  files' bytes (and ``max_samples``, the split); a :class:`~search.train.data.DataError` is
+  files' bytes (and ``max_samples``); a :class:`~search.train.data.DataError` is
   raised again on each call, never cached;
 - the training set's token tables (``cached_tensors``, from ``search.train.loop``): keyed on
-  the texts, the tokenizer, ``max_len`` and the prefixes;
+  the texts, the tokenizer, ``max_len``, the prefixes and the hard negatives kept;
 - an eval set's token ids (``cached_eval_tokens``): keyed likewise; the encoding itself runs
   at every evaluation, since the model changes.
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import tokenizers
+import torch
 import transformers
 from torch import Tensor
 
@@ -77,18 +78,12 @@ def texts_digest(texts: Iterable[str]) -> str:
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """blake2b of what decides a tokenizer's output: its serialised state (a fast tokenizer's
-    JSON less the truncation and padding each call sets; a slow one's pickle), its class, its
-    padding and truncation sides and padding token, and the library versions. None when the
-    state cannot be serialised (then nothing it made is cached)."""
+    JSON, without the truncation and padding that each call sets anew; a slow one's pickle),
+    its class, its padding and truncation sides and padding token, and the library versions.
+    None when the state cannot be serialised (then nothing it made is cached)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     try:
-        if backend is not None:
-            state = json.loads(backend.to_str())
-            state.pop("truncation", None)
-            state.pop("padding", None)
-            raw = json.dumps(state, sort_keys=True, ensure_ascii=False).encode()
-        else:
-            raw = pickle.dumps(tokenizer, protocol=5)
+        raw = _backend_state(backend) if backend is not None else pickle.dumps(tokenizer, 5)
     except Exception:  # noqa: BLE001 - any failure to serialise: do not cache, do not fail
         return None
     facts = {
@@ -102,6 +97,25 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str | None:
     h = hashlib.blake2b(json.dumps(facts, sort_keys=True).encode(), digest_size=20)
     h.update(raw)
     return h.hexdigest()
+
+
+def _backend_state(backend: tokenizers.Tokenizer) -> bytes:
+    """A fast tokenizer's JSON with truncation and padding off, its settings put back after.
+
+    transformers sets both before every call from the call's arguments, so what the last call
+    left there says nothing about the next one's output; serialising without them costs one
+    ``to_str`` (parsing and rewriting the JSON would cost ten times more).
+    """
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        return backend.to_str().encode()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
 
 
 def encoder_key(encoder: BiEncoder, max_len: int) -> dict[str, object] | None:
@@ -194,11 +208,12 @@ def load_train_cached(path: str | Path, *, max_samples: int | None = None) -> li
 
     def compute() -> Payload:
         examples = load_train(path, max_samples=max_samples)
-        rows = [[e.query, e.positive, list(e.negatives)] for e in examples]
-        return {}, {"examples": json.dumps(rows, ensure_ascii=False)}
+        return {
+            "json": _json_tensor([[e.query, e.positive, list(e.negatives)] for e in examples])
+        }, {}
 
-    _, meta = cache.get_or_compute(key, compute)
-    return [TrainExample(q, p, tuple(n)) for q, p, n in json.loads(meta["examples"])]
+    tensors, _ = cache.get_or_compute(key, compute)
+    return [TrainExample(q, p, tuple(n)) for q, p, n in _from_json_tensor(tensors["json"])]
 
 
 def load_eval_cached(directory: str | Path, split: str = "test") -> EvalSet:
@@ -217,12 +232,21 @@ def load_eval_cached(directory: str | Path, split: str = "test") -> EvalSet:
 
     def compute() -> Payload:
         eval_set = load_eval(directory, split)
-        fields = {"corpus": eval_set.corpus, "queries": eval_set.queries}
-        return {}, {
-            **{k: json.dumps(v, ensure_ascii=False) for k, v in fields.items()},
-            "qrels": json.dumps(eval_set.qrels, ensure_ascii=False),
-        }
+        fields = [eval_set.corpus, eval_set.queries, eval_set.qrels]
+        return {"json": _json_tensor(fields)}, {}
 
-    _, meta = cache.get_or_compute(key, compute)
-    parsed: dict[str, Any] = {k: json.loads(meta[k]) for k in ("corpus", "queries", "qrels")}
-    return EvalSet(**parsed)
+    tensors, _ = cache.get_or_compute(key, compute)
+    corpus, queries, qrels = _from_json_tensor(tensors["json"])
+    return EvalSet(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def _json_tensor(value: object) -> Tensor:
+    """``value`` as UTF-8 JSON in a uint8 tensor (a tensor, unlike safetensors' metadata,
+    has no size limit)."""
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _from_json_tensor(tensor: Tensor) -> Any:
+    """The value :func:`_json_tensor` stored."""
+    return json.loads(tensor.numpy().tobytes())
