@@ -119,7 +119,10 @@ def _backend_state(backend: tokenizers.Tokenizer) -> bytes:
 
 
 def encoder_key(encoder: BiEncoder, max_len: int) -> dict[str, object] | None:
-    """The part of a token entry's key that the encoder decides (None: not cacheable)."""
+    """The part of a token entry's key that the encoder decides (None: not cacheable, or the
+    cache is off: then nothing is hashed)."""
+    if shared_cache() is None:
+        return None
     digest = tokenizer_digest(encoder.tokenizer)
     if digest is None:
         return None
