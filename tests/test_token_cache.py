@@ -253,6 +253,27 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(x.dtype == y.dtype and x.equal(y) for x, y in zip(a, b, strict=True))
 
 
+def test_the_environments_bounds_hold_for_real_entries(
+    replicas: dict[str, Path], demo: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory bound below one token table: never kept in memory, read from disk instead. Disk
+    bound of one table: the older of two tables goes."""
+    encoder = _encoder(replicas["multilingual-e5-small"])
+    monkeypatch.setenv("SEARCH_CACHE_MEMORY_BYTES", "1K")
+    first = _tables(encoder, demo)
+    size = max(p.stat().st_size for p in (cache_dir / "v1").iterdir())
+    assert _same(_tables(encoder, demo), first)
+    cache = shared_cache()
+    assert cache is not None and cache.memory.nbytes <= 1024
+    assert cache.hits == {"memory": 0, "disk": 1, "miss": 1}
+    monkeypatch.setenv("SEARCH_CACHE_DISK_BYTES", str(size + 100))  # one table fits, not two
+    _tables(encoder, demo, max_len=24)
+    sizes = [p.stat().st_size for p in (cache_dir / "v1").iterdir()]
+    assert len(sizes) == 1 and sum(sizes) <= size + 100
+    _tables(encoder, demo)  # evicted: computed again
+    assert _hits() == {"memory": 0, "disk": 0, "miss": 2}  # (new settings: a new cache)
+
+
 @pytest.mark.parametrize("k", [0, 1])
 def test_training_tokens_hit_equals_fresh(
     replicas: dict[str, Path], demo: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, k: int
