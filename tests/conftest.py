@@ -125,10 +125,10 @@ def klue_json() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _search_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The run's token and data cache (``search.train.cache``) in a temporary directory of its
-    own: never the user's ``~/.cache/search``. Trial processes inherit the environment."""
-    directory = tmp_path_factory.mktemp("search-cache")
+    """The run's data and token cache (``search.train.cache``) in a temporary directory of its
+    own, never the user's (``$SEARCH_CACHE``, which tests may point at built replicas, is left
+    alone). Trial processes inherit the environment."""
+    directory = tmp_path_factory.mktemp("data-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SEARCH_CACHE", raising=False)
-        patch.setenv("SEARCH_CACHE_DIR", str(directory))
+        patch.setenv("SEARCH_DATA_CACHE", str(directory))
         yield directory

@@ -45,7 +45,7 @@ TINY = {"num_layers": 1, "hidden": 32, "heads": 2, "ffn": 64}
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache directory of this test alone (and an empty in-process tier)."""
     directory = tmp_path / "cache"
-    monkeypatch.setenv("SEARCH_CACHE_DIR", str(directory))
+    monkeypatch.setenv("SEARCH_DATA_CACHE", str(directory))
     return directory
 
 
@@ -84,25 +84,27 @@ def _payload(n: int, fill: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def test_settings_default_location_bounds_and_off(tmp_path: Path) -> None:
-    home = CacheSettings.from_env({"XDG_CACHE_HOME": str(tmp_path)})
-    assert home.directory == tmp_path / "search" and home.enabled
-    assert home.disk_bytes == 4 * 2**30 and home.memory_bytes == 256 * 2**20
-    assert CacheSettings.from_env({}).directory == Path.home() / ".cache" / "search"
+    service = CacheSettings.from_env({"SEARCH_CACHE": str(tmp_path)})
+    assert service.directory == tmp_path / "data" and service.enabled  # beside the replicas
+    assert service.disk_bytes == 4 * 2**30 and service.memory_bytes == 256 * 2**20
+    assert CacheSettings.from_env({}).directory == Path.home() / ".cache" / "search" / "data"
+    own = CacheSettings.from_env({"SEARCH_CACHE": "/c", "SEARCH_DATA_CACHE": str(tmp_path)})
+    assert own.directory == tmp_path
     sized = CacheSettings.from_env(
-        {"SEARCH_CACHE_DISK_BYTES": "300MiB", "SEARCH_CACHE_MEMORY_BYTES": "1.5K"}
+        {"SEARCH_DATA_CACHE_DISK_BYTES": "300MiB", "SEARCH_DATA_CACHE_MEMORY_BYTES": "1.5K"}
     )
     assert (sized.disk_bytes, sized.memory_bytes) == (300 * 2**20, 1536)
-    for off in ({"SEARCH_CACHE_DIR": "off"}, {"SEARCH_CACHE": "0"}):
-        assert not CacheSettings.from_env(off).enabled
-    with pytest.raises(ValueError, match="SEARCH_CACHE_DISK_BYTES"):
-        CacheSettings.from_env({"SEARCH_CACHE_DISK_BYTES": "lots"})
+    for off in ("off", "0", "OFF"):
+        assert not CacheSettings.from_env({"SEARCH_DATA_CACHE": off}).enabled
+    with pytest.raises(ValueError, match="SEARCH_DATA_CACHE_DISK_BYTES"):
+        CacheSettings.from_env({"SEARCH_DATA_CACHE_DISK_BYTES": "lots"})
 
 
 def test_cache_off_writes_nothing(
     demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "c"))
-    monkeypatch.setenv("SEARCH_CACHE", "0")
+    monkeypatch.setenv("SEARCH_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("SEARCH_DATA_CACHE", "off")
     assert shared_cache() is None
     assert token_cache.load_train_cached(demo / "train.jsonl") == load_train(demo / "train.jsonl")
     assert not (tmp_path / "c").exists()
@@ -259,14 +261,14 @@ def test_the_environments_bounds_hold_for_real_entries(
     """Memory bound below one token table: never kept in memory, read from disk instead. Disk
     bound of one table: the older of two tables goes."""
     encoder = _encoder(replicas["multilingual-e5-small"])
-    monkeypatch.setenv("SEARCH_CACHE_MEMORY_BYTES", "1K")
+    monkeypatch.setenv("SEARCH_DATA_CACHE_MEMORY_BYTES", "1K")
     first = _tables(encoder, demo)
     size = max(p.stat().st_size for p in (cache_dir / "v1").iterdir())
     assert _same(_tables(encoder, demo), first)
     cache = shared_cache()
     assert cache is not None and cache.memory.nbytes <= 1024
     assert cache.hits == {"memory": 0, "disk": 1, "miss": 1}
-    monkeypatch.setenv("SEARCH_CACHE_DISK_BYTES", str(size + 100))  # one table fits, not two
+    monkeypatch.setenv("SEARCH_DATA_CACHE_DISK_BYTES", str(size + 100))  # one table fits, not two
     _tables(encoder, demo, max_len=24)
     sizes = [p.stat().st_size for p in (cache_dir / "v1").iterdir()]
     assert len(sizes) == 1 and sum(sizes) <= size + 100
@@ -281,7 +283,7 @@ def test_training_tokens_hit_equals_fresh(
     encoder = _encoder(replicas["multilingual-e5-small"])
     cold, warm = _tables(encoder, demo, k=k), _tables(encoder, demo, k=k)
     assert _hits()["memory"] == 1
-    monkeypatch.setenv("SEARCH_CACHE", "0")
+    monkeypatch.setenv("SEARCH_DATA_CACHE", "off")
     assert _same(cold, _tables(encoder, demo, k=k)) and _same(warm, cold)
 
 
@@ -354,18 +356,18 @@ def test_trials_with_a_warm_cache_train_the_same(
     cold = train(cfg, report_partial=keep)
     warm = train(cfg, report_partial=keep)
     assert _hits()["miss"] == 5 and _hits()["memory"] == 5  # data x2, tokens, eval, sample
-    monkeypatch.setenv("SEARCH_CACHE", "0")
+    monkeypatch.setenv("SEARCH_DATA_CACHE", "off")
     off = train(cfg, report_partial=keep)
     assert cold.history == warm.history == off.history
     n = len(partial) // 3
     assert n and partial[:n] == partial[n : 2 * n] == partial[2 * n :]
     # A changed training file between two trials: trained on the new data, not the cached.
-    monkeypatch.delenv("SEARCH_CACHE")
+    monkeypatch.setenv("SEARCH_DATA_CACHE", str(cache_dir))
     path = demo / "train.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text("".join(lines[64:128] + lines[:64]), encoding="utf-8")
     changed = train(dataclasses.replace(cfg, eval_every_steps=None))
-    monkeypatch.setenv("SEARCH_CACHE", "0")
+    monkeypatch.setenv("SEARCH_DATA_CACHE", "off")
     assert changed.history == train(dataclasses.replace(cfg, eval_every_steps=None)).history
     assert changed.history != cold.history
 
@@ -403,7 +405,7 @@ def test_a_second_process_reads_the_first_ones_entries(
     )
     token_cache.cached_eval_tokens(encoder, token_cache.load_eval_cached(demo), max_len=32)
     assert _hits() == {"memory": 0, "disk": 0, "miss": 4}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_CACHE_DIR": str(cache_dir)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_DATA_CACHE": str(cache_dir)}
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(cfg.to_json())],
         env=env,

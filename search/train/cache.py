@@ -16,12 +16,13 @@ entries (by modification time, refreshed on each hit) going first.
 
 Settings, from the environment of the worker (its trial processes inherit it):
 
-``SEARCH_CACHE_DIR``
-    The directory (default ``$XDG_CACHE_HOME/search``, else ``~/.cache/search``); ``off``
-    turns the cache off, as does ``SEARCH_CACHE=0``.
-``SEARCH_CACHE_DISK_BYTES``
+``SEARCH_DATA_CACHE``
+    The directory; unset: ``$SEARCH_CACHE/data`` (the service's cache, default
+    ``~/.cache/search``, where the tiny replicas live too); ``off`` (or ``0``) turns the cache
+    off.
+``SEARCH_DATA_CACHE_DISK_BYTES``
     Bound of the disk tier (default 4 GiB; ``0``: memory only). Suffixes K, M, G (powers of 2).
-``SEARCH_CACHE_MEMORY_BYTES``
+``SEARCH_DATA_CACHE_MEMORY_BYTES``
     Bound of the in-process tier (default 256 MiB; ``0``: disk only).
 
 Example:
@@ -64,6 +65,7 @@ DEFAULT_MEMORY_BYTES = 256 * 2**20
 STALE_TEMP_S = 3600.0  # a temporary file this old was left by a killed writer
 _CHECK_BYTES = 4  # CRC-32 of the payload, at the head of every entry file
 _SUFFIX = ".entry"
+_OFF = {"off", "0", "false", "no", "none"}  # values of SEARCH_DATA_CACHE that turn it off
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 Payload = tuple[dict[str, Tensor], dict[str, str]]
@@ -94,28 +96,27 @@ class CacheSettings:
         """The settings the environment asks for (module docstring); off: both bounds 0.
 
         Example:
-            >>> CacheSettings.from_env({"SEARCH_CACHE": "0"}).enabled
+            >>> CacheSettings.from_env({"SEARCH_DATA_CACHE": "off"}).enabled
             False
-            >>> env = {"SEARCH_CACHE_DIR": "/x", "SEARCH_CACHE_DISK_BYTES": "1G"}
+            >>> env = {"SEARCH_CACHE": "/c", "SEARCH_DATA_CACHE_DISK_BYTES": "1G"}
             >>> s = CacheSettings.from_env(env)
             >>> s.directory, s.disk_bytes
-            (PosixPath('/x'), 1073741824)
+            (PosixPath('/c/data'), 1073741824)
         """
         env = os.environ if environ is None else environ
-        where = env.get("SEARCH_CACHE_DIR", "").strip()
-        if env.get("SEARCH_CACHE", "1").strip().lower() in {"0", "off", "false", "no"} or (
-            where.lower() in {"off", "none", "0"}
-        ):
+        where = env.get("SEARCH_DATA_CACHE", "").strip()
+        if where.lower() in _OFF:
             return cls(None, 0, 0)
         if where:
             directory = Path(where).expanduser()
         else:
-            base = env.get("XDG_CACHE_HOME", "").strip()
-            directory = (Path(base) if base else Path.home() / ".cache") / "search"
+            service = env.get("SEARCH_CACHE", "").strip()
+            base = Path(service).expanduser() if service else Path.home() / ".cache" / "search"
+            directory = base / "data"
         return cls(
             directory,
-            _parse_bytes(env, "SEARCH_CACHE_DISK_BYTES", DEFAULT_DISK_BYTES),
-            _parse_bytes(env, "SEARCH_CACHE_MEMORY_BYTES", DEFAULT_MEMORY_BYTES),
+            _parse_bytes(env, "SEARCH_DATA_CACHE_DISK_BYTES", DEFAULT_DISK_BYTES),
+            _parse_bytes(env, "SEARCH_DATA_CACHE_MEMORY_BYTES", DEFAULT_MEMORY_BYTES),
         )
 
 
@@ -363,7 +364,7 @@ _shared_lock = threading.Lock()
 def shared_cache() -> TwoTierCache | None:
     """This process' cache for the current environment's settings (None when turned off).
 
-    The settings are read on each call, so a change of ``SEARCH_CACHE_DIR`` (a test's
+    The settings are read on each call, so a change of ``SEARCH_DATA_CACHE`` (a test's
     temporary directory) takes effect at once, with an empty in-process tier.
     """
     global _shared

@@ -11,8 +11,8 @@ files' bytes, the texts, the tokenizer's serialised state), never on paths or ti
 - an eval set's token ids (``cached_eval_tokens``): keyed likewise; the encoding itself runs
   at every evaluation, since the model changes.
 
-The cache and its settings are ``search.train.cache``'s (``SEARCH_CACHE_DIR``, its bounds, and
-``SEARCH_CACHE=0`` to turn it off); with the cache off each function computes afresh.
+The cache and its settings are ``search.train.cache``'s (``SEARCH_DATA_CACHE``, its bounds, and
+``SEARCH_DATA_CACHE=off``); with the cache off each function computes afresh.
 """
 
 from __future__ import annotations
