@@ -121,3 +121,14 @@ def klue_json() -> Path:
             f"default ../shared/data)"
         )
     return KLUE_JSON
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _search_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run's data and token cache (``search.train.cache``) in a temporary directory of its
+    own, never the user's (``$SEARCH_CACHE``, which tests may point at built replicas, is left
+    alone). Trial processes inherit the environment."""
+    directory = tmp_path_factory.mktemp("data-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEARCH_DATA_CACHE", str(directory))
+        yield directory

@@ -24,6 +24,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
@@ -44,10 +45,9 @@ from search.record.precision import autocast as precision_autocast
 from search.record.precision import autocast_dtype
 from search.record.precision import cpu_has_native_bf16  # noqa: F401 - re-exported
 from search.record.precision import resolve_device
+from search.train import token_cache
 from search.train.data import EvalSet
 from search.train.data import TrainExample
-from search.train.data import load_eval
-from search.train.data import load_train
 from search.train.encoder import BiEncoder
 from search.train.export import save_trial_model
 from search.train.losses import CachedInfoNCELoss
@@ -152,12 +152,52 @@ def _tokenize(
 
 
 def _build_dataset(
-    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int, hard_negatives: int
+    encoder: BiEncoder,
+    examples: Sequence[TrainExample],
+    *,
+    max_len: int,
+    hard_negatives: int,
+    encoder_part: Mapping[str, object] | None = None,
 ) -> _Dataset:
-    """Tokenise each distinct text once and index the examples into the tables."""
+    """Tokenise each distinct text once and index the examples into the tables.
+
+    The tables are cached across a worker's trials (``search.train.token_cache``), keyed on
+    the texts, the tokenizer, ``max_len``, the prefixes and the hard negatives kept.
+    ``encoder_part`` is ``token_cache.encoder_key(encoder, max_len)`` when the caller has it.
+    """
+    k = min(hard_negatives, max((len(e.negatives) for e in examples), default=0))
+    part = encoder_part if encoder_part is not None else token_cache.encoder_key(encoder, max_len)
+    key = None
+    if part is not None:
+        examples_digest = token_cache.examples_digest(examples)
+        key = {"kind": "train-tokens", "examples": examples_digest, "negatives": k, **part}
+    tables = token_cache.cached_tensors(
+        key, lambda: _dataset_tables(encoder, examples, max_len=max_len, k=k)
+    )
+    return _Dataset(
+        queries=_Tokens(
+            tables["queries.input_ids"],
+            tables["queries.attention_mask"],
+            tables["queries.lengths"],
+        ),
+        passages=_Tokens(
+            tables["passages.input_ids"],
+            tables["passages.attention_mask"],
+            tables["passages.lengths"],
+        ),
+        query=tables["query"],
+        positive=tables["positive"],
+        negatives=tables["negatives"],
+    )
+
+
+def _dataset_tables(
+    encoder: BiEncoder, examples: Sequence[TrainExample], *, max_len: int, k: int
+) -> dict[str, Tensor]:
+    """The token tables of every distinct text and each example's rows in them (its first
+    ``k`` hard negatives; -1 where it has fewer)."""
     query_row: dict[str, int] = {}
     passage_row: dict[str, int] = {}
-    k = min(hard_negatives, max((len(e.negatives) for e in examples), default=0))
     query, positive = [], []
     negatives = torch.full((len(examples), k), -1, dtype=torch.long)
     for i, example in enumerate(examples):
@@ -165,13 +205,19 @@ def _build_dataset(
         positive.append(passage_row.setdefault(example.positive, len(passage_row)))
         for j, text in enumerate(example.negatives[:k]):
             negatives[i, j] = passage_row.setdefault(text, len(passage_row))
-    return _Dataset(
-        queries=_tokenize(encoder, list(query_row), "query", max_len),
-        passages=_tokenize(encoder, list(passage_row), "passage", max_len),
-        query=torch.tensor(query, dtype=torch.long),
-        positive=torch.tensor(positive, dtype=torch.long),
-        negatives=negatives,
-    )
+    tables = {
+        "query": torch.tensor(query, dtype=torch.long),
+        "positive": torch.tensor(positive, dtype=torch.long),
+        "negatives": negatives,
+    }
+    for name, tokens in (
+        ("queries", _tokenize(encoder, list(query_row), "query", max_len)),
+        ("passages", _tokenize(encoder, list(passage_row), "passage", max_len)),
+    ):
+        tables[f"{name}.input_ids"] = tokens.input_ids
+        tables[f"{name}.attention_mask"] = tokens.attention_mask
+        tables[f"{name}.lengths"] = tokens.lengths
+    return tables
 
 
 def _epoch_batches(data: _Dataset, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -430,10 +476,13 @@ def train(
 
     # Data, seeds and device.
     clock.enter("tokenise")
+    # Parsed and checked once per content of the files (search.train.token_cache).
     if train_examples is None:
-        train_examples = load_train(cfg.train_path, max_samples=cfg.max_train_samples)
+        train_examples = token_cache.load_train_cached(
+            cfg.train_path, max_samples=cfg.max_train_samples
+        )
     if eval_set is None:
-        eval_set = load_eval(cfg.eval_dir, cfg.eval_split)
+        eval_set = token_cache.load_eval_cached(cfg.eval_dir, cfg.eval_split)
     if not train_examples:
         raise ValueError("no training examples.")
     seed_everything(cfg.seed)
@@ -452,8 +501,14 @@ def train(
         return precision_autocast(device, amp_dtype)
 
     clock.enter("tokenise")
+    # Token ids: once per worker (search.train.token_cache), keyed on the tokenizer's state.
+    encoder_part = token_cache.encoder_key(model, cfg.max_len)
     data = _build_dataset(
-        model, train_examples, max_len=cfg.max_len, hard_negatives=cfg.hard_negatives
+        model,
+        train_examples,
+        max_len=cfg.max_len,
+        hard_negatives=cfg.hard_negatives,
+        encoder_part=encoder_part,
     )
     clock.enter("train")
 
@@ -474,6 +529,18 @@ def train(
     axis = ExamplesAxis(len(data), cfg.eval_every_steps if report_partial else None)
     total = {REPORT_EXAMPLES_TOTAL: float(cfg.epochs * len(data))}  # in every report
     sample = eval_sample(eval_set, cfg.eval_sample_queries) if axis.every else None
+    # The eval set's (and sample's) token ids: once per worker, the encoding every evaluation.
+    clock.enter("tokenise")
+    full_tokens = token_cache.cached_eval_tokens(
+        model, eval_set, max_len=cfg.max_len, encoder_part=encoder_part
+    )
+    sample_tokens = (
+        token_cache.cached_eval_tokens(
+            model, sample, max_len=cfg.max_len, encoder_part=encoder_part
+        )
+        if sample is not None
+        else None
+    )
     for epoch in range(1, cfg.epochs + 1):
         clock.enter("train")
         batches = _epoch_batches(data, cfg.batch_size, generator)
@@ -516,14 +583,20 @@ def train(
             point = axis.due(epoch, seen_in_epoch)
             if point is not None and sample is not None and report_partial is not None:
                 clock.enter("evaluate")
+                eval_start = time.perf_counter()
                 enter("eval")  # score the fixed eval sample; the pruner may stop the run
                 with autocast():
                     sooner = evaluate(
-                        model, sample, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE
+                        model,
+                        sample,
+                        max_len=cfg.max_len,
+                        batch_size=EVAL_BATCH_SIZE,
+                        tokens=sample_tokens,
                     )
                 model.train()
                 if report_partial(point, {**sooner, **total}):
                     raise optuna.TrialPruned(f"pruned at {point} training examples")
+                epoch_start += time.perf_counter() - eval_start  # samples/s: steps only
                 clock.enter("train")
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the queued kernels in this epoch's time
@@ -533,7 +606,13 @@ def train(
         clock.enter("evaluate")
         enter("eval")
         with autocast():
-            metrics = evaluate(model, eval_set, max_len=cfg.max_len, batch_size=EVAL_BATCH_SIZE)
+            metrics = evaluate(
+                model,
+                eval_set,
+                max_len=cfg.max_len,
+                batch_size=EVAL_BATCH_SIZE,
+                tokens=full_tokens,
+            )
         model.train()
         metrics["loss"] = loss_sum.item() / len(batches)
         metrics["examples_seen"] = float(axis.epoch_end(epoch))  # the pruner's step axis

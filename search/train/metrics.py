@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -130,32 +131,31 @@ def retrieval_metrics(
     return metrics
 
 
-@torch.no_grad()
-def evaluate(
-    encoder: BiEncoder,
-    eval_set: EvalSet,
-    *,
-    max_len: int,
-    batch_size: int = 64,
-    device: torch.device | None = None,
-) -> dict[str, float]:
-    """Encode the eval set's queries and corpus, rank the corpus by cosine, return the metrics.
-
-    Queries without a relevant document in the corpus are left out, as BEIR and
-    sentence-transformers do. The encoder's own device is used (``device`` only moves the
-    scores); its train/eval mode is restored afterwards.
+@dataclass(frozen=True)
+class EvalTokens:
+    """An eval set's scored queries and its corpus tokenised once, reused by every evaluation.
 
     Args:
-        encoder: The bi-encoder (its ``encode`` handles prefixes, pooling, normalisation).
-        eval_set: Corpus, queries and qrels (relevance > 0 counts as relevant).
-        max_len: Longest tokenised input.
-        batch_size: Texts encoded at once.
-        device: Where the score matrix is computed (default: where the embeddings are).
-
-    Returns:
-        The metrics by name (``ndcg@10``, ``mrr@10``, ``recall@1``, ``recall@5``, ...), with
-        their standard errors (``ndcg@10_se``, ...; :func:`retrieval_metrics`).
+        queries: ``tokenize`` output (``input_ids``, ``attention_mask``) of the queries that
+            have a relevant document, in the eval set's order.
+        corpus: The same for every corpus document, in the eval set's order.
     """
+
+    queries: dict[str, Tensor]
+    corpus: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class _Ranking:
+    """What an eval set ranks: the scored queries, the corpus, and the relevant columns."""
+
+    queries: list[str]  # texts of the queries with a relevant document
+    corpus: list[str]  # texts of every document, in column order
+    relevant: list[set[int]]  # per scored query, its relevant documents' columns
+
+
+def _ranking(eval_set: EvalSet) -> _Ranking:
+    """The scored queries (those with a relevant document in the corpus) and the columns."""
     doc_ids = list(eval_set.corpus)
     column = {doc_id: i for i, doc_id in enumerate(doc_ids)}
     query_ids: list[str] = []
@@ -169,13 +169,85 @@ def evaluate(
             relevant.append(docs)
     if not relevant:
         raise ValueError("the eval set has no query with a relevant document in its corpus.")
+    return _Ranking(
+        queries=[eval_set.queries[qid] for qid in query_ids],
+        corpus=[eval_set.corpus[d] for d in doc_ids],
+        relevant=relevant,
+    )
+
+
+def eval_tokens(encoder: BiEncoder, eval_set: EvalSet, *, max_len: int) -> EvalTokens:
+    """Tokenise ``eval_set`` for :func:`evaluate` (``search.train.token_cache`` caches it).
+
+    Args:
+        encoder: The bi-encoder whose tokenizer and prefixes are used.
+        eval_set: Corpus, queries and qrels.
+        max_len: Longest tokenised input.
+
+    Returns:
+        The scored queries' and the corpus' token ids and masks.
+    """
+    ranking = _ranking(eval_set)
+    return EvalTokens(
+        queries=encoder.tokenize(ranking.queries, kind="query", max_len=max_len),
+        corpus=encoder.tokenize(ranking.corpus, kind="passage", max_len=max_len),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    encoder: BiEncoder,
+    eval_set: EvalSet,
+    *,
+    max_len: int,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    tokens: EvalTokens | None = None,
+) -> dict[str, float]:
+    """Encode the eval set's queries and corpus, rank the corpus by cosine, return the metrics.
+
+    Queries without a relevant document in the corpus are left out, as BEIR and
+    sentence-transformers do. The encoder's own device is used (``device`` only moves the
+    scores); its train/eval mode is restored afterwards.
+
+    Args:
+        encoder: The bi-encoder (its ``encode`` handles prefixes, pooling, normalisation).
+        eval_set: Corpus, queries and qrels (relevance > 0 counts as relevant).
+        max_len: Longest tokenised input.
+        batch_size: Texts encoded at once.
+        device: Where the score matrix is computed (default: where the embeddings are).
+        tokens: ``eval_tokens(encoder, eval_set, max_len=max_len)``, computed once for many
+            evaluations (None: tokenised here). The metrics are the same either way.
+
+    Returns:
+        The metrics by name (``ndcg@10``, ``mrr@10``, ``recall@1``, ``recall@5``, ...), with
+        their standard errors (``ndcg@10_se``, ...; :func:`retrieval_metrics`).
+    """
+    ranking = _ranking(eval_set)
+    q_tokens = d_tokens = None
+    if tokens is not None:
+        q_tokens, d_tokens = tokens.queries, tokens.corpus
+        if len(q_tokens["input_ids"]) != len(ranking.queries) or len(d_tokens["input_ids"]) != len(
+            ranking.corpus
+        ):
+            raise ValueError("tokens were not made from this eval set (row counts differ).")
     was_training = encoder.training
     encoder.eval()
     try:
-        queries = [eval_set.queries[qid] for qid in query_ids]
-        corpus = [eval_set.corpus[d] for d in doc_ids]
-        q_emb = encoder.encode(queries, kind="query", max_len=max_len, batch_size=batch_size)
-        d_emb = encoder.encode(corpus, kind="passage", max_len=max_len, batch_size=batch_size)
+        q_emb = encoder.encode(
+            ranking.queries,
+            kind="query",
+            max_len=max_len,
+            batch_size=batch_size,
+            tokens=q_tokens,
+        )
+        d_emb = encoder.encode(
+            ranking.corpus,
+            kind="passage",
+            max_len=max_len,
+            batch_size=batch_size,
+            tokens=d_tokens,
+        )
     finally:
         encoder.train(was_training)
     if device is not None:
@@ -184,4 +256,4 @@ def evaluate(
     q_emb = F.normalize(q_emb.float(), dim=-1)  # (n_queries, dim)
     d_emb = F.normalize(d_emb.float(), dim=-1)  # (n_docs, dim)
     scores = q_emb @ d_emb.T  # (n_queries, n_docs)
-    return retrieval_metrics(scores, relevant)
+    return retrieval_metrics(scores, ranking.relevant)
