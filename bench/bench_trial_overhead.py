@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.model_path,
                 samples=args.real_samples,
                 eval_queries=args.real_eval_queries,
+                klue=Path(args.klue),
             )
         )
         for f in Path(args.model_path).glob("*.safetensors"):  # the page cache: warm for all
