@@ -35,7 +35,10 @@ def test_quick_overhead_gives_sane_figures(tmp_path: Path, klue_json: Path) -> N
         assert 0 < run["share"] < 1
         assert math.isfinite(run["overhead_per_trial_s"]) and run["overhead_per_trial_s"] > 0
         assert all(0 < t < run["wall_s"] for t in run["trial_wall_s"])
-    assert "share" in proc.stdout and "s/trial" in proc.stdout
+        # The worker tree's CPU covers its trials' training steps.
+        assert 0 < run["steps_cpu_s"] < run["worker_cpu_s"]
+        assert 0 < run["cpu_share"] < 1 and run["cpu_overhead_per_trial_s"] > 0
+    assert "share" in proc.stdout and "CPU s/trial" in proc.stdout
 
 
 def test_probe_records_phases_of_a_fake_loop(
