@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             after, before = runs["after"], runs["before"]
             for key, label, target in (
                 ("overhead_per_trial_s", "overhead per trial outside training", "<= 0.5x"),
-                ("cpu_overhead_per_trial_s", "CPU overhead per trial outside training", ""),
-                ("cpu_share", "CPU share in training steps", ""),
+                ("cpu_overhead_per_trial_s", "CPU overhead per trial outside training", "<= 0.5x"),
+                ("cpu_share", "CPU share in training steps", "(higher is better)"),
                 ("share", "share of worker wall in training steps", "(higher is better)"),
                 ("wall_s", "worker wall", "(lower is better)"),
             ):
