@@ -45,7 +45,7 @@ inside ``train``, theirs by wrapping ``model[0].auto_model`` and its tokenizer i
 autocast.
 
 A round runs, each in a fresh interpreter, in an order rotated every round: ours with a cold
-cache (``SEARCH_CACHE_DIR`` a fresh empty directory: the headline), ours through the real
+cache (``SEARCH_DATA_CACHE`` a fresh empty directory: the headline), ours through the real
 isolated trial path (``search.worker.isolation.run_isolated`` with a warmed forkserver, as a
 worker runs a user's trial; cold cache too), the best-grouped and the default anchors; then
 ours again on the round's now-warm cache. Headlines are medians of the paired per-round
@@ -451,7 +451,7 @@ def _child(args: argparse.Namespace, side: str, **overrides: Any) -> dict[str, A
         os.environ, OMP_NUM_THREADS=str(opts["threads"]), MKL_NUM_THREADS=str(opts["threads"])
     )
     if opts.get("cache_dir"):
-        env["SEARCH_CACHE_DIR"] = opts["cache_dir"]
+        env["SEARCH_DATA_CACHE"] = opts["cache_dir"]
     env.pop("BENCH_TRIAL_LOG", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:

@@ -22,7 +22,7 @@ spec as it is takes about 20 s a tiny trial on a loaded 2-core machine) and
 queries; 6 trials). Sides: ``after`` = this tree; ``before`` = ``--before DIR``, a worktree of an
 older commit (``git worktree add /tmp/before caa4815``), run in the same bench run with
 ``PYTHONPATH`` pointing at it, alternating with ``after`` round by round; the paired ratios
-after / before are printed. Every study gets a fresh ``SEARCH_CACHE_DIR`` (trials after the
+after / before are printed. Every study gets a fresh ``SEARCH_DATA_CACHE`` (trials after the
 first may hit it; the first pays cold) and a fresh SQLite file; tiny replicas are built once
 per tree (``SEARCH_CACHE``) by an unmeasured 1-trial warm-up. ``OMP_NUM_THREADS`` = ``--threads``.
 
@@ -175,7 +175,7 @@ def run_study(
         PYTHONPATH=os.pathsep.join([str(tree), str(HERE)]),
         BENCH_TRIAL_LOG=str(log),
         SEARCH_CACHE=str(work / f"replicas-{tree.name}"),
-        SEARCH_CACHE_DIR=str(run_dir / "cache"),
+        SEARCH_DATA_CACHE=str(run_dir / "cache"),
         OMP_NUM_THREADS=str(args.threads),
         MKL_NUM_THREADS=str(args.threads),
         HF_HUB_OFFLINE="1",
