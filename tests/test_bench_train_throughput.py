@@ -26,11 +26,12 @@ def test_quick_throughput_gives_sane_figures(tmp_path: Path, klue_json: Path) ->
     out = tmp_path / "tp.json"
     cmd = [sys.executable, "bench/bench_train_throughput.py", "--quick", "--klue", str(klue_json)]
     cmd += ["--model-path", _model_path(), "--work", str(tmp_path / "work"), "--json", str(out)]
+    cmd += ["--heldout-max-len", "0"]  # CI time: the held-out condition is the headline's code
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text(encoding="utf-8"))
-    assert [r["label"].split(":")[0] for r in results] == ["headline", "held-out"]
-    assert "max_len 64" in results[0]["label"] and "max_len 128" in results[1]["label"]
+    assert [r["label"].split(":")[0] for r in results] == ["headline"]
+    assert "max_len 64" in results[0]["label"]
     for result in results:
         assert result["anchor"] == "sorted_batches"
         for value in result["ratios"].values():
@@ -41,9 +42,8 @@ def test_quick_throughput_gives_sane_figures(tmp_path: Path, klue_json: Path) ->
                 for key in ("samples_per_s", "tokens_per_s", "tokens", "clock_s", "peak_rss_mb"):
                     assert math.isfinite(run[key]) and run[key] > 0, (side, key)
                 assert 0.0 <= run["ndcg"] <= 1.0
-    headline, heldout = results
+    (headline,) = results
     assert all(len(headline["runs"][s]) == 1 for s in SIDES)
-    assert not heldout["runs"]["isolated"] and not heldout["runs"]["warm"]
     runs = headline["runs"]
     # The same config, the same seed: the isolated child trains exactly what the direct call
     # does, and the defaults anchor is deterministic too.
