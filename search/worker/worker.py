@@ -163,6 +163,10 @@ class Worker:
             storage = create_storage(opts.storage_url)
         name = study_name_for(spec, opts)
         recorded = recorded_models(storage, name)
+        if warm and trainer is None:
+            # Start the trial process server now (it imports torch once, seconds), so that it
+            # does so while the models are prepared and the study is opened, not after.
+            warm_up(opts.objective)
         if model_paths is None:
             # Exit 2 on a missing model, before the study is opened (the CLI checked it).
             searched = searched_models(spec, opts, recorded)
@@ -206,8 +210,6 @@ class Worker:
                 use_estimate=opts.use_estimate,
                 use_frontier=opts.use_frontier,
             )
-        if warm and trainer is None:
-            warm_up(opts.objective)  # start the trial process server (imports torch once)
         worker._watch = watch_stale(study, on_requeued=worker.on_requeued)
         worker._watch.__enter__()
         return worker
