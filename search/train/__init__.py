@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from search.train.metrics import retrieval_metrics
     from search.train.nli_retrieval import klue_nli_to_retrieval
     from search.train.tiny import build_tiny_replica
-    from search.train.tiny import tiny_info
-    from search.train.tiny import tiny_replica_dir
+    from search.train.tiny_layout import tiny_info
+    from search.train.tiny_layout import tiny_replica_dir
 
 _EXPORTS = {
     "DataError": "search.train.data",
@@ -55,8 +55,8 @@ _EXPORTS = {
     "evaluate": "search.train.metrics",
     "retrieval_metrics": "search.train.metrics",
     "build_tiny_replica": "search.train.tiny",
-    "tiny_info": "search.train.tiny",
-    "tiny_replica_dir": "search.train.tiny",
+    "tiny_info": "search.train.tiny_layout",
+    "tiny_replica_dir": "search.train.tiny_layout",
 }
 
 __all__ = [

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -46,22 +45,14 @@ from transformers import XLMRobertaModel
 from transformers import XLMRobertaTokenizer
 
 from search.record.models import ModelInfo
+from search.train.tiny_layout import MARKER
+from search.train.tiny_layout import TINY_DIMS
+from search.train.tiny_layout import tiny_info  # noqa: F401 - re-exported
+from search.train.tiny_layout import tiny_replica_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
-
-# Default dimensions of a replica: small enough that all four build in a few seconds on one core.
-TINY_DIMS: dict[str, int] = {
-    "num_layers": 2,  # transformer layers
-    "hidden": 64,  # hidden size
-    "heads": 4,  # attention heads (hidden must divide by it)
-    "ffn": 128,  # feed-forward size
-    "vocab_size": 4000,  # tokenizer trained up to this size; the embedding has exactly this many
-}
-
-# Written last into a replica's directory: its presence means the replica is complete.
-MARKER = "tiny_replica.json"
 
 # Tokenizers train on at most this many texts (the first ones): plenty for a 4000-piece vocabulary,
 # and it keeps a build to about a second whatever the size of the training data.
@@ -72,79 +63,6 @@ _WORDPIECE_SPECIALS = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]  # klue/rob
 _SENTENCEPIECE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # XLM-R; <mask> is the last id
 # Every printable ASCII character gets a piece, so prefixes like "query: " never become <unk>.
 _ASCII_ALPHABET = list(string.ascii_letters + string.digits + string.punctuation)
-
-
-def tiny_info(
-    info: ModelInfo,
-    *,
-    num_layers: int = TINY_DIMS["num_layers"],
-    hidden: int = TINY_DIMS["hidden"],
-    heads: int = TINY_DIMS["heads"],
-    ffn: int = TINY_DIMS["ffn"],
-    vocab_size: int = TINY_DIMS["vocab_size"],
-    seed: int = 0,
-) -> ModelInfo:
-    """The facts of a model's tiny replica (what the memory estimate reads under ``--tiny``).
-
-    Args:
-        info: The real model.
-        num_layers: Replica layers.
-        hidden: Replica hidden size.
-        heads: Replica attention heads.
-        ffn: Replica feed-forward size.
-        vocab_size: Replica vocabulary (embedding rows).
-        seed: Accepted so that the same keyword arguments fit every function here; unused.
-
-    Returns:
-        ``info`` with the tiny dimensions; name, positions, pooling and prefixes unchanged.
-    """
-    _check_dims(num_layers=num_layers, hidden=hidden, heads=heads, ffn=ffn, vocab_size=vocab_size)
-    del seed
-    return dataclasses.replace(
-        info, num_layers=num_layers, hidden=hidden, heads=heads, ffn=ffn, vocab=vocab_size
-    )
-
-
-def tiny_replica_dir(
-    info: ModelInfo,
-    cache_dir: str | Path,
-    *,
-    num_layers: int = TINY_DIMS["num_layers"],
-    hidden: int = TINY_DIMS["hidden"],
-    heads: int = TINY_DIMS["heads"],
-    ffn: int = TINY_DIMS["ffn"],
-    vocab_size: int = TINY_DIMS["vocab_size"],
-    seed: int = 0,
-) -> Path:
-    """Where ``build_tiny_replica`` puts (or finds) a replica, without building it.
-
-    The name is ``<model>-tiny-L<layers>-H<hidden>``, followed by ``-A<heads>``, ``-F<ffn>``,
-    ``-V<vocab>`` and ``-S<seed>`` for each value that differs from the defaults.
-
-    Args:
-        info: The real model.
-        cache_dir: Folder holding the replicas.
-        num_layers: Replica layers.
-        hidden: Replica hidden size.
-        heads: Replica attention heads.
-        ffn: Replica feed-forward size.
-        vocab_size: Replica vocabulary.
-        seed: Seed of the weights' initialisation.
-
-    Returns:
-        ``cache_dir / name``.
-    """
-    _check_dims(num_layers=num_layers, hidden=hidden, heads=heads, ffn=ffn, vocab_size=vocab_size)
-    name = f"{info.name}-tiny-L{num_layers}-H{hidden}"
-    for tag, value, default in (
-        ("A", heads, TINY_DIMS["heads"]),
-        ("F", ffn, TINY_DIMS["ffn"]),
-        ("V", vocab_size, TINY_DIMS["vocab_size"]),
-        ("S", seed, 0),
-    ):
-        if value != default:
-            name += f"-{tag}{value}"
-    return Path(cache_dir) / name
 
 
 def build_tiny_replica(
@@ -243,21 +161,6 @@ def build_tiny_replica(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
-
-
-def _check_dims(*, num_layers: int, hidden: int, heads: int, ffn: int, vocab_size: int) -> None:
-    """Raise ``ValueError`` on dimensions no model can have."""
-    for name, value in (
-        ("num_layers", num_layers),
-        ("hidden", hidden),
-        ("heads", heads),
-        ("ffn", ffn),
-        ("vocab_size", vocab_size),
-    ):
-        if value < 1:
-            raise ValueError(f"Tiny replica dimensions must be positive, but got {name}={value}.")
-    if hidden % heads:
-        raise ValueError(f"hidden must be a multiple of heads, but got {hidden=} and {heads=}.")
 
 
 def _train_tokenizer(

@@ -12,6 +12,8 @@ from search.spec.model_resolve import ModelsUnavailableError
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.train.data import load_train
+from search.train.tiny_layout import MARKER
+from search.train.tiny_layout import tiny_replica_dir
 
 __all__ = ["model_facts", "prepare_models"]
 
@@ -23,20 +25,20 @@ def prepare_models(
     names = names or list(spec.models)
     if not opts.tiny:
         return {name: model_ref(spec, name) for name in names}
-    import transformers  # lazy: only --tiny builds replicas (transformers imports torch)
+    facts = {name: resolve_facts(spec, name, attention=False) for name in names}
+    built = {name: tiny_replica_dir(info, opts.cache_dir / "tiny") for name, info in facts.items()}
+    if all((path / MARKER).is_file() for path in built.values()):
+        return {name: str(path) for name, path in built.items()}  # nothing to build: no torch
+    import transformers  # lazy: only building replicas needs it (transformers imports torch)
 
-    from search.train.tiny import build_tiny_replica  # imports torch: only for --tiny
+    from search.train.tiny import build_tiny_replica  # imports torch: only to build
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" per replica
     train = load_train(spec.resolve_path(spec.data.train))
     texts = [t for ex in train for t in (ex.query, ex.positive, *ex.negatives)]
     return {
-        name: str(
-            build_tiny_replica(
-                resolve_facts(spec, name, attention=False), opts.cache_dir / "tiny", texts
-            )
-        )
-        for name in names
+        name: str(build_tiny_replica(info, opts.cache_dir / "tiny", texts))
+        for name, info in facts.items()
     }
 
 

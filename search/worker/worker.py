@@ -49,6 +49,7 @@ from search.spec.stage_check import grid_choices_for
 from search.spec.stage_check import stage_models
 from search.spec.study_spec import StudySpec
 from search.train.data import validate_data
+from search.train.tiny_layout import tiny_info
 from search.worker.budget import StaleTrial
 from search.worker.budget import ensure_budget
 from search.worker.budget import watch_stale
@@ -259,8 +260,6 @@ class Worker:
         if model not in self.facts:
             arch = resolve_facts(self.spec, model)
             if self.opts.tiny:
-                from search.train.tiny import tiny_info  # imports torch: only for --tiny
-
                 arch = tiny_info(arch)
             self.facts[model] = arch
         return self.facts[model]
