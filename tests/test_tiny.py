@@ -207,3 +207,22 @@ def test_too_many_characters_leave_out_the_rarest(name: str, tmp_path: Path) -> 
     assert len(tokenizer) <= 1000  # 3000 distinct characters would not fit
     assert tokenizer.unk_token_id not in tokenizer(common)["input_ids"]
     assert tokenizer.unk_token_id in tokenizer(rare[-1])["input_ids"]
+
+
+def test_a_replicas_marker_gives_its_config_facts_without_transformers(
+    replicas: dict[str, Path], tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from search.spec.model_facts import facts_of_directory
+    from search.train.tiny_layout import replica_facts
+
+    for name, path in replicas.items():
+        info = MODELS[name]
+        from_marker = replica_facts(info, path)
+        assert from_marker is not None and from_marker.source == f"{MARKER}:{path}"
+        from_config = facts_of_directory(info, path)  # transformers' AutoConfig
+        assert dataclasses.replace(from_marker, source=from_config.source) == from_config
+    assert replica_facts(MODELS["ko-simcse"], tmp_path) is None  # no marker: not a replica
+    (tmp_path / MARKER).write_text("{}", encoding="utf-8")
+    assert replica_facts(MODELS["ko-simcse"], tmp_path) is None  # a marker without dims

@@ -8,6 +8,7 @@ this: their directories and facts, so ``search run --tiny`` does not import the 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from search.record.models import ModelInfo
@@ -111,3 +112,20 @@ def _check_dims(*, num_layers: int, hidden: int, heads: int, ffn: int, vocab_siz
             raise ValueError(f"Tiny replica dimensions must be positive, but got {name}={value}.")
     if hidden % heads:
         raise ValueError(f"hidden must be a multiple of heads, but got {hidden=} and {heads=}.")
+
+
+def replica_facts(info: ModelInfo, directory: str | Path) -> ModelInfo | None:
+    """The facts of the replica built in ``directory`` from its marker, or None without one.
+
+    The marker holds the dimensions the replica was built with, so the facts come without
+    loading its ``config.json`` through transformers (which imports torch): the same facts as
+    ``search.spec.model_facts.facts_of_directory``, with ``source`` naming the marker.
+    """
+    marker = Path(directory) / MARKER
+    try:
+        built = json.loads(marker.read_text(encoding="utf-8"))
+        dims = {key: int(built[key]) for key in ("num_layers", "hidden", "heads", "ffn")}
+        dims["vocab_size"] = int(built["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dataclasses.replace(tiny_info(info, **dims), source=f"{MARKER}:{directory}")

@@ -13,6 +13,7 @@ from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.train.data import load_train
 from search.train.tiny_layout import MARKER
+from search.train.tiny_layout import replica_facts
 from search.train.tiny_layout import tiny_replica_dir
 
 __all__ = ["model_facts", "prepare_models"]
@@ -56,5 +57,8 @@ def model_facts(
             raise ModelsUnavailableError(
                 f"{exc}; fix: hf download {model_paths[name]}, or set models.{name}.path: DIR"
             ) from None
-        facts[name] = facts_of_directory(info, model_paths[name]) if opts.tiny else info
+        if opts.tiny:  # the replica's marker, else its config.json (transformers, torch)
+            built = replica_facts(info, model_paths[name])
+            info = built or facts_of_directory(info, model_paths[name])
+        facts[name] = info
     return facts
