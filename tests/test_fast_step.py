@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,8 @@ FAMILIES = ("ko-simcse", "multilingual-e5-small", "bge-m3-ko")  # RoBERTa, BERT,
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test of this module on one torch thread (conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,11 +39,8 @@ HERE = "test_gradient_cache"  # the trial process imports one_thread_train by th
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test of this module on one torch thread (conftest)."""
 
 
 def one_thread_train(cfg: TrialConfig, **kwargs: Any) -> Any:
