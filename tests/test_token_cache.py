@@ -14,17 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_search
 from _factories import trial_config
 
 from search.record.models import MODELS
 from search.train import token_cache
-from search.train.cache import CacheSettings
 from search.train.cache import DiskTier
 from search.train.cache import MemoryTier
 from search.train.cache import TwoTierCache
 from search.train.cache import key_digest
 from search.train.cache import payload_bytes
 from search.train.cache import shared_cache
+from search.train.cache_settings import CacheSettings
 from search.train.data import KO_DEMO_DIR
 from search.train.data import DataError
 from search.train.data import EvalSet
@@ -436,3 +437,20 @@ def _no_threads() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("SEARCH_DATA_CACHE_DISK_BYTES", "lots"), ("SEARCH_DATA_CACHE_MEMORY_BYTES", "-1")],
+)
+def test_a_bad_cache_bound_is_one_line_and_exit_2_before_any_study(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    done = run_search(
+        "run", "--study", "ko-retrieval", "--tiny", "--storage", f"sqlite:///{tmp_path}/c.db",
+        cwd=tmp_path, env={variable: value},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"${variable} must" in done.stderr and value.upper() in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "c.db").exists()  # no trial burnt on it, no study written

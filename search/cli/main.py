@@ -99,6 +99,7 @@ USER_ERRORS = (
     ("search.sampling.refine", "RefineError"),
     ("search.worker.events", "CallbackError"),
     ("search.worker.dispatch", "FlushSettingError"),
+    ("search.train.cache_settings", "CacheSettingError"),
 )
 
 
@@ -147,6 +148,9 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         from search.worker.dispatch import flush_seconds
 
         flush_seconds()  # a bad $SEARCH_EVENTS_FLUSH_S: exit 2 before any work
+        from search.train.cache_settings import CacheSettings
+
+        CacheSettings.from_env()  # a bad $SEARCH_DATA_CACHE_*_BYTES: exit 2 before any work
         name = study_name_for(spec, opts)
         from storage import create_storage
 
