@@ -85,3 +85,28 @@ def test_one_precision_rule_for_the_loop_and_the_estimate() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             precision.resolve_device("cuda")
+
+
+def test_cpu_bf16_flags_without_torch_agree_with_torch() -> None:
+    """The worker reads the CPU's bf16 units from Linux's flags, not torch (no 2 s import);
+    where both answer they agree, and the answer came without importing torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from search.record import precision as p\n"
+        "print(p._linux_cpu_flags() is not None, p.cpu_has_native_bf16(), p.cpu_has_amx(),"
+        " 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    have_flags, native, amx, torch_imported = out.stdout.split()
+    if have_flags != "True":
+        pytest.skip("no /proc/cpuinfo flags here: torch's checks answer")
+    assert torch_imported == "False"
+    import torch
+
+    assert native == str(
+        bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    )
+    assert amx == str(bool(torch.cpu._is_amx_tile_supported()))

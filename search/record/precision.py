@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,25 +70,50 @@ def resolve_device(name: str) -> torch.device:
 
 
 @cache
+def _linux_cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them (``/proc/cpuinfo``); None elsewhere.
+
+    The kernel lists ``amx_tile`` only where it also enables the AMX state, so these flags
+    answer what torch's own checks answer, without importing torch (2 s of CPU in a worker
+    that has no other use for it: the tiny studies' worker, the preflight's estimate).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def _torch_cpu_has(check: str) -> bool:
+    import torch
+
+    return bool(getattr(torch.cpu, check, lambda: False)())
+
+
+@cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX tiles or AVX512-BF16 instructions).
 
     Without them torch emulates bf16 matmuls on CPU, slower than fp32; with them bf16 autocast
     trains about 1.5x faster than fp32 from hidden size 256 up (BENCHMARKS.md, "CPU precision").
+    Linux's CPU flags where they can be read, else torch's checks.
     """
-    import torch
-
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    flags = _linux_cpu_flags()
+    if flags is not None:
+        return "amx_tile" in flags or "avx512_bf16" in flags
+    return _torch_cpu_has("_is_amx_tile_supported") or _torch_cpu_has("_is_avx512_bf16_supported")
 
 
 @cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (bf16 matrix units: bf16 pays from smaller matrices)."""
-    import torch
-
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    flags = _linux_cpu_flags()
+    if flags is not None:
+        return "amx_tile" in flags
+    return _torch_cpu_has("_is_amx_tile_supported")
 
 
 def cpu_bf16_min_hidden() -> int:
