@@ -44,10 +44,12 @@ from storage._url import storage_url_source
 from storage.compat import DASHBOARD_NOTE_CHUNK
 from storage.compat import ArtifactStore
 from storage.compat import BaseHeartbeat
+from storage.compat import dashboard_installed
 from storage.compat import dashboard_note_keys
 from storage.compat import forget_cached_trials
 from storage.compat import is_heartbeat_enabled
 from storage.compat import rdb_backend
+from storage.compat import save_dashboard_study_note
 from storage.compat import save_dashboard_trial_note
 from storage.compat import stale_retry_limit
 from storage.compat import stale_trial_ids
@@ -80,6 +82,7 @@ __all__ = [
     "classify",
     "connect_timeout",
     "create_storage",
+    "dashboard_installed",
     "dashboard_note_keys",
     "default_storage_url",
     "fail_and_enqueue",
@@ -96,6 +99,7 @@ __all__ = [
     "read_user_attr",
     "redact_url",
     "resolve_storage_url",
+    "save_dashboard_study_note",
     "save_dashboard_trial_note",
     "scrub",
     "sqlite_file",

@@ -16,11 +16,16 @@ on its backend), ``BaseHeartbeat._get_stale_trial_ids`` (``storage._proxy_client
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
+import sys
 import uuid
 from collections.abc import Container
 from collections.abc import Iterator
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -51,6 +56,7 @@ __all__ = [
     "TESTED",
     "add_storage_service",
     "add_trial_in",
+    "dashboard_installed",
     "dashboard_note_keys",
     "default_study_name",
     "enqueue_trial",
@@ -60,6 +66,7 @@ __all__ = [
     "pinned_study",
     "proxy_channel",
     "rdb_backend",
+    "save_dashboard_study_note",
     "save_dashboard_trial_note",
     "scoped_session",
     "set_trial_attr_in",
@@ -327,18 +334,58 @@ def proxy_channel(proxy: GrpcStorageProxy) -> grpc.Channel:
 # ------------------------------------------------------------------ optuna-dashboard
 
 
+def dashboard_installed() -> bool:
+    """Whether optuna-dashboard is installed (found, not imported)."""
+    return importlib.util.find_spec("optuna_dashboard") is not None
+
+
+@functools.cache
+def _dashboard_note() -> ModuleType | None:
+    """optuna-dashboard's notes module (``optuna_dashboard._note``), or None if not installed.
+
+    Its notes need only that module (it imports optuna alone), but importing it through the
+    package runs the package's ``__init__``: the web app, and scikit-learn through
+    ``optuna.importance`` (2-4 s of CPU in every worker, BENCHMARKS.md "Issue 17"). So unless
+    the package is already imported, the module is loaded from its file on its own.
+    """
+    if "optuna_dashboard" in sys.modules:
+        import optuna_dashboard._note as note
+
+        return note
+    package = importlib.util.find_spec("optuna_dashboard")
+    if package is None or not package.submodule_search_locations:
+        return None
+    path = Path(next(iter(package.submodule_search_locations))) / "_note.py"
+    spec = importlib.util.spec_from_file_location("optuna_dashboard._note", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _require_dashboard_note() -> ModuleType:
+    note = _dashboard_note()
+    if note is None:
+        raise ImportError("optuna-dashboard is not installed")
+    return note
+
+
 def dashboard_note_keys(trial_id: int) -> tuple[str, str] | None:
     """optuna-dashboard's study system attribute keys of a trial note's version and first chunk.
 
     ``optuna_dashboard._note.note_ver_key`` and ``note_str_key_prefix``; ``None`` when the
     installed optuna-dashboard has neither (or is not installed).
     """
-    try:
-        from optuna_dashboard._note import note_str_key_prefix
-        from optuna_dashboard._note import note_ver_key
-    except ImportError:
+    note = _dashboard_note()
+    if note is None or not all(hasattr(note, k) for k in ("note_ver_key", "note_str_key_prefix")):
         return None
-    return note_ver_key(trial_id), f"{note_str_key_prefix(trial_id)}0"
+    return note.note_ver_key(trial_id), f"{note.note_str_key_prefix(trial_id)}0"
+
+
+def save_dashboard_study_note(study: optuna.Study, text: str) -> None:
+    """``optuna_dashboard.save_note`` of the study (without importing the dashboard's app)."""
+    _require_dashboard_note().save_note(study, text)
 
 
 class _TrialRef:
@@ -357,6 +404,4 @@ def save_dashboard_trial_note(study: optuna.Study, trial_id: int, text: str) -> 
     ``save_note`` takes an ``optuna.Trial`` and reads its private ``_trial_id``; it gets a
     stand-in with that attribute.
     """
-    from optuna_dashboard import save_note
-
-    save_note(_TrialRef(study, trial_id), text)  # type: ignore[arg-type]
+    _require_dashboard_note().save_note(_TrialRef(study, trial_id), text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from datetime import timedelta
@@ -346,3 +348,31 @@ def test_save_dashboard_trial_note_writes_a_finished_trials_note(study: optuna.S
     got = note.get_note_from_system_attrs(system, tid)
     assert got["version"] == 2 and got["body"] == "second " * 400
     assert json.dumps(got)  # plain data
+
+
+def test_notes_are_written_without_importing_the_dashboards_app(tmp_path: Path) -> None:
+    """A worker writes its notes through optuna-dashboard's notes module alone: the package
+    (its web app, scikit-learn through optuna.importance: seconds of CPU per worker) is not
+    imported, and the dashboard reads the notes back."""
+    note = pytest.importorskip("optuna_dashboard._note")
+    url = f"sqlite:///{tmp_path / 'notes.db'}"
+    code = f"""
+import sys, optuna
+from storage import compat
+study = optuna.create_study(study_name="s", storage={url!r})
+trial = study.ask()
+study.tell(trial, 1.0)
+tid = compat.trial_id(trial)
+assert compat.dashboard_installed()
+compat.save_dashboard_trial_note(study, tid, "trial note")
+compat.save_dashboard_study_note(study, "study note")
+print(sorted(m for m in ("optuna_dashboard", "sklearn") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    study = optuna.load_study(study_name="s", storage=url)
+    system = compat.study_storage(study).get_study_system_attrs(compat.study_id(study))
+    trial_id = compat.trial_id(study.trials[0])
+    assert note.get_note_from_system_attrs(system, trial_id)["body"] == "trial note"
+    assert note.get_note_from_system_attrs(system, None)["body"] == "study note"

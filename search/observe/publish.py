@@ -135,12 +135,10 @@ def _line(exc: BaseException) -> str:
 
 
 def _dashboard_installed() -> bool:
-    try:
-        import optuna_dashboard  # noqa: F401
-    except ImportError:
-        _logger.debug("optuna-dashboard not installed: no dashboard notes")
-        return False
-    return True
+    if compat.dashboard_installed():
+        return True
+    _logger.debug("optuna-dashboard not installed: no dashboard notes")
+    return False
 
 
 # ------------------------------------------------------------------ notes
@@ -172,11 +170,9 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
 
 def save_study_note(study: optuna.Study) -> str:
     """Write the per-model report (markdown) as the study's dashboard note; returns it."""
-    from optuna_dashboard import save_note
-
     report = study_report(study, storage=rdb_backend(compat.study_storage(study)))
     text = study_note(report, metric=report["metric"])
-    save_note(study, text)
+    compat.save_dashboard_study_note(study, text)
     return text
 
 
