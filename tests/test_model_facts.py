@@ -138,3 +138,66 @@ def test_bad_model_entries_are_one_line_errors(tmp_path: Path, models: dict, nee
     message = str(info.value)
     assert message.startswith(f"{path}: field models") and "\n" not in message
     assert needle in message, message
+
+
+@pytest.mark.parametrize("model", ["bge-m3-ko", "ko-simcse", "multilingual-e5-small"])
+def test_plain_config_reading_gives_transformers_facts(tmp_path: Path, model: str) -> None:
+    """A trained family's config.json is read without transformers: the facts equal those
+    of ``AutoConfig`` and of the model class (SDPA) that transformers itself gives."""
+    from transformers import MODEL_MAPPING
+    from transformers import AutoConfig
+
+    from search.record.models import SDPA_MODEL_TYPES
+    from search.spec import model_facts
+
+    texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
+    replica = build_tiny_replica(
+        KNOWN_MODELS[model], tmp_path / "tiny", texts, num_layers=2, hidden=32, heads=2,
+        ffn=64, vocab_size=300,
+    )  # fmt: skip
+    for directory in (replica, MINILM):
+        plain = model_facts.load_config(str(directory))
+        assert not hasattr(plain, "to_dict")  # read as it is, not through transformers
+        auto = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        settings = model_facts.ModelSettings(str(directory), "mean", True, "", "")
+        got = [
+            model_facts.facts_from_config(
+                "m", config, hf_id="x", settings=settings, source="s", directory=directory
+            )
+            for config in (plain, auto)
+        ]
+        assert got[0] == got[1]
+        model_class = MODEL_MAPPING[type(auto)]
+        assert (auto.model_type in SDPA_MODEL_TYPES) == bool(model_class._supports_sdpa)
+
+
+def test_a_config_missing_a_fact_goes_through_transformers(tmp_path: Path) -> None:
+    """A hand-written config.json without ``intermediate_size`` gets transformers' default
+    (3072 for BERT), not a guess."""
+    import json
+
+    from search.spec import model_facts
+
+    config = json.loads((MINILM / "config.json").read_text())
+    del config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = model_facts.load_config(str(tmp_path))
+    assert hasattr(loaded, "to_dict") and loaded.intermediate_size == 3072
+
+
+def test_a_path_models_facts_import_neither_transformers_nor_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spec_file = write_spec(tmp_path, {"all-minilm-l6-v2": {"path": str(MINILM)}})
+    code = (
+        "import sys\n"
+        "from search.spec.load import load_spec\n"
+        "from search.spec.model_facts import resolve_facts\n"
+        f"info = resolve_facts(load_spec({str(spec_file)!r}), 'all-minilm-l6-v2')\n"
+        "print(info.hidden, info.attn_implementation,"
+        " [m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["384", "sdpa", "[]"]

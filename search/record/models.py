@@ -14,6 +14,10 @@ Pooling = Literal["cls", "mean", "last-token"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "last-token")
 # Model types whose positions start after the padding id (RoBERTa's quirk).
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+# Model types whose transformers model class runs SDPA (``_supports_sdpa``), the families this
+# service trains: answered without importing the class (and torch), 2 s of CPU in a worker that
+# has no other use for them. tests/test_model_facts.py checks it against transformers.
+SDPA_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,11 @@ def attention_of(config: Any) -> str:
     """The attention the encoder runs for ``config``: ``sdpa`` where the architecture has it.
 
     ``BiEncoder.from_config`` asks for SDPA when the model class supports it; otherwise
-    transformers 5 falls back to ``eager`` (its default for a class without SDPA). Imports the
-    model class (and so torch).
+    transformers 5 falls back to ``eager`` (its default for a class without SDPA). The families of
+    ``SDPA_MODEL_TYPES`` are answered at once; any other imports its model class (and torch).
     """
+    if getattr(config, "model_type", None) in SDPA_MODEL_TYPES:
+        return "sdpa"
     from transformers import MODEL_MAPPING  # lazy: transformers (and torch) is heavy
 
     try:

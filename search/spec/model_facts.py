@@ -24,11 +24,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 from typing import Any
 
 from search.record.models import BY_HF_ID
 from search.record.models import KNOWN_MODELS
+from search.record.models import SDPA_MODEL_TYPES
 from search.record.models import ModelInfo
 from search.record.models import attention_of
 
@@ -168,10 +170,42 @@ def model_settings(spec: StudySpec, name: str) -> ModelSettings:
 
 
 def load_config(directory_or_id: str) -> Any:
-    """``AutoConfig.from_pretrained(..., local_files_only=True)``: no weights, no network."""
+    """The model's config, no weights, no network.
+
+    A local ``config.json`` of a family this service trains (``SDPA_MODEL_TYPES``) that names
+    every fact the estimate reads is read as it is: transformers writes each of them into every
+    config it saves, and importing transformers (and torch) for it costs a worker 2 s of CPU.
+    Anything else: ``AutoConfig.from_pretrained(..., local_files_only=True)``.
+    """
+    raw = _plain_config(Path(directory_or_id) / "config.json")
+    if raw is not None:
+        return SimpleNamespace(**raw)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(directory_or_id, local_files_only=True)
+
+
+_PLAIN_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _plain_config(file: Path) -> dict[str, Any] | None:
+    """``file``'s settings when it is a config of a trained family with every fact an integer."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not there, or not JSON: AutoConfig says what is wrong
+    if not isinstance(raw, dict) or raw.get("model_type") not in SDPA_MODEL_TYPES:
+        return None
+    if not all(type(raw.get(f)) is int and raw[f] > 0 for f in _PLAIN_FIELDS):
+        return None
+    return raw
 
 
 def _tokenizer_kind(directory: Path | None, model_type: str, table: ModelInfo | None) -> str:
