@@ -64,7 +64,10 @@ MIB = 1024**2
 # search.train.tiny imports the four model classes (RobertaModel, XLMRobertaModel, BertModel):
 # imported once here instead of in every trial (~120 MiB of resident memory and its time per
 # trial, which the CPU memory estimate does not count; BENCHMARKS.md, estimate vs measured).
+# search.worker.preload_gc / preload_done: no collections while it imports, then its objects
+# frozen out of every trial's collections.
 PRELOAD = (
+    "search.worker.preload_gc",
     "__main__",
     "torch",
     "transformers",
@@ -72,6 +75,7 @@ PRELOAD = (
     "search.memory.oom",
     "search.worker.isolation",
     "search.train.tiny",
+    "search.worker.preload_done",
 )
 # Kill a child that has not exited this long after sending its final message.
 _EXIT_GRACE_S = 30.0
@@ -380,9 +384,11 @@ def _get_context(objective_module: str) -> Any:
     global _context
     if _context is None:
         ctx = mp.get_context("forkserver")
-        preload = list(dict.fromkeys([*PRELOAD, DEFAULT_OBJECTIVE.split(":")[0]]))
+        last = PRELOAD[-1]  # preload_done: after everything else
+        preload = list(dict.fromkeys([*PRELOAD[:-1], DEFAULT_OBJECTIVE.split(":")[0]]))
         if objective_module not in preload:
             preload.append(objective_module)
+        preload.append(last)
         ctx.set_forkserver_preload(preload)
         _context = ctx
     return _context
