@@ -28,6 +28,7 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "intermediate.dense.weight": ("intermediate_size", "hidden_size"),
     "mlp.up_proj.weight": ("intermediate_size", "hidden_size"),
 }
+_FLOATS = ("F16", "BF16", "F32", "F64")
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # encoder.layer.3. / model.layers.3.
 
 
@@ -43,7 +44,9 @@ def _shapes(files: list[Path]) -> tuple[dict[str, list[int]], str]:
         try:
             with safe_open(str(file), framework="numpy") as f:
                 for name in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
-                    shapes[name] = list(f.get_slice(name).get_shape())
+                    tensor = f.get_slice(name)
+                    if tensor.get_dtype() in _FLOATS:  # packed (quantised) shapes differ
+                        shapes[name] = list(tensor.get_shape())
         except (SafetensorError, OSError) as exc:
             why = " ".join(str(exc).split()).removeprefix("Error while deserializing header: ")
             size = file.stat().st_size if file.exists() else 0
@@ -83,9 +86,11 @@ def weights_problem(directory: Path) -> str:
                     f"{_file_of(files, name)} has shape {shape} ({' x '.join(fields)}): the "
                     "config and the weights are of different models"
                 )
+    # Fewer layers than the config: the rest would be trained from random weights. More: the
+    # load drops them (a config cut to its first N layers is a known way to shrink a model).
     layers = {int(m.group(1)) for name in shapes if (m := _LAYER.search(name))}
     want_layers = config.get("num_hidden_layers")
-    if layers and isinstance(want_layers, int) and len(layers) != want_layers:
+    if layers and isinstance(want_layers, int) and len(layers) < want_layers:
         return (
             f"{config_file}: num_hidden_layers is {want_layers}, but the weights in "
             f"{files[0].parent} hold {len(layers)} layers: the config and the weights are of "
