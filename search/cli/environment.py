@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 
-ENV_MMAP_THRESHOLD = "SEARCH_MALLOC_MMAP_THRESHOLD"  # search.worker.isolation
-ENV_WANDB_INIT_TIMEOUT = "SEARCH_WANDB_INIT_TIMEOUT"  # search.observe.tracking
-ENV_ARTIFACTS = "SEARCH_ARTIFACTS"  # search.observe.artifacts
+from search.observe.artifacts import ENV_ARTIFACTS
+from search.observe.tracking import ENV_INIT_TIMEOUT as ENV_WANDB_INIT_TIMEOUT
+from search.worker.isolation import MMAP_THRESHOLD_ENV as ENV_MMAP_THRESHOLD
 
 
 class SettingError(ValueError):
