@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from storage._check import StorageStatus
 from storage._check import check_storage
 from storage._classify import classify
+from storage._create import check_heartbeat_env
 from storage._create import create_storage
 from storage._engine import ENV_CONNECT_TIMEOUT
 from storage._engine import connect_timeout
@@ -23,6 +24,7 @@ from storage._fast_read import read_user_attr
 from storage._heartbeat import HeartbeatThread
 from storage._heartbeat import adopt_orphans
 from storage._heartbeat import heartbeat
+from storage._lock import lock_timeout
 from storage._lock import named_lock
 from storage._ops import fail_and_enqueue
 from storage._rdb import CLIENT_TOKEN
@@ -54,6 +56,7 @@ from storage.compat import save_dashboard_trial_note
 from storage.compat import stale_retry_limit
 from storage.compat import stale_trial_ids
 from storage.compat import study_id
+from storage.compat import study_name_limit
 from storage.compat import study_storage
 from storage.compat import trial_id
 
@@ -77,6 +80,7 @@ __all__ = [
     "StorageUnreachable",
     "adopt_orphans",
     "call_with_retry",
+    "check_heartbeat_env",
     "check_password",
     "check_storage",
     "classify",
@@ -92,6 +96,7 @@ __all__ = [
     "is_loopback",
     "is_proxy_url",
     "is_transient",
+    "lock_timeout",
     "make_proxy_server",
     "named_lock",
     "rdb_backend",
@@ -107,6 +112,7 @@ __all__ = [
     "stale_trial_ids",
     "storage_url_source",
     "study_id",
+    "study_name_limit",
     "study_storage",
     "trial_id",
 ]

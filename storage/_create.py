@@ -153,7 +153,9 @@ def create_storage(
         kwargs["pool_size"], kwargs["max_overflow"] = pool
     if path is not None:
         check_sqlite_path(path, shown, must_exist=must_exist)
-    with _schema_lock(url, backend, path, kwargs, max_wait, shown):
+    # A read-only command on an existing SQLite file writes nothing: no WAL switch, no lock.
+    read_only = must_exist and backend == "sqlite"
+    with nullcontext() if read_only else _schema_lock(url, backend, path, kwargs, max_wait, shown):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
@@ -207,14 +209,24 @@ def _proxy_client(
 
 
 def _env_int(name: str, value: int | None) -> int | None:
-    """``$name`` as an int if set (a bad value is a StorageError), else ``value``."""
+    """``$name`` as an int > 0 if set (another value is a StorageError), else ``value``."""
     text = os.environ.get(name, "").strip()
     if not text:
         return value
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
-        raise StorageError(f"${name} must be a whole number of seconds, not {text!r}") from None
+        number = 0
+    if number <= 0:
+        raise StorageError(f"${name} must be a whole number of seconds > 0, not {text!r}")
+    return number
+
+
+def check_heartbeat_env() -> None:
+    """Raise the StorageError a bad ``$SEARCH_HEARTBEAT_INTERVAL`` / ``$SEARCH_GRACE_PERIOD``
+    would raise in ``create_storage`` (the CLI asks before any work)."""
+    _env_int(ENV_HEARTBEAT_INTERVAL, None)
+    _env_int(ENV_GRACE_PERIOD, None)
 
 
 def check_sqlite_path(path: str, shown: str, *, must_exist: bool) -> None:

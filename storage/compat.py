@@ -74,6 +74,7 @@ __all__ = [
     "stale_retry_limit",
     "stale_trial_ids",
     "study_id",
+    "study_name_limit",
     "study_storage",
     "tables",
     "trial_from_bytes",
@@ -212,6 +213,13 @@ def stale_retry_limit(storage: BaseStorage) -> int | None:
         return None
     callback = storage.get_heartbeat_stale_trial_callback()
     return getattr(callback, "_max_retry", None)
+
+
+def study_name_limit() -> int:
+    """The longest study name the schema holds: the length of ``studies.study_name``
+    (``tables.StudyModel``; VARCHAR(512) in Optuna 5). SQLite would store a longer one, a
+    server database refuses it: checked up front for both."""
+    return int(tables.StudyModel.__table__.c.study_name.type.length)
 
 
 def default_study_name() -> str:

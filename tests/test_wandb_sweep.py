@@ -138,14 +138,14 @@ def test_methods_values_and_ids_map() -> None:
             "batch_size": {"values": [64, 32]},
             "max_len": {"value": 256},
             "learning_rate": {"values": ["1e-5", 3e-5, 1e-4]},  # PyYAML reads 1e-5 as text
-            "temperature": {"distribution": "uniform", "min": 0.02, "max": 0.05},
+            "temperature": {"values": [0.02, 0.05]},  # a grid lists values (W&B's refuses ranges)
             "epochs": {"values": [1, 3]},
         },
     }
     result = convert_sweep(sweep, where="s.yaml")
     spec = result.spec
     assert spec["sampler"]["type"] == "tpe"
-    assert spec["study"]["n_trials"] == 2 * 2 * 1 * 3 * 2  # the grid: every combination
+    assert spec["study"]["n_trials"] == 2 * 2 * 1 * 3 * 2 * 2  # the grid: every combination
     assert spec["models"]["new-encoder"] == {"id": "org/new-encoder"}
     assert spec["space"]["batch_size"] == [32, 64] and spec["space"]["max_len"] == [256]
     assert spec["space"]["lr"] == {"low": 1e-5, "high": 1e-4, "log": True}

@@ -39,9 +39,42 @@ if TYPE_CHECKING:
     from search.worker.events import Subscriber
     from search.worker.runner import RunSummary
 
+
+class _OneLineUsage(typer.Typer):
+    """The app, run as a program: a usage error (an unknown option, a value out of its range,
+    a missing one) is one line and exit 2 like every other error, not click's usage box."""
+
+    def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        from typer.exceptions import Abort
+        from typer.exceptions import TyperException  # click's ClickException's base, in typer
+
+        kwargs.setdefault("standalone_mode", False)  # the errors come here, not to click
+        try:
+            code = super().__call__(*args, **kwargs)
+        except TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `search` alone: the help
+                exc.show()  # type: ignore[attr-defined]
+                sys.exit(exc.exit_code)
+            message = " ".join(exc.format_message().split())
+            names: list[str] = []
+            ctx = getattr(exc, "ctx", None)
+            while ctx is not None and ctx.parent is not None:  # up to the program's own
+                names.insert(0, ctx.info_name or "")
+                ctx = ctx.parent
+            hint = " ".join(["search", *names, "--help"])
+            err_console.print(
+                f"[bold red]error:[/] {escape(message)} ({hint})", highlight=False, soft_wrap=True
+            )
+            sys.exit(exc.exit_code)
+        except Abort:
+            err_console.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 # Each command imports what it runs inside its function (lazy, on purpose): ``search --help``
 # and the spec commands stay free of optuna, storage, torch and transformers.
-app = typer.Typer(
+app = _OneLineUsage(
     help="Hyperparameter search for Korean bi-encoder retrieval models, on Optuna.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -100,6 +133,7 @@ USER_ERRORS = (
     ("search.worker.events", "CallbackError"),
     ("search.worker.dispatch", "FlushSettingError"),
     ("search.train.cache_settings", "CacheSettingError"),
+    ("search.cli.environment", "SettingError"),
 )
 
 
@@ -137,21 +171,21 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
     from search.spec.space_check import missing_sqlite
 
     with _user_errors():
+        from search.cli.environment import check_environment
+
+        check_environment()  # every $SEARCH_* variable: a bad one is exit 2 before any work
         spec = resolve_spec(args.study, str(args.spec) if args.spec else None)
-        check_spec_data(spec, model_paths=not (args.tiny or args.skip_unavailable))
+        check_spec_data(
+            spec, model_paths=not (args.tiny or args.skip_unavailable), weights=not args.tiny
+        )
         opts = run_options(args)  # imports the storage layer (optuna) for the URL
         if service:  # a long-running worker: refuse a placeholder or missing password
             from storage import check_password
 
             check_password(opts.storage_url)
         callbacks = _callbacks(args.callback or [])  # a bad one: exit 2 before any work
-        from search.worker.dispatch import flush_seconds
-
-        flush_seconds()  # a bad $SEARCH_EVENTS_FLUSH_S: exit 2 before any work
-        from search.train.cache_settings import CacheSettings
-
-        CacheSettings.from_env()  # a bad $SEARCH_DATA_CACHE_*_BYTES: exit 2 before any work
         name = study_name_for(spec, opts)
+        _check_name_length(name, spec, opts)
         from storage import create_storage
 
         # One storage for the whole run: the checks read it, the worker runs on it. A missing
@@ -182,6 +216,22 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         f"study {summary.study_name} in {summary.storage_url}. Report again: {again}",
         highlight=False,
     )
+
+
+def _check_name_length(name: str, spec: StudySpec, opts: RunOptions) -> None:
+    """A study name longer than the storage's column (PostgreSQL refuses it, SQLite not):
+    refused on both, naming where it came from."""
+    from search.cli.run_options import OptionError
+    from search.spec.study_spec import SpecError
+    from storage import study_name_limit
+
+    limit = study_name_limit()
+    if len(name) <= limit:
+        return
+    why = f"{len(name)} characters, the storage holds at most {limit}"
+    if opts.study_name:
+        raise OptionError(f"--study-name {name[:40]!r}...: {why}")
+    raise SpecError(f"{spec.source}: field study.name (value: {spec.study.name[:40]!r}...): {why}")
 
 
 def _storage_from_env(option: str | None) -> bool:

@@ -189,16 +189,57 @@ def check_device_available(device: str) -> None:
         )
 
 
+MAX_TIMEOUT_S = 366 * 24 * 3600.0  # --timeout: a year (and a day) at most
+_GPU = re.compile(r"\d+|(?:GPU|MIG)-[0-9A-Za-z/-]+")  # CUDA_VISIBLE_DEVICES: index or UUID
+
+
+def check_gpu(gpu: str | None) -> None:
+    """Reject a ``--gpu`` that is not one device index (or an nvidia-smi -L UUID).
+
+    Example:
+        >>> check_gpu("1"); check_gpu("GPU-5ad9c2e1-8b2f-4c0e-9d77-2a1f0b6e3c44")
+        >>> check_gpu("banana")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        search.cli.run_options.OptionError: --gpu 'banana': expected one GPU index such as 0, ...
+    """
+    if gpu is not None and not _GPU.fullmatch(gpu):
+        raise OptionError(
+            f"--gpu {gpu!r}: expected one GPU index such as 0, or a GPU-/MIG- UUID as "
+            "nvidia-smi -L lists them"
+        )
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Reject a ``--timeout`` that is not finite or longer than :data:`MAX_TIMEOUT_S`."""
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
+        raise OptionError(
+            f"--timeout {timeout!r}: expected seconds up to {MAX_TIMEOUT_S:.0f} (366 days); "
+            "leave it out for no time limit"
+        )
+
+
+def check_study_name(name: str | None) -> None:
+    """Reject an empty or blank ``--study-name`` (it would silently mean the spec's)."""
+    if name is not None and not name.strip():
+        raise OptionError(
+            f"--study-name {name!r}: empty; give a name, or leave the option out for the spec's"
+        )
+
+
 def run_options(args: RunArgs) -> RunOptions:
     """The RunOptions of ``args``: same-named fields pass through, the rest are converted here.
 
     Raises:
-        OptionError: A bad ``--device`` name or ``--memory-limit``.
+        OptionError: A bad ``--device``, ``--gpu``, ``--timeout``, ``--study-name`` or
+            ``--memory-limit``.
         StorageError: A bad ``--storage`` URL.
     """
     from search.memory.device import parse_size  # light: torch loads inside device_info only
 
     check_device_name(args.device)
+    check_gpu(args.gpu)
+    check_timeout(args.timeout)
+    check_study_name(args.study_name)
     try:
         limit = parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:

@@ -97,13 +97,28 @@ def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[
 
 
 def check_export_dir(directory: Path) -> None:
-    """BestError unless ``directory`` is absent or an empty directory."""
+    """BestError unless ``directory`` is an empty directory, or absent and can be made.
+
+    An absent one is tried where the model will be staged (its nearest existing ancestor): a
+    directory is made there and removed again, so nothing is left on disk.
+    """
     if directory.exists() and not directory.is_dir():
         raise BestError(f"--export {directory}: exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()):
         raise BestError(
             f"--export {directory}: the directory is not empty; give a new or empty one"
         )
+    ancestor = directory.resolve().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BestError(f"--export {directory}: {ancestor} is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise BestError(
+            f"--export {directory}: cannot create a directory in {ancestor}: {exc.strerror or exc}"
+        ) from None
 
 
 def export_best(
@@ -226,8 +241,11 @@ def _tiny_replica_again(study: optuna.Study, cfg: TrialConfig) -> TrialConfig:
 def _stage(directory: Path) -> Path:
     """A fresh directory beside ``directory`` (one rename away from it)."""
     parent = directory.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
+    except OSError as exc:  # checked up front (check_export_dir); changed since
+        raise BestError(f"--export {directory}: cannot create it: {exc.strerror or exc}") from None
 
 
 def _publish(staged: Path, directory: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from search.spec.model_facts import config_max_tokens
+from search.spec.model_facts import local_dir
 from search.spec.model_facts import resolve_facts
 from search.spec.stage_check import DEVICE
 from search.spec.stage_check import StageError
@@ -25,6 +27,7 @@ from search.spec.study_spec import SpecError
 from search.spec.study_spec import StudySpec
 from search.spec.study_spec import shipped_spec_path
 from search.spec.study_spec import shipped_specs
+from search.spec.weights_check import weights_problem
 from search.train.data import validate_data
 
 __all__ = ["check_spec_data", "load_spec", "resolve_spec"]
@@ -79,7 +82,9 @@ def _check_positions(spec: StudySpec, path: Path) -> None:
     """
     for model in spec.models:
         try:
-            limit = resolve_facts(spec, model, attention=False).max_tokens
+            limit = config_max_tokens(spec, model)  # plain JSON: no transformers, no torch
+            if limit is None:
+                limit = resolve_facts(spec, model, attention=False).max_tokens
         except LookupError:
             continue
         except (OSError, ValueError) as exc:
@@ -133,6 +138,11 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: the spec must be a YAML mapping, but got {type(raw).__name__}")
     if "source" in raw:
         raise SpecError(f"{path}: field source: not a spec field")
+    if raw.get("stages") == []:
+        raise SpecError(
+            f"{path}: field stages (value: []): an empty list; leave stages out for one stage "
+            "over the whole space, or list at least one stage"
+        )
     try:
         spec = StudySpec.model_validate({**raw, "source": str(path.resolve())})
     except ValidationError as exc:
@@ -145,11 +155,15 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-def check_spec_data(spec: StudySpec, *, model_paths: bool = True) -> None:
+def check_spec_data(
+    spec: StudySpec, *, model_paths: bool = True, weights: bool | None = None
+) -> None:
     """Check the spec's data (and, with ``model_paths``, local model directories) up front.
 
     A missing path is a SpecError naming the spec field to change; a malformed file is a
-    DataError naming the file and line (``search.train.data``).
+    DataError naming the file and line (``search.train.data``). With ``weights`` (default:
+    ``model_paths``) each local model's safetensors weights are checked against its config
+    (``search.spec.weights_check``): a mismatch or a truncated file is a SpecError.
     """
     where = spec.source or "the spec"
     demo = "search spec init FILE writes a spec that uses the shipped demo data"
@@ -173,6 +187,12 @@ def check_spec_data(spec: StudySpec, *, model_paths: bool = True) -> None:
                 f"{where}: field models.{name}.path (value: {entry.path!r}): not found at "
                 f"{spec.resolve_path(entry.path)}; point it at the model's local directory"
             )
+    if model_paths if weights is None else weights:
+        for name in spec.models:
+            directory = local_dir(spec, name)
+            problem = weights_problem(directory) if directory is not None else ""
+            if problem:
+                raise SpecError(f"{where}: field models.{name}: {problem}")
     validate_data(train, eval_dir, spec.data.split)
 
 

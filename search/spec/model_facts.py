@@ -30,6 +30,7 @@ from typing import Any
 
 from search.record.models import BY_HF_ID
 from search.record.models import KNOWN_MODELS
+from search.record.models import OFFSET_POSITIONS
 from search.record.models import SDPA_MODEL_TYPES
 from search.record.models import ModelInfo
 from search.record.models import attention_of
@@ -167,6 +168,28 @@ def model_settings(spec: StudySpec, name: str) -> ModelSettings:
         if value is not None:
             found[field] = value
     return ModelSettings(ref=model_ref(spec, name), **found)
+
+
+def config_max_tokens(spec: StudySpec, name: str) -> int | None:
+    """The longest input of ``name`` from its local ``config.json`` read as plain JSON (no
+    transformers, no torch), the entry's overrides first; None when no local config says it.
+
+    Raises:
+        ValueError: The config.json is not JSON.
+    """
+    entry = spec.models[name]
+    directory = local_dir(spec, name)
+    file = directory / "config.json" if directory is not None else None
+    if file is None or not file.is_file():
+        return None
+    raw = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    positions = entry.max_positions or raw.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+        return None
+    architecture = entry.architecture or str(raw.get("model_type") or "bert")
+    return positions - 2 if architecture in OFFSET_POSITIONS else positions
 
 
 def load_config(directory_or_id: str) -> Any:

@@ -291,8 +291,40 @@ class ArtifactsSection(_Strict):
     encoders."""
 
     top_k: int = Field(default=3, ge=0)  # 0: keep no model (``search best --export`` retrains)
-    store: str | None = Field(default=None, min_length=1)  # a directory or file:// URL; default
-    # --artifacts / $SEARCH_ARTIFACTS, else beside the SQLite file
+    store: str | None = Field(default=None, min_length=1)  # a directory, file://DIR, s3://BUCKET
+    # or gs://BUCKET; default --artifacts / $SEARCH_ARTIFACTS, else beside the SQLite file
+
+    @field_validator("store")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        return check_store(v) if v is not None else None
+
+
+STORE_SCHEMES = ("file", "s3", "gs")  # what ``search.observe.keep.open_store`` opens
+
+
+def check_store(value: str) -> str:
+    """``value`` as an artifact store: a directory, ``file://DIR``, ``s3://BUCKET`` or
+    ``gs://BUCKET``; another ``scheme://`` would be taken for a local directory: refused.
+
+    Example:
+        >>> check_store("s3://bucket/models")
+        's3://bucket/models'
+        >>> check_store("ftp://host/x")
+        Traceback (most recent call last):
+        ValueError: unknown scheme 'ftp': give a directory, file://DIR, s3://BUCKET or gs://BUCKET
+    """
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", value)
+    if match is None:
+        return value
+    scheme, rest = match.group(1), match.group(2).strip("/")
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(
+            f"unknown scheme {scheme!r}: give a directory, file://DIR, s3://BUCKET or gs://BUCKET"
+        )
+    if not rest:
+        raise ValueError(f"{scheme}:// names no {'directory' if scheme == 'file' else 'bucket'}")
+    return value
 
 
 class StageSection(_Strict):

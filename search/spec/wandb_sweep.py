@@ -7,7 +7,10 @@ finished trials, a sampler that learns. The conversion:
 
 - ``method``: ``random`` -> the random sampler, ``bayes`` -> TPE, ``grid`` -> TPE over the same
   values with the grid's size as the budget (a spec has no grid sampler; TPE covers the
-  values the conditions allow instead of every combination).
+  values the conditions allow instead of every combination). A grid with a continuous range
+  (``uniform``, ``log_uniform_values``) is refused, as W&B's grid refuses it.
+- The file: at most :data:`MAX_SWEEP_BYTES`, no YAML aliases, at most :data:`MAX_VALUES`
+  plain values per parameter.
 - ``metric``: ``name`` -> ``study.metric`` (``eval/ndcg@10``, ``ndcg_at_10``, ``val/mrr@10``
   ... -> the spec's names), ``goal`` -> ``study.direction``.
 - ``parameters``: the names in :data:`PARAMETERS`, each with ``value``, ``values`` or a
@@ -90,6 +93,9 @@ _PARAM_KEYS = ("value", "values", "distribution", "min", "max", "q", "probabilit
 _CATEGORICAL = ("batch_size", "max_len")
 _CONTINUOUS = ("lr", "temperature", "warmup_ratio", "weight_decay")
 _MAX_CHOICES = 64  # an int_uniform / q_uniform range listed as choices, at most this long
+MAX_SWEEP_BYTES = 2**20  # a sweep configuration is a few KiB; a bigger file is not one
+MAX_VALUES = 64  # values of one parameter (models, sizes, rates)
+_CONTINUOUS_KINDS = ("uniform", "log_uniform_values")  # what W&B's grid refuses
 _BASE = "ko-retrieval"  # the shipped spec that fills in what the sweep leaves out
 
 
@@ -201,11 +207,18 @@ def _read_param(name: str, body: Any, where: str, notes: list[str]) -> _Param:
     if "probabilities" in body:
         notes.append(f"{name}: the sweep's probabilities dropped (the sampler weighs the values)")
     if "value" in body:
+        if isinstance(body["value"], list | dict):
+            raise _error(where, f"{what}.value", "expected one plain value (text or a number)")
         return _Param(name, "value", (body["value"],))
     if "values" in body:
         values = body["values"]
         if not isinstance(values, list) or not values:
             raise _error(where, f"{what}.values", f"expected a non-empty list, but got {values!r}")
+        if len(values) > MAX_VALUES:
+            why = f"{len(values)} values; a sweep lists at most {MAX_VALUES}"
+            raise _error(where, f"{what}.values", why)
+        if any(isinstance(v, list | dict) for v in values):
+            raise _error(where, f"{what}.values", "expected plain values (text or numbers)")
         if distribution not in (None, "categorical"):
             raise _error(where, what, f"values with distribution {distribution!r}: give min/max")
         return _Param(name, "values", tuple(values))
@@ -446,6 +459,15 @@ def convert_sweep(
             )
         read[target] = _read_param(str(name), body, where, notes)
 
+    if method == "grid":
+        ranged = [p for p in read.values() if p.kind in _CONTINUOUS_KINDS]
+        if ranged:
+            raise _error(
+                where,
+                f"parameters.{ranged[0].name}",
+                f"method grid needs listed values, but this is a {ranged[0].kind} range (W&B's "
+                "grid refuses it too): list the values to try, or use method bayes or random",
+            )
     base_dump = base.model_dump(mode="json", exclude_unset=True)
     space: dict[str, Any] = {}
     from_base: list[str] = []
@@ -502,7 +524,7 @@ def convert_sweep(
         notes.append(f"run_cap {study['n_trials']}: the budget of finished trials")
     elif method == "grid":
         # Every combination of the sweep's listed values (a grid needs values for all).
-        study["n_trials"] = math.prod(len(set(map(str, p.values))) or 1 for p in read.values())
+        study["n_trials"] = math.prod(_grid_size(p) for p in read.values())
         notes.append(f"the budget is the grid's size, {study['n_trials']} trials")
     if "early_terminate" in sweep:
         kind = (sweep["early_terminate"] or {}).get("type", "?")
@@ -523,10 +545,38 @@ def convert_sweep(
     return Conversion(spec=spec, notes=notes, source=str(where))
 
 
+def _grid_size(p: _Param) -> int:
+    """How many values W&B's grid tries for ``p``: its distinct values, or its whole numbers."""
+    if p.kind in ("int_uniform", "q_uniform"):
+        step = p.q if p.kind == "q_uniform" and p.q else 1
+        return int((p.high - p.low) // step) + 1
+    return len(set(map(str, p.values))) or 1
+
+
+class _SweepLoader(yaml.SafeLoader):
+    """A SafeLoader without aliases: a sweep needs none, and a few nested ones expand to
+    billions of values (the file's size bounds nothing then)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}): a sweep is read without aliases",
+                event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+
 def read_sweep(path: Path) -> dict[str, Any]:
-    """The sweep configuration in ``path`` (YAML or JSON)."""
+    """The sweep configuration in ``path`` (YAML or JSON), at most :data:`MAX_SWEEP_BYTES`."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:
+            raise SweepError(
+                f"{path}: {size} bytes; a W&B sweep configuration is a few KiB (at most "
+                f"{MAX_SWEEP_BYTES} bytes read): is it the sweep file?"
+            )
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SweepLoader)  # noqa: S506
     except OSError as exc:
         raise SweepError(f"{path}: cannot read the sweep: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
