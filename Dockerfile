@@ -29,7 +29,7 @@ COPY search ./search
 COPY storage ./storage
 # The constraint keeps the CUDA torch above: pip must not swap it for another version.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch.txt \
-    && pip install -c /tmp/torch.txt ".[dashboard,plots,wandb]" \
+    && pip install -c /tmp/torch.txt . \
     && python -c "import torch, search, storage, optuna_dashboard; v = torch.__version__.split('+')[0]; assert v == '${TORCH_VERSION}', v; print('torch', torch.__version__)"
 
 RUN useradd --create-home --uid 1000 search && mkdir -p /home/search/.cache \

@@ -399,7 +399,8 @@ def _publish(study: optuna.Study, url: str, artifacts: Path | None) -> str:
     except PublishError as exc:
         _fail(str(exc))
     return (
-        f"published to the dashboard: the study note and {len(done['artifacts'])} plots "
+        f"published to the dashboard: the study note, {done['trial_notes']} trial notes "
+        f"written or brought up to date, and {len(done['artifacts'])} plots "
         f"(artifacts in {done['directory']}; serve them with search dashboard)"
     )
 

@@ -16,12 +16,11 @@ from types import FrameType
 
 from search.observe.artifacts import artifact_dir
 from search.observe.artifacts import artifact_store
+from search.observe.install import install_hint
 from storage import check_password
 from storage import create_storage
 from storage import is_loopback
 from storage import redact_url
-
-INSTALL = "pip install 'ko-retrieval-search[dashboard]'"
 
 
 class DashboardError(RuntimeError):
@@ -76,7 +75,9 @@ def serve(
     try:
         import optuna_dashboard
     except ImportError:
-        raise DashboardError(f"optuna-dashboard is not installed: {INSTALL}") from None
+        raise DashboardError(
+            f"optuna-dashboard is not installed (a partial install): {install_hint()}"
+        ) from None
     storage = create_storage(url, heartbeat_interval=None, must_exist=True)
     directory = artifact_dir(url, artifacts)
     store = artifact_store(directory) if directory is not None else None

@@ -4,13 +4,14 @@ share: colours, labels, file names and section titles.
 
 from __future__ import annotations
 
+from search.observe.install import install_hint
 from search.observe.plot_data import CELL_BOTH
 from search.observe.plot_data import CELL_FIT
 from search.observe.plot_data import CELL_OOM
 from search.observe.plot_data import CELL_UNTRIED
 from search.observe.plot_data import PlotData
 
-INSTALL_HINT = "pip install 'ko-retrieval-search[plots]'"
+INSTALL_HINT = "(a partial install) " + install_hint()
 MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 KIND_COLORS = {"real": "#b2182b", "host": "#ef8a62", "predicted": "#7b3294", "frontier": "#999999"}
 KIND_LABELS = {

@@ -29,6 +29,7 @@ from typing import Any
 from search.observe.artifacts import ENV_ARTIFACTS
 from search.observe.artifacts import artifact_dir
 from search.observe.artifacts import artifact_store
+from search.observe.install import install_hint
 from search.observe.plots import PlotsUnavailableError
 from search.observe.plots import require_plot_libs
 from search.observe.plots import write_plots
@@ -166,6 +167,36 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
     storage.set_study_system_attr(study_id, chunk_key, text)
     storage.set_study_system_attr(study_id, version_key, 1)
     return text
+
+
+def publish_trial_notes(study: optuna.Study) -> int:
+    """(Re)write every finished trial's note the service writes; returns how many were written.
+
+    A study run where optuna-dashboard was not installed, or whose workers died before their
+    notes, is brought up to date. A note a person edited in the dashboard (its version above
+    the service's 1) is left alone, and a note that already reads the same is not written again.
+    """
+    metric = _metrics.get(study)
+    if metric is None:
+        metric = _metrics[study] = study_metric(study)
+    storage, study_id = compat.study_storage(study), compat.study_id(study)
+    system = storage.get_study_system_attrs(study_id)
+    pruner = _pruner_name(study)
+    written = 0
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.state.is_finished():
+            continue
+        trial_id = compat.trial_id(trial)
+        keys = compat.dashboard_note_keys(trial_id)
+        text = trial_summary(trial, metric=metric, pruner=pruner)
+        if keys is not None:
+            version_key, chunk_key = keys
+            version = int(system.get(version_key, 0) or 0)
+            if version > 1 or (version == 1 and system.get(chunk_key) == text):
+                continue  # edited by a person, or up to date
+        save_trial_note(study, trial)
+        written += 1
+    return written
 
 
 def save_study_note(study: optuna.Study) -> str:
@@ -333,10 +364,12 @@ def upload_files(
 def publish(
     study: optuna.Study, *, url: str, artifacts: str | Path | None = None
 ) -> dict[str, Any]:
-    """``search report --publish``: the study note, and the plots as study artifacts.
+    """``search report --publish``: the study note, every trial's note where it is missing or
+    out of date (``publish_trial_notes``), and the plots as study artifacts.
 
     Returns:
-        ``{"note": text, "artifacts": [(file name, artifact id), ...], "directory": str}``.
+        ``{"note": text, "trial_notes": n written, "artifacts": [(file name, artifact id),
+        ...], "directory": str}``.
 
     Raises:
         PublishError: No artifact directory for a study in a database server (``--artifacts
@@ -351,8 +384,7 @@ def publish(
         )
     if not _dashboard_installed():
         raise PublishError(
-            "--publish: optuna-dashboard is not installed: "
-            "pip install 'ko-retrieval-search[dashboard]'"
+            f"--publish: optuna-dashboard is not installed (a partial install): {install_hint()}"
         )
     try:
         require_plot_libs()
@@ -361,8 +393,14 @@ def publish(
     import tempfile
 
     note = save_study_note(study)
+    trial_notes = publish_trial_notes(study)
     store = artifact_store(directory, create=True)
     with tempfile.TemporaryDirectory(prefix="search-plots-") as tmp:
         written = write_plots(study, Path(tmp), storage=rdb_backend(compat.study_storage(study)))
         uploaded = upload_files(study, [Path(p) for p in written], store)
-    return {"note": note, "artifacts": uploaded, "directory": str(directory)}
+    return {
+        "note": note,
+        "trial_notes": trial_notes,
+        "artifacts": uploaded,
+        "directory": str(directory),
+    }
