@@ -618,6 +618,28 @@ def spec_check(
     console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
 
 
+@spec_app.command("schema")
+def spec_schema_command(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The file to write (else stdout).")
+    ] = None,
+) -> None:
+    """Print the spec's JSON Schema, for editors to validate and complete specs."""
+    import json
+
+    from search.spec.schema import spec_schema
+
+    text = json.dumps(spec_schema(), indent=2, ensure_ascii=False) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"--output {output}: {exc.strerror or exc}")
+    err_console.print(f"wrote {output}", highlight=False)
+
+
 @spec_app.command("from-wandb")
 def spec_from_wandb(
     sweep: Annotated[Path, typer.Argument(help="The W&B sweep (YAML).", show_default=False)],
