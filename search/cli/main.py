@@ -79,10 +79,15 @@ app = _OneLineUsage(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-storage_app = typer.Typer(help="Inspect and upgrade the study storage.", no_args_is_help=True)
+storage_app = typer.Typer(
+    help="Inspect and upgrade the study storage.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(storage_app, name="storage")
-spec_app = typer.Typer(help="Write and check study specs.", no_args_is_help=True)
+spec_app = typer.Typer(
+    help="Write and check study specs.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(spec_app, name="spec")
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
@@ -324,21 +329,21 @@ def _run_with_progress(
     return summary
 
 
-@app.command()
+@app.command(short_help="Run the whole search in this process (one worker).")
 @with_run_args(exclude=WORKER_ONLY)
 def run(args: RunArgs) -> None:
     """Run the whole search in this process (one worker), on the embedded default storage."""
     _run(args)
 
 
-@app.command()
+@app.command(short_help="Pull trials from a shared study until its budget is spent.")
 @with_run_args()
 def worker(args: RunArgs) -> None:
     """Pull trials from a shared study until its global budget is spent, then exit 0."""
     _run(args, service=True)
 
 
-@app.command()
+@app.command(short_help="Per-model report: outcomes, OOM rate, best scores.")
 def report(
     study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
     storage: StorageOpt = None,
@@ -438,7 +443,7 @@ def _write_plots(study: optuna.Study, store: object, path: Path, *, quiet: bool)
     out.print(f"{len(written)} plots in {path} (open {path / HTML})", highlight=False)
 
 
-@storage_app.command("check")
+@storage_app.command("check", short_help="Whether the storage is reachable, its schema current.")
 def storage_check(
     storage: StorageOpt = None,
     upgrade: Annotated[
@@ -461,7 +466,7 @@ def storage_check(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="optuna-dashboard on the study storage.")
 def dashboard(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -498,7 +503,7 @@ def dashboard(
             raise typer.Exit(130) from None
 
 
-@app.command()
+@app.command(short_help="Optuna's gRPC storage proxy in front of the database.")
 def proxy(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -516,7 +521,7 @@ def proxy(
     err_console.print(f"search proxy stopped ({stopped_by})", highlight=False)
 
 
-@app.command("refine")
+@app.command("refine", short_help="Enqueue new configs around the top K trials.")
 def refine_cmd(
     study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
     storage: StorageOpt = None,
@@ -584,7 +589,7 @@ def refine_cmd(
         console.print(f"run them: {again}{tiny} (or search worker ...)", highlight=False)
 
 
-@spec_app.command("init")
+@spec_app.command("init", short_help="Write a spec of your own from a shipped one.")
 def spec_init(
     file: Annotated[Path, typer.Argument(help="The spec file to write.", show_default=False)],
     from_: Annotated[
@@ -604,7 +609,7 @@ def spec_init(
     )
 
 
-@spec_app.command("check")
+@spec_app.command("check", short_help="Check a spec and its data as search run would.")
 def spec_check(
     file: Annotated[Path, typer.Argument(help="The spec file to check.", show_default=False)],
 ) -> None:
@@ -618,7 +623,7 @@ def spec_check(
     console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
 
 
-@spec_app.command("schema")
+@spec_app.command("schema", short_help="Print the spec's JSON Schema (for editors).")
 def spec_schema_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The file to write (else stdout).")
@@ -640,7 +645,7 @@ def spec_schema_command(
     err_console.print(f"wrote {output}", highlight=False)
 
 
-@spec_app.command("from-wandb")
+@spec_app.command("from-wandb", short_help="Turn a W&B sweep configuration into a spec.")
 def spec_from_wandb(
     sweep: Annotated[Path, typer.Argument(help="The W&B sweep (YAML).", show_default=False)],
     output: Annotated[
@@ -661,7 +666,7 @@ def spec_from_wandb(
     console.print(f"wrote {output}. Run it: search run --spec {output} --tiny", highlight=False)
 
 
-@app.command()
+@app.command(short_help="The best trial: model, metrics, config, kept model.")
 def best(
     study: Annotated[str, typer.Option("--study", help="Optuna study name (e.g. ko-retrieval).")],
     storage: StorageOpt = None,
