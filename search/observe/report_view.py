@@ -210,6 +210,8 @@ def report_view(report: dict[str, Any]) -> Group:
                 "--export DIR)"
             )  # fmt: skip
         )
+    for row in report.get("models_not_kept") or []:  # one line each: the store failed
+        parts.append(Text(f"model of trial {row['trial']} not kept: {row['error']}"))
     tables = (outcomes_table(report), best_table(report), stages_table(report), oom_table(report))
     for part in tables:
         if part is not None:
