@@ -74,6 +74,8 @@ PRELOAD = (
     "search.worker.isolation",
     "search.train.tiny",
 )
+# Preloaded after all else: its exit handler runs first (search.worker.forkserver_exit).
+_PRELOAD_LAST = "search.worker.forkserver_exit"
 # Kill a child that has not exited this long after sending its final message.
 _EXIT_GRACE_S = 30.0
 # Host memory below this share of the total while a child was alive hints at the OOM killer.
@@ -432,7 +434,7 @@ def _get_context(objective_module: str) -> Any:
         preload = list(dict.fromkeys([*PRELOAD, DEFAULT_OBJECTIVE.split(":")[0]]))
         if objective_module not in preload:
             preload.append(objective_module)
-        ctx.set_forkserver_preload(preload)
+        ctx.set_forkserver_preload([*preload, _PRELOAD_LAST])
         _context = ctx
     return _context
 
