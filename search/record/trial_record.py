@@ -31,6 +31,7 @@ __all__ = [
     "is_oom",
     "metric_value",
     "metrics_of",
+    "model_of",
     "name_metric",
     "outcome_of",
     "short_error",

@@ -46,10 +46,8 @@ from search.record.config import TrialConfig
 from search.record.counts import budget_lock_name
 from search.record.counts import is_skip
 from search.record.counts import spent_count
-from search.record.errors import RunError
 from search.record.models import ModelInfo
 from search.record.trial_record import TrialRecord
-from search.record.trial_record import error_of
 from search.record.trial_record import lost_attrs
 from search.record.trial_record import write_record
 from search.sampling.peer_pruner import pruning_record
@@ -84,7 +82,7 @@ from storage import compat
 from storage import heartbeat
 from storage import named_lock
 
-__all__ = ["StepResult", "StepWorker", "finished_of", "run_step", "stop_on_load_error"]
+__all__ = ["StepResult", "StepWorker", "finished_of", "run_step"]
 
 _logger = logging.getLogger(__name__)
 
@@ -241,20 +239,6 @@ def _end_on_error(worker: StepWorker, trial: optuna.trial.Trial, exc: BaseExcept
             worker.events.emit(Dropped(study, trial.number, compat.trial_id(trial)))
     except Exception as error:  # noqa: BLE001 - the worker's own error is the one raised
         _logger.debug("trial %d not ended here: %s", trial.number, error)
-
-
-def stop_on_load_error(frozen: FrozenTrial, spec: StudySpec) -> None:
-    """Raise ``RunError`` when ``frozen`` failed to load its model (every trial of that model
-    would fail the same way: the run stops here)."""
-    error = error_of(frozen)  # the whole line: the stored ``error`` is cut short
-    if frozen.state != TrialState.FAIL or not error.startswith("ModelLoadError"):
-        return
-    model = frozen.user_attrs.get(attrs.MODEL, "?")
-    raise RunError(
-        f"trial {frozen.number} could not load model {model!r}: "
-        f"{error.removeprefix('ModelLoadError: ')} (stopped here rather than fail every "
-        f"{model} trial; fix it, or drop {model} from {spec.source or 'the spec'})"
-    )
 
 
 # ------------------------------------------------------------------ one claimed trial
