@@ -76,7 +76,7 @@ class LoadFailures:
         if not left:
             raise RunError(
                 f"no model left to search: the last {count} trials of {model!r} failed to load "
-                f"it: {error} (fix it, or drop {model} from {self.spec})"
+                f"it: {error} (or drop {model} from {self.spec})"
             )
         _logger.warning(
             "model %r is not searched for the rest of this run: its last %d trials failed to "
