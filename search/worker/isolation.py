@@ -12,6 +12,11 @@ imports. The forkserver is a fresh interpreter (not a fork of the worker) and ne
 CUDA, so no child is ever forked from a process with a CUDA context. Call :func:`warm_up` to
 start it before the first trial.
 
+A child never outlives its worker: it ends itself, quietly, when a pipe only the worker holds
+reaches EOF (the worker exited or was SIGKILLed), and the kernel kills it when the forkserver
+dies (``PR_SET_PDEATHSIG``); the forkserver exits at once when the worker goes
+(``search.worker.forkserver_exit``).
+
 Protocol on the pipe (child -> parent): ``("phase", name)`` on every phase the objective enters
 (so the phase survives a hard kill), ``("report", epoch, metrics)`` answered by the parent with
 a bool (prune?), ``("partial", examples_seen, metrics)`` for a sooner evaluation on a sample of
