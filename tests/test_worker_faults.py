@@ -408,6 +408,7 @@ def test_sigint_on_search_run_hands_the_trial_back_and_says_so(
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     handed = [t for t in trials if t.user_attrs.get(HANDED_BACK)]
     assert [t.number for t in handed] == [trial.number]
+    assert handed[0].user_attrs[attrs.OUTCOME] == attrs.OUTCOME_HANDED_BACK  # not "running"
     copies = copies_of(trials, trial.number)
     assert len(copies) == 1 and copies[0].state == TrialState.WAITING
 

@@ -6,23 +6,28 @@ last evaluation as a sentence-transformers model (``search.train.export``). When
 completes:
 
 1. after it is told, the worker uploads the directory (one uncompressed tar,
-   ``model-trial-N.tar``) to the study's artifact store if fewer than K completed trials beat
-   it, and records the artifact id as a study system attribute
+   ``model-trial-N.tar``) to the study's artifact store if fewer than K kept models beat it,
+   and records the artifact id as a study system attribute
    (``search:model_kept:<number>``: ``{"artifact": id, "store": where}``; a told trial's
    attributes cannot change; studies run before issue 15 hold ``model_artifact`` on the trial);
-2. then it removes the artifact of every completed trial that K others now beat (and of any
-   trial that holds one but did not complete), recording each removal as a study system
-   attribute (``search:model_removed:<id>``).
+   an upload that fails (an unwritable store) keeps nothing and is recorded in one line
+   (``search:model_not_kept:<number>``, and a warning);
+2. then it removes the kept model of every completed trial that K other kept models now beat
+   (and of any trial that holds one but did not complete), recording each removal as a study
+   system attribute (``search:model_removed:<id>``).
 
-The worker does both on its event thread (:class:`KeepSubscriber`), never on the trial step:
-the step only gives the trial a path to save its model in (``training_config``, a path, no
-I/O). Ranking is by the study's value, ties going to the earlier trial. No lock is needed
-between workers: a trial that K others beat in any worker's (possibly stale) view is beaten by
-them in every later view, so concurrent removals are all right; each worker removes after each
-of its uploads, so the last removal of the study comes after every upload was recorded and
-every trial told, and exactly the K best trials keep theirs (provided each worker's event
-thread finishes: ``search.worker.dispatch``'s flush bound). Disk use stays at K models, plus
-one being saved per running trial and the told ones waiting for the event thread.
+Only stored models rank: a completed trial whose model was not stored (its upload failed, it
+saved none, or it did not enter) never displaces one that was. The worker does both on its
+event thread (:class:`KeepSubscriber`), never on the trial step: the step only gives the
+trial a path to save its model in (``training_config``, a path, no I/O). Ranking is by the
+study's value, ties going to the earlier trial. No lock is needed between workers: a model
+that K kept models beat in any worker's (possibly stale) view is beaten by K kept models in
+every later view (one of them is removed only when K kept models beat it, and those beat the
+first too), so concurrent removals are all right; each worker removes after each of its
+uploads, so the last removal of the study comes after every upload was recorded, and exactly
+the K best stored models stay (provided each worker's event thread finishes:
+``search.worker.dispatch``'s flush bound). Disk use stays at K models, plus one being saved
+per running trial and the told ones waiting for the event thread.
 
 The store: ``artifacts.store`` in the spec (a directory, ``file://DIR``, ``s3://BUCKET`` or
 ``gs://BUCKET``), else ``$SEARCH_ARTIFACTS``, else the directory beside the SQLite file
@@ -144,7 +149,35 @@ def kept_models(
     study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
 ) -> dict[int, tuple[str, str]]:
     """Trial number -> (artifact id, store) of every model the study still keeps."""
-    system = _system_attrs(study)
+    return _kept(study, trials, _system_attrs(study))
+
+
+def models_not_kept(
+    study: optuna.Study, system: Mapping[str, Any] | None = None
+) -> dict[int, str]:
+    """Trial number -> why its model could not be stored (one line each)."""
+    prefix = attrs.MODEL_NOT_KEPT_PREFIX
+    system = _system_attrs(study) if system is None else system
+    return {int(k[len(prefix) :]): str(v) for k, v in system.items() if k.startswith(prefix)}
+
+
+def _ranked_holders(
+    study: optuna.Study, trials: Sequence[FrozenTrial], system: Mapping[str, Any]
+) -> list[FrozenTrial]:
+    """The completed trials that keep a stored model, best first (ties: the earlier)."""
+    kept = _kept(study, trials, system)
+    holders = [
+        t
+        for t in trials
+        if t.number in kept and t.state == TrialState.COMPLETE and t.value is not None
+    ]
+    return sorted(holders, key=_rank_key(study.direction))
+
+
+def _kept(
+    study: optuna.Study, trials: Sequence[FrozenTrial] | None, system: Mapping[str, Any]
+) -> dict[int, tuple[str, str]]:
+    """``kept_models`` on the study system attributes read once."""
     removed = removed_artifacts(study, system)
     uploaded = model_artifacts(study, trials, system)
     return {n: kept for n, kept in uploaded.items() if kept[0] not in removed}
@@ -197,10 +230,15 @@ class ModelKeeper:
                 return None  # the objective saved nothing (a fake one, or a failed save)
             if not self._could_enter(float(value), number):
                 return None
-            return self._upload(number, directory, metric, float(value))
         except Exception as exc:  # noqa: BLE001 - keeping a model must never fail a trial
             _logger.warning("model of trial %d not kept: %s", number, _line(exc))
             return None
+        else:
+            try:
+                return self._upload(number, directory, metric, float(value))
+            except Exception as exc:  # noqa: BLE001
+                self._not_stored(number, exc)
+                return None
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -232,16 +270,25 @@ class ModelKeeper:
         return self._stores[location]
 
     def _could_enter(self, value: float, number: int) -> bool:
-        """Fewer than K completed trials beat ``(value, number)``."""
+        """Fewer than K kept models beat ``(value, number)`` (models not stored do not count)."""
         key = _rank_key(self.study.direction)
         mine = key(_Ranked(value, number))
-        better = 0
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.value is not None and t.number != number and key(t) < mine:
-                better += 1
-                if better >= self.top_k:
-                    return False
-        return True
+        trials = self.study.get_trials(deepcopy=False)
+        holders = _ranked_holders(self.study, trials, _system_attrs(self.study))
+        better = sum(t.number != number and key(t) < mine for t in holders)
+        return better < self.top_k
+
+    def _not_stored(self, number: int, exc: BaseException) -> None:
+        """Say (once, one line) and record on the study that trial ``number``'s model was not
+        stored; the upload wrote no ``search:model_kept`` key, so it is not kept."""
+        line = f"could not store the model in {self.location}: {_line(exc)}"
+        _logger.warning("model of trial %d not kept: %s", number, line)
+        try:
+            compat.study_storage(self.study).set_study_system_attr(
+                compat.study_id(self.study), f"{attrs.MODEL_NOT_KEPT_PREFIX}{number}", line
+            )
+        except Exception as error:  # noqa: BLE001 - the warning above said it
+            _logger.debug("not recorded: %s", _line(error))
 
     def _upload(self, number: int, directory: Path, metric: str, value: float) -> str:
         from optuna.artifacts import upload_artifact
@@ -290,22 +337,18 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     system = _system_attrs(study)
-    removed = removed_artifacts(study, system)
     trials = study.get_trials(deepcopy=False)
-    uploaded = model_artifacts(study, trials, system)
+    kept = _kept(study, trials, system)
     by_number = {t.number: t for t in trials}
     holders = [
         (by_number[n], artifact, location)
-        for n, (artifact, location) in uploaded.items()
-        if artifact not in removed and n in by_number
+        for n, (artifact, location) in kept.items()
+        if n in by_number
     ]
     if not holders:
         return []
-    ranked = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
-        key=_rank_key(study.direction),
-    )
-    top = {t.number for t in ranked[:top_k]}
+    # Only kept models rank: a trial whose model was not stored never pushes one out.
+    top = {t.number for t in _ranked_holders(study, trials, system)[:top_k]}
     drop = [
         (t, artifact, location)
         for t, artifact, location in holders
@@ -402,6 +445,7 @@ __all__ = [
     "keeper_for",
     "kept_models",
     "model_artifacts",
+    "models_not_kept",
     "open_store",
     "prune_models",
     "removed_artifacts",

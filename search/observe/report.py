@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from search.observe.keep import kept_models
+from search.observe.keep import models_not_kept
 from search.record import attrs
 from search.record.counts import requeued_numbers
 from search.record.trial_record import config_of
@@ -200,6 +201,9 @@ def study_report(
         "oom_configs": oom_configs(trials, [r.model for r in rows]),
         "stages": stages,
         "kept_models": kept_model_rows(study, trials),
+        "models_not_kept": [  # search.observe.keep: completed, but the upload failed
+            {"trial": n, "error": e} for n, e in sorted(models_not_kept(study).items())
+        ],
     }
 
 

@@ -97,13 +97,21 @@ def outcomes_table(report: dict[str, Any]) -> Table:
         title += f", {share:.0%} of worker time in training steps"
     table = _table(title)
     table.caption = (
-        "OOM r/h/p/f: real (device), host (RAM), predicted (preflight), frontier. train: share "
-        "of the worker time in training steps (trials that recorded their phases)"
+        "OOM r/h/p/f: real (device), host (RAM), predicted (preflight), frontier. re-run (when "
+        "any): failed and re-queued (worker lost or stopped). train: share of the worker time in "
+        "training steps (trials that recorded their phases)"
     )
     table.caption_justify = "left"
     table.add_column("model")
-    columns = ("trials", "complete", "pruned", "OOM r/h/p/f", "failed", "OOM rate", "OOM s")
-    for col in (*columns, "train"):
+    # Every trial in one column: trials = complete + pruned + OOM + failed + re-run + running
+    # (the last two shown when a study has any).
+    extra = [
+        (key, name)
+        for key, name in (("requeued", "re-run"), ("running", "running"))
+        if any(r.get(key) for r in report["models"])
+    ]
+    columns = ("trials", "complete", "pruned", "OOM r/h/p/f", "failed")
+    for col in (*columns, *(name for _, name in extra), "OOM rate", "OOM s", "train"):
         table.add_column(col, justify="right")
     for r in report["models"]:
         table.add_row(
@@ -113,6 +121,7 @@ def outcomes_table(report: dict[str, Any]) -> Table:
             str(r["pruned_early"]),
             f"{r['oom_real']}/{r['oom_host']}/{r['oom_predicted']}/{r['oom_frontier']}",
             str(r["failed"]),
+            *(str(r.get(key, 0)) for key, _ in extra),
             f"{r['oom_rate']:.0%}",
             f"{r['oom_seconds']:.1f}",
             _share(r.get("train_share")),
@@ -210,6 +219,8 @@ def report_view(report: dict[str, Any]) -> Group:
                 "--export DIR)"
             )  # fmt: skip
         )
+    for row in report.get("models_not_kept") or []:  # one line each: the store failed
+        parts.append(Text(f"model of trial {row['trial']} not kept: {row['error']}"))
     tables = (outcomes_table(report), best_table(report), stages_table(report), oom_table(report))
     for part in tables:
         if part is not None:

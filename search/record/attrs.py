@@ -83,6 +83,9 @@ STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.worker.st
 MODEL_REMOVED_PREFIX = "search:model_removed:"
 # One key per kept model: prefix + trial number -> {"artifact": id, "store": directory or URL}.
 MODEL_KEPT_PREFIX = "search:model_kept:"
+# One key per completed trial whose model could not be stored: prefix + trial number -> the
+# error, one line (the trial is told by then: its own attributes cannot change any more).
+MODEL_NOT_KEPT_PREFIX = "search:model_not_kept:"
 STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
 
 # Vocabularies.

@@ -27,9 +27,11 @@ __all__ = [
     "device_kind_of",
     "error_of",
     "handed_back_attrs",
+    "lost_attrs",
     "is_oom",
     "metric_value",
     "metrics_of",
+    "model_of",
     "name_metric",
     "outcome_of",
     "short_error",
@@ -65,6 +67,15 @@ def short_error(text: str, limit: int = ERROR_CHARS) -> str:
 def handed_back_attrs() -> dict[str, Any]:
     """User attributes of a trial handed back on SIGTERM / SIGINT (set with its re-queue)."""
     return {attrs.HANDED_BACK: True, attrs.OUTCOME: attrs.OUTCOME_HANDED_BACK}
+
+
+STALE_ERROR = "worker lost (heartbeat stale)"
+
+
+def lost_attrs(error: str = STALE_ERROR) -> dict[str, Any]:
+    """User attributes of a trial failed because its worker was lost: no heartbeat for the
+    grace period (the default), or an error of the worker itself (``error``: its line)."""
+    return {attrs.OUTCOME: attrs.OUTCOME_FAILED, attrs.ERROR: short_error(error)}
 
 
 def write_record(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
@@ -286,11 +297,11 @@ def _summary(
         return f"handed back (worker stopped){again} — {what}"
     if outcome == attrs.OUTCOME_FAILED:
         error = ua.get(attrs.ERROR)
+        if not error and trial.state == TrialState.FAIL:  # before issue 18: no error recorded
+            error = STALE_ERROR
+        rerun = f", re-queued as trial {requeued_as}" if requeued_as is not None else ""
         if error:
-            return f"failed: {short_error(str(error), 200)} — {what}"
-        if trial.state == TrialState.FAIL:  # no error recorded: its worker went silent
-            rerun = f", re-queued as trial {requeued_as}" if requeued_as is not None else ""
-            return f"failed: worker lost (heartbeat stale){rerun} — {what}"
+            return f"failed: {short_error(str(error), 200)}{rerun} — {what}"
         return f"failed — {what}"
     if outcome == "waiting":
         return f"waiting — {what}" if trial.params else "waiting"

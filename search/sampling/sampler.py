@@ -192,6 +192,7 @@ class ConditionalSampler(BaseSampler):
         # The stage of the trial being claimed (search.sampling.stages).
         self.stage: str | None = None
         self._models = tuple(models) if models is not None else None
+        self._excluded: set[str] = set()  # models given up for this run (exclude)
         self.feasible: Callable[[Study], FeasibleGrid] | None = None
         self._grid_of: tuple[int, FeasibleGrid] | None = None  # (trial id, its grid)
         self._pin: _Pin | None = None  # the worker step's snapshot while it samples
@@ -231,13 +232,26 @@ class ConditionalSampler(BaseSampler):
         name = trial.user_attrs.get(STAGE_ATTR) or self.stage
         return self._stages.get(name) if isinstance(name, str) else None
 
+    def exclude(self, model: str) -> None:
+        """Sample ``model`` no more (its trials keep failing to load it:
+        ``search.worker.load_failures``); a trial whose model is fixed (enqueued) keeps it."""
+        self._excluded.add(model)
+
     def stage_models(self, trial: FrozenTrial) -> tuple[str, ...] | None:
-        """The models the trial's stage samples (of those allowed here), or None (any model)."""
+        """The models the trial's stage samples (of those allowed here), or None (any model).
+
+        Models given up (``exclude``) are left out; a stage left without any samples among
+        the other models allowed here.
+        """
         stage = self._stage_of(trial)
         models = tuple(stage[MODEL_PARAM]) if stage is not None else None
         if self._models is not None:
             models = tuple(m for m in (models or self._models) if m in self._models)
             models = models or self._models
+        if self._excluded:
+            every = self._models or tuple(self._choices["batch_size"])
+            kept = tuple(m for m in (models or every) if m not in self._excluded)
+            models = kept or tuple(m for m in every if m not in self._excluded) or models
         return models
 
     def allowed(

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import AutoConfig
 from transformers import AutoModel
@@ -129,11 +131,21 @@ class BiEncoder(torch.nn.Module):
             config = AutoConfig.from_pretrained(cfg.model_path)
             # The spec's choice (transformers checks it), else the one the facts report.
             attention = cfg.attn_implementation or attention_of(config)
-            model = AutoModel.from_pretrained(
-                cfg.model_path, config=config, dtype=torch.float32, attn_implementation=attention
+            # Mismatched shapes come back in the loading info (transformers' own error only
+            # points at a report it logs, which the trial's quiet logging hides): said below.
+            model, info = AutoModel.from_pretrained(
+                cfg.model_path,
+                config=config,
+                dtype=torch.float32,
+                attn_implementation=attention,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
             )
-        except (OSError, ValueError, KeyError, ImportError) as exc:
+        except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:
             raise ModelLoadError(_load_error_message(cfg.model, cfg.model_path, exc)) from exc
+        mismatched = sorted(info.get("mismatched_keys") or ())
+        if mismatched:
+            raise ModelLoadError(_mismatch_message(cfg.model, cfg.model_path, mismatched))
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model)
         return cls(
@@ -370,6 +382,27 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _mismatch_message(
+    name: str, path: str, mismatched: Sequence[tuple[str, Sequence[int], Sequence[int]]]
+) -> str:
+    """One line: the weights' shapes do not match the model's ``config.json``.
+
+    >>> _mismatch_message("m", "/w", [("embeddings.word_embeddings.weight", (4000, 64),
+    ...                                (4000, 128))])  # doctest: +ELLIPSIS
+    "Cannot load model 'm' from '/w': its weights do not match its config.json: 1 tensor ...
+    """
+    # The largest tensor as the example: the embeddings, which show the hidden size.
+    key, stored, expected = max(mismatched, key=lambda m: (math.prod(m[1]), m[0]))
+    count = len(mismatched)
+    return (
+        f"Cannot load model {name!r} from {path!r}: its weights do not match its config.json: "
+        f"{count} tensor{'' if count == 1 else 's'} differ{'s' if count == 1 else ''} in shape, "
+        f"e.g. {key} is {list(stored)} in the weights but {list(expected)} by the config. Fix: "
+        f"point the spec's `models.{name}.path` at a directory whose config.json and weights "
+        "belong together."
+    )
+
+
 def _load_error_message(name: str, path: str, exc: BaseException) -> str:
     """One line: what failed to load, why, and the ways to fix it."""
     info = KNOWN_MODELS.get(name)
@@ -377,7 +410,9 @@ def _load_error_message(name: str, path: str, exc: BaseException) -> str:
     first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     detail = f"{type(exc).__name__}: {first_line}"[:300]
     hub_id = info.hf_id if info is not None else path
-    if local.is_dir():
+    if local.is_dir() and isinstance(exc, SafetensorError):
+        why = f"its weights file cannot be read, truncated or corrupt ({detail})"
+    elif local.is_dir():
         why = f"the directory holds no complete model and tokenizer ({detail})"
     elif local.exists():
         why = "the path is a file, not a model directory"

@@ -79,6 +79,7 @@ from search.record.counts import skip_count
 from search.record.counts import spent_count
 from search.record.errors import RunError
 from search.record.trial_record import handed_back_attrs
+from search.record.trial_record import lost_attrs
 from storage import BaseHeartbeat
 from storage import adopt_orphans
 from storage import call_with_retry
@@ -448,7 +449,9 @@ def requeue_stale(study: optuna.Study) -> list[StaleTrial]:
         return []
     failed = []
     for stale_id in compat.stale_trial_ids(storage, compat.study_id(study)):
-        frozen = fail_and_requeue(study, stale_id, max_retry=compat.stale_retry_limit(storage))
+        frozen = fail_and_requeue(
+            study, stale_id, user_attrs=lost_attrs(), max_retry=compat.stale_retry_limit(storage)
+        )
         if frozen is not None:
             failed.append(StaleTrial(frozen.number, stale_id))
             _logger.warning(

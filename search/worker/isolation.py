@@ -12,6 +12,11 @@ imports. The forkserver is a fresh interpreter (not a fork of the worker) and ne
 CUDA, so no child is ever forked from a process with a CUDA context. Call :func:`warm_up` to
 start it before the first trial.
 
+A child never outlives its worker: it ends itself, quietly, when a pipe only the worker holds
+reaches EOF (the worker exited or was SIGKILLed), and the kernel kills it when the forkserver
+dies (``PR_SET_PDEATHSIG``); the forkserver exits at once when the worker goes
+(``search.worker.forkserver_exit``).
+
 Protocol on the pipe (child -> parent): ``("phase", name)`` on every phase the objective enters
 (so the phase survives a hard kill), ``("report", epoch, metrics)`` answered by the parent with
 a bool (prune?), ``("partial", examples_seen, metrics)`` for a sooner evaluation on a sample of
@@ -31,6 +36,7 @@ import importlib
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -77,10 +83,16 @@ PRELOAD = (
     "search.train.tiny",
     "search.worker.preload_done",
 )
+# Preloaded after all else: its exit handler runs first (search.worker.forkserver_exit).
+_PRELOAD_LAST = "search.worker.forkserver_exit"
 # Kill a child that has not exited this long after sending its final message.
 _EXIT_GRACE_S = 30.0
 # Host memory below this share of the total while a child was alive hints at the OOM killer.
 _HOST_LOW_MEMORY = 0.05
+# prctl(2) option: the signal a process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+# The exit code of a child whose worker died (nobody reads it: the worker is gone).
+_ORPHAN_EXIT = 70
 
 Report = Callable[[int, dict[str, float]], bool]
 
@@ -274,6 +286,48 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the forkserver) dies."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return  # not Linux: the watch thread alone
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _die_with_worker(lifeline: Connection) -> None:
+    """End this child, quietly and at once, when its worker dies.
+
+    ``lifeline`` is the read end of a pipe whose write end only the worker holds (it is never
+    written to): the read returns EOF when the worker exits or is killed, SIGKILL included, and
+    a daemon thread then ends the process with ``os._exit`` (no traceback, no clean-up that
+    could block; the device memory goes with the process). Besides, the kernel SIGKILLs the
+    child when its parent, the forkserver, dies (``PR_SET_PDEATHSIG``); the forkserver exits
+    when the worker does (its own pipe from the worker reaches EOF).
+    """
+    _set_parent_death_signal()
+
+    def watch() -> None:
+        try:
+            lifeline.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch, name="worker-lifeline", daemon=True).start()
+
+
+def _send_final(conn: Connection, final: tuple[str, dict[str, Any]]) -> None:
+    """Send the final message; a worker gone meanwhile ends the child quietly."""
+    try:
+        conn.send(final)
+        conn.close()
+    except (OSError, EOFError):  # BrokenPipeError, ConnectionResetError: the worker is gone
+        os._exit(_ORPHAN_EXIT)
+
+
 def _child_main(
     conn: Connection,
     cfg_json: dict[str, Any],
@@ -282,8 +336,11 @@ def _child_main(
     env: dict[str, str],
     stream_steps: bool = False,
     mmap_threshold: int = 0,
+    lifeline: Connection | None = None,
 ) -> None:
     """Entry point of the child: run the objective and send what became of it."""
+    if lifeline is not None:
+        _die_with_worker(lifeline)
     # Ctrl-C reaches the whole process group: the worker decides what becomes of the trial
     # (it hands it back), so the child does not die of KeyboardInterrupt on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -359,8 +416,7 @@ def _child_main(
     final[1]["child_peak_mb"] = _peak_mb(kind)
     final[1]["baseline_mb"] = baseline
     final[1]["phase"] = phase[0]
-    conn.send(final)
-    conn.close()
+    _send_final(conn, final)
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -388,8 +444,7 @@ def _get_context(objective_module: str) -> Any:
         preload = list(dict.fromkeys([*PRELOAD[:-1], DEFAULT_OBJECTIVE.split(":")[0]]))
         if objective_module not in preload:
             preload.append(objective_module)
-        preload.append(last)
-        ctx.set_forkserver_preload(preload)
+        ctx.set_forkserver_preload([*preload, last, _PRELOAD_LAST])
         _context = ctx
     return _context
 
@@ -512,6 +567,9 @@ def run_isolated(
     host_total = psutil.virtual_memory().total
     lowest_available = 1.0
     parent_conn, child_conn = ctx.Pipe(duplex=True)
+    # Only this process holds the write end: the child dies when it reaches EOF (this process
+    # exits or is killed), see _die_with_worker.
+    lifeline_r, lifeline_w = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=_child_main,
         args=(
@@ -522,12 +580,14 @@ def run_isolated(
             dict(os.environ),
             on_step is not None,
             mmap_threshold,
+            lifeline_r,
         ),
         name=f"trial-{cfg.model}",
         daemon=True,
     )
     proc.start()
     child_conn.close()  # so that recv() sees EOF when the child dies
+    lifeline_r.close()
 
     outcome = TrialOutcome(status="failed")
     final: tuple[str, dict[str, Any]] | None = None
@@ -579,6 +639,7 @@ def run_isolated(
             proc.kill()
         proc.join()
         parent_conn.close()
+        lifeline_w.close()
     outcome.seconds = time.monotonic() - start
     outcome.exitcode = proc.exitcode
     proc.close()

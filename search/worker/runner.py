@@ -25,7 +25,6 @@ import optuna
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.worker.events import Subscriber
-from search.worker.step import stop_on_load_error
 from search.worker.worker import Worker
 from storage import redact_url
 
@@ -151,8 +150,6 @@ def run_study(
                         on_trial(result.frozen)
                 if on_progress is not None and result.finished >= 0:
                     on_progress(result.budget, result.finished)
-                if result.frozen is not None:
-                    stop_on_load_error(result.frozen, spec)
     except BaseException:
         stopped_by = "error"
         raise

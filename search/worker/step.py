@@ -43,12 +43,12 @@ from search.memory.preflight import PreflightDecision
 from search.memory.preflight import preflight
 from search.record import attrs
 from search.record.config import TrialConfig
+from search.record.counts import budget_lock_name
 from search.record.counts import is_skip
 from search.record.counts import spent_count
-from search.record.errors import RunError
 from search.record.models import ModelInfo
 from search.record.trial_record import TrialRecord
-from search.record.trial_record import error_of
+from search.record.trial_record import lost_attrs
 from search.record.trial_record import write_record
 from search.sampling.peer_pruner import pruning_record
 from search.sampling.sampler import ConditionalSampler
@@ -61,6 +61,7 @@ from search.worker.budget import Claim
 from search.worker.budget import SkipBoundError
 from search.worker.budget import StaleTrial
 from search.worker.budget import claim
+from search.worker.budget import fail_and_requeue
 from search.worker.budget import hand_back
 from search.worker.dispatch import EventDispatcher
 from search.worker.events import Claimed
@@ -79,8 +80,9 @@ from search.worker.trainer import Trainer
 from search.worker.trainer import TrainHooks
 from storage import compat
 from storage import heartbeat
+from storage import named_lock
 
-__all__ = ["StepResult", "StepWorker", "finished_of", "run_step", "stop_on_load_error"]
+__all__ = ["StepResult", "StepWorker", "finished_of", "run_step"]
 
 _logger = logging.getLogger(__name__)
 
@@ -198,6 +200,9 @@ def run_step(
         if handed:
             worker.events.emit(HandedBack(study, trial.number, compat.trial_id(trial)))
         return StepResult(trial.number, "handed_back", None, True, handed, worker.budget, before)
+    except BaseException as exc:
+        _end_on_error(worker, trial, exc)
+        raise
     outcome = "skipped" if is_skip(frozen) else str(frozen.user_attrs.get(attrs.OUTCOME, "?"))
     finished = before + (0 if is_skip(frozen) else 1)
     return StepResult(
@@ -205,18 +210,35 @@ def run_step(
     )
 
 
-def stop_on_load_error(frozen: FrozenTrial, spec: StudySpec) -> None:
-    """Raise ``RunError`` when ``frozen`` failed to load its model (every trial of that model
-    would fail the same way: the run stops here)."""
-    error = error_of(frozen)  # the whole line: the stored ``error`` is cut short
-    if frozen.state != TrialState.FAIL or not error.startswith("ModelLoadError"):
-        return
-    model = frozen.user_attrs.get(attrs.MODEL, "?")
-    raise RunError(
-        f"trial {frozen.number} could not load model {model!r}: "
-        f"{error.removeprefix('ModelLoadError: ')} (stopped here rather than fail every "
-        f"{model} trial; fix it, or drop {model} from {spec.source or 'the spec'})"
-    )
+def _end_on_error(worker: StepWorker, trial: optuna.trial.Trial, exc: BaseException) -> None:
+    """The worker itself failed during the trial: end the trial now, with its outcome.
+
+    An interruption (``KeyboardInterrupt``, ``SystemExit``: a caller without the runner's
+    signal flag) hands it back; any other error fails it as ``failed`` with the error's line
+    and re-queues it (as a stale trial would be, up to the storage's ``max_retry``), so it is
+    neither left RUNNING until its heartbeat goes stale nor recorded as ``running``. Best
+    effort: when the database is what failed, the stale sweep does it later.
+    """
+    study = worker.study
+    try:
+        if not isinstance(exc, Exception):
+            if hand_back(study, trial):
+                worker.events.emit(HandedBack(study, trial.number, compat.trial_id(trial)))
+            return
+        line = " ".join(f"{type(exc).__name__}: {exc}".split())
+        storage = compat.study_storage(study)
+        with named_lock(storage, budget_lock_name(study)):
+            failed = fail_and_requeue(
+                study,
+                compat.trial_id(trial),
+                user_attrs=lost_attrs(f"worker error: {line}"),
+                max_retry=compat.stale_retry_limit(storage),
+            )
+        if failed is not None:
+            _logger.warning("trial %d failed by a worker error and re-queued", trial.number)
+            worker.events.emit(Dropped(study, trial.number, compat.trial_id(trial)))
+    except Exception as error:  # noqa: BLE001 - the worker's own error is the one raised
+        _logger.debug("trial %d not ended here: %s", trial.number, error)
 
 
 # ------------------------------------------------------------------ one claimed trial

@@ -59,6 +59,7 @@ from search.worker.events import Closed
 from search.worker.events import Requeued
 from search.worker.events import Subscriber
 from search.worker.isolation import warm_up
+from search.worker.load_failures import LoadFailures
 from search.worker.prepare import model_facts
 from search.worker.prepare import prepare_models
 from search.worker.step import StepResult
@@ -95,6 +96,7 @@ class Worker:
         trainer: How a config is trained (default: isolated in a child process).
         events: The subscribers' dispatcher.
         stage_plan: The claim hook of a staged search, else None.
+        load_failures: The models given up because their trials keep failing to load them.
     """
 
     spec: StudySpec
@@ -109,6 +111,7 @@ class Worker:
     trainer: Trainer
     events: EventDispatcher
     stage_plan: StagePlan | None = None
+    load_failures: LoadFailures = field(default_factory=lambda: LoadFailures([]))
     _watch: AbstractContextManager[None] | None = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -200,6 +203,7 @@ class Worker:
             events=EventDispatcher(subscribers),
         )
         worker.stage_plan = worker._make_stage_plan()
+        worker.load_failures = LoadFailures(worker.searched, str(spec.source or "the spec"))
         choices = worker.grid_choices()
         if choices is not None and isinstance(study.sampler, ConditionalSampler):
             # Outside a step (nothing pinned) the sampler asks the study itself.
@@ -218,8 +222,18 @@ class Worker:
     # ------------------------------------------------------------------ the step
 
     def step(self, stop: Callable[[], bool] = lambda: False, *, wait: bool = True) -> StepResult:
-        """Run one trial end to end (``search.worker.step.run_step``)."""
-        return run_step(self, stop, wait=wait)
+        """Run one trial end to end (``search.worker.step.run_step``).
+
+        Raises:
+            RunError: Every searched model was given up: its trials kept failing to load it
+                (``search.worker.load_failures``).
+        """
+        result = run_step(self, stop, wait=wait)
+        if result.frozen is not None:
+            given_up = self.load_failures.note(result.frozen)
+            if given_up is not None and isinstance(self.study.sampler, ConditionalSampler):
+                self.study.sampler.exclude(given_up)
+        return result
 
     def progress(self) -> tuple[int, int]:
         """``(budget, finished)``: the study's budget and its finished trials (one read)."""
