@@ -53,8 +53,12 @@ def test_report_plots_via_the_cli(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     finished_study(url, "s")
     out = tmp_path / "plots"
-    result = _cli("report", "--study", "s", "--storage", url, "--plots", str(out), cwd=tmp_path)
+    result = run_search(
+        "report", "--study", "s", "--storage", url, "--plots", str(out), cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)}, timeout=120, python_flags=("-W", "error::UserWarning"),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no layout warning either
     assert f"7 plots in {out}" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted([*PNG_FILES, OVERVIEW, HTML])
     _check_pngs(out)

@@ -15,7 +15,9 @@ from typing import Any
 
 from search.observe.plot_data import OOM
 from search.observe.plot_data import PRUNED
+from search.observe.plot_data import GridCell
 from search.observe.plot_data import PlotData
+from search.observe.plot_data import TrialPoint
 from search.observe.plot_data import best_so_far
 from search.observe.plot_data import history_xy
 from search.observe.plot_data import memory_xy
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     import optuna
     from matplotlib.figure import Figure
     from matplotlib.figure import SubFigure
+
+DPI = 80  # of the figures and their PNGs: a layout checked on the figure is the PNG's
 
 
 class PlotsUnavailableError(ImportError):
@@ -90,14 +94,19 @@ def write_plots(
     data = study if isinstance(study, PlotData) else load_plot_data(study, storage=storage)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, draw in zip(PNG_FILES, _DRAWERS, strict=True):
-        fig = _figure(*_SIZES[name])
-        draw(fig, data)
-        written.append(_save(fig, out / name))
-    written.append(_save(overview_figure(data), out / OVERVIEW))
+    written = [save_png(fig, out / name) for name, fig in figures(data).items()]
     written.append(write_html(data, out / HTML))
     return written
+
+
+def figures(data: PlotData) -> dict[str, Figure]:
+    """Every PNG's figure, by file name (the five plots, then ``overview.png``), not drawn yet."""
+    figs = {}
+    for name, draw in zip(PNG_FILES, _DRAWERS, strict=True):
+        figs[name] = _figure(*_SIZES[name])
+        draw(figs[name], data)
+    figs[OVERVIEW] = overview_figure(data)
+    return figs
 
 
 def overview_figure(data: PlotData) -> Figure:
@@ -123,17 +132,17 @@ def _figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     """Save as a 128-colour PNG: flat plot colours survive, the file is a third the size."""
     from PIL import Image  # a dependency of matplotlib
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
+    fig.savefig(buffer, format="png", dpi=DPI)
     buffer.seek(0)
     with Image.open(buffer) as image:
         flat = image.convert("RGB").quantize(
@@ -163,17 +172,18 @@ def _best_by_model(fig: Figure | SubFigure, data: PlotData) -> None:
     models = list(reversed(data.models))  # first model on top
     best = {m: data.best(m) for m in models}
     values = [b.value if b and b.value is not None else 0.0 for b in best.values()]
-    ax.barh(models, values, color=[model_color(data, m) for m in models])
+    _model_axis(ax, models)
+    ax.barh(range(len(models)), values, color=[model_color(data, m) for m in models])
     top = max(values) or 1.0
     for y, model in enumerate(models):
         b = best[model]
-        text = (
-            f" {b.value:.4f}  (trial {b.number}, {b.shape})"
-            if b and b.value is not None
-            else " no completed trial"
-        )
-        ax.text(b.value if b and b.value else 0.0, y, text, va="center", fontsize=10)
-    ax.set_xlim(0, top * 1.55)
+        if b is None or b.value is None:
+            x, text = 0.0, "no completed trial"
+        else:
+            x, text = b.value, f"{b.value:.4f}\ntrial {b.number}, {b.shape}"
+        ax.annotate(text, (x, y), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=10)  # fmt: skip
+    ax.set_xlim(0, top * 1.6)
     ax.set_xlabel(f"best {data.metric} of the model's completed trials (higher is better)"
                   if data.maximize else f"best {data.metric} (lower is better)")  # fmt: skip
     ax.grid(axis="x", alpha=0.3)
@@ -188,12 +198,19 @@ def _oom_rate(fig: Figure | SubFigure, data: PlotData) -> None:
         _empty(ax, "no trials")
         return
     models = list(reversed(data.models))
+    _model_axis(ax, models)
     rates = {m: oom_rate(data, m) for m in models}
     left = [0.0] * len(models)
     for kind in attrs.OOM_KINDS:
         widths = [rates[m][kind] for m in models]
         if any(widths):
-            ax.barh(models, widths, left=left, color=KIND_COLORS[kind], label=KIND_LABELS[kind])
+            ax.barh(
+                range(len(models)),
+                widths,
+                left=left,
+                color=KIND_COLORS[kind],
+                label=KIND_LABELS[kind],
+            )
             left = [a + b for a, b in zip(left, widths, strict=True)]
     for y, model in enumerate(models):
         done = [p for p in data.of_model(model) if p.outcome != "running"]
@@ -202,10 +219,19 @@ def _oom_rate(fig: Figure | SubFigure, data: PlotData) -> None:
     ax.set_xlim(0, 1.3)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    if not any(left):
+        ax.text(0.6, 0.5, "no trial ran out of memory", ha="center", va="center", fontsize=12,
+                color="#666666", transform=ax.transAxes)  # fmt: skip
     ax.set_xlabel("share of the model's trials that ran out of memory or were skipped for it")
     if any(left):  # below the axes: bars of 100% would hide under a legend inside
         fig.legend(loc="outside lower center", ncols=2, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+
+
+def _model_axis(ax: Any, models: list[str]) -> None:
+    """One row per model, named, even where every bar has zero width (no OOM at all)."""
+    ax.set_yticks(range(len(models)), models)
+    ax.set_ylim(-0.6, len(models) - 0.4)
 
 
 def _memory_vs_metric(fig: Figure | SubFigure, data: PlotData) -> None:
@@ -225,13 +251,34 @@ def _memory_vs_metric(fig: Figure | SubFigure, data: PlotData) -> None:
     ax.step(xs, ys, where="post", color="black", linewidth=1.2, alpha=0.7)
     ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.5,
                label="Pareto front")  # fmt: skip
-    for p, x, y in zip(front, xs, ys, strict=True):
-        ax.annotate(f"#{p.number}", (x, y), xytext=(7, -11), textcoords="offset points",
-                    fontsize=8)  # fmt: skip
+    _number_front(ax, front, xs, ys)
     ax.set_xlabel("peak memory of the trial (GiB; lower is cheaper)")
     ax.set_ylabel(f"{data.metric} (final epoch)")
-    ax.legend(fontsize=9, loc="best")
+    _legend_below(fig, ax)
     ax.grid(alpha=0.3)
+
+
+def _number_front(ax: Any, front: list[TrialPoint], xs: list[float], ys: list[float]) -> None:
+    """``#12`` beside each Pareto point, inside the axes; a label that would sit on an earlier
+    one is left out (its circle stays)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: list[tuple[float, float]] = []
+    for p, x, y in zip(front, xs, ys, strict=True):
+        fx, fy = (x - x0) / ((x1 - x0) or 1.0), (y - y0) / ((y1 - y0) or 1.0)
+        if any(abs(fx - px) < 0.09 and abs(fy - py) < 0.06 for px, py in placed):
+            continue
+        placed.append((fx, fy))
+        right, low = fx > 0.85, fy < 0.15  # near an edge: label on the inner side
+        ax.annotate(f"#{p.number}", (x, y), xytext=(-7 if right else 7, 6 if low else -6),
+                    textcoords="offset points", ha="right" if right else "left",
+                    va="bottom" if low else "top", fontsize=8)  # fmt: skip
+
+
+def _legend_below(fig: Figure | SubFigure, ax: Any) -> None:
+    """The axes' legend under it: with hundreds of trials no corner inside is free."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)),
+               fontsize=9)  # fmt: skip
 
 
 def _history(fig: Figure | SubFigure, data: PlotData) -> None:
@@ -258,9 +305,12 @@ def _history(fig: Figure | SubFigure, data: PlotData) -> None:
         if nums:
             ax.scatter(nums, [y] * len(nums), marker="|", s=120, color=color, transform=trans,
                        label=f"{label} (no score)")  # fmt: skip
+    first = min(p.number for p in data.points)  # an OOM before any completed trial shows too
+    pad = max(0.5, 0.02 * (last - first))
+    ax.set_xlim(first - pad, last + pad)
     ax.set_xlabel("trial number")
     ax.set_ylabel(f"{data.metric} of completed trials")
-    ax.legend(fontsize=9, loc="best")
+    _legend_below(fig, ax)
     ax.grid(alpha=0.3)
 
 
@@ -283,8 +333,7 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
                   aspect="auto")  # fmt: skip
         for y, row in enumerate(rows):
             for x, cell in enumerate(row):
-                text = cell.label.replace(", ", "\n").replace(" (", "\n(")
-                ax.text(x, y, text, ha="center", va="center", fontsize=8)
+                ax.text(x, y, _cell_text(cell), ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(batches)), [str(b) for b in batches])
         ax.set_xlabel("max_len (tokens)")
@@ -292,6 +341,15 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
         ax.set_title(model, color=model_color(data, model), fontweight="bold")
     fig.legend(handles=[Patch(color=CELL_COLORS[c], label=c) for c in CELL_ORDER],
                loc="outside lower center", ncols=len(CELL_ORDER), fontsize=10)  # fmt: skip
+
+
+def _cell_text(cell: GridCell) -> str:
+    """A grid cell's label on short lines: ``52 OOM`` then its kinds, one a line."""
+    kinds = list(cell.kinds) if len(cell.kinds) > 1 else [f"({k})" for k in cell.kinds]
+    lines = [f"{cell.fit} ok"] if cell.fit else []
+    lines += [f"{cell.oom} OOM", *kinds] if cell.oom else []
+    lines += [f"{cell.failed} failed"] if cell.failed else []
+    return "\n".join(lines) or "-"
 
 
 _DRAWERS = (_best_by_model, _oom_rate, _memory_vs_metric, _history, _oom_grids)
