@@ -25,6 +25,9 @@ from storage._heartbeat import adopt_orphans
 from storage._heartbeat import heartbeat
 from storage._lock import named_lock
 from storage._ops import fail_and_enqueue
+from storage._proxy_security import ProxySecurityError
+from storage._proxy_security import ServerSecurity
+from storage._proxy_security import server_security
 from storage._rdb import CLIENT_TOKEN
 from storage._rdb import STATE_TOKEN
 from storage._rdb import ResilientRDBStorage
@@ -69,7 +72,9 @@ __all__ = [
     "ArtifactStore",
     "BaseHeartbeat",
     "HeartbeatThread",
+    "ProxySecurityError",
     "ResilientRDBStorage",
+    "ServerSecurity",
     "StorageError",
     "StorageStatus",
     "StorageUnreachable",
@@ -98,6 +103,7 @@ __all__ = [
     "resolve_storage_url",
     "save_dashboard_trial_note",
     "scrub",
+    "server_security",
     "sqlite_file",
     "stale_retry_limit",
     "stale_trial_ids",
@@ -109,16 +115,22 @@ __all__ = [
 
 
 def make_proxy_server(
-    rdb: RDBStorage, host: str, port: int, *, threads: int = 256, url: str = ""
+    rdb: RDBStorage,
+    host: str,
+    port: int,
+    *,
+    threads: int = 256,
+    url: str = "",
+    security: ServerSecurity | None = None,
 ) -> grpc.Server:
     """``search proxy``'s gRPC server, not started (``storage._proxy_server``; imports grpc).
 
     Optuna's storage service plus ``search.Extras`` (the budget's operations, the named lock,
-    the writes with a client token) on ``rdb``.
+    the writes with a client token) on ``rdb``; TLS and a token check with ``security``.
 
     Raises:
         RuntimeError: The address cannot be bound.
     """
     from storage._proxy_server import make_proxy_server as make
 
-    return make(rdb, host, port, threads=threads, url=url)
+    return make(rdb, host, port, threads=threads, url=url, security=security)
