@@ -72,34 +72,41 @@ class _Details(
     pass
 
 
-class _WithToken(
+class _CallDefaults(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
 ):
-    """Add the token to every call's metadata."""
+    """Add the token to every call's metadata; a unary call without a deadline waits for the
+    proxy (``wait_for_ready``) up to ``wait_s``, so it goes through as soon as a restarted
+    proxy is back (gRPC reconnects within a second), not after a retry's backoff."""
 
-    def __init__(self, token: str) -> None:
-        self._pair = (METADATA_KEY, f"Bearer {token}")
+    def __init__(self, token: str | None, wait_s: float) -> None:
+        self._pairs = [(METADATA_KEY, f"Bearer {token}")] if token else []
+        self._wait_s = wait_s
 
-    def _details(self, details: grpc.ClientCallDetails) -> _Details:
+    def _details(self, details: grpc.ClientCallDetails, *, unary: bool) -> _Details:
+        waits = unary and details.timeout is None
         return _Details(
             details.method,
-            details.timeout,
-            [*(details.metadata or ()), self._pair],
+            self._wait_s if waits else details.timeout,
+            [*(details.metadata or ()), *self._pairs],
             details.credentials,
-            details.wait_for_ready,
+            True if waits else details.wait_for_ready,
             details.compression,
         )
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, unary=True), request)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, unary=False), request)
 
 
-def client_channel(host: str, port: int, security: ClientSecurity) -> grpc.Channel:
-    """A channel to the proxy at ``host:port``: TLS and the token as configured."""
+def client_channel(
+    host: str, port: int, security: ClientSecurity, *, wait_s: float = 120.0
+) -> grpc.Channel:
+    """A channel to the proxy at ``host:port``: TLS and the token as configured; a unary call
+    waits up to ``wait_s`` for a proxy that is away (``_CallDefaults``)."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options = list(CHANNEL_OPTIONS)
     if security.tls:
@@ -113,6 +120,4 @@ def client_channel(host: str, port: int, security: ClientSecurity) -> grpc.Chann
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    if security.token:
-        channel = grpc.intercept_channel(channel, _WithToken(security.token))
-    return channel
+    return grpc.intercept_channel(channel, _CallDefaults(security.token, wait_s))

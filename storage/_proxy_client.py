@@ -117,11 +117,11 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             warnings.simplefilter("ignore", ExperimentalWarning)
             super().__init__(host=host, port=port)
             self._callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        use_proxy_channel(self, client_channel(host, port, self.security))
         self.url = url
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.max_wait = 120.0
+        use_proxy_channel(self, client_channel(host, port, self.security, wait_s=self.max_wait))
         try:
             self.wait_server_ready(timeout=timeout)
             self.server = self._call("Hello", {}, timeout=timeout)
@@ -155,7 +155,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
     def __setstate__(self, state: dict[str, Any]) -> None:
         GrpcStorageProxy.__setstate__(self, state)
         host, port = proxy_address(self.url)
-        use_proxy_channel(self, client_channel(host, port, self.security))
+        use_proxy_channel(self, client_channel(host, port, self.security, wait_s=self.max_wait))
 
     def _call(self, method: str, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         call = proxy_channel(self).unary_unary(
