@@ -128,7 +128,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         except (ConnectionError, grpc.RpcError) as exc:
             why = self._why_not_ready(exc)
             self.close()
-            raise _not_served(url, exc, timeout, why) from None
+            raise _not_served(url, exc, timeout, why, tls=self.security.tls) from None
 
     def wait_server_ready(self, timeout: float | None = None) -> None:
         """Wait until the proxy answers on this client's channel (TLS, token), or raise
@@ -324,7 +324,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             call.cancel()  # the proxy releases the lock
 
 
-def _not_served(url: str, exc: Exception, timeout: float, why: str) -> StorageError:
+def _not_served(url: str, exc: Exception, timeout: float, why: str, *, tls: bool) -> StorageError:
     """The one-line error for a proxy that did not answer ``Hello``."""
     code = exc.code() if isinstance(exc, grpc.RpcError) else None
     if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -337,11 +337,19 @@ def _not_served(url: str, exc: Exception, timeout: float, why: str) -> StorageEr
             f"the storage proxy {url} refused this client: no valid token "
             f"(${ENV_TOKEN_FILE} names the file with the proxy's token)"
         )
-    if "handshake" in why.lower() or "ssl" in why.lower() or "tls" in why.lower():
+    if "handshake" in why.lower() or "ssl" in why.lower():
         return StorageError(
             f"cannot reach the storage proxy {url}: the TLS handshake failed (${ENV_TLS_CA} "
-            f"must name the CA of the proxy's certificate; a proxy with client certificates "
-            f"needs $SEARCH_PROXY_TLS_CLIENT_CERT and _KEY): {why.splitlines()[0][-300:]}"
+            f"must name the CA of the proxy's certificate): {why.splitlines()[0][-300:]}"
+        )
+    if "socket closed" in why.lower():  # the proxy hung up: TLS it did not get, or no cert
+        needs = (
+            "a client certificate ($SEARCH_PROXY_TLS_CLIENT_CERT and _KEY)"
+            if tls
+            else f"TLS (${ENV_TLS_CA} names the CA of its certificate)"
+        )
+        return StorageError(
+            f"cannot reach the storage proxy {url}: it closed the connection; it may need {needs}"
         )
     return StorageUnreachable(
         f"cannot reach the storage proxy {url} within {timeout:g} s "
