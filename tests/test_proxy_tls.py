@@ -1,7 +1,8 @@
 """``search proxy`` with TLS and a token: a real proxy process, real certificates (``openssl``).
 
-The certificates are made here: a CA, the proxy's certificate for ``localhost`` and
-``127.0.0.1``, a worker's client certificate, and a second CA nobody trusts. The proxy runs
+The certificates are made by ``tools/proxy_certs.sh`` (the README's way): a CA, the proxy's
+certificate for ``localhost`` and ``127.0.0.1``, a worker's client certificate, the token; and
+a second CA nobody trusts. The proxy runs
 with TLS, client certificates (mutual TLS) and a token; the right client works end to end, and
 a plain client, a client without the token or with a wrong one, and a client without a
 certificate are refused, with nothing created. The file mistakes and a public ``--host``
@@ -31,36 +32,20 @@ from storage import create_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
-TOKEN = "0123456789abcdef0123456789abcdef0123456789abcdef"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _signed(name: str, cn: str, ca: str, cwd: Path, ext: str | None = None) -> None:
-    """``name.pem`` and ``name.key``: a certificate for ``cn`` signed by the CA ``ca``."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-             f"{name}.csr", "-subj", f"/CN={cn}", cwd=cwd)  # fmt: skip
-    extra = ["-extfile", ext] if ext else []
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *extra, cwd=cwd)  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_CERTS = ROOT / "tools" / "proxy_certs.sh"  # what the README tells users to run
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with ca, server, client, other-ca (.pem/.key), token and wrong-token."""
-    if not Path(OPENSSL).exists():
+    """The files ``tools/proxy_certs.sh`` makes for localhost and 127.0.0.1, a wrong token,
+    and ``other/``: a second CA nobody trusts."""
+    if shutil.which("openssl") is None:
         pytest.fail("the openssl command is needed to make the test certificates")
     where = tmp_path_factory.mktemp("certs")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
-                 "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}", cwd=where)  # fmt: skip
-    (where / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _signed("server", "localhost", "ca", where, "san.ext")
-    _signed("client", "worker", "ca", where)
-    (where / "token").write_text(TOKEN + "\n")
+    for target, names in ((where, ["localhost", "127.0.0.1"]), (where / "other", ["localhost"])):
+        subprocess.run(["sh", str(MAKE_CERTS), str(target), *names], check=True, timeout=120,
+                       capture_output=True)  # fmt: skip
     (where / "wrong-token").write_text("f" * 48 + "\n")
     return where
 
@@ -110,20 +95,27 @@ def mtls_proxy(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterato
     proxy = Proxy(
         tmp_path_factory.mktemp("mtls"),
         certs,
-        *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
-        *("--tls-client-ca", str(certs / "ca.pem"), "--token-file", str(certs / "token")),
+        *("--tls-cert", str(certs / "proxy_cert.pem"), "--tls-key", str(certs / "proxy_key.pem")),
+        *(
+            "--tls-client-ca",
+            str(certs / "proxy_ca.pem"),
+            "--token-file",
+            str(certs / "proxy_token"),
+        ),
     )
     yield proxy
     proxy.stop()
 
 
-def _client_env(certs: Path, *, ca: bool = True, cert: bool = True, token: str = "token") -> dict:
+def _client_env(
+    certs: Path, *, ca: bool = True, cert: bool = True, token: str = "proxy_token"
+) -> dict:
     env = {"SEARCH_CONNECT_TIMEOUT": "1"}
     if ca:
-        env["SEARCH_PROXY_TLS_CA"] = str(certs / "ca.pem")
+        env["SEARCH_PROXY_TLS_CA"] = str(certs / "proxy_ca.pem")
     if cert:
-        env["SEARCH_PROXY_TLS_CLIENT_CERT"] = str(certs / "client.pem")
-        env["SEARCH_PROXY_TLS_CLIENT_KEY"] = str(certs / "client.key")
+        env["SEARCH_PROXY_TLS_CLIENT_CERT"] = str(certs / "proxy_client_cert.pem")
+        env["SEARCH_PROXY_TLS_CLIENT_KEY"] = str(certs / "proxy_client_key.pem")
     if token:
         env["SEARCH_PROXY_TOKEN_FILE"] = str(certs / token)
     return env
@@ -136,8 +128,11 @@ def _study_names(proxy: Proxy) -> list[str]:
 
 
 def _channel(certs: Path, port: int, *, cert: bool) -> grpc.Channel:
-    pem = (certs / "ca.pem").read_bytes()
-    pair = ((certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes())
+    pem = (certs / "proxy_ca.pem").read_bytes()
+    pair = (
+        (certs / "proxy_client_key.pem").read_bytes(),
+        (certs / "proxy_client_cert.pem").read_bytes(),
+    )
     creds = grpc.ssl_channel_credentials(pem, *(pair if cert else (None, None)))
     return grpc.secure_channel(f"localhost:{port}", creds)
 
@@ -204,7 +199,8 @@ def test_plain_tokenless_wrong_token_and_certless_clients_are_refused_and_create
         assert _refused(channel, "f" * 48) == grpc.StatusCode.UNAUTHENTICATED
     # The token but no client certificate: the handshake fails (mutual TLS).
     with _channel(certs, port, cert=False) as channel:
-        assert _refused(channel, TOKEN) == grpc.StatusCode.UNAVAILABLE
+        token = (certs / "proxy_token").read_text().strip()
+        assert _refused(channel, token) == grpc.StatusCode.UNAVAILABLE
     assert _study_names(mtls_proxy) == before
     # The same refusals through the CLI: one line each, exit 2 (127.0.0.1: "localhost" may
     # also resolve to ::1, where nothing listens, and gRPC reports the last address's error).
@@ -216,7 +212,7 @@ def test_plain_tokenless_wrong_token_and_certless_clients_are_refused_and_create
         "it may need TLS": _client_env(certs, ca=False, cert=False),
         "CERTIFICATE_VERIFY_FAILED": {  # the proxy's certificate from a CA not trusted
             **_client_env(certs),
-            "SEARCH_PROXY_TLS_CA": str(certs / "other-ca.pem"),
+            "SEARCH_PROXY_TLS_CA": str(certs / "other" / "proxy_ca.pem"),
         },
     }
     results = run_cases(
@@ -236,9 +232,9 @@ def test_bad_files_and_a_public_host_without_tls_and_token_are_one_line_exit_2(
     (tmp_path / "empty").write_text("")
     (tmp_path / "short").write_text("abc123\n")
     (tmp_path / "spaced").write_text("0123456789abcdef 0123456789abcdef\n")
-    cert, key = str(certs / "server.pem"), str(certs / "server.key")
+    cert, key = str(certs / "proxy_cert.pem"), str(certs / "proxy_key.pem")
     tls = ["--tls-cert", cert, "--tls-key", key]
-    token = ["--token-file", str(certs / "token")]
+    token = ["--token-file", str(certs / "proxy_token")]
     missing = str(tmp_path / "missing.pem")
     proxy = ["proxy", "--port", str(_free_port())]
     cases = [
@@ -246,9 +242,9 @@ def test_bad_files_and_a_public_host_without_tls_and_token_are_one_line_exit_2(
         ([*proxy, "--tls-cert", cert], {}, "TLS needs the key too"),
         ([*proxy, "--tls-key", key], {}, "TLS needs the certificate too"),
         ([*proxy, "--tls-client-ca", cert], {}, "client certificates need --tls-cert"),
-        ([*proxy, "--tls-cert", cert, "--tls-key", str(certs / "client.key")], {},
+        ([*proxy, "--tls-cert", cert, "--tls-key", str(certs / "proxy_client_key.pem")], {},
          "not a PEM certificate and its unencrypted private key"),
-        ([*proxy, *tls, "--tls-client-ca", str(certs / "token")], {}, "not a PEM CA"),
+        ([*proxy, *tls, "--tls-client-ca", str(certs / "proxy_token")], {}, "not a PEM CA"),
         ([*proxy, "--tls-cert", str(tmp_path), "--tls-key", key], {}, "cannot read it"),
         ([*proxy, "--token-file", missing], {}, f"--token-file {missing}: no such file"),
         ([*proxy, "--token-file", str(tmp_path / "empty")], {}, "the file is empty"),
@@ -265,7 +261,7 @@ def test_bad_files_and_a_public_host_without_tls_and_token_are_one_line_exit_2(
         (["report", "--study", "s", "--storage", "grpc://127.0.0.1:1"],
          {"SEARCH_PROXY_TOKEN_FILE": str(tmp_path / "short")}, "the token is too short"),
         (["storage", "check", "--storage", "grpc://127.0.0.1:1"],
-         {"SEARCH_PROXY_TLS_CLIENT_CERT": str(certs / "client.pem")},
+         {"SEARCH_PROXY_TLS_CLIENT_CERT": str(certs / "proxy_client_cert.pem")},
          "a client certificate needs $SEARCH_PROXY_TLS_CLIENT_KEY"),
     ]  # fmt: skip
     results = run_cases(
@@ -297,8 +293,9 @@ def test_insecure_public_serves_with_a_one_line_warning(tmp_path: Path, certs: P
 def test_tls_and_a_token_allow_a_public_host_without_a_warning() -> None:
     from search.cli.proxy import check_host
 
-    secured = ServerSecurity(cert=b"c", key=b"k", token=TOKEN)
+    token = "0123456789abcdef0123"
+    secured = ServerSecurity(cert=b"c", key=b"k", token=token)
     assert check_host("0.0.0.0", 13000, secured, insecure_public=False) is None
     assert check_host("127.0.0.1", 13000, ServerSecurity(), insecure_public=False) is None
-    warning = check_host("10.0.0.5", 13000, ServerSecurity(token=TOKEN), insecure_public=True)
+    warning = check_host("10.0.0.5", 13000, ServerSecurity(token=token), insecure_public=True)
     assert warning is not None and "no TLS:" in warning
