@@ -11,6 +11,9 @@ proxies or straight on the database are excluded too) and releases it when the c
 the worker leaves the block, dies (its connection closes), or holds it past the lease
 (``$SEARCH_LOCK_TIMEOUT``, as for a direct worker).
 
+The channel speaks TLS and sends the proxy's token when ``$SEARCH_PROXY_TLS_CA`` /
+``$SEARCH_PROXY_TOKEN_FILE`` name their files (``storage._proxy_security``).
+
 Writes are retried while the proxy is away, and an answer lost on the way back must not make a
 retry write twice: trial and study creation and trial state changes go through
 ``search.Extras`` too, carrying the call's client token (``storage._rdb``: the proxy's database
@@ -357,10 +360,12 @@ def _not_served(url: str, exc: Exception, timeout: float, why: str, *, tls: bool
     )
 
 
-# Optuna's storage calls and the extras wait (with backoff, up to ``max_wait``) while the proxy
-# is away (gRPC UNAVAILABLE: restarting, or not reachable for a moment), as a worker straight
-# on the database waits for it (``storage._rdb``). Heartbeats retry on their own schedule; the
-# writes with a token retry on their own (``_once``), and so does fail_and_enqueue's caller.
+# Optuna's storage calls and the extras wait while the proxy is away (restarting, or not
+# reachable for a moment), as a worker straight on the database waits for it
+# (``storage._rdb``): a call waits on the channel until the proxy is back (``_proxy_auth``:
+# ``wait_for_ready``, up to ``max_wait``), and one whose connection broke mid-call (gRPC
+# UNAVAILABLE) is retried with backoff. The writes with a token retry on their own (``_once``),
+# and so does fail_and_enqueue's caller.
 _RETRIED = [
     name
     for name in (*RETRIED_METHODS, "adopt_orphans", "set_trial_attrs")
