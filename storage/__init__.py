@@ -27,6 +27,9 @@ from storage._heartbeat import heartbeat
 from storage._lock import lock_timeout
 from storage._lock import named_lock
 from storage._ops import fail_and_enqueue
+from storage._proxy_security import ProxySecurityError
+from storage._proxy_security import ServerSecurity
+from storage._proxy_security import server_security
 from storage._rdb import CLIENT_TOKEN
 from storage._rdb import STATE_TOKEN
 from storage._rdb import ResilientRDBStorage
@@ -74,7 +77,9 @@ __all__ = [
     "ArtifactStore",
     "BaseHeartbeat",
     "HeartbeatThread",
+    "ProxySecurityError",
     "ResilientRDBStorage",
+    "ServerSecurity",
     "StorageError",
     "StorageStatus",
     "StorageUnreachable",
@@ -107,6 +112,7 @@ __all__ = [
     "save_dashboard_study_note",
     "save_dashboard_trial_note",
     "scrub",
+    "server_security",
     "sqlite_file",
     "stale_retry_limit",
     "stale_trial_ids",
@@ -119,16 +125,22 @@ __all__ = [
 
 
 def make_proxy_server(
-    rdb: RDBStorage, host: str, port: int, *, threads: int = 256, url: str = ""
+    rdb: RDBStorage,
+    host: str,
+    port: int,
+    *,
+    threads: int = 256,
+    url: str = "",
+    security: ServerSecurity | None = None,
 ) -> grpc.Server:
     """``search proxy``'s gRPC server, not started (``storage._proxy_server``; imports grpc).
 
     Optuna's storage service plus ``search.Extras`` (the budget's operations, the named lock,
-    the writes with a client token) on ``rdb``.
+    the writes with a client token) on ``rdb``; TLS and a token check with ``security``.
 
     Raises:
         RuntimeError: The address cannot be bound.
     """
     from storage._proxy_server import make_proxy_server as make
 
-    return make(rdb, host, port, threads=threads, url=url)
+    return make(rdb, host, port, threads=threads, url=url, security=security)

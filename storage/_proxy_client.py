@@ -11,6 +11,9 @@ proxies or straight on the database are excluded too) and releases it when the c
 the worker leaves the block, dies (its connection closes), or holds it past the lease
 (``$SEARCH_LOCK_TIMEOUT``, as for a direct worker).
 
+The channel speaks TLS and sends the proxy's token when ``$SEARCH_PROXY_TLS_CA`` /
+``$SEARCH_PROXY_TOKEN_FILE`` name their files (``storage._proxy_security``).
+
 Writes are retried while the proxy is away, and an answer lost on the way back must not make a
 retry write twice: trial and study creation and trial state changes go through
 ``search.Extras`` too, carrying the call's client token (``storage._rdb``: the proxy's database
@@ -35,7 +38,6 @@ from contextlib import contextmanager
 from typing import Any
 from typing import TypeVar
 
-import grpc
 from optuna.exceptions import DuplicatedStudyError
 from optuna.exceptions import ExperimentalWarning
 from optuna.exceptions import UpdateFinishedTrialError
@@ -47,6 +49,11 @@ from optuna.trial import TrialState
 
 from storage._error import StorageError
 from storage._error import StorageUnreachable
+from storage._grpc import grpc
+from storage._proxy_auth import client_channel
+from storage._proxy_security import ENV_TLS_CA
+from storage._proxy_security import ENV_TOKEN_FILE
+from storage._proxy_security import client_security
 from storage._rdb import RETRIED_METHODS
 from storage._retry import call_with_retry
 from storage._retry import retrying
@@ -56,6 +63,7 @@ from storage.compat import default_study_name
 from storage.compat import proxy_channel
 from storage.compat import trial_from_bytes
 from storage.compat import trial_to_bytes
+from storage.compat import use_proxy_channel
 
 R = TypeVar("R")
 
@@ -107,6 +115,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         timeout: float,
     ) -> None:
         host, port = proxy_address(url)
+        self.security = client_security()  # before any channel: a bad file is one line
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             super().__init__(host=host, port=port)
@@ -115,20 +124,41 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.max_wait = 120.0
+        use_proxy_channel(self, client_channel(host, port, self.security, wait_s=self.max_wait))
         try:
             self.wait_server_ready(timeout=timeout)
             self.server = self._call("Hello", {}, timeout=timeout)
         except (ConnectionError, grpc.RpcError) as exc:
+            why = self._why_not_ready(exc)
             self.close()
-            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise StorageError(
-                    f"{url} is a plain Optuna proxy, not `search proxy`: the budget lock and "
-                    f"heartbeats need `search proxy --storage URL`"
-                ) from None
-            raise StorageUnreachable(
-                f"cannot reach the storage proxy {url} within {timeout:g} s "
-                f"($SEARCH_CONNECT_TIMEOUT): is `search proxy` running there?"
-            ) from None
+            raise _not_served(url, exc, timeout, why, tls=self.security.tls) from None
+
+    def wait_server_ready(self, timeout: float | None = None) -> None:
+        """Wait until the proxy answers on this client's channel (TLS, token), or raise
+        ``ConnectionError`` after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(proxy_channel(self)).result(timeout=timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise ConnectionError("gRPC connection timeout") from exc
+
+    def _why_not_ready(self, exc: Exception) -> str:
+        """A channel that never got ready: the reason one call on a fresh channel gives (a
+        failed TLS handshake says so); empty if none."""
+        if not isinstance(exc, ConnectionError):
+            return ""
+        host, port = proxy_address(self.url)
+        with client_channel(host, port, self.security) as channel:
+            hello = channel.unary_unary(f"/{SERVICE}/Hello", request_serializer=dump)
+            try:
+                hello({}, timeout=2.0)
+            except grpc.RpcError as failed:
+                return str(failed.details() or "")
+        return ""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        GrpcStorageProxy.__setstate__(self, state)
+        host, port = proxy_address(self.url)
+        use_proxy_channel(self, client_channel(host, port, self.security, wait_s=self.max_wait))
 
     def _call(self, method: str, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         call = proxy_channel(self).unary_unary(
@@ -297,10 +327,45 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             call.cancel()  # the proxy releases the lock
 
 
-# Optuna's storage calls and the extras wait (with backoff, up to ``max_wait``) while the proxy
-# is away (gRPC UNAVAILABLE: restarting, or not reachable for a moment), as a worker straight
-# on the database waits for it (``storage._rdb``). Heartbeats retry on their own schedule; the
-# writes with a token retry on their own (``_once``), and so does fail_and_enqueue's caller.
+def _not_served(url: str, exc: Exception, timeout: float, why: str, *, tls: bool) -> StorageError:
+    """The one-line error for a proxy that did not answer ``Hello``."""
+    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return StorageError(
+            f"{url} is a plain Optuna proxy, not `search proxy`: the budget lock and "
+            f"heartbeats need `search proxy --storage URL`"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return StorageError(
+            f"the storage proxy {url} refused this client: no valid token "
+            f"(${ENV_TOKEN_FILE} names the file with the proxy's token)"
+        )
+    if "handshake" in why.lower() or "ssl" in why.lower():
+        return StorageError(
+            f"cannot reach the storage proxy {url}: the TLS handshake failed (${ENV_TLS_CA} "
+            f"must name the CA of the proxy's certificate): {why.splitlines()[0][-300:]}"
+        )
+    if "socket closed" in why.lower():  # the proxy hung up: TLS it did not get, or no cert
+        needs = (
+            "a client certificate ($SEARCH_PROXY_TLS_CLIENT_CERT and _KEY)"
+            if tls
+            else f"TLS (${ENV_TLS_CA} names the CA of its certificate)"
+        )
+        return StorageError(
+            f"cannot reach the storage proxy {url}: it closed the connection; it may need {needs}"
+        )
+    return StorageUnreachable(
+        f"cannot reach the storage proxy {url} within {timeout:g} s "
+        f"($SEARCH_CONNECT_TIMEOUT): is `search proxy` running there?"
+    )
+
+
+# Optuna's storage calls and the extras wait while the proxy is away (restarting, or not
+# reachable for a moment), as a worker straight on the database waits for it
+# (``storage._rdb``): a call waits on the channel until the proxy is back (``_proxy_auth``:
+# ``wait_for_ready``, up to ``max_wait``), and one whose connection broke mid-call (gRPC
+# UNAVAILABLE) is retried with backoff. The writes with a token retry on their own (``_once``),
+# and so does fail_and_enqueue's caller.
 _RETRIED = [
     name
     for name in (*RETRIED_METHODS, "adopt_orphans", "set_trial_attrs")

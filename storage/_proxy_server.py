@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
-import grpc
 import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.exceptions import UpdateFinishedTrialError
@@ -26,15 +25,19 @@ from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from storage._grpc import grpc
 from storage._lock import lock_timeout
 from storage._lock import named_lock
 from storage._ops import adopt_orphans_in
 from storage._ops import fail_and_enqueue_in
 from storage._ops import stale_trial_ids
+from storage._proxy_auth import TokenCheck
+from storage._proxy_auth import add_port
 from storage._proxy_client import SERVICE
 from storage._proxy_client import dump
 from storage._proxy_client import load
 from storage._proxy_client import trial_from_text
+from storage._proxy_security import ServerSecurity
 from storage._rdb import client_token
 from storage.compat import add_storage_service
 
@@ -214,25 +217,35 @@ def _answered(fn: Handler) -> Handler:
 
 
 def make_proxy_server(
-    rdb: RDBStorage, host: str, port: int, *, threads: int = DEFAULT_THREADS, url: str = ""
+    rdb: RDBStorage,
+    host: str,
+    port: int,
+    *,
+    threads: int = DEFAULT_THREADS,
+    url: str = "",
+    security: ServerSecurity | None = None,
 ) -> grpc.Server:
     """A gRPC server (not started) with Optuna's storage service and ``search.Extras``.
 
     Optuna's service gets the storage wrapped in its cache (as ``optuna.storages.get_storage``
-    does); the extras run on ``rdb`` itself. Lock waiters take at most half the threads.
+    does); the extras run on ``rdb`` itself. Lock waiters take at most half the threads. With
+    ``security``, the port speaks TLS (client certificates required if it has a client CA) and
+    every call must carry its token (``storage._proxy_auth``).
 
     Raises:
         RuntimeError: The address cannot be bound (in use, or not an address of this host).
     """
+    security = security or ServerSecurity()
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
+        interceptors=[TokenCheck(security.token)] if security.token else None,
         options=[("grpc.so_reuseport", 0)],  # a second proxy on a port in use is an error
     )
     cached = optuna.storages.get_storage(rdb)
     add_storage_service(server, cached)
     extras = ExtrasService(rdb, max_waiters=max(1, threads // 2), url=url, cached=cached)
     server.add_generic_rpc_handlers((extras.handler(),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", security)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     return server

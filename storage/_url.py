@@ -270,7 +270,7 @@ def proxy_address(url: str) -> tuple[str, int]:
         (('proxy', 13001), ('::1', 13000))
     """
     parts = urlsplit(url.strip())
-    if "@" in parts.netloc:
+    if "@" in url:  # anywhere: a raw / ? # in a password ends urlsplit's netloc before it
         raise StorageError(
             f"bad storage URL {_redact_userinfo(url)!r}: a proxy URL holds no user or password "
             f"(the proxy holds the database's)"
@@ -281,6 +281,7 @@ def proxy_address(url: str) -> tuple[str, int]:
         port = -1
     if not parts.hostname or port <= 0 or parts.path not in ("", "/") or parts.query:
         raise StorageError(
-            f"bad storage URL {url!r}: expected grpc://host:port (the address of `search proxy`)"
+            f"bad storage URL {redact_url(url)!r}: expected grpc://host:port (the address of "
+            f"`search proxy`)"
         )
     return parts.hostname, port

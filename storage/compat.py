@@ -80,6 +80,7 @@ __all__ = [
     "trial_from_bytes",
     "trial_id",
     "trial_to_bytes",
+    "use_proxy_channel",
 ]
 
 # The versions the tests ran on (pyproject pins optuna>=5.1,<5.2, optuna-dashboard>=0.21,<0.22).
@@ -337,6 +338,21 @@ def add_storage_service(server: grpc.Server, storage: BaseStorage) -> None:
 def proxy_channel(proxy: GrpcStorageProxy) -> grpc.Channel:
     """The gRPC channel of Optuna's proxy client (``GrpcStorageProxy._channel``)."""
     return proxy._channel
+
+
+def use_proxy_channel(proxy: GrpcStorageProxy, channel: grpc.Channel) -> None:
+    """Make Optuna's proxy client call through ``channel`` (TLS, a token), closing its own.
+
+    What ``GrpcStorageProxy._setup`` builds on its insecure channel: ``_channel``, ``_stub``
+    (``api_pb2_grpc.StorageServiceStub``) and ``_cache`` (``client.GrpcClientCache``).
+    """
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.client import GrpcClientCache
+
+    proxy._channel.close()
+    proxy._channel = channel
+    proxy._stub = api_pb2_grpc.StorageServiceStub(channel)
+    proxy._cache = GrpcClientCache(proxy._stub)
 
 
 # ------------------------------------------------------------------ optuna-dashboard

@@ -355,6 +355,46 @@ def test_the_proxy_overlay_puts_workers_behind_search_proxy() -> None:
     assert "--storage" not in worker["args"] and "SEARCH_STORAGE_FILE" in _env(worker)
 
 
+def _secret_file(pod: Doc, container: Doc, path: str) -> tuple[str, str]:
+    """``(Secret name, key)`` of the file ``path`` in ``container``, from a mounted Secret."""
+    mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mounts, path
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume and mount.get("readOnly"), (path, volume)
+    name = path.removeprefix(mount["mountPath"] + "/")
+    (key,) = [i["key"] for i in volume["secret"]["items"] if i["path"] == name]
+    return volume["secret"]["secretName"], key
+
+
+def test_the_proxy_speaks_tls_with_a_token_from_a_secret_and_the_workers_use_them() -> None:
+    from storage._proxy_security import ENV_TLS_CA
+    from storage._proxy_security import ENV_TLS_CERT
+    from storage._proxy_security import ENV_TLS_KEY
+    from storage._proxy_security import ENV_TOKEN_FILE
+
+    docs = render(KUSTOMIZATIONS["proxy"])
+    proxy_pod = _one(docs, "Deployment", "search-proxy")["spec"]["template"]["spec"]
+    (proxy,) = proxy_pod["containers"]
+    assert "0.0.0.0" in proxy["args"] and "--insecure-public" not in proxy["args"]
+    env = _env(proxy)
+    served = {k: _secret_file(proxy_pod, proxy, env[k]) for k in (ENV_TLS_CERT, ENV_TLS_KEY)}
+    token = _secret_file(proxy_pod, proxy, env[ENV_TOKEN_FILE])
+    worker_pod = _one(docs, "Job", "search-worker")["spec"]["template"]["spec"]
+    (worker,) = worker_pod["containers"]
+    env = _env(worker)
+    assert _secret_file(worker_pod, worker, env[ENV_TOKEN_FILE]) == token  # the same token
+    ca = _secret_file(worker_pod, worker, env[ENV_TLS_CA])
+    # One Secret, made from tools/proxy_certs.sh's files (the overlay's comment says how).
+    assert {ca[0], token[0], *(s for s, _ in served.values())} == {"search-proxy-tls"}
+    assert ca[1] == "proxy_ca.pem" and token[1] == "proxy_token"
+    assert served == {ENV_TLS_CERT: ("search-proxy-tls", "proxy_cert.pem"),
+                      ENV_TLS_KEY: ("search-proxy-tls", "proxy_key.pem")}  # fmt: skip
+    text = (DEPLOY / "overlays" / "proxy" / "kustomization.yaml").read_text()
+    assert "tools/proxy_certs.sh secrets search-proxy" in text
+    assert "create secret generic search-proxy-tls" in text
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_the_test_renderer_agrees_with_kubectl(name: str) -> None:

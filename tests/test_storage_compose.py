@@ -73,6 +73,42 @@ def test_the_proxy_is_optional_reads_the_secret_and_is_not_published() -> None:
     proxy = SERVICES["proxy"]
     assert proxy["profiles"] == ["proxy"]  # off by default
     assert proxy["command"][:1] == ["proxy"] and "0.0.0.0" in proxy["command"]
+    assert "--insecure-public" not in proxy["command"]  # TLS and the token instead
     assert _secret_path(proxy, "SEARCH_STORAGE_FILE") == "./secrets/search_storage"
-    assert "ports" not in proxy  # no login, no TLS: the compose network only
+    assert "ports" not in proxy  # the compose network only, unless the user publishes it
     assert SERVICES["worker"]["environment"]["SEARCH_STORAGE"] == "${SEARCH_WORKER_STORAGE:-}"
+
+
+def test_the_proxy_and_its_workers_read_tls_and_the_token_from_secret_files(
+    tmp_path: Path,
+) -> None:
+    from storage._proxy_security import ENV_TLS_CA
+    from storage._proxy_security import ENV_TLS_CERT
+    from storage._proxy_security import ENV_TLS_KEY
+    from storage._proxy_security import ENV_TOKEN_FILE
+
+    proxy = SERVICES["proxy"]
+    files = {name: _secret_path(proxy, name) for name in (ENV_TLS_CERT, ENV_TLS_KEY)}
+    token = _secret_path(proxy, ENV_TOKEN_FILE)
+    for name in ("worker", "worker-gpu1"):
+        assert _secret_path(SERVICES[name], ENV_TOKEN_FILE) == token  # one shared token
+        files[f"{name} CA"] = _secret_path(SERVICES[name], ENV_TLS_CA)
+    # tools/proxy_certs.sh, as the header says, makes every one of these files, and the
+    # proxy's certificate names the host the workers dial (grpc://proxy:13000).
+    made = tmp_path / "secrets"
+    subprocess.run(
+        ["sh", str(ROOT / "tools" / "proxy_certs.sh"), str(made), "proxy"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for path in [*files.values(), token]:
+        assert path.startswith("./secrets/"), path
+        assert (made / path.removeprefix("./secrets/")).is_file(), path
+    assert "tools/proxy_certs.sh secrets proxy" in (ROOT / "docker-compose.yml").read_text()
+    names = subprocess.run(
+        ["openssl", "x509", "-in", str(made / "proxy_cert.pem"), "-noout", "-ext",
+         "subjectAltName"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "DNS:proxy" in names

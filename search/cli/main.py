@@ -22,6 +22,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from search.cli.proxy_options import InsecurePublicOpt
+from search.cli.proxy_options import TlsCertOpt
+from search.cli.proxy_options import TlsClientCaOpt
+from search.cli.proxy_options import TlsKeyOpt
+from search.cli.proxy_options import TokenFileOpt
 from search.cli.run_options import WORKER_ONLY
 from search.cli.run_options import RunArgs
 from search.cli.run_options import StorageOpt
@@ -511,13 +516,27 @@ def proxy(
     threads: Annotated[
         int, typer.Option("--threads", min=4, help="Server threads (about 4 per worker).")
     ] = 256,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsClientCaOpt = None,
+    token_file: TokenFileOpt = None,
+    insecure_public: InsecurePublicOpt = False,
 ) -> None:
     """Optuna's gRPC storage proxy in front of the study database (workers: grpc://HOST:PORT)."""
     from search.cli.proxy import serve
     from storage import resolve_storage_url
+    from storage import server_security
 
     with _user_errors():
-        stopped_by = serve(resolve_storage_url(storage), host=host, port=port, threads=threads)
+        security = server_security(tls_cert, tls_key, tls_client_ca, token_file)
+        stopped_by = serve(
+            resolve_storage_url(storage),
+            host=host,
+            port=port,
+            threads=threads,
+            security=security,
+            insecure_public=insecure_public,
+        )
     err_console.print(f"search proxy stopped ({stopped_by})", highlight=False)
 
 

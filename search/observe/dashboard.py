@@ -42,8 +42,8 @@ def check_host(host: str, *, public: bool) -> str | None:
         )
     return (
         f"warning: the dashboard has no login: anyone who can reach {host} can read and edit "
-        "every study in this storage; publish it only on a private network or behind a proxy "
-        "with authentication"
+        "every study in this storage and download the trained models it keeps (the artifact "
+        "store); publish it only on a private network or behind a proxy with authentication"
     )
 
 
@@ -63,7 +63,8 @@ def serve(
         port: Port to listen on.
         artifacts: The artifact directory (default: ``$SEARCH_ARTIFACTS``, else beside a
             SQLite file; a server database without one is served without artifacts).
-        public: Allow a non-loopback ``host`` (prints a warning: no login).
+        public: Allow a non-loopback ``host`` (prints a warning: no login, and the kept
+            models can be downloaded).
 
     Raises:
         DashboardError: optuna-dashboard is not installed, a non-loopback host without
