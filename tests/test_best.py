@@ -15,6 +15,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from _cli import run_search
+from _finished_study import finished_study
 from typer.testing import CliRunner
 
 from search.cli import app
@@ -118,6 +120,7 @@ def test_best_prints_the_best_trial(study_db: Path) -> None:
     result = runner.invoke(app, ["best", "--study", "best-tiny", "--storage", _url(study_db)])
     assert result.exit_code == 0, result.output
     assert f"best trial {best.number} of study best-tiny: multilingual-e5-small" in result.output
+    assert "a tiny replica of the model, not its real weights" in result.output
     assert _kept(study, best) in result.output
     assert f"lr: {best.params['lr']}" in result.output
 
@@ -127,6 +130,7 @@ def test_best_prints_the_best_trial(study_db: Path) -> None:
     data = json.loads(as_json.stdout)
     assert data["trial"] == best.number and data["value"] == pytest.approx(best.value)
     assert data["artifact"]["id"] == _kept(study, best)
+    assert data["tiny_replicas"] is True
     assert [h["ndcg@10"] for h in data["history"]][-1] == pytest.approx(best.value)
 
 
@@ -138,6 +142,7 @@ def test_export_writes_the_kept_model(study_db: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "its kept model" in result.output
+    assert "a tiny replica, not the real weights" in result.output
     meta = _check_loads(out, _best(study_db))
     assert "retrained" not in meta
 
@@ -242,3 +247,53 @@ def test_retrain_builds_a_tiny_replica_that_left_the_cache(study_db: Path, tmp_p
     assert (gone / "config.json").is_file()  # built again where the trial had it
     meta = _check_loads(out, best)
     assert abs(float(meta["value"]) - best.value) < 1e-6  # type: ignore[arg-type]
+
+
+def _dump(db: Path) -> list[str]:
+    """Every row of a SQLite study file, to show that a refused command wrote nothing."""
+    with sqlite3.connect(db) as conn:
+        return list(conn.iterdump())
+
+
+def _one_line_refusal(result: object, *words: str) -> None:
+    assert result.returncode == 2, result.stderr  # type: ignore[attr-defined]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr  # type: ignore[attr-defined]
+
+
+@pytest.mark.train
+def test_replica_and_real_trials_never_share_a_study(study_db: Path, tmp_path: Path) -> None:
+    """The --tiny study is recorded as replicas; run and worker without --tiny are refused (the
+    record, else for an older study its trials' model paths), --tiny on a real study too;
+    refine's run command then carries --tiny."""
+    db = tmp_path / "copy.db"
+    _copy_db(study_db, db)
+    spec = str(study_db.parent / "best.yaml")
+    study = optuna.load_study(study_name="best-tiny", storage=_url(db))
+    assert study._storage.get_study_system_attrs(study._study_id)[attrs.STUDY_REPLICAS] is True
+    before = _dump(db)
+    args = ["--spec", spec, "--study-name", "best-tiny", "--storage", _url(db)]
+    _one_line_refusal(run_search("run", *args), "'best-tiny'", "--tiny")
+    with sqlite3.connect(db) as conn:  # a study from before the record: its trials say it
+        conn.execute("DELETE FROM study_system_attributes WHERE key = ?", (attrs.STUDY_REPLICAS,))
+    before = _dump(db)
+    _one_line_refusal(run_search("worker", *args), "'best-tiny'", "--tiny")
+    assert _dump(db) == before  # nothing written
+
+    real = tmp_path / "real.db"
+    finished_study(_url(real), "real")  # trials of real weights (model_path /models/...)
+    before = _dump(real)
+    tiny = ["--spec", spec, "--study-name", "real", "--storage", _url(real), "--tiny"]
+    _one_line_refusal(run_search("run", *tiny), "'real'", "--tiny")
+    assert _dump(real) == before
+
+    refine = run_search(
+        "refine", "--study", "best-tiny", "--storage", _url(db), "--n-trials", "1",
+        env={"COLUMNS": "60"},
+    )  # fmt: skip
+    assert refine.returncode == 0, refine.stderr
+    command = next(line for line in refine.stdout.splitlines() if "run them:" in line)
+    # One line however long (the tmp paths pass the 180 columns of piped output): the
+    # storage URL stays with its --storage, and --tiny follows the study's record.
+    assert len(command) > 180, command
+    assert f"--study-name best-tiny --storage {_url(db)} --tiny" in command, refine.stdout

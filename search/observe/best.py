@@ -43,6 +43,7 @@ from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
 from search.train.export import update_search_json
 from search.worker.isolation import run_isolated
+from search.worker.study_store import replica_of
 
 DEFAULT_TOLERANCE = 0.01  # nDCG@10, absolute (module docstring)
 
@@ -93,6 +94,7 @@ def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[
         "history": list(trial.system_attrs.get(attrs.SYSTEM_HISTORY) or []),
         "config": {k: v for k, v in (config_of(trial) or {}).items() if k != "save_dir"},
         "artifact": {"id": kept[0], "store": kept[1]} if kept else None,
+        "tiny_replicas": replica_of(study),  # True: trained on replicas, not the real weights
     }
 
 
@@ -271,6 +273,8 @@ def format_best(summary: dict[str, Any]) -> list[str]:
     shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
     lines = [f"best trial {summary['trial']} of study {summary['study']}: {summary['model']}, "
              f"{metric} {shown}"]  # fmt: skip
+    if summary.get("tiny_replicas"):
+        lines[0] += " (a tiny replica of the model, not its real weights: search run --tiny)"
     metrics = summary.get("metrics") or {}
     lines.append(
         "metrics: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k) or "-")

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import io
+import shlex
 from typing import Any
 
 from rich import box
@@ -205,10 +206,12 @@ def report_view(report: dict[str, Any]) -> Group:
     if kept:  # search.observe.keep: the K best trials' models, as sentence-transformers artifacts
         trials = ", ".join(str(m["trial"]) for m in kept)
         parts.append(
-            Text(
-                f"kept models: trials {trials} (search best --study {report['study']} "
-                "--export DIR)"
-            )  # fmt: skip
+            Text(  # a command to copy: one line at any width
+                f"kept models: trials {trials} (search best --study "
+                f"{shlex.quote(report['study'])} --export DIR)",
+                no_wrap=True,
+                overflow="ignore",
+            )
         )
     tables = (outcomes_table(report), best_table(report), stages_table(report), oom_table(report))
     for part in tables:
@@ -220,5 +223,5 @@ def report_view(report: dict[str, Any]) -> Group:
 def report_text(report: dict[str, Any], width: int = WIDTH) -> str:
     """The report as plain text ``width`` columns wide (for notes and logs)."""
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
-    console.print(report_view(report))
+    console.print(report_view(report), crop=False)  # a command line passes the width whole
     return console.export_text()

@@ -84,6 +84,9 @@ MODEL_REMOVED_PREFIX = "search:model_removed:"
 # One key per kept model: prefix + trial number -> {"artifact": id, "store": directory or URL}.
 MODEL_KEPT_PREFIX = "search:model_kept:"
 STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
+# True: the study's trials train tiny replicas (search run --tiny), False: the real weights;
+# written when a run opens the study (search.worker.study_store), absent on older studies.
+STUDY_REPLICAS = "search:tiny_replicas"
 
 # Vocabularies.
 OUTCOME_RUNNING = "running"  # claimed, training (or waiting to be re-run after a hand-back)

@@ -183,6 +183,7 @@ class Worker:
             sampler=sampler or make_sampler(spec, seed=opts.seed, models=searched),
             pruner=pruner or make_pruner(spec),
             on_create=_init_study(spec, opts, searched, baselines=baselines),
+            replicas=opts.tiny,
         )
         budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
         name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10" (old studies too)
