@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from _cli import ROOT
 from _cli import run_search
+from _cli import search_env
 from _finished_study import finished_study
 from typer.testing import CliRunner
 
@@ -297,3 +302,30 @@ def test_replica_and_real_trials_never_share_a_study(study_db: Path, tmp_path: P
     # storage URL stays with its --storage, and --tiny follows the study's record.
     assert len(command) > 180, command
     assert f"--study-name best-tiny --storage {_url(db)} --tiny" in command, refine.stdout
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_exported_model_follows_the_umask(study_db: Path, tmp_path: Path, umask: int) -> None:
+    """Weights, configs and directories of an export get ``0666/0777 & ~umask`` like the
+    tokenizer files (as ``SentenceTransformer.save``), not tempfile's 0600/0700."""
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "search.cli", "best", "--study", "best-tiny"]
+    command += ["--storage", _url(study_db), "--export", str(out)]
+    done = subprocess.run(
+        ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *command],
+        env=search_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    paths = [out, *out.rglob("*")]
+    assert {p.name for p in paths} >= {"model.safetensors", "modules.json", "config.json"}
+    wrong = {
+        str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in paths
+        if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask
+    }
+    assert not wrong, wrong

@@ -41,6 +41,7 @@ from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
+from search.train.export import follow_umask
 from search.train.export import update_search_json
 from search.worker.isolation import run_isolated
 from search.worker.study_store import replica_of
@@ -251,7 +252,9 @@ def _stage(directory: Path) -> Path:
 
 
 def _publish(staged: Path, directory: Path) -> None:
-    """Move the staged model into ``directory`` (absent or empty)."""
+    """Move the staged model into ``directory`` (absent or empty), with the umask's modes
+    (``mkdtemp`` made it 0700; a kept model may hold files saved 0600)."""
+    follow_umask(staged)
     if directory.is_dir():
         directory.rmdir()  # empty (checked): the rename needs it gone
     staged.rename(directory)
