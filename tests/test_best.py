@@ -51,7 +51,7 @@ space:
   temperature: {{low: 0.01, high: 0.1, log: true}}
   warmup_ratio: {{low: 0.0, high: 0.2}}
   weight_decay: {{low: 0.0, high: 0.1}}
-training: {{epochs: 2, amp: false, gradient_checkpointing: false, hard_negatives: 0,
+training: {{epochs: 2, amp: true, gradient_checkpointing: false, hard_negatives: 0,
            seed: 0, max_train_samples: 16}}
 data: {{train: {DEMO / "train.jsonl"}, eval: {DEMO}, split: test}}
 sampler: {{type: random, seed: 3}}
@@ -329,3 +329,20 @@ def test_an_exported_model_follows_the_umask(study_db: Path, tmp_path: Path, uma
         if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask
     }
     assert not wrong, wrong
+
+
+@pytest.mark.train
+def test_config_lines_say_what_ran(study_db: Path) -> None:
+    """amp: true on a CPU with a 64-wide replica ran fp32: the record and the lines say so."""
+    from search.record.trial_record import trial_summary
+
+    study = optuna.load_study(study_name="best-tiny", storage=_url(study_db))
+    for trial in study.trials:
+        assert trial.system_attrs[attrs.SYSTEM_CONFIG]["amp"] is True  # what was asked
+        assert trial.user_attrs[attrs.PRECISION] == "fp32"  # what ran
+        assert "(cpu, fp32)" in trial_summary(trial)  # the dashboard's trial note
+    result = runner.invoke(app, ["report", "--study", "best-tiny", "--storage", _url(study_db)])
+    assert result.exit_code == 0, result.output
+    best = " ".join(result.output.split("\n\n")[0].split())  # the best line, wrapped at 100
+    assert best.startswith("best:") and "precision=fp32" in best and "device=cpu" in best, best
+    assert "amp=" not in best, best

@@ -39,13 +39,26 @@ def _fmt_value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def config_line(config: dict[str, Any] | None) -> str:
-    """Every setting of a config that is not a path, as ``key=value`` pairs."""
+def config_line(config: dict[str, Any] | None, ran: dict[str, str] | None = None) -> str:
+    """Every setting of a config that is not a path, as ``key=value`` pairs; with ``ran``
+    (``search.record.trial_record.ran_on``), what ran in place of what was asked: the
+    ``device`` ``auto`` resolved to, and the ``precision`` in place of ``amp``.
+
+    Example:
+        >>> config_line({"lr": 0.001, "amp": True, "device": "auto"},
+        ...             {"device": "cpu", "precision": "fp32"})
+        'lr=0.001 precision=fp32 device=cpu'
+    """
     if not config:
         return "(config not recorded)"
+    ran = ran or {}
+    shown = dict(config)
+    if "precision" in ran and "amp" in shown:
+        shown = {("precision" if k == "amp" else k): v for k, v in shown.items()}
+    shown.update({k: v for k, v in ran.items() if k in shown})
     return " ".join(
         f"{k}={_fmt_value(v)}"
-        for k, v in config.items()
+        for k, v in shown.items()
         if k not in _PATH_KEYS and v not in (None, "")
     )
 
@@ -75,7 +88,7 @@ def best_line(report: dict[str, Any]) -> Text:
                 style="bold green")  # fmt: skip
     if others:
         text.append(f" ({others})")
-    text.append(f" | {config_line(best.get('config'))}")
+    text.append(f" | {config_line(best.get('config'), best.get('ran'))}")
     return text
 
 
