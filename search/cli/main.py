@@ -205,6 +205,11 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         from storage import redact_url
 
         console.print(f"study [bold]{name}[/] in {redact_url(opts.storage_url)}", highlight=False)
+        from search.observe.tracking import tracking_settings
+
+        wandb_line = tracking_settings(spec, opts).describe()
+        if wandb_line:  # W&B on: say so, where the runs go, and how offline ones get there
+            _say(wandb_line)
         subscribers = [*standard_subscribers(spec, opts), *callbacks]
         summary = _run_with_progress(spec, opts, storage, subscribers)
     from search.observe.report import study_report
@@ -624,7 +629,8 @@ def spec_check(
     with _user_errors():
         spec = load_spec(file)
         check_spec_data(spec)
-    console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
+    n = len(spec.models)
+    _say(f"{file}: ok ({n} model{'' if n == 1 else 's'}, study {spec.study.name})")
 
 
 @spec_app.command("from-wandb")
