@@ -11,10 +11,17 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from _cli import ROOT
+from _cli import run_search
+from _cli import search_env
+from _finished_study import finished_study
 from typer.testing import CliRunner
 
 from search.cli import app
@@ -44,7 +51,7 @@ space:
   temperature: {{low: 0.01, high: 0.1, log: true}}
   warmup_ratio: {{low: 0.0, high: 0.2}}
   weight_decay: {{low: 0.0, high: 0.1}}
-training: {{epochs: 2, amp: false, gradient_checkpointing: false, hard_negatives: 0,
+training: {{epochs: 2, amp: true, gradient_checkpointing: false, hard_negatives: 0,
            seed: 0, max_train_samples: 16}}
 data: {{train: {DEMO / "train.jsonl"}, eval: {DEMO}, split: test}}
 sampler: {{type: random, seed: 3}}
@@ -118,6 +125,7 @@ def test_best_prints_the_best_trial(study_db: Path) -> None:
     result = runner.invoke(app, ["best", "--study", "best-tiny", "--storage", _url(study_db)])
     assert result.exit_code == 0, result.output
     assert f"best trial {best.number} of study best-tiny: multilingual-e5-small" in result.output
+    assert "a tiny replica of the model, not its real weights" in result.output
     assert _kept(study, best) in result.output
     assert f"lr: {best.params['lr']}" in result.output
 
@@ -127,6 +135,7 @@ def test_best_prints_the_best_trial(study_db: Path) -> None:
     data = json.loads(as_json.stdout)
     assert data["trial"] == best.number and data["value"] == pytest.approx(best.value)
     assert data["artifact"]["id"] == _kept(study, best)
+    assert data["tiny_replicas"] is True
     assert [h["ndcg@10"] for h in data["history"]][-1] == pytest.approx(best.value)
 
 
@@ -138,6 +147,7 @@ def test_export_writes_the_kept_model(study_db: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "its kept model" in result.output
+    assert "a tiny replica, not the real weights" in result.output
     meta = _check_loads(out, _best(study_db))
     assert "retrained" not in meta
 
@@ -242,3 +252,97 @@ def test_retrain_builds_a_tiny_replica_that_left_the_cache(study_db: Path, tmp_p
     assert (gone / "config.json").is_file()  # built again where the trial had it
     meta = _check_loads(out, best)
     assert abs(float(meta["value"]) - best.value) < 1e-6  # type: ignore[arg-type]
+
+
+def _dump(db: Path) -> list[str]:
+    """Every row of a SQLite study file, to show that a refused command wrote nothing."""
+    with sqlite3.connect(db) as conn:
+        return list(conn.iterdump())
+
+
+def _one_line_refusal(result: object, *words: str) -> None:
+    assert result.returncode == 2, result.stderr  # type: ignore[attr-defined]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr  # type: ignore[attr-defined]
+
+
+@pytest.mark.train
+def test_replica_and_real_trials_never_share_a_study(study_db: Path, tmp_path: Path) -> None:
+    """The --tiny study is recorded as replicas; run and worker without --tiny are refused (the
+    record, else for an older study its trials' model paths), --tiny on a real study too;
+    refine's run command then carries --tiny."""
+    db = tmp_path / "copy.db"
+    _copy_db(study_db, db)
+    spec = str(study_db.parent / "best.yaml")
+    study = optuna.load_study(study_name="best-tiny", storage=_url(db))
+    assert study._storage.get_study_system_attrs(study._study_id)[attrs.STUDY_REPLICAS] is True
+    before = _dump(db)
+    args = ["--spec", spec, "--study-name", "best-tiny", "--storage", _url(db)]
+    _one_line_refusal(run_search("run", *args), "'best-tiny'", "--tiny")
+    with sqlite3.connect(db) as conn:  # a study from before the record: its trials say it
+        conn.execute("DELETE FROM study_system_attributes WHERE key = ?", (attrs.STUDY_REPLICAS,))
+    before = _dump(db)
+    _one_line_refusal(run_search("worker", *args), "'best-tiny'", "--tiny")
+    assert _dump(db) == before  # nothing written
+
+    real = tmp_path / "real.db"
+    finished_study(_url(real), "real")  # trials of real weights (model_path /models/...)
+    before = _dump(real)
+    tiny = ["--spec", spec, "--study-name", "real", "--storage", _url(real), "--tiny"]
+    _one_line_refusal(run_search("run", *tiny), "'real'", "--tiny")
+    assert _dump(real) == before
+
+    refine = run_search(
+        "refine", "--study", "best-tiny", "--storage", _url(db), "--n-trials", "1",
+        env={"COLUMNS": "60"},
+    )  # fmt: skip
+    assert refine.returncode == 0, refine.stderr
+    command = next(line for line in refine.stdout.splitlines() if "run them:" in line)
+    # One line however long (the tmp paths pass the 180 columns of piped output): the
+    # storage URL stays with its --storage, and --tiny follows the study's record.
+    assert len(command) > 180, command
+    assert f"--study-name best-tiny --storage {_url(db)} --tiny" in command, refine.stdout
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_exported_model_follows_the_umask(study_db: Path, tmp_path: Path, umask: int) -> None:
+    """Weights, configs and directories of an export get ``0666/0777 & ~umask`` like the
+    tokenizer files (as ``SentenceTransformer.save``), not tempfile's 0600/0700."""
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "search.cli", "best", "--study", "best-tiny"]
+    command += ["--storage", _url(study_db), "--export", str(out)]
+    done = subprocess.run(
+        ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *command],
+        env=search_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    paths = [out, *out.rglob("*")]
+    assert {p.name for p in paths} >= {"model.safetensors", "modules.json", "config.json"}
+    wrong = {
+        str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in paths
+        if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask
+    }
+    assert not wrong, wrong
+
+
+@pytest.mark.train
+def test_config_lines_say_what_ran(study_db: Path) -> None:
+    """amp: true on a CPU with a 64-wide replica ran fp32: the record and the lines say so."""
+    from search.record.trial_record import trial_summary
+
+    study = optuna.load_study(study_name="best-tiny", storage=_url(study_db))
+    for trial in study.trials:
+        assert trial.system_attrs[attrs.SYSTEM_CONFIG]["amp"] is True  # what was asked
+        assert trial.user_attrs[attrs.PRECISION] == "fp32"  # what ran
+        assert "(cpu, fp32)" in trial_summary(trial)  # the dashboard's trial note
+    result = runner.invoke(app, ["report", "--study", "best-tiny", "--storage", _url(study_db)])
+    assert result.exit_code == 0, result.output
+    best = " ".join(result.output.split("\n\n")[0].split())  # the best line, wrapped at 100
+    assert best.startswith("best:") and "precision=fp32" in best and "device=cpu" in best, best
+    assert "amp=" not in best, best

@@ -256,3 +256,15 @@ def test_per_stage_section_best_per_model_and_what_refine_gained(tmp_path) -> No
     # A single-stage study has no stage section.
     assert study_report(_study())["stages"] == []
     assert "per stage" not in report_text(study_report(_study()))
+
+
+def test_commands_stay_on_one_line_in_a_narrow_console() -> None:
+    """The kept models' ``search best`` command is copied whole, even 60 columns wide."""
+    from search.observe.report_view import report_text
+
+    report = study_report(_study())
+    report["study"] = "a-study-name-long-enough-to-pass-sixty-columns-by-itself"
+    report["kept_models"] = [{"trial": 3}, {"trial": 7}]
+    text = report_text(report, width=60)
+    line = next(line for line in text.splitlines() if line.startswith("kept models"))
+    assert line.endswith(f"search best --study {report['study']} --export DIR)"), text

@@ -88,8 +88,27 @@ def test_bad_spec_is_one_line_naming_file_and_field(
 
 def test_condition_naming_a_model_not_in_models(tmp_path: Path) -> None:
     path = _write(tmp_path, {"models": {"ko-simcse": {}}})
-    with pytest.raises(SpecError, match="bge-m3-ko"):
+    with pytest.raises(SpecError) as info:
         load_spec(path)
+    # A check across fields names its field like any other (not "field (top level)").
+    assert str(info.value).startswith(f"{path}: field space.conditions.")
+    assert "'bge-m3-ko' is not one of models" in str(info.value)
+    assert "top level" not in str(info.value)
+
+
+def test_spec_check_counts_models_in_english(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from search.cli import app
+
+    one = _write(
+        tmp_path, {"models": {"ko-simcse": {}}, "space.conditions": {}, "stages": _DELETE}
+    )
+    result = CliRunner().invoke(app, ["spec", "check", str(one)])
+    assert result.exit_code == 0, result.output
+    assert "ok (1 model, study " in result.output
+    many = CliRunner().invoke(app, ["spec", "check", str(SHIPPED)])
+    assert many.exit_code == 0 and "ok (4 models, study " in many.output, many.output
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:

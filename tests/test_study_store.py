@@ -95,6 +95,29 @@ def test_direction_conflict_is_an_error(tmp_path: Path) -> None:
         open_study(store, "t", direction="up", sampler=None, pruner=None)
 
 
+def test_open_study_records_replicas_and_refuses_the_other_kind(tmp_path: Path) -> None:
+    """Under the study's lock (two workers starting together): the record is written by the
+    first open, and an open of the other kind is refused once the study has trials."""
+    from search.worker.study_store import ReplicaMixError
+    from search.worker.study_store import replica_study
+
+    store = create_storage(f"sqlite:///{tmp_path}/s.db")
+    kw = {"direction": "maximize", "sampler": None, "pruner": None}
+    study, _ = open_study(store, "s", replicas=False, **kw)  # type: ignore[arg-type]
+    study_id = study._study_id
+    assert replica_study(store, study_id) is False
+    open_study(store, "s", replicas=True, **kw)  # type: ignore[arg-type]  # no trials yet
+    assert replica_study(store, study_id) is True
+    trial = study.ask()
+    store.set_trial_system_attr(
+        trial._trial_id, attrs.SYSTEM_CONFIG, {"model_path": "/c/tiny/m-tiny-L2-H64"}
+    )
+    before = store.get_study_system_attrs(study_id)
+    with pytest.raises(ReplicaMixError, match="'s' holds tiny-replica trials.*--tiny"):
+        open_study(store, "s", replicas=False, **kw)  # type: ignore[arg-type]
+    assert store.get_study_system_attrs(study_id) == before  # nothing written
+
+
 class _LockOnly(RDBStorage):
     """Just the engine of a database, for ``named_lock``: no tables are created or read."""
 

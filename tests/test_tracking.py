@@ -25,6 +25,7 @@ from typing import Any
 
 import optuna
 import pytest
+from _cli import run_search
 from _factories import trial_config
 from optuna.trial import TrialState
 
@@ -406,6 +407,14 @@ def test_settings_directory_mode_project_and_redacted_storage(
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert not Tracker(tracking_settings(spec, sqlite), "where").on
     assert not tracking_settings(spec, RunOptions(storage_url="sqlite://", wandb=False)).enabled
+    off = tracking_settings(spec, RunOptions(storage_url="sqlite://", wandb=False))
+    assert off.describe() is None  # no start line when W&B is off
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    online = tracking_settings(spec, sqlite)
+    assert online.entity is None  # the spec names none, nor the option
+    assert online.describe() == "W&B on, online to https://wandb.example.org: project cli"
 
 
 def test_no_wandb_package_is_one_line_and_no_runs(
@@ -462,3 +471,28 @@ def test_a_tiny_trained_trial_streams_loss_lr_and_memory_per_step(
     assert run.summary[attrs.PEAK_MEMORY_MB] == pytest.approx(
         trial.user_attrs[attrs.PEAK_MEMORY_MB]
     )
+
+
+def test_a_run_says_where_wandb_goes_and_the_entity_option_beats_the_spec(
+    tmp_path: Path,
+) -> None:
+    """``search run --wandb``: one line at the start (project, entity, offline and where, the
+    ``wandb sync`` hint); ``--wandb-entity`` over ``tracking.entity``, in the run itself."""
+    tracking = "tracking: {wandb: true, entity: spec-team}"
+    spec = _spec(tmp_path, "entity", tracking=tracking)
+    args = ["--spec", str(spec), "--storage", f"sqlite:///{tmp_path / 'e.db'}", "--device", "cpu"]
+    args += ["--n-trials", "1", "--objective", "record_objective:train"]
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_ENTITY": "", "COLUMNS": "60"}
+    done = run_search("run", *args, "--wandb-entity", "cli-team", env=env)
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("W&B")]
+    runs = tmp_path / "wandb"
+    assert line == (
+        f"W&B on, offline: project entity, entity cli-team, runs in {runs} "
+        f"(upload later: wandb sync {runs}/offline-run-*)"
+    )
+    study = optuna.load_study(study_name="entity", storage=f"sqlite:///{tmp_path / 'e.db'}")
+    (trial,) = study.get_trials()
+    run_id = trial.user_attrs[attrs.WANDB_RUN_ID]
+    assert trial.user_attrs[attrs.WANDB_RUN_PATH] == f"cli-team/entity/{run_id}"
+    assert _read_run(tmp_path, run_id).run.entity == "cli-team"  # what wandb.init was given

@@ -201,6 +201,10 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         # One storage for the whole run: the checks read it, the worker runs on it. A missing
         # SQLite file holds no study to check; the worker creates it.
         storage = None if missing_sqlite(opts.storage_url) else create_storage(opts.storage_url)
+        if storage is not None:  # replicas and real weights never share a study
+            from search.worker.study_store import check_replicas
+
+            check_replicas(storage, name, opts.tiny)
         check_stored_space(opts.storage_url, name, spec, force=args.force_space, storage=storage)
         from search.spec.model_resolve import check_before_run
 
@@ -211,21 +215,31 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         from storage import redact_url
 
         console.print(f"study [bold]{name}[/] in {redact_url(opts.storage_url)}", highlight=False)
+        from search.observe.tracking import tracking_settings
+
+        wandb_line = tracking_settings(spec, opts).describe()
+        if wandb_line:  # W&B on: say so, where the runs go, and how offline ones get there
+            _say(wandb_line)
         subscribers = [*standard_subscribers(spec, opts), *callbacks]
         summary = _run_with_progress(spec, opts, storage, subscribers)
     from search.observe.report import study_report
     from search.observe.report_view import report_view
 
     report = study_report(summary.study)
-    _report_console().print(report_view(report))
+    _report_console().print(report_view(report), crop=False)
     again = f"search report --study {shlex.quote(summary.study_name)}"
     if not _storage_from_env(args.storage):  # else the same environment names it again
         again += f" --storage {shlex.quote(summary.storage_url)}"
-    console.print(
+    _say(
         f"{summary.trials_run} trials run by this worker (stopped by {summary.stopped_by}); "
-        f"study {summary.study_name} in {summary.storage_url}. Report again: {again}",
-        highlight=False,
+        f"study {summary.study_name} in {summary.storage_url}. Report again: {again}"
     )
+
+
+def _say(text: str, out: Console | None = None) -> None:
+    """Print a line holding a command to copy: never wrapped (rich wraps at the console's
+    width, which would split the command, e.g. leave ``--storage`` without its URL)."""
+    (out or console).print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _check_name_length(name: str, spec: StudySpec, opts: RunOptions) -> None:
@@ -392,7 +406,7 @@ def report(
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
     else:
-        _report_console().print(report_view(data))
+        _report_console().print(report_view(data), crop=False)
     if plots is not None:
         _write_plots(loaded, store, plots, quiet=as_json)
     if published:
@@ -604,8 +618,10 @@ def refine_cmd(
         again = f"search run --spec {shlex.quote(spec.source)} --study-name {shlex.quote(study)}"
         if not _storage_from_env(storage):
             again += f" --storage {shlex.quote(redact_url(url))}"
-        tiny = " --tiny" if study.endswith("-tiny") else ""
-        console.print(f"run them: {again}{tiny} (or search worker ...)", highlight=False)
+        from search.worker.study_store import replica_of
+
+        tiny = " --tiny" if replica_of(loaded) else ""
+        _say(f"run them: {again}{tiny} (or search worker ...)")
 
 
 @spec_app.command("init", short_help="Write a spec of your own from a shipped one.")
@@ -621,10 +637,9 @@ def spec_init(
 
     with _user_errors():
         written = init_spec(file, from_, force=force)
-    console.print(
+    _say(
         f"wrote {written} (from the shipped {from_} spec; its data paths point at the shipped "
-        f"demo data). Run it: search run --spec {written} --tiny",
-        highlight=False,
+        f"demo data). Run it: search run --spec {shlex.quote(str(written))} --tiny"
     )
 
 
@@ -639,7 +654,8 @@ def spec_check(
     with _user_errors():
         spec = load_spec(file)
         check_spec_data(spec)
-    console.print(f"{file}: ok ({len(spec.models)} models, study {spec.study.name})")
+    n = len(spec.models)
+    _say(f"{file}: ok ({n} model{'' if n == 1 else 's'}, study {spec.study.name})")
 
 
 @spec_app.command("schema", short_help="Print the spec's JSON Schema (for editors).")
@@ -682,7 +698,7 @@ def spec_from_wandb(
         return
     for note in result.notes:
         console.print(f"  {note}", highlight=False, markup=False)
-    console.print(f"wrote {output}. Run it: search run --spec {output} --tiny", highlight=False)
+    _say(f"wrote {output}. Run it: search run --spec {shlex.quote(str(output))} --tiny")
 
 
 @app.command(short_help="The best trial: model, metrics, config, kept model.")
@@ -776,11 +792,11 @@ def best(
         else f"retrained: {summary['metric']} {done['retrained']:.4f}, recorded "
         f"{done['recorded']:.4f}"
     )
-    console.print(
+    if summary.get("tiny_replicas"):
+        how += "; a tiny replica, not the real weights: for trying the service, not serving"
+    _say(
         f"exported trial {trial.number} to {export} ({how}); load it with "
-        f"SentenceTransformer({str(export)!r}), then encode_query / encode_document",
-        highlight=False,
-        markup=False,
+        f"SentenceTransformer({str(export)!r}), then encode_query / encode_document"
     )
 
 

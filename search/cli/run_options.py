@@ -118,6 +118,13 @@ class RunArgs:
             "--wandb-project", help="W&B project (default: tracking.project, else the study)."
         ),
     ] = None
+    wandb_entity: Annotated[
+        str | None,
+        typer.Option(
+            "--wandb-entity",
+            help="W&B team or user (default: tracking.entity, else $WANDB_ENTITY, else yours).",
+        ),
+    ] = None
     objective: Annotated[str, typer.Option("--objective", hidden=True)] = DEFAULT_OBJECTIVE
     callback: Annotated[
         list[str] | None,

@@ -41,8 +41,10 @@ from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
 from search.spec.options import RunOptions
 from search.spec.study_spec import StudySpec
+from search.train.export import follow_umask
 from search.train.export import update_search_json
 from search.worker.isolation import run_isolated
+from search.worker.study_store import replica_of
 
 DEFAULT_TOLERANCE = 0.01  # nDCG@10, absolute (module docstring)
 
@@ -93,6 +95,7 @@ def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[
         "history": list(trial.system_attrs.get(attrs.SYSTEM_HISTORY) or []),
         "config": {k: v for k, v in (config_of(trial) or {}).items() if k != "save_dir"},
         "artifact": {"id": kept[0], "store": kept[1]} if kept else None,
+        "tiny_replicas": replica_of(study),  # True: trained on replicas, not the real weights
     }
 
 
@@ -249,7 +252,9 @@ def _stage(directory: Path) -> Path:
 
 
 def _publish(staged: Path, directory: Path) -> None:
-    """Move the staged model into ``directory`` (absent or empty)."""
+    """Move the staged model into ``directory`` (absent or empty), with the umask's modes
+    (``mkdtemp`` made it 0700; a kept model may hold files saved 0600)."""
+    follow_umask(staged)
     if directory.is_dir():
         directory.rmdir()  # empty (checked): the rename needs it gone
     staged.rename(directory)
@@ -271,6 +276,8 @@ def format_best(summary: dict[str, Any]) -> list[str]:
     shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
     lines = [f"best trial {summary['trial']} of study {summary['study']}: {summary['model']}, "
              f"{metric} {shown}"]  # fmt: skip
+    if summary.get("tiny_replicas"):
+        lines[0] += " (a tiny replica of the model, not its real weights: search run --tiny)"
     metrics = summary.get("metrics") or {}
     lines.append(
         "metrics: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k) or "-")

@@ -23,6 +23,7 @@ from search.record.trial_record import config_of
 from search.record.trial_record import is_oom
 from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
+from search.record.trial_record import ran_on
 from search.record.trial_record import timings_of
 from search.sampling.stages import gain
 from search.sampling.stages import stage_of
@@ -319,12 +320,14 @@ def _overall_best(
     metrics = metrics_of(frozen) if frozen is not None else {}
     recalls = sorted((k for k in metrics if k.startswith("recall@")), key=_cutoff)
     extra = {k: metrics[k] for k in ["mrr@10", *recalls] if k in metrics}
+    ran = ran_on(frozen.user_attrs) if frozen is not None else {}  # device, precision
     return {
         "trial": best.best_trial,
         "model": best.model,
         "value": best.best_value,
         "config": best.best_config,
         **extra,
+        **({"ran": ran} if ran else {}),
     }
 
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import io
+import shlex
 from typing import Any
 
 from rich import box
@@ -38,13 +39,26 @@ def _fmt_value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def config_line(config: dict[str, Any] | None) -> str:
-    """Every setting of a config that is not a path, as ``key=value`` pairs."""
+def config_line(config: dict[str, Any] | None, ran: dict[str, str] | None = None) -> str:
+    """Every setting of a config that is not a path, as ``key=value`` pairs; with ``ran``
+    (``search.record.trial_record.ran_on``), what ran in place of what was asked: the
+    ``device`` ``auto`` resolved to, and the ``precision`` in place of ``amp``.
+
+    Example:
+        >>> config_line({"lr": 0.001, "amp": True, "device": "auto"},
+        ...             {"device": "cpu", "precision": "fp32"})
+        'lr=0.001 precision=fp32 device=cpu'
+    """
     if not config:
         return "(config not recorded)"
+    ran = ran or {}
+    shown = dict(config)
+    if "precision" in ran and "amp" in shown:
+        shown = {("precision" if k == "amp" else k): v for k, v in shown.items()}
+    shown.update({k: v for k, v in ran.items() if k in shown})
     return " ".join(
         f"{k}={_fmt_value(v)}"
-        for k, v in config.items()
+        for k, v in shown.items()
         if k not in _PATH_KEYS and v not in (None, "")
     )
 
@@ -74,7 +88,7 @@ def best_line(report: dict[str, Any]) -> Text:
                 style="bold green")  # fmt: skip
     if others:
         text.append(f" ({others})")
-    text.append(f" | {config_line(best.get('config'))}")
+    text.append(f" | {config_line(best.get('config'), best.get('ran'))}")
     return text
 
 
@@ -214,10 +228,12 @@ def report_view(report: dict[str, Any]) -> Group:
     if kept:  # search.observe.keep: the K best trials' models, as sentence-transformers artifacts
         trials = ", ".join(str(m["trial"]) for m in kept)
         parts.append(
-            Text(
-                f"kept models: trials {trials} (search best --study {report['study']} "
-                "--export DIR)"
-            )  # fmt: skip
+            Text(  # a command to copy: one line at any width
+                f"kept models: trials {trials} (search best --study "
+                f"{shlex.quote(report['study'])} --export DIR)",
+                no_wrap=True,
+                overflow="ignore",
+            )
         )
     for row in report.get("models_not_kept") or []:  # one line each: the store failed
         parts.append(Text(f"model of trial {row['trial']} not kept: {row['error']}"))
@@ -231,5 +247,5 @@ def report_view(report: dict[str, Any]) -> Group:
 def report_text(report: dict[str, Any], width: int = WIDTH) -> str:
     """The report as plain text ``width`` columns wide (for notes and logs)."""
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
-    console.print(report_view(report))
+    console.print(report_view(report), crop=False)  # a command line passes the width whole
     return console.export_text()

@@ -82,6 +82,8 @@ class TrackingSettings:
         directory: Where ``wandb/`` (the offline runs) is written.
         mode: ``online``, ``offline`` or ``disabled``.
         storage: The study's storage URL, redacted (goes into each run's summary).
+        entity: ``--wandb-entity``, else ``tracking.entity``; None: ``$WANDB_ENTITY``, else
+            the account's default entity (wandb's own choice).
     """
 
     enabled: bool
@@ -89,6 +91,31 @@ class TrackingSettings:
     directory: Path
     mode: str
     storage: str
+    entity: str | None = None
+
+    def describe(self) -> str | None:
+        """The one line a run prints at its start when W&B is on (None: it is off).
+
+        Example:
+            >>> line = TrackingSettings(True, "p", Path("/s"), "offline", "sqlite:///x").describe()
+            >>> line.split(" (")  # doctest: +NORMALIZE_WHITESPACE
+            ['W&B on, offline: project p, runs in /s/wandb',
+             'upload later: wandb sync /s/wandb/offline-run-*)']
+        """
+        if not self.enabled:
+            return None
+        if self.mode == "disabled":
+            return "W&B off: WANDB_MODE=disabled"
+        entity = self.entity or os.environ.get("WANDB_ENTITY")
+        where = f"project {self.project}" + (f", entity {entity}" if entity else "")
+        runs = self.directory / "wandb"
+        if self.mode == "offline":
+            return (
+                f"W&B on, offline: {where}, runs in {runs} "
+                f"(upload later: wandb sync {runs}/offline-run-*)"
+            )
+        server = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        return f"W&B on, online to {server}: {where}"
 
 
 def _run_directory(storage_url: str, cache_dir: Path) -> Path:
@@ -112,7 +139,10 @@ def tracking_settings(spec: StudySpec, opts: RunOptions) -> TrackingSettings:
     enabled = opts.wandb if opts.wandb is not None else section.wandb
     project = opts.wandb_project or section.project or spec.study.name
     directory = _run_directory(opts.storage_url, opts.cache_dir)
-    return TrackingSettings(enabled, project, directory, _mode(), redact_url(opts.storage_url))
+    entity = opts.wandb_entity or section.entity
+    return TrackingSettings(
+        enabled, project, directory, _mode(), redact_url(opts.storage_url), entity
+    )
 
 
 def _init_timeout() -> float:
@@ -325,7 +355,8 @@ class Tracker:
 
     def run_path(self, run_id: str) -> str:
         """The W&B path a run of this id gets: ``[entity/]project/run_id``."""
-        parts = (os.environ.get("WANDB_ENTITY"), self.settings.project, run_id)
+        entity = self.settings.entity or os.environ.get("WANDB_ENTITY")
+        parts = (entity, self.settings.project, run_id)
         return "/".join(p for p in parts if p)
 
     def check_directory(self) -> None:
@@ -365,6 +396,7 @@ class Tracker:
             run = wandb.init(
                 id=run_id,
                 project=self.settings.project,
+                entity=self.settings.entity,  # None: $WANDB_ENTITY, else the account's
                 group=self.study_name,
                 job_type=cfg.model,
                 name=f"{self.study_name}-trial-{trial_number}",

@@ -30,6 +30,8 @@ OOM_FRONTIER_TRIAL = "oom_frontier_trial"  # number of the trial whose OOM justi
 ERROR = "error"  # one-line reason of a failure or a skip
 DEVICE = "device"  # e.g. "cuda:0 (NVIDIA H100, 80 GiB)" or "cpu (62.8 GiB)"
 DEVICE_KIND = "device_kind"  # "cuda" | "cpu" | "mps" ...: the device type without index
+# "fp32" | "bf16" | "fp16": what the trial computed in (the config's amp, as the device ran it)
+PRECISION = "precision"
 GPU_NAME = "gpu_name"  # e.g. "NVIDIA H100 80GB HBM3" (CUDA devices only)
 DEVICE_MEMORY_MB = "device_memory_mb"  # memory the trial was allowed (limit or device total)
 HOST = "host"
@@ -87,6 +89,9 @@ MODEL_KEPT_PREFIX = "search:model_kept:"
 # error, one line (the trial is told by then: its own attributes cannot change any more).
 MODEL_NOT_KEPT_PREFIX = "search:model_not_kept:"
 STUDY_STAGE_SEEDED = "search:stage_seeded:"  # + stage name: its seeds were enqueued
+# True: the study's trials train tiny replicas (search run --tiny), False: the real weights;
+# written when a run opens the study (search.worker.study_store), absent on older studies.
+STUDY_REPLICAS = "search:tiny_replicas"
 
 # Vocabularies.
 OUTCOME_RUNNING = "running"  # claimed, training (or waiting to be re-run after a hand-back)

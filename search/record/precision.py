@@ -35,6 +35,7 @@ __all__ = [
     "cpu_has_amx",
     "cpu_has_native_bf16",
     "device_type",
+    "precision_name",
     "resolve_device",
     "uses_autocast",
 ]
@@ -155,6 +156,23 @@ def autocast_dtype(device: torch.device, amp: bool, *, hidden: int) -> torch.dty
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
+
+
+def precision_name(kind: str, amp: bool, *, hidden: int) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what a run on a ``kind`` device computes in, by the rule
+    of ``autocast_dtype`` (the trial's record says it; torch only for a CUDA run with amp).
+
+    Example:
+        >>> precision_name("cpu", True, hidden=64), precision_name("mps", True, hidden=1024)
+        ('fp32', 'fp32')
+    """
+    if kind not in ("cuda", "cpu") or not uses_autocast(kind, amp, hidden=hidden):
+        return "fp32"
+    if kind == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:

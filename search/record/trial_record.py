@@ -136,6 +136,24 @@ def device_kind_of(user_attrs: Mapping[str, Any]) -> str | None:
     return label.split()[0].split(":")[0]
 
 
+def ran_on(user_attrs: Mapping[str, Any]) -> dict[str, str]:
+    """What the trial ran on, where recorded: ``{"device": "cpu", "precision": "fp32"}``
+    (the device its ``auto`` resolved to, the precision its ``amp`` gave there).
+
+    Example:
+        >>> ran_on({"device": "cuda:0 (NVIDIA H100, 80.0 GiB)", "precision": "bf16"})
+        {'device': 'cuda:0', 'precision': 'bf16'}
+    """
+    ran: dict[str, str] = {}
+    label = user_attrs.get(attrs.DEVICE)
+    if isinstance(label, str) and label.split():
+        ran["device"] = label.split()[0]
+    precision = user_attrs.get(attrs.PRECISION)
+    if isinstance(precision, str) and precision:
+        ran["precision"] = precision
+    return ran
+
+
 def timings_of(trial: FrozenTrial) -> dict[str, float]:
     """Seconds per phase of the trial (``search:timings``); empty for older studies."""
     timings = trial.system_attrs.get(attrs.SYSTEM_TIMINGS)
@@ -194,8 +212,8 @@ def _gib(mb: object) -> str | None:
     return f"{float(mb) / 1024:.1f}" if isinstance(mb, (int, float)) else None
 
 
-def _what(trial: FrozenTrial) -> str:
-    """``bge-m3-ko b64 len384``."""
+def _what(trial: FrozenTrial, *, ran: bool = True) -> str:
+    """``bge-m3-ko b64 len384 (cpu, fp32)``: with ``ran``, where and in what it trained."""
     ua = trial.user_attrs
     config = config_of(trial) or {}
     model = ua.get(attrs.MODEL, config.get("model", trial.params.get("model", "?")))
@@ -206,6 +224,9 @@ def _what(trial: FrozenTrial) -> str:
         parts.append(f"b{batch}")
     if max_len is not None:
         parts.append(f"len{max_len}")
+    on = ran_on(ua) if ran else {}
+    if "precision" in on:  # what ran, not what the config asked (amp, device auto)
+        parts.append(f"({on.get('device', '?')}, {on['precision']})")
     return " ".join(parts)
 
 
@@ -268,11 +289,11 @@ def _summary(
         if kind == "frontier":
             frontier = ua.get(attrs.OOM_FRONTIER_TRIAL)
             by = f"OOM trial {frontier}" if frontier is not None else "an earlier OOM"
-            return f"skipped: dominated by {by} — {what}"
+            return f"skipped: dominated by {by} — {_what(trial, ran=False)}"
         if kind == "predicted":
             estimate = _gib(ua.get(attrs.MEMORY_ESTIMATE_MB))
             size = f"estimate {estimate} of {total} GiB" if estimate and total else "estimate"
-            return f"OOM predicted: {size} — {what}"
+            return f"OOM predicted: {size} — {_what(trial, ran=False)}"
         phase = ua.get(attrs.OOM_PHASE)
         where = f" in {phase}" if phase else ""
         peak = _gib(ua.get(attrs.PEAK_MEMORY_MB))
@@ -305,4 +326,4 @@ def _summary(
         return f"failed — {what}"
     if outcome == "waiting":
         return f"waiting — {what}" if trial.params else "waiting"
-    return f"running — {what} on {ua.get(attrs.DEVICE, '?')}"
+    return f"running — {_what(trial, ran=False)} on {ua.get(attrs.DEVICE, '?')}"

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,13 @@ __all__ = ["check_spec_data", "load_spec", "resolve_spec"]
 
 def _format_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across fields: its message leads with the field (``space.x: ...``)
+        named = re.match(r"([a-z_]+(?:\.[\w.-]+)*): (.+)", msg)
+        if named is None:
+            return f"{path}: {msg}"
+        loc, msg = named.groups()
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (value: {value!r})"
     return f"{path}: field {loc}{shown}: {msg}"

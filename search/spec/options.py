@@ -42,6 +42,7 @@ class RunOptions:
     study_name: str | None = None
     wandb: bool | None = None  # one W&B run per trial; None: the spec's tracking.wandb
     wandb_project: str | None = None  # None: the spec's tracking.project, else the study's name
+    wandb_entity: str | None = None  # None: the spec's tracking.entity, else W&B's default
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 

@@ -284,6 +284,9 @@ class TrackingSection(_Strict):
 
     wandb: bool = False  # --wandb / --no-wandb override it
     project: str | None = Field(default=None, min_length=1)  # default: the study's name
+    # W&B team or user the runs go to (--wandb-entity overrides it); default: $WANDB_ENTITY,
+    # else the account's default entity
+    entity: str | None = Field(default=None, min_length=1)
 
 
 class ArtifactsSection(_Strict):
@@ -397,7 +400,7 @@ class StudySpec(_Strict):
     def _conditions_name_models(self) -> StudySpec:
         for model in self.space.conditions:
             if model not in self.models:
-                raise ValueError(f"space.conditions names model {model!r}, which is not in models")
+                raise ValueError(f"space.conditions.{model}: {model!r} is not one of models")
         return self
 
     def resolve_path(self, value: str) -> Path:

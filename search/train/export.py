@@ -48,6 +48,7 @@ __all__ = [
     "SEARCH_JSON",
     "read_search_json",
     "save_sentence_transformer",
+    "follow_umask",
     "save_trial_model",
     "update_search_json",
     "write_sentence_transformer_config",
@@ -71,10 +72,49 @@ _ALL_FLAGS = (
 )
 
 
+def current_umask() -> int:
+    """The process's umask (``/proc/self/status`` on Linux, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: str | Path) -> Path:
+    """Give ``directory`` and everything in it the modes ``open`` / ``mkdir`` would have given:
+    files ``0666 & ~umask``, directories ``0777 & ~umask`` (as ``SentenceTransformer.save``).
+
+    ``tempfile`` creates 0600 files and 0700 directories, and safetensors writes its weights
+    0600: a model saved through them would be unreadable to a serving account.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     fd, f = tempfile.mkstemp(dir=d); os.close(fd)
+        ...     _ = follow_umask(d)
+        ...     oct(os.stat(f).st_mode & 0o777) == oct(0o666 & ~current_umask())
+        True
+    """
+    mask = current_umask()
+    root = Path(directory)
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    return root
+
+
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
+    """Write JSON atomically (a reader never sees half a file), with the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from other users
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
@@ -184,7 +224,7 @@ def save_sentence_transformer(
         out / SEARCH_JSON,
         {"study": study, "trial": trial, "config": config, "history": [dict(h) for h in history]},
     )
-    return out
+    return follow_umask(out)  # safetensors' 0600 weights, a tempfile directory's 0700
 
 
 def save_trial_model(

@@ -42,11 +42,13 @@ def claimed_record(
     worker: str | None,
     memory_estimate_mb: float | None = None,
     model_facts: str | None = None,
+    precision: str | None = None,
 ) -> TrialRecord:
     """The first attributes of a claimed trial, written before it trains (outcome running).
 
     ``model_facts``: where the estimate's architecture facts came from
-    (``search.spec.model_facts``).
+    (``search.spec.model_facts``); ``precision``: what it computes in
+    (``search.record.precision.precision_name``; ``device`` says where it runs).
     """
     user: dict[str, Any] = {
         attrs.OUTCOME: attrs.OUTCOME_RUNNING,
@@ -68,6 +70,8 @@ def claimed_record(
         user[attrs.MEMORY_ESTIMATE_MB] = memory_estimate_mb
     if model_facts is not None:
         user[attrs.MODEL_FACTS] = model_facts
+    if precision is not None:
+        user[attrs.PRECISION] = precision
     return TrialRecord(user=user, system={attrs.SYSTEM_CONFIG: cfg.to_json()})
 
 

@@ -47,6 +47,7 @@ from search.record.counts import budget_lock_name
 from search.record.counts import is_skip
 from search.record.counts import spent_count
 from search.record.models import ModelInfo
+from search.record.precision import precision_name
 from search.record.trial_record import TrialRecord
 from search.record.trial_record import lost_attrs
 from search.record.trial_record import write_record
@@ -330,6 +331,8 @@ def _run_trial(
             worker=opts.worker,
             memory_estimate_mb=decision.estimate.total_mb,
             model_facts=arch.source,
+            # The child's rule on the same machine: the device `auto` resolved to, its hidden.
+            precision=precision_name(worker.device.kind, cfg.amp, hidden=arch.hidden),
         )
         first.user.update(events.trial_attrs(claimed))  # e.g. the W&B run's id
         if decision.skip:

@@ -65,6 +65,7 @@ from search.worker.prepare import prepare_models
 from search.worker.step import StepResult
 from search.worker.step import finished_of
 from search.worker.step import run_step
+from search.worker.study_store import is_replica_path
 from search.worker.study_store import open_study
 from search.worker.trainer import IsolatedTrainer
 from search.worker.trainer import Trainer
@@ -186,6 +187,8 @@ class Worker:
             sampler=sampler or make_sampler(spec, seed=opts.seed, models=searched),
             pruner=pruner or make_pruner(spec),
             on_create=_init_study(spec, opts, searched, baselines=baselines),
+            # what trains: --tiny, or replicas handed in as the model paths
+            replicas=opts.tiny or any(map(is_replica_path, model_paths.values())),
         )
         budget = ensure_budget(study, opts.n_trials, change=opts.set_n_trials)
         name_metric(study, spec.study.metric)  # dashboard plots say "ndcg@10" (old studies too)
