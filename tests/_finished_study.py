@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from optuna.trial import create_trial
 
 from search.record import attrs
+from search.record.stored_spec import store_spec_of
 from search.spec.load import load_spec
 from search.spec.study_spec import shipped_spec_path
 
@@ -92,7 +93,7 @@ def finished_study(url: str, name: str = "finished", *, completed: bool = True) 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     spec = load_spec(shipped_spec_path("ko-retrieval"))
-    study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
+    store_spec_of(study, spec.public_dict())
     for number, row in enumerate(r for r in TRIALS if completed or r[1] != "complete"):
         study.add_trial(_trial(number, row))
     return study

@@ -346,3 +346,22 @@ def test_config_lines_say_what_ran(study_db: Path) -> None:
     best = " ".join(result.output.split("\n\n")[0].split())  # the best line, wrapped at 100
     assert best.startswith("best:") and "precision=fp32" in best and "device=cpu" in best, best
     assert "amp=" not in best, best
+
+
+def test_the_spec_is_kept_for_scripts_not_in_the_dashboards_user_attributes(
+    study_db: Path, tmp_path: Path
+) -> None:
+    """A study keeps its spec as the system attribute ``search:spec`` (read by scripts through
+    ``stored_spec``), not as a user attribute the dashboard shows as a blob; a study made
+    before (the user attribute ``spec``) is still read."""
+    from search.record.stored_spec import stored_spec_of
+
+    target = tmp_path / "copy.db"
+    _copy_db(study_db, target)
+    study = optuna.load_study(study_name="best-tiny", storage=f"sqlite:///{target}")
+    assert "spec" not in study.user_attrs
+    stored = stored_spec_of(study)
+    assert stored is not None and stored["study"]["name"]
+    old = optuna.create_study(study_name="older", storage=f"sqlite:///{target}")
+    old.set_user_attr("spec", stored)  # how studies kept it before
+    assert stored_spec_of(old) == stored

@@ -22,6 +22,8 @@ from search.cli.run_options import WORKER_ONLY
 from search.cli.run_options import RunArgs
 from search.cli.run_options import run_options
 from search.record import attrs
+from search.record.stored_spec import store_spec_of
+from search.record.stored_spec import stored_spec_of
 from search.spec.load import load_spec
 from search.spec.options import RunOptions
 from search.spec.space_check import check_stored_space
@@ -200,7 +202,7 @@ def _existing_study(db: Path, spec_path: Path, name: str = "ko-retrieval") -> st
     """A study created from ``spec_path`` with one finished trial, as the runner leaves it."""
     url = f"sqlite:///{db}"
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
-    study.set_user_attr(attrs.STUDY_SPEC, load_spec(spec_path).public_dict())
+    store_spec_of(study, load_spec(spec_path).public_dict())
     study.set_user_attr(attrs.STUDY_N_TRIALS, 4)
     trial = study.ask()
     trial.suggest_float("lr", 1e-5, 2e-4, log=True)
@@ -209,7 +211,9 @@ def _existing_study(db: Path, spec_path: Path, name: str = "ko-retrieval") -> st
 
 
 def _stored(url: str, name: str = "ko-retrieval") -> dict:
-    return optuna.load_study(study_name=name, storage=url).user_attrs[attrs.STUDY_SPEC]
+    stored = stored_spec_of(optuna.load_study(study_name=name, storage=url))
+    assert stored is not None
+    return stored
 
 
 def test_study_made_from_another_space_is_refused_with_the_differences(tmp_path: Path) -> None:
@@ -405,7 +409,7 @@ def test_stored_space_is_checked_on_postgresql(tmp_path: Path, pg_url: str) -> N
     old = _spec(tmp_path, "old.yaml")
     study = optuna.create_study(storage=pg_url, study_name=name, direction="maximize")
     try:
-        study.set_user_attr(attrs.STUDY_SPEC, load_spec(old).public_dict())
+        study.set_user_attr(attrs.STUDY_SPEC, load_spec(old).public_dict())  # an older study
         new = _spec(
             tmp_path, "new.yaml", space__temperature={"low": 0.02, "high": 0.2, "log": True}
         )

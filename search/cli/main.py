@@ -596,7 +596,9 @@ def refine_cmd(
         _fail(f"--memory-limit {memory_limit!r}: {exc}")
     with _user_errors():
         url, _, loaded = _open_study(study, storage)
-        stored = loaded.user_attrs.get(attrs.STUDY_SPEC)
+        from search.record.stored_spec import stored_spec_of
+
+        stored = stored_spec_of(loaded)
         try:
             spec = StudySpec.model_validate(stored)
         except ValidationError:

@@ -36,6 +36,7 @@ from search.observe.keep import open_store
 from search.record import attrs
 from search.record.config import DEFAULT_OBJECTIVE
 from search.record.config import TrialConfig
+from search.record.stored_spec import stored_spec_of
 from search.record.trial_record import config_of
 from search.record.trial_record import metrics_of
 from search.record.trial_record import model_of
@@ -233,7 +234,7 @@ def _tiny_replica_again(study: optuna.Study, cfg: TrialConfig) -> TrialConfig:
     from search.worker.prepare import prepare_models  # lazy: imports torch (tiny replicas)
 
     try:
-        spec = StudySpec.model_validate(study.user_attrs.get(attrs.STUDY_SPEC) or {})
+        spec = StudySpec.model_validate(stored_spec_of(study) or {})
     except ValidationError:
         return cfg  # the retrain then says the path is missing
     opts = RunOptions(storage_url="", tiny=True, cache_dir=path.parent.parent)

@@ -40,6 +40,7 @@ from search.observe.report import read_trials
 from search.observe.report import study_metric
 from search.record import attrs
 from search.record.counts import requeued_numbers
+from search.record.stored_spec import stored_spec_of
 
 if TYPE_CHECKING:
     import optuna
@@ -69,7 +70,7 @@ def load_plot_data(
 ) -> PlotData:
     """The plot data of ``study`` (a lean read of the RDB ``storage`` when given)."""
     trials = read_trials(study, storage=storage)
-    spec = study.user_attrs.get(attrs.STUDY_SPEC)
+    spec = stored_spec_of(study)
     return plot_data(
         trials,
         study=study.study_name,

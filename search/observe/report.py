@@ -19,6 +19,7 @@ from search.observe.keep import kept_models
 from search.observe.keep import models_not_kept
 from search.record import attrs
 from search.record.counts import requeued_numbers
+from search.record.stored_spec import stored_spec_of
 from search.record.trial_record import config_of
 from search.record.trial_record import is_oom
 from search.record.trial_record import metrics_of
@@ -290,7 +291,7 @@ def read_trials(
 
 def study_metric(study: optuna.Study) -> str:
     """The study's metric: its stored spec's (``ndcg@10``), else its metric name."""
-    spec = study.user_attrs.get(attrs.STUDY_SPEC)
+    spec = stored_spec_of(study)
     metric = (spec.get("study") or {}).get("metric") if isinstance(spec, dict) else None
     if not metric and study.metric_names:
         metric = study.metric_names[0]

@@ -76,10 +76,11 @@ def se_key(metric: str) -> str:
 
 # Study user attributes.
 STUDY_N_TRIALS = "n_trials"  # the study's global budget of finished trials
-STUDY_SPEC = "spec"  # the resolved study spec, secrets excluded
+STUDY_SPEC = "spec"  # the spec of a study made before search:spec (search.record.stored_spec)
 STUDY_MODELS = "models"  # the models searched, when --skip-unavailable left some out
 
 # Study system attributes.
+STUDY_SPEC_SYSTEM = "search:spec"  # the resolved study spec, secrets excluded
 STUDY_INITIALIZED = "search:initialized"  # on_create finished (search.worker.study_store)
 # One key per kept model later removed (pushed out of the top K): prefix + artifact id -> trial.
 MODEL_REMOVED_PREFIX = "search:model_removed:"

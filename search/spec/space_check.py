@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
 
-from search.record.attrs import STUDY_SPEC
+from search.record.stored_spec import store_spec
+from search.record.stored_spec import stored_spec
 from search.spec.study_spec import SpecError
 from search.spec.study_spec import StudySpec
 
@@ -237,12 +238,12 @@ def check_stored_space(
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
         return
-    stored = storage.get_study_user_attrs(study_id).get(STUDY_SPEC)
+    stored = stored_spec(storage, study_id)
     changed = compare_stored_space(study_name, stored, spec, force=force)
     trials = storage.get_all_trials(study_id, deepcopy=False)
     check_param_names(study_name, (n for t in trials for n in t.params), spec, force=force)
     if changed:
-        storage.set_study_user_attr(study_id, STUDY_SPEC, spec.public_dict())
+        store_spec(storage, study_id, spec.public_dict())
 
 
 def missing_sqlite(url: str) -> bool:

@@ -33,6 +33,7 @@ from search.memory.feasible import preflight_fits
 from search.record import attrs
 from search.record.config import TrialConfig
 from search.record.models import ModelInfo
+from search.record.stored_spec import store_spec_of
 from search.record.trial_record import name_metric
 from search.sampling.pruners import make_pruner
 from search.sampling.sampler import ConditionalSampler
@@ -361,7 +362,7 @@ def _init_study(
     spec: StudySpec, opts: RunOptions, searched: list[str], *, baselines: bool = True
 ) -> Callable[[optuna.Study], None]:
     def init(study: optuna.Study) -> None:
-        study.set_user_attr(attrs.STUDY_SPEC, spec.public_dict())
+        store_spec_of(study, spec.public_dict())
         ensure_budget(study, opts.n_trials or spec.study.n_trials)
         if list(searched) != list(spec.models):  # --skip-unavailable left some out
             study.set_user_attr(attrs.STUDY_MODELS, list(searched))
