@@ -20,6 +20,8 @@ from storage._error import StorageError
 from storage._error import StorageUnreachable
 from storage._fast_read import read_summary_trials
 from storage._fast_read import read_user_attr
+from storage._fence import LockLost
+from storage._fence import fence_writes
 from storage._heartbeat import HeartbeatThread
 from storage._heartbeat import adopt_orphans
 from storage._heartbeat import heartbeat
@@ -69,6 +71,7 @@ __all__ = [
     "ArtifactStore",
     "BaseHeartbeat",
     "HeartbeatThread",
+    "LockLost",
     "ResilientRDBStorage",
     "StorageError",
     "StorageStatus",
@@ -83,6 +86,7 @@ __all__ = [
     "dashboard_note_keys",
     "default_storage_url",
     "fail_and_enqueue",
+    "fence_writes",
     "forget_cached_trials",
     "heartbeat",
     "is_heartbeat_enabled",

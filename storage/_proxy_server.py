@@ -26,6 +26,8 @@ from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from storage._fence import LockLost
+from storage._fence import fenced
 from storage._lock import lock_timeout
 from storage._lock import named_lock
 from storage._ops import adopt_orphans_in
@@ -33,6 +35,7 @@ from storage._ops import fail_and_enqueue_in
 from storage._ops import stale_trial_ids
 from storage._proxy_client import SERVICE
 from storage._proxy_client import dump
+from storage._proxy_client import fence_from_message
 from storage._proxy_client import load
 from storage._proxy_client import trial_from_text
 from storage._rdb import client_token
@@ -133,7 +136,7 @@ class ExtrasService:
         self, request: dict[str, Any], context: grpc.ServicerContext
     ) -> dict[str, Any]:
         template = trial_from_text(request["template"]) if request.get("template") else None
-        with _token_of(request):
+        with _token_of(request), fenced(fence_from_message(request.get("fence"))):
             trial_id = self._cached.create_new_trial(int(request["study_id"]), template)
         return {"id": trial_id}
 
@@ -141,7 +144,7 @@ class ExtrasService:
         self, request: dict[str, Any], context: grpc.ServicerContext
     ) -> dict[str, Any]:
         trial_id, state = int(request["trial_id"]), TrialState[request["state"]]
-        with _token_of(request):
+        with _token_of(request), fenced(fence_from_message(request.get("fence"))):
             updated = self._cached.set_trial_state_values(trial_id, state, request.get("values"))
         return {"updated": updated}
 
@@ -179,7 +182,7 @@ class ExtrasService:
             ended = threading.Event()
             if not context.add_callback(ended.set):  # the worker has gone already
                 return
-            with named_lock(self._rdb, name):
+            with named_lock(self._rdb, name, holder=_holder(request, context)):
                 yield {"held": True}
                 if not ended.wait(lock_timeout()):
                     _logger.warning(
@@ -189,6 +192,12 @@ class ExtrasService:
                     )
         finally:
             local.release()
+
+
+def _holder(request: dict[str, Any], context: grpc.ServicerContext) -> str:
+    """The worker a lock is held for (its ``<pid>@<host>``, else its address), for
+    ``pg_stat_activity`` (``storage._lock.holder_label``)."""
+    return str(request.get("holder") or context.peer())
 
 
 def _token_of(request: dict[str, Any]) -> AbstractContextManager[None]:
@@ -208,6 +217,8 @@ def _answered(fn: Handler) -> Handler:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except DuplicatedStudyError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc) or "study exists")
+        except LockLost as exc:  # storage._fence: the worker's budget lock was taken since
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
         raise AssertionError("unreachable")  # context.abort raises
 
     return call

@@ -80,10 +80,12 @@ from search.record.counts import spent_count
 from search.record.errors import RunError
 from search.record.trial_record import handed_back_attrs
 from storage import BaseHeartbeat
+from storage import LockLost
 from storage import adopt_orphans
 from storage import call_with_retry
 from storage import compat
 from storage import fail_and_enqueue
+from storage import fence_writes
 from storage import is_heartbeat_enabled
 from storage import named_lock
 from storage import rdb_backend
@@ -257,7 +259,11 @@ def claim(
     while not stopped():
         requeued: list[StaleTrial] = []
         try:
-            with named_lock(storage, budget_lock_name(study)), _quiet_heartbeat_warnings():
+            with (
+                named_lock(storage, budget_lock_name(study)),
+                _quiet_heartbeat_warnings(),
+                fence_writes(storage, compat.study_id(study)),  # before the trials are read
+            ):
                 if beating:
                     requeued = _sweep(study)
                 trials = study.get_trials(deepcopy=False)  # the step's one read of the list
@@ -280,6 +286,10 @@ def claim(
                         _retried(storage, first_beat, "first heartbeat")
                     return Claim(trial, trials, requeued)
                 running = any(t.state == TrialState.RUNNING for t in trials)
+        except LockLost as lost:  # paused past the lock timeout: another worker claimed since
+            _logger.warning("study %s: %s", study.study_name, lost)
+            compat.forget_cached_trials(study)
+            continue
         finally:
             if requeued and on_requeued is not None:
                 on_requeued(requeued)
