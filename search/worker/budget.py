@@ -28,6 +28,13 @@ dies; SQLite: a file lock next to the database file). Under that lock it:
    then an enqueued one (``study.ask()`` pops WAITING trials in the order they were added),
    then a freshly sampled one -- and records its first heartbeat before releasing the lock.
 
+The lock can expire under a holder paused past ``$SEARCH_LOCK_TIMEOUT`` (the server ends its
+transaction; the proxy ends its lease), so the claim is fenced (``storage.fence_writes``): right
+after taking the lock the worker writes a fresh token with the study, before it reads the
+trials, and the trial it creates or sets RUNNING commits only if the token is still its own,
+checked in the same transaction. A holder that lost the lock gets ``LockLost``, having written
+no trial, and claims again from the start.
+
 Every trial that spends the budget was taken under the lock while the count was below ``N``,
 and a trial leaves the count only when its re-run is queued, so the count never exceeds ``N``
 and the study ends with exactly ``N`` finished trials that trained (WAITING trials left over,
