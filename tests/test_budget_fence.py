@@ -118,13 +118,14 @@ def _into_the_claim(conn: sqlalchemy.engine.Connection, study: str) -> None:
 
 def _stop_the_last_claimer(
     pg_db: str, study: str, budget: int, workers: list[WorkerProcess]
-) -> tuple[WorkerProcess, bool]:
+) -> tuple[WorkerProcess, bool] | None:
     """SIGSTOP the worker holding the budget lock, once ``budget - 1`` trials are claimed.
 
     One that is running a trial holds it for its stale sweep, not to claim: the test waits for
     one that claims (no trial of its own running), so the last trial of the budget is at
     stake, and stops it at a random point of its claim (``_into_the_claim``). Returns the
-    stopped worker and whether it was caught before the last claim.
+    stopped worker and whether it was caught before the last claim; ``None`` when the last
+    claim slipped by and the workers were done before one could be stopped.
     """
     by_pid = {w.pid: w for w in workers}
     storage_of(pg_db)  # the tables, before the workers make them
@@ -150,10 +151,8 @@ def _stop_the_last_claimer(
             claimed = _claimed(conn, study)[0]
     finally:
         engine.dispose()
-    alive = [w for w in workers if w.alive()]
-    raise AssertionError(
-        f"never saw a worker hold the budget lock to claim ({claimed} claimed; alive: {alive})"
-    )
+    assert claimed >= budget, f"no worker took the budget lock to claim ({claimed} claimed)"
+    return None  # the last claim slipped by and every worker is done: nothing was stopped
 
 
 def _waits(trials: list[FrozenTrial], worker: WorkerProcess) -> list[tuple[float, float]]:
@@ -172,17 +171,22 @@ def _waits(trials: list[FrozenTrial], worker: WorkerProcess) -> list[tuple[float
     ]
 
 
-def _paused_holder_run(pg_db: str, url: str, tmp: Path, env: dict[str, str]) -> tuple[bool, bool]:
+def _paused_holder_run(
+    pg_db: str, url: str, tmp: Path, env: dict[str, str]
+) -> tuple[bool, bool] | None:
     """Three workers on a budget of 4; the holder of the lock for the last claim is stopped
     past the lock timeout, then let go. Returns whether it was caught before the last claim
-    and whether its claim, when it resumed, was fenced off."""
+    and whether its claim, when it resumed, was fenced off; ``None`` if none was stopped."""
     study = f"fence-{uuid.uuid4().hex[:8]}"
     workers = [
         WorkerProcess(url, study, BUDGET, tmp, f"{study}-w{i}", epochs=2, epoch_s=0.4, env=env)
         for i in range(3)
     ]
     try:
-        stopped, last = _stop_the_last_claimer(pg_db, study, BUDGET, workers)
+        caught = _stop_the_last_claimer(pg_db, study, BUDGET, workers)
+        if caught is None:
+            return None
+        stopped, last = caught
         since = time.time()
         time.sleep(STOP_S)
         os.kill(stopped.pid, signal.SIGCONT)
@@ -194,7 +198,8 @@ def _paused_holder_run(pg_db: str, url: str, tmp: Path, env: dict[str, str]) -> 
         for worker in workers:
             for ended, waited in _waits(trials, worker):
                 if worker is not stopped and since - bound <= ended <= until:
-                    assert waited <= bound, f"{worker} waited {waited:.1f} s (> {bound} s)"
+                    stalled = waited - max(0.0, since - ended)  # from the stop, if it was later
+                    assert stalled <= bound, f"{worker} stalled {stalled:.1f} s (> {bound} s)"
         assert_budget_spent_exactly(trials, BUDGET, workers)  # not one trained trial more
         return last, "budget lock was taken by another worker" in stopped.stderr()
     finally:
@@ -202,12 +207,21 @@ def _paused_holder_run(pg_db: str, url: str, tmp: Path, env: dict[str, str]) -> 
 
 
 def _runs(pg_db: str, url: str, tmp: Path, how: str) -> None:
-    outcomes = [_paused_holder_run(pg_db, url, tmp, ENV) for _ in range(REPEATS)]
+    """``REPEATS`` runs in which a holder was stopped (a run where none could be is redone)."""
+    outcomes: list[tuple[bool, bool]] = []
+    redone = 0
+    while len(outcomes) < REPEATS:
+        outcome = _paused_holder_run(pg_db, url, tmp, ENV)
+        if outcome is None:
+            redone += 1
+            assert redone <= REPEATS, "the last claim slipped by in too many runs"
+        else:
+            outcomes.append(outcome)
     last = sum(o[0] for o in outcomes)
     fenced = sum(o[1] for o in outcomes)
     print(
-        f"{how}: {REPEATS}/{REPEATS} runs exact; holder caught before the last claim in {last}, "
-        f"its claim fenced off in {fenced}"
+        f"{how}: {REPEATS}/{REPEATS} runs exact and unstalled ({redone} redone: nothing stopped); "
+        f"holder caught before the last claim in {last}, its claim fenced off in {fenced}"
     )
 
 
