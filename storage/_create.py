@@ -310,7 +310,11 @@ class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
             if self._conn is not None:
                 self._conn.close()  # ending its transaction releases the advisory lock
         except sqlalchemy.exc.SQLAlchemyError as error:  # cut off: the server released it
-            _logger.warning("%s: its connection was lost (%s)", SCHEMA_LOCK, type(error).__name__)
+            _logger.warning(
+                "the startup lock's connection was lost while held (%s): held past "
+                "$SEARCH_LOCK_TIMEOUT, or the database restarted",
+                type(error).__name__,
+            )
         finally:
             if self._engine is not None:
                 self._engine.dispose()
