@@ -21,6 +21,8 @@ from storage._error import StorageError
 from storage._error import StorageUnreachable
 from storage._fast_read import read_summary_trials
 from storage._fast_read import read_user_attr
+from storage._fence import LockLost
+from storage._fence import fence_writes
 from storage._heartbeat import HeartbeatThread
 from storage._heartbeat import adopt_orphans
 from storage._heartbeat import heartbeat
@@ -78,6 +80,7 @@ __all__ = [
     "BaseHeartbeat",
     "HeartbeatThread",
     "ProxySecurityError",
+    "LockLost",
     "ResilientRDBStorage",
     "ServerSecurity",
     "StorageError",
@@ -95,6 +98,7 @@ __all__ = [
     "dashboard_note_keys",
     "default_storage_url",
     "fail_and_enqueue",
+    "fence_writes",
     "forget_cached_trials",
     "heartbeat",
     "is_heartbeat_enabled",

@@ -16,6 +16,7 @@ from filelock import FileLock
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
 
 from storage._engine import PG_CONNECT_TIMEOUT_S
 from storage._engine import check_driver
@@ -23,7 +24,9 @@ from storage._engine import connect_timeout
 from storage._engine import first_connection
 from storage._engine import unreachable
 from storage._error import StorageError
+from storage._lock import idle_timeout_ms
 from storage._lock import lock_key
+from storage._lock import take_startup_lock
 from storage._rdb import ResilientRDBStorage
 from storage._retry import call_with_retry
 from storage._url import is_proxy_url
@@ -149,8 +152,10 @@ def create_storage(
     backend, path = parse_url(url)
     check_driver(url)
     kwargs = engine_kwargs_for(backend)
-    if pool is not None and backend == "postgresql":
-        kwargs["pool_size"], kwargs["max_overflow"] = pool
+    if backend == "postgresql":
+        if pool is not None:
+            kwargs["pool_size"], kwargs["max_overflow"] = pool
+        kwargs["connect_args"]["options"] = bounded_idle_options(url)
     if path is not None:
         check_sqlite_path(path, shown, must_exist=must_exist)
     # A read-only command on an existing SQLite file writes nothing: no WAL switch, no lock.
@@ -188,6 +193,20 @@ def create_storage(
             raise unreachable(url, exc, None) from None
     _logger.info("storage %s (heartbeat %s s)", shown, heartbeat_interval)
     return storage
+
+
+def bounded_idle_options(url: str) -> str:
+    """libpq ``options`` (the URL's own kept) that make the server end any transaction of this
+    process left idle for ``$SEARCH_LOCK_TIMEOUT``.
+
+    A process paused (SIGSTOP, a VM pause) or cut off in the middle of a transaction keeps its
+    row locks (the study's row, taken by every trial creation): without this, every other
+    worker would wait for it as long as it stays paused, lock timeout or not. A transaction of
+    this project is never idle for long (each is a few statements in a row).
+    """
+    given = make_url(url).query.get("options")
+    setting = f"-c idle_in_transaction_session_timeout={idle_timeout_ms()}"
+    return f"{given} {setting}" if isinstance(given, str) and given else setting
 
 
 def _proxy_client(
@@ -266,8 +285,8 @@ def _prepare_sqlite(path: str, shown: str) -> None:
 
 
 class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
-    """Connect (waiting ``$SEARCH_CONNECT_TIMEOUT`` for a server that is away) and hold a
-    session advisory lock."""
+    """Connect (waiting ``$SEARCH_CONNECT_TIMEOUT`` for a server that is away) and hold the
+    startup advisory lock, bounded like the budget lock (``storage._lock.take_startup_lock``)."""
 
     def __init__(self, url: str, kwargs: dict[str, Any], max_wait: float, shown: str) -> None:
         self._url = url
@@ -280,11 +299,15 @@ class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
     def __enter__(self) -> _PgSchemaLock:
         key = lock_key(SCHEMA_LOCK)
         engine = self._engine = first_connection(self._url, self._connect_args)
+        what = f"the startup lock of {self._shown}"
 
         def connect() -> sqlalchemy.engine.Connection:
             conn = engine.connect()
-            conn.execute(sqlalchemy.select(sqlalchemy.func.pg_advisory_lock(key)))
-            conn.commit()
+            try:
+                take_startup_lock(conn, key, what)  # bounded: storage._lock
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
         try:
@@ -297,7 +320,13 @@ class _PgSchemaLock(AbstractContextManager["_PgSchemaLock"]):
     def __exit__(self, *exc_info: object) -> None:
         try:
             if self._conn is not None:
-                self._conn.close()  # closing the session releases the advisory lock
+                self._conn.close()  # ending its transaction releases the advisory lock
+        except sqlalchemy.exc.SQLAlchemyError as error:  # cut off: the server released it
+            _logger.warning(
+                "the startup lock's connection was lost while held (%s): held past "
+                "$SEARCH_LOCK_TIMEOUT, or the database restarted",
+                type(error).__name__,
+            )
         finally:
             if self._engine is not None:
                 self._engine.dispose()

@@ -26,7 +26,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import random
+import socket
 import time
 import uuid
 import warnings
@@ -49,6 +51,9 @@ from optuna.trial import TrialState
 
 from storage._error import StorageError
 from storage._error import StorageUnreachable
+from storage._fence import Fence
+from storage._fence import LockLost
+from storage._fence import current_fence
 from storage._grpc import grpc
 from storage._proxy_auth import client_channel
 from storage._proxy_security import ENV_TLS_CA
@@ -83,6 +88,18 @@ def load(data: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def fence_message(fence: Fence | None) -> dict[str, Any] | None:
+    """The claim's fence (``storage._fence``) as a JSON message, for the proxy to check."""
+    return None if fence is None else {"study_id": fence.study_id, "token": fence.token}
+
+
+def fence_from_message(message: Any) -> Fence | None:
+    """The fence written by :func:`fence_message`."""
+    if not isinstance(message, dict):
+        return None
+    return Fence(int(message["study_id"]), str(message["token"]))
+
+
 def trial_to_text(trial: FrozenTrial) -> str:
     """A trial as text, by Optuna's own gRPC message."""
     return base64.b64encode(trial_to_bytes(trial)).decode()
@@ -104,6 +121,8 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         max_retry: How many times a stale trial is re-queued.
         timeout: Seconds to wait for the proxy to answer at first.
     """
+
+    checks_fences = True  # the proxy checks the claim's fence (storage._fence) for us
 
     def __init__(
         self,
@@ -173,6 +192,8 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
                 raise KeyError(exc.details()) from None
             if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
                 raise DuplicatedStudyError(exc.details()) from None
+            if exc.code() == grpc.StatusCode.ABORTED:  # storage._fence: the lock was lost
+                raise LockLost(exc.details()) from None
             raise
 
     def _once(self, what: str, attempt: Callable[[bool], R]) -> R:
@@ -213,6 +234,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             "study_id": study_id,
             "template": trial_to_text(template_trial) if template_trial is not None else None,
             "token": uuid.uuid4().hex,
+            "fence": fence_message(current_fence()),
         }
         return self._once(
             "create_new_trial",
@@ -228,6 +250,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             "state": state.name,
             "values": list(values) if values is not None else None,
             "token": uuid.uuid4().hex,
+            "fence": fence_message(current_fence()),
         }
         return self._once(
             "set_trial_state_values",
@@ -304,9 +327,11 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
             f"/{SERVICE}/Hold", request_serializer=dump, response_deserializer=load
         )
 
+        holder = f"{os.getpid()}@{socket.gethostname()}"  # names the proxy's lock connection
+
         def acquire() -> Any:
             while True:
-                call = hold({"name": name})
+                call = hold({"name": name, "holder": holder})
                 try:
                     next(call)
                     return call

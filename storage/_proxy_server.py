@@ -25,6 +25,8 @@ from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from storage._fence import LockLost
+from storage._fence import fenced
 from storage._grpc import grpc
 from storage._lock import lock_timeout
 from storage._lock import named_lock
@@ -35,6 +37,7 @@ from storage._proxy_auth import TokenCheck
 from storage._proxy_auth import add_port
 from storage._proxy_client import SERVICE
 from storage._proxy_client import dump
+from storage._proxy_client import fence_from_message
 from storage._proxy_client import load
 from storage._proxy_client import trial_from_text
 from storage._proxy_security import ServerSecurity
@@ -136,7 +139,7 @@ class ExtrasService:
         self, request: dict[str, Any], context: grpc.ServicerContext
     ) -> dict[str, Any]:
         template = trial_from_text(request["template"]) if request.get("template") else None
-        with _token_of(request):
+        with _token_of(request), fenced(fence_from_message(request.get("fence"))):
             trial_id = self._cached.create_new_trial(int(request["study_id"]), template)
         return {"id": trial_id}
 
@@ -144,7 +147,7 @@ class ExtrasService:
         self, request: dict[str, Any], context: grpc.ServicerContext
     ) -> dict[str, Any]:
         trial_id, state = int(request["trial_id"]), TrialState[request["state"]]
-        with _token_of(request):
+        with _token_of(request), fenced(fence_from_message(request.get("fence"))):
             updated = self._cached.set_trial_state_values(trial_id, state, request.get("values"))
         return {"updated": updated}
 
@@ -182,7 +185,7 @@ class ExtrasService:
             ended = threading.Event()
             if not context.add_callback(ended.set):  # the worker has gone already
                 return
-            with named_lock(self._rdb, name):
+            with named_lock(self._rdb, name, holder=_holder(request, context)):
                 yield {"held": True}
                 if not ended.wait(lock_timeout()):
                     _logger.warning(
@@ -192,6 +195,12 @@ class ExtrasService:
                     )
         finally:
             local.release()
+
+
+def _holder(request: dict[str, Any], context: grpc.ServicerContext) -> str:
+    """The worker a lock is held for (its ``<pid>@<host>``, else its address), for
+    ``pg_stat_activity`` (``storage._lock.holder_label``)."""
+    return str(request.get("holder") or context.peer())
 
 
 def _token_of(request: dict[str, Any]) -> AbstractContextManager[None]:
@@ -211,6 +220,8 @@ def _answered(fn: Handler) -> Handler:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except DuplicatedStudyError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc) or "study exists")
+        except LockLost as exc:  # storage._fence: the worker's budget lock was taken since
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
         raise AssertionError("unreachable")  # context.abort raises
 
     return call

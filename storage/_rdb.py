@@ -50,6 +50,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from storage._fast_read import read_trials
+from storage._fence import check_fence_in
 from storage._retry import call_with_retry
 from storage._retry import retrying
 from storage.compat import CACHED_BACKEND_METHODS
@@ -122,7 +123,9 @@ class ResilientRDBStorage(RDBStorage):
     checkout, and a statement caught mid-flight (or a connect refused while the server starts)
     is retried with exponential backoff for up to ``max_wait`` seconds before the error is
     raised. Errors that are not about the connection (bad data, integrity) are raised at once.
-    A write whose commit's acknowledgement was lost is not done twice (module docstring).
+    A write whose commit's acknowledgement was lost is not done twice (module docstring). A
+    trial created or set RUNNING inside ``storage._fence.fenced`` commits only while the
+    study's budget fence holds the caller's token (``checks_fences``).
 
     Example:
         >>> s = ResilientRDBStorage("sqlite:///:memory:", max_wait=5)
@@ -135,6 +138,8 @@ class ResilientRDBStorage(RDBStorage):
         max_wait: Seconds to keep retrying one call while the database is away.
         **kwargs: Keyword arguments of ``RDBStorage`` (heartbeats, callbacks, ...).
     """
+
+    checks_fences = True  # storage._fence: the claim's writes present the lock's token
 
     def __init__(
         self,
@@ -332,6 +337,7 @@ class ResilientRDBStorage(RDBStorage):
             tables.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
             found = _trial_by_token(session, study_id, token) if look else None
             if found is None:
+                check_fence_in(session, study_id)  # a claim that lost its lock writes nothing
                 stamped = stamp_template(template, token)
                 row = add_trial_in(self, session, study_id, stamped)
                 created = _frozen(row, stamped)
@@ -395,6 +401,7 @@ class ResilientRDBStorage(RDBStorage):
                         set_trial_value_in(self, session, row, objective, value)
                 if state == TrialState.RUNNING and row.state != TrialState.WAITING:
                     return False
+                check_fence_in(session, study_id_of(row))  # lost its lock: writes nothing
                 set_trial_attr_in(self, session, trial_id, STATE_TOKEN, token, system=True)
                 row.state = state
                 if state == TrialState.RUNNING:
@@ -501,6 +508,12 @@ def _trial_by_token(session: sqlalchemy.orm.Session, study_id: int, token: str) 
         )
     ).scalar()
     return None if found is None else int(found)
+
+
+def study_id_of(row: tables.TrialModel) -> int:
+    """The study id of a trial's row (typed: the model's column is optional)."""
+    assert row.study_id is not None
+    return int(row.study_id)
 
 
 def read_state_token(session: sqlalchemy.orm.Session, trial_id: int) -> str | None:

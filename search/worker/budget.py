@@ -28,6 +28,13 @@ dies; SQLite: a file lock next to the database file). Under that lock it:
    then an enqueued one (``study.ask()`` pops WAITING trials in the order they were added),
    then a freshly sampled one -- and records its first heartbeat before releasing the lock.
 
+The lock can expire under a holder paused past ``$SEARCH_LOCK_TIMEOUT`` (the server ends its
+transaction; the proxy ends its lease), so the claim is fenced (``storage.fence_writes``): right
+after taking the lock the worker writes a fresh token with the study, before it reads the
+trials, and the trial it creates or sets RUNNING commits only if the token is still its own,
+checked in the same transaction. A holder that lost the lock gets ``LockLost``, having written
+no trial, and claims again from the start.
+
 Every trial that spends the budget was taken under the lock while the count was below ``N``,
 and a trial leaves the count only when its re-run is queued, so the count never exceeds ``N``
 and the study ends with exactly ``N`` finished trials that trained (WAITING trials left over,
@@ -81,10 +88,12 @@ from search.record.errors import RunError
 from search.record.trial_record import handed_back_attrs
 from search.record.trial_record import lost_attrs
 from storage import BaseHeartbeat
+from storage import LockLost
 from storage import adopt_orphans
 from storage import call_with_retry
 from storage import compat
 from storage import fail_and_enqueue
+from storage import fence_writes
 from storage import is_heartbeat_enabled
 from storage import named_lock
 from storage import rdb_backend
@@ -258,7 +267,11 @@ def claim(
     while not stopped():
         requeued: list[StaleTrial] = []
         try:
-            with named_lock(storage, budget_lock_name(study)), _quiet_heartbeat_warnings():
+            with (
+                named_lock(storage, budget_lock_name(study)),
+                _quiet_heartbeat_warnings(),
+                fence_writes(storage, compat.study_id(study)),  # before the trials are read
+            ):
                 if beating:
                     requeued = _sweep(study)
                 trials = study.get_trials(deepcopy=False)  # the step's one read of the list
@@ -281,6 +294,10 @@ def claim(
                         _retried(storage, first_beat, "first heartbeat")
                     return Claim(trial, trials, requeued)
                 running = any(t.state == TrialState.RUNNING for t in trials)
+        except LockLost as lost:  # paused past the lock timeout: another worker claimed since
+            _logger.warning("study %s: %s", study.study_name, lost)
+            compat.forget_cached_trials(study)
+            continue
         finally:
             if requeued and on_requeued is not None:
                 on_requeued(requeued)
