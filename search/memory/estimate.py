@@ -442,19 +442,10 @@ def _estimate(
         q_act, q_layer = encoder(s_q, b)
         p_act, p_layer = encoder(s_p, n_passages)
         activations = q_act + p_act
-    if cfg.gradient_checkpointing and cpu and not rows and padding_free:
-        # Queries and passages are one packed pass: its layers are recomputed one at a time
-        # over all tokens. As the layers' gradients appear, the later layers' inputs are freed:
-        # the first recomputed layer with every input kept, or the last with every layer's
-        # gradient (the embedding tables' come after it, with the layers' activations gone).
-        embedding_grads = 4 * (arch.vocab + arch.max_positions) * arch.hidden
-        tokens = b * s_q + n_passages * s_p
-        later_inputs = (arch.num_layers - 1) * tokens * arch.hidden * 4
-        activations += q_layer + p_layer
-        grads = max(0, grads - embedding_grads - later_inputs)
-    elif cfg.gradient_checkpointing and cpu and not rows:
+    if cfg.gradient_checkpointing and cpu and not rows:
         # Two moments of the backward pass, measured on the real all-MiniLM-L6-v2 (10 points,
-        # bench/bench_estimate_real.py). The passages' graph, built last, is back-propagated
+        # bench/bench_estimate_real.py). Padded or padding-free, queries and passages are two
+        # encoder passes (search.train.loop._loss). The passages' graph, built last, is back-propagated
         # first: its layers are recomputed one at a time while both passes' layer inputs are
         # kept and the layers' gradients appear (the embedding tables' come at its end). Then
         # the queries' layers are recomputed, the passages' graph gone and every gradient
@@ -474,8 +465,7 @@ def _estimate(
         activations += max(q_layer, p_layer) if cpu else q_layer + p_layer
     scores = 3 * 4 * b * n_passages  # (b, b*(1+neg)) fp32: scores, softmax, gradient
 
-    # The backward working set: one layer's, over all tokens where they are one pass.
-    working_set = q_layer + p_layer if padding_free else max(q_layer, p_layer)
+    working_set = max(q_layer, p_layer)
     if cpu:
         share = "working_set_checkpointing" if cfg.gradient_checkpointing else "working_set"
         working_set = int(CPU_CALIBRATION[share] * working_set)
