@@ -445,12 +445,12 @@ def _estimate(
     if cfg.gradient_checkpointing and cpu and not rows:
         # Two moments of the backward pass, measured on the real all-MiniLM-L6-v2 (10 points,
         # bench/bench_estimate_real.py). Padded or padding-free, queries and passages are two
-        # encoder passes (search.train.loop._loss). The passages' graph, built last, is back-propagated
-        # first: its layers are recomputed one at a time while both passes' layer inputs are
-        # kept and the layers' gradients appear (the embedding tables' come at its end). Then
-        # the queries' layers are recomputed, the passages' graph gone and every gradient
-        # allocated. The peak is the larger of the two; summing all gradients with the first
-        # put checkpointed points with hard negatives 14-16% high.
+        # encoder passes (search.train.loop._loss). The passages' graph, built last, is
+        # back-propagated first: its layers are recomputed one at a time while both passes'
+        # layer inputs are kept and the layers' gradients appear (the embedding tables' come
+        # at its end). Then the queries' layers are recomputed, the passages' graph gone and
+        # every gradient allocated. The peak is the larger of the two; summing all gradients
+        # with the first put checkpointed points with hard negatives 14-16% high.
         embedding_grads = 4 * (arch.vocab + arch.max_positions) * arch.hidden
         layer_grads = max(0, grads - embedding_grads)
         passages_first = q_act + p_act + p_layer
