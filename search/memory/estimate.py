@@ -330,8 +330,9 @@ def estimate_peak_memory(
     9 bytes per attention element (5 under bf16), per-block attention tensors below the mmap
     threshold counted twice (heap holes). The fail-fast step still runs padded, before AdamW's
     moments exist: the estimate is the larger of that step and a padding-free one. On the real
-    all-MiniLM-L6-v2 (BENCHMARKS.md, "Memory estimate with padding-free steps and AMP"): see
-    the ratios there, fp32 and AMP apart.
+    all-MiniLM-L6-v2, 16 held-out points of batch 16-48 x max_len 96-256 x checkpointing x 0-1
+    hard negatives: 0.980-1.065 in fp32, 0.955-1.076 under bf16 AMP (BENCHMARKS.md, "Memory
+    estimate with padding-free steps and AMP").
 
     Example:
         >>> from search.record.models import MODELS
