@@ -8,9 +8,14 @@ from typing import Any
 import pytest
 from _factories import trial_config
 
+from search.memory.estimate import ATTENTION_BLOCK_ROWS
+from search.memory.estimate import CPU_CALIBRATION
 from search.memory.estimate import CUDA_CONTEXT_BYTES
+from search.memory.estimate import MMAP_THRESHOLD
+from search.memory.estimate import PADDING_FREE_TYPES
 from search.memory.estimate import estimate_peak_memory
 from search.memory.estimate import layer_activation_bytes
+from search.memory.estimate import runs_padding_free
 from search.memory.preflight import ESTIMATE_BAND
 from search.record.config import TrialConfig
 from search.record.models import MODELS
@@ -154,7 +159,8 @@ def test_max_len_is_capped_by_the_positions() -> None:
 
 
 def test_cpu_fp32_counts_the_attention_matrix() -> None:
-    cpu = estimate_peak_memory(SMALL, _cfg(device="cpu", amp=False), device_type="cpu")
+    cfg = _cfg(device="cpu", amp=False, padding_free=False)
+    cpu = estimate_peak_memory(SMALL, cfg, device_type="cpu")
     p = SMALL.n_params
     assert cpu.params_bytes == 4 * p
     # Per token of one layer: (9h + 2f)*4 + 2h*4 = 4864; per attention element 12 bytes.
@@ -162,6 +168,70 @@ def test_cpu_fp32_counts_the_attention_matrix() -> None:
     layer_p = 256 * 4864 + 4 * 32 * 32 * 8 * 12
     embeddings = (128 + 256) * (64 * 8 + 8)
     assert cpu.activations_bytes == embeddings + 2 * (layer_q + layer_p)
+
+
+def test_cpu_padding_free_counts_its_own_layer() -> None:
+    cfg = _cfg(device="cpu", amp=False, fail_fast=False)
+    assert runs_padding_free(SMALL, cfg)
+    cpu = estimate_peak_memory(SMALL, cfg, device_type="cpu")
+
+    # Per token of one layer: (11h + 2f)*4 + 2h*1 (bool masks) = 4992; 9 bytes per attention
+    # element. Each pass is one block (4 and 8 rows of 32): every per-block tensor is under
+    # the mmap threshold and counted again: 3 of rows*32*h*4, 2 of rows*a*32^2*4, 1 bool.
+    def layer(rows: int) -> int:
+        small = 3 * rows * 32 * 64 * 4 + 2 * rows * 4 * 32 * 32 * 4 + rows * 4 * 32 * 32
+        return rows * 32 * 4992 + rows * 4 * 32 * 32 * 9 + small
+
+    embeddings = (128 + 256) * (64 * 5 + 16)  # LN input, bool mask, ids and positions
+    assert cpu.activations_bytes == embeddings + 2 * (layer(4) + layer(8))
+    # Without the padding-free forward (eager attention, or off) the padded count is back.
+    for other in (
+        dataclasses.replace(cfg, attn_implementation="eager"),
+        _cfg(device="cpu", amp=False, fail_fast=False, padding_free=False),
+    ):
+        assert not runs_padding_free(SMALL, other)
+        padded = estimate_peak_memory(SMALL, other, device_type="cpu")
+        assert padded.activations_bytes != cpu.activations_bytes
+
+
+def test_cpu_padding_free_trial_also_fits_its_padded_fail_fast_step() -> None:
+    # At 512 tokens the padded step's attention (12 bytes an element) outweighs AdamW's
+    # moments, which the fail-fast step does not have yet: the estimate is that step's.
+    cfg = _cfg(device="cpu", amp=False, max_len=512, fail_fast=False)
+    steady = estimate_peak_memory(SMALL, cfg, device_type="cpu")
+    first = estimate_peak_memory(
+        SMALL, dataclasses.replace(cfg, fail_fast=True), device_type="cpu"
+    )
+    assert first.optimizer_bytes == 0 < steady.optimizer_bytes
+    assert first.total_bytes > steady.total_bytes
+    # Short rows: the padding-free steps with the moments are the peak.
+    short = _cfg(device="cpu", amp=False, max_len=16)
+    assert estimate_peak_memory(SMALL, short, device_type="cpu").optimizer_bytes > 0
+
+
+def test_padding_free_facts_follow_the_product() -> None:
+    from search.train import unpadded
+    from search.worker.isolation import MALLOC_MMAP_THRESHOLD
+
+    assert PADDING_FREE_TYPES == unpadded.SUPPORTED_MODEL_TYPES
+    assert ATTENTION_BLOCK_ROWS == unpadded.ATTENTION_BLOCK_ROWS
+    assert MMAP_THRESHOLD == MALLOC_MMAP_THRESHOLD
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_padding_free_constants_are_what_its_layer_saves(amp: bool) -> None:
+    # Counted again, as the calibration did: saved_tensors_hooks on a tiny BERT run through
+    # search.train.unpadded's forward (bench/count_saved_tensors.py), bf16 under CPU autocast.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import count_saved_tensors as count
+
+    precision = "bf16" if amp else "fp32"
+    hidden, attention, _ = count.constants(padding_free=True, amp=amp)
+    assert round(hidden) == CPU_CALIBRATION[f"hidden_elements_padding_free_{precision}"]
+    assert round(attention) == CPU_CALIBRATION[f"attention_bytes_padding_free_{precision}"]
 
 
 def test_unknown_device_type() -> None:
@@ -207,6 +277,10 @@ def test_cpu_estimate_is_near_a_measured_tiny_replica_peak(
         max_len=128,
         amp=False,
         gradient_checkpointing=checkpointing,
+        # Padded steps: this data's rows are short, so its padding-free steps stay far below
+        # their worst case (every row at max_len), which the estimate covers; that case is
+        # measured on the real MiniLM by bench/bench_estimate_real.py (BENCHMARKS.md).
+        padding_free=False,
         device="cpu",
         train_path=str(train_path),
         eval_dir=str(eval_dir),

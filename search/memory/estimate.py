@@ -30,10 +30,12 @@ The estimate is a sum of named parts, so a skipped trial can say what did not fi
   fixes it only under a CPU ``--memory-limit``; otherwise it keeps glibc's own threshold and
   its resident peak can be higher (README, "Capped").
 
-CPU (fp32, the trial's resident memory above the worker process's baseline) is calibrated on
-measured peaks of tiny replicas and of the real all-MiniLM-L6-v2 on this machine (see
-:data:`CPU_CALIBRATION`, ``bench/bench_estimate_real.py``); the CUDA constants are
-first-principles values waiting for the GPU measurement of issue 3.
+CPU (fp32 and bf16 autocast, padded and padding-free; the trial's resident memory above the
+worker process's baseline) is calibrated on counts of saved tensors and measured peaks of tiny
+replicas and of the real all-MiniLM-L6-v2 on this machine (see :data:`CPU_CALIBRATION`,
+``bench/count_saved_tensors.py``, ``bench/bench_estimate_real.py``); the CUDA constants are
+first-principles values waiting for the GPU measurement of issue 3 (and do not model the
+padding-free forward).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from search.record.precision import uses_autocast
 __all__ = [
     "CPU_CALIBRATION",
     "CUDA_CONTEXT_BYTES",
+    "PADDING_FREE_TYPES",
     "MemoryEstimate",
     "estimate_peak_memory",
     "layer_activation_bytes",
+    "runs_padding_free",
 ]
 
 MIB = 1024**2
@@ -91,7 +95,37 @@ CPU_CALIBRATION: dict[str, float] = {
     # trials on a tiny replica, 64 tokens, L2/H64: batch 256 in mini-batches of 32 and 64
     # and batch 32 in 8, were 38, 28 and 6 MiB above the estimate without this term).
     "cache_hidden_elements": 3,
+    # The padding-free layer (search.train.unpadded, issue 19), counted the same way
+    # (bench/count_saved_tensors.py): h-sized tensors per token of the element size, beside the
+    # feed-forward's two f-sized ones and two 1-byte (bool) dropout masks. fp32 stores 11: the
+    # paper's 8 less the separate Q, K, V views, plus the packed QKV that the re-padding's
+    # index_copy keeps (3h), the scaled query and the contiguous copies of K and V that the 4-d
+    # matmuls make (3). Under bf16 autocast 13 at 2 bytes: the bf16 casts of the linears'
+    # inputs, the LayerNorms' inputs in fp32 (2 each). Its attention takes the math path with
+    # dropout and keeps the softmax output, a bool dropout mask and the dropped probabilities:
+    # 4 + 1 + 4 bytes per element in fp32, 2 + 1 + 2 under bf16 autocast (softmax stays bf16).
+    "hidden_elements_padding_free_fp32": 11,
+    "hidden_elements_padding_free_bf16": 13,
+    "attention_bytes_padding_free_fp32": 9,
+    "attention_bytes_padding_free_bf16": 5,
+    # The padding-free attention's per-block tensors (scaled Q, K and V copies, softmax output,
+    # dropout mask, dropped probabilities: rows x width x h, rows x a x width^2) below the mmap
+    # threshold live in glibc's heap among the blocks' transients of the same sizes; the holes
+    # they leave stay resident. Counted once more (1.0; not fitted: on the real MiniLM at
+    # max_len 64 the estimate without it was short by 0.9-1.1 x these tensors' bytes, at 128
+    # fp32, where they are all above the threshold, it was not).
+    "small_block_copies": 1.0,
 }
+
+# Rows per attention block of the padding-free forward on a CPU
+# (search.train.unpadded.ATTENTION_BLOCK_ROWS) and glibc's mmap threshold of the calibration
+# (search.worker.isolation.MALLOC_MMAP_THRESHOLD): tests keep them equal.
+ATTENTION_BLOCK_ROWS = 8
+MMAP_THRESHOLD = 1 * MIB
+
+# Model types whose encoder runs padding-free (search.train.unpadded.SUPPORTED_MODEL_TYPES; not
+# imported: that module loads torch, which a preflight does not need; a test keeps them equal).
+PADDING_FREE_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,24 @@ def layer_activation_bytes(
     return int(stored)
 
 
+def _small_block_bytes(arch: ModelInfo, seq: int, batch: int, elem_bytes: int) -> int:
+    """Bytes of one padding-free layer's per-block attention tensors under the mmap threshold.
+
+    Rows are cut into blocks of ``ATTENTION_BLOCK_ROWS``, each padded to ``seq`` (the worst
+    case: every row full); per block three ``rows x seq x h`` tensors of the element size and,
+    per ``rows x a x seq^2`` element, the softmax output and dropped probabilities (the element
+    size) and a bool mask.
+    """
+    small = 0
+    full, rest = divmod(batch, ATTENTION_BLOCK_ROWS)
+    for rows, count in ((ATTENTION_BLOCK_ROWS, full), (rest, 1 if rest else 0)):
+        hidden = rows * seq * arch.hidden * elem_bytes
+        scores = rows * arch.heads * seq * seq
+        sizes = [hidden] * 3 + [scores * elem_bytes] * 2 + [scores]
+        small += count * sum(size for size in sizes if size < MMAP_THRESHOLD)
+    return small
+
+
 def _encoder_activation_bytes(
     arch: ModelInfo,
     seq: int,
@@ -193,11 +245,14 @@ def _encoder_activation_bytes(
     checkpointing: bool,
     hidden_elements: float,
     attention_bytes: int | None,
+    padding_free: bool = False,
 ) -> tuple[int, int]:
     """(stored bytes of one encoder pass, bytes of one layer) for ``batch`` x ``seq`` tokens.
 
     With checkpointing the stored bytes are the embeddings and each layer's input: the layer
-    being recomputed is added by the caller.
+    being recomputed is added by the caller. Padding-free, the embeddings keep a bool dropout
+    mask and two int64 index tensors (ids, positions), and a checkpointed layer's input is the
+    fp32 output of the LayerNorm before it, under autocast too (measured).
     """
     layer = layer_activation_bytes(
         seq,
@@ -213,8 +268,16 @@ def _encoder_activation_bytes(
     )
     tokens = seq * batch
     embeddings = tokens * arch.hidden * (4 + mask_bytes) + tokens * 8  # LN input, mask, ids
+    if padding_free:
+        embeddings += tokens * 8  # positions
+        small = int(
+            CPU_CALIBRATION["small_block_copies"]
+            * _small_block_bytes(arch, seq, batch, elem_bytes)
+        )
+        layer += small
     if checkpointing:
-        kept = arch.num_layers * tokens * arch.hidden * elem_bytes
+        kept_bytes = 4 if padding_free else elem_bytes
+        kept = arch.num_layers * tokens * arch.hidden * kept_bytes
     else:
         kept = arch.num_layers * layer
     return embeddings + kept, layer
@@ -236,9 +299,11 @@ def estimate_peak_memory(
     :data:`CUDA_FRAGMENTATION` of the dynamic memory. These are first-principles numbers: the
     comparison with measured GPU peaks (issue 3, target 15%) has not been run yet.
 
-    On CPU everything is fp32 (AMP is not counted), dropout masks are fp32 and attention takes
-    SDPA's math path with dropout, which stores the attention matrices (3 fp32 tensors of
-    ``a*s*s*b``). The total is the trial's resident memory above the worker's baseline, which is
+    On CPU the activations are fp32, or bf16 where autocast runs (``uses_autocast``: bf16
+    hardware), and attention takes a math path with dropout, which stores the attention
+    matrices. With transformers' padded forward (``padding_free`` off, and the fail-fast first
+    step) dropout masks have the element size and an attention element costs 12 bytes.
+    The total is the trial's resident memory above the worker's baseline, which is
     what ``--memory-limit`` caps. Calibration, measured here (torch 2.13 CPU with AMX bf16,
     transformers 5.24, 1 thread): the stored tensors per layer of tiny BERT / XLM-R layers,
     counted with ``torch.autograd.graph.saved_tensors_hooks``, fit the formula with 9
@@ -252,10 +317,22 @@ def estimate_peak_memory(
     of it retained heap), so trials now run with a fixed 1 MiB threshold, under which the same
     config measures 148 MiB in every run. Under that rule: tiny replicas at 1.035-1.056
     (e5-small 32 x 128, with and without checkpointing), and the real all-MiniLM-L6-v2 at
-    1.000-1.087 over 27 points of batch 16-64 x max_len 64-256 x checkpointing x 0-1 hard
-    negatives, 470 MiB to 5 GiB (``bench/bench_estimate_real.py``; BENCHMARKS.md, "Memory
-    estimate on real weights"). The preflight's error band
+    1.000-1.087 (fp32, padded steps: before issue 19) over 27 points of batch 16-64 x max_len
+    64-256 x checkpointing x 0-1 hard negatives, 470 MiB to 5 GiB
+    (``bench/bench_estimate_real.py``; BENCHMARKS.md, "Memory estimate on real weights"). The
+    preflight's error band
     (``search.memory.preflight.ESTIMATE_BAND``) comes from that grid.
+
+    Padding-free (``cfg.padding_free`` where ``runs_padding_free``; issue 19) the constants are
+    the ``*_padding_free_*`` entries of :data:`CPU_CALIBRATION`, counted the same way through
+    ``search.train.unpadded.packed_forward`` (``bench/count_saved_tensors.py``): 11 ``h``-sized
+    fp32 tensors per token and layer (13 at 2 bytes under bf16 autocast), bool dropout masks,
+    9 bytes per attention element (5 under bf16), per-block attention tensors below the mmap
+    threshold counted twice (heap holes). The fail-fast step still runs padded, before AdamW's
+    moments exist: the estimate is the larger of that step and a padding-free one. On the real
+    all-MiniLM-L6-v2, 16 held-out points of batch 16-48 x max_len 96-256 x checkpointing x 0-1
+    hard negatives: 0.980-1.065 in fp32, 0.955-1.076 under bf16 AMP (BENCHMARKS.md, "Memory
+    estimate with padding-free steps and AMP").
 
     Example:
         >>> from search.record.models import MODELS
@@ -278,6 +355,35 @@ def estimate_peak_memory(
     """
     if device_type not in ("cuda", "cpu", "xpu", "mps", "hip"):
         raise ValueError(f"unknown device_type {device_type!r}")
+    lengths = (query_len, passage_len)
+    if not (device_type == "cpu" and runs_padding_free(arch, cfg)):
+        return _estimate(arch, cfg, device_type, *lengths, padding_free=False, moments=True)
+    packed = _estimate(arch, cfg, device_type, *lengths, padding_free=True, moments=True)
+    if not cfg.fail_fast:
+        return packed
+    # The fail-fast step runs transformers' padded forward (search.train.loop), before AdamW
+    # has made its moments: the trial's peak is the larger of the two steps.
+    first = _estimate(arch, cfg, device_type, *lengths, padding_free=False, moments=False)
+    return max(packed, first, key=lambda e: e.total_bytes)
+
+
+def runs_padding_free(arch: ModelInfo, cfg: TrialConfig) -> bool:
+    """Whether the trial's encoder runs padding-free (``BiEncoder.from_config``'s rule)."""
+    attention = cfg.attn_implementation or arch.attn_implementation
+    return cfg.padding_free and attention == "sdpa" and arch.architecture in PADDING_FREE_TYPES
+
+
+def _estimate(
+    arch: ModelInfo,
+    cfg: TrialConfig,
+    device_type: str,
+    query_len: int | None,
+    passage_len: int | None,
+    *,
+    padding_free: bool,
+    moments: bool,
+) -> MemoryEstimate:
+    """The estimate of steps run padded or padding-free (CPU), with or without AdamW's moments."""
     cpu = device_type == "cpu"
     # Autocast as search.train.loop runs it: always on accelerators, on CPU only with bf16
     # hardware (AMX / AVX512-BF16) and hidden >= CPU_BF16_MIN_HIDDEN, else the CPU run is fp32.
@@ -290,16 +396,22 @@ def estimate_peak_memory(
     p = arch.n_params
     params = 4 * p + (2 * p if amp else 0)
     grads = 4 * p
-    optimizer = 8 * p
+    optimizer = 8 * p if moments else 0
 
     elem = 2 if amp else 4
 
+    attention_bytes: int | None = None
     if not cpu:
         hidden_elements = 8.0
-    elif amp:
-        hidden_elements = CPU_CALIBRATION["hidden_elements_bf16"]
     else:
-        hidden_elements = CPU_CALIBRATION["hidden_elements_fp32"]
+        kind = "_padding_free" if padding_free else ""
+        precision = "bf16" if amp else "fp32"
+        hidden_elements = CPU_CALIBRATION[f"hidden_elements{kind}_{precision}"]
+        key = f"attention_bytes_padding_free_{precision}" if padding_free else "attention_bytes"
+        attention_bytes = int(CPU_CALIBRATION[key])
+    # Dropout masks: bytes on CUDA and padding-free (bool), of the element size in the eager CPU
+    # path (transformers' dropout multiplies by a mask of the input's dtype).
+    mask_bytes = 1 if padding_free or not cpu else elem
 
     def encoder(seq: int, batch: int) -> tuple[int, int]:
         return _encoder_activation_bytes(
@@ -307,11 +419,12 @@ def estimate_peak_memory(
             seq,
             batch,
             elem_bytes=elem,
-            mask_bytes=elem if cpu else 1,
+            mask_bytes=mask_bytes,
             attention_matrix=cpu,
             checkpointing=cfg.gradient_checkpointing,
             hidden_elements=hidden_elements,
-            attention_bytes=int(CPU_CALIBRATION["attention_bytes"]) if cpu else None,
+            attention_bytes=attention_bytes,
+            padding_free=padding_free,
         )
 
     rows = cfg.gradient_cache_rows
@@ -332,12 +445,13 @@ def estimate_peak_memory(
         activations = q_act + p_act
     if cfg.gradient_checkpointing and cpu and not rows:
         # Two moments of the backward pass, measured on the real all-MiniLM-L6-v2 (10 points,
-        # bench/bench_estimate_real.py). The passages' graph, built last, is back-propagated
-        # first: its layers are recomputed one at a time while both passes' layer inputs are
-        # kept and the layers' gradients appear (the embedding tables' come at its end). Then
-        # the queries' layers are recomputed, the passages' graph gone and every gradient
-        # allocated. The peak is the larger of the two; summing all gradients with the first
-        # put checkpointed points with hard negatives 14-16% high.
+        # bench/bench_estimate_real.py). Padded or padding-free, queries and passages are two
+        # encoder passes (search.train.loop._loss). The passages' graph, built last, is
+        # back-propagated first: its layers are recomputed one at a time while both passes'
+        # layer inputs are kept and the layers' gradients appear (the embedding tables' come
+        # at its end). Then the queries' layers are recomputed, the passages' graph gone and
+        # every gradient allocated. The peak is the larger of the two; summing all gradients
+        # with the first put checkpointed points with hard negatives 14-16% high.
         embedding_grads = 4 * (arch.vocab + arch.max_positions) * arch.hidden
         layer_grads = max(0, grads - embedding_grads)
         passages_first = q_act + p_act + p_layer
