@@ -96,22 +96,36 @@ def server_security(
     key_at = _named(key, "--tls-key", ENV_TLS_KEY)
     ca_at = _named(client_ca, "--tls-client-ca", ENV_TLS_CLIENT_CA)
     token_at = _named(token_file, "--token-file", ENV_TOKEN_FILE)
-    if cert_at is not None and key_at is None:
-        raise ProxySecurityError(f"{cert_at[1]}: TLS needs the key too (--tls-key)")
-    if key_at is not None and cert_at is None:
-        raise ProxySecurityError(f"{key_at[1]}: TLS needs the certificate too (--tls-cert)")
     if ca_at is not None and cert_at is None:
         raise ProxySecurityError(f"{ca_at[1]}: client certificates need --tls-cert and --tls-key")
-    if cert_at is not None and key_at is not None:
-        _check_pair(cert_at, key_at)
-    if ca_at is not None:
-        _check_ca(ca_at)
+    _check_files(
+        cert_at, key_at, ca_at, "TLS needs the key too (--tls-key)",
+        "TLS needs the certificate too (--tls-cert)",
+    )  # fmt: skip
     return ServerSecurity(
         cert=_read(cert_at) if cert_at else None,
         key=_read(key_at) if key_at else None,
         client_ca=_read(ca_at) if ca_at else None,
         token=read_token(*token_at) if token_at else None,
     )
+
+
+def _check_files(
+    cert_at: tuple[str, str] | None,
+    key_at: tuple[str, str] | None,
+    ca_at: tuple[str, str] | None,
+    no_key: str,
+    no_cert: str,
+) -> None:
+    """A certificate comes with its key (and the other way round), each file what it says."""
+    if cert_at is not None and key_at is None:
+        raise ProxySecurityError(f"{cert_at[1]}: {no_key}")
+    if key_at is not None and cert_at is None:
+        raise ProxySecurityError(f"{key_at[1]}: {no_cert}")
+    if cert_at is not None and key_at is not None:
+        _check_pair(cert_at, key_at)
+    if ca_at is not None:
+        _check_ca(ca_at)
 
 
 def client_security() -> ClientSecurity:
@@ -124,14 +138,10 @@ def client_security() -> ClientSecurity:
     cert_at = _named(None, "", ENV_TLS_CLIENT_CERT)
     key_at = _named(None, "", ENV_TLS_CLIENT_KEY)
     token_at = _named(None, "", ENV_TOKEN_FILE)
-    if cert_at is not None and key_at is None:
-        raise ProxySecurityError(f"{cert_at[1]}: a client certificate needs ${ENV_TLS_CLIENT_KEY}")
-    if key_at is not None and cert_at is None:
-        raise ProxySecurityError(f"{key_at[1]}: a client key needs ${ENV_TLS_CLIENT_CERT}")
-    if cert_at is not None and key_at is not None:
-        _check_pair(cert_at, key_at)
-    if ca_at is not None:
-        _check_ca(ca_at)
+    _check_files(
+        cert_at, key_at, ca_at, f"a client certificate needs ${ENV_TLS_CLIENT_KEY}",
+        f"a client key needs ${ENV_TLS_CLIENT_CERT}",
+    )  # fmt: skip
     name = os.environ.get(ENV_TLS_SERVER_NAME, "").strip() or None
     return ClientSecurity(
         ca=_read(ca_at) if ca_at else None,
