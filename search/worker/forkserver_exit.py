@@ -13,8 +13,8 @@ never run ``atexit`` handlers.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
-import sys
 from multiprocessing import forkserver
 
 __all__ = ["in_forkserver"]
@@ -22,7 +22,7 @@ __all__ = ["in_forkserver"]
 
 def in_forkserver() -> bool:
     """Whether this import runs in the forkserver's preload (``forkserver.main`` is calling)."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         if frame.f_code is forkserver.main.__code__:
             return True
