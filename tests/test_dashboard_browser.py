@@ -299,8 +299,9 @@ def test_the_rendered_dashboard_tells_the_story(
     body = page.inner_text("body")
     assert f"{len(study.get_trials())} Trials" in body  # the dashboard counts skips too
     note = next(line for line in body.splitlines() if line.startswith("OOM (real)"))
-    assert note.endswith(f"ko-simcse b{OOM_BATCH} len128") or note.endswith(
-        f"multilingual-minilm b{OOM_BATCH} len128"
+    # ... its model and config, then the device and precision it ran on
+    assert note.endswith(f"ko-simcse b{OOM_BATCH} len128 (cpu, fp32)") or note.endswith(
+        f"multilingual-minilm b{OOM_BATCH} len128 (cpu, fp32)"
     ), note
     _shot(page, shots, "oom_trial.png")
 
