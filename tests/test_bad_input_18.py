@@ -175,12 +175,13 @@ def test_a_study_name_longer_than_the_column_is_refused_on_both(
             engine.dispose()
 
 
-def test_an_empty_study_name_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", ["--study-name", "--wandb-project", "--wandb-entity"])
+def test_an_empty_name_option_is_refused(tmp_path: Path, option: str) -> None:
     line = _search(
         "run", "--study", "ko-retrieval", "--tiny", "--storage", f"sqlite:///{tmp_path}/s.db",
-        "--study-name", "", cwd=tmp_path,
+        option, " ", cwd=tmp_path,
     )  # fmt: skip
-    assert line.startswith("error: --study-name '': empty")
+    assert line.startswith(f"error: {option} ' ': empty")
     assert _files(tmp_path) == set()
 
 

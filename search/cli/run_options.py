@@ -225,11 +225,11 @@ def check_timeout(timeout: float | None) -> None:
         )
 
 
-def check_study_name(name: str | None) -> None:
-    """Reject an empty or blank ``--study-name`` (it would silently mean the spec's)."""
+def check_study_name(name: str | None, option: str = "--study-name") -> None:
+    """Reject an empty or blank name option (it would silently mean the spec's, or W&B's)."""
     if name is not None and not name.strip():
         raise OptionError(
-            f"--study-name {name!r}: empty; give a name, or leave the option out for the spec's"
+            f"{option} {name!r}: empty; give a name, or leave the option out for the spec's"
         )
 
 
@@ -247,6 +247,8 @@ def run_options(args: RunArgs) -> RunOptions:
     check_gpu(args.gpu)
     check_timeout(args.timeout)
     check_study_name(args.study_name)
+    check_study_name(args.wandb_project, "--wandb-project")
+    check_study_name(args.wandb_entity, "--wandb-entity")
     try:
         limit = parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
