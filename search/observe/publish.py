@@ -145,7 +145,15 @@ def _dashboard_installed() -> bool:
 # ------------------------------------------------------------------ notes
 
 
-def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
+def _cached_metric(study: optuna.Study) -> str:
+    """The study's metric, read once per study (its names are among the study's notes)."""
+    metric = _metrics.get(study)
+    if metric is None:
+        metric = _metrics[study] = study_metric(study)
+    return metric
+
+
+def save_trial_note(study: optuna.Study, trial: FrozenTrial, *, text: str | None = None) -> str:
     """Write the trial's one-line summary as its dashboard note; returns the text.
 
     ``save_note`` reads every study system attribute twice (every trial's note lives there),
@@ -153,10 +161,8 @@ def save_trial_note(study: optuna.Study, trial: FrozenTrial) -> str:
     written directly under optuna-dashboard's own keys (version 1, chunk 0) when the installed
     version has them, else through ``save_note``. A trial is noted once, after it is told.
     """
-    metric = _metrics.get(study)
-    if metric is None:  # read once per study: its metric names are among the study's notes
-        metric = _metrics[study] = study_metric(study)
-    text = trial_summary(trial, metric=metric, pruner=_pruner_name(study))
+    if text is None:
+        text = trial_summary(trial, metric=_cached_metric(study), pruner=_pruner_name(study))
     trial_id = compat.trial_id(trial)
     keys = compat.dashboard_note_keys(trial_id)
     if keys is None or len(text) > compat.DASHBOARD_NOTE_CHUNK:
@@ -176,9 +182,7 @@ def publish_trial_notes(study: optuna.Study) -> int:
     notes, is brought up to date. A note a person edited in the dashboard (its version above
     the service's 1) is left alone, and a note that already reads the same is not written again.
     """
-    metric = _metrics.get(study)
-    if metric is None:
-        metric = _metrics[study] = study_metric(study)
+    metric = _cached_metric(study)
     storage, study_id = compat.study_storage(study), compat.study_id(study)
     system = storage.get_study_system_attrs(study_id)
     pruner = _pruner_name(study)
@@ -194,7 +198,7 @@ def publish_trial_notes(study: optuna.Study) -> int:
             version = int(system.get(version_key, 0) or 0)
             if version > 1 or (version == 1 and system.get(chunk_key) == text):
                 continue  # edited by a person, or up to date
-        save_trial_note(study, trial)
+        save_trial_note(study, trial, text=text)
         written += 1
     return written
 
