@@ -10,6 +10,8 @@ prune at the same moment.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import threading
 from pathlib import Path
@@ -30,6 +32,8 @@ from search.observe.keep import store_location
 from search.observe.report import study_report
 from search.observe.report_view import report_text
 from search.observe.subscribers import standard_subscribers
+from search.record.config import SaveBar
+from search.record.config import TrialConfig
 from search.spec.load import load_spec
 from search.spec.options import DEFAULT_CACHE
 from search.spec.options import RunOptions
@@ -101,6 +105,9 @@ def test_twenty_trials_leave_the_k_best_models(tmp_path: Path) -> None:
     assert sorted(p.name for p in store_dir.iterdir()) == sorted(a for a, _ in kept.values())
     uploaded = model_artifacts(study)  # recorded as study system attributes, after the tell
     assert len(uploaded) > K  # the rule was exercised: some models were pushed out
+    # A trial that K kept models already beat when it started wrote no model (no "save" phase).
+    saved = {t.number for t in complete if "save" in t.system_attrs["search:timings"]}
+    assert set(uploaded) <= saved and K <= len(saved) < N
     assert removed_artifacts(study) == {a for n, (a, _) in uploaded.items() if n not in kept}
 
     # The report lists them, best first (the lean RDB read and Optuna's agree).
@@ -227,3 +234,37 @@ def test_a_bad_top_k_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as err:
         load_spec(path)
     assert "artifacts.top_k" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_save_bar_is_the_k_th_kept_value(tmp_path: Path) -> None:
+    """Once K models are kept, a trial is told the K-th best kept value: ending worse, it
+    cannot be kept, so it writes nothing; a tie or better saves; None while fewer than K."""
+    url = f"sqlite:///{tmp_path}/bar.db"
+    study = optuna.create_study(study_name="bar", storage=url, direction="maximize")
+    keeper = ModelKeeper(study, 2, str(tmp_path / "store"), "ndcg@10")
+    assert keeper.prepare(trial_config(), 0).save_bar is None
+    for value in (0.5, 0.7):
+        _finish(keeper, value)
+        keeper.prune()
+    bar = keeper.prepare(trial_config(), 9).save_bar
+    assert bar == SaveBar("ndcg@10", 0.5, maximize=True)
+    assert bar.passes({"ndcg@10": 0.5}) and bar.passes({"ndcg@10": 0.6})
+    assert not bar.passes({"ndcg@10": 0.49}) and not bar.passes({"ndcg@10": float("nan")})
+    assert not bar.passes({"mrr@10": 0.9})  # without the metric it is never kept
+    _finish(keeper, 0.9)  # pushes 0.5 out: the bar rises to the new K-th
+    keeper.prune()
+    assert keeper.prepare(trial_config(), 10).save_bar == SaveBar("ndcg@10", 0.7, True)
+    assert (
+        ModelKeeper(study, 2, str(tmp_path / "store")).prepare(trial_config(), 11).save_bar is None
+    )
+
+    low = optuna.create_study(study_name="low", storage=url, direction="minimize")
+    keeper = ModelKeeper(low, 1, str(tmp_path / "store"), "loss")
+    _finish(keeper, 0.3)
+    keeper.prune()
+    bar = keeper.prepare(trial_config(), 1).save_bar
+    assert bar == SaveBar("loss", 0.3, maximize=False)
+    assert bar.passes({"loss": 0.2}) and not bar.passes({"loss": 0.31})
+    # Recorded configs round-trip it; a saved model's search.json does not carry it.
+    cfg = dataclasses.replace(trial_config(), save_bar=bar)
+    assert TrialConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg

@@ -94,7 +94,9 @@ def best_summary(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[
         "value": trial.value,
         "metrics": metrics_of(trial),
         "history": list(trial.system_attrs.get(attrs.SYSTEM_HISTORY) or []),
-        "config": {k: v for k, v in (config_of(trial) or {}).items() if k != "save_dir"},
+        "config": {
+            k: v for k, v in (config_of(trial) or {}).items() if k not in ("save_dir", "save_bar")
+        },
         "artifact": {"id": kept[0], "store": kept[1]} if kept else None,
         "tiny_replicas": replica_of(study),  # True: trained on replicas, not the real weights
     }

@@ -16,6 +16,12 @@ completes:
    (and of any trial that holds one but did not complete), recording each removal as a study
    system attribute (``search:model_removed:<id>``).
 
+A trial that cannot enter is not written at all: once K models are kept, the worker gives each
+new trial the K-th best kept value (``TrialConfig.save_bar``, from its last view, which only
+lags: the bar only rises) and a trial that ends worse saves nothing (a tie still saves). In a
+long study most trials end below the bar, and each skips the save (a sentence-transformers
+directory: 90 MB for all-MiniLM-L6-v2, 2.2 GB for bge-m3) and its upload.
+
 Only stored models rank: a completed trial whose model was not stored (its upload failed, it
 saved none, or it did not enter) never displaces one that was. The worker does both on its
 event thread (:class:`KeepSubscriber`), never on the trial step: the step only gives the
@@ -60,6 +66,7 @@ from optuna.trial import TrialState
 from search.observe.artifacts import artifact_dir
 from search.observe.artifacts import artifact_store
 from search.record import attrs
+from search.record.config import SaveBar
 from search.record.config import TrialConfig
 from search.train.export import SEARCH_JSON
 from search.train.export import update_search_json
@@ -190,10 +197,16 @@ def _system_attrs(study: optuna.Study) -> dict[str, Any]:
 class ModelKeeper:
     """One worker's side of the top-K rule on one study (see the module docstring)."""
 
-    def __init__(self, study: optuna.Study, top_k: int, location: str | None) -> None:
+    def __init__(
+        self, study: optuna.Study, top_k: int, location: str | None, metric: str | None = None
+    ) -> None:
         self.study = study
         self.top_k = top_k
         self.location = location
+        self.metric = metric  # the study's: with it, trials that cannot be kept save nothing
+        # The K-th best kept value in this worker's last view (None: fewer than K kept). It
+        # only rises, so a stale one lets a trial save a model it need not, never the reverse.
+        self.bar: float | None = None
         self._stores: dict[str, ArtifactStore] = {}
         self._dirs: dict[int, Path] = {}  # trial number -> where its process saves its model
         self._root = Path(tempfile.gettempdir())
@@ -214,7 +227,11 @@ class ModelKeeper:
             return cfg
         path = self._root / f"search-trial-{number}-model-{uuid.uuid4().hex[:12]}"
         self._dirs[number] = path
-        return dataclasses.replace(cfg, save_dir=str(path))
+        bar = None
+        if self.metric is not None and self.bar is not None:
+            maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+            bar = SaveBar(self.metric, self.bar, maximize)
+        return dataclasses.replace(cfg, save_dir=str(path), save_bar=bar)
 
     def keep(self, number: int, outcome: TrialOutcome, metric: str) -> str | None:
         """After the tell: upload trial ``number``'s model if it enters the top K; its id.
@@ -257,10 +274,13 @@ class ModelKeeper:
         if not self.active:
             return []
         try:
-            return prune_models(self.study, self.top_k, self._store)
+            removed, top = _prune(self.study, self.top_k, self._store)
         except Exception as exc:  # noqa: BLE001
             _logger.warning("kept models not pruned: %s", _line(exc))
             return []
+        if len(top) >= self.top_k:  # the next trials must reach the K-th to be worth saving
+            self.bar = float(top[self.top_k - 1].value)  # type: ignore[arg-type]
+        return removed
 
     # ------------------------------------------------------------------ internals
 
@@ -334,6 +354,11 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
 
     ``store_of(location)`` opens the store a trial's model went to.
     """
+    return _prune(study, top_k, store_of)[0]
+
+
+def _prune(study: optuna.Study, top_k: int, store_of: Any) -> tuple[list[int], list[FrozenTrial]]:
+    """``prune_models``, and the top K holders it kept (best first)."""
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     system = _system_attrs(study)
@@ -346,9 +371,10 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
         if n in by_number
     ]
     if not holders:
-        return []
+        return [], []
     # Only kept models rank: a trial whose model was not stored never pushes one out.
-    top = {t.number for t in _ranked_holders(study, trials, system)[:top_k]}
+    ranked = _ranked_holders(study, trials, system)[:top_k]
+    top = {t.number for t in ranked}
     drop = [
         (t, artifact, location)
         for t, artifact, location in holders
@@ -366,7 +392,7 @@ def prune_models(study: optuna.Study, top_k: int, store_of: Any) -> list[int]:
             compat.study_id(study), attrs.MODEL_REMOVED_PREFIX + artifact, t.number
         )
         done.append(t.number)
-    return done
+    return done, ranked
 
 
 def keeper_for(study: optuna.Study, spec: StudySpec, opts: RunOptions) -> ModelKeeper:
@@ -381,7 +407,7 @@ def keeper_for(study: optuna.Study, spec: StudySpec, opts: RunOptions) -> ModelK
                 "set artifacts.store in the spec or $SEARCH_ARTIFACTS; no model is kept",
                 top_k,
             )
-        keeper = _keepers[study] = ModelKeeper(study, top_k, location)
+        keeper = _keepers[study] = ModelKeeper(study, top_k, location, spec.study.metric)
     return keeper
 
 

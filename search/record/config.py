@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,31 @@ GRADIENT_CACHE_AUTO = -1
 """``TrialConfig.gradient_cache`` of ``auto``: resolved by the preflight before the trial runs."""
 GRADIENT_CACHE_FALLBACK = 32
 """Mini-batch rows of an ``auto`` gradient cache that no preflight resolved."""
+
+
+@dataclass(frozen=True)
+class SaveBar:
+    """What a trial's final value must reach for its saved model to have a chance of being kept.
+
+    The worker sets it (``TrialConfig.save_bar``) to the K-th best kept model's value when it
+    has K of them: a trial that ends worse cannot enter the top K, so it writes no model.
+
+    Args:
+        metric: The study's metric (a key of the run's final metrics).
+        value: The K-th best kept value when the trial started (later ones only rise).
+        maximize: The study's direction.
+    """
+
+    metric: str
+    value: float
+    maximize: bool = True
+
+    def passes(self, metrics: Mapping[str, float]) -> bool:
+        """Whether ``metrics`` could still enter the top K (a tie could: worth the save)."""
+        got = metrics.get(self.metric)
+        if got is None or not math.isfinite(got):
+            return False  # told FAIL or without the metric: never kept
+        return got >= self.value if self.maximize else got <= self.value
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,8 @@ class TrialConfig:
         save_dir: Save the trained encoder there as a sentence-transformers model (with
             ``search.json``) after the last evaluation (``search.train.export``); None: not saved.
             Set by the worker for one run only, never recorded in the trial's config.
+        save_bar: Save only when the final metrics pass it (:class:`SaveBar`); None: always.
+            Set with ``save_dir``, for one run only.
         padding_free: Run the encoder's token-wise layers on real tokens only
             (``search.train.unpadded``) where the architecture is BERT, RoBERTa or XLM-R and
             the attention is SDPA (the default); False: transformers' forward on padded batches.
@@ -91,6 +120,7 @@ class TrialConfig:
     attn_implementation: str | None = None
     save_dir: str | None = None
     padding_free: bool = True
+    save_bar: SaveBar | None = None
 
     @property
     def gradient_cache_rows(self) -> int:
@@ -107,4 +137,7 @@ class TrialConfig:
     def from_json(cls, data: dict[str, Any]) -> TrialConfig:
         """Rebuild a config from ``to_json`` output, ignoring unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if isinstance(fields.get("save_bar"), dict):
+            fields["save_bar"] = SaveBar(**fields["save_bar"])
+        return cls(**fields)

@@ -198,7 +198,8 @@ def save_sentence_transformer(
 
     Args:
         encoder: The trained bi-encoder (weights are saved as they are, float32).
-        cfg: The trial's effective config (recorded in ``search.json`` without ``save_dir``).
+        cfg: The trial's effective config (recorded in ``search.json`` without ``save_dir``
+            and ``save_bar``).
         directory: Where to write (created; files of the same name are replaced).
         history: The metrics of each epoch.
         study: The study's name, when known here (the worker adds it otherwise).
@@ -220,6 +221,7 @@ def save_sentence_transformer(
     write_sentence_transformer_config(cfg, out, hidden=encoder.embedding_dim)
     config = cfg.to_json()
     config.pop("save_dir", None)
+    config.pop("save_bar", None)
     _write_json(
         out / SEARCH_JSON,
         {"study": study, "trial": trial, "config": config, "history": [dict(h) for h in history]},

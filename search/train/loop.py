@@ -622,7 +622,9 @@ def train(
         if report is not None and report(epoch, reported):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-    if cfg.save_dir:  # the worker keeps the top-K models: save it, in the trial's time
+    # The worker keeps the top-K models: save it, in the trial's time, unless K kept models
+    # already beat it (it could never be kept).
+    if cfg.save_dir and (cfg.save_bar is None or cfg.save_bar.passes(metrics)):
         clock.enter("save")
         save_trial_model(model, cfg, history)
     return TrainResult(
