@@ -163,16 +163,17 @@ class Worker:
             )
         if opts.gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpu
+        if warm and trainer is None:
+            # Start the trial process server now (it imports torch once, seconds, in its own
+            # process), so that it does so while the storage, the models and the study are
+            # opened, not after. The user's mistakes were answered before (the CLI's checks).
+            warm_up(opts.objective)
         # Connect (and check the schema) before anything slow: an unreachable server or a
         # wrong database name is answered before tiny replicas are built or weights resolved.
         if storage is None:
             storage = create_storage(opts.storage_url)
         name = study_name_for(spec, opts)
         recorded = recorded_models(storage, name)
-        if warm and trainer is None:
-            # Start the trial process server now (it imports torch once, seconds), so that it
-            # does so while the models are prepared and the study is opened, not after.
-            warm_up(opts.objective)
         if model_paths is None:
             # Exit 2 on a missing model, before the study is opened (the CLI checked it).
             searched = searched_models(spec, opts, recorded)
