@@ -71,7 +71,8 @@ MIB = 1024**2
 # imported once here instead of in every trial (~120 MiB of resident memory and its time per
 # trial, which the CPU memory estimate does not count; BENCHMARKS.md, estimate vs measured).
 # search.worker.preload_gc / preload_done: no collections while it imports, then its objects
-# frozen out of every trial's collections.
+# frozen out of every trial's collections. search.worker.preload_tables: transformers' tables
+# that each trial's first from_pretrained would build again.
 PRELOAD = (
     "search.worker.preload_gc",
     "__main__",
@@ -81,6 +82,7 @@ PRELOAD = (
     "search.memory.oom",
     "search.worker.isolation",
     "search.train.tiny",
+    "search.worker.preload_tables",
     "search.worker.preload_done",
 )
 # Preloaded after all else: its exit handler runs first (search.worker.forkserver_exit).
