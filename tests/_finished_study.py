@@ -6,6 +6,7 @@ Trials are built with ``optuna.trial.create_trial`` and the trial record's keys:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -52,7 +53,10 @@ _STATE = {
 }
 
 
-def _trial(number: int, row: tuple[Any, ...]) -> optuna.trial.FrozenTrial:
+def _trial(
+    number: int, row: tuple[Any, ...], models: Sequence[str] = MODELS
+) -> optuna.trial.FrozenTrial:
+    """A finished trial of ``row``; ``models``: the choices of its ``model`` parameter."""
     model, outcome, batch, length, value, peak, kind, phase = row
     user: dict[str, Any] = {
         attrs.OUTCOME: outcome,
@@ -82,7 +86,7 @@ def _trial(number: int, row: tuple[Any, ...]) -> optuna.trial.FrozenTrial:
         state=_STATE[outcome],
         value=value,
         params={"model": model},
-        distributions={"model": CategoricalDistribution(MODELS)},
+        distributions={"model": CategoricalDistribution(list(models))},
         user_attrs=user,
         system_attrs=system,
     )

@@ -1,5 +1,6 @@
 """The PNGs read right where they used to look broken: no OOM at all (the demo, most runs on a
-big GPU), OOMs in every model, a single model, and 1,000 trials.
+big GPU), OOMs in every model, a single model, 1,000 trials, and nine models (a team's own
+beside the four: distinct colours, OOM grids in rows of four).
 
 Each study is drawn by the product's own code (``figures`` and ``save_png``, what ``search
 report --plots`` runs) with warnings as errors, then its layout is measured with matplotlib:
@@ -34,6 +35,7 @@ from search.observe.plot_data import PlotData
 from search.observe.plot_style import HTML
 from search.observe.plot_style import OVERVIEW
 from search.observe.plot_style import PNG_FILES
+from search.observe.plot_style import model_color
 from search.observe.plots import figures
 from search.observe.plots import load_plot_data
 from search.observe.plots import save_png
@@ -67,12 +69,23 @@ def _rows(case: str) -> tuple[list[str], list[Row]]:
     if case == "single_model":
         model = "bge-m3-ko"
         return [model], [_complete(rng, model) for _ in range(5)] + [_oom(rng, model)]
+    if case == "many_models":  # a team's own models beside the four: nine, long names
+        models = [*MODELS, *EXTRA_MODELS]
+        rows = [_complete(rng, models[i % len(models)]) for i in range(36)]
+        return models, rows + [_oom(rng, m) for m in models[::2]]
     assert case == "thousand_trials"
     rows = [(_oom if rng.random() < 0.2 else _complete)(rng, MODELS[i % 4]) for i in range(1000)]
     return MODELS, rows
 
 
-CASES = ("no_oom", "oom_in_every_model", "single_model", "thousand_trials")
+CASES = ("no_oom", "oom_in_every_model", "single_model", "thousand_trials", "many_models")
+EXTRA_MODELS = [
+    "klue-roberta-large-sts",
+    "kor-bge-m3-ft-2026-11",
+    "e5-large-v2-ko-distilled",
+    "minilm-l6-ko-in-house",
+    "gte-multilingual-base",
+]
 
 
 def _study(case: str, storage: str | None = None) -> optuna.Study:
@@ -81,9 +94,10 @@ def _study(case: str, storage: str | None = None) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=case, direction="maximize")
     spec = load_spec(shipped_spec_path("ko-retrieval")).public_dict()
-    spec["models"] = {m: spec["models"][m] for m in models}
+    declared = {m: {"path": f"/models/{m}"} for m in EXTRA_MODELS}  # the team's own
+    spec["models"] = {m: spec["models"].get(m) or declared[m] for m in models}
     study.set_user_attr(attrs.STUDY_SPEC, spec)
-    study.add_trials([_trial(number, row) for number, row in enumerate(rows)])
+    study.add_trials([_trial(number, row, models) for number, row in enumerate(rows)])
     return study
 
 
@@ -169,6 +183,8 @@ def _check_layout(name: str, fig: Figure, data: PlotData) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_plots_read_right(case: str, artifacts: Path) -> None:
     data = load_plot_data(_study(case))
+    colors = [model_color(data, m) for m in data.models]
+    assert len(set(colors)) == len(colors), "two models share a colour"
     out = artifacts / case
     out.mkdir(exist_ok=True)
     with warnings.catch_warnings():
@@ -211,3 +227,16 @@ def test_history_shows_the_ooms_before_the_first_completed_trial() -> None:
     (ax,) = figures(data)["history.png"].axes
     low, high = ax.get_xlim()
     assert low < 0 and high > len(data.points) - 1
+
+
+def test_html_grids_wrap_like_the_png() -> None:
+    """plots.html lays nine models' OOM grids out as the PNG does: rows of four, not one row."""
+    from search.observe.plots_html import grid_figure
+
+    fig = grid_figure(load_plot_data(_study("many_models")))
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heatmaps) == 9
+    rows = {tuple(fig.layout[t.yaxis.replace("y", "yaxis", 1)].domain) for t in heatmaps}
+    cols = {tuple(fig.layout[t.xaxis.replace("x", "xaxis", 1)].domain) for t in heatmaps}
+    assert len(rows) == 3 and len(cols) == 4
+    assert fig.layout.height == 3 * 460

@@ -12,7 +12,25 @@ from search.observe.plot_data import CELL_UNTRIED
 from search.observe.plot_data import PlotData
 
 INSTALL_HINT = "(a partial install) " + install_hint()
-MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+# tab10 without its red (the OOM kinds' colour) and grey (the frontier's), then tab20's light
+# tones: a team's own models beside the four get colours of their own up to 15 models.
+MODEL_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#9edae5",
+)
 KIND_COLORS = {"real": "#b2182b", "host": "#ef8a62", "predicted": "#7b3294", "frontier": "#999999"}
 KIND_LABELS = {
     "real": "real (device memory)",
@@ -45,3 +63,13 @@ def model_color(data: PlotData, model: str) -> str:
     """The colour of ``model`` in every plot (PNG and HTML alike)."""
     index = data.models.index(model) if model in data.models else len(data.models)
     return MODEL_COLORS[index % len(MODEL_COLORS)]
+
+
+GRID_COLS = 4  # OOM grids a row: wider rows cut their titles and run their ticks together
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """Rows and columns of ``n`` models' OOM grids (at most ``GRID_COLS`` a row)."""
+    n = max(1, n)
+    cols = min(n, GRID_COLS)
+    return -(-n // cols), cols

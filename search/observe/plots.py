@@ -34,6 +34,7 @@ from search.observe.plot_style import KIND_LABELS
 from search.observe.plot_style import NO_COMPLETE
 from search.observe.plot_style import OVERVIEW
 from search.observe.plot_style import PNG_FILES
+from search.observe.plot_style import grid_shape
 from search.observe.plot_style import model_color
 from search.observe.plots_html import write_html
 from search.observe.report import read_trials
@@ -103,8 +104,12 @@ def write_plots(
 def figures(data: PlotData) -> dict[str, Figure]:
     """Every PNG's figure, by file name (the five plots, then ``overview.png``), not drawn yet."""
     figs = {}
+    rows = _grid_shape(data)[0]
     for name, draw in zip(PNG_FILES, _DRAWERS, strict=True):
-        figs[name] = _figure(*_SIZES[name])
+        width, height = _SIZES[name]
+        if name == "oom_grid.png":  # one row of grids per GRID_COLS models (plot_style)
+            height *= rows
+        figs[name] = _figure(width, height)
         draw(figs[name], data)
     figs[OVERVIEW] = overview_figure(data)
     return figs
@@ -112,13 +117,14 @@ def figures(data: PlotData) -> dict[str, Figure]:
 
 def overview_figure(data: PlotData) -> Figure:
     """All five plots on one page."""
-    fig = _figure(16, 17)
+    rows = _grid_shape(data)[0]
+    fig = _figure(16, 17 + _SIZES["oom_grid.png"][1] * (rows - 1))
     fig.suptitle(
         f"study {data.study}: {len(data.points)} trials, {len(data.complete())} completed",
         fontsize=15,
         fontweight="bold",
     )
-    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[0.9, 1.25, 1.0])  # type: ignore[misc]
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[0.9, 1.25, 1.0 * rows])  # type: ignore[misc]
     upper = top.subfigures(1, 2)
     _best_by_model(upper[0], data)
     _oom_rate(upper[1], data)
@@ -324,9 +330,12 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
     if not models:
         _empty(fig.subplots(), "no trials with a batch size and max_len")
         return
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    n_rows, n_cols = _grid_shape(data)
+    axes = list(fig.subplots(n_rows, n_cols, squeeze=False).ravel())
+    for spare in axes[len(models) :]:  # the last row's empty places
+        spare.remove()
     cmap = ListedColormap([CELL_COLORS[c] for c in CELL_ORDER])
-    for ax, model in zip(axes, models, strict=True):
+    for ax, model in zip(axes, models, strict=False):
         rows = oom_grid(data, model)
         batches, lengths = data.grid_axes[model]
         codes = [[CELL_ORDER.index(c.state) for c in row] for row in rows]
@@ -342,6 +351,11 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
         ax.set_title(model, color=model_color(data, model), fontweight="bold")
     fig.legend(handles=[Patch(color=CELL_COLORS[c], label=c) for c in CELL_ORDER],
                loc="outside lower center", ncols=len(CELL_ORDER), fontsize=10)  # fmt: skip
+
+
+def _grid_shape(data: PlotData) -> tuple[int, int]:
+    """Rows and columns of the OOM grids of the models that have one."""
+    return grid_shape(sum(1 for m in data.models if data.grid_axes.get(m, ([], []))[0]))
 
 
 def _cell_text(cell: GridCell) -> str:

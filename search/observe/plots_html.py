@@ -25,6 +25,7 @@ from search.observe.plot_style import KIND_COLORS
 from search.observe.plot_style import KIND_LABELS
 from search.observe.plot_style import NO_COMPLETE
 from search.observe.plot_style import PNG_FILES
+from search.observe.plot_style import grid_shape
 from search.observe.plot_style import model_color
 from search.record import attrs
 
@@ -114,8 +115,10 @@ def oom_rate_figure(data: PlotData) -> go.Figure:
     for m in models:
         done = [p for p in data.of_model(m) if p.outcome != RUNNING]
         counts.append(f"{sum(p.outcome == OOM for p in done)} of {len(done)} trials")
-    fig.add_trace(go.Scatter(x=[sum(rates[m].values()) for m in models], y=models, mode="text",
-                             text=counts, textposition="middle right", showlegend=False,
+    # A little right of the bar's end: at 0 the count would touch the model's name.
+    ends = [sum(rates[m].values()) + 0.01 for m in models]
+    fig.add_trace(go.Scatter(x=ends, y=models, mode="text", text=counts,
+                             textposition="middle right", showlegend=False,
                              hoverinfo="skip"))  # fmt: skip
     fig.update_layout(barmode="stack")
     fig.update_xaxes(title={"text": "share of the model's trials that ran out of memory"},
@@ -211,12 +214,15 @@ def grid_figure(data: PlotData) -> go.Figure:
     if not models:
         return _layout(_no_data(go.Figure(), "no trials with a batch size and max_len"),
                        PNG_FILES["oom_grid.png"])  # fmt: skip
-    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
+    n_rows, n_cols = grid_shape(len(models))  # at most GRID_COLS a row, as in the PNG
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=models,
+                        vertical_spacing=0.3 / n_rows)  # fmt: skip
     top = len(CELL_ORDER) - 1
     scale = []
     for i, state in enumerate(CELL_ORDER):
         scale += [[i / (top + 1), CELL_COLORS[state]], [(i + 1) / (top + 1), CELL_COLORS[state]]]
-    for col, model in enumerate(models, start=1):
+    for i, model in enumerate(models):
+        row, col = i // n_cols + 1, i % n_cols + 1
         rows = oom_grid(data, model)
         batches, lengths = data.grid_axes[model]
         fig.add_trace(go.Heatmap(z=[[CELL_ORDER.index(c.state) for c in r] for r in rows],
@@ -228,14 +234,15 @@ def grid_figure(data: PlotData) -> go.Figure:
                                  zmax=top + 0.5, showscale=False, name=model, xgap=2, ygap=2,
                                  hovertemplate="batch %{y}, max_len %{x}: %{customdata}"
                                  "<br>%{text}<extra>" + model + "</extra>"),
-                      row=1, col=col)  # fmt: skip
-        fig.update_xaxes(title={"text": "max_len (tokens)"}, type="category", row=1, col=col)
-        fig.update_yaxes(title={"text": "batch size"}, type="category", row=1, col=col)
+                      row=row, col=col)  # fmt: skip
+        fig.update_xaxes(title={"text": "max_len (tokens)"}, type="category", row=row, col=col)
+        fig.update_yaxes(title={"text": "batch size"}, type="category", row=row, col=col)
     legend = ", ".join(
         f"<span style='color:{CELL_COLORS[s]}'>&#9632;</span> {s}" for s in CELL_ORDER
     )
-    fig.add_annotation(text=legend, showarrow=False, xref="paper", yref="paper", x=0.5, y=-0.3)
-    _layout(fig, PNG_FILES["oom_grid.png"], 460)
+    fig.add_annotation(text=legend, showarrow=False, xref="paper", yref="paper", x=0.5, y=0,
+                       yanchor="top", yshift=-70)  # below the last row's axis titles  # fmt: skip
+    _layout(fig, PNG_FILES["oom_grid.png"], 460 * n_rows)
     return fig.update_layout(margin={"b": 110})
 
 
