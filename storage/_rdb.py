@@ -59,6 +59,7 @@ from storage.compat import default_study_name
 from storage.compat import orm_read_trials
 from storage.compat import scoped_session
 from storage.compat import set_trial_attr_in
+from storage.compat import set_trial_attrs_in
 from storage.compat import set_trial_value_in
 from storage.compat import tables
 from storage.compat import trial_id as trial_id_of
@@ -188,9 +189,7 @@ class ResilientRDBStorage(RDBStorage):
     ) -> None:
         """Set a trial's user and system attributes in one transaction."""
         with scoped_session(self, ignore_integrity_error=True) as session:
-            for is_system, values in ((False, user), (True, system)):
-                for key, value in values.items():
-                    set_trial_attr_in(self, session, trial_id, key, value, system=is_system)
+            set_trial_attrs_in(self, session, trial_id, user, system)
 
     # ---------------------------------------------------------------- studies
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
+import sqlite3
 import sys
 import uuid
 from collections.abc import Container
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +73,7 @@ __all__ = [
     "save_dashboard_trial_note",
     "scoped_session",
     "set_trial_attr_in",
+    "set_trial_attrs_in",
     "set_trial_value_in",
     "stale_retry_limit",
     "stale_trial_ids",
@@ -261,6 +265,56 @@ def set_trial_attr_in(
     """
     model = tables.TrialSystemAttributeModel if system else tables.TrialUserAttributeModel
     rdb._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def set_trial_attrs_in(
+    rdb: RDBStorage,
+    session: sqlalchemy.orm.Session,
+    trial_id: int,
+    user: Mapping[str, Any],
+    system: Mapping[str, Any],
+) -> None:
+    """Upsert many of a trial's attributes inside ``session``'s transaction.
+
+    What ``set_trial_attr_in`` does for one, for all at once: the trial is read and checked
+    once (``UpdateFinishedTrialError`` for a finished one), then one ``INSERT ... ON CONFLICT
+    DO UPDATE`` per table on SQLite and PostgreSQL (Optuna's own upsert, many rows), instead of
+    a read and an upsert per attribute: a trial's claimed record (~18 attributes) is two
+    round trips to a PostgreSQL server, not ~36. Other databases take the attributes one by one.
+    """
+    if not user and not system:
+        return
+    batched = rdb.engine.name == "postgresql" or (
+        rdb.engine.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0)
+    )
+    if not batched:
+        for is_system, values in ((False, user), (True, system)):
+            for key, value in values.items():
+                set_trial_attr_in(rdb, session, trial_id, key, value, system=is_system)
+        return
+    trial = tables.TrialModel.find_or_raise_by_id(trial_id, session)
+    rdb.check_trial_is_updatable(trial_id, trial.state)
+    if rdb.engine.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    for model, values in (
+        (tables.TrialUserAttributeModel, user),
+        (tables.TrialSystemAttributeModel, system),
+    ):
+        if not values:
+            continue
+        rows = [
+            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+            for k, v in values.items()
+        ]
+        statement = insert(model).values(rows)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[model.trial_id, model.key],
+                set_={"value_json": statement.excluded.value_json},
+            )
+        )
 
 
 def add_trial_in(

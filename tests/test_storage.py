@@ -479,3 +479,53 @@ def test_many_user_attrs_in_one_call(tmp_path: Path) -> None:
     store.set_trial_user_attrs(trial._trial_id, {"a": 1, "b": {"c": [1, 2]}})
     store.set_trial_user_attrs(trial._trial_id, {"a": 2})
     assert study.trials[0].user_attrs == {"a": 2, "b": {"c": [1, 2]}}
+
+
+def _attrs_in_one_transaction(url: str) -> None:
+    """``set_trial_attrs``: one read of the trial and one upsert per table, whatever the
+    number of attributes; the same attributes as Optuna's one-by-one calls; a finished
+    trial refused as Optuna refuses it."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    store = create_storage(url, heartbeat_interval=None)
+    assert isinstance(store, ResilientRDBStorage)
+    study = optuna.create_study(storage=store, study_name="batched")
+    ours, theirs = study.ask(), study.ask()
+    user = {f"u{i}": (i * 1.5 if i % 2 else {"list": [i, "x"]}) for i in range(18)}
+    system = {"search:config": {"lr": 1e-4, "model": "m"}, "s": None}
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        statements.append(statement)
+
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        store.set_trial_attrs(ours._trial_id, user, system)
+    finally:
+        sqlalchemy.event.remove(store.engine, "before_cursor_execute", count)
+    writes = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(writes) == 2, statements  # one per table, not one per attribute
+    assert len(statements) <= 6, statements  # the trial's read, the writes, the transaction
+    for key, value in user.items():
+        store.set_trial_user_attr(theirs._trial_id, key, value)
+    for key, value in system.items():
+        store.set_trial_system_attr(theirs._trial_id, key, value)
+    got, want = store.get_trial(ours._trial_id), store.get_trial(theirs._trial_id)
+    assert got.user_attrs == want.user_attrs == user
+    mine = {k: got.system_attrs[k] for k in system}  # beside the trial's own (client_token)
+    assert mine == {k: want.system_attrs[k] for k in system} == system
+
+    store.set_trial_attrs(ours._trial_id, {"u1": "again", "new": 1}, {})  # an upsert
+    assert store.get_trial(ours._trial_id).user_attrs == {**user, "u1": "again", "new": 1}
+    study.tell(ours, 0.5)
+    with pytest.raises(UpdateFinishedTrialError):
+        store.set_trial_attrs(ours._trial_id, {"late": 1}, {})
+    assert "late" not in store.get_trial(ours._trial_id).user_attrs
+
+
+def test_trial_attrs_in_one_transaction_on_sqlite(tmp_path: Path) -> None:
+    _attrs_in_one_transaction(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def test_trial_attrs_in_one_transaction_on_postgres(pg_db: str) -> None:
+    _attrs_in_one_transaction(pg_db)
