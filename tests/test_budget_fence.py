@@ -63,7 +63,8 @@ SLACK_S = 2.5  # a trial's end to the next claim (records, the trial child) unde
 # of 6 after it; the stall this guards against grew without bound (47 s)
 BUDGET = 4  # three claimed at once, then the last one is at stake
 CLAIM_S = 0.5  # at most this long from taking the lock to writing the fence token
-AFTER_FENCE_S = 0.2  # the fence token to the claim's commit: 0.05 s idle, 0.25 s under load
+AFTER_FENCE_S = 0.1  # the fence token to the claim's commit: 0.05 s idle, 0.25 s under load;
+# at 0.2 s most stops came after a quick claim (4 of 12 tests redid too many runs, 2026-12-06)
 ENV = {"SEARCH_LOCK_TIMEOUT": f"{LOCK_TIMEOUT_S:g}", "SEARCH_HEARTBEAT_INTERVAL": "1"}
 _LABEL = re.compile(r"^search (\d+)@")
 
@@ -99,22 +100,25 @@ def _claimed(conn: sqlalchemy.engine.Connection, study: str) -> tuple[int, set[i
     return len(rows), running
 
 
-def _into_the_claim(conn: sqlalchemy.engine.Connection, study: str) -> None:
-    """Wait until the claim's holder has written its fence token (``storage._fence``: its
-    sweep, read and write follow), then a random moment more, so a stop lands anywhere from
-    its read of the trials to its write."""
+def _token(conn: sqlalchemy.engine.Connection, study: str) -> str | None:
+    """The study's fence token as it stands (``storage._fence``)."""
     query = sqlalchemy.text(
         "SELECT a.value_json FROM study_system_attributes a JOIN studies s USING (study_id)"
         " WHERE s.study_name = :study AND a.key = :key"
     )
-    before = conn.execute(query, {"study": study, "key": FENCE_KEY}).scalar()
+    token = conn.execute(query, {"study": study, "key": FENCE_KEY}).scalar()
     conn.rollback()
+    return token
+
+
+def _into_the_claim(conn: sqlalchemy.engine.Connection, study: str, before: str | None) -> None:
+    """Wait until the claim's holder has written its fence token (``storage._fence``: its
+    sweep, read and write follow), then a random moment more, so a stop lands anywhere from
+    its read of the trials to its write. ``before``: the token before this holder took the
+    lock (read before the holder was seen: a quick claim writes its token at once)."""
     until = time.monotonic() + CLAIM_S
-    while time.monotonic() < until:
-        now = conn.execute(query, {"study": study, "key": FENCE_KEY}).scalar()
-        conn.rollback()
-        if now != before:
-            break
+    while time.monotonic() < until and _token(conn, study) == before:
+        pass
     time.sleep(random.uniform(0, AFTER_FENCE_S))
 
 
@@ -140,15 +144,17 @@ def _stop_the_last_claimer(
                 assert time.monotonic() < deadline, "the workers never claimed their trials"
                 time.sleep(0.01)
             deadline = time.monotonic() + 60
+            token = _token(conn, study)
             while time.monotonic() < deadline and any(w.alive() for w in workers):
                 pid = _holder(conn, lock)
                 if pid in by_pid and pid not in _claimed(conn, study)[1]:
-                    _into_the_claim(conn, study)
+                    _into_the_claim(conn, study, token)
                     os.kill(pid, signal.SIGSTOP)
                     claimed, running = _claimed(conn, study)
                     if _holder(conn, lock) == pid and pid not in running:
                         return by_pid[pid], claimed == budget - 1
                     os.kill(pid, signal.SIGCONT)  # a sweep, or it had let go already
+                token = _token(conn, study)
                 time.sleep(0.002)
             claimed = _claimed(conn, study)[0]
     finally:
