@@ -14,6 +14,7 @@ from storage._check import StorageStatus
 from storage._check import check_storage
 from storage._classify import classify
 from storage._create import check_heartbeat_env
+from storage._create import check_new_sqlite
 from storage._create import create_storage
 from storage._engine import ENV_CONNECT_TIMEOUT
 from storage._engine import connect_timeout
@@ -89,6 +90,7 @@ __all__ = [
     "adopt_orphans",
     "call_with_retry",
     "check_heartbeat_env",
+    "check_new_sqlite",
     "check_password",
     "check_storage",
     "classify",

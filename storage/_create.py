@@ -248,6 +248,16 @@ def check_heartbeat_env() -> None:
     _env_int(ENV_GRACE_PERIOD, None)
 
 
+def check_new_sqlite(url: str) -> None:
+    """Raise the StorageError ``create_storage`` would raise for an SQLite file it is to create
+    in a directory that does not exist (the CLI asks before any work; nothing is opened)."""
+    if is_proxy_url(url):
+        return
+    backend, path = parse_url(url)
+    if backend == "sqlite" and path is not None:
+        check_sqlite_path(path, redact_url(url), must_exist=False)
+
+
 def check_sqlite_path(path: str, shown: str, *, must_exist: bool) -> None:
     """An SQLite file's directory must exist, and with ``must_exist`` the file itself."""
     file = Path(path)

@@ -204,6 +204,25 @@ def test_an_empty_stages_list_is_refused(tmp_path: Path) -> None:
     assert _files(tmp_path) == {"spec.yaml"}
 
 
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_a_new_sqlite_file_in_a_missing_directory_is_refused_before_any_work(
+    tmp_path: Path, command: str
+) -> None:
+    """Found by hand: the study line came first, and the trial server (torch, transformers)
+    was already importing when the worker failed to create the file. ``_search`` reads the
+    whole stderr, the server's ``-X importtime`` lines included (it inherits the pipe)."""
+    missing = tmp_path / "no" / "such" / "dir" / "s.db"
+    line = _search(
+        command, "--study", "ko-retrieval", "--tiny", "--storage", f"sqlite:///{missing}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert (
+        line
+        == f"error: cannot open sqlite:///{missing}: directory {missing.parent} does not exist"
+    )
+    assert _files(tmp_path) == set()
+
+
 # --------------------------------------------------------------------- options
 
 

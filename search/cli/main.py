@@ -196,11 +196,16 @@ def _run(args: RunArgs, *, service: bool = False) -> None:
         callbacks = _callbacks(args.callback or [])  # a bad one: exit 2 before any work
         name = study_name_for(spec, opts)
         _check_name_length(name, spec, opts)
+        from storage import check_new_sqlite
         from storage import create_storage
 
         # One storage for the whole run: the checks read it, the worker runs on it. A missing
-        # SQLite file holds no study to check; the worker creates it.
-        storage = None if missing_sqlite(opts.storage_url) else create_storage(opts.storage_url)
+        # SQLite file holds no study to check; the worker creates it (its directory is checked
+        # here: the worker starts the trial server before it opens the storage).
+        new = missing_sqlite(opts.storage_url)
+        if new:
+            check_new_sqlite(opts.storage_url)
+        storage = None if new else create_storage(opts.storage_url)
         if storage is not None:  # replicas and real weights never share a study
             from search.worker.study_store import check_replicas
 
