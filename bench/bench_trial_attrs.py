@@ -34,9 +34,17 @@ from typing import Any
 from optuna.study import StudyDirection
 
 from storage import ResilientRDBStorage
+from storage import StorageError
 from storage import create_storage
 from storage.compat import scoped_session
 from storage.compat import set_trial_attr_in
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _record(n_user: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -48,13 +56,17 @@ def _record(n_user: int) -> tuple[dict[str, Any], dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="storage URL (default: a new SQLite file)")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--attrs", type=int, default=18, help="user attributes per record")
+    parser.add_argument("--rounds", type=_positive, default=40)
+    parser.add_argument("--attrs", type=_positive, default=18, help="user attributes per record")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 'attrs.db'}"
-        store = create_storage(url, heartbeat_interval=None)
-        assert isinstance(store, ResilientRDBStorage)
+        try:
+            store = create_storage(url, heartbeat_interval=None)
+        except StorageError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        if not isinstance(store, ResilientRDBStorage):
+            parser.exit(2, f"error: --url {url!r}: an SQLite or PostgreSQL URL, not a proxy\n")
         sid = store.create_new_study([StudyDirection.MAXIMIZE], f"bench-attrs-{uuid.uuid4().hex}")
         user, system = _record(args.attrs)
 
