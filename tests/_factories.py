@@ -145,6 +145,15 @@ def _first(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def kept_files_dir(tmp_path_factory: Any, name: str) -> Path:
+    """Where a test keeps files for a person to look at: ``$SEARCH_TEST_ARTIFACTS/NAME`` (CI
+    sets it), else a tmp directory."""
+    root = os.environ.get("SEARCH_TEST_ARTIFACTS")
+    path = Path(root) / name if root else tmp_path_factory.mktemp(name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def trial_config(**over: Any) -> TrialConfig:
     """A small CPU TrialConfig (ko-simcse unless ``model`` says otherwise), fields overridable.
 

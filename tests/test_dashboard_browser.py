@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 import pytest
 from _factories import ci
+from _factories import kept_files_dir
 
 from search.observe.subscribers import standard_subscribers
 from search.record import attrs
@@ -246,10 +247,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the screenshots are kept: ``$SEARCH_TEST_ARTIFACTS/dashboard`` or a tmp dir."""
-    root = os.environ.get("SEARCH_TEST_ARTIFACTS")
-    path = Path(root) / "dashboard" if root else tmp_path_factory.mktemp("screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return kept_files_dir(tmp_path_factory, "dashboard")
 
 
 def _open(browser: Any, url: str, wait_for: str) -> Any:

@@ -12,7 +12,6 @@ and the per-model bar charts name the models on a categorical axis. The PNGs are
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from itertools import combinations
@@ -22,6 +21,7 @@ from typing import Any
 import optuna
 import pytest
 from _cli import run_search
+from _factories import kept_files_dir
 from _finished_study import MODELS
 from _finished_study import _trial
 from matplotlib.axes import Axes
@@ -104,10 +104,7 @@ def _study(case: str, storage: str | None = None) -> optuna.Study:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the PNGs are kept: ``$SEARCH_TEST_ARTIFACTS/plots`` or a tmp dir."""
-    root = os.environ.get("SEARCH_TEST_ARTIFACTS")
-    path = Path(root) / "plots" if root else tmp_path_factory.mktemp("plots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return kept_files_dir(tmp_path_factory, "plots")
 
 
 def _inside(inner: Bbox, outer: Bbox, slack: float = 1.0) -> bool:

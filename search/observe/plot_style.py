@@ -68,6 +68,11 @@ def model_color(data: PlotData, model: str) -> str:
 GRID_COLS = 4  # OOM grids a row: wider rows cut their titles and run their ticks together
 
 
+def grid_models(data: PlotData) -> list[str]:
+    """The models that have an OOM grid (a trial with a batch size and max_len), in order."""
+    return [m for m in data.models if data.grid_axes.get(m, ([], []))[0]]
+
+
 def grid_shape(n: int) -> tuple[int, int]:
     """Rows and columns of ``n`` models' OOM grids (at most ``GRID_COLS`` a row)."""
     n = max(1, n)

@@ -34,6 +34,7 @@ from search.observe.plot_style import KIND_LABELS
 from search.observe.plot_style import NO_COMPLETE
 from search.observe.plot_style import OVERVIEW
 from search.observe.plot_style import PNG_FILES
+from search.observe.plot_style import grid_models
 from search.observe.plot_style import grid_shape
 from search.observe.plot_style import model_color
 from search.observe.plots_html import write_html
@@ -326,7 +327,7 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
     from matplotlib.patches import Patch
 
     _title(fig, "oom_grid.png", data)
-    models = [m for m in data.models if data.grid_axes.get(m, ([], []))[0]]
+    models = grid_models(data)
     if not models:
         _empty(fig.subplots(), "no trials with a batch size and max_len")
         return
@@ -355,7 +356,7 @@ def _oom_grids(fig: Figure | SubFigure, data: PlotData) -> None:
 
 def _grid_shape(data: PlotData) -> tuple[int, int]:
     """Rows and columns of the OOM grids of the models that have one."""
-    return grid_shape(sum(1 for m in data.models if data.grid_axes.get(m, ([], []))[0]))
+    return grid_shape(len(grid_models(data)))
 
 
 def _cell_text(cell: GridCell) -> str:

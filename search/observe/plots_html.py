@@ -25,6 +25,7 @@ from search.observe.plot_style import KIND_COLORS
 from search.observe.plot_style import KIND_LABELS
 from search.observe.plot_style import NO_COMPLETE
 from search.observe.plot_style import PNG_FILES
+from search.observe.plot_style import grid_models
 from search.observe.plot_style import grid_shape
 from search.observe.plot_style import model_color
 from search.record import attrs
@@ -210,7 +211,7 @@ def grid_figure(data: PlotData) -> go.Figure:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    models = [m for m in data.models if data.grid_axes.get(m, ([], []))[0]]
+    models = grid_models(data)
     if not models:
         return _layout(_no_data(go.Figure(), "no trials with a batch size and max_len"),
                        PNG_FILES["oom_grid.png"])  # fmt: skip
