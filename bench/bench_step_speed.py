@@ -15,7 +15,8 @@ current step (``hf``: transformers' forward on padded batches, queries and passa
 Candidates: ``hf``; ``padfree`` (``search.train.unpadded``: real tokens only, attention per
 block of rows sorted by length, cheaper dropout masks); ``padfree-bernoulli`` (the same with
 ``F.dropout``'s ``bernoulli_`` masks, to split the gains); ``padfree-noblocks`` (attention
-re-padded per whole batch instead of per block of rows sorted by length).
+re-padded per whole batch instead of per block of rows sorted by length); ``padfree-mask32``
+(dropout masks from 32-bit halves of each 64-bit draw, as before ``MASK_BITS`` became 16).
 
 Run::
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KLUE_JSON = ROOT.parent / "shared" / "data" / "klue-nli" / "klue-nli-v1.1_dev.json"
-CANDIDATES = ("hf", "padfree", "padfree-bernoulli", "padfree-noblocks")
+CANDIDATES = ("hf", "padfree", "padfree-mask32", "padfree-bernoulli", "padfree-noblocks")
 
 
 def _bernoulli_dropout(x: Any, p: float, training: bool) -> Any:
@@ -122,6 +123,13 @@ def main() -> None:
     data = loop._build_dataset(base, examples, max_len=cfg.max_len, hard_negatives=1)
     rows = loop._epoch_batches(data, cfg.batch_size, torch.Generator().manual_seed(0))
     need = args.steps * (args.rounds + 1)
+    if need > len(rows):
+        print(
+            f"bench_step_speed: --steps {args.steps} x (--rounds {args.rounds} + a warm-up) needs "
+            f"{need} batches; the data has {len(rows)} at --batch-size {args.batch_size}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     cpu = torch.device("cpu")
     batches = []
     for r in rows[:need]:
@@ -139,6 +147,9 @@ def main() -> None:
 
     def run(name: str, steps: list[loop.StepBatch]) -> float:
         unpadded_dropout, block_rows = unpadded.dropout, unpadded.ATTENTION_BLOCK_ROWS
+        mask_bits = unpadded.MASK_BITS
+        if name == "padfree-mask32":
+            unpadded.MASK_BITS = 32
         if name == "padfree-bernoulli":
             unpadded.dropout = _bernoulli_dropout  # type: ignore[assignment]
         if name == "padfree-noblocks":
@@ -153,6 +164,7 @@ def main() -> None:
         finally:
             unpadded.dropout = unpadded_dropout  # type: ignore[assignment]
             unpadded.ATTENTION_BLOCK_ROWS = block_rows
+            unpadded.MASK_BITS = mask_bits
 
     for name in names:  # warm-up round (allocator, oneDNN primitives), not counted
         run(name, batches[: args.steps])
@@ -177,6 +189,15 @@ def main() -> None:
         f"{args.threads} thread, "
         f"{args.rounds} rounds x {args.steps} steps; real/padded tokens {real / padded:.3f}"
     )
+    if "padfree" in names:  # the product's step against each variant, paired by round
+        for name in names:
+            if name in ("hf", "padfree"):
+                continue
+            gain = [v / c for v, c in zip(seconds[name], seconds["padfree"], strict=True)]
+            print(
+                f"padfree vs {name:<17} samples/s: median {statistics.median(gain):.3f}x "
+                f"(min {min(gain):.3f}, max {max(gain):.3f})"
+            )
     if "hf" not in names:
         return
     for name in names:

@@ -134,9 +134,55 @@ def test_packed_batches_of_different_widths_embed_as_each_alone(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_dropout_keeps_the_probability_and_the_mean() -> None:
+def test_token_counts_round_up_to_few_sizes() -> None:
+    sizes = [unpadded.bucketed(n) for n in range(1, 20_000)]
+    assert all(b >= n for n, b in enumerate(sizes, start=1))
+    assert sizes == sorted(sizes)
+    assert all(b <= n * (1 + 1 / 16) for n, b in enumerate(sizes, start=1) if n >= 128)
+    assert len({unpadded.bucketed(n) for n in range(2049, 4097)}) == 16  # one octave
+    assert [unpadded.bucketed(n) for n in (64, 1536, 4096)] == [64, 1536, 4096]  # exact stay
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+def test_bucket_padding_rows_change_no_embedding_or_gradient(
+    replicas: dict[str, Path], family: str, pooling: str
+) -> None:
+    _, fast = _pair(replicas[family], pooling)
+    fast.eval()  # dropout off: the extra rows would draw masks of their own
+    ids, mask = _batch(fast)
+    exact = unpadded.pack([(ids, mask)], bucket=False)
+    padded = unpadded.pack([(ids, mask)], bucket=True)
+    assert padded.n_tokens == exact.n_tokens == int(mask.sum())
+    assert (
+        exact.padding == 0 and padded.padding == unpadded.bucketed(exact.n_tokens) - exact.n_tokens
+    )
+    assert padded.padding > 0 and padded.input_ids.shape[0] % 8 == 0
+    assert unpadded.pack([(ids, mask)]).padding == padded.padding  # on by default on a CPU
+
+    def run(packed: unpadded.Packed) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fast.zero_grad(set_to_none=True)
+        hidden = unpadded.packed_forward(fast.model, packed)
+        assert hidden.shape[0] == packed.n_tokens
+        (emb,) = unpadded.pool(hidden, packed, pooling)
+        (emb * torch.linspace(-1.0, 1.0, emb.numel()).view_as(emb)).sum().backward()
+        return emb.detach(), [p.grad.clone() for p in fast.parameters() if p.grad is not None]
+
+    emb, grads = run(exact)
+    emb_padded, grads_padded = run(padded)
+    torch.testing.assert_close(emb_padded, emb, atol=1e-6, rtol=1e-5)
+    assert len(grads_padded) == len(grads) > 10
+    for grad, grad_padded in zip(grads, grads_padded, strict=True):
+        torch.testing.assert_close(grad_padded, grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_dropout_keeps_the_probability_and_the_mean(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unpadded, "MASK_BITS", bits)
     torch.manual_seed(0)
-    x = torch.ones(3, 401, 167)  # an odd number of elements
+    x = torch.ones(3, 401, 167)  # an odd number of elements: not a whole number of draws
     for p in (0.1, 0.5):
         out = unpadded.dropout(x, p, True)
         assert out.shape == x.shape
@@ -145,6 +191,11 @@ def test_dropout_keeps_the_probability_and_the_mean() -> None:
         dropped, kept = out.unique().tolist()  # zeros and the scaled ones, nothing else
         assert dropped == 0.0 and kept == pytest.approx(1 / (1 - p))
     assert torch.equal(unpadded.dropout(x, 0.1, False), x)
+    # Probabilities at the ends of the mask's resolution: all dropped, or all kept.
+    assert float(unpadded.dropout(x, 1 - 2.0 ** -(bits + 2), True).abs().sum()) == 0.0
+    assert torch.equal(
+        unpadded.dropout(x, 2.0 ** -(bits + 2), True), x * (1 / (1 - 2.0 ** -(bits + 2)))
+    )
 
 
 def test_train_mode_drops_out_at_the_configured_places(replicas: dict[str, Path]) -> None:

@@ -11,9 +11,16 @@ variable-length kernel). The same idea as "Packing with FlashAttention" (Kundu e
 and FlashAttention-2's ``unpad_input``, on the weights of a transformers ``BertModel``,
 ``RobertaModel`` or ``XLMRobertaModel``: no new parameters, the same state dict.
 
+On a CPU the packed token count is rounded up to one of 16 sizes per octave (from 128 tokens
+at most 6.25% more rows, ~3% on average; no row attends to the extra rows and no pooling reads
+them): oneDNN builds and JIT-compiles a bf16 matmul kernel for every new shape (~15 ms each
+with AMX), and a token count new at every step rebuilt a dozen kernels a step (the forward and
+both gradients of each of the four weight shapes).
+
 Dropout keeps its probabilities and places (embeddings, attention probabilities, the two
-residual branches); on a CPU its masks come from 32-bit halves of 64-bit random integers (about
-2.5x cheaper than ``bernoulli_``), so the random streams differ from transformers'. With
+residual branches); on a CPU its masks come from 16-bit quarters of 64-bit random integers
+(``MASK_BITS``; about 3x cheaper than ``bernoulli_``), so the random streams differ from
+transformers'. With
 gradient checkpointing on, each layer is recomputed in the backward pass (non-reentrant,
 replaying the same dropout masks).
 
@@ -46,9 +53,11 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "ATTENTION_BLOCK_ROWS",
+    "MASK_BITS",
     "SUPPORTED_MODEL_TYPES",
     "VARLEN_ERRORS",
     "Packed",
+    "bucketed",
     "dropout",
     "pack",
     "packed_forward",
@@ -100,11 +109,13 @@ class Packed:
     (``rows x width^2``) follows the rows' lengths instead of the batch's longest.
 
     Args:
-        input_ids: ``(n_tokens,)`` token ids.
-        positions: ``(n_tokens,)`` each token's column in its padded row (BERT's position).
-        ranks: ``(n_tokens,)`` each token's place among its row's real tokens (RoBERTa counts
-            positions so: the same as ``positions`` when padded on the right).
-        row_of_token: ``(n_tokens,)`` each token's row (in packed row order, over all batches).
+        input_ids: ``(n_tokens + padding,)`` token ids.
+        positions: ``(n_tokens + padding,)`` each token's column in its padded row (BERT's
+            position).
+        ranks: ``(n_tokens + padding,)`` each token's place among its row's real tokens
+            (RoBERTa counts positions so: the same as ``positions`` when padded on the right).
+        row_of_token: ``(n_tokens,)`` each real token's row (in packed row order, over all
+            batches).
         cu_seqlens: ``(n_rows + 1,)`` int32 row offsets into the tokens (FlashAttention's).
         lengths: ``(n_rows,)`` tokens per row, in packed row order.
         blocks: Per attention block ``(rows, width, first token, tokens)``.
@@ -114,6 +125,8 @@ class Packed:
         batches: Per batch ``(first row, rows)`` in packed row order.
         unsort: Per batch ``(rows,)``: the packed row of each of the batch's input rows.
         max_len: The longest row's length.
+        padding: Rows after the real tokens that round their count up to a size the matmul
+            kernels have seen (:func:`bucketed`); they belong to no row.
     """
 
     input_ids: Tensor
@@ -128,18 +141,42 @@ class Packed:
     batches: tuple[tuple[int, int], ...]
     unsort: tuple[Tensor, ...]
     max_len: int
+    padding: int = 0
 
     @property
     def n_tokens(self) -> int:
         """Real tokens in all batches."""
-        return int(self.input_ids.shape[0])
+        return int(self.input_ids.shape[0]) - self.padding
+
+
+BUCKETS_PER_OCTAVE = 16  # token counts a CPU rounds up to (a power of two): <= 1/16 more rows
+
+
+def bucketed(n: int) -> int:
+    """``n`` rounded up to one of ``BUCKETS_PER_OCTAVE`` sizes between each power of two.
+
+    Example:
+        >>> [bucketed(n) for n in (5, 100, 1500, 3000, 6144)]
+        [8, 104, 1536, 3072, 6144]
+    """
+    octave = n.bit_length() - 1  # n is in [2**octave, 2**(octave + 1))
+    step = max(8, 1 << max(0, octave - (BUCKETS_PER_OCTAVE.bit_length() - 1)))
+    return -(-n // step) * step
 
 
 ATTENTION_BLOCK_ROWS = 8  # rows per attention block on a CPU (sorted by length, padded per block)
+# Bits of each dropout mask draw on a CPU (16 or 32): p is kept to within 2**-MASK_BITS.
+MASK_BITS = 16
+_MASK_DTYPES = {16: torch.int16, 32: torch.int32}
 VARLEN_ERRORS: list[str] = []  # why varlen_attn failed in this process (then SDPA runs instead)
 
 
-def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = None) -> Packed:
+def pack(
+    batches: Sequence[tuple[Tensor, Tensor]],
+    *,
+    block_rows: int | None = None,
+    bucket: bool | None = None,
+) -> Packed:
     """Pack padded ``(input_ids, attention_mask)`` batches into their real tokens.
 
     Args:
@@ -147,6 +184,8 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
             tokens contiguous (padded on the right, or on the left); widths may differ.
         block_rows: Rows per attention block (default: ``ATTENTION_BLOCK_ROWS`` on a CPU; on
             CUDA a whole batch, where one kernel launch beats several small ones).
+        bucket: Round the token count up with :func:`bucketed` (default: on a CPU, where a new
+            matmul shape costs a kernel build; CUDA's libraries pick kernels without one).
 
     Returns:
         The packed tokens, on the batches' device.
@@ -187,6 +226,15 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
         rows_before += rows
     lengths = torch.cat(length_parts)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    on_cpu = not batches or not batches[0][0].is_cuda
+    padding = bucketed(tokens) - tokens if (on_cpu if bucket is None else bucket) else 0
+    if padding:
+        extra = ids_parts[-1].new_zeros(padding)  # token id 0 at position 0: any valid row
+        ids_parts, pos_parts, rank_parts = (
+            ids_parts + [extra],
+            pos_parts + [extra],
+            rank_parts + [extra],
+        )
     return Packed(
         input_ids=torch.cat(ids_parts),
         positions=torch.cat(pos_parts),
@@ -200,6 +248,7 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], *, block_rows: int | None = N
         batches=tuple(spans),
         unsort=tuple(unsort),
         max_len=int(lengths.max()) if len(lengths) else 0,
+        padding=padding,
     )
 
 
@@ -216,18 +265,22 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 def _keep(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """A boolean mask, each element True with probability ``1 - p`` (to within ``2**-32``).
+    """A boolean mask, each element True with probability ``1 - p`` (to within ``2**-MASK_BITS``).
 
-    On a CPU two uniform 32-bit integers come from each 64-bit draw of the generator: about 1.5x
-    cheaper than ``torch.rand`` and 2.5x than ``bernoulli_`` (the real MiniLM's forward and
-    backward at max_len 128, bf16: 1.05x over ``torch.rand`` masks, 8 paired rounds).
-    Elsewhere ``torch.rand``.
+    On a CPU each 64-bit draw of the generator is cut into ``64 // MASK_BITS`` uniform integers:
+    at 16 bits a dropout's forward and backward costs about 0.75x of 32-bit halves, which were
+    about 1.5x cheaper than ``torch.rand`` and 2.5x than ``bernoulli_`` (BENCHMARKS.md, "Steps
+    per token"). Elsewhere ``torch.rand``.
     """
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
+    threshold = round(p * 2**MASK_BITS) - 2 ** (MASK_BITS - 1)
+    if threshold >= 2 ** (MASK_BITS - 1):  # p rounds to 1 at this resolution: nothing kept
+        return torch.zeros(shape, dtype=torch.bool)
     n = math.prod(shape)
-    bits = torch.empty(((n + 1) // 2,), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    return bits.view(torch.int32)[:n].view(shape) >= round(p * 2**32) - 2**31
+    per_draw = 64 // MASK_BITS
+    bits = torch.empty((-(-n // per_draw),), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return bits.view(_MASK_DTYPES[MASK_BITS])[:n].view(shape) >= threshold
 
 
 def _embed(model: Any, packed: Packed) -> Tensor:
@@ -259,8 +312,18 @@ def _attention(
         scale: Score scale (``head_dim ** -0.5``).
 
     Returns:
-        ``(n_tokens, heads * head_dim)`` attention outputs.
+        ``(n_tokens + padding, heads * head_dim)`` attention outputs (zeros on the padding).
     """
+    out = _real_attention(qkv[: packed.n_tokens], packed, heads, p, training, scale)
+    if packed.padding:
+        out = torch.cat([out, out.new_zeros(packed.padding, out.shape[1])])
+    return out
+
+
+def _real_attention(
+    qkv: Tensor, packed: Packed, heads: int, p: float, training: bool, scale: float
+) -> Tensor:
+    """:func:`_attention` on the real tokens: ``(n_tokens, heads * head_dim)``."""
     n, _, _, head_dim = qkv.shape
     drop = p if training else 0.0
     if drop == 0.0 and _varlen_runs(qkv):
@@ -354,7 +417,7 @@ def packed_forward(model: Any, packed: Packed) -> Tensor:
                 hidden = checkpoint(_layer, layer, hidden, packed, use_reentrant=False)
                 continue
         hidden = _layer(layer, hidden, packed)
-    return hidden
+    return hidden[: packed.n_tokens] if packed.padding else hidden
 
 
 def pool(hidden: Tensor, packed: Packed, pooling: str) -> list[Tensor]:
