@@ -650,10 +650,13 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     import torch
 
+    from search.record import precision
+
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
         f"{os.getloadavg()[0]:.2f}; torch {torch.__version__} "
-        f"({torch.backends.cpu.get_cpu_capability()}); threads {args.threads}; "
+        f"({torch.backends.cpu.get_cpu_capability()}, AMX {precision.cpu_has_amx()}, "
+        f"native bf16 {precision.cpu_has_native_bf16()}); threads {args.threads}; "
         f"clock {args.clock}; "
         f"model {args.model_path}; batch {args.batch_size}, {args.samples} examples, "
         f"{args.epochs} epoch(s), amp {args.amp}, lr {args.lr}",

@@ -286,8 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         for f in Path(args.model_path).glob("*.safetensors"):  # the page cache: warm for all
             f.read_bytes()
+    from search.record import precision
+
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f};"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f},"
+        f" AMX {precision.cpu_has_amx()}, native bf16 {precision.cpu_has_native_bf16()};"
         f" threads {args.threads}; trees: " + ", ".join(f"{name} {path}" for name, path in trees),
         flush=True,
     )
