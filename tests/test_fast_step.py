@@ -143,6 +143,13 @@ def test_token_counts_round_up_to_few_sizes() -> None:
     assert [unpadded.bucketed(n) for n in (64, 1536, 4096)] == [64, 1536, 4096]  # exact stay
 
 
+def test_no_buckets_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unpadded, "BUCKETS_PER_OCTAVE", 0)
+    assert [unpadded.bucketed(n) for n in (5, 100, 3001)] == [5, 100, 3001]
+    ids = torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]])
+    assert unpadded.pack([(ids, (ids != 0).long())]).padding == 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
 def test_bucket_padding_rows_change_no_embedding_or_gradient(

@@ -149,16 +149,21 @@ class Packed:
         return int(self.input_ids.shape[0]) - self.padding
 
 
-BUCKETS_PER_OCTAVE = 16  # token counts a CPU rounds up to (a power of two): <= 1/16 more rows
+# Token counts a CPU rounds up to, per octave (a power of two; 0: none): <= 1/16 more rows.
+BUCKETS_PER_OCTAVE = 16
 
 
 def bucketed(n: int) -> int:
     """``n`` rounded up to one of ``BUCKETS_PER_OCTAVE`` sizes between each power of two.
 
+    Multiples of 8 below 128 tokens; ``n`` itself when ``BUCKETS_PER_OCTAVE`` is 0.
+
     Example:
         >>> [bucketed(n) for n in (5, 100, 1500, 3000, 6144)]
         [8, 104, 1536, 3072, 6144]
     """
+    if BUCKETS_PER_OCTAVE == 0:
+        return n
     octave = n.bit_length() - 1  # n is in [2**octave, 2**(octave + 1))
     step = max(8, 1 << max(0, octave - (BUCKETS_PER_OCTAVE.bit_length() - 1)))
     return -(-n // step) * step
@@ -268,9 +273,9 @@ def _keep(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """A boolean mask, each element True with probability ``1 - p`` (to within ``2**-MASK_BITS``).
 
     On a CPU each 64-bit draw of the generator is cut into ``64 // MASK_BITS`` uniform integers:
-    at 16 bits a dropout's forward and backward costs about 0.75x of 32-bit halves, which were
-    about 1.5x cheaper than ``torch.rand`` and 2.5x than ``bernoulli_`` (BENCHMARKS.md, "Steps
-    per token"). Elsewhere ``torch.rand``.
+    at 16 bits a dropout's forward and backward costs 0.8x of 32-bit halves on an AMX CPU
+    (``bench/bench_dropout_masks.py``), which cost 0.9x of ``bernoulli_`` there and 0.4x on an
+    AVX512-BF16 CPU without AMX (BENCHMARKS.md, "Steps per token"). Elsewhere ``torch.rand``.
     """
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
