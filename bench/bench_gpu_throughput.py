@@ -84,8 +84,8 @@ def _sync(device: str) -> None:
 def run_ours(args: argparse.Namespace, padding_free: bool) -> dict[str, Any]:
     """One run of ``search.train.loop.train``; tokenisation timed by wrapping its builder."""
     import torch
+    from _minilm import minilm_config
 
-    from search.record.config import TrialConfig
     from search.train import loop
     from search.train import unpadded
     from search.train.data import EvalSet
@@ -111,25 +111,14 @@ def run_ours(args: argparse.Namespace, padding_free: bool) -> dict[str, Any]:
     eval_set = EvalSet(
         {d: full.corpus[d] for d in docs}, {q: full.queries[q] for q in qids}, qrels
     )
-    cfg = TrialConfig(
-        model="all-minilm-l6-v2",
+    cfg = minilm_config(
         model_path=args.model_path,
         batch_size=args.batch_size,
         max_len=args.max_len,
         lr=args.lr,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=1,
-        amp=True,
-        gradient_checkpointing=False,
-        hard_negatives=1,
-        seed=0,
         device=device,
         train_path=args.train_path,
         eval_dir=args.eval_dir,
-        pooling="mean",
-        normalize=True,
         fail_fast=False,
         padding_free=padding_free,
     )

