@@ -178,8 +178,9 @@ def _search_worker(url: str, study: str, n: int, gpu: int, cache: Path) -> subpr
 @pytest.mark.train
 def test_search_workers_end_to_end_with_one_killed(pg_url: str, tmp_path: Path) -> None:
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    workers = [_search_worker(pg_url, name, 4, gpu, tmp_path) for gpu in range(3)]
-    victim = workers[0]
+    # The victim starts alone: started together, the other two could spend the budget of four
+    # tiny trials before it claimed one (seen in CI: "0 trials run by this worker").
+    victim = _search_worker(pg_url, name, 4, 0, tmp_path)
     store = create_storage(pg_url, heartbeat_interval=None)
     deadline = time.monotonic() + 240
     running: optuna.trial.FrozenTrial | None = None
@@ -195,7 +196,11 @@ def test_search_workers_end_to_end_with_one_killed(pg_url: str, tmp_path: Path) 
             if str(t.user_attrs.get(attrs.WORKER, "")).endswith(f":{victim.pid}")
         ]
         running = mine[0] if mine else None
-    assert running is not None, "the first worker never ran a trial"
+    if running is None:
+        os.killpg(victim.pid, signal.SIGKILL)
+        said = victim.communicate(timeout=30)[0]
+        raise AssertionError(f"the first worker never ran a trial; it said:\n{said[-3000:]}")
+    workers = [victim] + [_search_worker(pg_url, name, 4, gpu, tmp_path) for gpu in (1, 2)]
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(10)
     outputs = [proc.communicate(timeout=300)[0] for proc in workers[1:]]
