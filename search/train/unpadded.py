@@ -19,8 +19,8 @@ both gradients of each of the four weight shapes).
 
 Dropout keeps its probabilities and places (embeddings, attention probabilities, the two
 residual branches); on a CPU its masks come from 16-bit quarters of 64-bit random integers
-(``MASK_BITS``; about 3x cheaper than ``bernoulli_``), so the random streams differ from
-transformers'. With
+(``MASK_BITS``; cheaper than ``bernoulli_``, by how much depends on the CPU: ``_keep``), so the
+random streams differ from transformers'. With
 gradient checkpointing on, each layer is recomputed in the backward pass (non-reentrant,
 replaying the same dropout masks).
 
@@ -235,11 +235,8 @@ def pack(
     padding = bucketed(tokens) - tokens if (on_cpu if bucket is None else bucket) else 0
     if padding:
         extra = ids_parts[-1].new_zeros(padding)  # token id 0 at position 0: any valid row
-        ids_parts, pos_parts, rank_parts = (
-            ids_parts + [extra],
-            pos_parts + [extra],
-            rank_parts + [extra],
-        )
+        for parts in (ids_parts, pos_parts, rank_parts):
+            parts.append(extra)
     return Packed(
         input_ids=torch.cat(ids_parts),
         positions=torch.cat(pos_parts),
