@@ -351,10 +351,13 @@ def _real_attention(
             assert isinstance(out, Tensor)  # no auxiliary outputs were asked for
             return out.reshape(n, heads * head_dim)
     outs = []
-    for (rows, width, first, count), flat, keys in zip(
-        packed.blocks, packed.block_index, packed.block_keys, strict=True
+    # The blocks tile the tokens in order. split's backward is one cat of the blocks' gradients;
+    # a slice per block would add a zero-filled gradient of the whole qkv per block.
+    parts = qkv.split([count for _, _, _, count in packed.blocks])
+    for (rows, width, _, count), flat, keys, part in zip(
+        packed.blocks, packed.block_index, packed.block_keys, parts, strict=True
     ):
-        part = qkv[first : first + count].reshape(count, 3 * heads * head_dim)
+        part = part.reshape(count, 3 * heads * head_dim)
         padded = part.new_zeros(rows * width, part.shape[1]).index_copy(0, flat, part)
         padded = padded.view(rows, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = padded.unbind(0)  # (rows, heads, width, head_dim) each
