@@ -239,6 +239,28 @@ def test_dropout_keeps_the_probability_and_the_mean(
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_is_the_masked_scale_and_its_backward_keeps_only_the_bool_mask(
+    dtype: torch.dtype,
+) -> None:
+    """The same values and gradients as ``where(keep, x / (1 - p), 0)`` from the same mask, bit
+    for bit, and the backward holds the one-byte mask only (what the memory estimate counts)."""
+    x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+    grad = torch.randn(64, 48, dtype=dtype)
+    torch.manual_seed(3)
+    out = unpadded.dropout(x, 0.3, True)
+    (saved,) = out.grad_fn.saved_tensors
+    assert saved.dtype == torch.bool and saved.shape == x.shape
+    out.backward(grad)
+    torch.manual_seed(3)
+    keep = unpadded._keep(x.shape, 0.3, x.device)
+    assert torch.equal(keep, saved)
+    twin = x.detach().requires_grad_()
+    expected = torch.where(keep, twin * (1 / 0.7), 0.0)
+    expected.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(x.grad, twin.grad)
+
+
 def test_train_mode_drops_out_at_the_configured_places(replicas: dict[str, Path]) -> None:
     slow, fast = _pair(replicas["multilingual-e5-small"], "mean")
     ids, mask = _batch(slow)

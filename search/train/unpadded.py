@@ -263,7 +263,27 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
-    return torch.where(_keep(x.shape, p, x.device), x * (1.0 / (1.0 - p)), 0.0)
+    return _MaskedScale.apply(x, _keep(x.shape, p, x.device), 1.0 / (1.0 - p))
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * keep * scale`` whose backward is ``grad * keep * scale``, saving the bool mask only.
+
+    The mask enters as its bytes (a uint8 view, converted to ``x``'s dtype): on a CPU the ops
+    that read a bool tensor (``where``, ``masked_fill``, a bool ``to`` or ``mul``) run 4-7x slower
+    than a multiply of the same size, while a uint8 conversion runs at the multiply's speed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return (x * keep.view(torch.uint8).to(x.dtype)).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return (grad * keep.view(torch.uint8).to(grad.dtype)).mul_(ctx.scale), None, None
 
 
 def _keep(shape: torch.Size, p: float, device: torch.device) -> Tensor:
