@@ -118,7 +118,8 @@ class Packed:
             batches).
         cu_seqlens: ``(n_rows + 1,)`` int32 row offsets into the tokens (FlashAttention's).
         lengths: ``(n_rows,)`` tokens per row, in packed row order.
-        blocks: Per attention block ``(rows, width, first token, tokens)``.
+        blocks: Per attention block ``(rows, width, tokens)``; the blocks tile the tokens in
+            order.
         block_index: Per block ``(tokens,)``: each token's place in the block's
             ``rows * width`` padded layout.
         block_keys: Per block its ``(rows, width)`` boolean key mask.
@@ -135,7 +136,7 @@ class Packed:
     row_of_token: Tensor
     cu_seqlens: Tensor
     lengths: Tensor
-    blocks: tuple[tuple[int, int, int, int], ...]
+    blocks: tuple[tuple[int, int, int], ...]
     block_index: tuple[Tensor, ...]
     block_keys: tuple[Tensor, ...]
     batches: tuple[tuple[int, int], ...]
@@ -225,7 +226,7 @@ def pack(
             block_index.append((row[here] - first) * block_width + rank[here])
             places = torch.arange(block_width, device=mask.device)
             block_keys.append(places < sorted_lengths[first : first + count, None])
-            blocks.append((count, block_width, tokens + offset, n))
+            blocks.append((count, block_width, n))
             offset += n
         tokens += offset
         rows_before += rows
@@ -373,8 +374,8 @@ def _real_attention(
     outs = []
     # The blocks tile the tokens in order. split's backward is one cat of the blocks' gradients;
     # a slice per block would add a zero-filled gradient of the whole qkv per block.
-    parts = qkv.split([count for _, _, _, count in packed.blocks])
-    for (rows, width, _, count), flat, keys, part in zip(
+    parts = qkv.split([count for _, _, count in packed.blocks])
+    for (rows, width, count), flat, keys, part in zip(
         packed.blocks, packed.block_index, packed.block_keys, parts, strict=True
     ):
         part = part.reshape(count, 3 * heads * head_dim)
