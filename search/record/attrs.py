@@ -114,9 +114,10 @@ SKIP_KINDS = ("predicted", "frontier")  # preflight skips: recorded, never train
 PHASES = ("load", "forward", "backward", "optimizer", "eval")
 # The phases of a trial's wall time (SYSTEM_TIMINGS), in the order they run. prepare: the
 # worker before the child (sample, preflight, the claimed record); start: from starting the
-# child to calling the objective (fork, environment, imports); load: the model; tokenise: reading
-# and tokenising the data; train: the optimizer steps; evaluate: every evaluation, sooner ones
-# included, with the pruner's answer; save: saving a kept model; record: the worker after the
-# objective ended (the child's exit, the outcome's record) up to writing it.
+# child to calling the objective (the last trial's child ending its exit, fork, environment,
+# imports); load: the model; tokenise: reading and tokenising the data; train: the optimizer
+# steps; evaluate: every evaluation, sooner ones included, with the pruner's answer; save: saving
+# a kept model; record: the worker after the objective ended (the child's final message, the
+# outcome's record) up to writing it, while the child exits.
 TIMING_PHASES = ("prepare", "start", "load", "tokenise", "train", "evaluate", "save", "record")
 TRAIN_PHASE = "train"

@@ -30,6 +30,7 @@ and ended (``called_at``, ``ended_at``: ``time.monotonic()``, one clock for the 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 import importlib
@@ -58,6 +59,7 @@ __all__ = [
     "MMAP_THRESHOLD_ENV",
     "TrialOutcome",
     "mmap_threshold_from_env",
+    "reap",
     "run_isolated",
     "warm_up",
 ]
@@ -113,8 +115,10 @@ class TrialOutcome:
         oom_kind: ``real`` (an allocator failure) or ``host`` (killed by the OOM killer).
         peak_memory_mb: Peak memory of the trial: the objective's own figure when it returns
             one, else the child's (CUDA allocator peak, or peak resident memory on CPU).
-        seconds: Wall seconds from starting the child to its exit.
-        exitcode: The child's exit code (negative: killed by that signal).
+        seconds: Wall seconds from starting the child to its final message (or, without
+            one, to its exit).
+        exitcode: The child's exit code (negative: killed by that signal); None when it sent
+            its final message and was still exiting (:func:`reap`).
         baseline_memory_mb: The child's resident memory after imports, before the trial
             (``peak_memory_mb - baseline_memory_mb`` is what the trial added on CPU).
         timings: Wall seconds per phase (``search.record.attrs.TIMING_PHASES``): ``start``
@@ -435,6 +439,32 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 # -------------------------------------------------------------------------- the parent side
 
 _context: Any = None
+# Children that sent their final message and are exiting: the kernel frees their memory, and
+# a CUDA context is torn down, while the worker records the trial and claims the next one.
+# :func:`reap` waits for them before the next child starts, and when this process exits.
+_exiting: list[tuple[Any, Connection, float]] = []
+_exiting_lock = threading.Lock()
+
+
+def reap() -> None:
+    """Wait for the children that sent their final message to exit.
+
+    One still alive :data:`_EXIT_GRACE_S` seconds after its final message is killed. Called
+    before a child starts, so that the memory the last trial held (host and device) is free
+    again before the next trial's, and at this process's exit.
+    """
+    with _exiting_lock:
+        while _exiting:
+            proc, lifeline_w, deadline = _exiting.pop()
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            lifeline_w.close()  # after its exit: the child's lifeline never ends it early
+            proc.close()
+
+
+atexit.register(reap)  # before multiprocessing's own handler, which would SIGTERM them
 
 
 def _get_context(objective_module: str) -> Any:
@@ -554,7 +584,9 @@ def run_isolated(
             trial's default: no page-fault tax).
 
     Returns:
-        The outcome; ``seconds`` is the wall time including the child's start.
+        The outcome; ``seconds`` is the wall time including the child's start. A child that
+        sent its final message is not waited for: it exits while the caller records the
+        trial, and the next call (or :func:`reap`) waits for it before starting another.
     """
     module, _, func = objective.partition(":")
     if not module or not func:
@@ -562,6 +594,7 @@ def run_isolated(
     if memory_limit_bytes is not None and memory_limit_bytes <= 0:
         raise ValueError(f"memory_limit_bytes must be positive, but got {memory_limit_bytes=}.")
     ctx = _get_context(module)
+    reap()  # the last trial's child has exited and freed its memory
     if mmap_threshold is None:
         mmap_threshold = _default_mmap_threshold(cfg, memory_limit_bytes)
     start = time.monotonic()
@@ -634,17 +667,20 @@ def run_isolated(
                     final = (kind, message[1])
             elif proc.sentinel in ready and not parent_conn.poll():
                 break
-        if final is not None:
-            proc.join(_EXIT_GRACE_S)
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
         parent_conn.close()
-        lifeline_w.close()
+        if final is None:  # stopped, timed out, died, or ``report`` raised: gone before return
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            lifeline_w.close()
+        else:  # it exits on its own: reaped before the next child starts
+            with _exiting_lock:
+                _exiting.append((proc, lifeline_w, time.monotonic() + _EXIT_GRACE_S))
     outcome.seconds = time.monotonic() - start
-    outcome.exitcode = proc.exitcode
-    proc.close()
+    if final is None:
+        outcome.exitcode = proc.exitcode
+        proc.close()
 
     if stopped:
         outcome.status = "stopped"

@@ -356,7 +356,7 @@ def _run_trial(
         raise _Interrupted()
     now = time.monotonic()
     # The worker's own phases around the child's: before it (sample, preflight, the claimed
-    # record) and after the objective ended (the child's exit, the heartbeat's end) up to now.
+    # record) and after the objective ended (its final message, the heartbeat's end) up to now.
     timings = trial_timings(
         outcome, prepare=trains_at - started, record=now - (outcome.ended_at or returned_at)
     )
