@@ -64,9 +64,6 @@ STEPS = 2  # the fail-fast step, then one that holds AdamW's moments (the steady
 OBJECTIVE = "bench_estimate_real:step_real"
 NAME = "all-minilm-l6-v2"
 CALIBRATION_THRESHOLD = 1 * MIB  # search.worker.isolation.MALLOC_MMAP_THRESHOLD
-# Run the first step padding-free too (the bench before issue 19 did): the child reads it from
-# the environment, which the forkserver child inherits from the bench.
-PACKED_FIRST = os.environ.get("BENCH_PACKED_FIRST") == "1"
 
 
 def model_dir() -> Path:
@@ -163,9 +160,9 @@ def step_real(
     peaks = []
     cpu_started = time.process_time()
     for step in range(STEPS):
-        # As search.train.loop runs a trial: the fail-fast step padded (transformers' forward),
-        # the next one padding-free where the encoder is (--packed-first: both padding-free).
-        padded = step == 0 and cfg.fail_fast and not PACKED_FIRST
+        # As search.train.loop runs a trial: the fail-fast step first (every row at max_len;
+        # here every row is full anyway), then a step with AdamW's moments.
+        padded = step == 0 and cfg.fail_fast
         batch = StepBatch(queries=queries, passages=passages, padded=padded)
         train_step(encoder, batch, cfg, optimizer, scaler, amp_dtype=amp_dtype, on_phase=on_phase)
         peaks.append(_vm_hwm_mb())
@@ -356,19 +353,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="measurements per point and side")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
-        "--packed-first",
-        action="store_true",
-        help="run the fail-fast step padding-free too (not as a trial runs it)",
-    )
-    parser.add_argument(
         "--from-json",
         type=Path,
         default=None,
         help="re-estimate the measured points of an earlier --json with this code (no runs)",
     )
     args = parser.parse_args(argv)
-    if args.packed_first:  # before the forkserver starts: its children inherit it
-        os.environ["BENCH_PACKED_FIRST"] = "1"
 
     import transformers
 

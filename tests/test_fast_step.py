@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _factories import SENTENCES
 from _factories import trial_config
 from transformers import DistilBertConfig
@@ -182,6 +184,40 @@ def test_no_buckets_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [unpadded.bucketed(n) for n in (5, 100, 3001)] == [5, 100, 3001]
     ids = torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]])
     assert unpadded.pack([(ids, (ids != 0).long())]).padding == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+def test_full_width_costs_the_padding_and_changes_no_embedding_or_gradient(
+    replicas: dict[str, Path], family: str, pooling: str
+) -> None:
+    """The fail-fast step's pack: every row at the batch's width, the same result."""
+    _, fast = _pair(replicas[family], pooling)
+    fast.eval()  # dropout off: the extra tokens would draw masks of their own
+    ids, mask = _batch(fast)
+    pad = int(fast.tokenizer.pad_token_id)
+    ids, mask = F.pad(ids, (0, 8), value=pad), F.pad(mask, (0, 8))  # as padded to max_len
+    rows, width = ids.shape
+    exact = unpadded.pack([(ids, mask)], bucket=False)
+    full = unpadded.pack([(ids, mask)], full_width=True)
+    assert full.n_tokens == exact.n_tokens == int(mask.sum()) < rows * width
+    assert full.input_ids.shape[0] == rows * width  # the padding counts as tokens
+    assert all(w == width for _, w, _ in full.blocks)  # and attention blocks are full width
+    assert any(w < width for _, w, _ in exact.blocks)
+
+    def run(packed: unpadded.Packed) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fast.zero_grad(set_to_none=True)
+        hidden = unpadded.packed_forward(fast.model, packed)
+        (emb,) = unpadded.pool(hidden, packed, pooling)
+        (emb * torch.linspace(-1.0, 1.0, emb.numel()).view_as(emb)).sum().backward()
+        return emb.detach(), [p.grad.clone() for p in fast.parameters() if p.grad is not None]
+
+    emb, grads = run(exact)
+    emb_full, grads_full = run(full)
+    torch.testing.assert_close(emb_full, emb, atol=1e-6, rtol=1e-5)
+    assert len(grads_full) == len(grads) > 10
+    for grad_full, grad in zip(grads_full, grads, strict=True):
+        torch.testing.assert_close(grad_full, grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -388,20 +424,27 @@ def test_cpu_bf16_from_hidden_128_with_amx_else_256(
 
 
 @pytest.mark.train
-def test_fail_fast_step_runs_the_padded_worst_case(
+def test_fail_fast_step_costs_every_row_at_max_len_padding_free(
     klue: tuple[list[TrainExample], EvalSet, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Padding-free, a batch padded to max_len would cost only its real tokens: the fail-fast
-    step runs transformers' forward at the padded shape, the other steps run padding-free."""
+    step counts every row at max_len (its memory's worst case), the other steps their tokens;
+    transformers' padded forward does not run at all."""
     examples, eval_set, replica = klue
-    padded_shapes: list[tuple[int, int]] = []
-    hf_pooled = BiEncoder._hf_pooled
+    packs: list[tuple[bool, int, set[int]]] = []
+    pack = unpadded.pack
 
-    def recording(self: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        padded_shapes.append((int(ids.shape[0]), int(ids.shape[1])))
-        return hf_pooled(self, ids, mask)
+    def recording(batches: Any, **kwargs: Any) -> unpadded.Packed:
+        packed = pack(batches, **kwargs)
+        widths = {w for _, w, _ in packed.blocks}
+        packs.append((bool(kwargs.get("full_width")), int(packed.input_ids.shape[0]), widths))
+        return packed
 
-    monkeypatch.setattr(BiEncoder, "_hf_pooled", recording)
+    def no_padded_forward(self: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        raise AssertionError("transformers' padded forward ran")
+
+    monkeypatch.setattr(unpadded, "pack", recording)
+    monkeypatch.setattr(BiEncoder, "_hf_pooled", no_padded_forward)
     cfg = trial_config(
         model="multilingual-minilm",
         model_path=str(replica),
@@ -412,4 +455,7 @@ def test_fail_fast_step_runs_the_padded_worst_case(
     )
     result = train(cfg, train_examples=examples[:32], eval_set=eval_set)
     assert result.padding_free
-    assert padded_shapes == [(8, 40), (16, 40)]  # queries, then positives + negatives
+    # The first step's packs: 8 queries, then 16 passages, each at 40 tokens, blocks 40 wide.
+    assert packs[:2] == [(True, 8 * 40, {40}), (True, 16 * 40, {40})]
+    assert not any(full for full, _, _ in packs[2:])  # the other steps and the evaluations
+    assert any(tokens < 16 * 40 for _, tokens, _ in packs[3:8:2])  # KLUE rows are short

@@ -328,8 +328,8 @@ def estimate_peak_memory(
     ``search.train.unpadded.packed_forward`` (``bench/count_saved_tensors.py``): 11 ``h``-sized
     fp32 tensors per token and layer (13 at 2 bytes under bf16 autocast), bool dropout masks,
     9 bytes per attention element (5 under bf16), per-block attention tensors below the mmap
-    threshold counted twice (heap holes). The fail-fast step still runs padded, before AdamW's
-    moments exist: the estimate is the larger of that step and a padding-free one. On the real
+    threshold counted twice (heap holes). The fail-fast step runs padding-free with every row at
+    ``max_len``, before AdamW's moments exist: inside the worst case estimated. On the real
     all-MiniLM-L6-v2, 16 held-out points of batch 16-48 x max_len 96-256 x checkpointing x 0-1
     hard negatives: 0.980-1.065 in fp32, 0.955-1.076 under bf16 AMP (BENCHMARKS.md, "Memory
     estimate with padding-free steps and AMP").
@@ -357,14 +357,10 @@ def estimate_peak_memory(
         raise ValueError(f"unknown device_type {device_type!r}")
     lengths = (query_len, passage_len)
     if not (device_type == "cpu" and runs_padding_free(arch, cfg)):
-        return _estimate(arch, cfg, device_type, *lengths, padding_free=False, moments=True)
-    packed = _estimate(arch, cfg, device_type, *lengths, padding_free=True, moments=True)
-    if not cfg.fail_fast:
-        return packed
-    # The fail-fast step runs transformers' padded forward (search.train.loop), before AdamW
-    # has made its moments: the trial's peak is the larger of the two steps.
-    first = _estimate(arch, cfg, device_type, *lengths, padding_free=False, moments=False)
-    return max(packed, first, key=lambda e: e.total_bytes)
+        return _estimate(arch, cfg, device_type, *lengths, padding_free=False)
+    # The fail-fast step runs padding-free too, every row at max_len (search.train.loop,
+    # BiEncoder.worst_case_forward): this worst case, before AdamW has made its moments.
+    return _estimate(arch, cfg, device_type, *lengths, padding_free=True)
 
 
 def runs_padding_free(arch: ModelInfo, cfg: TrialConfig) -> bool:
@@ -381,9 +377,8 @@ def _estimate(
     passage_len: int | None,
     *,
     padding_free: bool,
-    moments: bool,
 ) -> MemoryEstimate:
-    """The estimate of steps run padded or padding-free (CPU), with or without AdamW's moments."""
+    """The estimate of steps run padded or padding-free (CPU)."""
     cpu = device_type == "cpu"
     # Autocast as search.train.loop runs it: always on accelerators, on CPU only with bf16
     # hardware (AMX / AVX512-BF16) and hidden >= CPU_BF16_MIN_HIDDEN, else the CPU run is fp32.
@@ -396,7 +391,7 @@ def _estimate(
     p = arch.n_params
     params = 4 * p + (2 * p if amp else 0)
     grads = 4 * p
-    optimizer = 8 * p if moments else 0
+    optimizer = 8 * p
 
     elem = 2 if amp else 4
 

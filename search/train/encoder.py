@@ -104,6 +104,7 @@ class BiEncoder(torch.nn.Module):
         self._normalize = normalize
         self._prefixes = {"query": query_prefix, "passage": passage_prefix}
         self._padding_free = padding_free and unpadded.supports(model)
+        self._full_width = False
 
     @classmethod
     def from_config(cls, cfg: TrialConfig) -> BiEncoder:
@@ -164,18 +165,20 @@ class BiEncoder(torch.nn.Module):
         return self._padding_free
 
     @contextmanager
-    def padded_forward(self) -> Iterator[None]:
-        """Run transformers' forward on padded batches inside the block (padding-free or not).
+    def worst_case_forward(self) -> Iterator[None]:
+        """Inside the block, cost every row at its batch's full width, for the same result.
 
-        The fail-fast step's worst case is a batch padded to ``max_len``: padding-free, that
-        padding would not be computed, and the step would not test the memory it is there to.
+        The fail-fast step's batch is padded to ``max_len``. Padding-free, that padding would
+        not be computed, and the step would not test the memory it is there to: here every
+        row counts at full width (``unpadded.pack(..., full_width=True)``), the most memory a
+        padding-free step of that shape can take. Padded, transformers' forward computes it.
         """
-        was = self._padding_free
-        self._padding_free = False
+        was = self._full_width
+        self._full_width = True
         try:
             yield
         finally:
-            self._padding_free = was
+            self._full_width = was
 
     @property
     def pooling(self) -> str:
@@ -276,7 +279,7 @@ class BiEncoder(torch.nn.Module):
             One ``(rows, hidden)`` float32 embedding tensor per batch.
         """
         if self._padding_free:
-            packed = unpadded.pack(batches)
+            packed = unpadded.pack(batches, full_width=self._full_width)
             hidden = unpadded.packed_forward(self.model, packed)  # (n_tokens, hidden)
             pooled = unpadded.pool(hidden, packed, self._pooling)
         else:

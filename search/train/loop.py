@@ -311,8 +311,8 @@ class StepBatch:
     Args:
         queries: ``(input_ids, attention_mask)``, ``(batch, seq_q)`` each.
         passages: The same for the ``batch`` positives followed by the hard negatives.
-        padded: Run transformers' forward on the padded batch even where the encoder is
-            padding-free: the fail-fast step's worst-case shape is its padding.
+        padded: The fail-fast step: a batch padded to ``max_len`` whose padding counts
+            (``BiEncoder.worst_case_forward``: padding-free, every row at full width).
     """
 
     queries: tuple[Tensor, Tensor]
@@ -386,7 +386,7 @@ def train_step(
     enter("forward")
 
     def padded() -> AbstractContextManager[object]:  # the fail-fast step: the padded shape
-        return model.padded_forward() if batch.padded else nullcontext()
+        return model.worst_case_forward() if batch.padded else nullcontext()
 
     with padded():
         loss = _loss(model, batch, cfg, rows, autocast)

@@ -127,7 +127,8 @@ class Packed:
         unsort: Per batch ``(rows,)``: the packed row of each of the batch's input rows.
         max_len: The longest row's length.
         padding: Rows after the real tokens that round their count up to a size the matmul
-            kernels have seen (:func:`bucketed`); they belong to no row.
+            kernels have seen (:func:`bucketed`), or up to every row at its batch's full width
+            (``pack(..., full_width=True)``); they belong to no row.
     """
 
     input_ids: Tensor
@@ -182,6 +183,7 @@ def pack(
     *,
     block_rows: int | None = None,
     bucket: bool | None = None,
+    full_width: bool = False,
 ) -> Packed:
     """Pack padded ``(input_ids, attention_mask)`` batches into their real tokens.
 
@@ -192,6 +194,10 @@ def pack(
             CUDA a whole batch, where one kernel launch beats several small ones).
         bucket: Round the token count up with :func:`bucketed` (default: on a CPU, where a new
             matmul shape costs a kernel build; CUDA's libraries pick kernels without one).
+        full_width: Cost every row at its batch's full width, for the same result: attention
+            blocks as wide as the batch, and padding tokens up to ``rows x width`` a batch,
+            which go through every layer but attention and pooling. The most memory a
+            padding-free step of this shape can take (the fail-fast step), not its padding.
 
     Returns:
         The packed tokens, on the batches' device.
@@ -220,7 +226,8 @@ def pack(
         offset = 0  # tokens of this batch in the blocks before
         for first in range(0, rows, block):
             count = min(block, rows - first)
-            block_width = max(int(host_lengths[first]), 1)  # its longest row (sorted)
+            # Its longest row (sorted), or the batch's width: the widest a block can be.
+            block_width = width if full_width else max(int(host_lengths[first]), 1)
             n = int(sum(host_lengths[first : first + count]))
             here = slice(offset, offset + n)
             block_index.append((row[here] - first) * block_width + rank[here])
@@ -234,6 +241,8 @@ def pack(
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     on_cpu = not batches or not batches[0][0].is_cuda
     padding = bucketed(tokens) - tokens if (on_cpu if bucket is None else bucket) else 0
+    if full_width:  # every row at full width: already a shape a trial's kernels will see
+        padding = sum(int(ids.numel()) for ids, _ in batches) - tokens
     if padding:
         extra = ids_parts[-1].new_zeros(padding)  # token id 0 at position 0: any valid row
         for parts in (ids_parts, pos_parts, rank_parts):
