@@ -186,56 +186,20 @@ def test_no_buckets_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert unpadded.pack([(ids, (ids != 0).long())]).padding == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
-def test_full_width_costs_the_padding_and_changes_no_embedding_or_gradient(
+def _eval_encoder(
     replicas: dict[str, Path], family: str, pooling: str
-) -> None:
-    """The fail-fast step's pack: every row at the batch's width, the same result."""
+) -> tuple[BiEncoder, torch.Tensor, torch.Tensor]:
+    """A padding-free encoder in eval mode (dropout off: extra tokens would draw masks of their
+    own) and a batch of it."""
     _, fast = _pair(replicas[family], pooling)
-    fast.eval()  # dropout off: the extra tokens would draw masks of their own
-    ids, mask = _batch(fast)
-    pad = int(fast.tokenizer.pad_token_id)
-    ids, mask = F.pad(ids, (0, 8), value=pad), F.pad(mask, (0, 8))  # as padded to max_len
-    rows, width = ids.shape
-    exact = unpadded.pack([(ids, mask)], bucket=False)
-    full = unpadded.pack([(ids, mask)], full_width=True)
-    assert full.n_tokens == exact.n_tokens == int(mask.sum()) < rows * width
-    assert full.input_ids.shape[0] == rows * width  # the padding counts as tokens
-    assert all(w == width for _, w, _ in full.blocks)  # and attention blocks are full width
-    assert any(w < width for _, w, _ in exact.blocks)
-
-    def run(packed: unpadded.Packed) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        fast.zero_grad(set_to_none=True)
-        hidden = unpadded.packed_forward(fast.model, packed)
-        (emb,) = unpadded.pool(hidden, packed, pooling)
-        (emb * torch.linspace(-1.0, 1.0, emb.numel()).view_as(emb)).sum().backward()
-        return emb.detach(), [p.grad.clone() for p in fast.parameters() if p.grad is not None]
-
-    emb, grads = run(exact)
-    emb_full, grads_full = run(full)
-    torch.testing.assert_close(emb_full, emb, atol=1e-6, rtol=1e-5)
-    assert len(grads_full) == len(grads) > 10
-    for grad_full, grad in zip(grads_full, grads, strict=True):
-        torch.testing.assert_close(grad_full, grad, atol=1e-6, rtol=1e-4)
+    fast.eval()
+    return (fast, *_batch(fast))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
-def test_bucket_padding_rows_change_no_embedding_or_gradient(
-    replicas: dict[str, Path], family: str, pooling: str
+def _assert_same_result(
+    fast: BiEncoder, exact: unpadded.Packed, other: unpadded.Packed, pooling: str
 ) -> None:
-    _, fast = _pair(replicas[family], pooling)
-    fast.eval()  # dropout off: the extra rows would draw masks of their own
-    ids, mask = _batch(fast)
-    exact = unpadded.pack([(ids, mask)], bucket=False)
-    padded = unpadded.pack([(ids, mask)], bucket=True)
-    assert padded.n_tokens == exact.n_tokens == int(mask.sum())
-    assert (
-        exact.padding == 0 and padded.padding == unpadded.bucketed(exact.n_tokens) - exact.n_tokens
-    )
-    assert padded.padding > 0 and padded.input_ids.shape[0] % 8 == 0
-    assert unpadded.pack([(ids, mask)]).padding == padded.padding  # on by default on a CPU
+    """The embeddings and every gradient of ``other`` are ``exact``'s (its extra tokens aside)."""
 
     def run(packed: unpadded.Packed) -> tuple[torch.Tensor, list[torch.Tensor]]:
         fast.zero_grad(set_to_none=True)
@@ -246,11 +210,47 @@ def test_bucket_padding_rows_change_no_embedding_or_gradient(
         return emb.detach(), [p.grad.clone() for p in fast.parameters() if p.grad is not None]
 
     emb, grads = run(exact)
-    emb_padded, grads_padded = run(padded)
-    torch.testing.assert_close(emb_padded, emb, atol=1e-6, rtol=1e-5)
-    assert len(grads_padded) == len(grads) > 10
-    for grad, grad_padded in zip(grads, grads_padded, strict=True):
-        torch.testing.assert_close(grad_padded, grad, atol=1e-6, rtol=1e-4)
+    emb_other, grads_other = run(other)
+    torch.testing.assert_close(emb_other, emb, atol=1e-6, rtol=1e-5)
+    assert len(grads_other) == len(grads) > 10
+    for grad, grad_other in zip(grads, grads_other, strict=True):
+        torch.testing.assert_close(grad_other, grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+def test_full_width_costs_the_padding_and_changes_no_embedding_or_gradient(
+    replicas: dict[str, Path], family: str, pooling: str
+) -> None:
+    """The fail-fast step's pack: every row at the batch's width, the same result."""
+    fast, ids, mask = _eval_encoder(replicas, family, pooling)
+    pad = int(fast.tokenizer.pad_token_id)
+    ids, mask = F.pad(ids, (0, 8), value=pad), F.pad(mask, (0, 8))  # as padded to max_len
+    rows, width = ids.shape
+    exact = unpadded.pack([(ids, mask)], bucket=False)
+    full = unpadded.pack([(ids, mask)], full_width=True)
+    assert full.n_tokens == exact.n_tokens == int(mask.sum()) < rows * width
+    assert full.input_ids.shape[0] == rows * width  # the padding counts as tokens
+    assert all(w == width for _, w, _ in full.blocks)  # and attention blocks are full width
+    assert any(w < width for _, w, _ in exact.blocks)
+    _assert_same_result(fast, exact, full, pooling)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last-token"])
+def test_bucket_padding_rows_change_no_embedding_or_gradient(
+    replicas: dict[str, Path], family: str, pooling: str
+) -> None:
+    fast, ids, mask = _eval_encoder(replicas, family, pooling)
+    exact = unpadded.pack([(ids, mask)], bucket=False)
+    padded = unpadded.pack([(ids, mask)], bucket=True)
+    assert padded.n_tokens == exact.n_tokens == int(mask.sum())
+    assert (
+        exact.padding == 0 and padded.padding == unpadded.bucketed(exact.n_tokens) - exact.n_tokens
+    )
+    assert padded.padding > 0 and padded.input_ids.shape[0] % 8 == 0
+    assert unpadded.pack([(ids, mask)]).padding == padded.padding  # on by default on a CPU
+    _assert_same_result(fast, exact, padded, pooling)
 
 
 @pytest.mark.parametrize("bits", [16, 32])
