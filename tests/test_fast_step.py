@@ -297,6 +297,33 @@ def test_dropout_is_the_masked_scale_and_its_backward_keeps_only_the_bool_mask(
     assert torch.equal(out, expected) and torch.equal(x.grad, twin.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_math_attention_path_is_sdpa_when_nothing_is_dropped(dtype: torch.dtype) -> None:
+    """Training on a CPU takes the math path (scores, key bias, softmax, dropout); with a
+    dropout that keeps everything it is SDPA's function, values and gradients."""
+    torch.manual_seed(0)
+    heads, head_dim = 4, 16
+    lengths = [9, 3, 7, 1, 12, 5]
+    width = max(lengths)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    packed = unpadded.pack([(mask * 5, mask)], block_rows=4, bucket=False)
+    qkv = torch.randn(packed.n_tokens, 3, heads, head_dim, dtype=dtype)
+    p = 2.0**-20  # under the masks' resolution: every element kept, scaled by 1 / (1 - p)
+
+    def run(drop: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = qkv.clone().requires_grad_(True)
+        out = unpadded._real_attention(x, packed, heads, drop, training, head_dim**-0.5)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        assert x.grad is not None
+        return out.detach().float(), x.grad.float()
+
+    math_out, math_grad = run(p, True)
+    sdpa_out, sdpa_grad = run(0.0, False)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(math_out, sdpa_out, **tol)
+    torch.testing.assert_close(math_grad, sdpa_grad, **tol)
+
+
 def test_train_mode_drops_out_at_the_configured_places(replicas: dict[str, Path]) -> None:
     slow, fast = _pair(replicas["multilingual-e5-small"], "mean")
     ids, mask = _batch(slow)

@@ -392,9 +392,10 @@ def _real_attention(
         padded = padded.view(rows, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = padded.unbind(0)  # (rows, heads, width, head_dim) each
         if drop > 0.0 and not qkv.is_cuda:
-            # The math path: PyTorch's CPU kernels drop attention probabilities no faster.
-            scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (rows, heads, width, width)
-            scores = scores.masked_fill(~keys[:, None, None, :], torch.finfo(scores.dtype).min)
+            # The math path: PyTorch's CPU kernels drop attention probabilities no faster. The
+            # key mask is an additive bias, scaled scores and bias in one baddbmm: no bool
+            # read of the scores (slow on these CPUs) and no pass to scale the queries.
+            scores = _masked_scores(q, k, keys, scale)  # (rows, heads, width, width)
             probs = dropout(scores.softmax(dim=-1), drop, True)
             out = torch.matmul(probs.to(v.dtype), v)
         else:
@@ -404,6 +405,27 @@ def _real_attention(
         out = out.permute(0, 2, 1, 3).reshape(rows * width, heads * head_dim)
         outs.append(out[flat])
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _masked_scores(q: Tensor, k: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """``scale * q @ k^T`` with the padded keys at the dtype's lowest value.
+
+    Args:
+        q: ``(rows, heads, width, head_dim)`` queries (``k``: keys, the same shape).
+        keys: ``(rows, width)`` boolean key mask.
+        scale: Score scale.
+
+    Returns:
+        ``(rows, heads, width, width)`` scores.
+    """
+    rows, heads, width, head_dim = q.shape
+    bias = torch.zeros(keys.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill_(~keys, torch.finfo(q.dtype).min)  # (rows, width): small
+    bias = bias[:, None, None, :].expand(rows, heads, 1, width).reshape(rows * heads, 1, width)
+    q3 = q.reshape(rows * heads, width, head_dim)
+    k3 = k.reshape(rows * heads, width, head_dim)
+    scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+    return scores.view(rows, heads, width, width)
 
 
 def _varlen_runs(qkv: Tensor) -> bool:
