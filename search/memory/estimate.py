@@ -355,12 +355,10 @@ def estimate_peak_memory(
     """
     if device_type not in ("cuda", "cpu", "xpu", "mps", "hip"):
         raise ValueError(f"unknown device_type {device_type!r}")
-    lengths = (query_len, passage_len)
-    if not (device_type == "cpu" and runs_padding_free(arch, cfg)):
-        return _estimate(arch, cfg, device_type, *lengths, padding_free=False)
-    # The fail-fast step runs padding-free too, every row at max_len (search.train.loop,
+    # Padding-free, the fail-fast step runs every row at max_len (search.train.loop,
     # BiEncoder.worst_case_forward): this worst case, before AdamW has made its moments.
-    return _estimate(arch, cfg, device_type, *lengths, padding_free=True)
+    padding_free = device_type == "cpu" and runs_padding_free(arch, cfg)
+    return _estimate(arch, cfg, device_type, query_len, passage_len, padding_free=padding_free)
 
 
 def runs_padding_free(arch: ModelInfo, cfg: TrialConfig) -> bool:

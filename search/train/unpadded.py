@@ -240,9 +240,10 @@ def pack(
     lengths = torch.cat(length_parts)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     on_cpu = not batches or not batches[0][0].is_cuda
-    padding = bucketed(tokens) - tokens if (on_cpu if bucket is None else bucket) else 0
     if full_width:  # every row at full width: already a shape a trial's kernels will see
         padding = sum(int(ids.numel()) for ids, _ in batches) - tokens
+    else:
+        padding = bucketed(tokens) - tokens if (on_cpu if bucket is None else bucket) else 0
     if padding:
         extra = ids_parts[-1].new_zeros(padding)  # token id 0 at position 0: any valid row
         for parts in (ids_parts, pos_parts, rank_parts):

@@ -674,13 +674,12 @@ def run_isolated(
                 proc.kill()
             proc.join()
             lifeline_w.close()
+            outcome.exitcode = proc.exitcode
+            proc.close()
         else:  # it exits on its own: reaped before the next child starts
             with _exiting_lock:
                 _exiting.append((proc, lifeline_w, time.monotonic() + _EXIT_GRACE_S))
     outcome.seconds = time.monotonic() - start
-    if final is None:
-        outcome.exitcode = proc.exitcode
-        proc.close()
 
     if stopped:
         outcome.status = "stopped"
